@@ -1,0 +1,422 @@
+"""Mergeable streaming statistics over per-image unit activations.
+
+Every statistic follows the pattern of netdissect's ``runningstats``: ``add`` a batch, ``merge`` a
+partial built elsewhere, read ``result()``, ship ``state_dict()`` (numpy arrays and python scalars on
+the CPU, picklable) and rebuild it with ``from_state_dict``. A batch holds one value per image and
+unit: a ``(N, U)`` tensor (any device) or numpy array, N images by U units.
+
+State tensors live on the device of the values last added, so that a worker's per-batch work stays on
+the model's device; ``merge`` moves the other object's state onto this object's device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def _as_batch(values: ArrayLike, num_units: int, dtype: torch.dtype) -> torch.Tensor:
+    """Return ``values`` as a ``(N, num_units)`` tensor of ``dtype``, on the device it is on."""
+    batch = torch.as_tensor(values)
+    if batch.ndim != 2 or batch.shape[1] != num_units:
+        raise ValueError(f"expected a (N, {num_units}) batch, got shape {tuple(batch.shape)}")
+    return batch.to(dtype)
+
+
+def _ordered_int(values: torch.Tensor) -> torch.Tensor:
+    """Map float32 values to int32 with the same order; NaN maps like -inf, -0.0 like +0.0."""
+    values = torch.where(values.isnan(), -math.inf, values)
+    bits = torch.where(values == 0, 0.0, values).view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _union_sorted(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge two sorted arrays of distinct strings into one sorted array.
+
+    Returns ``(union, pos_a, pos_b)`` with ``union[pos_a] == a`` and ``union[pos_b] == b``. Costs
+    ``O(len(b) log len(a))`` string comparisons, so merging a small partial into a large total is cheap.
+    Raises ``ValueError`` if a key is in both.
+    """
+    below = np.searchsorted(a, b)  # how many items of a sort before each item of b
+    inside = below < len(a)
+    if np.any(a[below[inside]] == b[inside]):
+        raise ValueError("an image key was added twice")
+    pos_b = below + np.arange(len(b))
+    pos_a = np.arange(len(a)) + np.searchsorted(below, np.arange(len(a)), side="right")
+    union = np.empty(len(a) + len(b), dtype=np.result_type(a, b))
+    union[pos_a], union[pos_b] = a, b
+    return union, pos_a, pos_b
+
+
+class TopK:
+    """Exact per-unit top-k of per-image values, with the image keys and integer payloads.
+
+    Entries are ordered by value descending, ties broken by image key ascending (string order). NaN
+    ranks like -inf and -0.0 like +0.0, but the stored values keep their own bits. The result is thus
+    identical to sorting every (image, unit) value by ``(-value, key)``, however the images were
+    batched, split into partials and merged. Values are compared as float32.
+
+    State, with ``m = min(k, images seen)`` entries per unit, rank 0 best, on one device:
+    ``values`` (U, m) float32; ``key_index`` (U, m) int64 into ``key_table``; for each payload name a
+    (U, m) int64 tensor; ``key_table``, a sorted numpy str array of exactly the keys that
+    ``key_index`` refers to, so that comparing key indices compares keys.
+
+    Selection: every candidate (kept entries plus new ones) gets the int64 composite
+    ``ordered_int(value) * 2**32 + (2**32 - 1 - key_rank)``, where ``key_rank`` is the key's position
+    in the sorted union of candidate keys; one ``topk`` along the candidate axis then picks the best k.
+
+    Precondition: image keys are distinct across everything added to this object and to the partials
+    merged into it (each image is counted once); a repeated key raises ``ValueError``.
+    """
+
+    def __init__(self, num_units: int, k: int, payload_names: Sequence[str] = ()) -> None:
+        if {"values", "keys"} & set(payload_names):
+            raise ValueError("payload names 'values' and 'keys' are reserved")
+        self.num_units = num_units
+        self.k = k
+        self.payload_names = tuple(payload_names)
+        self._values = torch.empty(num_units, 0, dtype=torch.float32)
+        self._key_index = torch.empty(num_units, 0, dtype=torch.int64)
+        self._key_table = np.array([], dtype=str)
+        self._payload = {name: torch.empty(num_units, 0, dtype=torch.int64) for name in self.payload_names}
+
+    def add(self, values: ArrayLike, keys: Sequence[str], **payload: ArrayLike) -> None:
+        """Add a batch of N images.
+
+        values: (N, U) float tensor (any device; the state moves there) or array.
+        keys: N distinct image keys, none added before.
+        payload: exactly the ``payload_names``, each an (N, U) integer tensor or array.
+        """
+        values = _as_batch(values, self.num_units, torch.float32)
+        keys = np.asarray(keys, dtype=str)
+        if keys.shape != (values.shape[0],):
+            raise ValueError(f"expected {values.shape[0]} keys, got shape {keys.shape}")
+        if set(payload) != set(self.payload_names):
+            raise ValueError(f"expected payload {sorted(self.payload_names)}, got {sorted(payload)}")
+        order = np.argsort(keys)
+        sorted_keys = keys[order]
+        if np.any(sorted_keys[1:] == sorted_keys[:-1]):
+            raise ValueError("an image key was added twice")
+        rank = torch.empty(len(keys), dtype=torch.int64)
+        rank[torch.as_tensor(order)] = torch.arange(len(keys))
+        device = values.device
+        self._merge_state(
+            values.T,
+            rank.to(device).expand(self.num_units, -1),
+            sorted_keys,
+            {name: _as_batch(p, self.num_units, torch.int64).to(device).T for name, p in payload.items()},
+        )
+
+    def merge(self, other: TopK) -> None:
+        """Merge another partial (same num_units, k and payload names, disjoint keys) into this one."""
+        if (other.num_units, other.k, other.payload_names) != (self.num_units, self.k, self.payload_names):
+            raise ValueError("cannot merge TopK objects with different num_units, k or payload names")
+        device = self._values.device
+        self._merge_state(
+            other._values.to(device),
+            other._key_index.to(device),
+            other._key_table,
+            {name: p.to(device) for name, p in other._payload.items()},
+        )
+
+    def _merge_state(
+        self,
+        values: torch.Tensor,
+        key_index: torch.Tensor,
+        key_table: np.ndarray,
+        payload: dict[str, torch.Tensor],
+    ) -> None:
+        """Keep the best k of the current entries and the candidates, laid out like the state: (U, c)."""
+        device = values.device
+        table, pos_self, pos_other = _union_sorted(self._key_table, key_table)
+        ranks = torch.cat(
+            [
+                torch.as_tensor(pos_self, device=device)[self._key_index.to(device)],
+                torch.as_tensor(pos_other, device=device)[key_index],
+            ],
+            dim=1,
+        )
+        values = torch.cat([self._values.to(device), values], dim=1)
+        composite = _ordered_int(values).to(torch.int64) * 2**32 + (2**32 - 1 - ranks)
+        best = composite.topk(min(self.k, composite.shape[1]), dim=1).indices
+        used, self._key_index = torch.unique(ranks.gather(1, best), return_inverse=True)
+        self._key_table = table[used.cpu().numpy()]
+        self._values = values.gather(1, best)
+        self._payload = {
+            name: torch.cat([p.to(device), payload[name]], dim=1).gather(1, best)
+            for name, p in self._payload.items()
+        }
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Return ``values`` (U, m) float32, ``keys`` (U, m) str and each payload (U, m) int64.
+
+        ``m = min(k, images seen)``; column 0 is each unit's best image.
+        """
+        return {
+            "values": self._values.cpu().numpy(),
+            "keys": self._key_table[self._key_index.cpu().numpy()],
+            **{name: p.cpu().numpy() for name, p in self._payload.items()},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the state as CPU numpy arrays and python scalars (see the class docstring)."""
+        return {
+            "num_units": self.num_units,
+            "k": self.k,
+            "payload_names": list(self.payload_names),
+            "values": self._values.cpu().numpy(),
+            "key_index": self._key_index.cpu().numpy(),
+            "key_table": self._key_table,
+            "payload": {name: p.cpu().numpy() for name, p in self._payload.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TopK:
+        """Rebuild (on the CPU) an object saved by ``state_dict``."""
+        topk = cls(state["num_units"], state["k"], state["payload_names"])
+        topk._values = torch.tensor(state["values"])
+        topk._key_index = torch.tensor(state["key_index"])
+        topk._key_table = np.asarray(state["key_table"], dtype=str)
+        topk._payload = {name: torch.tensor(p) for name, p in state["payload"].items()}
+        return topk
+
+
+class RunningMoments:
+    """Per-unit count, mean, variance, min, max and number of positive values.
+
+    Mean and M2 (sum of squared deviations) are float64, updated per batch and merged with the parallel
+    formulas of Chan et al., which stay accurate when the values have a large common offset. Every unit
+    sees every image, so the count is one integer. Values must not be NaN.
+    """
+
+    def __init__(self, num_units: int) -> None:
+        self.num_units = num_units
+        self._count = 0
+        self._mean = torch.zeros(num_units, dtype=torch.float64)
+        self._m2 = torch.zeros(num_units, dtype=torch.float64)
+        self._min = torch.full((num_units,), math.inf, dtype=torch.float64)
+        self._max = torch.full((num_units,), -math.inf, dtype=torch.float64)
+        self._n_active = torch.zeros(num_units, dtype=torch.int64)
+
+    def add(self, values: ArrayLike) -> None:
+        """Add a batch: values (N, U) float tensor (any device; the state moves there) or array."""
+        values = _as_batch(values, self.num_units, torch.float64)
+        if values.shape[0] == 0:
+            return
+        mean = values.mean(0)
+        self._combine(
+            values.shape[0],
+            mean,
+            ((values - mean) ** 2).sum(0),
+            values.amin(0),
+            values.amax(0),
+            (values > 0).sum(0),
+        )
+
+    def merge(self, other: RunningMoments) -> None:
+        """Merge another partial with the same num_units into this one."""
+        if other.num_units != self.num_units:
+            raise ValueError("cannot merge RunningMoments with different num_units")
+        device = self._mean.device
+        stats = (other._mean, other._m2, other._min, other._max, other._n_active)
+        self._combine(other._count, *(s.to(device) for s in stats))
+
+    def _combine(
+        self,
+        count: int,
+        mean: torch.Tensor,
+        m2: torch.Tensor,
+        minimum: torch.Tensor,
+        maximum: torch.Tensor,
+        n_active: torch.Tensor,
+    ) -> None:
+        """Chan et al.'s update with the statistics (each (U,)) of ``count`` more values per unit."""
+        if count == 0:
+            return
+        device = mean.device
+        total = self._count + count
+        delta = mean - self._mean.to(device)
+        self._mean = self._mean.to(device) + delta * (count / total)
+        self._m2 = self._m2.to(device) + m2 + delta**2 * (self._count * count / total)
+        self._min = torch.minimum(self._min.to(device), minimum)
+        self._max = torch.maximum(self._max.to(device), maximum)
+        self._n_active = self._n_active.to(device) + n_active
+        self._count = total
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Return (U,) numpy arrays: count, mean, std (population, ddof=0), min, max, frac_active
+        (n_active / count) and n_active (number of values > 0). Float results are NaN when count is 0."""
+        n_active = self._n_active.cpu().numpy()
+        result = {"count": np.full(self.num_units, self._count, dtype=np.int64), "n_active": n_active}
+        if self._count == 0:
+            nan = np.full(self.num_units, np.nan)
+            return {**result, "mean": nan, "std": nan, "min": nan, "max": nan, "frac_active": nan}
+        return {
+            **result,
+            "mean": self._mean.cpu().numpy(),
+            "std": np.sqrt(self._m2.cpu().numpy() / self._count),
+            "min": self._min.cpu().numpy(),
+            "max": self._max.cpu().numpy(),
+            "frac_active": n_active / self._count,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the state: num_units, count (int) and (U,) numpy arrays mean, m2, min, max, n_active."""
+        return {
+            "num_units": self.num_units,
+            "count": self._count,
+            "mean": self._mean.cpu().numpy(),
+            "m2": self._m2.cpu().numpy(),
+            "min": self._min.cpu().numpy(),
+            "max": self._max.cpu().numpy(),
+            "n_active": self._n_active.cpu().numpy(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> RunningMoments:
+        """Rebuild (on the CPU) an object saved by ``state_dict``."""
+        moments = cls(state["num_units"])
+        moments._count = int(state["count"])
+        moments._mean = torch.tensor(state["mean"])
+        moments._m2 = torch.tensor(state["m2"])
+        moments._min = torch.tensor(state["min"])
+        moments._max = torch.tensor(state["max"])
+        moments._n_active = torch.tensor(state["n_active"])
+        return moments
+
+
+class QuantileSketch:
+    """Mergeable per-unit quantile sketch: DDSketch-style logarithmic buckets with relative accuracy a.
+
+    With ``gamma = (1 + a) / (1 - a)``, a positive value v goes to bucket ``i = ceil(log_gamma(v))``,
+    i.e. ``gamma**(i-1) < v <= gamma**i``, whose representative ``2 gamma**i / (gamma + 1)`` is within
+    relative error a of every value in it. Bucket indices are clamped to those of
+    ``[min_value, max_value]``: values above ``max_value`` go to the top bucket and values in
+    ``(0, min_value)`` to the lowest positive one, without the accuracy guarantee. Negative values mirror
+    positive ones, and exact zeros have a bucket of their own, whose representative is exactly 0.0.
+    NaN values are ignored.
+
+    Counts are a dense (U, num_buckets) int64 tensor whose columns ("buckets" below) are in value order:
+    columns ``0 .. P-1`` negative (most negative first), column ``P`` zero, ``P+1 .. 2P`` positive
+    (ascending), with P the number of positive buckets.
+    """
+
+    def __init__(
+        self, num_units: int, relative_accuracy: float = 0.05, min_value: float = 1e-4, max_value: float = 1e4
+    ) -> None:
+        if not 0 < relative_accuracy < 1 or not 0 < min_value < max_value:
+            raise ValueError("need 0 < relative_accuracy < 1 and 0 < min_value < max_value")
+        self.num_units = num_units
+        self.relative_accuracy = relative_accuracy
+        self.min_value = min_value
+        self.max_value = max_value
+        self.gamma = (1 + relative_accuracy) / (1 - relative_accuracy)
+        self._log_gamma = math.log(self.gamma)
+        # log-index of the lowest positive bucket, and number of positive buckets
+        self._lowest = math.ceil(math.log(min_value) / self._log_gamma)
+        self._num_positive = math.ceil(math.log(max_value) / self._log_gamma) - self._lowest + 1
+        self.num_buckets = 2 * self._num_positive + 1
+        self._counts = torch.zeros(num_units, self.num_buckets, dtype=torch.int64)
+
+    def add(self, values: ArrayLike) -> None:
+        """Add a batch: values (N, U) float tensor (any device; the state moves there) or array."""
+        values = _as_batch(values, self.num_units, torch.float64)
+        p = self._num_positive
+        log_index = torch.ceil(values.abs().log() / self._log_gamma)
+        offset = log_index.clamp(self._lowest, self._lowest + p - 1).long() - self._lowest
+        bucket = torch.where(values > 0, p + 1 + offset, torch.where(values < 0, p - 1 - offset, p))
+        flat = bucket + torch.arange(self.num_units, device=values.device) * self.num_buckets
+        counts = torch.bincount(flat[~values.isnan()], minlength=self.num_units * self.num_buckets)
+        self._counts = self._counts.to(values.device) + counts.view(self.num_units, self.num_buckets)
+
+    def merge(self, other: QuantileSketch) -> None:
+        """Merge another sketch with the same parameters into this one."""
+        if self._params() != other._params():
+            raise ValueError("cannot merge QuantileSketch objects with different parameters")
+        self._counts = self._counts + other._counts.to(self._counts.device)
+
+    def _params(self) -> tuple[int, float, float, float]:
+        return self.num_units, self.relative_accuracy, self.min_value, self.max_value
+
+    def quantile(self, q: float | Sequence[float]) -> np.ndarray:
+        """Estimate the lower nearest-rank quantile(s) q in [0, 1] of each unit.
+
+        That is the representative of the bucket holding the ``max(1, ceil(q n))``-th smallest value,
+        n being the unit's count (``np.quantile(..., method="inverted_cdf")`` up to the bucketing).
+        Returns float64 (U,) for a scalar q, (U, len(q)) for a sequence; NaN for units with no data.
+        """
+        qs = torch.as_tensor(q, dtype=torch.float64).reshape(1, -1)
+        cumulative = self._counts.cpu().cumsum(1)
+        n = cumulative[:, -1:]
+        rank = torch.ceil(n * qs).clamp(min=1).long()
+        bucket = torch.searchsorted(cumulative, rank).clamp(max=self.num_buckets - 1)
+        estimate = torch.as_tensor(self.bucket_representatives())[bucket]
+        estimate[(n == 0).expand_as(estimate)] = math.nan
+        return estimate.numpy() if np.ndim(q) else estimate[:, 0].numpy()
+
+    def bucket_representatives(self) -> np.ndarray:
+        """(num_buckets,) float64 value reported for each bucket: +-2 gamma**i / (gamma + 1), or 0.0."""
+        log_index = np.arange(self._lowest, self._lowest + self._num_positive)
+        positive = 2 * self.gamma**log_index / (self.gamma + 1)
+        return np.concatenate([-positive[::-1], [0.0], positive])
+
+    def bucket_edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(lower, upper)``, each (num_buckets,) float64, the range of values in each bucket.
+
+        A positive bucket holds ``lower < v <= upper``, a negative one ``lower <= v < upper`` and the zero
+        bucket only 0.0 (``lower == upper == 0``). The end buckets include the clamped values: the
+        lowest positive bucket starts at 0 and the top one ends at inf (and mirrored for negatives).
+        """
+        upper = self.gamma ** np.arange(self._lowest, self._lowest + self._num_positive, dtype=np.float64)
+        lower = upper / self.gamma
+        lower[0], upper[-1] = 0.0, math.inf
+        return np.concatenate([-upper[::-1], [0.0], lower]), np.concatenate([-lower[::-1], [0.0], upper])
+
+    def _sparse(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Non-zero counts as (unit, bucket, count) arrays, sorted by unit then bucket."""
+        counts = self._counts.cpu()
+        unit, bucket = counts.nonzero(as_tuple=True)
+        return unit.int().numpy(), bucket.int().numpy(), counts[unit, bucket].numpy()
+
+    def result(self) -> dict[str, Any]:
+        """Return the non-zero counts of each unit, ready for Parquet list columns (one row per unit).
+
+        ``count``: (U,) int64, values seen per unit. ``buckets``: list of U int32 arrays, each unit's
+        non-empty buckets in ascending order (column indices, see ``bucket_edges`` and
+        ``bucket_representatives``). ``counts``: list of U int64 arrays, the matching counts.
+        """
+        unit, bucket, count = self._sparse()
+        bounds = np.cumsum(np.bincount(unit, minlength=self.num_units))[:-1]
+        return {
+            "count": self._counts.sum(1).cpu().numpy(),
+            "buckets": np.split(bucket, bounds),
+            "counts": np.split(count, bounds),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the parameters and the sparse counts: (nnz,) arrays unit (int32), bucket (int32) and
+        count (int64), one entry per non-zero (unit, bucket)."""
+        unit, bucket, count = self._sparse()
+        return {
+            "num_units": self.num_units,
+            "relative_accuracy": self.relative_accuracy,
+            "min_value": self.min_value,
+            "max_value": self.max_value,
+            "unit": unit,
+            "bucket": bucket,
+            "count": count,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> QuantileSketch:
+        """Rebuild (on the CPU) a sketch saved by ``state_dict``."""
+        sketch = cls(state["num_units"], state["relative_accuracy"], state["min_value"], state["max_value"])
+        unit = torch.as_tensor(state["unit"]).long()
+        bucket = torch.as_tensor(state["bucket"]).long()
+        sketch._counts[unit, bucket] = torch.as_tensor(state["count"]).long()
+        return sketch
