@@ -1,0 +1,164 @@
+"""The `atlas` command. Thin: parse arguments, call the library, print results."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.data import DataError
+from pipeline.models import ModelConfig, ModelError
+from pipeline.store import RunError
+
+logger = logging.getLogger("pipeline")
+
+
+def _floats(text: str) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in text.split(","))
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError("expected three comma-separated numbers (R,G,B)")
+    return values  # type: ignore[return-value]
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="torchvision:NAME | module:package.module:factory | path to a TorchScript file")
+    parser.add_argument("--weights", help="state dict file (loaded with weights_only=True), or DEFAULT for "
+                                          "torchvision's own weights (needs network)")
+    parser.add_argument("--image-size", type=int, help="centre-crop size fed to the model (default: the weights' "
+                                                       "crop size, 224 for ImageNet models)")
+    parser.add_argument("--resize", type=int, help="shorter side before the centre crop (default keeps the "
+                                                   "weights' resize/crop ratio, e.g. 256/224)")
+    parser.add_argument("--mean", type=_floats, help="normalisation mean R,G,B (default: from the weights)")
+    parser.add_argument("--std", type=_floats, help="normalisation std R,G,B (default: from the weights)")
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(spec=args.model, weights=args.weights, image_size=args.image_size, resize=args.resize,
+                       mean=args.mean, std=args.std)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from pipeline.models import conv_block_outputs, layer_shapes, load_model
+    from pipeline.receptive_field import receptive_fields
+
+    loaded = load_model(_model_config(args))
+    size = loaded.preprocess.image_size
+    infos = layer_shapes(loaded.model, size)
+    blocks = set(conv_block_outputs(loaded.model, [i.name for i in infos]))
+    try:
+        fields = receptive_fields(loaded.model, [i.name for i in infos], (size, size))
+    except Exception as error:  # noqa: BLE001 - listing still useful without geometry
+        logger.warning("receptive fields unavailable: %s", error)
+        fields = {}
+    print(f"{'layer':<34} {'type':<22} {'C x H x W':<16} {'rf size':<10} {'stride':<8} {'offset':<10} all")
+    for info in infos:
+        field = fields.get(info.name)
+        shape = "x".join(map(str, info.shape))
+        if field is None:
+            geometry = f"{'?':<10} {'?':<8} {'?':<10}"
+        elif field.is_global:
+            geometry = f"{'global':<10} {'-':<8} {'-':<10}"
+        else:
+            geometry = (f"{field.size[0]}x{field.size[1]:<7} {field.stride[0]}x{field.stride[1]:<6} "
+                        f"{field.offset[0]},{field.offset[1]:<8}")
+        print(f"{info.name:<34} {info.type:<22} {shape:<16} {geometry} {'*' if info.name in blocks else ''}")
+    print(f"\n{len(infos)} layers at {size}x{size} input; * = selected by --layers all")
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from pipeline.scan_runner import ScanConfig, run_scan
+
+    manifest = run_scan(ScanConfig(
+        model=_model_config(args), data=args.data, out=args.out, layers=args.layers, k=args.k,
+        record=args.record, batch_size=args.batch_size, address=args.address, actors=args.actors,
+        threads=args.threads, overwrite=args.overwrite, progress=not args.quiet))
+    counts = manifest["counts"]
+    print(f"run: {args.out}\n  images {counts['images']} ({counts['images_error']} unreadable), "
+          f"layers {counts['layers']}, units {counts['units']} ({counts['dead_units']} dead), "
+          f"{manifest['timings']['images_per_second']} img/s")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from pipeline.query import format_result, run_query
+
+    columns, rows = run_query(args.run, args.sql)
+    sys.stdout.write(format_result(columns, rows, args.format))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(out=args.out, images=args.images, overwrite=args.overwrite)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import bench_scan
+
+    bench_scan(images=args.images, image_size=args.image_size, batch_size=args.batch_size, data=args.data,
+               out=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atlas", description="Neuron Atlas: dataset search and neuron atlases "
+                                                               "for convolutional networks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    layers = sub.add_parser("layers", help="list selectable layers with shapes and receptive fields")
+    _add_model_args(layers)
+    layers.set_defaults(func=cmd_layers)
+
+    scan = sub.add_parser("scan", help="stream a data set through a model; exact top-k images per unit")
+    _add_model_args(scan)
+    scan.add_argument("--data", required=True, help="image folder, WebDataset shards (path, glob or "
+                                                    "{000..009} pattern) or Parquet of image bytes")
+    scan.add_argument("--layers", default="all", help="comma-separated module names, or 'all' (conv-block outputs)")
+    scan.add_argument("--out", required=True, help="run directory to write")
+    scan.add_argument("--k", type=int, default=16, help="top images kept per unit (default 16)")
+    scan.add_argument("--record", choices=("topk", "all"), default="topk",
+                      help="'all' also writes every (image, unit) maximum to RUN/maxima")
+    scan.add_argument("--batch-size", type=int, default=32)
+    scan.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    scan.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else one per 4 CPUs)")
+    scan.add_argument("--threads", type=int, help="torch threads per CPU model actor")
+    scan.add_argument("--overwrite", action="store_true", help="replace a complete run made with other settings")
+    scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    scan.set_defaults(func=cmd_scan)
+
+    query = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima)")
+    query.add_argument("run")
+    query.add_argument("sql")
+    query.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    query.set_defaults(func=cmd_query)
+
+    demo = sub.add_parser("demo", help="offline end-to-end demo: MobileNetV2 (ImageNet) over real photos")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--images", type=int, default=600, help="number of real photos to scan")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks that print JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench_scan_parser = bench_sub.add_parser("scan", help="scan throughput vs the bare forward pass; memory at N and 4N")
+    bench_scan_parser.add_argument("--images", type=int, default=512)
+    bench_scan_parser.add_argument("--image-size", type=int, default=128)
+    bench_scan_parser.add_argument("--batch-size", type=int, default=32)
+    bench_scan_parser.add_argument("--data", help="image folder to use (default: photos generated from skimage)")
+    bench_scan_parser.add_argument("--out", default="runs/bench")
+    bench_scan_parser.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ModelError, DataError, RunError, ValueError) as error:
+        print(f"atlas: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,325 @@
+"""Model specs, weights loading, the preprocessing that travels with a model, and layer selection.
+
+A model spec is one of:
+  * ``torchvision:NAME``               a torchvision classification model (``--weights PATH`` or ``DEFAULT``)
+  * ``module:package.module:factory``  a user's callable returning an ``nn.Module``
+  * a path to a TorchScript file       (whole-model only: see `load_model`)
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, default_resize
+
+logger = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """A model spec, weights file or layer selection that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the same model in any process (a Ray actor, a later stage)."""
+
+    spec: str
+    weights: str | None = None
+    image_size: int | None = None
+    resize: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+@dataclass
+class LoadedModel:
+    """An eval-mode model plus what the rest of the pipeline needs to know about it."""
+
+    model: nn.Module
+    preprocess: Preprocess
+    weights_sha256: str | None
+    categories: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _torchvision_model(name: str, weights: str | None) -> tuple[nn.Module, Any]:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ModelError(f"unknown torchvision model {name!r}; choose one of: {', '.join(sorted(available))}")
+    try:
+        weights_enum = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError):
+        weights_enum = None
+    if weights == "DEFAULT":
+        # torchvision's own download: needs network the first time, then its cache.
+        return torchvision.models.get_model(name, weights="DEFAULT"), weights_enum
+    num_classes = {}
+    if weights_enum is not None and weights:
+        # A state dict for another number of classes (fine-tuned heads) still loads.
+        num_classes = _num_classes_from_state_dict(weights, weights_enum)
+    return torchvision.models.get_model(name, weights=None, **num_classes), weights_enum
+
+
+def _num_classes_from_state_dict(path: str, weights_enum: Any) -> dict:
+    state = _read_state_dict(path)
+    last_bias = [v for k, v in state.items() if k.endswith(".bias") and v.ndim == 1]
+    n = len(weights_enum.meta.get("categories", []))
+    if last_bias and n and last_bias[-1].shape[0] != n:
+        return {"num_classes": int(last_bias[-1].shape[0])}
+    return {}
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise ModelError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
+        raise ModelError(f"cannot read weights {path} as a state dict (loaded with weights_only=True): {error}")
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} is not a state dict of tensors")
+    # Checkpoints saved from DataParallel/DistributedDataParallel prefix every key with 'module.'.
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    state = _read_state_dict(path)
+    result = model.load_state_dict(state, strict=False)
+    expected = model.state_dict()
+    shape_mismatch = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
+    if result.missing_keys or result.unexpected_keys or shape_mismatch:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        raise ModelError(
+            f"weights {path} do not match the model: missing keys [{show(result.missing_keys)}], "
+            f"unexpected keys [{show(result.unexpected_keys)}], shape mismatches [{show(shape_mismatch)}]")
+
+
+def _factory_model(spec: str) -> nn.Module:
+    _, _, target = spec.partition(":")
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ModelError(f"expected module:package.module:factory, got {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ModelError(f"cannot import {attr!r} from {module_name!r}: {error}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _disable_inplace(model: nn.Module) -> None:
+    """In-place activations would overwrite a recorded layer's output (e.g. a conv feeding ReLU(inplace))."""
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Build the model of `config` in eval mode on the CPU, with weights and preprocessing resolved.
+
+    Fails with ModelError (before any data is touched) for an unknown model, a missing weights file, or
+    weights whose keys/shapes do not match.
+    """
+    spec, weights = config.spec, config.weights
+    categories = None
+    mean, std, crop_ratio, default_size = IMAGENET_MEAN, IMAGENET_STD, 1.0, 224
+    meta: dict[str, Any] = {"spec": spec}
+    if spec.startswith("torchvision:"):
+        model, weights_enum = _torchvision_model(spec.split(":", 1)[1], weights)
+        if weights_enum is not None:
+            transforms = weights_enum.transforms()
+            mean, std = tuple(transforms.mean), tuple(transforms.std)
+            default_size = int(transforms.crop_size[0])
+            crop_ratio = transforms.resize_size[0] / transforms.crop_size[0]
+            categories = list(weights_enum.meta.get("categories") or []) or None
+            meta["weights_meta"] = str(weights_enum)
+    elif spec.startswith("module:"):
+        model = _factory_model(spec)
+    elif os.path.isfile(spec):
+        model = _torchscript_model(spec)
+    else:
+        raise ModelError(f"model spec {spec!r} is neither torchvision:NAME, module:pkg.mod:factory, "
+                         "nor an existing TorchScript file")
+    if weights and weights != "DEFAULT":
+        _load_weights(model, weights)
+    if categories and len(categories) != _output_classes(model):
+        categories = None
+    _disable_inplace(model)
+    model.eval()
+    image_size = config.image_size or default_size
+    preprocess = Preprocess(
+        image_size=image_size,
+        resize=config.resize or default_resize(image_size, crop_ratio),
+        mean=tuple(config.mean or mean), std=tuple(config.std or std))
+    digest = file_sha256(weights) if weights and weights != "DEFAULT" else None
+    if os.path.isfile(spec):
+        digest = digest or file_sha256(spec)
+    return LoadedModel(model=model, preprocess=preprocess, weights_sha256=digest, categories=categories, meta=meta)
+
+
+def _output_classes(model: nn.Module) -> int | None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def _torchscript_model(path: str) -> nn.Module:
+    try:
+        return torch.jit.load(path, map_location="cpu")
+    except Exception as error:  # noqa: BLE001
+        raise ModelError(f"{path} is not a loadable TorchScript file: {error}")
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+_PRIMITIVE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Mish)
+_NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    type: str
+    shape: tuple[int, int, int]  # (C, H, W) for one image
+
+
+def layer_shapes(model: nn.Module, image_size: int) -> list[LayerInfo]:
+    """Every module whose output is a 4-D (N, C, H, W) tensor, in execution order, with its output shape."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError("TorchScript models cannot expose inner layers (PyTorch does not run hooks on "
+                         "ScriptModules); export the model with torch.export or give its Python factory")
+    shapes: dict[str, LayerInfo] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_module, _inputs, output, name=name, kind=type(module).__name__):
+            if isinstance(output, torch.Tensor) and output.ndim == 4 and name not in shapes:
+                shapes[name] = LayerInfo(name, kind, tuple(int(s) for s in output.shape[1:]))
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(shapes.values())
+
+
+def _contains_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def conv_block_outputs(model: nn.Module, candidates: list[str]) -> list[str]:
+    """The outputs of the model's conv blocks, the meaning of ``--layers all``.
+
+    A block is a child of an ``nn.Sequential`` (or of the model itself) that contains a convolution and is
+    not itself a container. A bare conv (or conv + norm) followed by an activation in the same parent is
+    represented by that activation's output, so the recorded maps are the rectified ones that the papers
+    (Zeiler & Fergus) record.
+    """
+    allowed = set(candidates)
+    chosen: list[str] = []
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        children = list(parent.named_children())
+        for index, (name, child) in enumerate(children):
+            qualified = f"{prefix}{name}"
+            if isinstance(child, (nn.Sequential, nn.ModuleList)) and _contains_conv(child):
+                visit(child, qualified + ".")
+                continue
+            if not _contains_conv(child) or qualified not in allowed:
+                continue
+            if isinstance(child, nn.Conv2d):
+                # Walk past norm layers to the activation that rectifies this conv, if any.
+                for follower_name, follower in children[index + 1:]:
+                    if isinstance(follower, _NORMS):
+                        continue
+                    if isinstance(follower, _PRIMITIVE_ACTIVATIONS) and f"{prefix}{follower_name}" in allowed:
+                        qualified = f"{prefix}{follower_name}"
+                    break
+            if qualified not in chosen:
+                chosen.append(qualified)
+
+    visit(model, "")
+    return chosen
+
+
+def resolve_layers(model: nn.Module, image_size: int, requested: str | list[str]) -> list[LayerInfo]:
+    """Validate a layer selection ('all', a comma list or a list) against the model's 4-D module outputs."""
+    infos = layer_shapes(model, image_size)
+    by_name = {info.name: info for info in infos}
+    if isinstance(requested, str):
+        requested = [part.strip() for part in requested.split(",") if part.strip()]
+    if requested == ["all"]:
+        names = conv_block_outputs(model, list(by_name))
+    else:
+        names = list(dict.fromkeys(requested))
+    unknown = [name for name in names if name not in by_name]
+    if unknown or not names:
+        raise ModelError(f"unknown layer(s) {', '.join(unknown) or '(none given)'}; valid layers: "
+                         f"{', '.join(by_name)}")
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            raise ModelError(f"layer name {name!r} has characters that cannot name a partition directory")
+    return [by_name[name] for name in names]
+
+
+class _HookExtractor(nn.Module):
+    """Fallback for models torch.fx cannot trace: run the whole model, keep the chosen outputs by hooks."""
+
+    def __init__(self, model: nn.Module, layers: list[str]):
+        super().__init__()
+        self.model, self.layers = model, layers
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+        modules = dict(self.model.named_modules())
+        handles = [modules[name].register_forward_hook(
+            lambda _m, _i, out, name=name: captured.setdefault(name, out)) for name in self.layers]
+        try:
+            self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+
+def feature_extractor(model: nn.Module, layers: list[str]) -> nn.Module:
+    """A module returning {layer: output} that stops after the deepest requested layer when it can.
+
+    torchvision's create_feature_extractor (torch.fx) prunes everything after the last requested node,
+    which is most of the network when only early layers are recorded.
+    """
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    try:
+        return create_feature_extractor(model, return_nodes={name: name for name in layers})
+    except Exception as error:  # noqa: BLE001 - fx raises many types on dynamic control flow
+        logger.warning("torch.fx cannot trace this model (%s); recording with hooks on the full model", error)
+        return _HookExtractor(model, layers)

@@ -1,0 +1,46 @@
+"""Connecting to Ray: an existing cluster by address, or a local Ray started on demand (and stopped after)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    cpus: int
+    gpus: int
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None,
+                object_store_bytes: int | None = None) -> Iterator[ClusterShape]:
+    """Use the Ray cluster at `address`, or start a local one for the duration of the block.
+
+    A Ray already initialised in this process (a test session, a notebook) is reused and left running.
+    """
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+            if object_store_bytes:
+                kwargs["object_store_memory"] = object_store_bytes
+        logger.info("starting Ray (%s)", address or "local")
+        ray.init(**kwargs)
+        started = True
+    try:
+        resources = ray.cluster_resources()
+        yield ClusterShape(cpus=int(resources.get("CPU", 0)), gpus=int(resources.get("GPU", 0)))
+    finally:
+        if started:
+            ray.shutdown()

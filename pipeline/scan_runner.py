@@ -1,0 +1,215 @@
+"""`atlas scan`: validate everything up front, run the Ray Data pipeline, commit the run directory."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.compute as pc
+
+from pipeline import __version__
+from pipeline.data import DataError, Decoder, SourceSpec, count_images, read_source, resolve_source
+from pipeline.models import LoadedModel, ModelConfig, load_model, resolve_layers
+from pipeline.preprocess import Preprocess
+from pipeline.ray_session import ClusterShape, ray_session
+from pipeline.receptive_field import receptive_fields
+from pipeline.scan import Recorder, RecorderConfig, ScanReducer, write_layer_tables, write_maxima
+from pipeline.store import IMAGES_SCHEMA, RollingParquetWriter, RunDirectory, read_manifest
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """The resolved settings of one scan; recorded in the manifest."""
+
+    model: ModelConfig
+    data: str
+    out: str
+    layers: str = "all"
+    k: int = 16
+    record: str = "topk"  # 'topk' | 'all'
+    batch_size: int = 32
+    address: str | None = None
+    actors: int | None = None  # model replicas; None: one per GPU, else one per 4 CPUs (at least 1)
+    threads: int | None = None  # torch threads per CPU actor; None: the node's CPUs / actors
+    num_cpus: int | None = None  # CPUs of a local Ray started on demand
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.record not in ("topk", "all"):
+            raise ValueError(f"record must be 'topk' or 'all', got {self.record!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], source: SourceSpec) -> str:
+    """What makes two scans the same: model, weights content, preprocessing, layers, k, record, data files."""
+    files = [(f, os.path.getsize(f) if os.path.isfile(f) else None) for f in source.files]
+    blob = json.dumps({"spec": config.model.spec, "weights": loaded.weights_sha256,
+                       "preprocess": loaded.preprocess.as_dict(), "layers": layers, "k": config.k,
+                       "record": config.record, "data": files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _versions() -> dict:
+    import duckdb
+    import pyarrow
+    import ray
+    import torch
+    import torchvision
+
+    return {"neuron_atlas": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
+            "duckdb": duckdb.__version__, "numpy": np.__version__}
+
+
+def _plan_actors(config: ScanConfig, cluster: ClusterShape) -> dict:
+    """Actor count and resources. Never reserve every CPU (the decode tasks would starve and the pipeline
+    hang), and never ask for a GPU on a cluster without one (the actor would never be scheduled)."""
+    if cluster.gpus > 0:
+        actors = config.actors or cluster.gpus
+        return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": config.threads, "device": "cuda"}
+    actors = config.actors or max(1, cluster.cpus // 4)
+    if actors >= cluster.cpus:
+        raise ValueError(f"{actors} model actors would reserve all {cluster.cpus} CPUs and starve the "
+                         "decode tasks; use fewer --actors")
+    threads = config.threads or max(1, cluster.cpus // actors)
+    return {"actors": actors, "num_gpus": 0, "num_cpus": 1, "threads": threads, "device": "cpu"}
+
+
+def _labels_for(images_dir: str, keys: set[str]) -> dict[str, str | None]:
+    """Labels of the top-k images, read back from the staged images table (streamed, filtered)."""
+    if not keys:
+        return {}
+    dataset = pads.dataset(images_dir, format="parquet", schema=IMAGES_SCHEMA)
+    table = dataset.to_table(columns=["image_key", "label"],
+                             filter=pc.field("image_key").isin(sorted(keys)))
+    return dict(zip(table["image_key"].to_pylist(), table["label"].to_pylist()))
+
+
+def _check_unique_keys(images_dir: str) -> None:
+    import duckdb
+
+    pattern = os.path.join(images_dir, "*.parquet").replace("'", "''")
+    duplicates = duckdb.sql(f"SELECT image_key, count(*) AS n FROM read_parquet('{pattern}') "
+                            "GROUP BY image_key HAVING n > 1 ORDER BY image_key LIMIT 5").fetchall()
+    if duplicates:
+        raise DataError("image keys are not unique (top-k ties and joins need unique keys): "
+                        + ", ".join(f"{k!r} x{n}" for k, n in duplicates))
+
+
+def run_scan(config: ScanConfig) -> dict:
+    """Run (or skip, when already complete) the scan described by `config`; return its manifest."""
+    config.validate()
+    started = time.time()
+    loaded = load_model(config.model)  # fails before any work on a bad spec or weights file
+    layer_infos = resolve_layers(loaded.model, loaded.preprocess.image_size, config.layers)
+    layers = [info.name for info in layer_infos]
+    size = loaded.preprocess.image_size
+    fields = receptive_fields(loaded.model, layers, (size, size))
+    source = resolve_source(config.data)
+    fingerprint = _fingerprint(config, loaded, layers, source)
+    run = RunDirectory(config.out)
+    if not run.begin(fingerprint, overwrite=config.overwrite):
+        logger.info("%s is already complete for these settings; nothing to do", run.path)
+        return read_manifest(run.path)
+    total = count_images(source)
+    with ray_session(config.address, num_cpus=config.num_cpus) as cluster:
+        ray_ready = time.time()
+        plan = _plan_actors(config, cluster)
+        recorder_config = RecorderConfig(model=config.model, layers=tuple(layers), k=config.k,
+                                         record_all=config.record == "all", device=plan["device"],
+                                         threads=plan["threads"])
+        reducer, images_ok, images_total = _execute(config, source, loaded.preprocess, recorder_config,
+                                                    plan, run, {i.name: i.shape[0] for i in layer_infos}, total)
+    if images_ok == 0:
+        raise DataError(f"none of the {images_total} images in {config.data} could be decoded; see "
+                        f"{run.staged('images')} for the errors")
+    images_dir = run.staged("images")
+    _check_unique_keys(images_dir)
+    needed = set()
+    for topk in reducer.topk.values():
+        needed.update(topk.result()["keys"].reshape(-1).tolist())
+    write_layer_tables(reducer, fields, loaded.preprocess, _labels_for(images_dir, needed),
+                       run.staged("topk"), os.path.join(run.staged("units"), "part-0.parquet"))
+    finished = time.time()
+    units_total = sum(info.shape[0] for info in layer_infos)
+    dead = int(sum(int((reducer.moments[n].result()["n_active"] == 0).sum()) for n in layers))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+        "model": {"spec": config.model.spec, "weights": config.model.weights,
+                  "weights_sha256": loaded.weights_sha256, "categories": loaded.categories},
+        "preprocess": loaded.preprocess.as_dict(),
+        "data": source.as_dict() | {"path": config.data},
+        "k": config.k,
+        "record": config.record,
+        "layers": [{"name": info.name, "type": info.type, "shape": list(info.shape), "units": info.shape[0],
+                    "receptive_field": fields[info.name].as_dict()} for info in layer_infos],
+        "counts": {"images": images_total, "images_ok": images_ok, "images_error": images_total - images_ok,
+                   "layers": len(layers), "units": units_total, "dead_units": dead},
+        "timings": {"seconds": round(finished - started, 3), "ray_start_seconds": round(ray_ready - started, 3),
+                    "images_per_second": round(images_total / max(finished - ray_ready, 1e-9), 2)},
+        "execution": {"address": config.address or "local", "cluster_cpus": cluster.cpus,
+                      "cluster_gpus": cluster.gpus} | plan,
+        "versions": _versions(),
+        "config": asdict(config),
+    }
+    run.commit(manifest)
+    logger.info("scan complete: %s", run.path)
+    return manifest
+
+
+def _execute(config: ScanConfig, source: SourceSpec, preprocess: Preprocess, recorder_config: RecorderConfig,
+             plan: dict, run: RunDirectory, layer_units: dict[str, int], total: int | None):
+    """Build and drain the Ray Data pipeline; stream image rows to Parquet; merge partials."""
+    import ray.data
+    from tqdm import tqdm
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # one bar of our own, with images/s and time left
+    context.print_on_execution_start = False
+    decoder = Decoder(source, preprocess)
+    dataset = read_source(source).map_batches(
+        _decode, fn_kwargs={"decoder": decoder}, batch_size=config.batch_size, batch_format="numpy")
+    dataset = dataset.map_batches(
+        Recorder, fn_constructor_kwargs={"config": recorder_config}, batch_size=config.batch_size,
+        batch_format="numpy", concurrency=plan["actors"], num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"])
+    if recorder_config.record_all:
+        dataset = dataset.map_batches(write_maxima, fn_kwargs={"directory": run.staged("maxima")},
+                                      batch_size=16, batch_format="numpy")
+    reducer = ScanReducer(layer_units, config.k)
+    images = RollingParquetWriter(run.staged("images"), IMAGES_SCHEMA)
+    images_total = 0
+    bar = tqdm(total=total, unit="img", desc="scan", disable=not config.progress, smoothing=0.1)
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for blob in batch["partial"]:
+                partial = pickle.loads(blob)
+                reducer.merge(partial)
+                images.write(partial["images"])
+                count = len(partial["images"]["image_key"])
+                images_total += count
+                bar.update(count)
+    finally:
+        bar.close()
+        images.close()
+    return reducer, reducer.images_ok, images_total
+
+
+def _decode(batch: dict, decoder: Decoder) -> dict:
+    return decoder(batch)
