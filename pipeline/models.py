@@ -106,15 +106,18 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def _load_weights(model: nn.Module, path: str) -> None:
     state = _read_state_dict(path)
-    result = model.load_state_dict(state, strict=False)
     expected = model.state_dict()
-    shape_mismatch = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or shape_mismatch:
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shape_mismatch = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+                      if k in expected and expected[k].shape != v.shape]
+    if missing or unexpected or shape_mismatch:
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
         raise ModelError(
-            f"weights {path} do not match the model: missing keys [{show(result.missing_keys)}], "
-            f"unexpected keys [{show(result.unexpected_keys)}], shape mismatches [{show(shape_mismatch)}]")
+            f"weights {path} do not match the model: missing keys [{show(missing)}], "
+            f"unexpected keys [{show(unexpected)}], shape mismatches [{show(shape_mismatch)}]")
+    model.load_state_dict(state, strict=True)
 
 
 def _factory_model(spec: str) -> nn.Module:
@@ -300,8 +303,14 @@ class _HookExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         captured: dict[str, torch.Tensor] = {}
         modules = dict(self.model.named_modules())
-        handles = [modules[name].register_forward_hook(
-            lambda _m, _i, out, name=name: captured.setdefault(name, out)) for name in self.layers]
+
+        def keep_first_call(name: str):
+            # Returns None: a hook's return value would replace the module's output.
+            def hook(_module, _inputs, output) -> None:
+                captured.setdefault(name, output)
+            return hook
+
+        handles = [modules[name].register_forward_hook(keep_first_call(name)) for name in self.layers]
         try:
             self.model(x)
         finally:

@@ -467,13 +467,34 @@ def _trace(model: nn.Module, input_hw: tuple[int, int], in_channels: int) -> tor
     return gm
 
 
+def _first_call_outputs(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    """For every module path, the node that ends its first call.
+
+    A leaf module's call is one ``call_module`` node; a container's first call is the first contiguous
+    run of nodes whose module stack contains it (a second call starts after a node outside it).
+    """
+    ends: dict[str, torch.fx.Node] = {}
+    closed: set[str] = set()
+    open_paths: set[str] = set()
+    for node in gm.graph.nodes:
+        paths = {path for path, _ in node.meta.get("nn_module_stack", {}).values()}
+        closed |= open_paths - paths
+        if node.op == "call_module" and node.target in ends:
+            closed.add(str(node.target))  # a second call of a leaf module
+        for path in paths - closed:
+            ends[path] = node
+        open_paths = paths - closed
+    return ends
+
+
 def receptive_fields(model: nn.Module, layers: Sequence[str], input_hw: tuple[int, int], *,
                      in_channels: int = 3) -> dict[str, ReceptiveField]:
     """Receptive field of each named module's OUTPUT w.r.t. the model input of size ``input_hw``.
 
     ``layers`` are qualified names as in ``model.named_modules()`` (e.g. ``'features.7'``,
-    ``'layer1.0'``, ``'layer4'``). The output of a non-leaf module is the last traced node (in graph
-    order) run inside it; a module called several times reports its last call. The model is traced
+    ``'layer1.0'``, ``'layer4'``). The output of a module is the last traced node (in graph order) of
+    its FIRST call: a module called several times (torchvision's BasicBlock calls one ``relu`` twice)
+    reports its first call, as forward hooks and torchvision's feature extraction record it. The model is traced
     with a (1, in_channels, H, W) zeros input; its train/eval flags are restored afterwards.
 
     Returns ``{name: ReceptiveField}`` in the order of ``layers``. Raises ``ValueError`` for a name that
@@ -481,10 +502,7 @@ def receptive_fields(model: nn.Module, layers: Sequence[str], input_hw: tuple[in
     not depend on the input, and `UnsupportedOp` for ops whose geometry is not supported.
     """
     gm = _trace(model, input_hw, in_channels)
-    last: dict[str, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        for path, _ in node.meta.get("nn_module_stack", {}).values():
-            last[path] = node
+    last = _first_call_outputs(gm)
     unknown = [name for name in layers if name not in last]
     if unknown:
         raise ValueError(f"unknown layer(s) {unknown}; valid names: {', '.join(last)}")

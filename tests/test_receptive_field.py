@@ -69,8 +69,14 @@ def check_against_probe(model: nn.Module, layers: list[str], input_hw: tuple[int
     probe = positive_linear_copy(model)
     n = len(probe_positions((1, 1, 2, 2)))
     outputs: dict[str, torch.Tensor] = {}
-    hooks = [probe.get_submodule(name).register_forward_hook(
-        lambda mod, args, out, name=name: outputs.__setitem__(name, out)) for name in layers]
+
+    def keep_first_call(name: str):
+        # The scan records a module's first call; the hook must return None or it would replace the output.
+        def hook(_mod, _args, out) -> None:
+            outputs.setdefault(name, out)
+        return hook
+
+    hooks = [probe.get_submodule(name).register_forward_hook(keep_first_call(name)) for name in layers]
     image = torch.ones(n, 3, *input_hw, dtype=torch.float64, requires_grad=True)
     try:
         probe(image)
@@ -260,7 +266,9 @@ def test_adaptive_pooling_and_squeeze_excitation():
 def test_resnet18_non_square():
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
-    layers = ["conv1", "maxpool", "layer1.0", "layer2.0.downsample", "layer2", "layer3.1.conv1", "layer4"]
+    # layer1.0.relu is called twice per block: the field is that of its first call, as the scan records it.
+    layers = ["conv1", "maxpool", "layer1.0.relu", "layer1.0", "layer2.0.downsample", "layer2", "layer3.1.conv1",
+              "layer4"]
     rfs = receptive_fields(model, ["layer4", "avgpool", "fc"], (224, 224))
     assert rfs["layer4"] == RF((435, 435), (32, 32), (-217, -217), (224, 224))  # the published size
     assert rfs["avgpool"].is_global and rfs["fc"].is_global
