@@ -238,11 +238,18 @@ def _contains_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
+def _is_conv_norm_act(module: nn.Module) -> bool:
+    """A flat conv [+ norm] [+ activation] sequence (torchvision's Conv2dNormActivation): one block."""
+    children = list(module.children())
+    return (bool(children) and sum(isinstance(c, nn.Conv2d) for c in children) == 1
+            and all(isinstance(c, (nn.Conv2d, *_NORMS, *_PRIMITIVE_ACTIVATIONS, nn.Dropout)) for c in children))
+
+
 def conv_block_outputs(model: nn.Module, candidates: list[str]) -> list[str]:
     """The outputs of the model's conv blocks, the meaning of ``--layers all``.
 
     A block is a child of an ``nn.Sequential`` (or of the model itself) that contains a convolution and is
-    not itself a container. A bare conv (or conv + norm) followed by an activation in the same parent is
+    not itself a container of several blocks (a flat conv-norm-activation Sequential is one block). A bare conv (or conv + norm) followed by an activation in the same parent is
     represented by that activation's output, so the recorded maps are the rectified ones that the papers
     (Zeiler & Fergus) record.
     """
@@ -253,7 +260,8 @@ def conv_block_outputs(model: nn.Module, candidates: list[str]) -> list[str]:
         children = list(parent.named_children())
         for index, (name, child) in enumerate(children):
             qualified = f"{prefix}{name}"
-            if isinstance(child, (nn.Sequential, nn.ModuleList)) and _contains_conv(child):
+            if isinstance(child, (nn.Sequential, nn.ModuleList)) and _contains_conv(child) \
+                    and not _is_conv_norm_act(child):
                 visit(child, qualified + ".")
                 continue
             if not _contains_conv(child) or qualified not in allowed:

@@ -38,9 +38,19 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
         logger.info("starting Ray (%s)", address or "local")
         ray.init(**kwargs)
         started = True
+    # Ray Data logs every execution start/finish at INFO; our own progress bar says the same.
+    # (and warns that its bars are off because we draw that one bar).
+    quieter = {"ray.data": logging.WARNING, "ray.data._internal.execution.streaming_executor": logging.WARNING,
+               "ray.data._internal.progress": logging.ERROR}
+    previous = {name: logging.getLogger(name).level for name in quieter}
+    if logger.getEffectiveLevel() > logging.DEBUG:
+        for name, level in quieter.items():
+            logging.getLogger(name).setLevel(level)
     try:
         resources = ray.cluster_resources()
         yield ClusterShape(cpus=int(resources.get("CPU", 0)), gpus=int(resources.get("GPU", 0)))
     finally:
+        for name, level in previous.items():
+            logging.getLogger(name).setLevel(level)
         if started:
             ray.shutdown()

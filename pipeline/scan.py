@@ -24,7 +24,7 @@ import torch
 from pipeline.models import ModelConfig, feature_extractor, load_model
 from pipeline.receptive_field import ReceptiveField
 from pipeline.stats import QuantileSketch, RunningMoments, TopK
-from pipeline.store import MAXIMA_SCHEMA, layer_dir, write_table
+from pipeline.store import MAXIMA_SCHEMA, TOPK_SCHEMA, UNITS_SCHEMA, layer_dir, write_table
 
 PAYLOAD = ("y", "x", "width", "height")
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -80,9 +80,9 @@ class Recorder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["status"]) == "ok"
-        keys = [str(k) for k in np.asarray(batch["image_key"])[ok]]
-        images = {name: np.asarray(batch[name]).tolist()
-                  for name in ("image_key", "source", "label", "width", "height", "status", "error")}
+        keys = [str(k) for k in np.asarray(batch["image_key"])[ok].tolist()]
+        images = {name: _texts(batch[name]) for name in ("image_key", "source", "label", "status", "error")}
+        images |= {name: np.asarray(batch[name]).astype(np.int32).tolist() for name in ("width", "height")}
         partial: dict = {"n": int(ok.sum()), "images": images, "layers": {}}
         maxima: dict = {}
         if ok.any():
@@ -106,6 +106,12 @@ class Recorder:
         if self.config.record_all:
             out["maxima"] = np.array([pickle.dumps(maxima, protocol=5)], dtype=object)
         return out
+
+
+def _texts(column: np.ndarray) -> list[str | None]:
+    """A string column as Python strings; Ray may hand an all-None column over as float NaN."""
+    return [None if value is None or (isinstance(value, float) and value != value) else str(value)
+            for value in np.asarray(column).tolist()]
 
 
 def write_maxima(batch: dict[str, np.ndarray], directory: str) -> dict[str, np.ndarray]:
@@ -172,7 +178,7 @@ class ScanReducer:
             "y": y.reshape(-1).astype(np.int32), "x": x.reshape(-1).astype(np.int32),
             "box_x0": box[..., 0].reshape(-1).astype(np.int32), "box_y0": box[..., 1].reshape(-1).astype(np.int32),
             "box_x1": box[..., 2].reshape(-1).astype(np.int32), "box_y1": box[..., 3].reshape(-1).astype(np.int32),
-        })
+        }, schema=TOPK_SCHEMA)
 
     def units_table(self, name: str) -> pa.Table:
         moments = self.moments[name].result()
@@ -182,6 +188,8 @@ class ScanReducer:
         return pa.table({
             "layer": pa.array([name] * units, pa.string()),
             "unit": np.arange(units, dtype=np.int32),
+            # Position of the layer in the model's execution order (layer names do not sort by depth).
+            "layer_index": np.full(units, list(self.topk).index(name), dtype=np.int32),
             "count": moments["count"].astype(np.int64),
             "mean": moments["mean"], "std": moments["std"],
             "min": moments["min"].astype(np.float32), "max": moments["max"].astype(np.float32),
@@ -192,7 +200,7 @@ class ScanReducer:
             "dead": moments["n_active"] == 0,
             "sketch_buckets": pa.array([list(map(int, b)) for b in sketch["buckets"]], pa.list_(pa.int32())),
             "sketch_counts": pa.array([list(map(int, c)) for c in sketch["counts"]], pa.list_(pa.int64())),
-        })
+        }, schema=UNITS_SCHEMA)
 
 
 def write_layer_tables(reducer: ScanReducer, fields: dict[str, ReceptiveField], preprocess,

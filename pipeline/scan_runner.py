@@ -26,6 +26,7 @@ from pipeline.store import IMAGES_SCHEMA, RollingParquetWriter, RunDirectory, re
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+DECODE_CPUS = 0.5
 
 
 @dataclass(frozen=True)
@@ -184,11 +185,15 @@ def _execute(config: ScanConfig, source: SourceSpec, preprocess: Preprocess, rec
     context.enable_progress_bars = False  # one bar of our own, with images/s and time left
     context.print_on_execution_start = False
     decoder = Decoder(source, preprocess)
+    # Decoding asks for half a CPU: light work, and resources unlike the actors' keep Ray from fusing it
+    # into the model actor, so decoding overlaps the forward pass instead of running before it.
     dataset = read_source(source).map_batches(
-        _decode, fn_kwargs={"decoder": decoder}, batch_size=config.batch_size, batch_format="numpy")
+        _decode, fn_kwargs={"decoder": decoder}, batch_size=config.batch_size, batch_format="numpy",
+        num_cpus=DECODE_CPUS)
     dataset = dataset.map_batches(
         Recorder, fn_constructor_kwargs={"config": recorder_config}, batch_size=config.batch_size,
-        batch_format="numpy", concurrency=plan["actors"], num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"])
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"])
     if recorder_config.record_all:
         dataset = dataset.map_batches(write_maxima, fn_kwargs={"directory": run.staged("maxima")},
                                       batch_size=16, batch_format="numpy")

@@ -4,7 +4,7 @@ Layout (the contract between stages; documented in the README):
 
     RUN/manifest.json                       written LAST: its presence means the run is complete
     RUN/topk/layer=<L>/part-0.parquet       layer, unit, rank, image_key, label, act, y, x, box_x0, box_y0, box_x1, box_y1
-    RUN/units/part-0.parquet                layer, unit, count, mean, std, min, max, n_active, frac_active,
+    RUN/units/part-0.parquet                layer, unit, layer_index, count, mean, std, min, max, n_active, frac_active,
                                             p50, p90, p99, p999, dead, sketch_buckets, sketch_counts
     RUN/images/part-<n>.parquet             image_key, source, label, width, height, status, error
     RUN/maxima/layer=<L>/part-*.parquet     layer, unit, image_key, act, y, x           (--record all)
@@ -37,7 +37,8 @@ TOPK_SCHEMA = pa.schema([
     ("box_x0", pa.int32()), ("box_y0", pa.int32()), ("box_x1", pa.int32()), ("box_y1", pa.int32()),
 ])
 UNITS_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("unit", pa.int32()), ("count", pa.int64()), ("mean", pa.float64()),
+    ("layer", pa.string()), ("unit", pa.int32()), ("layer_index", pa.int32()), ("count", pa.int64()),
+    ("mean", pa.float64()),
     ("std", pa.float64()), ("min", pa.float32()), ("max", pa.float32()), ("n_active", pa.int64()),
     ("frac_active", pa.float64()), ("p50", pa.float32()), ("p90", pa.float32()), ("p99", pa.float32()),
     ("p999", pa.float32()), ("dead", pa.bool_()),
