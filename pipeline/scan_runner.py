@@ -82,13 +82,21 @@ def _plan_actors(config: ScanConfig, cluster: ClusterShape) -> dict:
     hang), and never ask for a GPU on a cluster without one (the actor would never be scheduled)."""
     if cluster.gpus > 0:
         actors = config.actors or cluster.gpus
+        if actors > cluster.gpus:
+            raise ValueError(f"--actors {actors} asks for more GPU model replicas than the cluster's "
+                             f"{cluster.gpus} GPUs")
         return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": config.threads, "device": "cuda"}
     actors = config.actors or max(1, cluster.cpus // 4)
-    if actors >= cluster.cpus:
-        raise ValueError(f"{actors} model actors would reserve all {cluster.cpus} CPUs and starve the "
-                         "decode tasks; use fewer --actors")
+    if actors < 1:
+        raise ValueError(f"--actors must be >= 1, got {actors}")
+    # Keep at least DECODE_CPUS free for the decode tasks; CPU actors share the rest (at most 1 CPU each).
+    cpus_per_actor = min(1.0, (cluster.cpus - DECODE_CPUS) / actors)
+    if cpus_per_actor < 0.1:
+        raise ValueError(f"{actors} model actors do not fit on {cluster.cpus} CPUs beside the decode tasks; "
+                         "use fewer --actors")
     threads = config.threads or max(1, cluster.cpus // actors)
-    return {"actors": actors, "num_gpus": 0, "num_cpus": 1, "threads": threads, "device": "cpu"}
+    return {"actors": actors, "num_gpus": 0, "num_cpus": round(cpus_per_actor, 3), "threads": threads,
+            "device": "cpu"}
 
 
 def _labels_for(images_dir: str, keys: set[str]) -> dict[str, str | None]:

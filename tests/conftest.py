@@ -1,0 +1,33 @@
+"""Shared fixtures: one local Ray per test session (2 CPUs, small object store, no dashboard), real photos."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS_DIR)  # tiny_models importable here and (through PYTHONPATH) in Ray workers
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray for the whole session; shut down at the end so no process is left behind."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    python_path = os.pathsep.join([TESTS_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": python_path}}, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> str:
+    """36 real photo crops (scikit-image's bundled photos), two per photo, labelled by photo."""
+    from pipeline.demo_data import make_photo_folder
+
+    return make_photo_folder(str(tmp_path_factory.mktemp("photos")), 36, seed=1)

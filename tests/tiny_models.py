@@ -1,0 +1,62 @@
+"""Small networks for tests, importable by spec ``module:tiny_models:<factory>`` (in Ray workers too)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class HandNet(nn.Module):
+    """A hand-weighted CNN whose activations are worked out by hand in test_scan_known_answers.
+
+    conv1 (3x3, pad 1, no bias): unit 0 = mean of the RED channel over the 3x3 window; unit 1 = minus that
+    (never positive on images, so dead after relu1). pool (2x2 max). conv2 (2x2, stride 2): the sum of
+    pooled unit 0 over the window. Receptive fields: relu1 3x3 stride 1 offset -1; conv2 6x6 stride 4
+    offset -1.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 2, 3, padding=1, bias=False)
+        self.relu1 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(2, 1, 2, stride=2, bias=False)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2))
+        with torch.no_grad():
+            self.conv1.weight.zero_()
+            self.conv1.weight[0, 0] = 1.0 / 9
+            self.conv1.weight[1, 0] = -1.0 / 9
+            self.conv2.weight.zero_()
+            self.conv2.weight[0, 0] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv2(self.pool(self.relu1(self.conv1(x)))))
+
+
+def hand_net() -> nn.Module:
+    return HandNet()
+
+
+class SmallNet(nn.Module):
+    """A small random CNN (fixed seed) with a residual branch, for brute-force top-k comparisons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():  # fixed weights in every process, without touching the global RNG
+            torch.manual_seed(0)
+            self._build()
+
+    def _build(self) -> None:
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.relu = nn.ReLU()
+        self.down = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.relu(x + self.block(x))
+        return self.head(self.down(x))
+
+
+def small_net() -> nn.Module:
+    return SmallNet()
