@@ -116,16 +116,20 @@ def count_images(spec: SourceSpec) -> int | None:
     return None
 
 
-def read_source(spec: SourceSpec) -> Any:
-    """A Ray Dataset of encoded images for `spec` (rows: kind-specific fields, normalised by `Decoder`)."""
+def read_source(spec: SourceSpec, num_cpus: float = 1.0) -> Any:
+    """A Ray Dataset of encoded images for `spec` (rows: kind-specific fields, normalised by `Decoder`).
+
+    `num_cpus` is what each read task reserves; the scan gives reads the same share as decoding so that
+    Ray fuses read and decode into one task that fits beside the model actors.
+    """
     import ray.data
 
     if spec.kind == "folder":
-        return ray.data.read_binary_files(list(spec.files), include_paths=True)
+        return ray.data.read_binary_files(list(spec.files), include_paths=True, num_cpus=num_cpus)
     if spec.kind == "webdataset":
         # decoder=None: keep raw bytes; Ray's default decoder would unpickle .pyd members (unsafe).
-        return ray.data.read_webdataset(list(spec.files), decoder=None)
-    return ray.data.read_parquet(list(spec.files), include_paths=True)
+        return ray.data.read_webdataset(list(spec.files), decoder=None, num_cpus=num_cpus)
+    return ray.data.read_parquet(list(spec.files), include_paths=True, num_cpus=num_cpus)
 
 
 def _as_text(value: Any) -> str | None:

