@@ -98,7 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import bench_scan
 
     bench_scan(images=args.images, image_size=args.image_size, batch_size=args.batch_size, data=args.data,
-               out=args.out)
+               out=args.out, layers=args.layers, memory=not args.no_memory)
     return 0
 
 
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'all' also writes every (image, unit) maximum to RUN/maxima")
     scan.add_argument("--batch-size", type=int, default=32)
     scan.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    scan.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else one per 4 CPUs)")
+    scan.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else one per 4 CPUs, at least 2)")
     scan.add_argument("--threads", type=int, help="torch threads per CPU model actor")
     scan.add_argument("--overwrite", action="store_true", help="replace a complete run made with other settings")
     scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -144,11 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     bench_scan_parser = bench_sub.add_parser("scan", help="scan throughput vs the bare forward pass; memory at N and 4N")
-    bench_scan_parser.add_argument("--images", type=int, default=512)
+    bench_scan_parser.add_argument("--images", type=int, default=1000, help="N (the memory run uses 4N)")
     bench_scan_parser.add_argument("--image-size", type=int, default=128)
     bench_scan_parser.add_argument("--batch-size", type=int, default=32)
-    bench_scan_parser.add_argument("--data", help="image folder to use (default: photos generated from skimage)")
+    bench_scan_parser.add_argument("--data", help="image folder with at least 4 x --images images "
+                                                  "(default: crops of scikit-image's bundled photos)")
     bench_scan_parser.add_argument("--out", default="runs/bench")
+    bench_scan_parser.add_argument("--layers", default="features.3,features.7,features.14")
+    bench_scan_parser.add_argument("--no-memory", action="store_true", help="skip the 4N memory run")
     bench_scan_parser.set_defaults(func=cmd_bench)
     return parser
 

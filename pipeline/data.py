@@ -212,3 +212,9 @@ class Decoder:
             "error": np.array(errors, dtype=object),
             "pixels": pixels,
         }
+
+
+def decode_batch(batch: dict[str, np.ndarray], decoder: Decoder) -> dict[str, np.ndarray]:
+    """Ray Data task function around a Decoder. Lives here so decode workers import only this light
+    module (PIL, numpy), not torch."""
+    return decoder(batch)

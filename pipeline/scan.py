@@ -14,6 +14,7 @@ the driver's memory is bounded by units x k whatever the data set's size.
 from __future__ import annotations
 
 import pickle
+import resource
 import uuid
 from dataclasses import dataclass
 
@@ -53,6 +54,11 @@ def layer_maxima(activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return values, torch.div(index, width, rounding_mode="floor"), index % width
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 class Recorder:
     """Ray Data actor UDF: a batch of decoded images -> one row holding the batch's partial reduction.
 
@@ -83,7 +89,7 @@ class Recorder:
         keys = [str(k) for k in np.asarray(batch["image_key"])[ok].tolist()]
         images = {name: _texts(batch[name]) for name in ("image_key", "source", "label", "status", "error")}
         images |= {name: np.asarray(batch[name]).astype(np.int32).tolist() for name in ("width", "height")}
-        partial: dict = {"n": int(ok.sum()), "images": images, "layers": {}}
+        partial: dict = {"n": int(ok.sum()), "images": images, "layers": {}, "peak_rss_mb": 0.0}
         maxima: dict = {}
         if ok.any():
             outputs = self._forward(batch["pixels"][ok])
@@ -102,6 +108,7 @@ class Recorder:
                                             "sketch": sketch.state_dict()}
                 if self.config.record_all:
                     maxima[layer] = (keys, values.cpu().numpy(), y.int().cpu().numpy(), x.int().cpu().numpy())
+        partial["peak_rss_mb"] = peak_rss_mb()
         out = {"partial": np.array([pickle.dumps(partial, protocol=5)], dtype=object)}
         if self.config.record_all:
             out["maxima"] = np.array([pickle.dumps(maxima, protocol=5)], dtype=object)
@@ -150,9 +157,11 @@ class ScanReducer:
         self.moments = {name: RunningMoments(units) for name, units in layer_units.items()}
         self.sketch = {name: QuantileSketch(units) for name, units in layer_units.items()}
         self.images_ok = 0
+        self.peak_worker_rss_mb = 0.0
 
     def merge(self, partial: dict) -> None:
         self.images_ok += partial["n"]
+        self.peak_worker_rss_mb = max(self.peak_worker_rss_mb, partial.get("peak_rss_mb", 0.0))
         for name, state in partial["layers"].items():
             self.topk[name].merge(TopK.from_state_dict(state["topk"]))
             self.moments[name].merge(RunningMoments.from_state_dict(state["moments"]))

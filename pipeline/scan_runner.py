@@ -15,12 +15,14 @@ import pyarrow.dataset as pads
 import pyarrow.compute as pc
 
 from pipeline import __version__
-from pipeline.data import DataError, Decoder, SourceSpec, count_images, read_source, resolve_source
+from pipeline.data import (DataError, Decoder, SourceSpec, count_images, decode_batch, read_source,
+                           resolve_source)
 from pipeline.models import LoadedModel, ModelConfig, load_model, resolve_layers
 from pipeline.preprocess import Preprocess
 from pipeline.ray_session import ClusterShape, ray_session
 from pipeline.receptive_field import receptive_fields
-from pipeline.scan import Recorder, RecorderConfig, ScanReducer, write_layer_tables, write_maxima
+from pipeline.scan import (Recorder, RecorderConfig, ScanReducer, peak_rss_mb, write_layer_tables,
+                           write_maxima)
 from pipeline.store import IMAGES_SCHEMA, RollingParquetWriter, RunDirectory, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class ScanConfig:
     record: str = "topk"  # 'topk' | 'all'
     batch_size: int = 32
     address: str | None = None
-    actors: int | None = None  # model replicas; None: one per GPU, else one per 4 CPUs (at least 1)
+    actors: int | None = None  # model replicas; None: one per GPU, else one per 4 CPUs (at least 2)
     threads: int | None = None  # torch threads per CPU actor; None: the node's CPUs / actors
     num_cpus: int | None = None  # CPUs of a local Ray started on demand
     overwrite: bool = False
@@ -86,7 +88,9 @@ def _plan_actors(config: ScanConfig, cluster: ClusterShape) -> dict:
             raise ValueError(f"--actors {actors} asks for more GPU model replicas than the cluster's "
                              f"{cluster.gpus} GPUs")
         return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": config.threads, "device": "cuda"}
-    actors = config.actors or max(1, cluster.cpus // 4)
+    # Two or more actors even on a small node: one torch thread per core in separate processes measured
+    # faster than one actor with several threads (README, benchmarks); about 4 threads each on larger nodes.
+    actors = config.actors or (max(2, cluster.cpus // 4) if cluster.cpus >= 2 else 1)
     if actors < 1:
         raise ValueError(f"--actors must be >= 1, got {actors}")
     # Keep at least DECODE_CPUS free for the decode tasks; CPU actors share the rest (at most 1 CPU each).
@@ -142,7 +146,7 @@ def run_scan(config: ScanConfig) -> dict:
         recorder_config = RecorderConfig(model=config.model, layers=tuple(layers), k=config.k,
                                          record_all=config.record == "all", device=plan["device"],
                                          threads=plan["threads"])
-        reducer, images_ok, images_total = _execute(config, source, loaded.preprocess, recorder_config,
+        reducer, images_ok, images_total, timing = _execute(config, source, loaded.preprocess, recorder_config,
                                                     plan, run, {i.name: i.shape[0] for i in layer_infos}, total)
     if images_ok == 0:
         raise DataError(f"none of the {images_total} images in {config.data} could be decoded; see "
@@ -172,7 +176,14 @@ def run_scan(config: ScanConfig) -> dict:
         "counts": {"images": images_total, "images_ok": images_ok, "images_error": images_total - images_ok,
                    "layers": len(layers), "units": units_total, "dead_units": dead},
         "timings": {"seconds": round(finished - started, 3), "ray_start_seconds": round(ray_ready - started, 3),
-                    "images_per_second": round(images_total / max(finished - ray_ready, 1e-9), 2)},
+                    "images_per_second": round(images_total / max(finished - ray_ready, 1e-9), 2),
+                    "first_batch_seconds": round(timing["first_batch"] - ray_ready, 3),
+                    # After the first batch: the pipeline's rate once actors are up and the model loaded.
+                    "steady_images_per_second": round(
+                        (images_total - timing["first_batch_images"])
+                        / max(timing["last_batch"] - timing["first_batch"], 1e-9), 2)},
+        "memory": {"peak_worker_rss_mb": round(reducer.peak_worker_rss_mb, 1),
+                   "peak_driver_rss_mb": round(peak_rss_mb(), 1)},
         "execution": {"address": config.address or "local", "cluster_cpus": cluster.cpus,
                       "cluster_gpus": cluster.gpus} | plan,
         "versions": _versions(),
@@ -198,7 +209,7 @@ def _execute(config: ScanConfig, source: SourceSpec, preprocess: Preprocess, rec
     # and resources unlike the actors' keep Ray from fusing decoding into the model actor, so it overlaps
     # the forward pass instead of running before it.
     dataset = read_source(source, num_cpus=DECODE_CPUS).map_batches(
-        _decode, fn_kwargs={"decoder": decoder}, batch_size=config.batch_size, batch_format="numpy",
+        decode_batch, fn_kwargs={"decoder": decoder}, batch_size=config.batch_size, batch_format="numpy",
         num_cpus=DECODE_CPUS)
     dataset = dataset.map_batches(
         Recorder, fn_constructor_kwargs={"config": recorder_config}, batch_size=config.batch_size,
@@ -210,6 +221,7 @@ def _execute(config: ScanConfig, source: SourceSpec, preprocess: Preprocess, rec
     reducer = ScanReducer(layer_units, config.k)
     images = RollingParquetWriter(run.staged("images"), IMAGES_SCHEMA)
     images_total = 0
+    timing: dict = {}
     bar = tqdm(total=total, unit="img", desc="scan", disable=not config.progress, smoothing=0.1)
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -220,11 +232,11 @@ def _execute(config: ScanConfig, source: SourceSpec, preprocess: Preprocess, rec
                 count = len(partial["images"]["image_key"])
                 images_total += count
                 bar.update(count)
+                timing["last_batch"] = time.time()
+                if "first_batch" not in timing:
+                    timing["first_batch"], timing["first_batch_images"] = timing["last_batch"], count
     finally:
         bar.close()
         images.close()
-    return reducer, reducer.images_ok, images_total
+    return reducer, reducer.images_ok, images_total, timing
 
-
-def _decode(batch: dict, decoder: Decoder) -> dict:
-    return decoder(batch)
