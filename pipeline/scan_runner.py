@@ -28,7 +28,10 @@ from pipeline.store import IMAGES_SCHEMA, RollingParquetWriter, RunDirectory, re
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DECODE_CPUS = 0.5
+DECODE_CPUS = 0.25
+# CPUs the model actors leave free for reading, decoding and Ray Data's own tasks (some ask for a whole CPU,
+# e.g. the Parquet reader's planning: with less free, a run over Parquet never starts).
+FREE_CPUS = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,8 @@ def _plan_actors(config: ScanConfig, cluster: ClusterShape) -> dict:
     actors = config.actors or (max(2, cluster.cpus // 4) if cluster.cpus >= 2 else 1)
     if actors < 1:
         raise ValueError(f"--actors must be >= 1, got {actors}")
-    # Keep at least DECODE_CPUS free for the decode tasks; CPU actors share the rest (at most 1 CPU each).
-    cpus_per_actor = min(1.0, (cluster.cpus - DECODE_CPUS) / actors)
+    # Keep FREE_CPUS for reading and decoding; CPU actors share the rest (at most 1 CPU each).
+    cpus_per_actor = min(1.0, (cluster.cpus - min(FREE_CPUS, cluster.cpus / 2)) / actors)
     if cpus_per_actor < 0.1:
         raise ValueError(f"{actors} model actors do not fit on {cluster.cpus} CPUs beside the decode tasks; "
                          "use fewer --actors")
@@ -204,7 +207,7 @@ def _execute(config: ScanConfig, source: SourceSpec, preprocess: Preprocess, rec
     context.enable_progress_bars = False  # one bar of our own, with images/s and time left
     context.print_on_execution_start = False
     decoder = Decoder(source, preprocess)
-    # Reading and decoding (fused into one task) ask for half a CPU: light work that must always find room
+    # Reading and decoding (fused into one task) ask for a quarter CPU: light work that must always find room
     # beside the model actors (a read task that waits for a whole CPU the actors hold would hang the run),
     # and resources unlike the actors' keep Ray from fusing decoding into the model actor, so it overlaps
     # the forward pass instead of running before it.
