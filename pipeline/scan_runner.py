@@ -32,6 +32,7 @@ DECODE_CPUS = 0.25
 # CPUs the model actors leave free for reading, decoding and Ray Data's own tasks (some ask for a whole CPU,
 # e.g. the Parquet reader's planning: with less free, a run over Parquet never starts).
 FREE_CPUS = 1.0
+MAXIMA_IMAGES_PER_FILE = 512
 
 
 @dataclass(frozen=True)
@@ -219,8 +220,11 @@ def _execute(config: ScanConfig, source: SourceSpec, preprocess: Preprocess, rec
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
         num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"])
     if recorder_config.record_all:
+        # About MAXIMA_IMAGES_PER_FILE images per file: big enough to avoid a flood of tiny files, small
+        # enough that results (and the progress bar) keep flowing.
         dataset = dataset.map_batches(write_maxima, fn_kwargs={"directory": run.staged("maxima")},
-                                      batch_size=16, batch_format="numpy")
+                                      batch_size=max(1, MAXIMA_IMAGES_PER_FILE // config.batch_size),
+                                      batch_format="numpy", num_cpus=DECODE_CPUS)
     reducer = ScanReducer(layer_units, config.k)
     images = RollingParquetWriter(run.staged("images"), IMAGES_SCHEMA)
     images_total = 0
