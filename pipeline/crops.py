@@ -1,0 +1,65 @@
+"""Top-k crops and heat overlays in ORIGINAL image pixels, and turning reconstructions into images.
+
+A crop is the original image cut at the box the scan recorded (`box_x0, box_y0, box_x1, box_y1`,
+half-open). A heat overlay lays the unit's feature map over that crop: the map (h, w) is upsampled to the
+network input (S x S), placed where the centre crop took the input from the resized image, resized to the
+original image's size, then cut at the same box, so both images show the same pixels.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.preprocess import Preprocess
+
+
+def open_rgb(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def crop_box(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """`image` cut at the half-open box (x0, y0, x1, y1) in its own pixels."""
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height):
+        raise ValueError(f"box {box} is empty or outside a {image.width}x{image.height} image")
+    return image.crop((x0, y0, x1, y1))
+
+
+def heat_in_original(feature_map: torch.Tensor, preprocess: Preprocess, width: int, height: int) -> np.ndarray:
+    """A unit's (h, w) map as an (height, width) array over the ORIGINAL image, scaled to [0, 1].
+
+    Pixels the centre crop cut away (never seen by the network) are 0.
+    """
+    size = preprocess.image_size
+    heat = F.interpolate(feature_map[None, None].float(), size=(size, size), mode="bilinear",
+                         align_corners=False)[0, 0].clamp(min=0)
+    peak = float(heat.max())
+    heat = heat / peak if peak > 0 else heat
+    new_w, new_h = preprocess.resized_size(width, height)
+    left, top = preprocess.crop_origin(new_w, new_h)
+    canvas = torch.zeros(new_h, new_w)
+    canvas[top:top + size, left:left + size] = heat
+    original = F.interpolate(canvas[None, None], size=(height, width), mode="bilinear", align_corners=False)
+    return original[0, 0].clamp(0, 1).numpy()
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Blend a [0, 1] heat map (same size as `image`) over it in a red-yellow ramp."""
+    rgb = np.asarray(image, dtype=np.float32) / 255.0
+    ramp = np.stack([np.clip(heat * 2, 0, 1), np.clip(heat * 2 - 1, 0, 1), np.zeros_like(heat)], axis=-1)
+    weight = alpha * heat[..., None]
+    blended = rgb * (1 - weight) + ramp * weight
+    return Image.fromarray((blended * 255).round().astype(np.uint8))
+
+
+def reconstruction_image(signal: torch.Tensor) -> Image.Image:
+    """A (3, H, W) deconvnet reconstruction as an image: centred on grey, scaled by its largest magnitude
+    (the paper's display convention: sign and relative strength kept, absolute scale not)."""
+    scale = float(signal.abs().max())
+    pixels = 0.5 + 0.5 * (signal / scale if scale > 0 else signal)
+    return Image.fromarray((pixels.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

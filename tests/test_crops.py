@@ -1,0 +1,57 @@
+"""Crops equal the original image cut at the recorded box; overlays line up with them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import png_bytes, square_image, write_png
+from pipeline.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
+from pipeline.data import SourceSpec
+from pipeline.fetch import fetch_images
+from pipeline.preprocess import Preprocess
+
+
+def test_crop_is_the_original_cut_at_the_box():
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 255, (50, 70, 3)).astype(np.uint8)
+    crop = crop_box(open_rgb(png_bytes(original)), (10, 5, 42, 30))
+    np.testing.assert_array_equal(np.asarray(crop), original[5:30, 10:42])
+    with pytest.raises(ValueError, match="outside"):
+        crop_box(open_rgb(png_bytes(original)), (10, 5, 71, 30))
+
+
+def test_heat_map_lands_on_the_pixels_the_unit_saw(tmp_path):
+    """A 40x32 (wide) original: the network sees the centre 32x32 (columns 4..35). A map that is hot only
+    in its top-left cell must heat the original's top-left of that region and nothing the crop removed."""
+    pp = Preprocess(image_size=32, resize=32)
+    fmap = torch.zeros(4, 4)
+    fmap[0, 0] = 1.0
+    heat = heat_in_original(fmap, pp, width=40, height=32)
+    assert heat.shape == (32, 40)
+    assert heat[:, :4].max() == 0 and heat[:, 36:].max() == 0  # cropped away: never seen
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    assert y < 8 and 4 <= x < 12  # the first of 4x4 cells, shifted by the crop origin
+    assert heat.max() == pytest.approx(1.0, abs=0.05)
+    blended = overlay(open_rgb(png_bytes(np.zeros((32, 40, 3)))), heat)
+    assert np.asarray(blended)[y, x, 0] > 0 and np.asarray(blended)[0, 0].max() == 0
+
+
+def test_scanned_box_crop_from_fetched_bytes(tmp_path):
+    """End of the chain without Ray: decode -> a box in input pixels -> original box -> crop of fetched bytes."""
+    root = tmp_path / "f"
+    path = write_png(str(root / "sq.png"), square_image(64, 64, 16, 24, 8))
+    pp = Preprocess(image_size=32, resize=32)
+    spec = SourceSpec("folder", str(root), (path,))
+    box = pp.to_original_box(np.array([12, 8, 16, 12]), 64, 64)  # input box of the square
+    assert box.tolist() == [24, 16, 32, 24]
+    data = fetch_images(spec, {"sq.png": ""})["sq.png"]
+    crop = np.asarray(crop_box(open_rgb(data), tuple(box.tolist())))
+    assert crop.shape == (8, 8, 3) and crop.min() == 255  # exactly the white square
+
+
+def test_reconstruction_image_keeps_sign_around_grey():
+    signal = torch.zeros(3, 4, 4)
+    signal[0, 0, 0], signal[1, 1, 1] = 2.0, -1.0
+    pixels = np.asarray(reconstruction_image(signal))
+    assert pixels[0, 0, 0] == 255 and pixels[1, 1, 1] == round(255 * 0.25) and pixels[3, 3, 2] == 128
