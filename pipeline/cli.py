@@ -80,6 +80,15 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    from pipeline.render import parse_units, render_dataset_views
+
+    layers = [name.strip() for name in args.layers.split(",")] if args.layers else None
+    index = render_dataset_views(args.run, layers=layers, units=parse_units(args.units), progress=not args.quiet)
+    print(f"atlas: {index.num_rows} images listed in {args.run}/atlas/index.parquet")
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from pipeline.query import format_result, run_query
 
@@ -128,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--overwrite", action="store_true", help="replace a complete run made with other settings")
     scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     scan.set_defaults(func=cmd_scan)
+
+    render = sub.add_parser("render", help="per-unit top-k crops, heat overlays and deconvnet reconstructions "
+                                           "(feature visualizations: not yet)")
+    render.add_argument("run")
+    render.add_argument("--layers", help="comma-separated recorded layers (default: all recorded)")
+    render.add_argument("--units", help="units like 0-7,12 (default: all live units)")
+    render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    render.set_defaults(func=cmd_render)
 
     query = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima)")
     query.add_argument("run")

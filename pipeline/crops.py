@@ -58,8 +58,10 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.I
 
 
 def reconstruction_image(signal: torch.Tensor) -> Image.Image:
-    """A (3, H, W) deconvnet reconstruction as an image: centred on grey, scaled by its largest magnitude
-    (the paper's display convention: sign and relative strength kept, absolute scale not)."""
-    scale = float(signal.abs().max())
+    """A (3, H, W) deconvnet reconstruction as an image: centred on grey, scaled so the 99.5th percentile of
+    its non-zero magnitudes reaches black/white (sign and relative strength kept, absolute scale not; a
+    few extreme pixels would otherwise leave the rest invisible)."""
+    magnitudes = signal.abs()[signal != 0]
+    scale = float(torch.quantile(magnitudes.double(), 0.995)) if magnitudes.numel() else 0.0
     pixels = 0.5 + 0.5 * (signal / scale if scale > 0 else signal)
     return Image.fromarray((pixels.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
