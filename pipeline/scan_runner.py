@@ -8,7 +8,7 @@ import os
 import pickle
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow.dataset as pads
