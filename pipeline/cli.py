@@ -81,11 +81,23 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from pipeline.render import parse_units, render_dataset_views
+    from collections import Counter
 
-    layers = [name.strip() for name in args.layers.split(",")] if args.layers else None
-    index = render_dataset_views(args.run, layers=layers, units=parse_units(args.units), progress=not args.quiet)
-    print(f"atlas: {index.num_rows} images listed in {args.run}/atlas/index.parquet")
+    from pipeline.render import RenderOptions, parse_units, render_run
+    from pipeline.render_worker import VisSettings
+
+    layers = tuple(name.strip() for name in args.layers.split(",")) if args.layers else None
+    units, classes = parse_units(args.units), parse_units(args.classes)
+    index = render_run(args.run, RenderOptions(
+        layers=layers, units=frozenset(units) if units is not None else None,
+        classes=frozenset(classes) if classes is not None else None,
+        vis=VisSettings(preset=args.preset, steps=args.steps, size=args.size, seed=args.seed,
+                        objective=args.objective),
+        featvis=not args.no_featvis, views=not args.no_views, units_per_task=args.units_per_task,
+        address=args.address, actors=args.actors, progress=not args.quiet))
+    kinds = Counter(index.column("kind").to_pylist())
+    print(f"atlas: {index.num_rows} images listed in {args.run}/atlas/index.parquet "
+          f"({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items())) or 'none'})")
     return 0
 
 
@@ -138,11 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     scan.set_defaults(func=cmd_scan)
 
-    render = sub.add_parser("render", help="per-unit top-k crops, heat overlays and deconvnet reconstructions "
-                                           "(feature visualizations: not yet)")
+    render = sub.add_parser("render", help="per-unit top-k crops, heat overlays, deconvnet reconstructions, "
+                                           "feature visualizations; class visualizations of the output layer")
     render.add_argument("run")
     render.add_argument("--layers", help="comma-separated recorded layers (default: all recorded)")
     render.add_argument("--units", help="units like 0-7,12 (default: all live units)")
+    render.add_argument("--classes", default="all", help="output-layer classes to visualize: all (default), "
+                                                         "none, or numbers like 0-9,207")
+    render.add_argument("--preset", default="lucid", choices=("lucid", "yosinski"),
+                        help="feature-visualization regularizers (default lucid)")
+    render.add_argument("--steps", type=int, help="gradient-ascent steps (default: the preset's, 128)")
+    render.add_argument("--size", type=int, default=128, help="visualization size in pixels (default 128)")
+    render.add_argument("--seed", type=int, default=0)
+    render.add_argument("--objective", choices=("channel", "neuron"), default="channel",
+                        help="maximise the unit's mean over its map (default) or its centre neuron")
+    render.add_argument("--no-featvis", action="store_true", help="skip feature and class visualizations")
+    render.add_argument("--no-views", action="store_true", help="skip crops, overlays and deconvnet images")
+    render.add_argument("--units-per-task", type=int, default=16, help="units per batched task (default 16)")
+    render.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    render.add_argument("--actors", type=int, help="render actors (default: one per GPU, else one per 8 CPUs)")
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     render.set_defaults(func=cmd_render)
 

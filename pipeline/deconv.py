@@ -124,9 +124,10 @@ class Deconvnet:
         self.graph_module.eval()
 
     def forward_layer(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The layer's activation (N, C, h, w) for `inputs` (no graph kept)."""
+        """The layer's activation (N, C, h, w) for `inputs` (no graph kept); a vector layer as (N, C, 1, 1)."""
         with torch.no_grad():
-            return self.graph_module(inputs)["out"]
+            out = self.graph_module(inputs)["out"]
+        return out[:, :, None, None] if out.ndim == 2 else out
 
     def attribute(self, inputs: torch.Tensor, units: torch.Tensor | list[int],
                   positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,9 +137,16 @@ class Deconvnet:
         (N, 2) long (y, x) in the layer's map, default the unit's argmax (first in row-major order on ties).
         Returns (N, C_in, H, W) reconstructions in input (normalised) space.
         """
+        return self.project(inputs, units, positions)[0]
+
+    def project(self, inputs: torch.Tensor, units: torch.Tensor | list[int],
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `attribute`, also returning each unit's map (N, h, w) from the same forward pass."""
         x = inputs.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             out = self.graph_module(x)["out"]
+            if out.ndim == 2:  # a vector layer (the logits): C units with 1x1 maps, as the scan records it
+                out = out[:, :, None, None]
             if out.ndim != 4:
                 raise ValueError(f"layer {self.layer!r} output has shape {tuple(out.shape)}, not (N, C, h, w)")
             n, _, _, width = out.shape
@@ -154,7 +162,7 @@ class Deconvnet:
             seed = torch.zeros_like(out)
             seed[rows, units, ys, xs] = maps[rows, ys, xs]
             (grad,) = torch.autograd.grad(out, x, grad_outputs=seed)
-        return grad.detach()
+        return grad.detach(), maps
 
 
 def _copy_tree(module: nn.Module) -> nn.Module:

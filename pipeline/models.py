@@ -93,7 +93,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
-        raise ModelError(f"cannot read weights {path} as a state dict (loaded with weights_only=True): {error}")
+        raise ModelError(f"cannot read weights {path} as a state dict (loaded with weights_only=True): {error}") from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -128,7 +128,7 @@ def _factory_model(spec: str) -> nn.Module:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
-        raise ModelError(f"cannot import {attr!r} from {module_name!r}: {error}")
+        raise ModelError(f"cannot import {attr!r} from {module_name!r}: {error}") from error
     model = factory()
     if not isinstance(model, nn.Module):
         raise ModelError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
@@ -194,7 +194,7 @@ def _torchscript_model(path: str) -> nn.Module:
     try:
         return torch.jit.load(path, map_location="cpu")
     except Exception as error:  # noqa: BLE001
-        raise ModelError(f"{path} is not a loadable TorchScript file: {error}")
+        raise ModelError(f"{path} is not a loadable TorchScript file: {error}") from error
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -207,11 +207,15 @@ _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LocalResponseNorm)
 class LayerInfo:
     name: str
     type: str
-    shape: tuple[int, int, int]  # (C, H, W) for one image
+    shape: tuple[int, int, int]  # (C, H, W) for one image; (C, 1, 1) for a vector output such as the logits
 
 
 def layer_shapes(model: nn.Module, image_size: int) -> list[LayerInfo]:
-    """Every module whose output is a 4-D (N, C, H, W) tensor, in execution order, with its output shape."""
+    """Every module whose output is (N, C, H, W) or (N, C), in execution order, with its output shape.
+
+    A vector output (the logits, a pooled feature) is listed as C units with 1x1 maps, so the scan records
+    it like any layer (top-k images per class for the output layer).
+    """
     if isinstance(model, torch.jit.ScriptModule):
         raise ModelError("TorchScript models cannot expose inner layers (PyTorch does not run hooks on "
                          "ScriptModules); export the model with torch.export or give its Python factory")
@@ -221,9 +225,10 @@ def layer_shapes(model: nn.Module, image_size: int) -> list[LayerInfo]:
         if not name:
             continue
 
-        def hook(_module, _inputs, output, name=name, kind=type(module).__name__):
-            if isinstance(output, torch.Tensor) and output.ndim == 4 and name not in shapes:
-                shapes[name] = LayerInfo(name, kind, tuple(int(s) for s in output.shape[1:]))
+        def hook(_module, _inputs, output, name=name, kind=type(module).__name__):  # noqa: B008 - bound per module
+            if isinstance(output, torch.Tensor) and output.ndim in (2, 4) and name not in shapes:
+                shape = tuple(int(s) for s in output.shape[1:])
+                shapes[name] = LayerInfo(name, kind, shape if len(shape) == 3 else (shape[0], 1, 1))
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.inference_mode():
@@ -232,6 +237,26 @@ def layer_shapes(model: nn.Module, image_size: int) -> list[LayerInfo]:
         for handle in handles:
             handle.remove()
     return list(shapes.values())
+
+
+def output_layer(model: nn.Module) -> str | None:
+    """The module whose output is the model's output (the logits of a classifier), or None.
+
+    Found by torch.fx: the module called last before the graph's output. When the model cannot be traced
+    or its output is computed by a function, the last nn.Linear by registration order, else None.
+    """
+    from torch import fx
+
+    try:
+        graph = fx.symbolic_trace(model).graph
+        output = next(node for node in graph.nodes if node.op == "output")
+        source = output.args[0]
+        if isinstance(source, fx.Node) and source.op == "call_module":
+            return str(source.target)
+    except Exception:  # noqa: BLE001 - fx raises many types on dynamic control flow
+        pass
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return linears[-1] if linears else None
 
 
 def _contains_conv(module: nn.Module) -> bool:
@@ -282,15 +307,15 @@ def conv_block_outputs(model: nn.Module, candidates: list[str]) -> list[str]:
 
 
 def resolve_layers(model: nn.Module, image_size: int, requested: str | list[str]) -> list[LayerInfo]:
-    """Validate a layer selection ('all', a comma list or a list) against the model's 4-D module outputs."""
+    """Validate a layer selection (a comma list or a list; 'all' in it means every conv-block output)."""
     infos = layer_shapes(model, image_size)
     by_name = {info.name: info for info in infos}
     if isinstance(requested, str):
         requested = [part.strip() for part in requested.split(",") if part.strip()]
-    if requested == ["all"]:
-        names = conv_block_outputs(model, list(by_name))
-    else:
-        names = list(dict.fromkeys(requested))
+    names = []
+    for name in requested:
+        names.extend(conv_block_outputs(model, list(by_name)) if name == "all" else [name])
+    names = list(dict.fromkeys(names))
     unknown = [name for name in names if name not in by_name]
     if unknown or not names:
         raise ModelError(f"unknown layer(s) {', '.join(unknown) or '(none given)'}; valid layers: "

@@ -1,155 +1,307 @@
-"""`atlas render` (first part): per-unit dataset views from a complete scan.
+"""`atlas render`: every live unit's atlas images from a complete scan, rendered on Ray.
 
-For every live unit of the chosen layers and each of its top-k images: the crop at the recorded box, a heat
-overlay of the unit's map on that crop, and the Zeiler-Fergus deconvnet reconstruction (full input size and
-cut at the receptive field). Written under ``RUN/atlas/layer=<L>/unit=<u>/`` with ``RUN/atlas/index.parquet``.
+Per unit of the chosen layers: for each top-k image the crop at the recorded box, a heat overlay of the
+unit's map, and the Zeiler-Fergus deconvnet reconstruction (full size and cut at the receptive field); and a
+feature visualization by gradient ascent (``featvis``). For the model's output layer (the logits): a class
+model visualization per class (``classvis``). Dead units are listed in RUN/units, not rendered.
 
-Not yet here (issue 3 continues): gradient-ascent feature visualizations, class visualizations, and
-distribution of the work over Ray actors; this runs in the calling process.
-
-Resumable: an image file is written to a temporary name and renamed, so a file that exists is complete, and
-a re-run renders only what is missing. The index is rewritten from the files present at the end.
+Work is split by (layer, chunk of units) over a pool of Ray actors (``UnitRenderer``; one GPU each where
+present); the images needed for crops are read in the driver, once per layer, in one pass over the shards
+that hold them. Workers return PNG bytes; the driver writes each file to a temporary name and renames it,
+so a file that exists is complete and a re-run renders only what is missing (a visualization whose recorded
+settings differ from the requested ones is redone). ``atlas/index.parquet`` is rebuilt from the files
+present at the end, and ``atlas/render.json`` records the resolved settings.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image
 
-from pipeline.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
 from pipeline.data import resolve_source
-from pipeline.deconv import Deconvnet
 from pipeline.fetch import fetch_images
-from pipeline.models import ModelConfig, load_model
-from pipeline.preprocess import decode_image
-from pipeline.receptive_field import ReceptiveField
-from pipeline.store import RunError, connect, layer_dir, read_manifest, write_table
+from pipeline.models import ModelConfig, load_model, output_layer
+from pipeline.render_worker import (ATLAS, DATASET_KINDS, RenderConfig, RenderResult, RenderTask, UnitRenderer,
+                                    View, VisSettings, unit_file)
+from pipeline.store import RunError, connect, read_manifest, write_table
 
 logger = logging.getLogger(__name__)
 
-ATLAS = "atlas"
 INDEX_SCHEMA = pa.schema([
     ("layer", pa.string()), ("unit", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()),
     ("image_key", pa.string()), ("path", pa.string()), ("act", pa.float32()),
     ("featvis_act", pa.float32()), ("top1_act", pa.float32()),
 ])
-DATASET_KINDS = ("crop", "overlay", "deconv", "deconv_crop")
 
 
 def parse_units(text: str | None) -> set[int] | None:
-    """'0-7,12' -> {0..7, 12}; None -> None (all units)."""
-    if not text:
+    """'0-7,12' -> {0..7, 12}; None or 'all' -> None (all units); 'none' -> empty set."""
+    if not text or text.strip() == "all":
         return None
+    if text.strip() == "none":
+        return set()
     units: set[int] = set()
     for part in text.split(","):
         first, _, last = part.strip().partition("-")
         if not first.isdigit() or (last and not last.isdigit()):
-            raise ValueError(f"--units expects numbers and ranges like 0-7,12; got {part!r}")
+            raise ValueError(f"expected unit numbers and ranges like 0-7,12 (or all, none); got {part!r}")
         units.update(range(int(first), int(last or first) + 1))
     return units
 
 
-def _save_png(image: Image.Image, path: str) -> None:
+@dataclass(frozen=True)
+class RenderOptions:
+    layers: tuple[str, ...] | None = None   # None: every recorded layer
+    units: frozenset[int] | None = None     # None: every live unit
+    classes: frozenset[int] | None = None   # output-layer classes to visualize; None: all; empty: none
+    vis: VisSettings = VisSettings()
+    featvis: bool = True
+    views: bool = True
+    units_per_task: int = 16
+    address: str | None = None
+    actors: int | None = None
+    progress: bool = True
+
+
+def _save(path: str, data: bytes) -> None:
     """Write atomically: a file that exists is complete."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        image.save(tmp, format="PNG")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
-def render_dataset_views(run_dir: str, layers: list[str] | None = None, units: set[int] | None = None,
-                         batch_size: int = 16, progress: bool = True) -> pa.Table:
-    """Render crops, overlays and deconvnet reconstructions for live units; returns the atlas index."""
-    from tqdm import tqdm
+def _vis_text(path: str) -> dict[str, str] | None:
+    """The settings and activation a finished visualization PNG records (None if absent or unreadable)."""
+    try:
+        with Image.open(path) as image:
+            return dict(image.text)
+    except (OSError, ValueError):
+        return None
 
+
+def _vis_done(path: str, wanted: dict[str, str]) -> bool:
+    text = _vis_text(path)
+    return text is not None and all(text.get(key) == value for key, value in wanted.items())
+
+
+def render_run(run_dir: str, options: RenderOptions = RenderOptions()) -> pa.Table:
+    """Render what is missing for the chosen layers and units of a complete scan; returns the atlas index."""
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise RunError(f"{run_dir} is not a complete scan (no manifest.json); run `atlas scan` first")
+    options.vis.validate()
+    if options.units_per_task < 1:
+        raise ValueError(f"units_per_task must be >= 1, got {options.units_per_task}")
     recorded = {info["name"]: info for info in manifest["layers"]}
-    layers = layers or list(recorded)
+    layers = list(options.layers or recorded)
     unknown = [name for name in layers if name not in recorded]
     if unknown:
         raise ValueError(f"layer(s) {', '.join(unknown)} were not recorded in {run_dir}; recorded: "
                          f"{', '.join(recorded)}")
     model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
                                   for k, v in manifest["config"]["model"].items()})
-    loaded = load_model(model_config)
+    loaded = load_model(model_config)  # fails early (and on the driver) for a changed or missing model
     if manifest["model"]["weights_sha256"] not in (None, loaded.weights_sha256):
         raise RunError("the weights file changed since the scan (sha256 differs); re-run the scan")
-    pp = loaded.preprocess
-    source = resolve_source(manifest["config"]["data"])
-    con = connect(run_dir)
-    atlas_root = os.path.join(os.path.abspath(run_dir), ATLAS)
-    rows: list[dict] = []
-    for layer in layers:
-        top = con.execute(
-            "SELECT t.unit, t.rank, t.image_key, t.act, t.y, t.x, t.box_x0, t.box_y0, t.box_x1, t.box_y1, "
-            "i.source, i.width, i.height FROM topk t JOIN units u USING (layer, unit) "
-            "JOIN images i USING (image_key) WHERE t.layer = ? AND NOT u.dead ORDER BY t.unit, t.rank",
-            [layer]).fetchall()
-        top = [r for r in top if units is None or r[0] in units]
-        if not top:
-            continue
-        field = ReceptiveField(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in recorded[layer]["receptive_field"].items()})
-        images = fetch_images(source, {r[2]: r[10] for r in top})
-        deconv = Deconvnet(loaded.model, layer)
-        bar = tqdm(total=len(top), desc=f"render {layer}", unit="img", disable=not progress)
-        for start in range(0, len(top), batch_size):
-            chunk = [r for r in top[start:start + batch_size] if r[2] in images]
-            rows.extend(_render_chunk(chunk, images, deconv, field, pp, layer, atlas_root))
-            bar.update(len(top[start:start + batch_size]))
-        bar.close()
-    index_path = os.path.join(atlas_root, "index.parquet")
-    index = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    if os.path.isfile(index_path):  # keep what earlier renders of other layers/units listed
-        import pyarrow.parquet as pq
+    logits = output_layer(loaded.model)
+    n_classes = getattr(loaded.model.get_submodule(logits), "out_features", None) if logits else None
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(os.path.join(run_dir, ATLAS), exist_ok=True)
+    settings = {key: str(value) for key, value in options.vis.resolved().items()}
+    with open(os.path.join(run_dir, ATLAS, "render.json"), "w") as handle:
+        json.dump({"vis": options.vis.resolved(), "layers": layers, "output_layer": logits,
+                   "units_per_task": options.units_per_task}, handle, indent=2)
 
-        done = {(r["layer"], r["unit"]) for r in rows}
-        earlier = [r for r in pq.read_table(index_path, schema=INDEX_SCHEMA).to_pylist()
-                   if (r["layer"], r["unit"]) not in done]
-        index = pa.concat_tables([pa.Table.from_pylist(earlier, schema=INDEX_SCHEMA), index])
-    write_table(index, index_path)
+    tasks = _plan(run_dir, manifest, layers, options, logits, n_classes, settings)
+    total_units = sum(t[1] for t in tasks)
+    if tasks:
+        _execute(run_dir, manifest, model_config, tasks, total_units, options)
+    index = build_index(run_dir)
+    logger.info("atlas index: %d images", index.num_rows)
     return index
 
 
-def _render_chunk(chunk: list[tuple], images: dict[str, bytes], deconv: Deconvnet, field: ReceptiveField,
-                  pp, layer: str, atlas_root: str) -> list[dict]:
-    def path(unit: int, kind: str, rank: int) -> str:
-        return os.path.join(layer_dir(atlas_root, layer), f"unit={unit}", f"{kind}_{rank:03d}.png")
+def _plan(run_dir: str, manifest: dict, layers: list[str], options: RenderOptions, logits: str | None,
+          n_classes: int | None, settings: dict[str, str]) -> list[tuple[RenderTask, int]]:
+    """(task without image bytes, unit count) for everything missing, in layer order, chunks of units."""
+    con = connect(run_dir)
+    tasks: list[tuple[RenderTask, int]] = []
+    for layer in layers:
+        live = [u for (u,) in con.execute("SELECT unit FROM units WHERE layer = ? AND NOT dead ORDER BY unit",
+                                          [layer]).fetchall() if options.units is None or u in options.units]
+        views: dict[int, list[View]] = {}
+        if options.views:
+            rows = con.execute(
+                "SELECT t.unit, t.rank, t.image_key, t.act, t.y, t.x, t.box_x0, t.box_y0, t.box_x1, t.box_y1, "
+                "i.width, i.height FROM topk t JOIN units u USING (layer, unit) JOIN images i USING (image_key) "
+                "WHERE t.layer = ? AND NOT u.dead ORDER BY t.unit, t.rank", [layer]).fetchall()
+            for r in rows:
+                if r[0] in live and not all(os.path.isfile(os.path.join(run_dir, unit_file(layer, r[0], kind, r[1])))
+                                            for kind in DATASET_KINDS):
+                    views.setdefault(r[0], []).append(View(r[0], r[1], r[2], r[3], r[4], r[5],
+                                                           (r[6], r[7], r[8], r[9]), r[10], r[11]))
+        is_output = layer == logits
+        vis_kind = "classvis" if is_output else "featvis"
+        vis_units = []
+        if options.featvis and not is_output:
+            vis_units = [u for u in live if not _vis_done(os.path.join(run_dir, unit_file(layer, u, vis_kind)),
+                                                          settings)]
+        field = next(info["receptive_field"] for info in manifest["layers"] if info["name"] == layer)
+        todo = sorted(set(views) | set(vis_units))
+        for start in range(0, len(todo), options.units_per_task):
+            chunk = todo[start:start + options.units_per_task]
+            task = RenderTask(layer=layer, receptive_field=field, views=[v for u in chunk for v in views.get(u, [])],
+                              vis_units=[u for u in chunk if u in vis_units], vis_kind=vis_kind)
+            tasks.append((task, len(chunk)))
+    if logits is not None and n_classes and options.featvis:
+        wanted = sorted(options.classes) if options.classes is not None else list(range(n_classes))
+        bad = [c for c in wanted if not 0 <= c < n_classes]
+        if bad:
+            raise ValueError(f"class(es) {bad[:5]} out of range: the output layer {logits} has {n_classes} classes")
+        missing = [c for c in wanted
+                   if not _vis_done(os.path.join(run_dir, unit_file(logits, c, "classvis")), settings)]
+        # Class visualizations run the whole network, so they go in the same chunk size as the units.
+        for start in range(0, len(missing), options.units_per_task):
+            chunk = missing[start:start + options.units_per_task]
+            tasks.append((RenderTask(layer=logits, vis_units=chunk, vis_kind="classvis"), len(chunk)))
+    return tasks
 
-    todo = [r for r in chunk if not all(os.path.isfile(path(r[0], kind, r[1])) for kind in DATASET_KINDS)]
-    if todo:
-        pixels = np.stack([decode_image(images[r[2]], pp)[0] for r in todo])
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
-        x = (x - torch.tensor(pp.mean).view(1, 3, 1, 1)) / torch.tensor(pp.std).view(1, 3, 1, 1)
-        unit_ids = torch.tensor([r[0] for r in todo])
-        positions = torch.tensor([[r[4], r[5]] for r in todo])
-        maps = deconv.forward_layer(x)[torch.arange(len(todo)), unit_ids]
-        recon = deconv.attribute(x, unit_ids, positions)
-        size = pp.image_size
-        for i, (unit, rank, key, act, y, x_pos, bx0, by0, bx1, by1, _, width, height) in enumerate(todo):
-            original = open_rgb(images[key])
-            box = (bx0, by0, bx1, by1)
-            crop = crop_box(original, box)
-            heat = heat_in_original(maps[i], pp, width, height)[by0:by1, bx0:bx1]
-            y0, x0, y1, x1 = field.box(y, x_pos, (size, size))
-            full = reconstruction_image(recon[i])
-            _save_png(crop, path(unit, "crop", rank))
-            _save_png(overlay(crop, heat), path(unit, "overlay", rank))
-            _save_png(full, path(unit, "deconv", rank))
-            _save_png(full.crop((x0, y0, x1, y1)), path(unit, "deconv_crop", rank))
-    rel = lambda p: os.path.relpath(p, os.path.dirname(atlas_root))  # noqa: E731 - relative to RUN
-    return [{"layer": layer, "unit": r[0], "kind": kind, "rank": r[1], "image_key": r[2],
-             "path": rel(path(r[0], kind, r[1])), "act": r[3], "featvis_act": None, "top1_act": None}
-            for r in chunk for kind in DATASET_KINDS]
+
+def _plan_workers(options: RenderOptions, cpus: int, gpus: int) -> dict:
+    """One actor per GPU; on CPUs, one actor per 8 CPUs (a render step is one big batched forward/backward,
+    which torch threads well), never reserving every CPU (the driver writes the files)."""
+    if gpus:
+        actors = min(options.actors or gpus, gpus)
+        return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": None, "device": "cuda"}
+    actors = options.actors or max(1, cpus // 8)
+    return {"actors": actors, "num_gpus": 0, "num_cpus": max(0.5, (cpus - 1) / actors) if cpus > 1 else 0.5,
+            "threads": max(1, cpus // actors), "device": "cpu"}
+
+
+def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: list[tuple[RenderTask, int]],
+             total_units: int, options: RenderOptions) -> None:
+    import ray
+    from tqdm import tqdm
+
+    from pipeline.ray_session import ray_session
+
+    source = resolve_source(manifest["config"]["data"])
+    with ray_session(options.address) as cluster:
+        plan = _plan_workers(options, cluster.cpus, cluster.gpus)
+        config = RenderConfig(model=model_config, vis=options.vis, device=plan["device"], threads=plan["threads"])
+        actor_class = ray.remote(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"])(_RenderActor)
+        actors = [actor_class.remote(config) for _ in range(plan["actors"])]
+        logger.info("rendering %d units in %d tasks on %d actor(s) (%s)", total_units, len(tasks),
+                    len(actors), plan["device"])
+        bar = tqdm(total=total_units, desc="render", unit="unit", disable=not options.progress)
+        pending: dict = {}
+        idle = list(actors)
+        images_layer, images = None, {}
+        queue = list(tasks)
+        try:
+            while queue or pending:
+                while queue and idle:
+                    task, _ = queue.pop(0)
+                    if task.views:
+                        if images_layer != task.layer:  # one pass over the data per layer
+                            images_layer = task.layer
+                            wanted = [t for t, _ in [(task, 0)] + queue if t.layer == task.layer]
+                            images = _fetch_for(run_dir, source, [v for t in wanted for v in t.views])
+                        task.images = {v.image_key: images[v.image_key] for v in task.views if v.image_key in images}
+                    actor = idle.pop()
+                    pending[actor.render.remote(task)] = actor
+                done, _ = ray.wait(list(pending), num_returns=1)
+                actor = pending.pop(done[0])
+                idle.append(actor)
+                result: RenderResult = ray.get(done[0])
+                for relative, data in result.files.items():
+                    _save(os.path.join(run_dir, relative), data)
+                bar.update(result.units)
+        finally:
+            bar.close()
+            for actor in actors:
+                ray.kill(actor)
+
+
+class _RenderActor:
+    """Ray actor shell around UnitRenderer (the worker stays a plain class, testable without Ray)."""
+
+    def __init__(self, config: RenderConfig):
+        self.renderer = UnitRenderer(config)
+
+    def render(self, task: RenderTask) -> RenderResult:
+        return self.renderer(task)
+
+
+def _fetch_for(run_dir: str, source, views: list[View]) -> dict[str, bytes]:
+    keys = sorted({v.image_key for v in views})
+    con = connect(run_dir)
+    con.execute("CREATE TEMP TABLE wanted (image_key VARCHAR)")
+    con.executemany("INSERT INTO wanted VALUES (?)", [[k] for k in keys])
+    sources = dict(con.execute("SELECT i.image_key, i.source FROM images i JOIN wanted USING (image_key)").fetchall())
+    images = fetch_images(source, sources)
+    missing = len(keys) - len(images)
+    if missing:
+        logger.warning("%d top-k image(s) could not be read back from the data; their views are skipped", missing)
+    return images
+
+
+def build_index(run_dir: str) -> pa.Table:
+    """The atlas index from the files present (one row per image), for every recorded layer."""
+    run_dir = os.path.abspath(run_dir)
+    manifest = read_manifest(run_dir)
+    con = connect(run_dir)
+    top1 = {(layer, unit): mx for layer, unit, mx in con.execute("SELECT layer, unit, max FROM units").fetchall()}
+    rows: list[dict] = []
+    exists = lambda relative: os.path.isfile(os.path.join(run_dir, relative))  # noqa: E731
+    for layer, unit, rank, key, act in con.execute(
+            "SELECT layer, unit, rank, image_key, act FROM topk ORDER BY layer, unit, rank").fetchall():
+        for kind in DATASET_KINDS:
+            relative = unit_file(layer, unit, kind, rank)
+            if exists(relative):
+                rows.append({"layer": layer, "unit": unit, "kind": kind, "rank": rank, "image_key": key,
+                             "path": relative, "act": act, "featvis_act": None, "top1_act": None})
+    layer_names = [info["name"] for info in manifest["layers"]]
+    config = json.load(open(os.path.join(run_dir, ATLAS, "render.json"))) if exists(
+        os.path.join(ATLAS, "render.json")) else {}
+    if config.get("output_layer") and config["output_layer"] not in layer_names:
+        layer_names.append(config["output_layer"])
+    for layer in layer_names:
+        directory = os.path.join(run_dir, ATLAS, f"layer={layer}")
+        if not os.path.isdir(directory):
+            continue
+        for entry in sorted(os.listdir(directory)):
+            if not entry.startswith("unit=") or not entry[5:].isdigit():
+                continue
+            unit = int(entry[5:])
+            for kind in ("featvis", "classvis"):
+                relative = unit_file(layer, unit, kind)
+                if not exists(relative):
+                    continue
+                text = _vis_text(os.path.join(run_dir, relative)) or {}
+                act = float(text["act"]) if "act" in text else None
+                rows.append({"layer": layer, "unit": unit, "kind": kind, "rank": 0, "image_key": None,
+                             "path": relative, "act": act, "featvis_act": act, "top1_act": top1.get((layer, unit))})
+    index = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    write_table(index, os.path.join(run_dir, ATLAS, "index.parquet"))
+    return index
+
+
+def render_dataset_views(run_dir: str, layers: list[str] | None = None, units: set[int] | None = None,
+                         progress: bool = True) -> pa.Table:
+    """Crops, overlays and deconvnet reconstructions only (no gradient-ascent visualizations)."""
+    return render_run(run_dir, RenderOptions(layers=tuple(layers) if layers else None,
+                                             units=frozenset(units) if units is not None else None,
+                                             featvis=False, progress=progress))
+

@@ -46,9 +46,12 @@ class RecorderConfig:
 def layer_maxima(activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-image, per-unit maximum over positions and where it is.
 
-    activation: (N, C, H, W). Returns values (N, C) and argmax row y (N, C), column x (N, C); on ties the
-    first position in row-major order wins (torch.max returns the first maximal index on CPU and CUDA).
+    activation: (N, C, H, W), or (N, C) read as 1x1 maps. Returns values (N, C) and argmax row y (N, C),
+    column x (N, C); on ties the first position in row-major order wins (torch.max returns the first maximal
+    index on CPU and CUDA).
     """
+    if activation.ndim == 2:
+        activation = activation[:, :, None, None]
     n, c, _, width = activation.shape
     values, index = activation.reshape(n, c, -1).max(dim=2)
     return values, torch.div(index, width, rounding_mode="floor"), index % width
@@ -93,8 +96,8 @@ class Recorder:
         maxima: dict = {}
         if ok.any():
             outputs = self._forward(batch["pixels"][ok])
-            size = lambda name: torch.as_tensor(np.asarray(batch[name])[ok].astype(np.int32), device=self.device)
-            width, height = size("width"), size("height")
+            width, height = (torch.as_tensor(np.asarray(batch[name])[ok].astype(np.int32), device=self.device)
+                             for name in ("width", "height"))
             for layer in self.config.layers:
                 values, y, x = layer_maxima(outputs[layer].float())
                 units = values.shape[1]

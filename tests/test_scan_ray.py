@@ -41,7 +41,7 @@ def reference_maxima(folder: str) -> tuple[list[str], dict[str, np.ndarray], dic
     x = (x - torch.tensor(pp.mean).view(1, 3, 1, 1)) / torch.tensor(pp.std).view(1, 3, 1, 1)
     captured = {}
     hooks = [loaded.model.get_submodule(name).register_forward_hook(
-        (lambda name: lambda _m, _i, out: captured.setdefault(name, out))(name)) for name in LAYERS]
+        (lambda name: lambda _m, _i, out: captured.setdefault(name, out))(name)) for name in LAYERS]  # noqa: B023
     with torch.no_grad():
         loaded.model(x)
     for hook in hooks:
@@ -258,39 +258,3 @@ def test_query_cli_and_views(ray_cluster, photo_folder, tmp_path, capsys):
     manifest = read_manifest(run)
     assert manifest["layers"][0]["receptive_field"]["size"] and manifest["model"]["spec"].endswith("small_net")
     assert manifest["config"]["k"] == 2 and manifest["versions"]["torch"] == torch.__version__
-
-
-def test_render_dataset_views_crops_overlays_deconv(ray_cluster, photo_folder, tmp_path):
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    from pipeline.cli import main
-    from pipeline.render import render_dataset_views
-
-    run = str(tmp_path / "run")
-    run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="relu,down", k=3, progress=False))
-    assert main(["render", run, "--layers", "down", "--units", "0-1,5", "-q"]) == 0
-    index = pq.read_table(os.path.join(run, "atlas", "index.parquet")).to_pylist()
-    assert {(r["unit"], r["kind"]) for r in index} == {(u, k) for u in (0, 1, 5)
-                                                        for k in ("crop", "overlay", "deconv", "deconv_crop")}
-    top = {(r["unit"], r["rank"]): r for r in read_topk(run, "down")}
-    for r in index:
-        path = os.path.join(run, r["path"])
-        assert os.path.isfile(path) and not os.path.isabs(r["path"])
-        t = top[r["unit"], r["rank"]]
-        assert r["image_key"] == t["image_key"] and r["act"] == pytest.approx(t["act"])
-        if r["kind"] == "crop":  # the original image cut at the recorded box
-            original = np.asarray(Image.open(os.path.join(photo_folder, t["image_key"])).convert("RGB"))
-            expected = original[t["box_y0"]:t["box_y1"], t["box_x0"]:t["box_x1"]]
-            np.testing.assert_array_equal(np.asarray(Image.open(path)), expected)
-        if r["kind"] == "deconv":
-            assert Image.open(path).size == (32, 32)
-    # Re-running renders nothing new; another layer adds to the index without dropping the first.
-    stamp = {r["path"]: os.path.getmtime(os.path.join(run, r["path"])) for r in index}
-    render_dataset_views(run, layers=["down"], units={0, 1, 5}, progress=False)
-    assert all(os.path.getmtime(os.path.join(run, p)) == m for p, m in stamp.items())
-    render_dataset_views(run, layers=["relu"], units={0}, progress=False)
-    layers = {r["layer"] for r in pq.read_table(os.path.join(run, "atlas", "index.parquet")).to_pylist()}
-    assert layers == {"down", "relu"}
-    with pytest.raises(ValueError, match="not recorded"):
-        render_dataset_views(run, layers=["stem"], progress=False)

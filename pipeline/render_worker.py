@@ -1,0 +1,189 @@
+"""The render worker: one (layer, chunk of units) task -> the PNG files of those units, encoded in memory.
+
+A plain callable class in Ray's batch-inference style: the model, deconvnets and feature visualizers are
+built in ``__init__`` (lazily per layer) and ``__call__(task) -> result`` has no side effects, so it is
+testable without Ray; the driver writes the returned files atomically. Feature-visualization PNGs carry
+their settings and the activation they reach as PNG text, so a finished file describes itself.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from pipeline.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
+from pipeline.deconv import Deconvnet
+from pipeline.models import ModelConfig, load_model
+from pipeline.optvis.objectives import channel, neuron
+from pipeline.optvis.presets import get_preset
+from pipeline.optvis.render import FeatureVisualizer, unit_max
+from pipeline.preprocess import decode_image
+from pipeline.receptive_field import ReceptiveField
+from pipeline.store import layer_dir
+
+logger = logging.getLogger(__name__)
+
+ATLAS = "atlas"
+DATASET_KINDS = ("crop", "overlay", "deconv", "deconv_crop")
+VIS_KINDS = ("featvis", "classvis")
+OBJECTIVES = ("channel", "neuron")
+
+
+def unit_file(layer: str, unit: int, kind: str, rank: int = 0) -> str:
+    """Path of one atlas image relative to the run directory."""
+    name = f"{kind}.png" if kind in VIS_KINDS else f"{kind}_{rank:03d}.png"
+    return os.path.join(layer_dir(ATLAS, layer), f"unit={unit}", name)
+
+
+@dataclass(frozen=True)
+class VisSettings:
+    """What determines a feature visualization; a finished PNG records these and is redone if they change."""
+
+    preset: str = "lucid"
+    steps: int | None = None  # None: the preset's
+    size: int = 128
+    seed: int = 0
+    objective: str = "channel"
+
+    def validate(self) -> None:
+        get_preset(self.preset, self.steps)
+        if self.size < 16:
+            raise ValueError(f"feature-visualization size must be >= 16 pixels, got {self.size}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+
+    def resolved(self) -> dict:
+        return {**asdict(self), "steps": get_preset(self.preset, self.steps).steps}
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    model: ModelConfig
+    vis: VisSettings = VisSettings()
+    device: str | None = None  # None: CUDA when this process sees a GPU, else CPU
+    threads: int | None = None
+    deconv_batch: int = 16
+
+
+@dataclass
+class View:
+    """One top-k image of a unit: what the scan recorded about it."""
+
+    unit: int
+    rank: int
+    image_key: str
+    act: float
+    y: int
+    x: int
+    box: tuple[int, int, int, int]  # original pixels, half-open (x0, y0, x1, y1)
+    width: int
+    height: int
+
+
+@dataclass
+class RenderTask:
+    layer: str
+    receptive_field: dict | None = None   # the layer's (ReceptiveField.as_dict()), for dataset views
+    views: list[View] = field(default_factory=list)
+    images: dict[str, bytes] = field(default_factory=dict)
+    vis_units: list[int] = field(default_factory=list)
+    vis_kind: str = "featvis"             # featvis | classvis (the output layer)
+
+
+@dataclass
+class RenderResult:
+    layer: str
+    files: dict[str, bytes]               # path relative to RUN -> PNG bytes
+    vis_act: dict[int, float]             # unit -> the visualization's activation (unit max over its map)
+    units: int                            # distinct units this task covered (for progress)
+
+
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+class UnitRenderer:
+    """``UnitRenderer(config)(task) -> RenderResult``: dataset views and visualizations of one unit chunk."""
+
+    def __init__(self, config: RenderConfig):
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        loaded = load_model(config.model)
+        self.model, self.preprocess = loaded.model, loaded.preprocess
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        self._deconvnets: dict[str, Deconvnet] = {}
+        self._visualizers: dict[str, FeatureVisualizer] = {}
+
+    def __call__(self, task: RenderTask) -> RenderResult:
+        files: dict[str, bytes] = {}
+        if task.views:
+            files.update(self._dataset_views(task))
+        vis_act: dict[int, float] = {}
+        if task.vis_units:
+            vis_files, vis_act = self._visualize(task.layer, task.vis_units, task.vis_kind)
+            files.update(vis_files)
+        units = {v.unit for v in task.views} | set(task.vis_units)
+        return RenderResult(layer=task.layer, files=files, vis_act=vis_act, units=len(units))
+
+    def _dataset_views(self, task: RenderTask) -> dict[str, bytes]:
+        pp, size = self.preprocess, self.preprocess.image_size
+        if task.layer not in self._deconvnets:
+            self._deconvnets[task.layer] = Deconvnet(self.model, task.layer)
+        deconv = self._deconvnets[task.layer]
+        receptive = ReceptiveField(**{k: tuple(v) if isinstance(v, list) else v for k, v in task.receptive_field.items()})
+        mean = torch.tensor(pp.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(pp.std, device=self.device).view(1, 3, 1, 1)
+        views = [v for v in task.views if v.image_key in task.images]
+        files: dict[str, bytes] = {}
+        for start in range(0, len(views), self.config.deconv_batch):
+            chunk = views[start:start + self.config.deconv_batch]
+            pixels = np.stack([decode_image(task.images[v.image_key], pp)[0] for v in chunk])
+            x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
+            recon, maps = deconv.project(x, torch.tensor([v.unit for v in chunk]),
+                                         torch.tensor([[v.y, v.x] for v in chunk]))
+            recon, maps = recon.cpu(), maps.cpu()
+            for i, view in enumerate(chunk):
+                x0, y0, x1, y1 = view.box
+                crop = crop_box(open_rgb(task.images[view.image_key]), view.box)
+                heat = heat_in_original(maps[i], pp, view.width, view.height)[y0:y1, x0:x1]
+                fy0, fx0, fy1, fx1 = receptive.box(view.y, view.x, (size, size))
+                full = reconstruction_image(recon[i])
+                path = lambda kind: unit_file(task.layer, view.unit, kind, view.rank)  # noqa: E731, B023
+                files[path("crop")] = png_bytes(crop)
+                files[path("overlay")] = png_bytes(overlay(crop, heat))
+                files[path("deconv")] = png_bytes(full)
+                files[path("deconv_crop")] = png_bytes(full.crop((fx0, fy0, fx1, fy1)))
+        return files
+
+    def _visualize(self, layer: str, units: list[int], kind: str) -> tuple[dict[str, bytes], dict[int, float]]:
+        vis = self.config.vis
+        if layer not in self._visualizers:
+            pp = self.preprocess
+            self._visualizers[layer] = FeatureVisualizer(self.model, [layer], pp.mean, pp.std, self.device)
+        visualizer = self._visualizers[layer]
+        ids = torch.tensor(units)
+        objective = channel(layer, ids) if vis.objective == "channel" else neuron(layer, ids)
+        images = visualizer.render(objective, len(units), get_preset(vis.preset, vis.steps), vis.size, vis.seed)
+        with torch.no_grad():
+            reached = unit_max(visualizer.activations(images)[layer], ids).cpu().tolist()
+        settings = {key: str(value) for key, value in vis.resolved().items()}
+        files, acts = {}, {}
+        for unit, image, act in zip(units, images.cpu(), reached):
+            array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            files[unit_file(layer, unit, kind)] = png_bytes(Image.fromarray(array),
+                                                            {**settings, "act": repr(float(act))})
+            acts[unit] = float(act)
+        return files, acts

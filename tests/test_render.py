@@ -1,0 +1,138 @@
+"""`atlas render` on a real local Ray: dataset views, feature and class visualizations, the index, resuming."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.models import ModelConfig
+from pipeline.render import RenderOptions, render_run
+from pipeline.render_worker import RenderConfig, RenderTask, UnitRenderer, VisSettings, unit_file
+from pipeline.scan_runner import ScanConfig, run_scan
+from pipeline.store import connect
+
+SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32)
+VIEW_KINDS = {"crop", "overlay", "deconv", "deconv_crop"}
+FAST = VisSettings(steps=8, size=32)
+
+
+@pytest.fixture(scope="module")
+def scanned(ray_cluster, photo_folder, tmp_path_factory) -> str:
+    run = str(tmp_path_factory.mktemp("render") / "run")
+    run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="relu,down,head.2", k=3, progress=False))
+    return run
+
+
+def index_rows(run: str) -> list[dict]:
+    return pq.read_table(os.path.join(run, "atlas", "index.parquet")).to_pylist()
+
+
+def read_topk(run: str, layer: str) -> dict[tuple[int, int], dict]:
+    con = connect(run)
+    rows = con.execute("SELECT * FROM topk WHERE layer = ?", [layer]).fetchall()
+    columns = [d[0] for d in con.description]
+    return {(r[1], r[2]): dict(zip(columns, r)) for r in rows}
+
+
+def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder):
+    run = scanned
+    assert main(["render", run, "--layers", "down", "--units", "0-1,5", "--classes", "0,3", "--steps", "8",
+                 "--size", "32", "-q"]) == 0
+    rows = index_rows(run)
+    assert {(r["layer"], r["unit"], r["kind"]) for r in rows} == (
+        {("down", u, k) for u in (0, 1, 5) for k in VIEW_KINDS | {"featvis"}}
+        | {("head.2", c, "classvis") for c in (0, 3)})
+    top = read_topk(run, "down")
+    maxima = dict(connect(run).execute("SELECT unit, max FROM units WHERE layer = 'down'").fetchall())
+    for r in rows:
+        path = os.path.join(run, r["path"])
+        assert os.path.isfile(path) and not os.path.isabs(r["path"]) and r["path"].startswith("atlas/")
+        if r["kind"] in VIEW_KINDS:
+            t = top[r["unit"], r["rank"]]
+            assert r["image_key"] == t["image_key"] and r["act"] == pytest.approx(t["act"])
+        if r["kind"] == "crop":  # the original image cut at the recorded box
+            original = np.asarray(Image.open(os.path.join(photo_folder, t["image_key"])).convert("RGB"))
+            expected = original[t["box_y0"]:t["box_y1"], t["box_x0"]:t["box_x1"]]
+            np.testing.assert_array_equal(np.asarray(Image.open(path)), expected)
+        if r["kind"] == "deconv":
+            assert Image.open(path).size == (32, 32)
+        if r["kind"] == "featvis":
+            assert r["top1_act"] == pytest.approx(maxima[r["unit"]])
+            assert r["featvis_act"] == pytest.approx(float(Image.open(path).text["act"]))
+            assert Image.open(path).size == (32, 32) and Image.open(path).text["steps"] == "8"
+        if r["kind"] == "classvis":  # the logits were scanned too, so the best photo's logit is known
+            assert r["image_key"] is None and r["top1_act"] is not None
+    # The recorded activation is what the saved image gives (up to 8-bit rounding of the pixels).
+    featvis = next(r for r in rows if r["kind"] == "featvis" and r["unit"] == 5)
+    assert featvis["featvis_act"] == pytest.approx(_unit_max_of_png(os.path.join(run, featvis["path"]), "down", 5),
+                                                   rel=0.05, abs=0.02)
+
+    # A re-run renders nothing; changed settings redo only the visualizations; a lost file is redone alone.
+    stamp = {r["path"]: os.path.getmtime(os.path.join(run, r["path"])) for r in rows}
+    render_run(run, RenderOptions(layers=("down",), units=frozenset({0, 1, 5}), classes=frozenset({0, 3}),
+                                  vis=FAST, progress=False))
+    assert all(os.path.getmtime(os.path.join(run, p)) == m for p, m in stamp.items())
+    os.remove(os.path.join(run, unit_file("down", 1, "overlay", 2)))
+    render_run(run, RenderOptions(layers=("down",), units=frozenset({0, 1, 5}), classes=frozenset(),
+                                  vis=VisSettings(steps=9, size=32), progress=False))
+    changed = {p for p, m in stamp.items() if not os.path.exists(os.path.join(run, p))
+               or os.path.getmtime(os.path.join(run, p)) != m}
+    assert {p for p in changed if "featvis" not in p} == {unit_file("down", 1, kind, 2) for kind in VIEW_KINDS}
+    assert {p for p in changed if "featvis" in p} == {unit_file("down", u, "featvis") for u in (0, 1, 5)}
+    assert not any(name.startswith(".tmp-") for _, _, names in os.walk(os.path.join(run, "atlas")) for name in names)
+
+
+def _unit_max_of_png(path: str, layer: str, unit: int) -> float:
+    from pipeline.models import feature_extractor, load_model
+
+    loaded = load_model(SMALL)
+    pp = loaded.preprocess
+    image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    x = (image - torch.tensor(pp.mean).view(1, 3, 1, 1)) / torch.tensor(pp.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return float(feature_extractor(loaded.model, [layer])(x)[layer][0, unit].max())
+
+
+def test_dead_units_are_listed_not_rendered(scanned):
+    """The small net's logits for two classes are never positive on the photos: "dead" units of the output
+    layer get no dataset views, while every class still gets its class visualization."""
+    con = connect(scanned)
+    dead = {u for (u,) in con.execute("SELECT unit FROM units WHERE layer = 'head.2' AND dead").fetchall()}
+    assert dead and len(dead) < 5
+    render_run(scanned, RenderOptions(layers=("head.2",), vis=FAST, progress=False))
+    rows = [r for r in index_rows(scanned) if r["layer"] == "head.2"]
+    assert {r["unit"] for r in rows if r["kind"] != "classvis"} == set(range(5)) - dead
+    assert {r["unit"] for r in rows if r["kind"] == "classvis"} == set(range(5))
+    # A logit sees the whole input: its crop is the centre square the network saw (resize 32, crop 32), up to
+    # one input pixel (torchvision's resize rounds the long side to whole pixels).
+    for crop in (r for r in rows if r["kind"] == "crop"):
+        width, height = con.execute("SELECT width, height FROM images WHERE image_key = ?",
+                                    [crop["image_key"]]).fetchone()
+        size = Image.open(os.path.join(scanned, crop["path"])).size
+        pixel = max(width, height) / 32
+        assert all(abs(side - min(width, height)) <= pixel for side in size), (size, width, height)
+
+
+def test_the_worker_gives_the_same_images_without_ray(scanned):
+    """Ray changes where the work runs, not what it computes: the plain worker gives identical PNG bytes."""
+    render_run(scanned, RenderOptions(layers=("down",), units=frozenset({2}), classes=frozenset(), vis=FAST,
+                                      progress=False))
+    result = UnitRenderer(RenderConfig(model=SMALL, vis=FAST))(RenderTask(layer="down", vis_units=[2]))
+    with open(os.path.join(scanned, unit_file("down", 2, "featvis")), "rb") as handle:
+        assert result.files[unit_file("down", 2, "featvis")] == handle.read()
+
+
+def test_bad_render_requests_fail_before_any_work(scanned, tmp_path):
+    with pytest.raises(ValueError, match="unknown preset"):
+        render_run(scanned, RenderOptions(vis=VisSettings(preset="nope")))
+    with pytest.raises(ValueError, match="out of range"):
+        render_run(scanned, RenderOptions(layers=("down",), units=frozenset(), classes=frozenset({5})))
+    with pytest.raises(ValueError, match="not recorded"):
+        render_run(scanned, RenderOptions(layers=("stem",)))
+    assert main(["render", str(tmp_path), "-q"]) == 2
+    assert main(["render", scanned, "--units", "x-3"]) == 2
