@@ -89,6 +89,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site(args: argparse.Namespace) -> int:
+    from pipeline.site import build_site
+
+    report = build_site(args.run, out=args.out, progress=not args.quiet)
+    print(f"site: {report.pages} pages; {report.written} files written, {report.unchanged} unchanged, "
+          f"{report.removed} removed in {report.seconds} s\nopen {report.index}")
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from pipeline.query import format_result, run_query
 
@@ -145,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--units", help="units like 0-7,12 (default: all live units)")
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     render.set_defaults(func=cmd_render)
+
+    site = sub.add_parser("site", help="a static website of the run (index, layers, units, classes, search) "
+                                       "that works from disk")
+    site.add_argument("run")
+    site.add_argument("--out", help="site directory (default: RUN/site; elsewhere, images are copied in)")
+    site.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    site.set_defaults(func=cmd_site)
 
     query = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima)")
     query.add_argument("run")
