@@ -85,7 +85,7 @@ def histogram_svg(buckets: list[int], counts: list[int], title: str, width: int 
     return Markup("".join(parts))
 
 
-def stats_svg(stats: dict[str, float], title: str, width: int = 520, height: int = 96) -> Markup:
+def stats_svg(stats: dict[str, float], title: str, width: int = 520, height: int = 100) -> Markup:
     """The unit's distribution on one axis: min, quantiles, max as ticks; mean ± std as a band."""
     keys = ("min", "p50", "p90", "p99", "p999", "max")
     values = {k: stats.get(k) for k in keys}
@@ -95,7 +95,7 @@ def stats_svg(stats: dict[str, float], title: str, width: int = 520, height: int
         return Markup('<p class="muted">No statistics recorded.</p>')
     lo, hi = min(finite + [0.0]), max(finite)
     span = (hi - lo) or 1.0
-    left, right, axis_y = 16, 16, 52
+    left, right, axis_y = 16, 16, 62
 
     def x_of(value: float) -> float:
         return left + (width - left - right) * (value - lo) / span
@@ -114,8 +114,9 @@ def stats_svg(stats: dict[str, float], title: str, width: int = 520, height: int
         if value is None or not math.isfinite(value):
             continue
         x = x_of(value)
-        y = axis_y - 16 - (i % 2) * 14
+        y = axis_y - 16 - (i % 3) * 12  # three label rows: close quantiles do not overprint
+        anchor = "start" if x < 60 else "end" if x > width - 60 else "middle"
         parts.append(f'<line class="tick" x1="{x:.1f}" y1="{axis_y - 10}" x2="{x:.1f}" y2="{axis_y + 10}"/>'
-                     f'<text x="{x:.1f}" y="{y}" text-anchor="middle">{key} {fmt(value)}</text>')
+                     f'<text x="{x:.1f}" y="{y}" text-anchor="{anchor}">{key} {fmt(value)}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
