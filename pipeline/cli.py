@@ -120,6 +120,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_site(args: argparse.Namespace) -> int:
+    from pipeline.site.bench import bench_site
+
+    bench_site(out=args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlas", description="Neuron Atlas: dataset search and neuron atlases "
                                                                "for convolutional networks")
@@ -186,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scan_parser.add_argument("--layers", default="features.3,features.7,features.14")
     bench_scan_parser.add_argument("--no-memory", action="store_true", help="skip the 4N memory run")
     bench_scan_parser.set_defaults(func=cmd_bench)
+    bench_site_parser = bench_sub.add_parser("site", help="site generation for a synthetic 10,000-unit run: first "
+                                                          "build and no-change rebuild (seconds)")
+    bench_site_parser.add_argument("--out", default="runs/bench-site", help="where the synthetic run is written")
+    bench_site_parser.set_defaults(func=cmd_bench_site)
     return parser
 
 

@@ -213,15 +213,19 @@ class _Pages:
 
 
 def _run_info(manifest: dict) -> dict:
+    """The manifest's facts the index shows, with defaults: older or partial manifests still render."""
     model = manifest.get("model") or {}
     data = manifest.get("data") or {}
+    counts = manifest.get("counts") or {}
     timings = manifest.get("timings") or {}
     execution = manifest.get("execution") or {}
     return {"model": model.get("spec", "?"), "weights": model.get("weights"),
             "weights_sha256": model.get("weights_sha256"), "data": data.get("path", "?"),
             "data_kind": data.get("kind"), "created": manifest.get("created", "?"),
-            "counts": manifest.get("counts") or {}, "k": manifest.get("k"), "record": manifest.get("record"),
+            "images": counts.get("images", "?"), "images_error": counts.get("images_error"),
+            "units": counts.get("units", "?"), "dead_units": counts.get("dead_units", "?"),
+            "k": manifest.get("k"), "record": manifest.get("record"),
             "seconds": timings.get("seconds"), "images_per_second": timings.get("images_per_second"),
-            "address": execution.get("address"), "actors": execution.get("actors"),
-            "device": execution.get("device"), "versions": manifest.get("versions") or {},
-            "preprocess": manifest.get("preprocess") or {}}
+            "address": execution.get("address", "?"), "actors": execution.get("actors"),
+            "device": execution.get("device"), "torch": (manifest.get("versions") or {}).get("torch"),
+            "image_size": (manifest.get("preprocess") or {}).get("image_size")}

@@ -23,7 +23,7 @@ DATASET_KINDS = ("crop", "deconv_crop", "overlay", "deconv")  # display order on
 STAT_COLUMNS = ("count", "mean", "std", "min", "max", "n_active", "frac_active", "p50", "p90", "p99", "p999")
 
 
-@dataclass
+@dataclass(slots=True)
 class TopImage:
     rank: int
     image_key: str
@@ -33,7 +33,7 @@ class TopImage:
     images: dict[str, str] = field(default_factory=dict)  # kind -> run-relative path of an existing PNG
 
 
-@dataclass
+@dataclass(slots=True)
 class UnitData:
     layer: str
     unit: int
@@ -60,7 +60,7 @@ class UnitData:
         return Counter(t.label if t.label is not None else "(no label)" for t in self.top).most_common()
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerData:
     name: str
     info: dict
@@ -75,7 +75,7 @@ class LayerData:
         return sum(u.dead for u in self.units)
 
 
-@dataclass
+@dataclass(slots=True)
 class Explanation:
     image_key: str
     method: str
@@ -83,7 +83,7 @@ class Explanation:
     score: float
 
 
-@dataclass
+@dataclass(slots=True)
 class ClassData:
     index: int
     name: str
@@ -92,7 +92,7 @@ class ClassData:
     explanations: list[Explanation] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class SiteData:
     run: str
     manifest: dict

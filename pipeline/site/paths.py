@@ -5,6 +5,7 @@ import hashlib
 import os
 import posixpath
 import re
+from functools import lru_cache
 from urllib.parse import quote
 
 
@@ -12,6 +13,7 @@ class UnsafePathError(ValueError):
     """A path from data that could leave the run directory (absolute, `..`, backslashes, ...)."""
 
 
+@lru_cache(maxsize=4096)
 def layer_slug(layer: str) -> str:
     """A file-name-safe, unique name for a layer: its safe characters plus a hash of the full name.
 
