@@ -389,10 +389,14 @@ def test_layer_grid_sorts_filters_and_greys_dead_units(browser, site):
 
     assert visible_units() == list(range(8))
     Select(browser.find_element("id", "sort")).select_by_value("top")
-    browser.find_element("id", "descending").click()
+    assert browser.find_element("id", "descending").is_selected()  # highest first by default
     tops = [float(c.get_attribute("data-top")) for c in browser.find_elements("css selector", "#grid li")
             if c.is_displayed()]
-    assert tops == sorted(tops, reverse=True) and len(tops) == 8
+    assert tops == sorted(tops, reverse=True) and len(tops) == 8 and tops[0] > tops[-1]
+    browser.find_element("id", "descending").click()
+    ascending = [float(c.get_attribute("data-top")) for c in browser.find_elements("css selector", "#grid li")
+                 if c.is_displayed()]
+    assert ascending == sorted(tops)
     dead = browser.find_element("css selector", f'#grid li[data-unit="{DEAD_STEM_UNIT}"] .thumb')
     assert "grayscale" in dead.value_of_css_property("filter")
     browser.find_element("id", "hide-dead").click()

@@ -113,7 +113,9 @@
       prevPage.disabled = page === 0;
       nextPage.disabled = page >= pages - 1;
     };
-    [sort, descending, hideDead].forEach(function (el) { el.addEventListener("change", function () { page = 0; apply(); }); });
+    // Highest first is what one wants from "top activation" and "fraction active"; unit ids read upwards.
+    sort.addEventListener("change", function () { descending.checked = sort.value !== "unit"; page = 0; apply(); });
+    [descending, hideDead].forEach(function (el) { el.addEventListener("change", function () { page = 0; apply(); }); });
     filter.addEventListener("input", function () { page = 0; apply(); });
     prevPage.addEventListener("click", function () { page -= 1; apply(); window.scrollTo(0, 0); });
     nextPage.addEventListener("click", function () { page += 1; apply(); window.scrollTo(0, 0); });
