@@ -21,7 +21,7 @@ from importlib import resources
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from pipeline.site.data import LayerData, SiteData, UnitData, load_site_data
-from pipeline.site.paths import url_path
+from pipeline.site.paths import layer_slug, url_path
 from pipeline.site.svg import fmt, histogram_svg, stats_svg
 from pipeline.site.writer import MARKER, SiteWriter
 from pipeline.store import RunError
@@ -80,10 +80,10 @@ def build_site(run_dir: str, out: str | None = None, progress: bool = True) -> S
 def _check_out(run_dir: str, out: str) -> None:
     if os.path.realpath(out) == os.path.realpath(run_dir):
         raise RunError("--out must not be the run directory itself (default: RUN/site)")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
-        raise RunError(f"{out} is not empty and was not made by `atlas site`; choose an empty or new --out")
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"{out} exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
+        raise RunError(f"{out} is not empty and was not made by `atlas site`; choose an empty or new --out")
 
 
 def _environment() -> Environment:
@@ -104,8 +104,7 @@ def script_json(value: object) -> str:
 
 
 def unit_href(layer: LayerData | UnitData | str, unit: int) -> str:
-    from pipeline.site.paths import layer_slug
-
+    """The unit page's path relative to the site root."""
     name = layer if isinstance(layer, str) else (layer.name if isinstance(layer, LayerData) else layer.layer)
     return f"units/{layer_slug(name)}/{unit}.html"
 
@@ -149,8 +148,12 @@ class _Pages:
                              else os.path.relpath(data.run, out).replace(os.sep, "/")) + "/"
         self.used_media: set[str] = set()
         self.run_info = _run_info(data.manifest)
+        # Previous / next run across layers, in depth order.
+        self.order = [unit for layer in data.layers for unit in layer.units]
+        self.position = {(u.layer, u.unit): i for i, u in enumerate(self.order)}
 
-    def media(self, layer: object = None) -> None:
+    def media(self) -> None:
+        """Bring the images the pages use into the site when it lives outside the run."""
         if self.copy_media:
             for path in sorted(self.used_media):
                 self.writer.copy(os.path.join(self.data.run, path), f"{COPIED_FILES}/{path}")
@@ -180,12 +183,10 @@ class _Pages:
         return self._render("layer", f"layers/{layer.slug}.html", "../", layer=layer)
 
     def units(self, layer: LayerData) -> int:
-        order = [(lay, unit) for lay in self.data.layers for unit in lay.units]
-        position = {(u.layer, u.unit): i for i, (_, u) in enumerate(order)}
         for unit in layer.units:
-            i = position[unit.layer, unit.unit]
-            prev = order[i - 1][1] if i > 0 else None
-            nxt = order[i + 1][1] if i + 1 < len(order) else None
+            i = self.position[unit.layer, unit.unit]
+            prev = self.order[i - 1] if i > 0 else None
+            nxt = self.order[i + 1] if i + 1 < len(self.order) else None
             title = f"layer {layer.name}, unit {unit.unit}"
             self._render("unit", unit_href(layer, unit.unit), "../../", layer=layer, unit=unit, prev=prev, next=nxt,
                          histogram=histogram_svg(unit.sketch_buckets, unit.sketch_counts,
