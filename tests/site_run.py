@@ -27,6 +27,7 @@ MALICIOUS_FOLDERS = {"chelsea": "<img src=x onerror=alert(1)>", "coffee": "<scri
 # The issue's payload verbatim, through a data-derived field the manifest may carry.
 MALICIOUS_CLASS = "<script>alert(1)</script>"
 CLASS_NAMES = [MALICIOUS_CLASS, "cat & dog", "rocket", "moon", "coins"]
+MISSING_IMAGE = f"atlas/layer={RENDERED_LAYER}/unit=1/overlay_001.png"
 
 
 def malicious_photo_folder(photo_folder: str, destination: str) -> str:
@@ -83,6 +84,8 @@ def _add_visualizations(run: str) -> None:
         rows.append({"layer": "stem", "unit": 0, "kind": "crop", "rank": 0, "image_key": "k", "path": bad,
                      "act": 1.0, "featvis_act": None, "top1_act": None})
     pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), index_path)
+    # A file the index lists but that is gone: its page must simply do without it.
+    os.remove(os.path.join(run, MISSING_IMAGE))
 
 
 def _add_explanations(run: str, photos: str) -> None:

@@ -19,6 +19,7 @@ from site_run import (
     CLASS_NAMES,
     MALICIOUS_CLASS,
     MALICIOUS_FOLDERS,
+    MISSING_IMAGE,
     RENDERED_LAYER,
     make_site_run,
     malicious_photo_folder,
@@ -118,6 +119,8 @@ def test_pages_for_every_layer_unit_and_class(site_run, site):
     for kind in ("featvis_000", "crop_000", "deconv_crop_000", "overlay_000", "crop_003"):
         assert f"unit=0/{kind}.png" in rendered
     assert "read_parquet(" in rendered and "unit = 0" in rendered
+    partial = read(os.path.join(site, "units", slug_dir(RENDERED_LAYER), "1.html"))
+    assert MISSING_IMAGE not in partial and MISSING_IMAGE.replace("overlay", "crop") in partial
     # Class pages show the class visualization and the explanations of the top-scoring images.
     class_page = read(os.path.join(site, "classes", "2.html"))
     assert "classvis_000.png" in class_page and "explain/gradcam/2/" in class_page and "rocket" in class_page
