@@ -28,7 +28,7 @@ from site_run import (
 from pipeline.site import build_site
 from pipeline.site.build import script_json
 from pipeline.site.paths import UnsafePathError, check_relative_path, layer_slug
-from pipeline.store import RunError, connect
+from pipeline.store import RunError, connect, read_manifest
 
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync")
@@ -106,8 +106,9 @@ def test_pages_for_every_layer_unit_and_class(site_run, site):
         assert os.path.isfile(os.path.join(site, "layers", f"{slug_dir(layer)}.html"))
     assert sorted(os.listdir(os.path.join(site, "classes"))) == sorted(f"{i}.html" for i in range(len(CLASS_NAMES)))
     index = read(os.path.join(site, "index.html"))
-    manifest_sha = con.execute("SELECT 1").fetchone()  # the connection works; facts come from the manifest
-    assert manifest_sha and "module:site_net:site_net" in index and "36" in index
+    manifest = read_manifest(site_run)
+    assert manifest["created"] in index and "module:site_net:site_net" in index
+    assert "<dd>36</dd>" in index and f"<dd>{manifest['counts']['units']} (1 dead)</dd>" in index
     # A unit without atlas images still has its statistics, top-k keys and a histogram.
     unrendered = read(os.path.join(site, "units", slug_dir("relu"), "0.html"))
     top = con.execute("SELECT image_key FROM topk WHERE layer = 'relu' AND unit = 0 ORDER BY rank").fetchall()
