@@ -207,6 +207,19 @@ def test_rebuild_rewrites_only_what_changed(site_run, tmp_path):
     assert not os.path.exists(stale) and os.path.exists(mine)
 
 
+def test_a_run_without_atlas_or_explanations(site_run, tmp_path):
+    """Straight after `atlas scan`: every page still exists, without images or class pages."""
+    bare = str(tmp_path / "bare")
+    shutil.copytree(site_run, bare, ignore=shutil.ignore_patterns("atlas", "explain", "site"))
+    report = build_site(bare, progress=False)
+    site = os.path.dirname(report.index)
+    units = connect(bare).execute("SELECT count(*) FROM units").fetchone()[0]
+    assert len(html_files(site)) == 1 + 3 + units and not os.path.exists(os.path.join(site, "classes"))
+    assert not any("<img" in read(page) for page in html_files(site))
+    assert check_links(site, bare) > 0
+    assert "(1 dead)" in read(report.index) and "no image" in read(report.index)
+
+
 def test_dead_units_are_greyed_and_labelled(site):
     layer_page = read(os.path.join(site, "layers", f"{slug_dir('stem')}.html"))
     cards = re.findall(r'<li class="card( dead)?" data-unit="(\d+)".*?</li>', layer_page, flags=re.DOTALL)
