@@ -7,7 +7,11 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned to the releases these machines serve from local disk (see README).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench clean
+# The site's browser tests drive Debian's chromium + chromedriver headless (a browser downloaded by a test tool
+# cannot work offline). Installed with apt when missing: as root directly, otherwise through sudo.
+BROWSER_PACKAGES := chromium chromium-driver
+
+.PHONY: demo test bench browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +25,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/atlas demo
 
-test: $(STAMP)
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  echo "installing $(BROWSER_PACKAGES) for the browser tests"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES) || \
+	  { $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES); }; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

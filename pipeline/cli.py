@@ -101,6 +101,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site(args: argparse.Namespace) -> int:
+    from pipeline.site import build_site
+
+    report = build_site(args.run, out=args.out, progress=not args.quiet)
+    print(f"site: {report.pages} pages; {report.written} files written, {report.unchanged} unchanged, "
+          f"{report.removed} removed in {report.seconds} s\nopen {report.index}")
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from pipeline.query import format_result, run_query
 
@@ -120,6 +129,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     bench_scan(images=args.images, image_size=args.image_size, batch_size=args.batch_size, data=args.data,
                out=args.out, layers=args.layers, memory=not args.no_memory)
+    return 0
+
+
+def cmd_bench_site(args: argparse.Namespace) -> int:
+    from pipeline.site.bench import bench_site
+
+    bench_site(out=args.out)
     return 0
 
 
@@ -172,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     render.set_defaults(func=cmd_render)
 
+    site = sub.add_parser("site", help="a static website of the run (index, layers, units, classes, search) "
+                                       "that works from disk")
+    site.add_argument("run")
+    site.add_argument("--out", help="site directory (default: RUN/site; elsewhere, images are copied in)")
+    site.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    site.set_defaults(func=cmd_site)
+
     query = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima)")
     query.add_argument("run")
     query.add_argument("sql")
@@ -196,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scan_parser.add_argument("--layers", default="features.3,features.7,features.14")
     bench_scan_parser.add_argument("--no-memory", action="store_true", help="skip the 4N memory run")
     bench_scan_parser.set_defaults(func=cmd_bench)
+    bench_site_parser = bench_sub.add_parser("site", help="site generation for a synthetic 10,000-unit run: first "
+                                                          "build and no-change rebuild (seconds)")
+    bench_site_parser.add_argument("--out", default="runs/bench-site", help="where the synthetic run is written")
+    bench_site_parser.set_defaults(func=cmd_bench_site)
     return parser
 
 

@@ -15,6 +15,7 @@ from pipeline.models import ModelConfig
 from pipeline.query import format_result, run_query
 from pipeline.render import render_dataset_views
 from pipeline.scan_runner import ScanConfig, run_scan
+from pipeline.site import build_site
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def run_demo(out: str = "runs/demo", images: int = 600, overwrite: bool = False,
     print(f"\nRendered {index.num_rows} atlas images (top-k crops, heat overlays, deconvnet reconstructions) "
           f"for units 0-{DEMO_RENDER_UNITS - 1} of {', '.join(DEMO_RENDER_LAYERS)}:")
     print(f"  {os.path.join(os.path.abspath(out), 'atlas')}  (index: atlas/index.parquet)")
+    site = build_site(out, progress=progress)
+    print(f"Atlas site ({site.pages} pages): open file://{site.index}")
     print(f"Run directory: {os.path.abspath(out)}")
     print(f"Try:  atlas query {out} \"SELECT * FROM topk WHERE layer = 'features.18' AND unit = 0\"")
     return 0

@@ -1,0 +1,107 @@
+"""Incremental, atomic output: a file is written only when its bytes change; stale files of earlier builds go."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+from pipeline.site.paths import UnsafePathError, check_relative_path
+
+logger = logging.getLogger(__name__)
+
+MARKER = ".atlas-site.json"
+
+
+class SiteWriter:
+    """Writes files under `out` (paths relative to it), counting written / unchanged ones.
+
+    The list of produced files is kept in `out/.atlas-site.json`, so the next build removes files it no
+    longer produces (a unit that disappeared) and never touches files it did not write.
+    """
+
+    def __init__(self, out: str):
+        self.out = os.path.abspath(out)
+        self.written = 0
+        self.unchanged = 0
+        self.removed = 0
+        self._produced: set[str] = set()
+        self._dirs: set[str] = set()
+        self._previous = self._read_marker()
+
+    def _read_marker(self) -> list[str]:
+        path = os.path.join(self.out, MARKER)
+        if not os.path.isfile(path):
+            return []
+        with open(path) as handle:
+            return list(json.load(handle).get("files", []))
+
+    def _target(self, rel: str) -> str:
+        self._produced.add(rel)
+        path = os.path.join(self.out, rel)
+        parent = os.path.dirname(path)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._dirs.add(parent)
+        return path
+
+    def write(self, rel: str, content: str | bytes) -> bool:
+        """Write `content` to out/rel unless it already holds exactly these bytes; True if written."""
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        path = self._target(rel)
+        try:
+            if os.path.getsize(path) == len(data):
+                with open(path, "rb") as handle:
+                    if handle.read() == data:
+                        self.unchanged += 1
+                        return False
+        except OSError:
+            pass
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a static host must be able to read the page
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        self.written += 1
+        return True
+
+    def copy(self, source: str, rel: str) -> bool:
+        """Hard-link (or copy) `source` to out/rel unless an identical file is already there."""
+        path = self._target(rel)
+        if os.path.exists(path):
+            src, dst = os.stat(source), os.stat(path)
+            if os.path.samestat(src, dst) or (src.st_size == dst.st_size and src.st_mtime_ns == dst.st_mtime_ns):
+                self.unchanged += 1
+                return False
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+        try:
+            try:
+                os.link(source, tmp)
+            except OSError:  # another file system, or links not allowed: copy with the source's mtime
+                shutil.copy2(source, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        self.written += 1
+        return True
+
+    def finish(self) -> None:
+        """Remove files an earlier build wrote that this one did not produce; record the produced list."""
+        for rel in set(self._previous) - self._produced - {MARKER}:
+            try:
+                check_relative_path(rel)  # the marker is ours, but a tampered one must not delete elsewhere
+            except UnsafePathError:
+                continue
+            path = os.path.join(self.out, rel)
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                self.removed += 1
+        self.write(MARKER, json.dumps({"files": sorted(self._produced | {MARKER})}, indent=0) + "\n")
