@@ -132,6 +132,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_render(args: argparse.Namespace) -> int:
+    from pipeline.bench_render import bench_render
+
+    bench_render(layer=args.layer, units=args.units, steps=args.steps, size=args.size,
+                 lucent_units=args.lucent_units, single_units=args.single_units, preset=args.preset)
+    return 0
+
+
 def cmd_bench_site(args: argparse.Namespace) -> int:
     from pipeline.site.bench import bench_site
 
@@ -223,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "build and no-change rebuild (seconds)")
     bench_site_parser.add_argument("--out", default="runs/bench-site", help="where the synthetic run is written")
     bench_site_parser.set_defaults(func=cmd_bench_site)
+    bench_render_parser = bench_sub.add_parser("render", help="feature visualization units/s: batched, one at a "
+                                                              "time, and Lucent's render_vis, on MobileNetV2")
+    bench_render_parser.add_argument("--layer", default="features.7")
+    bench_render_parser.add_argument("--units", type=int, default=16, help="units rendered batched")
+    bench_render_parser.add_argument("--steps", type=int, default=32)
+    bench_render_parser.add_argument("--size", type=int, default=128)
+    bench_render_parser.add_argument("--preset", default="lucid", choices=("lucid", "yosinski"))
+    bench_render_parser.add_argument("--single-units", type=int, default=4, help="units rendered one at a time")
+    bench_render_parser.add_argument("--lucent-units", type=int, default=2, help="units rendered by Lucent")
+    bench_render_parser.set_defaults(func=cmd_bench_render)
     return parser
 
 

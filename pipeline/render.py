@@ -28,15 +28,11 @@ from pipeline.fetch import fetch_images
 from pipeline.models import ModelConfig, load_model, output_layer
 from pipeline.render_worker import (ATLAS, DATASET_KINDS, RenderConfig, RenderResult, RenderTask, UnitRenderer,
                                     View, VisSettings, unit_file)
-from pipeline.store import RunError, connect, read_manifest, write_table
+from pipeline.store import ATLAS_INDEX_SCHEMA, RunError, connect, read_manifest, write_table
 
 logger = logging.getLogger(__name__)
 
-INDEX_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("unit", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()),
-    ("image_key", pa.string()), ("path", pa.string()), ("act", pa.float32()),
-    ("featvis_act", pa.float32()), ("top1_act", pa.float32()),
-])
+INDEX_SCHEMA = ATLAS_INDEX_SCHEMA
 
 
 def parse_units(text: str | None) -> set[int] | None:

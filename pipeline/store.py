@@ -53,6 +53,12 @@ MAXIMA_SCHEMA = pa.schema([
     ("y", pa.int32()), ("x", pa.int32()),
 ])
 SCHEMAS = {"topk": TOPK_SCHEMA, "units": UNITS_SCHEMA, "images": IMAGES_SCHEMA, "maxima": MAXIMA_SCHEMA}
+# RUN/atlas/index.parquet, written by `atlas render`: one row per image file.
+ATLAS_INDEX_SCHEMA = pa.schema([
+    ("layer", pa.string()), ("unit", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()),
+    ("image_key", pa.string()), ("path", pa.string()), ("act", pa.float32()),
+    ("featvis_act", pa.float32()), ("top1_act", pa.float32()),
+])
 
 
 class RunError(RuntimeError):
@@ -174,17 +180,18 @@ def _sql_string(text: str) -> str:
 
 
 def connect(run_dir: str):
-    """A DuckDB connection with views topk, units, images, maxima over a complete run's Parquet."""
+    """A DuckDB connection with views topk, units, images, maxima and atlas over a complete run's Parquet."""
     import duckdb
 
     if read_manifest(run_dir) is None:
         raise RunError(f"{run_dir} is not a complete run (no {MANIFEST}); run `atlas scan` first")
     con = duckdb.connect()
-    for table, schema in SCHEMAS.items():
+    atlas_index = os.path.join(os.path.abspath(run_dir), "atlas", "index.parquet")
+    for table, schema in {**SCHEMAS, "atlas": ATLAS_INDEX_SCHEMA}.items():
         base = os.path.join(os.path.abspath(run_dir), table)
-        pattern = os.path.join(base, "**", "*.parquet")
-        has_files = os.path.isdir(base) and any(name.endswith(".parquet")
-                                                for _, _, names in os.walk(base) for name in names)
+        pattern = atlas_index if table == "atlas" else os.path.join(base, "**", "*.parquet")
+        has_files = os.path.isfile(atlas_index) if table == "atlas" else (
+            os.path.isdir(base) and any(name.endswith(".parquet") for _, _, names in os.walk(base) for name in names))
         if has_files:
             # Layer is stored inside the files too, so hive partition inference (which would turn a
             # layer named '3' into an integer) is switched off.
