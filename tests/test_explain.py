@@ -1,0 +1,301 @@
+"""Per-image explanations: known answers on hand-made networks, identities between methods, agreement with
+Captum and pytorch-grad-cam, batch-size independence, and the CLI / Ray runs end to end."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from tiny_models import SmallNet
+from torch import nn
+
+from pipeline.explain import (
+    CAM,
+    CAMError,
+    DeepDream,
+    GradCAM,
+    Occlusion,
+    Saliency,
+    find_gap_linear_head,
+)
+from pipeline.explain.localize import iou, saliency_box
+
+
+def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random but reproducible weights (batch-norm statistics too), eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                if name.endswith("running_var"):
+                    tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+                elif name.endswith("running_mean"):
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return seeded(torchvision.models.resnet18(num_classes=10))
+
+
+# ------------------------------------------------------------------------------------------- saliency
+
+def test_saliency_is_the_autograd_gradient_of_the_logit_not_the_probability():
+    model = SmallNet().eval()
+    x = images(3)
+    targets = [1, 4, 0]
+    got = Saliency(model, None).attribute(x, target=targets)
+    for i, t in enumerate(targets):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        logit_grad, = torch.autograd.grad(model(xi)[0, t], xi)
+        prob_grad, = torch.autograd.grad(model(xi).softmax(1)[0, t], xi)
+        torch.testing.assert_close(got[i], logit_grad[0].abs().amax(dim=0))
+        assert not torch.allclose(got[i], prob_grad[0].abs().amax(dim=0), rtol=1e-2)
+
+
+def test_saliency_auto_target_is_top1_and_smoothgrad_is_seeded():
+    model = SmallNet().eval()
+    x = images(2, seed=1)
+    top1 = model(x).argmax(1)
+    torch.testing.assert_close(Saliency(model).attribute(x), Saliency(model).attribute(x, target=top1))
+    a = Saliency(model).attribute(x, samples=4, seed=3)
+    b = Saliency(model).attribute(x, samples=4, seed=3)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, Saliency(model).attribute(x))
+
+
+def test_out_of_range_class_is_a_clear_error():
+    with pytest.raises(ValueError, match="out of range: the model has 5 classes"):
+        Saliency(SmallNet().eval()).attribute(images(1), target=5)
+
+
+# ------------------------------------------------------------------------------------------ occlusion
+
+class RegionNet(nn.Module):
+    """Class 0's logit is 3 x the mean of the red channel over rows 8..15, columns 16..23 (one region);
+    class 1's is a constant 1, class 2's a constant 0.5: occluding the region hands the image to class 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        region = 3 * x[:, 0, 8:16, 16:24].mean(dim=(1, 2))
+        return torch.stack([region, torch.ones_like(region), torch.full_like(region, 0.5)], dim=1)
+
+
+@pytest.mark.parametrize("window,stride", [(8, 8), (8, 4), (6, 3)])
+def test_occlusion_drops_exactly_where_the_deciding_region_is(window, stride):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) + 0.5   # region positive
+    occlusion = Occlusion(RegionNet(), None, window=window, stride=stride, chunk=7)
+    result = occlusion.occlude(x, target=0)
+    starts = [0]                                   # squares every `stride` until one reaches the border
+    while starts[-1] + window < 32:
+        starts.append(starts[-1] + stride)
+    assert result.grid.shape == (2, len(starts), len(starts))
+    for a, y in enumerate(starts):
+        for b, xx in enumerate(starts):
+            overlaps = y < 16 and y + window > 8 and xx < 24 and xx + window > 16
+            for i in range(2):
+                if overlaps:
+                    assert result.grid[i, a, b] < result.base_prob[i] - 1e-4
+                else:
+                    torch.testing.assert_close(result.grid[i, a, b], result.base_prob[i])
+    # Where the square covers the whole region, class 0 has logit 0 and class 1 (logit 1) wins.
+    full = [(a, b) for a, y in enumerate(starts) for b, xx in enumerate(starts)
+            if y <= 8 and y + window >= 16 and xx <= 16 and xx + window >= 24]
+    for a, b in full:
+        assert (result.top_class[:, a, b] == 1).all()
+    # The input-resolution map: pixels that no drop-square covers keep the base probability.
+    far = result.map[:, 28:, :4]
+    torch.testing.assert_close(far, result.base_prob[:, None, None].expand_as(far))
+    # Batched copies == one forward pass per position.
+    loop = occlusion.attribute_loop(x, target=0)
+    torch.testing.assert_close(result.grid, loop.grid)
+    torch.testing.assert_close(result.map, loop.map)
+    assert torch.equal(result.top_class, loop.top_class)
+
+
+def test_occlusion_image_mean_fill_and_bad_settings():
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    result = Occlusion(RegionNet(), None, window=8, stride=8, fill="image_mean").occlude(x, target=0)
+    # Filling the region with the image's mean red leaves class 0's logit at 3 x that mean.
+    p = torch.tensor([3 * float(x[0, 0].mean()), 1.0, 0.5]).softmax(0)[0]
+    torch.testing.assert_close(result.grid[0, 1, 2], p)
+    with pytest.raises(ValueError, match="stride"):
+        Occlusion(RegionNet(), None, window=4, stride=8)
+    with pytest.raises(ValueError, match="larger than"):
+        Occlusion(RegionNet(), None, window=40, stride=8).attribute(x)
+
+
+# ----------------------------------------------------------------------------------------- CAM / Grad-CAM
+
+class HandCamNet(nn.Module):
+    """1x1 conv that copies the three colour channels, ReLU, global average pool, one linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1, bias=False)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [0.0, 2.0, 1.0]]))
+            self.fc.bias.copy_(torch.tensor([0.25, -0.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.relu(self.conv(x))), 1))
+
+
+def test_cam_equals_a_hand_computation():
+    x = torch.tensor(np.arange(3 * 4 * 4, dtype=np.float32).reshape(1, 3, 4, 4) % 7 - 3.0)
+    f = np.maximum(x[0].numpy(), 0)                       # the ReLU'd channels
+    expected = {0: f[0] - f[1], 1: 2 * f[1] + f[2]}       # sum_k w_ck f_k, no ReLU, no bias
+    net = HandCamNet().eval()
+    cam = CAM(net)
+    assert cam.head.feature_module == "relu" and cam.head.linear == "fc"
+    for c in (0, 1):
+        maps, logits, _ = cam.layer_attribute(x, target=c)
+        np.testing.assert_allclose(maps[0].numpy(), expected[c], atol=1e-6)
+        # mean over positions + bias is the logit: the map decomposes the score
+        np.testing.assert_allclose(maps[0].mean().item() + net.fc.bias[c].item(), logits[0, c].item(), atol=1e-5)
+        np.testing.assert_allclose(cam.attribute(x, target=c)[0].numpy(), expected[c], atol=1e-6)
+    assert (cam.layer_attribute(x, target=0)[0] < 0).any()   # signed, before any ReLU
+
+
+@pytest.mark.parametrize("factory,layer,size", [(SmallNet, "down", 32), (resnet18, "layer4", 64),
+                                                (lambda: seeded(torchvision.models.mobilenet_v2(num_classes=7)),
+                                                 "features", 64)])
+def test_cam_equals_gradcam_up_to_a_positive_scale_at_the_last_conv_layer(factory, layer, size):
+    model = factory().eval()
+    x = images(2, size, seed=2)
+    cam_maps, logits, _ = CAM(model).layer_attribute(x, target=[1, 3])
+    grad_maps, grad_logits, _ = GradCAM(model, layer).layer_attribute(x, target=[1, 3], relu=False)
+    scale = cam_maps.shape[-1] * cam_maps.shape[-2]          # Grad-CAM weights are w_c / (h w)
+    assert cam_maps.abs().max() > 0
+    torch.testing.assert_close(grad_maps * scale, cam_maps, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_logits, logits)
+    # With Grad-CAM's ReLU (taken at the layer's resolution, before upsampling): ReLU(CAM) / (h w).
+    from pipeline.explain.common import upsample
+
+    torch.testing.assert_close(GradCAM(model, layer).attribute(x, [1, 3]) * scale,
+                               upsample(cam_maps.clamp(min=0), (size, size)), rtol=1e-4, atol=1e-5)
+
+
+class TinyVGG(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def test_cam_refuses_networks_without_a_gap_linear_head_and_names_gradcam():
+    with pytest.raises(CAMError, match="Grad-CAM") as error:
+        CAM(TinyVGG().eval())
+    assert "ReLU" in str(error.value)
+    with pytest.raises(CAMError, match="Grad-CAM"):
+        find_gap_linear_head(torchvision.models.alexnet())   # 6x6 pooling, three linear layers
+    assert GradCAM(TinyVGG().eval(), "features").attribute(images(1)).shape == (1, 32, 32)
+    head = find_gap_linear_head(torchvision.models.mobilenet_v2())
+    assert head.feature_module == "features.18.2" and head.linear == "classifier.1"
+
+
+def test_unknown_layer_is_a_clear_error():
+    from pipeline.models import ModelError
+
+    with pytest.raises(ModelError, match="unknown layer 'nope'"):
+        GradCAM(SmallNet().eval(), "nope")
+
+
+def test_results_do_not_depend_on_batch_size():
+    model = SmallNet().eval()
+    x = images(5, seed=4)
+    methods = {"saliency": lambda b: Saliency(model).attribute(b),
+               "occlusion": lambda b: Occlusion(model, window=8, stride=4, chunk=5).attribute(b),
+               "cam": lambda b: CAM(model).attribute(b),
+               "gradcam": lambda b: GradCAM(model, "down").attribute(b)}
+    for name, method in methods.items():
+        whole = method(x)
+        assert whole.shape == (5, 32, 32), name
+        parts = torch.cat([method(x[:2]), method(x[2:3]), method(x[3:])])
+        torch.testing.assert_close(whole, parts, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------- reference implementations
+
+def test_agrees_with_captum_saliency_occlusion_and_layer_gradcam():
+    captum = pytest.importorskip("captum.attr")
+    model = resnet18()
+    x = images(2, 64, seed=5)
+    targets = [2, 7]
+    theirs = captum.Saliency(model).attribute(x, target=targets, abs=True).amax(dim=1)
+    torch.testing.assert_close(Saliency(model).attribute(x, target=targets), theirs)
+
+    def probabilities(batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).softmax(dim=1)
+
+    ours = Occlusion(model, window=16, stride=12).occlude(x, target=targets)
+    theirs = captum.Occlusion(probabilities).attribute(x, sliding_window_shapes=(3, 16, 16), strides=(3, 12, 12),
+                                                       baselines=0, target=targets, perturbations_per_eval=16)
+    # Captum: mean over covering windows of (p(image) - p(occluded)); ours: mean of p(occluded).
+    torch.testing.assert_close(ours.base_prob[:, None, None] - ours.map, theirs[:, 0], rtol=1e-3, atol=1e-6)
+
+    theirs = captum.LayerGradCam(model, model.layer3).attribute(x, target=targets, relu_attributions=False)
+    ours_maps, _, _ = GradCAM(model, "layer3").layer_attribute(x, target=targets, relu=False)
+    torch.testing.assert_close(ours_maps, theirs[:, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_agrees_with_pytorch_grad_cam():
+    grad_cam = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = resnet18()
+    x = images(2, 64, seed=6)
+    targets = [3, 8]
+    with grad_cam.GradCAM(model=model, target_layers=[model.layer3]) as reference:
+        theirs = reference(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+    # pytorch-grad-cam min-max scales each map before and after its (OpenCV, half-pixel) bilinear resize;
+    # scaling is affine, so that is ours, upsampled, min-max scaled once.
+    ours = GradCAM(model, "layer3").attribute(x, target=targets)
+    low = ours.amin(dim=(1, 2), keepdim=True)
+    scaled = (ours - low) / (ours - low).amax(dim=(1, 2), keepdim=True)
+    np.testing.assert_allclose(scaled.numpy(), theirs, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- DeepDream
+
+def test_deepdream_amplifies_the_layer_and_is_deterministic():
+    model = resnet18()
+    x = images(1, 64, seed=7) * 0.5
+    dream = DeepDream(model, "layer2", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    out = dream.attribute(x, octaves=2, steps=5, jitter=8, seed=1)
+    assert out.shape == x.shape
+    with torch.no_grad():
+        before, after = dream.objective(x), dream.objective(out)
+    assert after.item() > 2 * before.item()
+    torch.testing.assert_close(out, dream.attribute(x, octaves=2, steps=5, jitter=8, seed=1), rtol=0, atol=0)
+    assert not torch.equal(out, dream.attribute(x, octaves=2, steps=5, jitter=8, seed=2))
+    low = (0 - dream.mean) / dream.std
+    high = (1 - dream.mean) / dream.std
+    assert (out >= low - 1e-6).all() and (out <= high + 1e-6).all()
+
+
+# ------------------------------------------------------------------------------------------ localization
+
+def test_saliency_box_is_the_largest_region_above_the_percentile_and_iou_by_hand():
+    saliency = np.zeros((40, 60))
+    saliency[10:20, 30:50] = 5.0          # 200 pixels: the object
+    saliency[2:4, 2:4] = 9.0              # 4 brighter pixels, but a small separate speckle
+    saliency[10, 29] = 4.0                # a dimmer pixel touching the object: part of its region
+    box = saliency_box(saliency, percentile=90.0)   # top 10 % = 240 pixels >= threshold
+    assert box == (29, 10, 50, 20)
+    assert saliency_box(np.zeros((5, 5))) is None
+    assert iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(25 / 175)
+    assert iou(box, (30, 10, 50, 20)) == pytest.approx(200 / 210)
+    assert iou((0, 0, 2, 2), (3, 3, 4, 4)) == 0.0
