@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from tiny_models import SmallNet
+from tiny_models import SmallNet, TinyVGG
 from torch import nn
 
 from pipeline.explain import (
@@ -184,17 +184,6 @@ def test_cam_equals_gradcam_up_to_a_positive_scale_at_the_last_conv_layer(factor
                                upsample(cam_maps.clamp(min=0), (size, size)), rtol=1e-4, atol=1e-5)
 
 
-class TinyVGG(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-
 def test_cam_refuses_networks_without_a_gap_linear_head_and_names_gradcam():
     with pytest.raises(CAMError, match="Grad-CAM") as error:
         CAM(TinyVGG().eval())
@@ -299,3 +288,158 @@ def test_saliency_box_is_the_largest_region_above_the_percentile_and_iou_by_hand
     assert iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(25 / 175)
     assert iou(box, (30, 10, 50, 20)) == pytest.approx(200 / 210)
     assert iou((0, 0, 2, 2), (3, 3, 4, 4)) == 0.0
+
+
+def test_box_blur_is_a_window_mean_and_smoothing_joins_speckles():
+    from pipeline.explain.localize import box_blur
+
+    values = np.arange(30.0).reshape(5, 6)
+    blurred = box_blur(values, 3)
+    assert blurred[2, 3] == pytest.approx(values[1:4, 2:5].mean())
+    np.testing.assert_allclose(box_blur(np.full((4, 4), 2.0), 3), 2.0)
+    speckles = np.zeros((40, 40))
+    speckles[10:30:2, 10:30:2] = 1.0           # a checkerboard of isolated pixels over a 20 x 20 region
+    assert saliency_box(speckles, percentile=90.0) == (10, 10, 11, 11)   # raw: isolated pixels, first wins
+    assert saliency_box(speckles, percentile=75.0, smooth=3) == (9, 9, 30, 30)
+
+
+# ------------------------------------------------------------------------------------- files, CLI, Ray
+
+def photo(name: str) -> str:
+    from importlib import resources
+
+    return str(resources.files("skimage") / "data" / name)
+
+
+def test_cli_explains_a_real_photo_end_to_end(tmp_path, capsys):
+    import json
+    import os
+
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+    from pipeline.demo_data import mobilenet_v2_weights
+    from pipeline.explain.outputs import INDEX_SCHEMA
+    from pipeline.models import ModelConfig, load_model
+    from pipeline.preprocess import decode_image
+
+    weights = mobilenet_v2_weights()
+    args = ["explain", "--model", "torchvision:mobilenet_v2", "--weights", weights, "--image-size", "96",
+            "--window", "32", "--stride", "32", "--out", str(tmp_path)]
+    assert main(args + [photo("chelsea.png"), "--box", "100,20,400,300"]) == 0
+    out = capsys.readouterr().out
+    assert "target" in out and "IoU" in out
+    index = pq.read_table(tmp_path / "explain" / "index.parquet")
+    assert index.schema.equals(INDEX_SCHEMA)
+    assert sorted(index["method"].to_pylist()) == ["cam", "gradcam", "occlusion", "saliency"]
+    row = index.to_pylist()[0]
+    png = tmp_path / row["path"]
+    assert png.is_file() and os.path.isfile(str(png)[:-4] + ".npy")
+    summary = json.loads((png.parent / "summary.json").read_text())
+    loaded = load_model(ModelConfig("torchvision:mobilenet_v2", weights, image_size=96))
+    assert summary["target_name"] == loaded.categories[summary["target"]] == row["target_name"]
+    assert 0 <= summary["localization"]["iou"] <= 1 and summary["occlusion"]["grid"] == [3, 3]
+    # The saved saliency is the library's, on the scan's preprocessing of the same file.
+    with open(photo("chelsea.png"), "rb") as handle:
+        pixels, _, _ = decode_image(handle.read(), loaded.preprocess)
+    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255
+    x = (x - torch.tensor(loaded.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(loaded.preprocess.std).view(1, 3, 1, 1)
+    expected = Saliency(loaded.model).attribute(x, target=summary["target"])[0].numpy()
+    saved = np.load(png.parent / "saliency.npy")
+    assert saved.shape == (96, 96)
+    np.testing.assert_allclose(saved, expected, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        logit = float(loaded.model(x)[0, summary["target"]])
+    assert row["score"] == pytest.approx(summary["score"]) and summary["score"] == pytest.approx(logit, rel=1e-4)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from pipeline.cli import main
+
+    small = ["--model", "module:tiny_models:small_net", "--image-size", "32", "--out", str(tmp_path)]
+    image = photo("coffee.png")
+    cases = [
+        (["explain", *small, str(tmp_path / "missing.png")], "image not found"),
+        (["explain", *small, image, "--target", "9"], "out of range: the model has 5 classes"),
+        (["explain", *small, image, "--methods", "gradcam", "--layer", "nope"], "unknown layer 'nope'"),
+        (["explain", "--model", "module:tiny_models:tiny_vgg", "--image-size", "32", "--out", str(tmp_path), image],
+         "Grad-CAM"),
+        (["dream", *small[:4], image, "--layer", "nope", "--out", str(tmp_path / "d.png")], "unknown layer"),
+    ]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    cases.append((["explain", *small, str(tmp_path / "bad.png")], "cannot read image"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "explain").exists()   # nothing written by failed runs
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".explain-staging")]
+
+
+def test_dream_cli_writes_the_image_and_raises_the_layer(tmp_path, capsys):
+    from PIL import Image
+
+    from pipeline.cli import main
+
+    out = tmp_path / "dream.png"
+    argv = ["dream", "--model", "module:tiny_models:small_net", "--image-size", "48", photo("astronaut.png"),
+            "--layer", "block", "--octaves", "2", "--steps", "4", "--jitter", "4", "--out", str(out)]
+    assert main(argv) == 0
+    assert Image.open(out).size == (48, 48)
+    text = capsys.readouterr().out
+    ratio = float(text.rsplit("x", 1)[1].strip(")\n"))
+    assert ratio > 1.0   # the objective rose (how much: test_deepdream_amplifies_the_layer_and_is_deterministic)
+
+
+def test_worker_without_ray_keeps_unreadable_rows(tmp_path):
+    import pickle
+
+    from helpers import folder_batch, write_png
+
+    from pipeline.data import Decoder, SourceSpec
+    from pipeline.explain.data_runner import ExplainWorker
+    from pipeline.explain.explainer import ExplainConfig, Explainer
+    from pipeline.models import ModelConfig
+
+    config = ExplainConfig(ModelConfig("module:tiny_models:small_net", image_size=32), window=8, stride=8)
+    good = write_png(str(tmp_path / "a" / "good.png"), np.random.default_rng(0).integers(0, 255, (40, 50, 3)))
+    bad = tmp_path / "a" / "bad.png"
+    bad.write_bytes(b"broken")
+    decoder = Decoder(SourceSpec("folder", str(tmp_path), (good, str(bad))), Explainer(config).preprocess)
+    decoded = decoder(folder_batch(str(tmp_path), [good, str(bad)]))
+    results = [pickle.loads(b) for b in ExplainWorker(config)(decoded)["result"]]
+    assert [r["row"]["status"] for r in results] == ["ok", "error"]
+    assert sorted(results[0]["files"]) == sorted(f"{m}.{e}" for m in ("saliency", "occlusion", "cam", "gradcam")
+                                                 for e in ("npy", "png"))
+    expected = Explainer(config).explain(decoded["pixels"][:1])[0]
+    import io
+
+    np.testing.assert_allclose(np.load(io.BytesIO(results[0]["files"]["gradcam.npy"])), expected.maps["gradcam"])
+
+
+def test_data_mode_on_ray_writes_the_run_index(ray_cluster, photo_folder, tmp_path):
+    import json
+    import os
+
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+    from pipeline.explain.outputs import INDEX_SCHEMA
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"format_version": 1}))   # stands in for a complete scan
+    argv = ["explain", "--model", "module:tiny_models:small_net", "--image-size", "32", "--window", "8",
+            "--stride", "8", "--data", photo_folder, "--run", str(run), "--batch-size", "8", "-q"]
+    assert main(argv) == 0
+    index = pq.read_table(run / "explain" / "index.parquet")
+    assert index.schema.equals(INDEX_SCHEMA) and index.num_rows == 36 * 4
+    keys = set(index["image_key"].to_pylist())
+    assert len(keys) == 36 and all("/" in key for key in keys)        # folder keys: label/file
+    for path in index["path"].to_pylist():
+        assert os.path.isfile(run / path) and os.path.isfile(run / (path[:-4] + ".npy"))
+    summary = pq.read_table(run / "explain" / "summary.parquet").to_pylist()
+    assert len(summary) == 36 and all(r["status"] == "ok" and r["box_x0"] is not None for r in summary)
+    assert (run / "manifest.json").is_file() and not [p for p in os.listdir(run) if p.startswith(".explain")]
+    # A re-run replaces explain/ as a whole.
+    assert main(argv[:-1] + ["--methods", "saliency", "-q"]) == 0
+    assert set(pq.read_table(run / "explain" / "index.parquet")["method"].to_pylist()) == {"saliency"}

@@ -1,7 +1,9 @@
 """Weakly supervised localisation from a saliency map (Simonyan et al. 2013, section 3.1, simplified).
 
 The paper segments with GraphCut seeded by the saliency map; the lecture's simpler version, used here:
-keep the pixels whose saliency is at or above the `percentile`-th percentile of the map (default 95: the
+optionally smooth the map with a `smooth` x `smooth` box filter (raw saliency is speckled pixel by pixel, so
+without it the largest region above a threshold is tiny; `atlas explain` uses input size / 28, 8 pixels at
+224), keep the pixels whose saliency is at or above the `percentile`-th percentile of the map (default 95: the
 top 5 % of pixels), take the LARGEST 8-connected component of them (isolated speckles elsewhere are
 ignored), and report its bounding box, half-open (x0, y0, x1, y1) in the map's (network-input) pixels.
 `iou` compares two boxes in the same pixels.
@@ -39,12 +41,24 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return np.array(best, dtype=np.int64).reshape(-1, 2)
 
 
-def saliency_box(saliency: np.ndarray, percentile: float = 95.0) -> Box | None:
+def box_blur(values: np.ndarray, size: int) -> np.ndarray:
+    """Mean over a size x size window around each pixel (edges repeated), by summed-area tables."""
+    if size <= 1:
+        return values
+    before = size // 2
+    padded = np.pad(values, ((before, size - 1 - before), (before, size - 1 - before)), mode="edge")
+    table = np.pad(padded.cumsum(axis=0).cumsum(axis=1), ((1, 0), (1, 0)))
+    return (table[size:, size:] - table[:-size, size:] - table[size:, :-size] + table[:-size, :-size]) / size ** 2
+
+
+def saliency_box(saliency: np.ndarray, percentile: float = 95.0, smooth: int = 1) -> Box | None:
     """Bounding box (x0, y0, x1, y1), half-open, of the largest connected region at or above the
-    `percentile`-th percentile of an (H, W) map; None for a map with nothing above zero."""
+    `percentile`-th percentile of an (H, W) map (after a `smooth` x `smooth` box filter; 1 = none);
+    None for a map with nothing above zero."""
     saliency = np.asarray(saliency, dtype=np.float64)
     if saliency.ndim != 2:
         raise ValueError(f"expected an (H, W) map, got shape {saliency.shape}")
+    saliency = box_blur(saliency, smooth)
     if not 0.0 <= percentile < 100.0:
         raise ValueError(f"percentile must be in [0, 100), got {percentile}")
     if not np.isfinite(saliency).all() or saliency.max() <= 0:
