@@ -417,24 +417,32 @@ def test_worker_without_ray_keeps_unreadable_rows(tmp_path):
 
 
 def test_data_mode_on_ray_writes_the_run_index(ray_cluster, photo_folder, tmp_path):
-    import json
     import os
 
     import pyarrow.parquet as pq
 
     from pipeline.cli import main
+    from pipeline.explain.images import explain_run_images
     from pipeline.explain.outputs import INDEX_SCHEMA
+    from pipeline.models import ModelConfig
+    from pipeline.scan_runner import ScanConfig, run_scan
+    from pipeline.store import connect
 
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "manifest.json").write_text(json.dumps({"format_version": 1}))   # stands in for a complete scan
+    run_scan(ScanConfig(model=ModelConfig("module:tiny_models:small_net", image_size=32), data=photo_folder,
+                        out=str(run), layers="down", k=2, batch_size=16, progress=False))
+    scan_keys = {row[0] for row in connect(str(run)).execute("SELECT image_key FROM images").fetchall()}
+    # The demo's call: a few of the run's images, under the scan's keys, with the scan's model.
+    summaries = explain_run_images(str(run), count=3, methods=("cam", "occlusion"), window=8, stride=8)
+    index = pq.read_table(run / "explain" / "index.parquet")
+    assert index.num_rows == 6 and set(index["image_key"].to_pylist()) == {s["image_key"] for s in summaries}
+    assert set(index["image_key"].to_pylist()) <= scan_keys
     argv = ["explain", "--model", "module:tiny_models:small_net", "--image-size", "32", "--window", "8",
             "--stride", "8", "--data", photo_folder, "--run", str(run), "--batch-size", "8", "-q"]
     assert main(argv) == 0
     index = pq.read_table(run / "explain" / "index.parquet")
     assert index.schema.equals(INDEX_SCHEMA) and index.num_rows == 36 * 4
-    keys = set(index["image_key"].to_pylist())
-    assert len(keys) == 36 and all("/" in key for key in keys)        # folder keys: label/file
+    assert set(index["image_key"].to_pylist()) == scan_keys          # the scan's keys: the site can join
     for path in index["path"].to_pylist():
         assert os.path.isfile(run / path) and os.path.isfile(run / (path[:-4] + ".npy"))
     summary = pq.read_table(run / "explain" / "summary.parquet").to_pylist()
@@ -443,3 +451,23 @@ def test_data_mode_on_ray_writes_the_run_index(ray_cluster, photo_folder, tmp_pa
     # A re-run replaces explain/ as a whole.
     assert main(argv[:-1] + ["--methods", "saliency", "-q"]) == 0
     assert set(pq.read_table(run / "explain" / "index.parquet")["method"].to_pylist()) == {"saliency"}
+
+
+def test_default_gradcam_layer_is_the_module_that_outputs_cams_feature_map():
+    """ResNet's traced feature node is BasicBlock.relu, called twice per block: its first call is not the
+    block's output, so the Grad-CAM layer must be the block (layer4.1), and then Grad-CAM = ReLU(CAM) / (h w)."""
+    from pipeline.explain.explainer import ExplainConfig, Explainer
+    from pipeline.models import ModelConfig
+
+    explainer = Explainer(ExplainConfig(ModelConfig("torchvision:resnet18", image_size=64), methods=("cam", "gradcam"),
+                                        percentile=None))
+    assert explainer.cam.head.feature_module == "layer4.1.relu" and explainer.layer == "layer4.1"
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3)).astype(np.uint8)
+    explanations = explainer.explain(pixels)
+    x = explainer.normalise(pixels)
+    cam_maps, _, _ = explainer.cam.layer_attribute(x)
+    from pipeline.explain.common import upsample
+
+    expected = upsample(cam_maps.clamp(min=0), (64, 64)) / (cam_maps.shape[-1] * cam_maps.shape[-2])
+    for i, explanation in enumerate(explanations):
+        np.testing.assert_allclose(explanation.maps["gradcam"], expected[i].numpy(), rtol=1e-4, atol=1e-6)

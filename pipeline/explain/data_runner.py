@@ -9,6 +9,7 @@ bytes. ROOT is the scan run given by --run (or an --out that is a scan run), els
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -117,7 +118,7 @@ def run_explain_data(config: ExplainConfig, data: str, root: str, batch_size: in
             from tqdm import tqdm
 
             plan = _plan_actors(SimpleNamespace(actors=actors, threads=threads), cluster)
-            worker_config = ExplainConfig(**{**config.__dict__, "device": plan["device"], "threads": plan["threads"]})
+            worker_config = dataclasses.replace(config, device=plan["device"], threads=plan["threads"])
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
             context.print_on_execution_start = False

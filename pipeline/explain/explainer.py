@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.explain.cam import CAM, CAMError, find_gap_linear_head
-from pipeline.explain.common import resolve_targets
+from pipeline.explain.cam import CAM, CAMError
+from pipeline.explain.common import capture_output, find_module, resolve_targets
 from pipeline.explain.gradcam import GradCAM
 from pipeline.explain.localize import saliency_box
 from pipeline.explain.occlusion import FILLS, Occlusion
@@ -124,13 +124,14 @@ class Explainer:
                          + (" or a class name of the weights" if names else " (these weights name no classes)"))
 
     def _gradcam_layer(self) -> str:
-        """The configured layer, else the feature map a GAP + linear head pools, else the last conv block."""
+        """The configured layer, else the module whose output is the map a GAP + linear head pools, else the
+        last conv block."""
         if self.config.layer:
             return self.config.layer
         try:
-            head = find_gap_linear_head(self.model)
-            if head.feature_module:
-                return head.feature_module
+            layer = self._cam_feature_module(self.cam or CAM(self.model))
+            if layer:
+                return layer
         except CAMError:
             pass
         names = [info.name for info in layer_shapes(self.model, self.preprocess.image_size)]
@@ -138,6 +139,30 @@ class Explainer:
         if not blocks:
             raise ModelError("no convolutional layer found for Grad-CAM; pass --layer")
         return blocks[-1]
+
+    def _cam_feature_module(self, cam: CAM) -> str | None:
+        """The module whose (first-call) output IS the feature map CAM pools, checked on a forward pass.
+
+        The traced node may be a module called twice (ResNet's BasicBlock.relu: its first call is not the
+        block's output), so the node's module and then its ancestors (layer4.1.relu, layer4.1, layer4) are
+        tried, and the first whose hooked output equals the traced feature map wins.
+        """
+        target = cam.head.feature_module
+        if not target:
+            return None
+        parts = target.split(".")
+        candidates = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        size = self.preprocess.image_size
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        with torch.no_grad():
+            features, _ = cam.graph_module(x)
+            for name in candidates:
+                with capture_output(find_module(self.model, name)) as captured:
+                    self.model(x)
+                out = captured.get("out")
+                if out is not None and out.shape == features.shape and torch.allclose(out, features):
+                    return name
+        return None
 
     def normalise(self, pixels: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(self.device)  # a copy: Ray hands read-only arrays

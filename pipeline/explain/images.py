@@ -1,6 +1,7 @@
 """`atlas explain IMAGE...` and `atlas dream IMAGE`: explanations of image files in this process.
 
-`explain_images` is also the one call the demo needs (see README, Explanations).
+`explain_run_images(run, count)` is the one call the demo needs: a few of a scan run's images, explained with
+the scan's own model into RUN/explain/ (see README, Explanations).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.data import DataError
-from pipeline.explain.explainer import ExplainConfig, Explainer
+from pipeline.explain.explainer import METHODS, ExplainConfig, Explainer
 from pipeline.explain.outputs import (
     EXPLAIN,
     ExplainWriter,
@@ -47,24 +48,62 @@ def _keys(paths: list[str]) -> list[str]:
 
 
 def explain_images(config: ExplainConfig, paths: list[str], out: str,
-                   boxes: list[tuple[int, int, int, int] | None] | None = None, batch_size: int = 8) -> list[dict]:
+                   boxes: list[tuple[int, int, int, int] | None] | None = None, batch_size: int = 8,
+                   keys: list[str] | None = None) -> list[dict]:
     """Explain image files; write OUT/explain/ (layout in outputs.py); return the per-image summaries.
 
     boxes: optional ground-truth box per image, (x0, y0, x1, y1) half-open in ORIGINAL image pixels; the
-    saliency box's IoU against it is reported. Every image is read before any work (a missing or
-    unreadable file is a DataError), and nothing is written unless all images were explained.
+    saliency box's IoU against it is reported. keys: the images' keys in the index (default: file names).
+    Every image is read before any work (a missing or unreadable file is a DataError), and nothing is
+    written unless all images were explained.
     """
     if not paths:
         raise ValueError("no images given")
-    if boxes is not None and len(boxes) != len(paths):
-        raise ValueError(f"{len(boxes)} boxes for {len(paths)} images")
     explainer = Explainer(config)
     decoded = [read_image(path, explainer.preprocess) for path in paths]
-    keys = _keys(paths)
+    return _explain_decoded(explainer, keys or _keys(paths), decoded, out, boxes, batch_size,
+                            [{"image": os.path.abspath(path)} for path in paths])
+
+
+def explain_run_images(run: str, count: int = 4, keys: list[str] | None = None,
+                       methods: tuple[str, ...] = METHODS, **settings) -> list[dict]:
+    """Explain `count` images of a complete scan run (the first by key, or the given `keys`) with the scan's
+    own model, weights and preprocessing, into RUN/explain/ under the scan's image keys (so the site can join
+    them with the run's tables). `settings`: other ExplainConfig fields (target, window, stride, ...)."""
+    from pipeline.data import resolve_source
+    from pipeline.fetch import fetch_images
+    from pipeline.store import RunError, connect, read_manifest
+
+    manifest = read_manifest(run)
+    if manifest is None:
+        raise RunError(f"{run} is not a complete scan (no manifest.json); run `atlas scan` first")
+    model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"]["model"].items()})
+    explainer = Explainer(ExplainConfig(model=model, methods=tuple(methods), **settings))
+    query = "SELECT image_key, source FROM images WHERE status = 'ok'"
+    params: list = []
+    if keys:
+        query += f" AND image_key IN ({', '.join('?' for _ in keys)})"
+        params = list(keys)
+    rows = connect(run).execute(query + " ORDER BY image_key LIMIT ?", [*params, count]).fetchall()
+    blobs = fetch_images(resolve_source(manifest["config"]["data"]), dict(rows))
+    found = [key for key, _ in rows if key in blobs]
+    if not found:
+        raise DataError(f"none of the requested images could be read back from {manifest['config']['data']}")
+    decoded = [decode_image(blobs[key], explainer.preprocess) for key in found]
+    return _explain_decoded(explainer, found, decoded, run, None, 8, [{"image_key": key} for key in found])
+
+
+def _explain_decoded(explainer: Explainer, keys: list[str], decoded: list[tuple[np.ndarray, int, int]], out: str,
+                     boxes: list | None, batch_size: int, extras: list[dict]) -> list[dict]:
+    config = explainer.config
+    if boxes is not None and len(boxes) != len(keys):
+        raise ValueError(f"{len(boxes)} boxes for {len(keys)} images")
+    if len(set(keys)) != len(keys):
+        raise ValueError("image keys must be unique")
     writer = ExplainWriter(out)
     summaries = []
     try:
-        for start in range(0, len(paths), batch_size):
+        for start in range(0, len(keys), batch_size):
             chunk = decoded[start:start + batch_size]
             explanations = explainer.explain(np.stack([pixels for pixels, _, _ in chunk]))
             for offset, explanation in enumerate(explanations):
@@ -74,9 +113,8 @@ def explain_images(config: ExplainConfig, paths: list[str], out: str,
                 located = localization(explanation, explainer.preprocess, width, height, config.percentile,
                                        boxes[i] if boxes else None)
                 info = summary(keys[i], explanation, directory,
-                               {"image": os.path.abspath(paths[i]), "width": width, "height": height,
-                                "localization": located, "model": config.model.spec,
-                                "preprocess": explainer.preprocess.as_dict()})
+                               extras[i] | {"width": width, "height": height, "localization": located,
+                                            "model": config.model.spec, "preprocess": explainer.preprocess.as_dict()})
                 writer.add(keys[i], directory, render_files(explanation, pixels), info,
                            index_rows(keys[i], explanation, directory),
                            summary_row(keys[i], explanation, directory,
