@@ -163,8 +163,9 @@ def cmd_dream(args: argparse.Namespace) -> int:
 def cmd_bench_explain(args: argparse.Namespace) -> int:
     from pipeline.explain.bench import bench_occlusion
 
+    chunks = tuple(int(c) for c in args.chunks.split(","))
     bench_occlusion(images=args.images, image_size=args.image_size, window=args.window, stride=args.stride,
-                    chunk=args.chunk, threads=args.threads)
+                    chunks=chunks, threads=args.threads)
     return 0
 
 
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--stride", type=int, default=16, help="occlusion stride, input pixels (default 16)")
     explain.add_argument("--fill", choices=("dataset_mean", "image_mean"), default="dataset_mean",
                          help="occlusion fill: the data set's mean colour (0 after normalising) or the image's")
-    explain.add_argument("--chunk", type=int, default=64, help="occluded copies per forward pass")
+    explain.add_argument("--chunk", type=int, help="occluded copies per forward pass (default 128 on GPU, 16 on CPU)")
     explain.add_argument("--smoothgrad", type=int, default=0, help="SmoothGrad samples for saliency (0: off)")
     explain.add_argument("--percentile", type=float, default=95.0,
                          help="saliency box: pixels at or above this percentile (default 95; negative: no box)")
@@ -282,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_explain.add_argument("--image-size", type=int, default=224)
     bench_explain.add_argument("--window", type=int, default=32)
     bench_explain.add_argument("--stride", type=int, default=16)
-    bench_explain.add_argument("--chunk", type=int, default=64)
+    bench_explain.add_argument("--chunks", default="16,64", help="chunk sizes to measure (copies per forward pass)")
     bench_explain.add_argument("--threads", type=int, help="torch threads (default: all CPUs)")
     bench_explain.set_defaults(func=cmd_bench_explain)
     return parser

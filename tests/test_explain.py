@@ -21,6 +21,16 @@ from pipeline.explain import (
 from pipeline.explain.localize import iou, saliency_box
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These tests run many small forward passes; on a shared 2-core machine two OpenMP threads per pass stall
+    on each other (README, Benchmarks), so use one, and restore the setting for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

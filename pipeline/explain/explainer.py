@@ -42,7 +42,7 @@ class ExplainConfig:
     window: int = 32                    # occlusion square, input pixels
     stride: int = 16
     fill: str = "dataset_mean"
-    chunk: int = 64                     # occluded copies per forward pass
+    chunk: int | None = None            # occluded copies per forward pass (None: 128 on GPU, 16 on CPU)
     smoothgrad: int = 0                 # SmoothGrad samples for saliency (0: plain gradient)
     percentile: float | None = 95.0     # saliency localisation threshold; None: no box
     device: str | None = None           # None: CUDA when visible, else CPU

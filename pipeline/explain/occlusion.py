@@ -16,7 +16,10 @@ Map at the input resolution: each pixel gets the MEAN target probability over al
 cover it (so it is exact at the grid, with no interpolation choice to make); the grid itself is kept too.
 
 All occluded copies of all images are batched (`chunk` copies per forward pass, to bound memory), never one
-forward pass per position; `attribute_loop` does the latter, as a reference and for the benchmark.
+forward pass per position; `attribute_loop` does the latter, as a reference and for the benchmark. The
+default chunk is 128 on a GPU and 16 on a CPU: on this project's CPU machine larger chunks were SLOWER per
+image (MobileNetV2 at 224: 2.6 s per image with chunk 16, 5-8 s with 64; activations of 64 copies no longer
+fit the caches and every call maps fresh memory), see README, Benchmarks.
 """
 from __future__ import annotations
 
@@ -65,14 +68,14 @@ class Occlusion:
     """
 
     def __init__(self, model: nn.Module, layer: str | None = None, window: int = 32, stride: int = 16,
-                 fill: str = "dataset_mean", chunk: int = 64):
+                 fill: str = "dataset_mean", chunk: int | None = None):
         if layer is not None:
             raise ValueError("occlusion works on the input pixels; it takes no layer")
         if not 1 <= stride <= window:
             raise ValueError(f"occlusion needs 1 <= stride <= window, got stride {stride}, window {window}")
         if fill not in FILLS:
             raise ValueError(f"occlusion fill must be one of {', '.join(FILLS)}, got {fill!r}")
-        if chunk < 1:
+        if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.model, self.window, self.stride, self.fill, self.chunk = model, window, stride, fill, chunk
 
@@ -99,12 +102,13 @@ class Occlusion:
         positions = gh * gw
         # (positions, 1, H, W) bool masks: the outer product of row and column coverage.
         masks = (rows[:, None, :, None] * cols[None, :, None, :]).reshape(positions, 1, *inputs.shape[-2:]) > 0
+        chunk = self.chunk or (128 if inputs.device.type == "cuda" else 16)
         probs = torch.empty(n * positions, device=inputs.device)
         top_prob = torch.empty(n * positions, device=inputs.device)
         top_class = torch.empty(n * positions, dtype=torch.long, device=inputs.device)
         with torch.no_grad():
-            for start in range(0, n * positions, self.chunk):
-                flat = torch.arange(start, min(start + self.chunk, n * positions), device=inputs.device)
+            for start in range(0, n * positions, chunk):
+                flat = torch.arange(start, min(start + chunk, n * positions), device=inputs.device)
                 image, position = flat // positions, flat % positions
                 copies = torch.where(masks[position], fill[image], inputs[image])
                 p = self.model(copies).float().softmax(dim=1)
