@@ -283,6 +283,21 @@ def test_deepdream_amplifies_the_layer_and_is_deterministic():
     low = (0 - dream.mean) / dream.std
     high = (1 - dream.mean) / dream.std
     assert (out >= low - 1e-6).all() and (out <= high + 1e-6).all()
+    # The objective is the hooked layer's activation on the whole model, too (the ascent runs a truncated copy).
+    from pipeline.explain.common import capture_output
+
+    with torch.no_grad(), capture_output(model.layer2) as captured:
+        model(out)
+    torch.testing.assert_close(0.5 * captured["out"].pow(2).sum(), after[0])
+
+
+def test_deepdream_does_not_depend_on_batch_size():
+    model = SmallNet().eval()
+    dream = DeepDream(model, "block", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = images(3, 32, seed=8).clamp(-2, 2)
+    together = dream.attribute(x, octaves=2, steps=3, jitter=4, seed=5)
+    alone = torch.cat([dream.attribute(x[i:i + 1], octaves=2, steps=3, jitter=4, seed=5) for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ localization

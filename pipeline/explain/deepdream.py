@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.explain.common import capture_output, check_inputs, find_module
+from pipeline.explain.common import check_inputs, find_module
+from pipeline.models import feature_extractor
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +32,16 @@ class DeepDream:
     def __init__(self, model: nn.Module, layer: str, mean: tuple[float, float, float],
                  std: tuple[float, float, float]):
         self.model, self.layer = model, layer
-        self.module = find_module(model, layer)
+        find_module(model, layer)  # a clear error for an unknown layer
+        # The network truncated after the layer (torch.fx, as the scan does; hooks on the whole model when it
+        # cannot be traced): every ascent step runs only the layers the objective depends on.
+        self.extractor = feature_extractor(model, [layer])
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
     def objective(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(N,) 0.5 * squared norm of the layer's activation for each image."""
-        with capture_output(self.module) as captured:
-            self.model(inputs)
-        activation = captured.get("out")
+        """(N,) 0.5 * squared norm of the layer's activation (its first call) for each image."""
+        activation = self.extractor(inputs).get(self.layer)
         if activation is None:
             raise ValueError(f"layer {self.layer!r} did not run in the forward pass")
         return 0.5 * activation.flatten(1).pow(2).sum(dim=1)
