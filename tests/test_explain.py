@@ -198,8 +198,9 @@ def test_cam_refuses_networks_without_a_gap_linear_head_and_names_gradcam():
     with pytest.raises(CAMError, match="Grad-CAM") as error:
         CAM(TinyVGG().eval())
     assert "ReLU" in str(error.value)
-    with pytest.raises(CAMError, match="Grad-CAM"):
-        find_gap_linear_head(torchvision.models.alexnet())   # 6x6 pooling, three linear layers
+    for factory in (torchvision.models.alexnet, lambda: torchvision.models.vgg11(init_weights=False)):
+        with pytest.raises(CAMError, match="Grad-CAM"):      # 6x6 / 7x7 pooling, three linear layers
+            find_gap_linear_head(factory())
     assert GradCAM(TinyVGG().eval(), "features").attribute(images(1)).shape == (1, 32, 32)
     head = find_gap_linear_head(torchvision.models.mobilenet_v2())
     assert head.feature_module == "features.18.2" and head.linear == "classifier.1"
