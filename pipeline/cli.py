@@ -124,6 +124,72 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out=args.out, images=args.images, overwrite=args.overwrite)
 
 
+def _explain_config(args: argparse.Namespace):
+    from pipeline.explain.explainer import ExplainConfig
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    return ExplainConfig(model=_model_config(args), methods=methods, target=args.target, layer=args.layer,
+                         window=args.window, stride=args.stride, fill=args.fill, chunk=args.chunk,
+                         smoothgrad=args.smoothgrad, percentile=None if args.percentile < 0 else args.percentile)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pipeline.explain.data_runner import explain_root, run_explain_data
+    from pipeline.explain.images import explain_images
+    from pipeline.explain.localize import parse_box
+
+    if bool(args.images) == bool(args.data):
+        raise ValueError("give image files or --data D (not both)")
+    root = explain_root(args.out, args.run)
+    config = _explain_config(args)
+    if args.data:
+        result = run_explain_data(config, args.data, root, batch_size=args.batch_size, address=args.address,
+                                  actors=args.actors, threads=args.threads, progress=not args.quiet)
+        print(f"explain: {result['ok']} images explained ({result['error']} unreadable) in {result['seconds']} s, "
+              f"{result['images_per_second']} img/s\n  {root}/explain/index.parquet, summary.parquet")
+        return 0
+    if args.box and len(args.images) != 1:
+        raise ValueError("--box applies to one image")
+    boxes = [parse_box(args.box)] if args.box else None
+    for info in explain_images(config, args.images, root, boxes=boxes, batch_size=args.batch_size):
+        top = ", ".join(f"{t['name']} {t['probability']:.3f}" for t in info["top5"])
+        print(f"{info['image']}\n  target {info['target']} ({info['target_name']}): logit {info['score']:.3f}, "
+              f"probability {info['probability']:.3f}; top-5: {top}")
+        occlusion = info.get("occlusion")
+        if occlusion:
+            print(f"  occlusion: probability {occlusion['base_probability']:.3f} -> {occlusion['min_probability']:.3f}"
+                  f" with the square at {occlusion['min_square']} (input pixels); most likely there: "
+                  f"{occlusion['top_class_name']} {occlusion['top_class_probability']:.3f}")
+        located = info.get("localization")
+        if located:
+            iou = f", IoU {located['iou']:.3f} with --box" if located["iou"] is not None else ""
+            print(f"  saliency box {located['box_original']} (original pixels){iou}")
+        for method, stats in info["methods"].items():
+            print(f"  {method:<9} {root}/{stats['png']} (+ .npy)")
+    print(f"index: {root}/explain/index.parquet")
+    return 0
+
+
+def cmd_dream(args: argparse.Namespace) -> int:
+    from pipeline.explain.images import dream_file
+
+    result = dream_file(_model_config(args), args.image, args.layer, args.out, octaves=args.octaves,
+                        octave_scale=args.octave_scale, steps=args.steps, lr=args.lr, jitter=args.jitter,
+                        seed=args.seed)
+    print(f"dream: {result['out']}  (layer {result['layer']}: 0.5||a||^2 {result['objective_before']:.4g} -> "
+          f"{result['objective_after']:.4g}, x{result['ratio']:.2f})")
+    return 0
+
+
+def cmd_bench_explain(args: argparse.Namespace) -> int:
+    from pipeline.explain.bench import bench_occlusion
+
+    chunks = tuple(int(c) for c in args.chunks.split(","))
+    bench_occlusion(images=args.images, image_size=args.image_size, window=args.window, stride=args.stride,
+                    chunks=chunks, threads=args.threads)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import bench_scan
 
@@ -209,6 +275,47 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.set_defaults(func=cmd_query)
 
+    explain = sub.add_parser("explain", help="per-image explanations: saliency, occlusion, CAM, Grad-CAM "
+                                             "(image files, or a data set on Ray)")
+    _add_model_args(explain)
+    explain.add_argument("images", nargs="*", help="image files (or use --data)")
+    explain.add_argument("--data", help="a data set as for `atlas scan` (folder, shards, Parquet), run on Ray")
+    explain.add_argument("--out", help="directory to write OUT/explain/ into (a scan run directory works)")
+    explain.add_argument("--run", help="a complete scan run: writes RUN/explain/ (shown on the site's class pages)")
+    explain.add_argument("--target", default="auto", help="class index, class name, or auto = top-1 per image")
+    explain.add_argument("--methods", default="saliency,occlusion,cam,gradcam",
+                         help="comma list of saliency, occlusion, cam, gradcam")
+    explain.add_argument("--layer", help="Grad-CAM layer (default: the map CAM uses, else the last conv block)")
+    explain.add_argument("--window", type=int, default=32, help="occlusion square side, input pixels (default 32)")
+    explain.add_argument("--stride", type=int, default=16, help="occlusion stride, input pixels (default 16)")
+    explain.add_argument("--fill", choices=("dataset_mean", "image_mean"), default="dataset_mean",
+                         help="occlusion fill: the data set's mean colour (0 after normalising) or the image's")
+    explain.add_argument("--chunk", type=int, help="occluded copies per forward pass (default 128 on GPU, 16 on CPU)")
+    explain.add_argument("--smoothgrad", type=int, default=0, help="SmoothGrad samples for saliency (0: off)")
+    explain.add_argument("--percentile", type=float, default=95.0,
+                         help="saliency box: pixels at or above this percentile (default 95; negative: no box)")
+    explain.add_argument("--box", help="x0,y0,x1,y1 ground-truth box in ORIGINAL image pixels (one image): "
+                                       "reports the saliency box's IoU")
+    explain.add_argument("--batch-size", type=int, default=8)
+    explain.add_argument("--address", help="Ray cluster address for --data (default: a local Ray)")
+    explain.add_argument("--actors", type=int, help="model replicas for --data")
+    explain.add_argument("--threads", type=int, help="torch threads per CPU actor for --data")
+    explain.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    explain.set_defaults(func=cmd_explain)
+
+    dream = sub.add_parser("dream", help="DeepDream: amplify what a layer sees in an image")
+    _add_model_args(dream)
+    dream.add_argument("image")
+    dream.add_argument("--layer", required=True, help="module name as `atlas layers` lists it")
+    dream.add_argument("--out", required=True, help="PNG file to write")
+    dream.add_argument("--octaves", type=int, default=4)
+    dream.add_argument("--octave-scale", type=float, default=1.4)
+    dream.add_argument("--steps", type=int, default=10, help="ascent steps per octave")
+    dream.add_argument("--lr", type=float, default=0.05, help="step size (normalised units per mean |gradient|)")
+    dream.add_argument("--jitter", type=int, default=32, help="random roll of up to this many pixels per step")
+    dream.add_argument("--seed", type=int, default=0)
+    dream.set_defaults(func=cmd_dream)
+
     demo = sub.add_parser("demo", help="offline end-to-end demo: MobileNetV2 (ImageNet) over real photos")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--images", type=int, default=600, help="number of real photos to scan")
@@ -241,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_render_parser.add_argument("--single-units", type=int, default=4, help="units rendered one at a time")
     bench_render_parser.add_argument("--lucent-units", type=int, default=2, help="units rendered by Lucent")
     bench_render_parser.set_defaults(func=cmd_bench_render)
+    bench_explain = bench_sub.add_parser("explain", help="occlusion images/s: batched occluded copies vs one "
+                                                         "forward pass per position (MobileNetV2)")
+    bench_explain.add_argument("--images", type=int, default=4)
+    bench_explain.add_argument("--image-size", type=int, default=224)
+    bench_explain.add_argument("--window", type=int, default=32)
+    bench_explain.add_argument("--stride", type=int, default=16)
+    bench_explain.add_argument("--chunks", default="16,64", help="chunk sizes to measure (copies per forward pass)")
+    bench_explain.add_argument("--threads", type=int, help="torch threads (default: all CPUs)")
+    bench_explain.set_defaults(func=cmd_bench_explain)
     return parser
 
 

@@ -60,3 +60,22 @@ class SmallNet(nn.Module):
 
 def small_net() -> nn.Module:
     return SmallNet()
+
+
+class TinyVGG(nn.Module):
+    """Conv features, then two linear layers: no GAP + one-linear head, so CAM must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def tiny_vgg() -> nn.Module:
+    return TinyVGG()

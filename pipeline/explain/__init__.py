@@ -1,0 +1,21 @@
+"""Per-image explanations (issue 6): one algorithm per module, one call shape
+``Algo(model, layer_or_None).attribute(inputs, target=...) -> tensor`` (Captum's style).
+
+    saliency.Saliency        Simonyan et al. 2013 (+ SmoothGrad)     input gradients of the logit
+    occlusion.Occlusion      Zeiler & Fergus 2013                   target probability under a sliding square
+    cam.CAM                  Zhou et al. 2016                       GAP + linear networks only (checked)
+    gradcam.GradCAM          Selvaraju et al. 2017                  any layer
+    deepdream.DeepDream      Mordvintsev et al. 2015                amplify a layer (returns images)
+    localize                 threshold a saliency map into a box, IoU
+
+The file-writing side (`explainer`, `outputs`, `images`, `data_runner`) and the benchmark (`bench`) build on
+these. Importing this package imports torch but starts nothing.
+"""
+from pipeline.explain.cam import CAM, CAMError, find_gap_linear_head
+from pipeline.explain.deepdream import DeepDream
+from pipeline.explain.gradcam import GradCAM
+from pipeline.explain.occlusion import Occlusion, OcclusionResult
+from pipeline.explain.saliency import Saliency
+
+__all__ = ["CAM", "CAMError", "DeepDream", "GradCAM", "Occlusion", "OcclusionResult", "Saliency",
+           "find_gap_linear_head"]

@@ -1,0 +1,223 @@
+"""Run the chosen explanation methods on a batch of decoded images with one loaded model.
+
+`Explainer` is what both `atlas explain IMAGE...` (in this process) and `atlas explain --data` (inside Ray
+actors) run: the scan's model loading and preprocessing (uint8 crops from `Preprocess.apply`, normalised on
+the model's device), one forward pass to pick the targets, then each method, batched over the images.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.explain.cam import CAM, CAMError
+from pipeline.explain.common import capture_output, find_module, resolve_targets
+from pipeline.explain.gradcam import GradCAM
+from pipeline.explain.localize import saliency_box
+from pipeline.explain.occlusion import FILLS, Occlusion
+from pipeline.explain.saliency import Saliency
+from pipeline.models import (
+    ModelConfig,
+    ModelError,
+    conv_block_outputs,
+    layer_shapes,
+    load_model,
+)
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("saliency", "occlusion", "cam", "gradcam")
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Settings of one explain run (picklable: sent to Ray actors)."""
+
+    model: ModelConfig
+    methods: tuple[str, ...] = METHODS
+    target: str | int = "auto"          # 'auto' (top-1 per image), a class index, or a class name
+    layer: str | None = None            # Grad-CAM's layer; None: the map CAM uses, else the last conv block
+    window: int = 32                    # occlusion square, input pixels
+    stride: int = 16
+    fill: str = "dataset_mean"
+    chunk: int | None = None            # occluded copies per forward pass (None: 128 on GPU, 16 on CPU)
+    smoothgrad: int = 0                 # SmoothGrad samples for saliency (0: plain gradient)
+    percentile: float | None = 95.0     # saliency localisation threshold; None: no box
+    device: str | None = None           # None: CUDA when visible, else CPU
+    threads: int | None = None
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+        if self.fill not in FILLS:
+            raise ValueError(f"--fill must be one of {', '.join(FILLS)}")
+        if not 1 <= self.stride <= self.window:
+            raise ValueError(f"occlusion needs 1 <= stride <= window, got stride {self.stride}, window {self.window}")
+        if self.percentile is not None and not 0 <= self.percentile < 100:
+            raise ValueError(f"percentile must be in [0, 100), got {self.percentile}")
+
+
+@dataclass
+class Explanation:
+    """One image's explanations: raw (H, W) float32 maps per method and what the summary reports."""
+
+    target: int
+    target_name: str
+    score: float                        # the target's logit
+    probability: float
+    top5: list[dict]                    # [{class, name, probability, logit}]
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    occlusion: dict | None = None
+    box: tuple[int, int, int, int] | None = None    # saliency box, input pixels, half-open
+
+
+class Explainer:
+    """``Explainer(config).explain(pixels) -> [Explanation]`` for uint8 (N, S, S, 3) crops.
+
+    Everything that can be wrong with the settings (model, weights, layer, class, CAM on a network without a
+    GAP + linear head) fails here, in the constructor, before any image is touched.
+    """
+
+    def __init__(self, config: ExplainConfig):
+        config.validate()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        loaded = load_model(config.model)
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = loaded.model.to(self.device).eval()
+        self.preprocess = loaded.preprocess
+        self.categories = loaded.categories
+        size = self.preprocess.image_size
+        with torch.no_grad():  # the number of classes, from the model itself (weights may not name them)
+            self.classes = int(self.model(torch.zeros(1, 3, size, size, device=self.device)).shape[1])
+        self.target = self._parse_target(config.target)
+        self.mean = torch.tensor(self.preprocess.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.preprocess.std, device=self.device).view(1, 3, 1, 1)
+        self.cam = CAM(self.model) if "cam" in config.methods else None
+        self.layer = self._gradcam_layer() if "gradcam" in config.methods else None
+        self.gradcam = GradCAM(self.model, self.layer) if self.layer else None
+        self.occlusion = Occlusion(self.model, None, window=config.window, stride=config.stride, fill=config.fill,
+                                   chunk=config.chunk) if "occlusion" in config.methods else None
+        if self.occlusion and config.window > self.preprocess.image_size:
+            raise ValueError(f"occlusion window {config.window} is larger than the {self.preprocess.image_size}-pixel input")
+
+    def class_name(self, index: int) -> str:
+        return self.categories[index] if self.categories else f"class {index}"
+
+    def _parse_target(self, target: str | int) -> str | int:
+        if isinstance(target, int) or (isinstance(target, str) and target.lstrip("-").isdigit()):
+            index = int(target)
+            if not 0 <= index < self.classes:
+                raise ValueError(f"class index {index} is out of range: the model has {self.classes} classes "
+                                 f"(0..{self.classes - 1})")
+            return index
+        if target == "auto":
+            return "auto"
+        names = [n.lower() for n in self.categories or []]
+        if target.lower() in names:
+            return names.index(target.lower())
+        raise ValueError(f"unknown target {target!r}: give 'auto', a class index (0..{self.classes - 1})"
+                         + (" or a class name of the weights" if names else " (these weights name no classes)"))
+
+    def _gradcam_layer(self) -> str:
+        """The configured layer, else the module whose output is the map a GAP + linear head pools, else the
+        last conv block."""
+        if self.config.layer:
+            return self.config.layer
+        try:
+            layer = self._cam_feature_module(self.cam or CAM(self.model))
+            if layer:
+                return layer
+        except CAMError:
+            pass
+        names = [info.name for info in layer_shapes(self.model, self.preprocess.image_size)]
+        blocks = conv_block_outputs(self.model, names)
+        if not blocks:
+            raise ModelError("no convolutional layer found for Grad-CAM; pass --layer")
+        return blocks[-1]
+
+    def _cam_feature_module(self, cam: CAM) -> str | None:
+        """The module whose (first-call) output IS the feature map CAM pools, checked on a forward pass.
+
+        The traced node may be a module called twice (ResNet's BasicBlock.relu: its first call is not the
+        block's output), so the node's module and then its ancestors (layer4.1.relu, layer4.1, layer4) are
+        tried, and the first whose hooked output equals the traced feature map wins.
+        """
+        target = cam.head.feature_module
+        if not target:
+            return None
+        parts = target.split(".")
+        candidates = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        size = self.preprocess.image_size
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        with torch.no_grad():
+            features, _ = cam.graph_module(x)
+            for name in candidates:
+                with capture_output(find_module(self.model, name)) as captured:
+                    self.model(x)
+                out = captured.get("out")
+                if out is not None and out.shape == features.shape and torch.allclose(out, features):
+                    return name
+        return None
+
+    def normalise(self, pixels: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(self.device)  # a copy: Ray hands read-only arrays
+        return x.permute(0, 3, 1, 2).float().div(255.0).sub(self.mean).div(self.std)
+
+    def explain(self, pixels: np.ndarray) -> list[Explanation]:
+        """Explanations of uint8 (N, S, S, 3) images, all methods batched over the N images."""
+        if len(pixels) == 0:
+            return []
+        x = self.normalise(pixels)
+        with torch.no_grad():
+            logits = self.model(x).float()
+        targets = resolve_targets(logits, self.target)
+        probs = logits.softmax(dim=1)
+        maps: dict[str, torch.Tensor] = {}
+        occluded = None
+        if "saliency" in self.config.methods:
+            maps["saliency"] = Saliency(self.model).attribute(x, targets, samples=self.config.smoothgrad)
+        if self.occlusion is not None:
+            occluded = self.occlusion.occlude(x, targets)
+            maps["occlusion"] = occluded.map
+        if self.cam is not None:
+            maps["cam"] = self.cam.attribute(x, targets)
+        if self.gradcam is not None:
+            maps["gradcam"] = self.gradcam.attribute(x, targets)
+        arrays = {name: value.detach().float().cpu().numpy() for name, value in maps.items()}
+        top_p, top_c = probs.topk(min(5, probs.shape[1]), dim=1)
+        out = []
+        for i in range(len(pixels)):
+            t = int(targets[i])
+            explanation = Explanation(
+                target=t, target_name=self.class_name(t), score=float(logits[i, t]), probability=float(probs[i, t]),
+                top5=[{"class": int(c), "name": self.class_name(int(c)), "probability": float(p),
+                       "logit": float(logits[i, int(c)])} for p, c in zip(top_p[i].tolist(), top_c[i].tolist())],
+                maps={name: array[i].astype(np.float32) for name, array in arrays.items()})
+            if occluded is not None:
+                explanation.occlusion = self._occlusion_summary(occluded, i)
+            if "saliency" in arrays and self.config.percentile is not None:
+                explanation.box = saliency_box(arrays["saliency"][i], self.config.percentile,
+                                               smooth=max(1, self.preprocess.image_size // 28))
+            out.append(explanation)
+        return out
+
+    def _occlusion_summary(self, result, i: int) -> dict:
+        """Where the target's probability fell lowest, and which class was most likely then (Zeiler & Fergus)."""
+        grid = result.grid[i]
+        a, b = divmod(int(grid.argmin()), grid.shape[1])
+        top = int(result.top_class[i, a, b])
+        size, step, window = self.preprocess.image_size, self.config.stride, self.config.window
+        return {"window": self.config.window, "stride": self.config.stride, "fill": self.config.fill,
+                "grid": list(grid.shape), "base_probability": float(result.base_prob[i]),
+                "min_probability": float(grid[a, b]),
+                # x0, y0, x1, y1 in input pixels (the last squares are cut at the border)
+                "min_square": [b * step, a * step, min(b * step + window, size), min(a * step + window, size)],
+                "top_class_there": top, "top_class_name": self.class_name(top),
+                "top_class_probability": float(result.top_prob[i, a, b]),
+                "grid_probabilities": [[round(float(v), 6) for v in row] for row in grid.tolist()],
+                "grid_top_classes": result.top_class[i].tolist()}
