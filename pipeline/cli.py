@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline end-to-end demo: MobileNetV2 (ImageNet) over real photos")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--images", type=int, default=600, help="number of real photos to scan")
-    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--overwrite", action="store_true", help="replace a run in --out made with other settings "
+                                                                "(e.g. by an older version of the demo)")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON")

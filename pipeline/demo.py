@@ -11,8 +11,10 @@ import logging
 import os
 
 from pipeline.demo_data import make_photo_folder, mobilenet_v2_weights
+from pipeline.explain.images import explain_run_images
 from pipeline.models import ModelConfig
 from pipeline.query import format_result, run_query
+from pipeline.ray_session import ray_session
 from pipeline.render import RenderOptions, render_run
 from pipeline.render_worker import VisSettings
 from pipeline.scan_runner import ScanConfig, run_scan
@@ -26,6 +28,7 @@ DEMO_RENDER_UNITS = 8
 DEMO_OUTPUT_LAYER = "classifier.1"  # the logits: recorded too, so class pages list the photos that score highest
 DEMO_CLASSES = 6
 DEMO_STEPS = 64
+DEMO_EXPLAIN_IMAGES = 4
 
 DEMO_QUERY = ("SELECT layer, count(*) AS units, sum(dead::INT) AS dead, round(avg(frac_active), 3) AS frac_active "
               "FROM units GROUP BY layer, layer_index ORDER BY layer_index")
@@ -37,7 +40,13 @@ VIS_QUERY = ("SELECT layer, kind, count(*) AS images, round(median(featvis_act /
 
 
 def run_demo(out: str = "runs/demo", images: int = 600, overwrite: bool = False, progress: bool = True) -> int:
-    """Scan `images` photo crops with MobileNetV2 (every conv block), print where the results are."""
+    """Scan, query, render, explain and build the site on real photos; print where everything is."""
+    # One local Ray for every stage (each stage alone would start and stop its own).
+    with ray_session():
+        return _run_demo(out, images, overwrite, progress)
+
+
+def _run_demo(out: str, images: int, overwrite: bool, progress: bool) -> int:
     data = make_photo_folder(os.path.join(os.path.dirname(os.path.abspath(out)) or ".", "demo-photos"), images)
     manifest = run_scan(ScanConfig(
         model=ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights()),
@@ -65,6 +74,13 @@ def run_demo(out: str = "runs/demo", images: int = 600, overwrite: bool = False,
           f"class visualizations of the {DEMO_CLASSES} classes the photos score highest.")
     columns, rows = run_query(out, VIS_QUERY)
     print("Feature visualizations reach beyond the best photo (atlas query):\n" + format_result(columns, rows, "table"))
+    # Per-image explanations of the best photo of each top class, so the class pages show why it scored.
+    keys = [key for (key,) in connect(out).execute(
+        f"SELECT image_key FROM topk WHERE layer = '{DEMO_OUTPUT_LAYER}' AND rank = 0 AND unit IN "
+        f"({', '.join(map(str, top_classes))}) ORDER BY act DESC").fetchall()]
+    explained = explain_run_images(out, count=DEMO_EXPLAIN_IMAGES, keys=keys, stride=32)
+    print(f"Explained {len(explained)} photos (saliency, occlusion, CAM, Grad-CAM): "
+          f"{os.path.join(os.path.abspath(out), 'explain')}")
     site = build_site(out, progress=progress)
     print(f"Atlas site ({site.pages} pages): open file://{site.index}")
     print(f"Run directory: {os.path.abspath(out)}")

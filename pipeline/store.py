@@ -61,6 +61,10 @@ ATLAS_INDEX_SCHEMA = pa.schema([
 ])
 
 
+# Directories later stages write into a run (render, explain, site): removed when the scan is redone.
+DERIVED = ("atlas", "explain", "site")
+
+
 class RunError(RuntimeError):
     """A run directory that cannot be used as asked; the message says why."""
 
@@ -143,21 +147,32 @@ class RunDirectory:
     def begin(self, fingerprint: str, overwrite: bool = False) -> bool:
         manifest = read_manifest(self.path)
         if manifest is not None:
-            if manifest.get("fingerprint") == fingerprint and not overwrite:
-                return False
+            if manifest.get("fingerprint") == fingerprint:
+                return False  # the same scan is complete: nothing to do (with or without --overwrite)
             if not overwrite:
                 raise RunError(f"{self.path} already holds a complete run made with other settings; "
                                "choose another --out or pass --overwrite")
             os.unlink(os.path.join(self.path, MANIFEST))
+            self._clear_derived()
         elif os.path.isdir(self.path) and os.listdir(self.path):
-            unknown = set(os.listdir(self.path)) - set(TABLES) - {STAGING, MANIFEST}
+            unknown = set(os.listdir(self.path)) - set(TABLES) - set(DERIVED) - {STAGING, MANIFEST}
             if unknown:
                 raise RunError(f"{self.path} is not empty and is not a run directory "
                                f"(found {', '.join(sorted(unknown)[:5])}); refusing to touch it")
             logger.info("clearing the unfinished run in %s", self.path)
+            self._clear_derived()
         shutil.rmtree(self.staging, ignore_errors=True)
         os.makedirs(self.staging)
         return True
+
+    def _clear_derived(self) -> None:
+        """A new scan invalidates what later stages made from the old one (atlas images, explanations, site):
+        render would otherwise take an old model's images for done."""
+        for name in DERIVED:
+            path = os.path.join(self.path, name)
+            if os.path.isdir(path):
+                logger.info("removing %s (made from the previous scan)", path)
+                shutil.rmtree(path)
 
     def staged(self, table: str) -> str:
         return os.path.join(self.staging, table)

@@ -136,3 +136,15 @@ def test_bad_render_requests_fail_before_any_work(scanned, tmp_path):
         render_run(scanned, RenderOptions(layers=("stem",)))
     assert main(["render", str(tmp_path), "-q"]) == 2
     assert main(["render", scanned, "--units", "x-3"]) == 2
+
+
+def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, photo_folder, tmp_path):
+    """Atlas images describe one scan: re-scanning with other settings must not leave them to be taken as done."""
+    run = str(tmp_path / "run")
+    run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="down", k=2, progress=False))
+    render_run(run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, progress=False))
+    assert os.path.isfile(os.path.join(run, unit_file("down", 0, "crop", 1)))
+    run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="down", k=1, overwrite=True, progress=False))
+    assert not os.path.exists(os.path.join(run, "atlas"))
+    index = render_run(run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, progress=False))
+    assert sorted(index.column("rank").to_pylist()) == [0] * 4

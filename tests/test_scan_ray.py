@@ -233,6 +233,7 @@ def test_restart_after_interruption_and_skip_when_complete(ray_cluster, photo_fo
     # Complete with the same settings: nothing is recomputed.
     monkeypatch.setattr(scan_runner, "_execute", lambda *a, **k: pytest.fail("re-ran a complete scan"))
     assert run_scan(config)["fingerprint"] == first["fingerprint"]
+    assert run_scan(ScanConfig(**{**config.__dict__, "overwrite": True}))["fingerprint"] == first["fingerprint"]
     # Other settings into a complete run: refused unless --overwrite.
     with pytest.raises(RunError, match="other settings"):
         run_scan(ScanConfig(**{**config.__dict__, "k": 2}))
