@@ -37,8 +37,20 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+# Lucent (the reference feature-visualization library) for `atlas bench render` only. Its pins (kornia<=0.4.1,
+# and test tools as runtime requirements) would downgrade or bloat the environment, so it is installed without
+# dependencies plus the three it imports: decorator, IPython, and kornia 0.4.1 (its rotate API).
+LUCENT_STAMP := $(VENV)/.lucent
+$(LUCENT_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --no-deps torch-lucent==0.1.8 kornia==0.4.1
+	$(BIN)/pip install --quiet decorator ipython
+	touch $(LUCENT_STAMP)
+
+bench: $(STAMP) $(LUCENT_STAMP)
 	$(BIN)/atlas bench scan
+	$(BIN)/atlas bench render
+	$(BIN)/atlas bench explain
+	$(BIN)/atlas bench site
 
 clean:
 	rm -rf runs
