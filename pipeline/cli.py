@@ -124,6 +124,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out=args.out, images=args.images, overwrite=args.overwrite)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.job import prepare_job, run_job
+
+    config = load_config(args.config, args.set)
+    job = prepare_job(config, tuple(args.set), source=args.config)  # every check before any cluster work
+    if args.check:
+        print(f"{args.config}: valid; run directory {job.run_dir}, layers {job.scan.layers}")
+        return 0
+    record = run_job(job, progress=not args.quiet)
+    stages = ", ".join(f"{name} " + ("skipped (complete)" if info["skipped"] else f"{info['seconds']} s")
+                       for name, info in record["stages"].items())
+    print(f"job {config.job.name}: {stages}\nrun: {config.job.out}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.submit import load_runtime_env, submit_job
+
+    config = load_config(args.config, args.set)  # shape errors stop here, before the cluster is touched
+    job_id, status = submit_job(config, args.address, date=args.date, runtime_env=load_runtime_env(args.runtime_env),
+                                follow=not args.no_wait)
+    print(f"job {job_id}: {status}")
+    submitted = args.no_wait and status in ("PENDING", "RUNNING")
+    return 0 if status == "SUCCEEDED" or submitted else 1
+
+
 def _explain_config(args: argparse.Namespace):
     from pipeline.explain.explainer import ExplainConfig
 
@@ -322,6 +350,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace a run in --out made with other settings "
                                                                 "(e.g. by an older version of the demo)")
     demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="run a job file (TOML): scan, render and site in order, skipping what is "
+                                     "complete")
+    run.add_argument("config", help="job file, e.g. jobs/demo.toml")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a key of the job file (repeatable), e.g. --set render.steps=256")
+    run.add_argument("--check", action="store_true", help="validate the job (keys, types, weights, data, layers) "
+                                                         "and stop")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    submit = sub.add_parser("submit", help="run a job file on a Ray cluster through the Ray Jobs API; streams "
+                                           "its logs and exits with its status")
+    submit.add_argument("config", help="job file, e.g. jobs/imagenet_resnet50.toml")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    submit.add_argument("--date", help="schedule date YYYY-MM-DD (default: today, UTC); one run per config and date")
+    submit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a key of the job file (repeatable)")
+    submit.add_argument("--runtime-env", help="JSON or YAML file with a Ray runtime_env (pip, env_vars, "
+                                              "image_uri...) for the job")
+    submit.add_argument("--no-wait", action="store_true", help="return once submitted")
+    submit.set_defaults(func=cmd_submit)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -107,6 +107,10 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 def _load_weights(model: nn.Module, path: str) -> None:
     state = _read_state_dict(path)
     expected = model.state_dict()
+    # BatchNorm's step counter only matters for training with momentum=None; older checkpoints lack it.
+    for key in expected:
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = expected[key]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shape_mismatch = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
@@ -163,6 +167,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
             meta["weights_meta"] = str(weights_enum)
     elif spec.startswith("module:"):
         model = _factory_model(spec)
+        # A factory may name its classes (e.g. pipeline.zoo's CIFAR ResNets) for class pages.
+        categories = list(getattr(model, "categories", None) or []) or None
     elif os.path.isfile(spec):
         model = _torchscript_model(spec)
     else:

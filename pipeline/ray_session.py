@@ -26,6 +26,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
     import ray
 
     started = False
+    # Under the Ray Jobs API (and `ray job submit`) the driver finds its cluster in RAY_ADDRESS.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}

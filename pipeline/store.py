@@ -63,6 +63,9 @@ ATLAS_INDEX_SCHEMA = pa.schema([
 
 # Directories later stages write into a run (render, explain, site): removed when the scan is redone.
 DERIVED = ("atlas", "explain", "site")
+# Written by `atlas run`: the resolved job configuration and the record of finished stages.
+JOB_TOML = "job.toml"
+JOB_RECORD = "job.json"
 
 
 class RunError(RuntimeError):
@@ -155,7 +158,7 @@ class RunDirectory:
             os.unlink(os.path.join(self.path, MANIFEST))
             self._clear_derived()
         elif os.path.isdir(self.path) and os.listdir(self.path):
-            unknown = set(os.listdir(self.path)) - set(TABLES) - set(DERIVED) - {STAGING, MANIFEST}
+            unknown = set(os.listdir(self.path)) - set(TABLES) - set(DERIVED) - {STAGING, MANIFEST, JOB_TOML, JOB_RECORD}
             if unknown:
                 raise RunError(f"{self.path} is not empty and is not a run directory "
                                f"(found {', '.join(sorted(unknown)[:5])}); refusing to touch it")

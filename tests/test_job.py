@@ -1,0 +1,225 @@
+"""Job files and `atlas run`: validation before any work, overrides, resolved config, resumable stages,
+object-store (URL) run directories through pyarrow filesystems."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tomllib
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_config, parse_config, to_toml
+from pipeline.job import prepare_job, run_job
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def resnet8_weights(tmp_path_factory) -> str:
+    from pipeline.zoo import resnet8
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("weights") / "resnet8.pt")
+    torch.save(resnet8().state_dict(), path)
+    return path
+
+
+def job_dict(out: str, weights: str, photos: str) -> dict:
+    return {"job": {"name": "tiny", "out": out},
+            "model": {"spec": "module:pipeline.zoo:resnet8", "weights": weights, "image_size": 32, "resize": 32},
+            "data": {"source": photos},
+            "scan": {"layers": "layer1,layer3,linear", "k": 4, "batch_size": 8},
+            "render": {"layers": ["layer1", "linear"], "units": "0-1", "classes": "0-1", "steps": 4, "size": 32},
+            "site": {}}
+
+
+def write_toml(path, data: dict) -> str:
+    from pipeline.config import _toml_value
+
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------- shape checks
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    data = job_dict("run", "w.pt", "photos")
+    data["render"]["step"] = 3
+    with pytest.raises(ConfigError, match=r"unknown key render\.step \(did you mean 'steps'\?\)"):
+        parse_config(data)
+    data = job_dict("run", "w.pt", "photos")
+    data["rendr"] = {}
+    with pytest.raises(ConfigError, match="unknown key rendr"):
+        parse_config(data)
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("scan", "k", "ten", "scan.k must be an integer, got str 'ten'"),
+    ("scan", "k", True, "scan.k must be an integer"),
+    ("render", "featvis", "yes", "render.featvis must be a true/false"),
+    ("render", "layers", "layer1", "render.layers must be a list of string"),
+    ("model", "mean", [0.5, "x", 0.5], r"model.mean\[1\] must be a number"),
+    ("scan", "record", "some", "scan.record must be 'topk' or 'all'"),
+    ("scan", "k", 0, "scan.k must be >= 1"),
+    ("job", "stages", ["scan", "publish"], "unknown stage"),
+])
+def test_wrong_types_and_values_are_errors(section, key, value, message):
+    data = job_dict("run", "w.pt", "photos")
+    data[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_missing_required_keys_and_sections():
+    data = job_dict("run", "w.pt", "photos")
+    del data["job"]["out"]
+    with pytest.raises(ConfigError, match="missing required key job.out"):
+        parse_config(data)
+    data = job_dict("run", "w.pt", "photos")
+    del data["model"]
+    with pytest.raises(ConfigError, match=r"missing section \[model\]"):
+        parse_config(data)
+
+
+def test_numbers_widen_to_float_and_defaults_fill_in():
+    data = job_dict("run", "w.pt", "photos")
+    data["model"]["mean"] = [0, 0, 1]
+    config = parse_config(data)
+    assert config.model.mean == [0.0, 0.0, 1.0] and all(isinstance(v, float) for v in config.model.mean)
+    assert config.render.preset == "lucid" and config.scan.record == "topk" and config.site.out is None
+
+
+def test_overrides_must_name_existing_keys():
+    data = job_dict("run", "w.pt", "photos")
+    config = parse_config(data, ["render.steps=256", "render.preset=yosinski", "scan.record=\"all\"",
+                                 "render.layers=[\"layer3\"]", "render.views=false"])
+    assert (config.render.steps, config.render.preset, config.scan.record) == (256, "yosinski", "all")
+    assert config.render.layers == ["layer3"] and config.render.views is False
+    assert data["render"]["steps"] == 4  # the parsed file itself is not modified
+    with pytest.raises(ConfigError, match=r"--set render.stepz: unknown key \(did you mean 'steps'\?\)"):
+        parse_config(data, ["render.stepz=3"])
+    with pytest.raises(ConfigError, match="unknown section"):
+        parse_config(data, ["renderer.steps=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_config(data, ["render.steps"])
+    with pytest.raises(ConfigError, match="render.steps must be an integer"):
+        parse_config(data, ["render.steps=many"])
+
+
+def test_resolved_toml_round_trips():
+    config = parse_config(job_dict("run", "w.pt", "photos"), ["model.mean=[0.5, 0.5, 0.5]", "job.address=\"x:1\""])
+    text = to_toml(config, "a header\nover two lines")
+    assert text.startswith("# a header\n# over two lines\n")
+    assert parse_config(tomllib.loads(text)) == config
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "jobs", "*.toml"))))
+def test_shipped_job_files_are_valid(path):
+    config = load_config(path)
+    assert config.job.name and config.job.stages == ["scan", "render", "site"]
+
+
+def test_demo_job_passes_every_check(tmp_path):
+    config = load_config(os.path.join(REPO, "jobs", "demo.toml"), [f"job.out={tmp_path / 'demo'}",
+                                                                      "data.images=20"])
+    job = prepare_job(config)
+    assert job.scan.layers.split(",")[-1] == "classifier.1" and len(job.scan.layers.split(",")) == 20
+    assert len(glob.glob(os.path.join(job.scan.data, "*", "*.jpg"))) == 20
+
+
+# ------------------------------------------------------------------------ checks needing files/model
+
+def test_prepare_rejects_missing_inputs_and_unknown_layers(tmp_path, resnet8_weights, photo_folder):
+    good = job_dict(str(tmp_path / "run"), resnet8_weights, photo_folder)
+    prepare_job(parse_config(good))
+    cases = [("model", "weights", str(tmp_path / "nope.pt"), "model.weights: file .*nope.pt does not exist"),
+             ("data", "source", str(tmp_path / "nodata"), "data.source: data not found"),
+             ("scan", "layers", "layer1,layer9", "scan.layers: unknown layer.*layer9"),
+             ("render", "layers", ["layer2"], "render.layers: layer2 not among the scanned layers"),
+             ("render", "units", "0-x", "render.units/classes"),
+             ("model", "spec", "module:pipeline.zoo:resnet999", "model: cannot import"),
+             ("model", "weights", "builtin:resnet", "unknown builtin")]
+    for section, key, value, message in cases:
+        data = job_dict(str(tmp_path / "run"), resnet8_weights, photo_folder)
+        data[section][key] = value
+        with pytest.raises(ConfigError, match=message):
+            prepare_job(parse_config(data))
+    assert not os.path.exists(tmp_path / "run")  # nothing was started
+
+
+def test_cli_reports_config_errors_with_status_2(tmp_path, capsys):
+    from pipeline.cli import main
+
+    path = write_toml(tmp_path / "bad.toml", {**job_dict("run", "w.pt", "photos"), "scan": {"kk": 3}})
+    assert main(["run", path]) == 2
+    assert "unknown key scan.kk (did you mean 'k'?)" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    (tmp_path / "broken.toml").write_text("[job\nname = 1")
+    assert main(["run", str(tmp_path / "broken.toml")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- running stages
+
+def test_run_job_runs_every_stage_then_skips_them(tmp_path, resnet8_weights, photo_folder, ray_cluster):
+    path = write_toml(tmp_path / "job.toml", job_dict(str(tmp_path / "run"), resnet8_weights, photo_folder))
+    config = load_config(path)
+    record = run_job(prepare_job(config, source=path), progress=False)
+    run = tmp_path / "run"
+    assert [record["stages"][s]["skipped"] for s in ("scan", "render", "site")] == [False, False, False]
+    assert (run / "manifest.json").is_file() and (run / "atlas" / "index.parquet").is_file()
+    assert (run / "site" / "index.html").is_file()
+    resolved = (run / "job.toml").read_text()
+    assert f"from {path}" in resolved and parse_config(tomllib.loads(resolved)) == config
+    assert json.loads((run / "job.json").read_text())["stages"]["render"]["status"] == "complete"
+    from pipeline.store import connect
+
+    con = connect(str(run))
+    kinds = dict(con.execute("SELECT kind, count(*) FROM atlas GROUP BY kind").fetchall())
+    (live,) = con.execute("SELECT count(*) FROM units WHERE layer IN ('layer1', 'linear') AND unit < 2 AND NOT dead"
+                          ).fetchone()
+    assert kinds["featvis"] == 2 and kinds["classvis"] == 2 and kinds["crop"] == 4 * live  # k = 4 per live unit
+    mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(run / "**" / "*.png"), recursive=True)}
+
+    again = run_job(prepare_job(config, source=path), progress=False)
+    assert [again["stages"][s]["skipped"] for s in ("scan", "render", "site")] == [True, True, True]
+    assert {p: os.path.getmtime(p) for p in mtimes} == mtimes
+
+    # Other render settings: the scan is kept, render redoes the visualizations, the site follows.
+    changed = prepare_job(load_config(path, ["render.seed=1"]), source=path)
+    third = run_job(changed, progress=False)
+    assert [third["stages"][s]["skipped"] for s in ("scan", "render", "site")] == [True, False, False]
+    assert "seed = 1" in (run / "job.toml").read_text()
+
+
+def test_a_stage_list_resumes_later_stages(tmp_path, resnet8_weights, photo_folder, ray_cluster):
+    data = job_dict(str(tmp_path / "run"), resnet8_weights, photo_folder)
+    first = run_job(prepare_job(parse_config(data, ['job.stages=["scan"]'])), progress=False)
+    assert list(first["stages"]) == ["scan"] and not (tmp_path / "run" / "atlas").exists()
+    second = run_job(prepare_job(parse_config(data)), progress=False)
+    assert second["stages"]["scan"]["skipped"] and not second["stages"]["render"]["skipped"]
+    assert (tmp_path / "run" / "site" / "index.html").is_file()
+
+
+def test_url_run_directory_is_mirrored_and_resumed(tmp_path, resnet8_weights, photo_folder, ray_cluster):
+    """out = file:// URL: the job works in a local copy, mirrors it after each stage, and a job on another
+    machine (an empty work_dir) pulls it and finds every stage complete."""
+    remote = tmp_path / "bucket" / "run"
+    data = job_dict(f"file://{remote}", resnet8_weights, photo_folder)
+    data["render"]["featvis"] = False
+    first = run_job(prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'a'}\""])), progress=False)
+    assert not any(info["skipped"] for info in first["stages"].values())
+    files = sorted(os.path.relpath(p, remote) for p in glob.glob(str(remote / "**" / "*"), recursive=True)
+                   if os.path.isfile(p))
+    local = sorted(os.path.relpath(p, tmp_path / "a") for p in glob.glob(str(tmp_path / "a" / "**" / "*"),
+                                                                        recursive=True) if os.path.isfile(p))
+    assert files == local and "manifest.json" in files and "site/index.html" in files
+    second = run_job(prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'b'}\""])), progress=False)
+    assert all(info["skipped"] for info in second["stages"].values())
+    assert (tmp_path / "b" / "topk").is_dir()
