@@ -144,12 +144,14 @@ def dataset_inputs(folder: str, preprocess) -> torch.Tensor:
     return (x - torch.tensor(preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(preprocess.std).view(1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("preset,layer,above", [("lucid", "features.7", 11), ("yosinski", "features.7", 11),
-                                               ("lucid", "features.14", 8)])
-def test_trained_units_are_driven_above_their_best_photo(mobilenet, photo_folder, preset, layer, above):
-    """On real ImageNet weights, a unit's visualization (64 steps, 96 px) beats its top-1 activation over real
-    photos by > 1.2x: for 11 of 12 mid-level units; deeper units (features.14) converge more slowly and
-    need more steps (README: 64 steps measured 8-9 of 12 there, 128 steps 9-10)."""
+@pytest.mark.parametrize("preset,layer,steps,above", [("lucid", "features.7", 64, 11),
+                                                     ("yosinski", "features.7", 64, 11),
+                                                     ("lucid", "features.14", 128, 8)])
+def test_trained_units_are_driven_above_their_best_photo(mobilenet, photo_folder, preset, layer, steps, above):
+    """On real ImageNet weights, a unit's visualization (96 px) beats its top-1 activation over real photos by
+    > 1.2x: for 11 of 12 mid-level units at 64 steps; deeper units (features.14) converge more slowly: at 64
+    steps 7-9 of 12 were measured (the count moves with the torch thread count, since float sums differ and
+    the ascent amplifies it), at 128 steps 9 of 12 with 1 and with 2 threads, so the bound there is 8."""
     from pipeline.models import feature_extractor
 
     units = torch.arange(12)
@@ -158,7 +160,7 @@ def test_trained_units_are_driven_above_their_best_photo(mobilenet, photo_folder
     top1 = acts[:, units].flatten(2).max(2).values.max(0).values
     pp = mobilenet.preprocess
     visualizer = FeatureVisualizer(mobilenet.model, [layer], pp.mean, pp.std)
-    images = visualizer.render(channel(layer, units), len(units), get_preset(preset, 64), size=96, seed=0)
+    images = visualizer.render(channel(layer, units), len(units), get_preset(preset, steps), size=96, seed=0)
     with torch.no_grad():
         reached = unit_max(visualizer.activations(images)[layer], units)
     ratio = reached / top1
