@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import types
 import typing
@@ -241,10 +242,16 @@ def parse_config(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Job
 
 
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read and validate a job file."""
+    """Read and validate a job file; ``env:NAME`` reads the TOML from environment variable NAME (how
+    `atlas submit` hands a job to the cluster)."""
     try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
+        if path.startswith("env:"):
+            if path[4:] not in os.environ:
+                raise ConfigError(f"environment variable {path[4:]} is not set")
+            data = tomllib.loads(os.environ[path[4:]])
+        else:
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
     except FileNotFoundError as error:
         raise ConfigError(f"job file {path} does not exist") from error
     except tomllib.TOMLDecodeError as error:

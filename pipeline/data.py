@@ -17,6 +17,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,12 @@ def _as_text(value: Any) -> str | None:
     return str(value)
 
 
+def _error_text(error: Exception) -> str:
+    """The decoder's message without object addresses (PIL names its in-memory file '<_io.BytesIO object at
+    0x7f...>'), so the same bad image reads the same in every run."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", f"{type(error).__name__}: {error}")
+
+
 class Decoder:
     """Ray Data batch UDF: encoded rows of one source kind -> uniform decoded rows (see module doc).
 
@@ -201,7 +208,7 @@ class Decoder:
                 errors.append(None)
             except Exception as error:  # noqa: BLE001 - any decoder failure is recorded, not fatal
                 statuses.append("error")
-                errors.append(f"{type(error).__name__}: {error}")
+                errors.append(_error_text(error))
         return {
             "image_key": np.array(keys, dtype=object),
             "source": np.array(sources, dtype=object),

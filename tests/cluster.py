@@ -1,0 +1,161 @@
+"""A real multi-process Ray cluster on loopback for tests: `ray start --head` plus one worker node.
+
+Each node is started with ``ray start --block`` in a new session (its own process group), so the cluster
+is stopped by signalling exactly those groups; any process that left them is found by the cluster's own
+temporary directory in its command line and stopped by pid. Nothing machine-wide (no ``ray stop``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+
+_TAKEN: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free now and not handed out before in this process (the OS may offer a just-closed one again)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            return port
+
+
+def _node_ports() -> list[str]:
+    """Ports every node on one machine must not share (the defaults would collide between nodes)."""
+    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())]
+
+
+@dataclass
+class LocalCluster:
+    temp_dir: str
+    gcs_port: int
+    dashboard_port: int
+    env: dict
+    nodes: list[subprocess.Popen] = field(default_factory=list)
+    logs: list = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, args: list[str], name: str) -> subprocess.Popen:
+        log = open(os.path.join(self.temp_dir, f"{name}.log"), "w")
+        self.logs.append(log)
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        node = subprocess.Popen([ray, "start", "--block", "--disable-usage-stats", "--node-ip-address",
+                                 "127.0.0.1", *args, *_node_ports()], env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes.append(node)
+        return node
+
+    def start(self, cpus_per_node: int = 1, workers: int = 1, object_store_bytes: int = 100 * 1024 ** 2) -> None:
+        common = ["--num-cpus", str(cpus_per_node), "--object-store-memory", str(object_store_bytes)]
+        self._start(["--head", "--port", str(self.gcs_port), "--include-dashboard", "true", "--dashboard-host",
+                     "127.0.0.1", "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port",
+                     str(free_port()), "--temp-dir", self.temp_dir, *common], "head")
+        self.wait_for(lambda: self._alive_nodes() >= 1, 90, "the head node")
+        for index in range(workers):
+            self._start(["--address", f"127.0.0.1:{self.gcs_port}", *common], f"worker{index}")
+        self.wait_for(lambda: self._alive_nodes() >= 1 + workers, 90, "the worker node(s)")
+
+    def _alive_nodes(self) -> int:
+        for node in self.nodes:
+            if node.poll() is not None:
+                raise RuntimeError(f"a Ray node exited with {node.returncode}; see {self.temp_dir}/*.log")
+        try:
+            with urllib.request.urlopen(f"{self.address}/nodes?view=summary", timeout=5) as response:
+                summary = json.load(response)["data"]["summary"]
+        except (OSError, ValueError, KeyError):
+            return 0
+        return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
+
+    def wait_for(self, condition, seconds: float, what: str) -> None:
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            if condition():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"timed out after {seconds} s waiting for {what}; logs in {self.temp_dir}")
+
+    def processes(self) -> list[tuple[int, str]]:
+        """(pid, command line) of every live process of this cluster: in the sessions its nodes were started
+        in (Ray puts each worker in a process group of its own, but it stays in the node's session), naming
+        its temporary directory, or descended from one of those (a job's driver runs in a new session)."""
+        sessions = {node.pid for node in self.nodes}
+        table = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    state, ppid, pgid, sid = handle.read().rsplit(")", 1)[1].split()[:4]
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, ValueError):
+                continue
+            if state != "Z":  # a zombie has exited and only waits for its parent to reap it
+                table[int(entry)] = (int(ppid), int(pgid), int(sid), cmdline)
+        ours = {pid for pid, (_, pgid, sid, cmd) in table.items()
+                if sid in sessions or pgid in sessions or self.temp_dir in cmd}
+        grown = True
+        while grown:
+            children = {pid for pid, (ppid, *_) in table.items() if ppid in ours} - ours
+            ours |= children
+            grown = bool(children)
+        return sorted((pid, table[pid][3]) for pid in ours)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):  # workers first, then the head
+            try:
+                os.killpg(node.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 8
+        while time.time() < deadline and self.processes():
+            time.sleep(0.5)
+        for pid, _ in self.processes():  # whatever ignored SIGTERM
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 5
+        while time.time() < deadline and self.processes():
+            time.sleep(0.2)
+        for node in self.nodes:
+            try:
+                node.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for log in self.logs:
+            log.close()
+        if not self.processes():
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_cluster(workers: int = 1) -> LocalCluster:
+    # Short: Ray's unix sockets live under the temp dir and their paths are limited to 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    cluster = LocalCluster(temp_dir=temp_dir, gcs_port=free_port(), dashboard_port=free_port(), env=env)
+    try:
+        cluster.start(workers=workers)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

@@ -1,0 +1,212 @@
+"""Jobs on a real multi-process Ray cluster (a head and a worker node on loopback, see tests/cluster.py):
+submitted through the Ray Jobs API, equal to a local run, surviving a killed worker process and a killed
+driver, and listing every corrupt or truncated image.
+
+Runs compared here come from different processes, batchings and merge orders, so top-k image keys and ranks
+must be equal exactly, activations and statistics to float32 rounding (rtol 1e-5), images to a few levels.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import _toml_value, parse_config
+from pipeline.job import prepare_job, run_job
+
+DATE = "2026-12-01"
+PHOTOS = 160
+BAD_FILES = {"bad/corrupt_0.jpg": b"this is not a jpeg", "bad/corrupt_1.png": os.urandom(3000)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from cluster import start_cluster
+
+    started = start_cluster(workers=1)
+    try:
+        yield started
+    finally:
+        started.stop()
+        left = started.processes()
+        assert left == [], f"cluster processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Real photo crops plus corrupt and truncated files; a seeded ResNet-8 state dict."""
+    from pipeline.demo_data import make_photo_folder
+    from pipeline.zoo import resnet8
+
+    root = tmp_path_factory.mktemp("cluster-inputs")
+    photos = make_photo_folder(str(root / "photos"), PHOTOS, seed=3)
+    os.makedirs(os.path.join(photos, "bad"), exist_ok=True)
+    for name, data in BAD_FILES.items():
+        with open(os.path.join(photos, name), "wb") as handle:
+            handle.write(data)
+    for index, name in enumerate(sorted(os.listdir(os.path.join(photos, "chelsea")))[:2]):
+        with open(os.path.join(photos, "chelsea", name), "rb") as handle:
+            data = handle.read()
+        with open(os.path.join(photos, "bad", f"truncated_{index}.jpg"), "wb") as handle:
+            handle.write(data[: len(data) // 3])
+    torch.manual_seed(0)
+    weights = str(root / "resnet8.pt")
+    torch.save(resnet8().state_dict(), weights)
+    return {"photos": photos, "weights": weights, "root": root}
+
+
+def job_file(inputs: dict, name: str) -> tuple[str, dict]:
+    data = {"job": {"name": name, "out": str(inputs["root"] / name)},
+            "model": {"spec": "module:pipeline.zoo:resnet8", "weights": inputs["weights"], "image_size": 64,
+                      "resize": 64},
+            "data": {"source": inputs["photos"]},
+            "scan": {"layers": "layer1,layer3,linear", "k": 4, "batch_size": 4},
+            "render": {"layers": ["layer1", "linear"], "classes": "0-3", "steps": 24, "size": 48},
+            "site": {}}
+    path = inputs["root"] / f"{name}.toml"
+    path.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {_toml_value(v)}" for k, v in values.items())
+                              for section, values in data.items()) + "\n")
+    return str(path), data
+
+
+def submit(cluster, path: str, *extra: str) -> int:
+    from pipeline.cli import main
+
+    return main(["submit", path, "--address", cluster.address, "--date", DATE, *extra])
+
+
+def tables(run: str) -> dict:
+    from pipeline.store import connect
+
+    con = connect(run)
+    return {
+        "topk": con.execute("SELECT layer, unit, rank, image_key, act, box_x0, box_y0, box_x1, box_y1 FROM topk "
+                            "ORDER BY layer, unit, rank").fetchall(),
+        "units": con.execute("SELECT layer, unit, dead, count, n_active, max, mean, std, frac_active, p50, p99 FROM units "
+                             "ORDER BY layer, unit").fetchall(),
+        "images": con.execute("SELECT image_key, status, error FROM images ORDER BY image_key").fetchall(),
+        "atlas": con.execute("SELECT layer, unit, kind, rank, image_key, path FROM atlas "
+                             "ORDER BY layer, unit, kind, rank").fetchall(),
+    }
+
+
+def assert_same_run(a: str, b: str) -> None:
+    ta, tb = tables(a), tables(b)
+    for name in ("topk", "units"):
+        assert len(ta[name]) == len(tb[name]) > 0
+        for row_a, row_b in zip(ta[name], tb[name]):
+            exact = [v for v in row_a if not isinstance(v, float)], [v for v in row_b if not isinstance(v, float)]
+            assert exact[0] == exact[1], (name, row_a, row_b)
+            np.testing.assert_allclose([v for v in row_a if isinstance(v, float)],
+                                       [v for v in row_b if isinstance(v, float)], rtol=1e-5, atol=1e-6)
+    assert ta["images"] == tb["images"] and ta["atlas"] == tb["atlas"]
+    keys = [r[0] for r in ta["topk"]]
+    assert len({(r[0], r[1], r[2]) for r in ta["topk"]}) == len(keys), "duplicate top-k rows"
+    from PIL import Image
+
+    for row in ta["atlas"]:
+        if row[2] in ("featvis", "classvis", "deconv"):
+            pa = np.asarray(Image.open(os.path.join(a, row[5])), dtype=np.int16)
+            pb = np.asarray(Image.open(os.path.join(b, row[5])), dtype=np.int16)
+            assert np.abs(pa - pb).max() <= 4, row
+
+
+def wait_status(cluster, job_id: str, wanted: tuple[str, ...], seconds: float = 240) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.address)
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        status = str(client.get_job_status(job_id).value)
+        if status in wanted:
+            return status
+        time.sleep(0.3)
+    raise TimeoutError(f"{job_id} not {wanted} after {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, inputs):
+    """An undisturbed run submitted through the Jobs API."""
+    path, _ = job_file(inputs, "reference")
+    assert submit(cluster, path) == 0
+    return str(inputs["root"] / "reference")
+
+
+def test_submitted_job_equals_local_run_and_lists_bad_images(cluster, inputs, reference, ray_cluster, capsys):
+    _, data = job_file(inputs, "local")
+    run_job(prepare_job(parse_config(data)), progress=False)
+    assert_same_run(reference, str(inputs["root"] / "local"))
+
+    images = tables(reference)["images"]
+    bad = {key: error for key, status, error in images if status == "error"}
+    assert sorted(bad) == sorted(list(BAD_FILES) + ["bad/truncated_0.jpg", "bad/truncated_1.jpg"])
+    assert all(error for error in bad.values())
+    assert sum(status == "ok" for _, status, _ in images) == PHOTOS
+    manifest = json.load(open(os.path.join(reference, "manifest.json")))
+    assert manifest["counts"]["images_ok"] == PHOTOS and manifest["counts"]["images_error"] == len(bad)
+    assert manifest["execution"]["cluster_cpus"] == 2  # both nodes took part in the cluster
+
+    # The same config and date again: no second run.
+    from ray.job_submission import JobSubmissionClient
+
+    path, _ = job_file(inputs, "reference")
+    capsys.readouterr()
+    assert submit(cluster, path) == 0
+    assert "SUCCEEDED" in capsys.readouterr().out
+    ids = [job.submission_id for job in JobSubmissionClient(cluster.address).list_jobs()]
+    assert sum(i is not None and i.startswith("atlas-reference-") for i in ids) == 1
+
+
+def test_worker_killed_mid_scan_changes_nothing(cluster, inputs, reference, capsys):
+    path, _ = job_file(inputs, "worker-killed")
+    assert submit(cluster, path, "--no-wait") == 0
+    job_id = capsys.readouterr().out.split()[1].rstrip(":")
+    run = inputs["root"] / "worker-killed"
+    staged_images = run / ".staging" / "images"
+
+    def first_results_in() -> bool:  # the driver has merged at least one batch: the scan is under way
+        return staged_images.is_dir() and any(p.stat().st_size > 0 for p in staged_images.iterdir())
+
+    cluster.wait_for(first_results_in, 240, "the scan's first results")
+    workers = [pid for pid, cmd in cluster.processes() if "Recorder" in cmd and cmd.startswith("ray::")]
+    assert workers, "no model actor process found"
+    assert not (run / "manifest.json").exists()
+    os.kill(workers[0], signal.SIGKILL)
+    assert wait_status(cluster, job_id, ("SUCCEEDED", "FAILED", "STOPPED")) == "SUCCEEDED"
+    assert_same_run(reference, str(run))
+
+
+def test_driver_killed_then_resubmitted_resumes(cluster, inputs, reference, capsys):
+    from ray.job_submission import JobSubmissionClient
+
+    path, _ = job_file(inputs, "driver-killed")
+    assert submit(cluster, path, "--no-wait") == 0
+    job_id = capsys.readouterr().out.split()[1].rstrip(":")
+    run = inputs["root"] / "driver-killed"
+
+    def scan_done() -> bool:
+        try:
+            return "scan" in json.loads((run / "job.json").read_text())["stages"]
+        except (OSError, ValueError):
+            return False
+
+    cluster.wait_for(scan_done, 240, "the scan stage to finish")
+    drivers = [pid for pid, cmd in cluster.processes() if "atlas run env:NEURON_ATLAS_JOB" in cmd]
+    assert drivers, "driver process not found"
+    for pid in drivers:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_status(cluster, job_id, ("SUCCEEDED", "FAILED", "STOPPED")) == "FAILED"
+    assert "render" not in json.loads((run / "job.json").read_text())["stages"]  # killed mid-run
+
+    assert submit(cluster, path) == 0  # a retry of the same (config, date): it resumes
+    ids = sorted(job.submission_id for job in JobSubmissionClient(cluster.address).list_jobs()
+                 if (job.submission_id or "").startswith("atlas-driver-killed-"))
+    assert ids == [job_id, f"{job_id}-retry1"]
+    record = json.loads((run / "job.json").read_text())["stages"]
+    assert record["scan"]["skipped"] and not record["render"]["skipped"]
+    assert_same_run(reference, str(run))
