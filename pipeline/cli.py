@@ -72,7 +72,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     manifest = run_scan(ScanConfig(
         model=_model_config(args), data=args.data, out=args.out, layers=args.layers, k=args.k,
         record=args.record, batch_size=args.batch_size, address=args.address, actors=args.actors,
-        threads=args.threads, overwrite=args.overwrite, progress=not args.quiet))
+        threads=args.threads, device=args.device, overwrite=args.overwrite, progress=not args.quiet))
     counts = manifest["counts"]
     print(f"run: {args.out}\n  images {counts['images']} ({counts['images_error']} unreadable), "
           f"layers {counts['layers']}, units {counts['units']} ({counts['dead_units']} dead), "
@@ -94,7 +94,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         vis=VisSettings(preset=args.preset, steps=args.steps, size=args.size, seed=args.seed,
                         objective=args.objective),
         featvis=not args.no_featvis, views=not args.no_views, units_per_task=args.units_per_task,
-        address=args.address, actors=args.actors, progress=not args.quiet))
+        address=args.address, actors=args.actors, device=args.device, progress=not args.quiet))
     kinds = Counter(index.column("kind").to_pylist())
     print(f"atlas: {index.num_rows} images listed in {args.run}/atlas/index.parquet "
           f"({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items())) or 'none'})")
@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     scan.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else one per 4 CPUs, at least 2)")
     scan.add_argument("--threads", type=int, help="torch threads per CPU model actor")
+    scan.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                      help="auto: GPUs if the cluster has them; cuda: --actors GPU replicas even before an "
+                           "autoscaler has added the GPU nodes; cpu: never GPUs")
     scan.add_argument("--overwrite", action="store_true", help="replace a complete run made with other settings")
     scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     scan.set_defaults(func=cmd_scan)
@@ -287,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--units-per-task", type=int, default=16, help="units per batched task (default 16)")
     render.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     render.add_argument("--actors", type=int, help="render actors (default: one per GPU, else one per 8 CPUs)")
+    render.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="as atlas scan --device")
     render.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     render.set_defaults(func=cmd_render)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STAGES = ("scan", "render", "site")
+DEVICES = ("auto", "cuda", "cpu")
 
 
 class ConfigError(ValueError):
@@ -79,10 +80,15 @@ class ScanSection:
     k: int = 16
     record: str = "topk"  # 'topk' | 'all'
     batch_size: int = 32
-    actors: int | None = None
+    actors: int | None = None  # model replicas; default: one per GPU, else one per 4 CPUs
     threads: int | None = None
+    # auto: GPUs if the cluster has them now; cuda: `actors` GPU replicas even before an autoscaler has
+    # added the GPU nodes (a cluster that scales from zero); cpu: never GPUs.
+    device: str = "auto"
 
     def check(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"scan.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.k < 1:
             raise ConfigError(f"scan.k must be >= 1, got {self.k}")
         if self.record not in ("topk", "all"):
@@ -105,8 +111,11 @@ class RenderSection:
     views: bool = True
     units_per_task: int = 16
     actors: int | None = None
+    device: str = "auto"  # as scan.device
 
     def check(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"render.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.preset not in ("lucid", "yosinski"):
             raise ConfigError(f"render.preset must be 'lucid' or 'yosinski', got {self.preset!r}")
         if self.objective not in ("channel", "neuron"):

@@ -126,7 +126,8 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
     data = _resolve_data(config, run_dir)
     scan = ScanConfig(model=model, data=data, out=run_dir, layers=",".join(layers), k=config.scan.k,
                       record=config.scan.record, batch_size=config.scan.batch_size, address=config.job.address,
-                      actors=config.scan.actors, threads=config.scan.threads, overwrite=config.job.overwrite)
+                      actors=config.scan.actors, threads=config.scan.threads, device=config.scan.device,
+                      overwrite=config.job.overwrite)
     options = RenderOptions(
         layers=tuple(render.layers) if render.layers is not None else None,
         units=frozenset(units) if units is not None else None,
@@ -134,7 +135,7 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
         vis=VisSettings(preset=render.preset, steps=render.steps, size=render.size, seed=render.seed,
                         objective=render.objective),
         featvis=render.featvis, views=render.views, units_per_task=render.units_per_task,
-        address=config.job.address, actors=render.actors)
+        address=config.job.address, actors=render.actors, device=render.device)
     try:
         options.vis.validate()
     except ValueError as error:

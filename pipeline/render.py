@@ -61,6 +61,7 @@ class RenderOptions:
     units_per_task: int = 16
     address: str | None = None
     actors: int | None = None
+    device: str = "auto"  # as the scan's: 'auto' | 'cuda' (even before an autoscaler added GPUs) | 'cpu'
     progress: bool = True
 
 
@@ -177,8 +178,10 @@ def _plan(run_dir: str, manifest: dict, layers: list[str], options: RenderOption
 def _plan_workers(options: RenderOptions, cpus: int, gpus: int) -> dict:
     """One actor per GPU; on CPUs, one actor per 8 CPUs (a render step is one big batched forward/backward,
     which torch threads well), never reserving every CPU (the driver writes the files)."""
-    if gpus:
-        actors = min(options.actors or gpus, gpus)
+    if options.device == "cuda" or (options.device == "auto" and gpus):
+        # 'auto' uses the GPUs there are; 'cuda' asks for `actors` GPUs and lets an autoscaler add them.
+        actors = options.actors or max(gpus, 1)
+        actors = actors if options.device == "cuda" else min(actors, gpus)
         return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": None, "device": "cuda"}
     actors = options.actors or max(1, cpus // 8)
     return {"actors": actors, "num_gpus": 0, "num_cpus": max(0.5, (cpus - 1) / actors) if cpus > 1 else 0.5,
@@ -196,7 +199,10 @@ def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: lis
     with ray_session(options.address) as cluster:
         plan = _plan_workers(options, cluster.cpus, cluster.gpus)
         config = RenderConfig(model=model_config, vis=options.vis, device=plan["device"], threads=plan["threads"])
-        actor_class = ray.remote(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"])(_RenderActor)
+        # Rendering is a pure function of the task (files are written here, by the driver), so a lost actor
+        # is restarted and its task retried.
+        actor_class = ray.remote(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=3,
+                                 max_task_retries=3)(_RenderActor)
         actors = [actor_class.remote(config) for _ in range(plan["actors"])]
         logger.info("rendering %d units in %d tasks on %d actor(s) (%s)", total_units, len(tasks),
                     len(actors), plan["device"])

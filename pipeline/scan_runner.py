@@ -33,6 +33,7 @@ DECODE_CPUS = 0.25
 # e.g. the Parquet reader's planning: with less free, a run over Parquet never starts).
 FREE_CPUS = 1.0
 MAXIMA_IMAGES_PER_FILE = 512
+DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class ScanConfig:
     actors: int | None = None  # model replicas; None: one per GPU, else one per 4 CPUs (at least 2)
     threads: int | None = None  # torch threads per CPU actor; None: the node's CPUs / actors
     num_cpus: int | None = None  # CPUs of a local Ray started on demand
+    # 'auto': GPUs when the cluster has them now; 'cuda': GPU actors even before an autoscaler added the GPU
+    # nodes (actors then defaults to 1: set it to the GPUs wanted); 'cpu': never GPUs.
+    device: str = "auto"
     overwrite: bool = False
     progress: bool = True
 
@@ -60,6 +64,8 @@ class ScanConfig:
             raise ValueError(f"record must be 'topk' or 'all', got {self.record!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
 
 
 def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], source: SourceSpec) -> str:
@@ -86,11 +92,14 @@ def _versions() -> dict:
 def _plan_actors(config: ScanConfig, cluster: ClusterShape) -> dict:
     """Actor count and resources. Never reserve every CPU (the decode tasks would starve and the pipeline
     hang), and never ask for a GPU on a cluster without one (the actor would never be scheduled)."""
-    if cluster.gpus > 0:
-        actors = config.actors or cluster.gpus
+    if config.device == "cuda" or (config.device == "auto" and cluster.gpus > 0):
+        actors = config.actors or max(cluster.gpus, 1)
         if actors > cluster.gpus:
-            raise ValueError(f"--actors {actors} asks for more GPU model replicas than the cluster's "
-                             f"{cluster.gpus} GPUs")
+            if config.device == "auto":
+                raise ValueError(f"--actors {actors} asks for more GPU model replicas than the cluster's "
+                                 f"{cluster.gpus} GPUs (device 'cuda' waits for an autoscaler to add them)")
+            logger.info("%d GPU model actors requested, %d GPUs now: the autoscaler is to add the rest",
+                        actors, cluster.gpus)
         return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": config.threads, "device": "cuda"}
     # Two or more actors even on a small node: one torch thread per core in separate processes measured
     # faster than one actor with several threads (README, benchmarks); about 4 threads each on larger nodes.

@@ -223,3 +223,25 @@ def test_url_run_directory_is_mirrored_and_resumed(tmp_path, resnet8_weights, ph
     second = run_job(prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'b'}\""])), progress=False)
     assert all(info["skipped"] for info in second["stages"].values())
     assert (tmp_path / "b" / "topk").is_dir()
+
+
+def test_device_cuda_plans_gpu_actors_before_an_autoscaler_adds_gpus():
+    """A cluster that scales GPU workers from zero shows no GPUs when the job starts: device 'cuda' still asks
+    for `actors` one-GPU replicas (the pending demand is what makes the autoscaler add nodes); 'auto' does not."""
+    from pipeline.models import ModelConfig
+    from pipeline.ray_session import ClusterShape
+    from pipeline.render import RenderOptions, _plan_workers
+    from pipeline.scan_runner import ScanConfig, _plan_actors
+
+    scan = ScanConfig(model=ModelConfig(spec="x"), data="d", out="o", actors=8, device="cuda")
+    plan = _plan_actors(scan, ClusterShape(cpus=4, gpus=0))
+    assert (plan["actors"], plan["num_gpus"], plan["device"]) == (8, 1, "cuda")
+    with pytest.raises(ValueError, match="more GPU model replicas"):
+        _plan_actors(ScanConfig(model=ModelConfig(spec="x"), data="d", out="o", actors=8), ClusterShape(4, 2))
+    assert _plan_actors(ScanConfig(model=ModelConfig(spec="x"), data="d", out="o", device="cpu"),
+                        ClusterShape(cpus=8, gpus=2))["device"] == "cpu"
+    assert _plan_workers(RenderOptions(actors=8, device="cuda"), 4, 0)["actors"] == 8
+    assert _plan_workers(RenderOptions(actors=8), 4, 2)["actors"] == 2
+    assert _plan_workers(RenderOptions(device="cpu"), 16, 2)["device"] == "cpu"
+    with pytest.raises(ConfigError, match="scan.device must be one of"):
+        parse_config(job_dict("run", "w.pt", "photos"), ["scan.device=gpu"])
