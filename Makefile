@@ -51,6 +51,7 @@ bench: $(STAMP) $(LUCENT_STAMP)
 	$(BIN)/atlas bench render
 	$(BIN)/atlas bench explain
 	$(BIN)/atlas bench site
+	$(BIN)/atlas bench capacity
 
 clean:
 	rm -rf runs

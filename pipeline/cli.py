@@ -125,7 +125,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import STAGES, load_config
     from pipeline.job import prepare_job, run_job
 
     config = load_config(args.config, args.set)
@@ -135,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     record = run_job(job, progress=not args.quiet)
     stages = ", ".join(f"{name} " + ("skipped (complete)" if info["skipped"] else f"{info['seconds']} s")
-                       for name, info in record["stages"].items())
+                       for name, info in sorted(record["stages"].items(), key=lambda item: STAGES.index(item[0])))
     print(f"job {config.job.name}: {stages}\nrun: {config.job.out}")
     return 0
 
@@ -231,6 +231,13 @@ def cmd_bench_render(args: argparse.Namespace) -> int:
 
     bench_render(layer=args.layer, units=args.units, steps=args.steps, size=args.size,
                  lucent_units=args.lucent_units, single_units=args.single_units, preset=args.preset)
+    return 0
+
+
+def cmd_bench_capacity(args: argparse.Namespace) -> int:
+    from pipeline.bench_capacity import bench_capacity
+
+    bench_capacity(model=args.model, layers=args.layers, k=args.k, batch=args.batch_size, image_size=args.image_size)
     return 0
 
 
@@ -389,6 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scan_parser.add_argument("--layers", default="features.3,features.7,features.14")
     bench_scan_parser.add_argument("--no-memory", action="store_true", help="skip the 4N memory run")
     bench_scan_parser.set_defaults(func=cmd_bench)
+    bench_capacity_parser = bench_sub.add_parser("capacity", help="per-image costs for capacity planning: "
+                                                 "forward, decode, driver merge per batch (README, Capacity)")
+    bench_capacity_parser.add_argument("--model", default="torchvision:resnet50")
+    bench_capacity_parser.add_argument("--layers", default="all,fc")
+    bench_capacity_parser.add_argument("--k", type=int, default=32)
+    bench_capacity_parser.add_argument("--batch-size", type=int, default=256)
+    bench_capacity_parser.add_argument("--image-size", type=int, default=224)
+    bench_capacity_parser.set_defaults(func=cmd_bench_capacity)
     bench_site_parser = bench_sub.add_parser("site", help="site generation for a synthetic 10,000-unit run: first "
                                                           "build and no-change rebuild (seconds)")
     bench_site_parser.add_argument("--out", default="runs/bench-site", help="where the synthetic run is written")

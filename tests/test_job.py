@@ -245,3 +245,13 @@ def test_device_cuda_plans_gpu_actors_before_an_autoscaler_adds_gpus():
     assert _plan_workers(RenderOptions(device="cpu"), 16, 2)["device"] == "cpu"
     with pytest.raises(ConfigError, match="scan.device must be one of"):
         parse_config(job_dict("run", "w.pt", "photos"), ["scan.device=gpu"])
+
+
+def test_bench_capacity_reports_units_and_rows(capsys):
+    """The capacity benchmark's counts are the model's (ResNet-8: stem + 3 blocks + logits = 16+16+32+64+10)."""
+    from pipeline.bench_capacity import bench_capacity
+
+    result = bench_capacity(model="module:pipeline.zoo:resnet8", layers="all,linear", k=4, batch=8, image_size=32)
+    assert (result["layers"], result["units"], result["topk_rows"]) == (5, 138, 138 * 4)
+    assert result["driver_merge_images_per_second"] > 0 and result["partial_bytes_per_image"] > 0
+    assert json.loads(capsys.readouterr().out)["units"] == 138
