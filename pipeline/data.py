@@ -87,10 +87,11 @@ def resolve_source(data: str) -> SourceSpec:
     missing = [f for f in files if not _is_url(f) and not os.path.exists(f)]
     if missing:
         raise DataError(f"data not found: {', '.join(missing[:5])}")
+    root = files[0].rsplit("/", 1)[0] if _is_url(files[0]) else os.path.dirname(os.path.abspath(files[0]))
     if all(f.endswith(".parquet") for f in files):
-        return SourceSpec("parquet", os.path.dirname(os.path.abspath(files[0])), tuple(files))
+        return SourceSpec("parquet", root, tuple(files))
     if all(f.endswith((".tar", ".tar.gz", ".tgz")) for f in files):
-        return SourceSpec("webdataset", os.path.dirname(os.path.abspath(files[0])), tuple(files))
+        return SourceSpec("webdataset", root, tuple(files))
     raise DataError(f"{data!r}: expected an image folder, WebDataset .tar shards or .parquet files")
 
 

@@ -42,12 +42,13 @@ def fetch_images(spec: SourceSpec, wanted: dict[str, str]) -> dict[str, bytes]:
                 with open(path, "rb") as handle:
                     found[key] = handle.read()
     else:
-        listed = set(spec.files)
+        # Ray Data reports a URL's path without its scheme (s3://bucket/a.tar -> bucket/a.tar).
+        listed = {_without_scheme(f): f for f in spec.files}
         by_source: dict[str, set[str]] = defaultdict(set)
         for key, source in wanted.items():
-            if source not in listed:
+            if _without_scheme(source) not in listed:
                 raise DataError(f"image {key!r} claims source {source!r}, which is not part of this data set")
-            by_source[source].add(key)
+            by_source[listed[_without_scheme(source)]].add(key)
         for source, keys in sorted(by_source.items()):
             reader = _from_shard if spec.kind == "webdataset" else _from_parquet
             found.update(reader(source, keys))
@@ -58,10 +59,24 @@ def fetch_images(spec: SourceSpec, wanted: dict[str, str]) -> dict[str, bytes]:
     return found
 
 
+def _without_scheme(path: str) -> str:
+    return path.split("://", 1)[1] if "://" in path else path
+
+
+def _open(path: str, seekable: bool):
+    """A local file, or an object-store URL through pyarrow's filesystems."""
+    if "://" not in path:
+        return open(path, "rb")
+    import pyarrow.fs as pafs
+
+    filesystem, inner = pafs.FileSystem.from_uri(path)
+    return filesystem.open_input_file(inner) if seekable else filesystem.open_input_stream(inner)
+
+
 def _from_shard(path: str, keys: set[str]) -> dict[str, bytes]:
-    """Members `<key>.<image extension>` of one tar shard, read in one sequential pass."""
+    """Members `<key>.<image extension>` of one tar shard, read in one sequential pass (streamed: no seeks)."""
     out: dict[str, bytes] = {}
-    with tarfile.open(path) as tar:
+    with _open(path, seekable=False) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -81,7 +96,7 @@ def _from_parquet(path: str, keys: set[str]) -> dict[str, bytes]:
     """Rows of one Parquet file whose key (key column, or file name + content hash) is wanted."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(_open(path, seekable=True) if "://" in path else path)
     names = parquet.schema_arrow.names
     image_col = next((c for c in PARQUET_IMAGE_COLUMNS if c in names), None)
     if image_col is None:

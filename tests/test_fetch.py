@@ -66,3 +66,23 @@ def test_missing_images_are_left_out(tmp_path, originals):
     write_png(str(tmp_path / "f" / "a.png"), np.zeros((4, 4, 3)))
     spec = resolve_source(str(tmp_path / "f"))
     assert fetch_images(spec, {"a.png": "", "gone.png": ""}).keys() == {"a.png"}
+
+
+def test_object_store_urls_through_pyarrow_filesystems(tmp_path, originals):
+    """Shards and Parquet given as URLs (file:// here; s3:// and gs:// take the same pyarrow path) are read
+    back, whether the scan recorded the source with its scheme or without it (as Ray Data reports URLs)."""
+    import webdataset as wds
+
+    keys = list(originals)
+    with wds.TarWriter(str(tmp_path / "s0.tar")) as sink:
+        for key in keys:
+            sink.write({"__key__": key, "png": originals[key]})
+    url = f"file://{tmp_path}/s0.tar"
+    spec = resolve_source(url)
+    assert spec.kind == "webdataset" and spec.root == f"file://{tmp_path}"
+    assert fetch_images(spec, {keys[0]: url, keys[3]: str(tmp_path / "s0.tar")}) == {
+        keys[0]: originals[keys[0]], keys[3]: originals[keys[3]]}
+    pq.write_table(pa.table({"image": [originals[k] for k in keys], "key": keys}), str(tmp_path / "a.parquet"))
+    parquet_url = f"file://{tmp_path}/a.parquet"
+    spec = resolve_source(parquet_url)
+    assert fetch_images(spec, {keys[5]: parquet_url}) == {keys[5]: originals[keys[5]]}

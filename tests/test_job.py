@@ -255,3 +255,27 @@ def test_bench_capacity_reports_units_and_rows(capsys):
     assert (result["layers"], result["units"], result["topk_rows"]) == (5, 138, 138 * 4)
     assert result["driver_merge_images_per_second"] > 0 and result["partial_bytes_per_image"] > 0
     assert json.loads(capsys.readouterr().out)["units"] == 138
+
+
+def test_job_over_webdataset_shards_given_as_urls(tmp_path, resnet8_weights, photo_folder, ray_cluster):
+    """data.source as a URL brace pattern: the scan reads the shards through Ray Data's filesystems and the
+    render reads the top-k images back from them for the crops."""
+    import webdataset as wds
+
+    paths = sorted(glob.glob(os.path.join(photo_folder, "*", "*.jpg")))
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / f"shard-{shard}.tar")) as sink:
+            for path in paths[shard::2]:
+                with open(path, "rb") as handle:
+                    sink.write({"__key__": os.path.relpath(path, photo_folder)[:-4], "jpg": handle.read()})
+    data = job_dict(str(tmp_path / "run"), resnet8_weights, f"file://{tmp_path}/shard-{{0..1}}.tar")
+    data["render"]["featvis"] = False
+    run_job(prepare_job(parse_config(data)), progress=False)
+    from pipeline.store import connect
+
+    con = connect(str(tmp_path / "run"))
+    assert con.execute("SELECT count(*) FROM images WHERE status = 'ok'").fetchone()[0] == len(paths)
+    crops = con.execute("SELECT count(*) FROM atlas WHERE kind = 'crop'").fetchone()[0]
+    expected = con.execute("SELECT count(*) FROM topk JOIN units USING (layer, unit) WHERE layer IN "
+                           "('layer1', 'linear') AND unit < 2 AND NOT dead").fetchone()[0]
+    assert crops == expected > 0

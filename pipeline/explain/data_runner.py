@@ -117,7 +117,7 @@ def run_explain_data(config: ExplainConfig, data: str, root: str, batch_size: in
             import ray.data
             from tqdm import tqdm
 
-            plan = _plan_actors(SimpleNamespace(actors=actors, threads=threads), cluster)
+            plan = _plan_actors(SimpleNamespace(actors=actors, threads=threads, device="auto"), cluster)
             worker_config = dataclasses.replace(config, device=plan["device"], threads=plan["threads"])
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
