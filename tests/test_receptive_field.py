@@ -318,44 +318,12 @@ def test_vgg11():
                                 "features.20"], (64, 64))
 
 
-class OptionABlock(nn.Module):
-    """CIFAR ResNet basic block with the parameter-free 'option A' shortcut."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.extra = (c_out - c_in) // 2
-        self.stride = stride
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        shortcut = x
-        if self.stride != 1:
-            shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra, self.extra), "constant", 0)
-        return F.relu(out + shortcut)
-
-
-class CifarResNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.layer1 = nn.Sequential(OptionABlock(8, 8, 1))
-        self.layer2 = nn.Sequential(OptionABlock(8, 16, 2), OptionABlock(16, 16, 1))
-        self.layer3 = nn.Sequential(OptionABlock(16, 32, 2))
-        self.linear = nn.Linear(32, 10)
-
-    def forward(self, x):
-        out = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
-
-
 def test_cifar_resnet_option_a_shortcut():
+    """pipeline.zoo's CIFAR ResNet (the shipped ResNet-20's blocks) at width 8, one block per stage."""
+    from pipeline.zoo import CifarResNet
+
     torch.manual_seed(0)
-    model = CifarResNet()
+    model = CifarResNet(1, width=8).eval()
     rfs = receptive_fields(model, ["layer1", "layer2.0", "layer2.0.conv1", "linear"], (32, 32))
     # layer1 = 3 convs 3x3 at stride 1: size 7, offset -3. layer2.0's main path: conv s2 p1 then conv p1 at
     # stride 2: lo = -3 - 1 - 2 = -6, hi = 4 - 1 + 2 - 2 + 4 = 7 -> size 13; the shortcut x[::2] (-3, 4) nests.
