@@ -85,4 +85,5 @@ def _run_demo(out: str, images: int, overwrite: bool, progress: bool) -> int:
     print(f"Atlas site ({site.pages} pages): open file://{site.index}")
     print(f"Run directory: {os.path.abspath(out)}")
     print(f"Try:  atlas query {out} \"SELECT * FROM topk WHERE layer = 'features.18' AND unit = 0\"")
+    print("As a scheduled, resumable job (scan, render, site from one TOML file):  atlas run jobs/demo.toml")
     return 0
