@@ -27,6 +27,18 @@ class ConfigError(ValueError):
     """A job configuration that cannot be used; the message names the key and says why."""
 
 
+def check_scan_settings(k: int, record: str, batch_size: int, device: str) -> None:
+    """The scan's own settings (ValueError naming the setting); shared by job files and `atlas scan`."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if record not in ("topk", "all"):
+        raise ValueError(f"record must be 'topk' or 'all', got {record!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+
+
 @dataclass(frozen=True)
 class JobSection:
     name: str
@@ -87,14 +99,10 @@ class ScanSection:
     device: str = "auto"
 
     def check(self) -> None:
-        if self.device not in DEVICES:
-            raise ConfigError(f"scan.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.k < 1:
-            raise ConfigError(f"scan.k must be >= 1, got {self.k}")
-        if self.record not in ("topk", "all"):
-            raise ConfigError(f"scan.record must be 'topk' or 'all', got {self.record!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"scan.batch_size must be >= 1, got {self.batch_size}")
+        try:
+            check_scan_settings(self.k, self.record, self.batch_size, self.device)
+        except ValueError as error:
+            raise ConfigError(f"scan.{error}") from error
 
 
 @dataclass(frozen=True)

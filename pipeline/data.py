@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.preprocess import Preprocess, decode_image
+from pipeline.remote import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +50,13 @@ class SourceSpec:
         return {"kind": self.kind, "root": self.root, "files": len(self.files)}
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def _expand(pattern: str) -> list[str]:
     """Expand brace patterns (shards-{000..009}.tar) and globs; URLs expand braces only."""
     import braceexpand  # installed with webdataset
 
     out: list[str] = []
     for part in braceexpand.braceexpand(pattern):
-        if _is_url(part):
+        if is_url(part):
             out.append(part)
         elif any(ch in part for ch in "*?["):
             out.extend(sorted(glob.glob(part)))
@@ -84,10 +81,10 @@ def resolve_source(data: str) -> SourceSpec:
     files = _expand(data)
     if not files:
         raise DataError(f"no files match {data!r}")
-    missing = [f for f in files if not _is_url(f) and not os.path.exists(f)]
+    missing = [f for f in files if not is_url(f) and not os.path.exists(f)]
     if missing:
         raise DataError(f"data not found: {', '.join(missing[:5])}")
-    root = files[0].rsplit("/", 1)[0] if _is_url(files[0]) else os.path.dirname(os.path.abspath(files[0]))
+    root = files[0].rsplit("/", 1)[0] if is_url(files[0]) else os.path.dirname(os.path.abspath(files[0]))
     if all(f.endswith(".parquet") for f in files):
         return SourceSpec("parquet", root, tuple(files))
     if all(f.endswith((".tar", ".tar.gz", ".tgz")) for f in files):

@@ -14,6 +14,7 @@ import tarfile
 from collections import defaultdict
 
 from pipeline.data import IMAGE_EXTENSIONS, PARQUET_IMAGE_COLUMNS, PARQUET_KEY_COLUMNS, DataError, SourceSpec
+from pipeline.remote import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def _without_scheme(path: str) -> str:
 
 def _open(path: str, seekable: bool):
     """A local file, or an object-store URL through pyarrow's filesystems."""
-    if "://" not in path:
+    if not is_url(path):
         return open(path, "rb")
     import pyarrow.fs as pafs
 
@@ -96,7 +97,7 @@ def _from_parquet(path: str, keys: set[str]) -> dict[str, bytes]:
     """Rows of one Parquet file whose key (key column, or file name + content hash) is wanted."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(_open(path, seekable=True) if "://" in path else path)
+    parquet = pq.ParquetFile(_open(path, seekable=True) if is_url(path) else path)
     names = parquet.schema_arrow.names
     image_col = next((c for c in PARQUET_IMAGE_COLUMNS if c in names), None)
     if image_col is None:

@@ -39,11 +39,13 @@ def cache_dir() -> str:
     return os.environ.get("NEURON_ATLAS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "neuron-atlas"))
 
 
-def url_exists(url: str) -> bool:
-    import pyarrow.fs as pafs
-
-    filesystem, path = _filesystem(url)
-    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+def _download(filesystem, path: str, target: str) -> None:
+    """Copy `path` of `filesystem` to the local file `target` through a temporary name (never half-written)."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".part")
+    with os.fdopen(handle, "wb") as out, filesystem.open_input_stream(path) as source:
+        shutil.copyfileobj(source, out, 1 << 20)
+    os.replace(partial, target)
 
 
 def fetch_file(url: str) -> str:
@@ -58,11 +60,7 @@ def fetch_file(url: str) -> str:
     local = os.path.join(cache_dir(), "files", digest, os.path.basename(path))
     if os.path.isfile(local) and os.path.getsize(local) == info.size:
         return local
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=os.path.dirname(local), suffix=".part")
-    with os.fdopen(handle, "wb") as out, filesystem.open_input_stream(path) as source:
-        shutil.copyfileobj(source, out, 1 << 20)
-    os.replace(partial, local)
+    _download(filesystem, path, local)
     logger.info("downloaded %s (%d bytes)", url, info.size)
     return local
 
@@ -105,12 +103,7 @@ class RunMirror:
         for relative, size in sorted(remote.items()):
             if relative.startswith(".staging/") or local.get(relative) == size:
                 continue
-            target = os.path.join(self.local, *relative.split("/"))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            handle, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".part")
-            with os.fdopen(handle, "wb") as out, self.filesystem.open_input_stream(f"{self.root}/{relative}") as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-            os.replace(partial, target)
+            _download(self.filesystem, f"{self.root}/{relative}", os.path.join(self.local, *relative.split("/")))
             count += 1
         if count:
             logger.info("pulled %d file(s) from %s into %s", count, self.url, self.local)

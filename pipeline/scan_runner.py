@@ -15,6 +15,7 @@ import pyarrow.dataset as pads
 import pyarrow.compute as pc
 
 from pipeline import __version__
+from pipeline.config import check_scan_settings
 from pipeline.data import (DataError, Decoder, SourceSpec, count_images, decode_batch, read_source,
                            resolve_source)
 from pipeline.models import LoadedModel, ModelConfig, load_model, resolve_layers
@@ -33,7 +34,6 @@ DECODE_CPUS = 0.25
 # e.g. the Parquet reader's planning: with less free, a run over Parquet never starts).
 FREE_CPUS = 1.0
 MAXIMA_IMAGES_PER_FILE = 512
-DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,7 @@ class ScanConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.record not in ("topk", "all"):
-            raise ValueError(f"record must be 'topk' or 'all', got {self.record!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check_scan_settings(self.k, self.record, self.batch_size, self.device)
 
 
 def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], source: SourceSpec) -> str:
