@@ -10,10 +10,13 @@ cache keyed by the URL.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
+
+from pipeline.store import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -68,51 +71,74 @@ def fetch_file(url: str) -> str:
 class RunMirror:
     """A run directory at a URL, worked on through a local copy.
 
-    `pull` downloads the remote run (if any) into the local directory; `push` uploads what changed
-    (new files, or files of another size) and removes remote files that no longer exist locally (e.g. the
-    atlas of a replaced scan), commit files last.
+    `pull` downloads the remote run (if any) into the local directory; `push` uploads what changed and
+    removes remote files that no longer exist locally (e.g. the atlas of a replaced scan), commit files last.
+    What was last synced is kept beside the local copy (``<local>.mirror.json``: each file's local size and
+    mtime and its remote mtime), so a file rewritten with the same size (a job record, a re-rendered image)
+    still counts as changed, on either side.
     """
 
     def __init__(self, url: str, local: str):
         self.url = url.rstrip("/")
         self.local = os.path.abspath(local)
         self.filesystem, self.root = _filesystem(self.url)
+        self.state_path = self.local + ".mirror.json"
 
-    def _remote_files(self) -> dict[str, int]:
+    def _remote_files(self) -> dict[str, tuple[int, int]]:
+        """relative path -> (size, mtime_ns) of every remote file."""
         import pyarrow.fs as pafs
 
         selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
         files = {}
         for info in self.filesystem.get_file_info(selector):
             if info.type == pafs.FileType.File:
-                files[os.path.relpath(info.path, self.root).replace(os.sep, "/")] = info.size
+                files[os.path.relpath(info.path, self.root).replace(os.sep, "/")] = (info.size, info.mtime_ns or 0)
         return files
 
-    def _local_files(self) -> dict[str, int]:
+    def _local_files(self) -> dict[str, tuple[int, int]]:
+        """relative path -> (size, mtime_ns) of every local file but the staging area's."""
         files = {}
         for directory, _, names in os.walk(self.local):
             for name in names:
                 full = os.path.join(directory, name)
-                files[os.path.relpath(full, self.local).replace(os.sep, "/")] = os.path.getsize(full)
+                relative = os.path.relpath(full, self.local).replace(os.sep, "/")
+                if not relative.startswith(".staging/"):
+                    stat = os.stat(full)
+                    files[relative] = (stat.st_size, stat.st_mtime_ns)
         return files
+
+    def _load_state(self) -> dict[str, list[int]]:
+        try:
+            with open(self.state_path) as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return {}
+
+    def _in_sync(self, state: dict, relative: str, local: dict, remote: dict) -> bool:
+        return (relative in local and relative in remote and local[relative][0] == remote[relative][0]
+                and state.get(relative) == [*local[relative], remote[relative][1]])
 
     def pull(self) -> int:
         """Download the remote run into the local copy; returns the number of files downloaded."""
-        remote, local = self._remote_files(), self._local_files()
+        remote, local, state = self._remote_files(), self._local_files(), self._load_state()
         count = 0
-        for relative, size in sorted(remote.items()):
-            if relative.startswith(".staging/") or local.get(relative) == size:
+        for relative in sorted(remote):
+            if relative.startswith(".staging/") or self._in_sync(state, relative, local, remote):
                 continue
-            _download(self.filesystem, f"{self.root}/{relative}", os.path.join(self.local, *relative.split("/")))
+            target = os.path.join(self.local, *relative.split("/"))
+            _download(self.filesystem, f"{self.root}/{relative}", target)
+            stat = os.stat(target)
+            state[relative] = [stat.st_size, stat.st_mtime_ns, remote[relative][1]]
             count += 1
+        write_json(state, self.state_path)
         if count:
             logger.info("pulled %d file(s) from %s into %s", count, self.url, self.local)
         return count
 
     def push(self) -> int:
         """Mirror the local copy to the URL; returns the number of files uploaded."""
-        remote, local = self._remote_files(), self._local_files()
-        changed = [r for r, size in local.items() if not r.startswith(".staging/") and remote.get(r) != size]
+        remote, local, state = self._remote_files(), self._local_files(), self._load_state()
+        changed = [r for r in local if not self._in_sync(state, r, local, remote)]
         # Commit files go last, and a stale remote commit file goes first, so that a reader (or a resumed
         # job) never sees a manifest beside tables it does not describe.
         for relative in COMMIT_FILES:
@@ -128,6 +154,8 @@ class RunMirror:
         stale = [r for r in remote if r not in local]
         for relative in stale:
             self.filesystem.delete_file(f"{self.root}/{relative}")
+        uploaded = self._remote_files()  # one listing for the remote times of everything just written
+        write_json({r: [*local[r], uploaded[r][1]] for r in local if r in uploaded}, self.state_path)
         if ordered or stale:
             logger.info("pushed %d file(s) to %s (%d removed)", len(ordered), self.url, len(stale))
         return len(ordered)

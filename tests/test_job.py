@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 import tomllib
 
 import pytest
@@ -279,3 +280,24 @@ def test_job_over_webdataset_shards_given_as_urls(tmp_path, resnet8_weights, pho
     expected = con.execute("SELECT count(*) FROM topk JOIN units USING (layer, unit) WHERE layer IN "
                            "('layer1', 'linear') AND unit < 2 AND NOT dead").fetchone()[0]
     assert crops == expected > 0
+
+
+def test_mirror_sees_same_size_rewrites_on_both_sides(tmp_path):
+    """A file rewritten with the same size (a job record, a re-rendered image) is uploaded again, and a remote
+    file replaced by another machine with the same size is downloaded again."""
+    from pipeline.remote import RunMirror
+
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    (local / "atlas").mkdir(parents=True)
+    (local / "job.json").write_text('{"a": 1}')
+    (local / "atlas" / "x.png").write_bytes(b"AAAA")
+    mirror = RunMirror(f"file://{remote}", str(local))
+    assert mirror.push() == 2 and mirror.push() == 0
+    (local / "job.json").write_text('{"a": 2}')
+    assert mirror.push() == 1 and (remote / "job.json").read_text() == '{"a": 2}'
+    time.sleep(0.01)
+    (remote / "atlas" / "x.png").write_bytes(b"BBBB")  # another machine's push
+    assert RunMirror(f"file://{remote}", str(local)).pull() == 1
+    assert (local / "atlas" / "x.png").read_bytes() == b"BBBB"
+    assert mirror.pull() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "local.mirror.json", "remote"]
