@@ -49,14 +49,17 @@ def _decoded_images(folder: str, preprocess, limit: int) -> tuple[dict, float]:
     return decoded, len(files) / (time.perf_counter() - start)
 
 
-def recorder_throughput(config: RecorderConfig, decoded: dict, batch_size: int) -> float:
-    """Images/s of the Recorder (forward + per-unit max/argmax + top-k + statistics) on decoded batches."""
-    recorder = Recorder(config)
-    recorder({name: column[:2] for name, column in decoded.items()})  # warm-up
+def recorder_throughput(config: RecorderConfig, layer_units: dict[str, int], decoded: dict, batch_size: int) -> float:
+    """Images/s of the Recorder (forward + per-unit max/argmax + running top-k + statistics) on decoded batches,
+    one flush at the end included."""
+    recorder = Recorder(config, layer_units)
+    recorder.record({name: column[:2] for name, column in decoded.items()})  # warm-up
+    recorder.flush()
     n = len(decoded["pixels"])
     start = time.perf_counter()
     for i in range(0, n, batch_size):
-        recorder({name: column[i:i + batch_size] for name, column in decoded.items()})
+        recorder.record({name: column[i:i + batch_size] for name, column in decoded.items()})
+    recorder.flush()
     return n / (time.perf_counter() - start)
 
 
@@ -114,8 +117,9 @@ def bench_scan(images: int = 1000, image_size: int = 128, batch_size: int = 32, 
         full_model = forward_throughput(loaded.model, pixels, loaded.preprocess, batch_size)
         manifest = scan(small, "scan-n")
         forward_after = forward_throughput(extractor, pixels, loaded.preprocess, batch_size)
+        units = {name: out.shape[1] for name, out in extractor(torch.zeros(1, 3, image_size, image_size)).items()}
         recorder = recorder_throughput(RecorderConfig(model=model_config, layers=tuple(layer_names), k=16,
-                                                      threads=threads), decoded, batch_size)
+                                                      threads=threads), units, decoded, batch_size)
         if memory:
             manifest_4n = scan(folder, "scan-4n")
     forward = (forward_before + forward_after) / 2

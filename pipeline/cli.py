@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pipeline.data import DataError
 from pipeline.models import ModelConfig, ModelError
+from pipeline.scan import PRECISIONS
 from pipeline.store import RunError
+from pipeline.worker_pool import PoolStalled
 
 logger = logging.getLogger("pipeline")
 
@@ -72,7 +75,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     manifest = run_scan(ScanConfig(
         model=_model_config(args), data=args.data, out=args.out, layers=args.layers, k=args.k,
         record=args.record, batch_size=args.batch_size, address=args.address, actors=args.actors,
-        threads=args.threads, device=args.device, overwrite=args.overwrite, progress=not args.quiet))
+        threads=args.threads, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
+        flush_images=args.flush_images, precision=args.precision, channels_last=args.channels_last,
+        stall_seconds=args.stall_seconds))
     counts = manifest["counts"]
     print(f"run: {args.out}\n  images {counts['images']} ({counts['images_error']} unreadable), "
           f"layers {counts['layers']}, units {counts['units']} ({counts['dead_units']} dead), "
@@ -252,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlas", description="Neuron Atlas: dataset search and neuron atlases "
                                                                "for convolutional networks")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error (also ATLAS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     layers = sub.add_parser("layers", help="list selectable layers with shapes and receptive fields")
@@ -274,7 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                       help="auto: GPUs if the cluster has them; cuda: --actors GPU replicas even before an "
                            "autoscaler has added the GPU nodes; cpu: never GPUs")
-    scan.add_argument("--overwrite", action="store_true", help="replace a complete run made with other settings")
+    scan.add_argument("--overwrite", action="store_true", help="replace a complete run made with other settings "
+                                                               "(the old run stays until the new one is complete)")
+    scan.add_argument("--flush-images", type=int, default=50_000,
+                      help="each model worker commits its running results after this many images (default 50000): "
+                           "an interrupted scan resumes from its last commits")
+    scan.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                      help="fp32 (default; exact, TF32 off), tf32, bf16 or fp16 (autocast)")
+    scan.add_argument("--channels-last", action="store_true", help="channels_last memory format for the model")
+    scan.add_argument("--stall-seconds", type=float, default=600.0,
+                      help="fail (saying what is pending) when nothing progresses for this long (default 600)")
     scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     scan.set_defaults(func=cmd_scan)
 
@@ -430,12 +445,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that are the user's to fix (input, settings, a busy or foreign run directory, the cluster stalling): one
+# line and status 2. Anything else is a bug: its traceback is shown. --debug (or ATLAS_DEBUG=1) shows every one.
+USER_ERRORS = (ModelError, DataError, RunError, ValueError, PoolStalled, PermissionError, FileNotFoundError,
+               IsADirectoryError, NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    debug = args.debug or os.environ.get("ATLAS_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (ModelError, DataError, RunError, ValueError) as error:
-        print(f"atlas: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("atlas: interrupted; what was committed is kept: run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, OSError) and error.filename:
+            message = f"{error.strerror}: {error.filename}"
+        print(f"atlas: error: {message}", file=sys.stderr)
         return 2

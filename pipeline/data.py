@@ -50,6 +50,14 @@ class SourceSpec:
         return {"kind": self.kind, "root": self.root, "files": len(self.files)}
 
 
+def source_id(path: str) -> str:
+    """One spelling of a source file, to match the images table's `source` column with a file list: Ray
+    reports local files by absolute path and object-store URLs without their scheme."""
+    if is_url(path):
+        return path.split("://", 1)[1]
+    return os.path.abspath(path)
+
+
 def _expand(pattern: str) -> list[str]:
     """Expand brace patterns (shards-{000..009}.tar) and globs; URLs expand braces only."""
     import braceexpand  # installed with webdataset
@@ -153,9 +161,11 @@ class Decoder:
     Side-effect free and usable without Ray: ``Decoder(spec, preprocess)(batch_dict) -> batch_dict``.
     """
 
-    def __init__(self, spec: SourceSpec, preprocess: Preprocess):
+    def __init__(self, spec: SourceSpec, preprocess: Preprocess, skip: dict[str, frozenset[str]] | None = None):
         self.spec = spec
         self.preprocess = preprocess
+        # source_id -> keys already covered by committed flushes (a resumed scan): dropped before decoding.
+        self.skip = skip or {}
 
     def _identify(self, batch: dict[str, np.ndarray], i: int) -> tuple[str, str, str | None, Any]:
         """(image_key, source, label, encoded bytes or None) of row i."""
@@ -188,6 +198,9 @@ class Decoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(next(iter(batch.values())))
+        if self.skip:
+            batch = self._drop_covered(batch, n)
+            n = len(next(iter(batch.values()))) if batch else 0
         size = self.preprocess.image_size
         pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
         keys, sources, labels, errors, statuses = [], [], [], [], []
@@ -217,6 +230,14 @@ class Decoder:
             "error": np.array(errors, dtype=object),
             "pixels": pixels,
         }
+
+
+    def _drop_covered(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        keep = np.ones(n, dtype=bool)
+        for i in range(n):
+            key, source, _, _ = self._identify(batch, i)
+            keep[i] = key not in self.skip.get(source_id(source), ())
+        return {name: np.asarray(column)[keep] for name, column in batch.items()}
 
 
 def decode_batch(batch: dict[str, np.ndarray], decoder: Decoder) -> dict[str, np.ndarray]:

@@ -1,34 +1,39 @@
-"""The scan: stream images through a model on Ray, reduce to exact top-k per unit and unit statistics.
+"""The scan's worker side: stream decoded images through a model, keep exact top-k and statistics running.
 
-Data flow (Ray Data, streaming):
+Data flow (see pipeline.scan_runner for the driver, docs in README "How a scan survives failures"):
 
-    read (shards | folder | parquet)  ->  decode + resize/crop (CPU tasks, uint8)
-      ->  Recorder (actor pool: the model, one GPU each where present)   -> one partial state per batch
-      ->  [write_maxima (CPU tasks, --record all)]
-      ->  driver: ScanReducer.merge(partial)  ->  Parquet tables in the run directory
+    read + decode (Ray Data CPU tasks, uint8)  --block refs-->  Recorder actors (the model; one GPU each where
+    present), each holding a running ScanState on its own device  --every flush_images images-->  a Flush
+    (serialised state + the images it covers)  -->  the driver commits it to RUN/.staging/flushes/
 
-The Recorder is a plain callable class (heavy state in __init__, side-effect-free __call__), testable
-without Ray. Each partial holds, per layer, an exact top-k over the batch plus mergeable statistics, so
-the driver's memory is bounded by units x k whatever the data set's size.
+The Recorder is a plain class (heavy state in __init__), testable without Ray: ``record(batch)`` folds a decoded
+batch into the running state (tensor work where the activations are, no per-batch pickling), ``flush()`` hands
+the state over and starts afresh. A ScanState is a typed bundle of mergeable statistics per layer with
+``add``/``merge``/``to_bytes``/``from_bytes``; the final result is the merge of every committed flush, which
+equals a brute-force sort of every (image, unit) maximum however images were split among workers and flushes.
 """
 from __future__ import annotations
 
-import pickle
+import io
+import os
 import resource
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from pipeline.models import ModelConfig, feature_extractor, load_model
 from pipeline.receptive_field import ReceptiveField
 from pipeline.stats import QuantileSketch, RunningMoments, TopK
-from pipeline.store import MAXIMA_SCHEMA, TOPK_SCHEMA, UNITS_SCHEMA, layer_dir, write_table
+from pipeline.store import IMAGES_SCHEMA, MAXIMA_SCHEMA, TOPK_SCHEMA, UNITS_SCHEMA, layer_dir, write_table
 
 PAYLOAD = ("y", "x", "width", "height")
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,11 @@ class RecorderConfig:
     record_all: bool = False
     device: str | None = None  # None: CUDA when this process sees a GPU, else CPU
     threads: int | None = None  # torch intra-op threads on CPU (the actor's CPU share)
+    flush_images: int = 50_000  # hand the running state over after this many images
+    batch_size: int = 32  # images per forward pass (a block from the decode stage may hold more)
+    precision: str = "fp32"  # fp32 (exact; TF32 off), tf32, bf16 or fp16 (autocast on the device)
+    channels_last: bool = False
+    maxima_dir: str | None = None  # with record_all: where pending maxima files go (a shared file system)
 
 
 def layer_maxima(activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,7 +58,7 @@ def layer_maxima(activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
     activation: (N, C, H, W), or (N, C) read as 1x1 maps. Returns values (N, C) and argmax row y (N, C),
     column x (N, C); on ties the first position in row-major order wins (torch.max returns the first maximal
-    index on CPU and CUDA).
+    index on CPU and CUDA). Works on channels_last tensors too: the index is over the logical (H, W) layout.
     """
     if activation.ndim == 2:
         activation = activation[:, :, None, None]
@@ -62,60 +72,91 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-class Recorder:
-    """Ray Data actor UDF: a batch of decoded images -> one row holding the batch's partial reduction.
+class ScanState:
+    """Exact top-k (ties by key), moments and quantile sketch per layer over a set of images.
 
-    Input batch (numpy): image_key, source, label, width, height, status, error, pixels (N, S, S, 3) uint8.
-    Output batch: ``partial`` (pickled dict: n, images (metadata columns), layers {name: topk, moments,
-    sketch state dicts}) and, with record_all, ``maxima`` (pickled {layer: (keys, values, y, x)}).
+    The streaming-statistic pattern (add / merge / result / state): ``add`` one layer's batch maxima, ``merge``
+    another state over disjoint images, ``to_bytes``/``from_bytes`` for flushes (NumPy's npz, no pickle: a
+    staged flush can never run code when it is read back).
     """
 
-    def __init__(self, config: RecorderConfig):
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.config = config
-        loaded = load_model(config.model)
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.extractor = feature_extractor(loaded.model, list(config.layers)).to(self.device).eval()
-        preprocess = loaded.preprocess
-        self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(preprocess.std, device=self.device).view(1, 3, 1, 1)
+    def __init__(self, layer_units: dict[str, int], k: int):
+        self.k = k
+        self.layer_units = dict(layer_units)
+        self.topk = {name: TopK(units, k, PAYLOAD) for name, units in layer_units.items()}
+        self.moments = {name: RunningMoments(units) for name, units in layer_units.items()}
+        self.sketch = {name: QuantileSketch(units) for name, units in layer_units.items()}
+        self.images_ok = 0
 
-    def _forward(self, pixels: np.ndarray) -> dict[str, torch.Tensor]:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
-        with torch.inference_mode():
-            return self.extractor(x)
+    def add(self, layer: str, values: torch.Tensor, keys: list[str], **payload: torch.Tensor) -> None:
+        self.topk[layer].add(values, keys, **payload)
+        self.moments[layer].add(values)
+        self.sketch[layer].add(values)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.asarray(batch["status"]) == "ok"
-        keys = [str(k) for k in np.asarray(batch["image_key"])[ok].tolist()]
-        images = {name: _texts(batch[name]) for name in ("image_key", "source", "label", "status", "error")}
-        images |= {name: np.asarray(batch[name]).astype(np.int32).tolist() for name in ("width", "height")}
-        partial: dict = {"n": int(ok.sum()), "images": images, "layers": {}, "peak_rss_mb": 0.0}
-        maxima: dict = {}
-        if ok.any():
-            outputs = self._forward(batch["pixels"][ok])
-            width, height = (torch.as_tensor(np.asarray(batch[name])[ok].astype(np.int32), device=self.device)
-                             for name in ("width", "height"))
-            for layer in self.config.layers:
-                values, y, x = layer_maxima(outputs[layer].float())
-                units = values.shape[1]
-                topk = TopK(units, self.config.k, PAYLOAD)
-                topk.add(values, keys, y=y.int(), x=x.int(),
-                         width=width[:, None].expand_as(y), height=height[:, None].expand_as(y))
-                moments, sketch = RunningMoments(units), QuantileSketch(units)
-                moments.add(values)
-                sketch.add(values)
-                partial["layers"][layer] = {"topk": topk.state_dict(), "moments": moments.state_dict(),
-                                            "sketch": sketch.state_dict()}
-                if self.config.record_all:
-                    maxima[layer] = (keys, values.cpu().numpy(), y.int().cpu().numpy(), x.int().cpu().numpy())
-        partial["peak_rss_mb"] = peak_rss_mb()
-        out = {"partial": np.array([pickle.dumps(partial, protocol=5)], dtype=object)}
-        if self.config.record_all:
-            out["maxima"] = np.array([pickle.dumps(maxima, protocol=5)], dtype=object)
-        return out
+    def merge(self, other: ScanState) -> None:
+        if other.layer_units != self.layer_units or other.k != self.k:
+            raise ValueError("cannot merge scan states of different layers or k")
+        self.images_ok += other.images_ok
+        for name in self.layer_units:
+            self.topk[name].merge(other.topk[name])
+            self.moments[name].merge(other.moments[name])
+            self.sketch[name].merge(other.sketch[name])
+
+    def to_bytes(self) -> bytes:
+        arrays: dict[str, np.ndarray] = {"k": np.int64(self.k), "images_ok": np.int64(self.images_ok),
+                                         "layers": np.array(list(self.layer_units), dtype=str),
+                                         "units": np.array(list(self.layer_units.values()), dtype=np.int64)}
+        for i, name in enumerate(self.layer_units):
+            topk = self.topk[name].state_dict()
+            arrays |= {f"{i}/topk/values": topk["values"], f"{i}/topk/key_index": topk["key_index"],
+                       f"{i}/topk/key_table": np.asarray(topk["key_table"], dtype=str)}
+            arrays |= {f"{i}/topk/payload/{p}": topk["payload"][p] for p in PAYLOAD}
+            moments = self.moments[name].state_dict()
+            arrays |= {f"{i}/moments/{key}": np.asarray(moments[key])
+                       for key in ("count", "mean", "m2", "min", "max", "n_active")}
+            sketch = self.sketch[name].state_dict()
+            arrays |= {f"{i}/sketch/{key}": np.asarray(sketch[key]) for key in ("unit", "bucket", "count")}
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ScanState:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            layer_units = dict(zip(arrays["layers"].tolist(), arrays["units"].tolist()))
+            state = cls(layer_units, int(arrays["k"]))
+            state.images_ok = int(arrays["images_ok"])
+            for i, name in enumerate(layer_units):
+                units = layer_units[name]
+                state.topk[name] = TopK.from_state_dict({
+                    "num_units": units, "k": state.k, "payload_names": list(PAYLOAD),
+                    "values": arrays[f"{i}/topk/values"], "key_index": arrays[f"{i}/topk/key_index"],
+                    "key_table": arrays[f"{i}/topk/key_table"],
+                    "payload": {p: arrays[f"{i}/topk/payload/{p}"] for p in PAYLOAD}})
+                state.moments[name] = RunningMoments.from_state_dict(
+                    {"num_units": units, **{key: arrays[f"{i}/moments/{key}"]
+                                            for key in ("count", "mean", "m2", "min", "max", "n_active")}})
+                sketch = QuantileSketch(units)
+                state.sketch[name] = QuantileSketch.from_state_dict(
+                    {"num_units": units, "relative_accuracy": sketch.relative_accuracy,
+                     "min_value": sketch.min_value, "max_value": sketch.max_value,
+                     **{key: arrays[f"{i}/sketch/{key}"] for key in ("unit", "bucket", "count")}})
+        return state
+
+
+@dataclass
+class Flush:
+    """What a Recorder hands over: its running state and exactly the images it covers (all of them, decodable
+    or not: an undecodable image is covered once its error row is committed)."""
+
+    flush_id: str
+    images: int
+    images_ok: int
+    state: bytes  # ScanState.to_bytes()
+    image_rows: bytes  # Parquet (IMAGES_SCHEMA)
+    maxima_dir: str | None = None  # pending maxima files of these images (record_all)
+    peak_rss_mb: float = 0.0
+    seconds: dict = field(default_factory=dict)
 
 
 def _texts(column: np.ndarray) -> list[str | None]:
@@ -124,55 +165,160 @@ def _texts(column: np.ndarray) -> list[str | None]:
             for value in np.asarray(column).tolist()]
 
 
-def write_maxima(batch: dict[str, np.ndarray], directory: str) -> dict[str, np.ndarray]:
-    """Ray Data task: write the per-image maxima of several partials to one Parquet file per layer.
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
-    Runs on the workers, so the full (image, unit) table streams to disk and never gathers in one process.
-    Returns the batch without its ``maxima`` column.
+
+def configure_precision(precision: str) -> None:
+    """fp32 means fp32: PyTorch lets cuDNN convolutions use TF32 by default (about 1e-3 relative error, which
+    would turn "ties broken by key" into ordering by noise). Only `tf32` allows it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    # cuDNN's autotuner may pick a different algorithm per batch shape (different rounding): keep it off so an
+    # image's maxima do not depend on the batch it is in.
+    torch.backends.cudnn.benchmark = False
+
+
+class Recorder:
+    """The model worker: decoded batches in, running ScanState kept, Flushes out (see the module doc).
+
+    Input batch (numpy): image_key, source, label, width, height, status, error, pixels (N, S, S, 3) uint8.
     """
-    per_layer: dict[str, list] = {}
-    for blob in batch["maxima"]:
-        for layer, (keys, values, y, x) in pickle.loads(blob).items():
-            per_layer.setdefault(layer, []).append((keys, values, y, x))
-    for layer, parts in per_layer.items():
-        keys = np.concatenate([np.asarray(p[0], dtype=object) for p in parts])
-        values = np.concatenate([p[1] for p in parts])  # (N, U)
-        ys = np.concatenate([p[2] for p in parts])
-        xs = np.concatenate([p[3] for p in parts])
-        n, units = values.shape
-        # Unit-major order: a query for one unit reads contiguous row groups.
-        table = pa.table({
-            "layer": pa.array([layer] * (n * units), pa.string()),
-            "unit": np.repeat(np.arange(units, dtype=np.int32), n),
-            "image_key": pa.array(np.tile(keys, units), pa.string()),
-            "act": values.T.reshape(-1), "y": ys.T.reshape(-1), "x": xs.T.reshape(-1),
-        }, schema=MAXIMA_SCHEMA)
-        write_table(table, f"{layer_dir(directory, layer)}/part-{uuid.uuid4().hex}.parquet")
-    return {name: column for name, column in batch.items() if name != "maxima"}
+
+    def __init__(self, config: RecorderConfig, layer_units: dict[str, int]):
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        configure_precision(config.precision)
+        self.config = config
+        loaded = load_model(config.model)
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("this worker was asked for CUDA but sees no GPU")
+        extractor = feature_extractor(loaded.model, list(config.layers)).to(self.device).eval()
+        if config.channels_last:
+            extractor = extractor.to(memory_format=torch.channels_last)
+        self.extractor = extractor
+        preprocess = loaded.preprocess
+        self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess.std, device=self.device).view(1, 3, 1, 1)
+        self.layer_units = layer_units
+        self.worker_id = uuid.uuid4().hex[:12]
+        self.sequence = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.state = ScanState(self.layer_units, self.config.k)
+        self.rows: list[pa.Table] = []
+        self.pending_images = 0
+        self.flush_id = f"{self.worker_id}-{self.sequence:06d}"
+
+    def _forward(self, pixels: np.ndarray) -> dict[str, torch.Tensor]:
+        x = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = _autocast_dtype(self.config.precision)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=autocast or torch.float32,
+                                                    enabled=autocast is not None):
+            return self.extractor(x)
+
+    def record(self, batch: dict[str, np.ndarray]) -> int:
+        """Fold one decoded batch into the running state; return the number of images (decodable or not)."""
+        ok = np.asarray(batch["status"]) == "ok"
+        keys = [str(k) for k in np.asarray(batch["image_key"])[ok].tolist()]
+        columns = {name: _texts(batch[name]) for name in ("image_key", "source", "label", "status", "error")}
+        columns |= {name: np.asarray(batch[name]).astype(np.int32) for name in ("width", "height")}
+        self.rows.append(pa.table({name: columns[name] for name in IMAGES_SCHEMA.names}, schema=IMAGES_SCHEMA))
+        n = len(columns["image_key"])
+        if ok.any():
+            outputs = self._forward(batch["pixels"][ok])
+            width, height = (torch.as_tensor(np.asarray(batch[name])[ok].astype(np.int32), device=self.device)
+                             for name in ("width", "height"))
+            maxima = {}
+            for layer in self.config.layers:
+                values, y, x = layer_maxima(outputs[layer].float())
+                self.state.add(layer, values, keys, y=y.int(), x=x.int(),
+                               width=width[:, None].expand_as(y), height=height[:, None].expand_as(y))
+                if self.config.record_all:
+                    maxima[layer] = (values.cpu().numpy(), y.int().cpu().numpy(), x.int().cpu().numpy())
+            self.state.images_ok += len(keys)
+            if maxima:
+                self._write_maxima(keys, maxima)
+        self.pending_images += n
+        return n
+
+    def _write_maxima(self, keys: list[str], maxima: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """The batch's (image, unit) maxima, unit-major, to this flush's pending folder (committed with it)."""
+        directory = os.path.join(self.config.maxima_dir, self.flush_id)
+        for layer, (values, ys, xs) in maxima.items():
+            n, units = values.shape
+            table = pa.table({
+                "layer": pa.array([layer] * (n * units), pa.string()),
+                "unit": np.repeat(np.arange(units, dtype=np.int32), n),
+                "image_key": pa.array(np.tile(np.asarray(keys, dtype=object), units), pa.string()),
+                "act": values.T.reshape(-1), "y": ys.T.reshape(-1), "x": xs.T.reshape(-1),
+            }, schema=MAXIMA_SCHEMA)
+            write_table(table, f"{layer_dir(directory, layer)}/part-{uuid.uuid4().hex}.parquet")
+
+    def flush(self) -> Flush | None:
+        """Hand over everything since the last flush and start afresh (None when there is nothing)."""
+        if self.pending_images == 0:
+            return None
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        state = self.state
+        buffer = io.BytesIO()
+        pq.write_table(pa.concat_tables(self.rows), buffer, compression="zstd")
+        flush = Flush(flush_id=self.flush_id, images=self.pending_images, images_ok=state.images_ok,
+                      state=state.to_bytes(), image_rows=buffer.getvalue(),
+                      maxima_dir=(os.path.join(self.config.maxima_dir, self.flush_id)
+                                  if self.config.record_all and state.images_ok else None),
+                      peak_rss_mb=peak_rss_mb())
+        flush.seconds["serialise"] = time.perf_counter() - started
+        self.sequence += 1
+        self._reset()
+        return flush
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Flush | None:
+        """Record a batch; return a Flush when `flush_images` images have gathered since the last one."""
+        self.record(batch)
+        return self.flush() if self.pending_images >= self.config.flush_images else None
+
+    def process_block(self, block, start: int | None = None, end: int | None = None) -> tuple[int, list[Flush]]:
+        """Ray entry point: one Ray Data block (or a slice of it) of decoded images, in batches of batch_size;
+        returns the number of images and the flushes that became due."""
+        from ray.data.block import BlockAccessor
+
+        accessor = BlockAccessor.for_block(block)
+        if start is not None:
+            accessor = BlockAccessor.for_block(accessor.slice(start, end, copy=False))
+        batch = accessor.to_batch_format("numpy")
+        n = len(batch["image_key"]) if "image_key" in batch else 0
+        flushes = []
+        for i in range(0, n, self.config.batch_size):
+            flush = self({name: column[i:i + self.config.batch_size] for name, column in batch.items()})
+            if flush is not None:
+                flushes.append(flush)
+        return n, flushes
+
+    def ping(self) -> str:
+        return self.worker_id
 
 
-class ScanReducer:
-    """Driver-side merge of Recorder partials: exact top-k and statistics per layer (memory: units x k)."""
+class ScanResult:
+    """The final merged state with the tables it becomes (topk per layer, units)."""
 
-    def __init__(self, layer_units: dict[str, int], k: int):
-        self.k = k
-        self.topk = {name: TopK(units, k, PAYLOAD) for name, units in layer_units.items()}
-        self.moments = {name: RunningMoments(units) for name, units in layer_units.items()}
-        self.sketch = {name: QuantileSketch(units) for name, units in layer_units.items()}
-        self.images_ok = 0
-        self.peak_worker_rss_mb = 0.0
-
-    def merge(self, partial: dict) -> None:
-        self.images_ok += partial["n"]
-        self.peak_worker_rss_mb = max(self.peak_worker_rss_mb, partial.get("peak_rss_mb", 0.0))
-        for name, state in partial["layers"].items():
-            self.topk[name].merge(TopK.from_state_dict(state["topk"]))
-            self.moments[name].merge(RunningMoments.from_state_dict(state["moments"]))
-            self.sketch[name].merge(QuantileSketch.from_state_dict(state["sketch"]))
+    def __init__(self, state: ScanState):
+        self.state = state
 
     def topk_table(self, name: str, field: ReceptiveField, preprocess, labels: dict[str, str | None]) -> pa.Table:
         """Rows layer, unit, rank, image_key, label, act, y, x, box_* for one layer (boxes in original pixels)."""
-        result = self.topk[name].result()
+        result = self.state.topk[name].result()
         values = result["values"]
         units, m = values.shape
         y, x = result["y"].astype(np.int64), result["x"].astype(np.int64)
@@ -193,15 +339,15 @@ class ScanReducer:
         }, schema=TOPK_SCHEMA)
 
     def units_table(self, name: str) -> pa.Table:
-        moments = self.moments[name].result()
-        quantiles = self.sketch[name].quantile(list(QUANTILES))
-        sketch = self.sketch[name].result()
+        moments = self.state.moments[name].result()
+        quantiles = self.state.sketch[name].quantile(list(QUANTILES))
+        sketch = self.state.sketch[name].result()
         units = len(moments["count"])
         return pa.table({
             "layer": pa.array([name] * units, pa.string()),
             "unit": np.arange(units, dtype=np.int32),
             # Position of the layer in the model's execution order (layer names do not sort by depth).
-            "layer_index": np.full(units, list(self.topk).index(name), dtype=np.int32),
+            "layer_index": np.full(units, list(self.state.layer_units).index(name), dtype=np.int32),
             "count": moments["count"].astype(np.int64),
             "mean": moments["mean"], "std": moments["std"],
             "min": moments["min"].astype(np.float32), "max": moments["max"].astype(np.float32),
@@ -214,11 +360,10 @@ class ScanReducer:
             "sketch_counts": pa.array([list(map(int, c)) for c in sketch["counts"]], pa.list_(pa.int64())),
         }, schema=UNITS_SCHEMA)
 
-
-def write_layer_tables(reducer: ScanReducer, fields: dict[str, ReceptiveField], preprocess,
-                       labels: dict[str, str | None], topk_dir: str, units_path: str) -> None:
-    """Finalize: one top-k file per layer, one units file for all layers."""
-    for name, field in fields.items():
-        write_table(reducer.topk_table(name, field, preprocess, labels), f"{layer_dir(topk_dir, name)}/part-0.parquet")
-    write_table(pa.concat_tables([reducer.units_table(name) for name in fields]), units_path)
-
+    def write(self, fields: dict[str, ReceptiveField], preprocess, labels: dict[str, str | None], topk_dir: str,
+              units_path: str) -> None:
+        """One top-k file per layer, one units file for all layers."""
+        for name, receptive in fields.items():
+            write_table(self.topk_table(name, receptive, preprocess, labels),
+                        f"{layer_dir(topk_dir, name)}/part-0.parquet")
+        write_table(pa.concat_tables([self.units_table(name) for name in fields]), units_path)

@@ -5,26 +5,27 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import platform
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pyarrow.dataset as pads
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
 from pipeline import __version__
 from pipeline.config import check_scan_settings
-from pipeline.data import (DataError, Decoder, SourceSpec, count_images, decode_batch, read_source,
-                           resolve_source)
+from pipeline.data import DataError, Decoder, SourceSpec, decode_batch, read_source, resolve_source, source_id
+from pipeline.fileio import atomic_write, atomic_write_json
+from pipeline.flushes import FlushStore, PassPlan, SourceIndex, plan_pass
 from pipeline.models import LoadedModel, ModelConfig, load_model, resolve_layers
 from pipeline.preprocess import Preprocess
 from pipeline.ray_session import ClusterShape, ray_session
 from pipeline.receptive_field import receptive_fields
-from pipeline.scan import (Recorder, RecorderConfig, ScanReducer, peak_rss_mb, write_layer_tables,
-                           write_maxima)
-from pipeline.store import IMAGES_SCHEMA, RollingParquetWriter, RunDirectory, read_manifest
+from pipeline.rundir import RunDirectory, claim, run_lock
+from pipeline.scan import PRECISIONS, Flush, Recorder, RecorderConfig, ScanResult, ScanState, peak_rss_mb
+from pipeline.store import IMAGES_SCHEMA, layer_dir, read_manifest
+from pipeline.worker_pool import PassOutcome, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,10 @@ DECODE_CPUS = 0.25
 # CPUs the model actors leave free for reading, decoding and Ray Data's own tasks (some ask for a whole CPU,
 # e.g. the Parquet reader's planning: with less free, a run over Parquet never starts).
 FREE_CPUS = 1.0
-MAXIMA_IMAGES_PER_FILE = 512
+# A pass that lost a worker is followed by another over what is still uncovered; more than this many passes
+# means workers keep dying, and the scan stops rather than spin.
+MAX_PASSES = 5
+MERGE_FAN_IN = 8
 
 
 @dataclass(frozen=True)
@@ -56,17 +60,32 @@ class ScanConfig:
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
+    flush_images: int = 50_000  # each worker hands its state over (durably) after this many images
+    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16; top-k is exact against a brute force in the same precision
+    channels_last: bool = False
+    stall_seconds: float = 600.0  # fail, saying what is pending, when nothing moves for this long
 
     def validate(self) -> None:
         check_scan_settings(self.k, self.record, self.batch_size, self.device)
+        if self.flush_images < 1:
+            raise ValueError(f"flush_images must be >= 1, got {self.flush_images}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.stall_seconds <= 0:
+            raise ValueError(f"stall_seconds must be > 0, got {self.stall_seconds}")
 
 
 def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], source: SourceSpec) -> str:
     """What makes two scans the same: model, weights content, preprocessing, layers, k, record, data files."""
     files = [(f, os.path.getsize(f) if os.path.isfile(f) else None) for f in source.files]
-    blob = json.dumps({"spec": config.model.spec, "weights": loaded.weights_sha256,
-                       "preprocess": loaded.preprocess.as_dict(), "layers": layers, "k": config.k,
-                       "record": config.record, "data": files}, sort_keys=True)
+    what = {"spec": config.model.spec, "weights": loaded.weights_sha256, "preprocess": loaded.preprocess.as_dict(),
+            "layers": layers, "k": config.k, "record": config.record, "data": files}
+    # Only non-default numerics enter the fingerprint, so runs made before these options existed still match.
+    if config.precision != "fp32":
+        what["precision"] = config.precision
+    if config.channels_last:
+        what["channels_last"] = True
+    blob = json.dumps(what, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -109,6 +128,7 @@ def _plan_actors(config: ScanConfig, cluster: ClusterShape) -> dict:
             "device": "cpu"}
 
 
+
 def _labels_for(images_dir: str, keys: set[str]) -> dict[str, str | None]:
     """Labels of the top-k images, read back from the staged images table (streamed, filtered)."""
     if not keys:
@@ -119,133 +139,237 @@ def _labels_for(images_dir: str, keys: set[str]) -> dict[str, str | None]:
     return dict(zip(table["image_key"].to_pylist(), table["label"].to_pylist()))
 
 
-def _check_unique_keys(images_dir: str) -> None:
+class _Attempts:
+    """RUN/.staging/scan.json: the fingerprint and, per invocation (attempt), the images its workers processed,
+    kept current at every commit so a killed driver's attempt is counted too."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path) as handle:
+            self.data = json.load(handle)
+        self.data.setdefault("attempts", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                     "images_processed": 0, "images_committed": 0, "passes": 0})
+        self.number = len(self.data["attempts"])
+        self.save()
+
+    @property
+    def current(self) -> dict:
+        return self.data["attempts"][-1]
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def _merge_flushes(store: FlushStore) -> ScanState:
+    """The exact result: every committed flush merged as a tree of Ray tasks (fan-in MERGE_FAN_IN); the driver
+    only reads the flush files' bytes into the object store."""
+    import ray
+
+    @ray.remote(num_cpus=DECODE_CPUS)
+    def merge(*blobs: bytes) -> bytes:
+        state = ScanState.from_bytes(blobs[0])
+        for blob in blobs[1:]:
+            state.merge(ScanState.from_bytes(blob))
+        return state.to_bytes()
+
+    refs = [ray.put(store.state_bytes(fid)) for fid in store.flush_ids()]
+    while len(refs) > 1:
+        refs = [merge.remote(*refs[i:i + MERGE_FAN_IN]) for i in range(0, len(refs), MERGE_FAN_IN)]
+    return ScanState.from_bytes(ray.get(refs[0]))
+
+
+def _write_images(store: FlushStore, path: str) -> None:
+    """The images table: every committed flush's rows, sorted by key (the same file whatever the batching)."""
     import duckdb
 
-    pattern = os.path.join(images_dir, "*.parquet").replace("'", "''")
-    duplicates = duckdb.sql(f"SELECT image_key, count(*) AS n FROM read_parquet('{pattern}') "
-                            "GROUP BY image_key HAVING n > 1 ORDER BY image_key LIMIT 5").fetchall()
-    if duplicates:
-        raise DataError("image keys are not unique (top-k ties and joins need unique keys): "
-                        + ", ".join(f"{k!r} x{n}" for k, n in duplicates))
+    pattern = store.images_glob().replace("'", "''")
+    columns = ", ".join(f"CAST({f.name} AS {'INTEGER' if str(f.type) == 'int32' else 'VARCHAR'}) AS {f.name}"
+                        for f in IMAGES_SCHEMA)
+    atomic_write(path, writer=lambda tmp: duckdb.sql(
+        f"COPY (SELECT {columns} FROM read_parquet('{pattern}') ORDER BY image_key) TO '{tmp.replace(chr(39), chr(39) * 2)}' "
+        "(FORMAT parquet, COMPRESSION zstd)"))
+
+
+def _move_maxima(store: FlushStore, directory: str) -> None:
+    for fid in store.flush_ids():
+        root = os.path.join(store.root, fid, "maxima")
+        if not os.path.isdir(root):
+            continue
+        for part in os.listdir(root):
+            target = os.path.join(directory, part)
+            os.makedirs(target, exist_ok=True)
+            for name in os.listdir(os.path.join(root, part)):
+                os.replace(os.path.join(root, part, name), os.path.join(target, name))
+
+
+def _describe_cluster() -> str:
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return (f"cluster CPUs free {free.get('CPU', 0):g} of {total.get('CPU', 0):g}, GPUs free {free.get('GPU', 0):g} "
+            f"of {total.get('GPU', 0):g} (read and decode tasks need {DECODE_CPUS} CPU each)")
 
 
 def run_scan(config: ScanConfig) -> dict:
-    """Run (or skip, when already complete) the scan described by `config`; return its manifest."""
+    """Run (or resume, or skip when already complete) the scan described by `config`; return its manifest."""
     config.validate()
     started = time.time()
     loaded = load_model(config.model)  # fails before any work on a bad spec or weights file
     layer_infos = resolve_layers(loaded.model, loaded.preprocess.image_size, config.layers)
     layers = [info.name for info in layer_infos]
+    layer_units = {info.name: info.shape[0] for info in layer_infos}
     size = loaded.preprocess.image_size
     fields = receptive_fields(loaded.model, layers, (size, size))
     source = resolve_source(config.data)
     fingerprint = _fingerprint(config, loaded, layers, source)
-    run = RunDirectory(config.out)
-    if not run.begin(fingerprint, overwrite=config.overwrite):
-        logger.info("%s is already complete for these settings; nothing to do", run.path)
-        return read_manifest(run.path)
-    total = count_images(source)
-    with ray_session(config.address, num_cpus=config.num_cpus) as cluster:
-        ray_ready = time.time()
-        plan = _plan_actors(config, cluster)
-        recorder_config = RecorderConfig(model=config.model, layers=tuple(layers), k=config.k,
-                                         record_all=config.record == "all", device=plan["device"],
-                                         threads=plan["threads"])
-        reducer, images_ok, images_total, timing = _execute(config, source, loaded.preprocess, recorder_config,
-                                                    plan, run, {i.name: i.shape[0] for i in layer_infos}, total)
-    if images_ok == 0:
-        raise DataError(f"none of the {images_total} images in {config.data} could be decoded; see "
-                        f"{run.staged('images')} for the errors")
-    images_dir = run.staged("images")
-    _check_unique_keys(images_dir)
-    needed = set()
-    for topk in reducer.topk.values():
-        needed.update(topk.result()["keys"].reshape(-1).tolist())
-    write_layer_tables(reducer, fields, loaded.preprocess, _labels_for(images_dir, needed),
-                       run.staged("topk"), os.path.join(run.staged("units"), "part-0.parquet"))
-    finished = time.time()
-    units_total = sum(info.shape[0] for info in layer_infos)
-    dead = int(sum(int((reducer.moments[n].result()["n_active"] == 0).sum()) for n in layers))
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
-        "model": {"spec": config.model.spec, "weights": config.model.weights,
-                  "weights_sha256": loaded.weights_sha256, "categories": loaded.categories},
-        "preprocess": loaded.preprocess.as_dict(),
-        "data": source.as_dict() | {"path": config.data},
-        "k": config.k,
-        "record": config.record,
-        "layers": [{"name": info.name, "type": info.type, "shape": list(info.shape), "units": info.shape[0],
-                    "receptive_field": fields[info.name].as_dict()} for info in layer_infos],
-        "counts": {"images": images_total, "images_ok": images_ok, "images_error": images_total - images_ok,
-                   "layers": len(layers), "units": units_total, "dead_units": dead},
-        "timings": {"seconds": round(finished - started, 3), "ray_start_seconds": round(ray_ready - started, 3),
-                    "images_per_second": round(images_total / max(finished - ray_ready, 1e-9), 2),
-                    "first_batch_seconds": round(timing["first_batch"] - ray_ready, 3),
-                    # After the first batch: the pipeline's rate once actors are up and the model loaded.
-                    "steady_images_per_second": round(
-                        (images_total - timing["first_batch_images"])
-                        / max(timing["last_batch"] - timing["first_batch"], 1e-9), 2)},
-        "memory": {"peak_worker_rss_mb": round(reducer.peak_worker_rss_mb, 1),
-                   "peak_driver_rss_mb": round(peak_rss_mb(), 1)},
-        "execution": {"address": config.address or "local", "cluster_cpus": cluster.cpus,
-                      "cluster_gpus": cluster.gpus} | plan,
-        "versions": _versions(),
-        "config": asdict(config),
-    }
-    run.commit(manifest)
+    path = claim(config.out)
+    with run_lock(path):
+        run = RunDirectory(path)
+        if not run.begin(fingerprint, overwrite=config.overwrite):
+            logger.info("%s is already complete for these settings; nothing to do", run.path)
+            return read_manifest(run.path)
+        index = SourceIndex.build(source)  # duplicate keys are named here, before the model runs
+        store = FlushStore(run.staging)
+        store.clear_uncommitted()
+        store.drop_overlaps()
+        attempts = _Attempts(run.staged(RunDirectory.STATE))
+        with ray_session(config.address, num_cpus=config.num_cpus) as cluster:
+            ray_ready = time.time()
+            plan = _plan_actors(config, cluster)
+            recorder_config = RecorderConfig(
+                model=config.model, layers=tuple(layers), k=config.k, record_all=config.record == "all",
+                device=plan["device"], threads=plan["threads"], flush_images=config.flush_images,
+                batch_size=config.batch_size,
+                precision=config.precision, channels_last=config.channels_last,
+                maxima_dir=store.pending_maxima if config.record == "all" else None)
+            timing = _execute(config, source, index, store, loaded.preprocess, recorder_config, layer_units,
+                              plan, attempts)
+            images_total, images_ok = store.counts()
+            if images_ok == 0:
+                raise DataError(f"none of the {images_total} images in {config.data} could be decoded")
+            duplicates = store.duplicate_keys()
+            if duplicates:
+                raise DataError("image keys are not unique (top-k ties and joins need unique keys): "
+                                + ", ".join(f"{k!r} x{n}" for k, n in duplicates))
+            merge_started = time.time()
+            result = ScanResult(_merge_flushes(store))
+            merge_seconds = time.time() - merge_started
+        images_dir = run.staged("images")
+        _write_images(store, os.path.join(images_dir, "part-0.parquet"))
+        if config.record == "all":
+            _move_maxima(store, run.staged("maxima"))
+        needed = set()
+        for topk in result.state.topk.values():
+            needed.update(topk.result()["keys"].reshape(-1).tolist())
+        result.write(fields, loaded.preprocess, _labels_for(images_dir, needed), run.staged("topk"),
+                     os.path.join(run.staged("units"), "part-0.parquet"))
+        finished = time.time()
+        units_total = sum(layer_units.values())
+        dead = int(sum(int((result.state.moments[n].result()["n_active"] == 0).sum()) for n in layers))
+        metas = [store.meta(fid) for fid in store.flush_ids()]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+            "model": {"spec": config.model.spec, "weights": config.model.weights,
+                      "weights_sha256": loaded.weights_sha256, "categories": loaded.categories},
+            "preprocess": loaded.preprocess.as_dict(),
+            "data": source.as_dict() | {"path": config.data},
+            "k": config.k,
+            "record": config.record,
+            "precision": config.precision,
+            "layers": [{"name": info.name, "type": info.type, "shape": list(info.shape), "units": info.shape[0],
+                        "receptive_field": fields[info.name].as_dict()} for info in layer_infos],
+            "counts": {"images": images_total, "images_ok": images_ok, "images_error": images_total - images_ok,
+                       "layers": len(layers), "units": units_total, "dead_units": dead},
+            "timings": {"seconds": round(finished - started, 3), "ray_start_seconds": round(ray_ready - started, 3),
+                        "images_per_second": round(attempts.current["images_processed"]
+                                                   / max(finished - ray_ready, 1e-9), 2),
+                        "first_batch_seconds": round(timing.get("first_batch", ray_ready) - ray_ready, 3),
+                        # After the first batch: the pipeline's rate once actors are up and the model loaded.
+                        "steady_images_per_second": round(
+                            (attempts.current["images_processed"] - timing.get("first_batch_images", 0))
+                            / max(timing.get("last_batch", 0) - timing.get("first_batch", 0), 1e-9), 2),
+                        "merge_seconds": round(merge_seconds, 3)},
+            "memory": {"peak_worker_rss_mb": round(max([m.get("peak_rss_mb", 0.0) for m in metas] or [0.0]), 1),
+                       "peak_driver_rss_mb": round(peak_rss_mb(), 1)},
+            "execution": {"address": config.address or "local", "cluster_cpus": cluster.cpus,
+                          "cluster_gpus": cluster.gpus, "flushes": len(metas)} | plan,
+            # One entry per invocation: a resumed scan lists the interrupted ones before it.
+            "attempts": attempts.data["attempts"],
+            "versions": _versions(),
+            "config": asdict(config),
+        }
+        run.commit(manifest)
     logger.info("scan complete: %s", run.path)
     return manifest
 
 
-def _execute(config: ScanConfig, source: SourceSpec, preprocess: Preprocess, recorder_config: RecorderConfig,
-             plan: dict, run: RunDirectory, layer_units: dict[str, int], total: int | None):
-    """Build and drain the Ray Data pipeline; stream image rows to Parquet; merge partials."""
+def _execute(config: ScanConfig, source: SourceSpec, index: SourceIndex, store: FlushStore, preprocess: Preprocess,
+             recorder_config: RecorderConfig, layer_units: dict[str, int], plan: dict, attempts: _Attempts) -> dict:
+    """Passes over what is still uncovered until everything is, each streamed through the worker pool."""
+    import ray
     import ray.data
     from tqdm import tqdm
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one bar of our own, with images/s and time left
     context.print_on_execution_start = False
-    decoder = Decoder(source, preprocess)
-    # Reading and decoding (fused into one task) ask for a quarter CPU: light work that must always find room
-    # beside the model actors (a read task that waits for a whole CPU the actors hold would hang the run),
-    # and resources unlike the actors' keep Ray from fusing decoding into the model actor, so it overlaps
-    # the forward pass instead of running before it.
-    dataset = read_source(source, num_cpus=DECODE_CPUS).map_batches(
-        decode_batch, fn_kwargs={"decoder": decoder}, batch_size=config.batch_size, batch_format="numpy",
-        num_cpus=DECODE_CPUS)
-    dataset = dataset.map_batches(
-        Recorder, fn_constructor_kwargs={"config": recorder_config}, batch_size=config.batch_size,
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-        num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"])
-    if recorder_config.record_all:
-        # About MAXIMA_IMAGES_PER_FILE images per file: big enough to avoid a flood of tiny files, small
-        # enough that results (and the progress bar) keep flowing.
-        dataset = dataset.map_batches(write_maxima, fn_kwargs={"directory": run.staged("maxima")},
-                                      batch_size=max(1, MAXIMA_IMAGES_PER_FILE // config.batch_size),
-                                      batch_format="numpy", num_cpus=DECODE_CPUS)
-    reducer = ScanReducer(layer_units, config.k)
-    images = RollingParquetWriter(run.staged("images"), IMAGES_SCHEMA)
-    images_total = 0
-    timing: dict = {}
-    bar = tqdm(total=total, unit="img", desc="scan", disable=not config.progress, smoothing=0.1)
-    try:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            for blob in batch["partial"]:
-                partial = pickle.loads(blob)
-                reducer.merge(partial)
-                images.write(partial["images"])
-                count = len(partial["images"]["image_key"])
-                images_total += count
-                bar.update(count)
-                timing["last_batch"] = time.time()
-                if "first_batch" not in timing:
-                    timing["first_batch"], timing["first_batch_images"] = timing["last_batch"], count
-    finally:
-        bar.close()
-        images.close()
-    return reducer, reducer.images_ok, images_total, timing
+    remote_recorder = ray.remote(Recorder)
 
+    def make_actor(_: int):
+        return remote_recorder.options(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=0,
+                                       max_concurrency=1).remote(recorder_config, layer_units)
+
+    timing: dict = {}
+    known = [t for t in index.totals.values()]
+    total = sum(known) if all(t is not None for t in known) else None
+    covered, _ = store.counts()
+    bar = tqdm(total=total, initial=covered, unit="img", desc="scan", disable=not config.progress, smoothing=0.1)
+
+    def commit(flush: Flush | None) -> None:
+        if flush is None:
+            return
+        store.commit(flush, attempts.number)
+        attempts.current["images_committed"] += flush.images
+        attempts.save()
+
+    def on_block(result: tuple[int, list[Flush]]) -> None:
+        count, flushes = result
+        attempts.current["images_processed"] += count
+        bar.update(count)
+        timing["last_batch"] = time.time()
+        if "first_batch" not in timing:
+            timing["first_batch"], timing["first_batch_images"] = timing["last_batch"], count
+        for flush in flushes:
+            commit(flush)
+
+    pool = WorkerPool(make_actor, plan["actors"], stall_seconds=config.stall_seconds,
+                      describe_pending=_describe_cluster)
+    read_whole: set[str] = set()
+    try:
+        for number in range(MAX_PASSES + 1):
+            work: PassPlan = plan_pass(source, index, store, read_whole)
+            if work.empty:
+                break
+            if number == MAX_PASSES:
+                raise RuntimeError(f"model workers kept being lost: {MAX_PASSES} passes did not cover every image "
+                                   "(the committed part is kept; run the same command again to resume)")
+            if number:
+                logger.warning("pass %d: %s image(s) not covered yet (a worker was lost); processing them again",
+                               number + 1, work.images if work.images is not None else "some")
+            decoder = Decoder(work.spec, preprocess, skip=work.skip)
+            dataset = read_source(work.spec, num_cpus=DECODE_CPUS).map_batches(
+                decode_batch, fn_kwargs={"decoder": decoder}, batch_size=config.batch_size, batch_format="numpy",
+                num_cpus=DECODE_CPUS)
+            outcome: PassOutcome = pool.run(dataset.iter_internal_ref_bundles(), "process_block", on_block)
+            pool.call_all("flush", commit, outcome)
+            attempts.current["passes"] += 1
+            attempts.save()
+            if outcome.lossless:
+                read_whole.update(source_id(f) for f in work.spec.files)
+            store.drop_overlaps()
+    finally:
+        pool.shutdown()
+        bar.close()
+    return timing

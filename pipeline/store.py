@@ -10,24 +10,29 @@ Layout (the contract between stages; documented in the README):
     RUN/maxima/layer=<L>/part-*.parquet     layer, unit, image_key, act, y, x           (--record all)
 
 Every table is written into RUN/.staging/ first and moved into place only when the whole scan succeeded,
-so no reader ever sees a half-written table as complete.
+so no reader ever sees a half-written table as complete (the life cycle: pipeline.rundir).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.fileio import atomic_write, atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
+MARKER = ".atlas-run"      # written first: the tool's claim on the folder (pipeline.rundir)
+LOCK = ".atlas-lock"       # flock of the process writing the run
+PREVIOUS = ".previous"     # the old run, only while a new one is swapped in
+FLUSHES = "flushes"        # RUN/.staging/flushes/<worker>-<seq>/: committed scan progress (pipeline.flushes)
+PENDING_MAXIMA = "pending-maxima"  # RUN/.staging/pending-maxima/<flush>/: maxima of flushes not yet committed
 TABLES = ("topk", "units", "images", "maxima")
 COMPRESSION = "zstd"
 
@@ -73,25 +78,13 @@ class RunError(RuntimeError):
 
 
 def write_table(table: pa.Table, path: str) -> None:
-    """Write one Parquet file atomically (temp file in the same directory, then rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".parquet")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression=COMPRESSION)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write one Parquet file atomically, with the user's umask (see pipeline.fileio)."""
+    atomic_write(path, writer=lambda tmp: pq.write_table(table, tmp, compression=COMPRESSION))
 
 
 def write_json(obj: Any, path: str) -> None:
-    """Write JSON atomically."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=True, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
+    """Write JSON atomically, with the user's umask."""
+    atomic_write_json(path, obj)
 
 
 def read_manifest(run_dir: str) -> dict | None:
@@ -133,62 +126,6 @@ class RollingParquetWriter:
             self._writer.close()
             self._writer = None
             self._rows = 0
-
-
-class RunDirectory:
-    """Staging and atomic commit of one run's tables.
-
-    `begin` decides what to do with what is already there: a complete run with the same fingerprint is
-    left alone (returns False: nothing to do); a complete run of other settings is refused unless
-    `overwrite`; an interrupted run (no manifest) is cleared, since its staging is not trustworthy.
-    """
-
-    def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-        self.staging = os.path.join(self.path, STAGING)
-
-    def begin(self, fingerprint: str, overwrite: bool = False) -> bool:
-        manifest = read_manifest(self.path)
-        if manifest is not None:
-            if manifest.get("fingerprint") == fingerprint:
-                return False  # the same scan is complete: nothing to do (with or without --overwrite)
-            if not overwrite:
-                raise RunError(f"{self.path} already holds a complete run made with other settings; "
-                               "choose another --out or pass --overwrite")
-            os.unlink(os.path.join(self.path, MANIFEST))
-            self._clear_derived()
-        elif os.path.isdir(self.path) and os.listdir(self.path):
-            unknown = set(os.listdir(self.path)) - set(TABLES) - set(DERIVED) - {STAGING, MANIFEST, JOB_TOML, JOB_RECORD}
-            if unknown:
-                raise RunError(f"{self.path} is not empty and is not a run directory "
-                               f"(found {', '.join(sorted(unknown)[:5])}); refusing to touch it")
-            logger.info("clearing the unfinished run in %s", self.path)
-            self._clear_derived()
-        shutil.rmtree(self.staging, ignore_errors=True)
-        os.makedirs(self.staging)
-        return True
-
-    def _clear_derived(self) -> None:
-        """A new scan invalidates what later stages made from the old one (atlas images, explanations, site):
-        render would otherwise take an old model's images for done."""
-        for name in DERIVED:
-            path = os.path.join(self.path, name)
-            if os.path.isdir(path):
-                logger.info("removing %s (made from the previous scan)", path)
-                shutil.rmtree(path)
-
-    def staged(self, table: str) -> str:
-        return os.path.join(self.staging, table)
-
-    def commit(self, manifest: dict) -> None:
-        """Move every staged table into place, then write the manifest last."""
-        for table in TABLES:
-            final = os.path.join(self.path, table)
-            shutil.rmtree(final, ignore_errors=True)
-            if os.path.isdir(self.staged(table)):
-                os.replace(self.staged(table), final)
-        shutil.rmtree(self.staging, ignore_errors=True)
-        write_json(manifest, os.path.join(self.path, MANIFEST))
 
 
 # ---------------------------------------------------------------------------------------------- DuckDB

@@ -9,7 +9,7 @@ from helpers import folder_batch, square_image, write_png
 from pipeline.data import Decoder, SourceSpec
 from pipeline.models import ModelConfig, load_model
 from pipeline.receptive_field import receptive_fields
-from pipeline.scan import Recorder, RecorderConfig, ScanReducer, layer_maxima
+from pipeline.scan import Recorder, RecorderConfig, ScanResult, ScanState, layer_maxima
 
 HAND = ModelConfig(spec="module:tiny_models:hand_net", image_size=16, resize=16, mean=(0.0, 0.0, 0.0),
                    std=(1.0, 1.0, 1.0))
@@ -40,17 +40,18 @@ def hand_images(tmp_path):
     return str(root), paths
 
 
-def scan_hand(root: str, paths: list[str], k: int = 3, batches: list[list[int]] | None = None) -> ScanReducer:
+def scan_hand(root: str, paths: list[str], k: int = 3, batches: list[list[int]] | None = None) -> ScanResult:
     loaded = load_model(HAND)
     decoder = Decoder(SourceSpec("folder", root, tuple(paths)), loaded.preprocess)
-    recorder = Recorder(RecorderConfig(model=HAND, layers=("relu1", "conv2"), k=k, device="cpu"))
-    reducer = ScanReducer({"relu1": 2, "conv2": 1}, k)
-    import pickle
-
+    units = {"relu1": 2, "conv2": 1}
+    # flush_images=1: every batch becomes its own flush, and the flushes are merged as the scan merges them.
+    recorder = Recorder(RecorderConfig(model=HAND, layers=("relu1", "conv2"), k=k, device="cpu", flush_images=1),
+                        units)
+    state = ScanState(units, k)
     for batch in batches or [list(range(len(paths)))]:
         decoded = decoder(folder_batch(root, [paths[i] for i in batch]))
-        reducer.merge(pickle.loads(recorder(decoded)["partial"][0]))
-    return reducer
+        state.merge(ScanState.from_bytes(recorder(decoded).state))
+    return ScanResult(state)
 
 
 def test_hand_net_receptive_fields_by_hand():
@@ -127,11 +128,9 @@ def test_downscaled_image_box_maps_back_by_the_resize_factor(tmp_path):
     y, x = np.unravel_index(np.argmax(window_mean), window_mean.shape)
     assert (y, x) == (5, 5)
     fields = receptive_fields(loaded.model, ["relu1"], (16, 16))
-    reducer = ScanReducer({"relu1": 2}, 1)
-    import pickle
-
-    recorder = Recorder(RecorderConfig(model=HAND, layers=("relu1",), k=1, device="cpu"))
-    reducer.merge(pickle.loads(recorder(decoded)["partial"][0]))
+    recorder = Recorder(RecorderConfig(model=HAND, layers=("relu1",), k=1, device="cpu"), {"relu1": 2})
+    recorder.record(decoded)
+    reducer = ScanResult(ScanState.from_bytes(recorder.flush().state))
     row = reducer.topk_table("relu1", fields["relu1"], loaded.preprocess, {}).to_pylist()[0]
     assert row["act"] == pytest.approx(window_mean[y, x], abs=1e-6)
     assert (row["y"], row["x"]) == (5, 5)

@@ -198,28 +198,32 @@ def test_bad_model_inputs_fail_before_any_work(tmp_path, photo_folder):
 
 
 def test_restart_after_interruption_and_skip_when_complete(ray_cluster, photo_folder, tmp_path, monkeypatch):
-    from pipeline import scan as scan_module
     from pipeline import scan_runner
+    from pipeline.flushes import FlushStore
 
     run = str(tmp_path / "run")
     config = ScanConfig(model=SMALL, data=photo_folder, out=run, layers="relu,down", k=4, batch_size=4,
-                        progress=False)
+                        flush_images=4, actors=1, progress=False)
     calls = {"n": 0}
-    original_merge = scan_module.ScanReducer.merge
+    original_commit = FlushStore.commit
 
-    def interrupted_merge(self, partial):
+    def interrupted_commit(self, flush, attempt):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("simulated Ctrl-C in the middle of the scan")
-        original_merge(self, partial)
+        original_commit(self, flush, attempt)
 
-    monkeypatch.setattr(scan_module.ScanReducer, "merge", interrupted_merge)
+    monkeypatch.setattr(FlushStore, "commit", interrupted_commit)
     with pytest.raises(KeyboardInterrupt):
         run_scan(config)
     assert read_manifest(run) is None and not os.path.isdir(os.path.join(run, "topk"))
-    monkeypatch.setattr(scan_module.ScanReducer, "merge", original_merge)
+    monkeypatch.setattr(FlushStore, "commit", original_commit)
 
     first = run_scan(config)
+    # The second attempt resumed from the two flushes the first one committed and processed only the rest.
+    committed = [a["images_committed"] for a in first["attempts"]]
+    assert len(committed) == 2 and 8 <= committed[0] < 36 and sum(committed) == 36
+    assert first["attempts"][1]["images_processed"] == 36 - committed[0]
     topk_after_restart = read_topk(run, "down")
     con = connect(run)
     assert con.execute("SELECT count(*), count(DISTINCT image_key) FROM images").fetchone() == (36, 36)

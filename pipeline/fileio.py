@@ -1,0 +1,65 @@
+"""Committing files: atomic writes with the permissions the user's umask asks for.
+
+Every file the tool commits goes through `atomic_write`: written under a temporary name in the target's
+directory, given mode ``0o666 & ~umask`` (``tempfile.mkstemp`` alone makes 0600, so a run shared with a team or
+a site copied to a static host could not be read by anyone else), then renamed over the target, so a reader sees
+the old file or the new one, never half of one. A failed write leaves no temporary file behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (changing it is racy with threads)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, 'w')` would give a new file under the current umask."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    return 0o777 & ~current_umask()
+
+
+def atomic_write(path: str, data: bytes | str | None = None, writer: Callable[[str], None] | None = None) -> None:
+    """Commit `path` atomically: either `data` (bytes or text) or whatever `writer(temp_path)` writes."""
+    if (data is None) == (writer is None):
+        raise ValueError("atomic_write needs exactly one of data and writer")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path)[-40:])
+    try:
+        if writer is None:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        else:
+            os.close(fd)
+            writer(tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Commit `obj` as indented JSON (keys sorted, so equal objects give equal files)."""
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

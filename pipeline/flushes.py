@@ -1,0 +1,241 @@
+"""Durable scan progress: committed flushes, what they cover, and what a pass still has to read.
+
+A flush is a Recorder's running state plus exactly the images it covers. The driver commits each one
+atomically as a folder ``RUN/.staging/flushes/<worker>-<seq>/`` (``state.npz``, ``images.parquet``, ``meta.json``
+and, with ``--record all``, ``maxima/``), built under a temporary name and renamed. An image is covered when a
+committed flush lists it; a scan is done when every image of the source is covered, exactly once.
+
+Planning a pass (`plan_pass`) is the same for a fresh scan, a resumed one (the driver or the cluster died) and a
+reconcile after a worker was lost: files whose images are all covered are skipped whole; files partly covered
+are read again with their covered keys skipped before decoding; the rest are read as they are.
+
+Keys are checked for uniqueness before the model runs wherever the source can be listed cheaply (folders: by
+construction; Parquet with a key column: the column; local WebDataset shards: the tar headers), and in committed
+flushes after every pass (any source).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass, field, replace
+
+from pipeline.data import PARQUET_KEY_COLUMNS, DataError, SourceSpec, source_id
+from pipeline.fileio import atomic_write, atomic_write_json
+from pipeline.remote import is_url
+from pipeline.scan import Flush
+from pipeline.store import FLUSHES, PENDING_MAXIMA
+
+logger = logging.getLogger(__name__)
+
+# WebDataset's sample key: the member's path up to the first dot of its base name (as Ray's reader groups).
+_WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+@dataclass
+class SourceIndex:
+    """What is known of a source before reading it: images per file (None: unknown until read)."""
+
+    totals: dict[str, int | None]  # source_id -> number of images
+
+    @classmethod
+    def build(cls, spec: SourceSpec) -> SourceIndex:
+        """List the source where that is cheap, checking key uniqueness on the way (DataError names them)."""
+        totals: dict[str, int | None] = {}
+        seen: dict[str, str] = {}
+        duplicates: list[str] = []
+
+        def note(key: str, where: str) -> None:
+            if key in seen:
+                duplicates.append(f"{key!r} ({seen[key]} and {where})")
+            else:
+                seen[key] = where
+
+        for path in spec.files:
+            sid = source_id(path)
+            if spec.kind == "folder":
+                totals[sid] = 1
+            elif spec.kind == "parquet" and not is_url(path):
+                totals[sid] = _parquet_keys(path, note)
+            elif spec.kind == "webdataset" and not is_url(path) and path.endswith(".tar"):
+                totals[sid] = _tar_keys(path, note)
+            else:
+                totals[sid] = None
+        if duplicates:
+            raise DataError(f"image keys are not unique (top-k ties and joins need unique keys): "
+                            f"{', '.join(duplicates[:5])}{' ...' if len(duplicates) > 5 else ''}")
+        seen.clear()
+        return cls(totals)
+
+
+def _parquet_keys(path: str, note) -> int:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    key_column = next((c for c in PARQUET_KEY_COLUMNS if c in names), None)
+    if key_column is not None:  # without one, keys hash the image bytes: checked after the pass instead
+        for batch in parquet.iter_batches(columns=[key_column], batch_size=65536):
+            for key in batch.column(0).to_pylist():
+                note(str(key).strip() if key is not None else "None", os.path.basename(path))
+    return parquet.metadata.num_rows
+
+
+def _tar_keys(path: str, note) -> int | None:
+    """Samples in a local tar shard, from its headers alone (tarfile seeks over the data)."""
+    count, current = 0, None
+    try:
+        with tarfile.open(path, "r:") as archive:
+            for member in archive:
+                if not member.isreg():
+                    continue
+                match = _WDS_KEY.match(member.name)
+                if not match or match.group(1) == current:
+                    continue
+                current = match.group(1)
+                count += 1
+                note(current, os.path.basename(path))
+    except (OSError, tarfile.TarError) as error:
+        logger.info("cannot list %s ahead of the scan (%s): its size is learnt while reading it", path, error)
+        return None
+    return count
+
+
+@dataclass
+class PassPlan:
+    """What one pass reads: a source restricted to some files, and keys to skip before decoding."""
+
+    spec: SourceSpec
+    skip: dict[str, frozenset[str]] = field(default_factory=dict)  # source_id -> covered keys (partial files)
+    images: int | None = None  # images this pass has to process, when known
+
+    @property
+    def empty(self) -> bool:
+        return not self.spec.files
+
+
+class FlushStore:
+    """The committed flushes of one staged scan (see the module doc)."""
+
+    def __init__(self, staging: str):
+        self.root = os.path.join(staging, FLUSHES)
+        self.pending_maxima = os.path.join(staging, PENDING_MAXIMA)
+        os.makedirs(self.root, exist_ok=True)
+
+    # ---------------------------------------------------------------------------------------------- writing
+    def commit(self, flush: Flush, attempt: int) -> None:
+        """Make `flush` durable: all of it or nothing (a folder built under a temporary name, then renamed)."""
+        final = os.path.join(self.root, flush.flush_id)
+        if os.path.isdir(final):
+            raise RuntimeError(f"flush {flush.flush_id} committed twice")
+        tmp = os.path.join(self.root, f".tmp-{flush.flush_id}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        atomic_write(os.path.join(tmp, "state.npz"), flush.state)
+        atomic_write(os.path.join(tmp, "images.parquet"), flush.image_rows)
+        if flush.maxima_dir:
+            if not os.path.isdir(flush.maxima_dir):
+                raise RuntimeError(f"the maxima of flush {flush.flush_id} are missing from {flush.maxima_dir}: "
+                                   "--record all needs a file system shared by every node")
+            os.replace(flush.maxima_dir, os.path.join(tmp, "maxima"))
+        atomic_write_json(os.path.join(tmp, "meta.json"), {
+            "flush_id": flush.flush_id, "images": flush.images, "images_ok": flush.images_ok, "attempt": attempt,
+            "committed": time.time(), "peak_rss_mb": flush.peak_rss_mb})
+        os.replace(tmp, final)
+
+    def clear_uncommitted(self) -> None:
+        """Remove what no committed flush owns: temporary folders and pending maxima of lost workers."""
+        for name in os.listdir(self.root):
+            if name.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        shutil.rmtree(self.pending_maxima, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------------------- reading
+    def flush_ids(self) -> list[str]:
+        return sorted(name for name in os.listdir(self.root)
+                      if not name.startswith(".") and os.path.isfile(os.path.join(self.root, name, "meta.json")))
+
+    def meta(self, flush_id: str) -> dict:
+        with open(os.path.join(self.root, flush_id, "meta.json")) as handle:
+            return json.load(handle)
+
+    def state_bytes(self, flush_id: str) -> bytes:
+        with open(os.path.join(self.root, flush_id, "state.npz"), "rb") as handle:
+            return handle.read()
+
+    def images_glob(self) -> str:
+        return os.path.join(self.root, "*", "images.parquet")
+
+    def _sql(self, query: str) -> list[tuple]:
+        import duckdb
+
+        if not self.flush_ids():
+            return []
+        pattern = self.images_glob().replace("'", "''")
+        return duckdb.sql(query.replace("IMAGES", f"read_parquet('{pattern}', filename=true)")).fetchall()
+
+    def drop_overlaps(self) -> list[str]:
+        """Exactly once: if an image is in two committed flushes, drop the later flush of each overlapping pair
+        (its images become uncovered and are redone). Returns the dropped flush ids."""
+        rows = self._sql("SELECT image_key, list(filename ORDER BY filename) FROM IMAGES "
+                         "GROUP BY image_key HAVING count(*) > 1")
+        if not rows:
+            return []
+        order = {fid: self.meta(fid)["committed"] for fid in self.flush_ids()}
+        dropped: set[str] = set()
+        for _, files in rows:
+            owners = sorted({os.path.basename(os.path.dirname(f)) for f in files}, key=lambda fid: order[fid])
+            dropped.update(owners[1:])
+        for fid in dropped:
+            logger.warning("flush %s overlaps an earlier one: dropped, its images are redone", fid)
+            shutil.rmtree(os.path.join(self.root, fid))
+        return sorted(dropped)
+
+    def duplicate_keys(self) -> list[tuple[str, int]]:
+        return [(k, n) for k, n in self._sql("SELECT image_key, count(*) FROM IMAGES GROUP BY image_key "
+                                             "HAVING count(*) > 1 ORDER BY image_key LIMIT 5")]
+
+    def counts(self) -> tuple[int, int]:
+        """(images, decodable images) covered by committed flushes."""
+        metas = [self.meta(fid) for fid in self.flush_ids()]
+        return sum(m["images"] for m in metas), sum(m["images_ok"] for m in metas)
+
+    def covered_per_source(self) -> dict[str, int]:
+        return {source_id(source): n for source, n in self._sql("SELECT source, count(*) FROM IMAGES GROUP BY source")}
+
+    def covered_keys(self, sources: list[str] | None = None) -> dict[str, set[str]]:
+        """source_id -> covered keys, for the given sources (all when None)."""
+        out: dict[str, set[str]] = {}
+        for source, key in self._sql("SELECT source, image_key FROM IMAGES"):
+            sid = source_id(source)
+            if sources is None or sid in sources:
+                out.setdefault(sid, set()).add(key)
+        return out
+
+
+def plan_pass(spec: SourceSpec, index: SourceIndex, store: FlushStore, read_whole: set[str]) -> PassPlan:
+    """The files (and keys) still to process. `read_whole`: files of unknown size already read in full by a
+    lossless pass of this run, hence covered."""
+    if spec.kind == "folder":
+        covered = store.covered_keys()
+        done = set().union(*covered.values()) if covered else set()
+        files = tuple(f for f in spec.files
+                      if os.path.relpath(os.path.abspath(f), spec.root).replace(os.sep, "/") not in done)
+        return PassPlan(replace(spec, files=files), images=len(files))
+    per_source = store.covered_per_source()
+    files, partial, images = [], [], 0
+    for path in spec.files:
+        sid = source_id(path)
+        total, covered = index.totals.get(sid), per_source.get(sid, 0)
+        if (total is not None and covered >= total) or (total is None and sid in read_whole):
+            continue
+        files.append(path)
+        if covered:
+            partial.append(sid)
+        images = None if total is None or images is None else images + total - covered
+    skip = {sid: frozenset(keys) for sid, keys in store.covered_keys(partial).items()} if partial else {}
+    return PassPlan(replace(spec, files=tuple(files)), skip=skip, images=images)

@@ -1,0 +1,189 @@
+"""Long-lived stateful actors fed with Ray Data block references: the driver coordinates, never carries data.
+
+Why not Ray Data's own actor pool: a map_batches actor cannot be asked to hand over its state when the stream
+ends, and why not `streaming_split`: a consumer that dies leaves its split's coordinator waiting. Here the driver
+pulls block *references* from the decode pipeline (`iter_internal_ref_bundles`: the blocks stay in the object
+store) and hands each to an actor with room (at most `in_flight` calls each). An actor that dies (its process
+or its node) is dropped, not restarted in place: the pool shrinks, so the CPUs left on the surviving nodes stay
+free for reading and decoding, and whatever the dead actor held since its last flush is redone by the next pass
+(pipeline.flushes). A replacement is started only when no actor is left. When nothing moves for `stall_seconds`
+(no block arrives, no call returns), the pass fails with a message saying what is pending instead of hanging.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+logger = logging.getLogger(__name__)
+
+
+class PoolStalled(RuntimeError):
+    """No progress for the stall timeout; the message says what is pending."""
+
+
+@dataclass
+class PassOutcome:
+    images: int = 0  # images the workers processed in this pass (whether or not their flush was committed)
+    lost_calls: int = 0  # calls that failed because an actor or a block was lost
+    dead_actors: int = 0
+
+    @property
+    def lossless(self) -> bool:
+        return self.lost_calls == 0 and self.dead_actors == 0
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    name: str
+    calls: dict = field(default_factory=dict)  # ObjectRef -> description
+
+
+_END = object()
+
+
+def _feed(bundles: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+    """Pull block references from Ray Data in a thread, so a stalled pipeline cannot block the driver's loop."""
+    try:
+        for bundle in bundles:
+            slices = getattr(bundle, "slices", None) or [None] * len(bundle.block_refs)
+            for ref, piece in zip(bundle.block_refs, slices):
+                while not stop.is_set():
+                    try:
+                        out.put((ref, piece), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        out.put(_END)
+    except BaseException as error:  # noqa: BLE001 - handed to the driver's loop, which re-raises it
+        out.put(error)
+
+
+class WorkerPool:
+    """A pool of actors made by `make_actor(index)`; see the module doc."""
+
+    def __init__(self, make_actor: Callable[[int], Any], size: int, in_flight: int = 2,
+                 stall_seconds: float = 600.0, describe_pending: Callable[[], str] | None = None):
+        self.make_actor = make_actor
+        self.in_flight = in_flight
+        self.stall_seconds = stall_seconds
+        self.describe_pending = describe_pending or (lambda: "")
+        self.started = 0
+        self.actors: list[_Actor] = [self._new_actor() for _ in range(size)]
+
+    def _new_actor(self) -> _Actor:
+        index = self.started
+        self.started += 1
+        return _Actor(self.make_actor(index), f"worker {index}")
+
+    def _drop(self, actor: _Actor, outcome: PassOutcome, error: BaseException) -> None:
+        import ray
+
+        logger.warning("%s lost (%s); the pool goes on with %d, its unflushed images are redone",
+                       actor.name, type(error).__name__, len(self.actors) - 1)
+        outcome.dead_actors += 1
+        outcome.lost_calls += len(actor.calls)
+        actor.calls.clear()
+        self.actors.remove(actor)
+        try:
+            ray.kill(actor.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def _wait(self, outcome: PassOutcome, on_result: Callable[[Any], None], timeout: float) -> bool:
+        """Collect finished calls; True if any returned."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayActorError
+
+        pending = {ref: actor for actor in self.actors for ref in actor.calls}
+        if not pending:
+            return False
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout, fetch_local=True)
+        for ref in ready:
+            actor = pending[ref]
+            if actor not in self.actors:
+                continue
+            actor.calls.pop(ref, None)
+            try:
+                result = ray.get(ref)
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as error:
+                self._drop(actor, outcome, error)
+                continue
+            except ObjectLostError as error:  # the block's node died before the actor read it
+                logger.warning("a block was lost (%s); its images are redone", type(error).__name__)
+                outcome.lost_calls += 1
+                continue
+            on_result(result)
+        return bool(ready)
+
+    def _stalled(self, since: float) -> None:
+        if time.time() - since > self.stall_seconds:
+            calls = sum(len(a.calls) for a in self.actors)
+            raise PoolStalled(f"no progress for {self.stall_seconds:.0f} s: {len(self.actors)} model workers alive, "
+                              f"{calls} batches in their hands; {self.describe_pending()}")
+
+    def run(self, bundles: Iterator, method: str, on_result: Callable[[Any], None]) -> PassOutcome:
+        """Send every block of `bundles` to `actor.<method>(block, start, end)`; `on_result` gets each result."""
+        outcome = PassOutcome()
+        blocks: queue.Queue = queue.Queue(maxsize=max(2, len(self.actors) * self.in_flight))
+        stop = threading.Event()
+        feeder = threading.Thread(target=_feed, args=(bundles, blocks, stop), daemon=True, name="block-feeder")
+        feeder.start()
+        progress = time.time()
+        exhausted = False
+        try:
+            while True:
+                while not exhausted:
+                    free = [a for a in self.actors if len(a.calls) < self.in_flight]
+                    if not free:
+                        break
+                    try:
+                        item = blocks.get(timeout=0.05 if any(a.calls for a in self.actors) else 0.5)
+                    except queue.Empty:
+                        break
+                    if item is _END:
+                        exhausted = True
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    progress = time.time()
+                    ref, piece = item
+                    actor = min(free, key=lambda a: len(a.calls))
+                    start, end = (piece.start_offset, piece.end_offset) if piece is not None else (None, None)
+                    actor.calls[getattr(actor.handle, method).remote(ref, start, end)] = ref
+                if not self.actors:
+                    logger.warning("every model worker was lost; starting a new one")
+                    self.actors.append(self._new_actor())
+                if self._wait(outcome, on_result, timeout=0.2):
+                    progress = time.time()
+                elif exhausted and not any(a.calls for a in self.actors):
+                    return outcome
+                self._stalled(progress)
+        finally:
+            stop.set()
+
+    def call_all(self, method: str, on_result: Callable[[Any], None], outcome: PassOutcome) -> None:
+        """Call `method()` on every live actor (the end-of-pass flush) and collect the results."""
+        for actor in list(self.actors):
+            actor.calls[getattr(actor.handle, method).remote()] = method
+        progress = time.time()
+        while any(a.calls for a in self.actors):
+            if self._wait(outcome, on_result, timeout=0.5):
+                progress = time.time()
+            self._stalled(progress)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor.handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.actors = []
