@@ -175,6 +175,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise ValueError("give image files or --data D (not both)")
     root = explain_root(args.out, args.run)
     config = _explain_config(args)
+    if args.run:  # writing into a run: hold its writer lock
+        from pipeline.rundir import run_lock
+
+        with run_lock(root):
+            return _explain(args, config, root)
+    return _explain(args, config, root)
+
+
+def _explain(args: argparse.Namespace, config, root: str) -> int:
+    from pipeline.explain.data_runner import run_explain_data
+    from pipeline.explain.images import explain_images
+    from pipeline.explain.localize import parse_box
+
     if args.data:
         result = run_explain_data(config, args.data, root, batch_size=args.batch_size, address=args.address,
                                   actors=args.actors, threads=args.threads, progress=not args.quiet)

@@ -97,8 +97,18 @@ class ScanSection:
     # auto: GPUs if the cluster has them now; cuda: `actors` GPU replicas even before an autoscaler has
     # added the GPU nodes (a cluster that scales from zero); cpu: never GPUs.
     device: str = "auto"
+    flush_images: int = 50_000  # each model worker commits its results after this many images (resumable)
+    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16
+    channels_last: bool = False
+    stall_seconds: float = 600.0  # fail, saying what is pending, when nothing progresses for this long
 
     def check(self) -> None:
+        if self.flush_images < 1:
+            raise ConfigError(f"scan.flush_images must be >= 1, got {self.flush_images}")
+        if self.precision not in ("fp32", "tf32", "bf16", "fp16"):
+            raise ConfigError(f"scan.precision must be one of fp32, tf32, bf16, fp16, got {self.precision!r}")
+        if self.stall_seconds <= 0:
+            raise ConfigError(f"scan.stall_seconds must be > 0, got {self.stall_seconds}")
         try:
             check_scan_settings(self.k, self.record, self.batch_size, self.device)
         except ValueError as error:

@@ -24,6 +24,7 @@ from pipeline.remote import RunMirror, cache_dir, fetch_file, is_url
 from pipeline.render import RenderOptions, parse_units
 from pipeline.render_worker import VisSettings
 from pipeline.scan_runner import ScanConfig
+from pipeline.fileio import atomic_write
 from pipeline.store import JOB_RECORD, JOB_TOML, read_manifest, write_json
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,9 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
     scan = ScanConfig(model=model, data=data, out=run_dir, layers=",".join(layers), k=config.scan.k,
                       record=config.scan.record, batch_size=config.scan.batch_size, address=config.job.address,
                       actors=config.scan.actors, threads=config.scan.threads, device=config.scan.device,
-                      overwrite=config.job.overwrite)
+                      overwrite=config.job.overwrite, flush_images=config.scan.flush_images,
+                      precision=config.scan.precision, channels_last=config.scan.channels_last,
+                      stall_seconds=config.scan.stall_seconds)
     options = RenderOptions(
         layers=tuple(render.layers) if render.layers is not None else None,
         units=frozenset(units) if units is not None else None,
@@ -175,10 +178,7 @@ def _write_resolved(job: PreparedJob) -> None:
               f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
               f"from {job.source or '(in-memory config)'}"
               + (f" with overrides: {' '.join(job.overrides)}" if job.overrides else ""))
-    path = os.path.join(job.run_dir, JOB_TOML)
-    with open(path + ".tmp", "w") as handle:
-        handle.write(to_toml(job.config, header))
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(job.run_dir, JOB_TOML), to_toml(job.config, header))
 
 
 def run_job(job: PreparedJob, progress: bool = True) -> dict:
@@ -188,11 +188,27 @@ def run_job(job: PreparedJob, progress: bool = True) -> dict:
     from pipeline.scan_runner import run_scan
     from pipeline.site import build_site
 
+    from pipeline.rundir import claim, run_lock
+
+    mirror = job.mirror
+    if mirror is None:
+        claim(job.run_dir)  # a user's non-empty folder is refused before anything is written into it
+    else:
+        os.makedirs(job.run_dir, exist_ok=True)
+        mirror.pull()  # resume from what an earlier attempt finished
+        claim(job.run_dir)
+    with run_lock(job.run_dir):  # one job per run directory; every stage inside shares this lock
+        return _run_stages(job, progress)
+
+
+def _run_stages(job: PreparedJob, progress: bool) -> dict:
+    from pipeline.ray_session import ray_session
+    from pipeline.render import render_run
+    from pipeline.scan_runner import run_scan
+    from pipeline.site import build_site
+
     stages = job.config.job.stages
     mirror = job.mirror
-    os.makedirs(job.run_dir, exist_ok=True)
-    if mirror is not None:
-        mirror.pull()  # resume from what an earlier attempt finished
     record = _Record(job.run_dir, job.config)
     started = time.time()
     scan_fingerprint = None

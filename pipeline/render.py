@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -28,6 +27,7 @@ from pipeline.fetch import fetch_images
 from pipeline.models import ModelConfig, load_model, output_layer
 from pipeline.render_worker import (ATLAS, DATASET_KINDS, RenderConfig, RenderResult, RenderTask, UnitRenderer,
                                     View, VisSettings, unit_file)
+from pipeline.fileio import atomic_write
 from pipeline.store import ATLAS_INDEX_SCHEMA, RunError, connect, read_manifest, write_table
 
 logger = logging.getLogger(__name__)
@@ -67,15 +67,7 @@ class RenderOptions:
 
 def _save(path: str, data: bytes) -> None:
     """Write atomically: a file that exists is complete."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, data)
 
 
 def _vis_text(path: str) -> dict[str, str] | None:
@@ -93,7 +85,17 @@ def _vis_done(path: str, wanted: dict[str, str]) -> bool:
 
 
 def render_run(run_dir: str, options: RenderOptions = RenderOptions()) -> pa.Table:
-    """Render what is missing for the chosen layers and units of a complete scan; returns the atlas index."""
+    """Render what is missing for the chosen layers and units of a complete scan; returns the atlas index.
+    Holds the run's writer lock (a scan swapping the run in meanwhile would pull it from under the render)."""
+    from pipeline.rundir import run_lock
+
+    if read_manifest(run_dir) is None:
+        raise RunError(f"{run_dir} is not a complete scan (no manifest.json); run `atlas scan` first")
+    with run_lock(run_dir):
+        return _render_run(run_dir, options)
+
+
+def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise RunError(f"{run_dir} is not a complete scan (no manifest.json); run `atlas scan` first")

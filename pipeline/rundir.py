@@ -131,7 +131,7 @@ def claim(run_dir: str) -> str:
         if not os.path.isfile(os.path.join(path, MARKER)):
             atomic_write_json(os.path.join(path, MARKER), {"neuron_atlas": __version__, "created": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": "a Neuron Atlas run directory (see its README)"})
-    except PermissionError as error:
+    except OSError as error:  # read-only, no permission, a parent that is a file or cannot exist
         raise RunError(f"cannot write the run directory {run_dir}: {error.strerror}") from None
     recover(path)
     return path

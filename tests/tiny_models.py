@@ -1,8 +1,23 @@
 """Small networks for tests, importable by spec ``module:tiny_models:<factory>`` (in Ray workers too)."""
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 from torch import nn
+
+
+def test_delay(x: torch.Tensor) -> torch.Tensor:
+    """Sleep ATLAS_TEST_SLOW_FORWARD seconds per forward pass (unset: none), so fault tests can land a kill or a
+    Ctrl-C mid-scan. Wrapped for torch.fx, so the traced feature extractor keeps the call."""
+    delay = float(os.environ.get("ATLAS_TEST_SLOW_FORWARD", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+    return x
+
+
+torch.fx.wrap("test_delay")
 
 
 class HandNet(nn.Module):
@@ -53,7 +68,7 @@ class SmallNet(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(test_delay(x))
         x = self.relu(x + self.block(x))
         return self.head(self.down(x))
 

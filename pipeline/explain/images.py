@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.data import DataError
+from pipeline.fileio import atomic_write
 from pipeline.explain.explainer import METHODS, ExplainConfig, Explainer
 from pipeline.explain.outputs import (
     EXPLAIN,
@@ -146,8 +147,6 @@ def dream_file(model: ModelConfig, path: str, layer: str, out: str, octaves: int
     image = ((result * dream.std + dream.mean).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round()
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(out)}")
-    Image.fromarray(image.astype(np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, out)  # atomic: a file at `out` is complete
+    atomic_write(out, writer=lambda tmp: Image.fromarray(image.astype(np.uint8)).save(tmp, format="PNG"))
     return {"out": out, "layer": layer, "objective_before": before, "objective_after": after,
             "ratio": after / before if before > 0 else float("inf")}

@@ -47,7 +47,17 @@ class SiteReport:
 
 
 def build_site(run_dir: str, out: str | None = None, progress: bool = True) -> SiteReport:
-    """Generate (or update) the static site of `run_dir` in `out` (default RUN/site); see the module doc."""
+    """Generate (or update) the static site of `run_dir` in `out` (default RUN/site); see the module doc. Holds
+    the run's writer lock, so no scan swaps the run while its pages are made."""
+    from pipeline.rundir import run_lock
+
+    if not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir} does not exist")
+    with run_lock(run_dir):
+        return _build_site(run_dir, out, progress)
+
+
+def _build_site(run_dir: str, out: str | None, progress: bool) -> SiteReport:
     from tqdm import tqdm
 
     started = time.perf_counter()

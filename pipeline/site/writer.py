@@ -5,8 +5,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 
+from pipeline.fileio import atomic_write
 from pipeline.site.paths import UnsafePathError, check_relative_path
 
 logger = logging.getLogger(__name__)
@@ -58,16 +58,7 @@ class SiteWriter:
                         return False
         except OSError:
             pass
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a static host must be able to read the page
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, data)  # with the user's umask: a static host must be able to read the page
         self.written += 1
         return True
 
