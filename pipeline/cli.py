@@ -255,7 +255,8 @@ def cmd_bench_render(args: argparse.Namespace) -> int:
 def cmd_bench_capacity(args: argparse.Namespace) -> int:
     from pipeline.bench_capacity import bench_capacity
 
-    bench_capacity(model=args.model, layers=args.layers, k=args.k, batch=args.batch_size, image_size=args.image_size)
+    bench_capacity(model=args.model, layers=args.layers, k=args.k, batch=args.batch_size, image_size=args.image_size,
+                   flush_images=args.flush_images)
     return 0
 
 
@@ -431,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_capacity_parser.add_argument("--k", type=int, default=32)
     bench_capacity_parser.add_argument("--batch-size", type=int, default=256)
     bench_capacity_parser.add_argument("--image-size", type=int, default=224)
+    bench_capacity_parser.add_argument("--flush-images", type=int, default=50_000)
     bench_capacity_parser.set_defaults(func=cmd_bench_capacity)
     bench_site_parser = bench_sub.add_parser("site", help="site generation for a synthetic 10,000-unit run: first "
                                                           "build and no-change rebuild (seconds)")

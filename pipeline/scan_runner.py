@@ -345,7 +345,7 @@ def _execute(config: ScanConfig, source: SourceSpec, index: SourceIndex, store: 
             commit(flush)
 
     pool = WorkerPool(make_actor, plan["actors"], stall_seconds=config.stall_seconds,
-                      describe_pending=_describe_cluster)
+                      describe_pending=_describe_cluster, input_cpus=DECODE_CPUS)
     read_whole: set[str] = set()
     try:
         for number in range(MAX_PASSES + 1):
@@ -362,7 +362,8 @@ def _execute(config: ScanConfig, source: SourceSpec, index: SourceIndex, store: 
             dataset = read_source(work.spec, num_cpus=DECODE_CPUS).map_batches(
                 decode_batch, fn_kwargs={"decoder": decoder}, batch_size=config.batch_size, batch_format="numpy",
                 num_cpus=DECODE_CPUS)
-            outcome: PassOutcome = pool.run(dataset.iter_internal_ref_bundles(), "process_block", on_block)
+            outcome: PassOutcome = pool.run(dataset.iter_internal_ref_bundles(), "process_block", on_block,
+                                            flush_method="flush", on_flush=commit)
             pool.call_all("flush", commit, outcome)
             attempts.current["passes"] += 1
             attempts.save()

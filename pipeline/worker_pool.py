@@ -65,14 +65,27 @@ def _feed(bundles: Iterator, out: queue.Queue, stop: threading.Event) -> None:
         out.put(error)
 
 
+def _is_system_failure(error: BaseException) -> bool:
+    """Ray's errors for lost nodes, workers and objects (not a bug in our code, not bad input)."""
+    from ray import exceptions
+
+    kinds = tuple(getattr(exceptions, name) for name in (
+        "ObjectLostError", "OwnerDiedError", "NodeDiedError", "WorkerCrashedError", "RaySystemError",
+        "ActorDiedError", "ObjectReconstructionFailedError") if hasattr(exceptions, name))
+    return isinstance(error, kinds) or isinstance(getattr(error, "cause", None), kinds)
+
+
 class WorkerPool:
     """A pool of actors made by `make_actor(index)`; see the module doc."""
 
     def __init__(self, make_actor: Callable[[int], Any], size: int, in_flight: int = 2,
-                 stall_seconds: float = 600.0, describe_pending: Callable[[], str] | None = None):
+                 stall_seconds: float = 600.0, describe_pending: Callable[[], str] | None = None,
+                 starve_seconds: float = 15.0, input_cpus: float = 0.25):
         self.make_actor = make_actor
         self.in_flight = in_flight
         self.stall_seconds = stall_seconds
+        self.starve_seconds = starve_seconds
+        self.input_cpus = input_cpus
         self.describe_pending = describe_pending or (lambda: "")
         self.started = 0
         self.actors: list[_Actor] = [self._new_actor() for _ in range(size)]
@@ -128,14 +141,40 @@ class WorkerPool:
             raise PoolStalled(f"no progress for {self.stall_seconds:.0f} s: {len(self.actors)} model workers alive, "
                               f"{calls} batches in their hands; {self.describe_pending()}")
 
-    def run(self, bundles: Iterator, method: str, on_result: Callable[[Any], None]) -> PassOutcome:
-        """Send every block of `bundles` to `actor.<method>(block, start, end)`; `on_result` gets each result."""
+    def _starving(self, idle_since: float) -> bool:
+        """Idle actors and no input for a while, with less free CPU than one read/decode task needs anywhere:
+        after a node was lost, the surviving actors may hold every CPU left."""
+        import ray
+
+        if len(self.actors) < 2 or time.time() - idle_since < self.starve_seconds:
+            return False
+        return ray.available_resources().get("CPU", 0.0) < self.input_cpus
+
+    def _retire(self, actor: _Actor, flush_method: str, on_flush: Callable[[Any], None],
+                outcome: PassOutcome) -> None:
+        """Hand over the actor's state (committed by `on_flush`), then end it: its CPU goes to reading."""
+        import ray
+
+        logger.warning("%s retired: the CPUs left cannot run the read and decode tasks beside %d model workers",
+                       actor.name, len(self.actors))
+        try:
+            on_flush(ray.get(getattr(actor.handle, flush_method).remote(), timeout=self.stall_seconds))
+        except Exception as error:  # noqa: BLE001 - lost with its state: the next pass redoes its images
+            logger.warning("%s could not flush (%s)", actor.name, type(error).__name__)
+            outcome.lost_calls += 1
+        self.actors.remove(actor)
+        ray.kill(actor.handle, no_restart=True)
+
+    def run(self, bundles: Iterator, method: str, on_result: Callable[[Any], None],
+            flush_method: str = "flush", on_flush: Callable[[Any], None] = lambda _: None) -> PassOutcome:
+        """Send every block of `bundles` to `actor.<method>(block, start, end)`; `on_result` gets each result.
+        An actor retired mid-pass hands its state to `on_flush` through `flush_method` first."""
         outcome = PassOutcome()
         blocks: queue.Queue = queue.Queue(maxsize=max(2, len(self.actors) * self.in_flight))
         stop = threading.Event()
         feeder = threading.Thread(target=_feed, args=(bundles, blocks, stop), daemon=True, name="block-feeder")
         feeder.start()
-        progress = time.time()
+        progress = idle_since = time.time()
         exhausted = False
         try:
             while True:
@@ -151,7 +190,15 @@ class WorkerPool:
                         exhausted = True
                         break
                     if isinstance(item, BaseException):
-                        raise item
+                        if not _is_system_failure(item):
+                            raise item
+                        # A node died under the read/decode pipeline: end this pass; the next one re-reads
+                        # whatever is not covered.
+                        logger.warning("the input pipeline failed (%s); this pass ends early",
+                                       type(item).__name__)
+                        outcome.lost_calls += 1
+                        exhausted = True
+                        break
                     progress = time.time()
                     ref, piece = item
                     actor = min(free, key=lambda a: len(a.calls))
@@ -164,6 +211,11 @@ class WorkerPool:
                     progress = time.time()
                 elif exhausted and not any(a.calls for a in self.actors):
                     return outcome
+                if any(a.calls for a in self.actors) or exhausted:
+                    idle_since = time.time()
+                elif self._starving(max(idle_since, progress)):
+                    self._retire(self.actors[-1], flush_method, on_flush, outcome)
+                    idle_since = progress = time.time()
                 self._stalled(progress)
         finally:
             stop.set()

@@ -47,6 +47,7 @@ class LocalCluster:
     dashboard_port: int
     env: dict
     nodes: list[subprocess.Popen] = field(default_factory=list)
+    killed: list[subprocess.Popen] = field(default_factory=list)  # nodes a test lost on purpose
     logs: list = field(default_factory=list)
 
     @property
@@ -73,9 +74,37 @@ class LocalCluster:
             self._start(["--address", f"127.0.0.1:{self.gcs_port}", *common], f"worker{index}")
         self.wait_for(lambda: self._alive_nodes() >= 1 + workers, 90, "the worker node(s)")
 
+    def add_worker(self, cpus: int, object_store_bytes: int = 100 * 1024 ** 2) -> subprocess.Popen:
+        """Start one more worker node and wait until the cluster counts it."""
+        before = self._alive_nodes()
+        node = self._start(["--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", str(cpus),
+                            "--object-store-memory", str(object_store_bytes)], f"worker{len(self.nodes)}")
+        self.wait_for(lambda: self._alive_nodes() >= before + 1, 90, "the added worker node")
+        return node
+
+    def node_of(self, pid: int) -> subprocess.Popen | None:
+        """The node whose session the process `pid` runs in."""
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                sid = int(handle.read().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError):
+            return None
+        return next((node for node in self.nodes if node.pid == sid), None)
+
+    def kill_node(self, node: subprocess.Popen) -> None:
+        """Lose a whole node: SIGKILL every process of its session (raylet, object store, its workers)."""
+        for pid, _ in self.processes():
+            if self.node_of(pid) is node:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        node.wait(timeout=30)
+        self.killed.append(node)
+
     def _alive_nodes(self) -> int:
         for node in self.nodes:
-            if node.poll() is not None:
+            if node.poll() is not None and node not in self.killed:
                 raise RuntimeError(f"a Ray node exited with {node.returncode}; see {self.temp_dir}/*.log")
         try:
             with urllib.request.urlopen(f"{self.address}/nodes?view=summary", timeout=5) as response:

@@ -60,12 +60,12 @@ def inputs(tmp_path_factory):
     return {"photos": photos, "weights": weights, "root": root}
 
 
-def job_file(inputs: dict, name: str) -> tuple[str, dict]:
-    data = {"job": {"name": name, "out": str(inputs["root"] / name)},
+def job_file(inputs: dict, name: str, stages: list[str] | None = None, **scan: object) -> tuple[str, dict]:
+    data = {"job": {"name": name, "out": str(inputs["root"] / name), **({"stages": stages} if stages else {})},
             "model": {"spec": "module:pipeline.zoo:resnet8", "weights": inputs["weights"], "image_size": 64,
                       "resize": 64},
             "data": {"source": inputs["photos"]},
-            "scan": {"layers": "layer1,layer3,linear", "k": 4, "batch_size": 4},
+            "scan": {"layers": "layer1,layer3,linear", "k": 4, "batch_size": 4, **scan},
             "render": {"layers": ["layer1", "linear"], "classes": "0-3", "steps": 24, "size": 48},
             "site": {}}
     path = inputs["root"] / f"{name}.toml"
@@ -163,14 +163,14 @@ def test_submitted_job_equals_local_run_and_lists_bad_images(cluster, inputs, re
 
 
 def test_worker_killed_mid_scan_changes_nothing(cluster, inputs, reference, capsys):
-    path, _ = job_file(inputs, "worker-killed")
+    path, _ = job_file(inputs, "worker-killed", flush_images=16)
     assert submit(cluster, path, "--no-wait") == 0
     job_id = capsys.readouterr().out.split()[1].rstrip(":")
     run = inputs["root"] / "worker-killed"
-    staged_images = run / ".staging" / "images"
+    flushes = run / ".staging" / "flushes"
 
-    def first_results_in() -> bool:  # the driver has merged at least one batch: the scan is under way
-        return staged_images.is_dir() and any(p.stat().st_size > 0 for p in staged_images.iterdir())
+    def first_results_in() -> bool:  # a worker has committed a flush: the scan is under way
+        return flushes.is_dir() and any(not p.name.startswith(".") for p in flushes.iterdir())
 
     cluster.wait_for(first_results_in, 240, "the scan's first results")
     workers = [pid for pid, cmd in cluster.processes() if "Recorder" in cmd and cmd.startswith("ray::")]
@@ -210,3 +210,42 @@ def test_driver_killed_then_resubmitted_resumes(cluster, inputs, reference, caps
     record = json.loads((run / "job.json").read_text())["stages"]
     assert record["scan"]["skipped"] and not record["render"]["skipped"]
     assert_same_run(reference, str(run))
+
+
+def assert_same_scan(a: str, b: str) -> None:
+    """Top-k, units and images equal (floats to float32 rounding); no image counted twice."""
+    ta, tb = tables(a), tables(b)
+    for name in ("topk", "units"):
+        assert len(ta[name]) == len(tb[name]) > 0
+        for row_a, row_b in zip(ta[name], tb[name]):
+            assert [v for v in row_a if not isinstance(v, float)] == [v for v in row_b if not isinstance(v, float)]
+            np.testing.assert_allclose([v for v in row_a if isinstance(v, float)],
+                                       [v for v in row_b if isinstance(v, float)], rtol=1e-5, atol=1e-6)
+    assert ta["images"] == tb["images"]
+    good = sum(status == "ok" for _, status, _ in tb["images"])
+    assert {row[3] for row in tb["units"]} == {good}, "the units' count must be the number of good images"
+
+
+def test_node_lost_mid_scan_changes_nothing(cluster, inputs, reference, capsys):
+    """Issue 11 case 4 / issue 13: a whole worker node lost mid-scan (raylet, object store and workers killed).
+    The plan was made for the bigger cluster; the scan must neither hang nor count an image twice, and ends
+    identical to the undisturbed run. Last in this module: the cluster is smaller afterwards."""
+    extra = cluster.add_worker(cpus=2)
+    path, _ = job_file(inputs, "node-lost", stages=["scan"], flush_images=16, stall_seconds=120)
+    assert submit(cluster, path, "--no-wait") == 0
+    job_id = capsys.readouterr().out.split()[1].rstrip(":")
+    flushes = inputs["root"] / "node-lost" / ".staging" / "flushes"
+
+    def committed() -> bool:
+        return flushes.is_dir() and any(not p.name.startswith(".") for p in flushes.iterdir())
+
+    cluster.wait_for(committed, 240, "the scan's first committed flush")
+    hosts = [cluster.node_of(pid) for pid, cmd in cluster.processes() if "Recorder" in cmd and cmd.startswith("ray::")]
+    victims = [node for node in hosts if node is not None and node is not cluster.nodes[0]]
+    victim = victims[0] if victims else extra
+    cluster.kill_node(victim)
+    assert wait_status(cluster, job_id, ("SUCCEEDED", "FAILED", "STOPPED")) == "SUCCEEDED"
+    run = str(inputs["root"] / "node-lost")
+    assert_same_scan(reference, run)
+    manifest = json.load(open(os.path.join(run, "manifest.json")))
+    assert manifest["execution"]["flushes"] >= 2
