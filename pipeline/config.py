@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.ranges import check_range
+
 STAGES = ("scan", "render", "site")
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -27,16 +29,25 @@ class ConfigError(ValueError):
     """A job configuration that cannot be used; the message names the key and says why."""
 
 
-def check_scan_settings(k: int, record: str, batch_size: int, device: str) -> None:
-    """The scan's own settings (ValueError naming the setting); shared by job files and `atlas scan`."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+def check_scan_settings(k: int, record: str, batch_size: int, device: str, actors: int | None = None,
+                        threads: int | None = None) -> None:
+    """The scan's own settings (ValueError naming the setting); shared by job files and `atlas scan`.
+    Numeric ranges come from pipeline.ranges, the one table the model and render settings use too."""
+    for name, value in (("k", k), ("batch_size", batch_size), ("actors", actors), ("threads", threads)):
+        check_range(name, value)
     if record not in ("topk", "all"):
         raise ValueError(f"record must be 'topk' or 'all', got {record!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+
+
+def _check_ranges(section: object, prefix: str, names: tuple[str, ...]) -> None:
+    """Range-check a section's numeric keys, naming the job file's key (``render.steps``) in the error."""
+    for name in names:
+        try:
+            check_range(name, getattr(section, name), f"{prefix}.{name}")
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ class ModelSection:
     std: list[float] | None = None
 
     def check(self) -> None:
+        _check_ranges(self, "model", ("image_size", "resize"))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != 3:
@@ -82,8 +94,7 @@ class DataSection:
     images: int = 600  # only for builtin:photos
 
     def check(self) -> None:
-        if self.images < 1:
-            raise ConfigError(f"data.images must be >= 1, got {self.images}")
+        _check_ranges(self, "data", ("images",))
 
 
 @dataclass(frozen=True)
@@ -97,10 +108,16 @@ class ScanSection:
     # auto: GPUs if the cluster has them now; cuda: `actors` GPU replicas even before an autoscaler has
     # added the GPU nodes (a cluster that scales from zero); cpu: never GPUs.
     device: str = "auto"
+    # Decoding limits (None: the defaults, see pipeline.preprocess): an image whose header declares a side,
+    # a pixel count or an aspect ratio over them is listed as an error instead of decoded.
+    max_side: int | None = None
+    max_pixels: int | None = None
+    max_aspect: float | None = None
 
     def check(self) -> None:
+        _check_ranges(self, "scan", ("max_side", "max_pixels", "max_aspect"))
         try:
-            check_scan_settings(self.k, self.record, self.batch_size, self.device)
+            check_scan_settings(self.k, self.record, self.batch_size, self.device, self.actors, self.threads)
         except ValueError as error:
             raise ConfigError(f"scan.{error}") from error
 
@@ -128,11 +145,7 @@ class RenderSection:
             raise ConfigError(f"render.preset must be 'lucid' or 'yosinski', got {self.preset!r}")
         if self.objective not in ("channel", "neuron"):
             raise ConfigError(f"render.objective must be 'channel' or 'neuron', got {self.objective!r}")
-        for name in ("size", "units_per_task"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"render.{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"render.steps must be >= 1, got {self.steps}")
+        _check_ranges(self, "render", ("size", "steps", "units_per_task", "actors"))
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,9 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
     model = ModelConfig(spec=config.model.spec, weights=weights, image_size=config.model.image_size,
                         resize=config.model.resize,
                         mean=tuple(config.model.mean) if config.model.mean else None,
-                        std=tuple(config.model.std) if config.model.std else None)
+                        std=tuple(config.model.std) if config.model.std else None,
+                        max_side=config.scan.max_side, max_pixels=config.scan.max_pixels,
+                        max_aspect=config.scan.max_aspect)
     try:
         loaded = load_model(model)
     except (ModelError, FileNotFoundError, RuntimeError) as error:
@@ -140,9 +142,31 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
         options.vis.validate()
     except ValueError as error:
         raise ConfigError(f"render: {error}") from error
+    _check_actors_on_local_machine(config, scan, options)
     site_out = os.path.abspath(config.site.out) if config.site.out else None
     return PreparedJob(config=config, run_dir=run_dir, scan=scan, render=options, site_out=site_out,
                        overrides=tuple(overrides), source=source)
+
+
+def _check_actors_on_local_machine(config: JobConfig, scan: ScanConfig, render: RenderOptions) -> None:
+    """Without an address the job starts a local Ray on this machine, whose CPUs and GPUs are known now: check
+    the actor counts with the stages' own plans (a remote cluster's shape is only known when the job runs;
+    pipeline.ranges caps the counts until then)."""
+    if config.job.address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    from pipeline.ray_session import ClusterShape
+    from pipeline.render import _plan_workers
+    from pipeline.scan_runner import _plan_actors
+
+    shape = ClusterShape(cpus=os.cpu_count() or 1, gpus=torch.cuda.device_count())
+    for key, plan in (("scan.actors", lambda: _plan_actors(scan, shape)),
+                      ("render.actors", lambda: _plan_workers(render, shape.cpus, shape.gpus))):
+        try:
+            plan()
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error} (this machine: {shape.cpus} CPUs, {shape.gpus} GPUs)") from error
 
 
 class _Record:

@@ -58,7 +58,7 @@ class ScanConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        check_scan_settings(self.k, self.record, self.batch_size, self.device)
+        check_scan_settings(self.k, self.record, self.batch_size, self.device, self.actors, self.threads)
 
 
 def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], source: SourceSpec) -> str:

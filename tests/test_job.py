@@ -67,7 +67,7 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     ("render", "layers", "layer1", "render.layers must be a list of string"),
     ("model", "mean", [0.5, "x", 0.5], r"model.mean\[1\] must be a number"),
     ("scan", "record", "some", "scan.record must be 'topk' or 'all'"),
-    ("scan", "k", 0, "scan.k must be >= 1"),
+    ("scan", "k", 0, "scan.k must be between 1 and 10,000, got 0"),
     ("job", "stages", ["scan", "publish"], "unknown stage"),
 ])
 def test_wrong_types_and_values_are_errors(section, key, value, message):
