@@ -121,3 +121,122 @@ def test_scan_records_the_limits_and_lists_refused_images(ray_cluster, tmp_path)
                       "ORDER BY image_key").fetchall()
     assert [r[:2] for r in rows] == [("0.png", "ok"), ("1.png", "ok"), ("strip.png", "error")]
     assert "aspect ratio 75:1 over max_aspect 50" in rows[2][2] and rows[2][3:] == (300, 4)
+
+
+# ------------------------------------------------------------------------------ the site (item 10)
+
+@pytest.fixture()
+def small_run(tmp_path) -> str:
+    from pipeline.site.bench import synthesize_run
+
+    run = str(tmp_path / "run")
+    synthesize_run(run, layer_sizes=(3,), k=2)
+    return run
+
+
+def _site_files(site: str) -> dict[str, bytes]:
+    found = {}
+    for directory, _, names in os.walk(site):
+        for name in names:
+            with open(os.path.join(directory, name), "rb") as handle:
+                found[os.path.relpath(os.path.join(directory, name), site)] = handle.read()
+    return found
+
+
+def test_a_hard_link_to_a_file_outside_the_run_is_not_published(small_run, tmp_path, caplog):
+    from pipeline.site import build_site
+
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"SECRET-KEY-MATERIAL")
+    linked = "atlas/layer=block0.conv/unit=0/crop_000.png"
+    os.unlink(os.path.join(small_run, linked))
+    os.link(secret, os.path.join(small_run, linked))
+    with caplog.at_level("WARNING"):
+        inside = _site_files(os.path.dirname(build_site(small_run, progress=False).index))
+        outside = _site_files(os.path.dirname(build_site(small_run, out=str(tmp_path / "export"),
+                                                         progress=False).index))
+    assert "hard link" in caplog.text
+    for files in (inside, outside):
+        assert not any(b"SECRET-KEY-MATERIAL" in data for data in files.values())
+        pages = b"\n".join(data for name, data in files.items() if name.endswith(".html"))
+        assert b"unit=0/crop_000.png" not in pages
+        # The rule refuses only what it must: the run's other (single-link) images are published.
+        assert b"unit=0/overlay_000.png" in pages
+    assert "files/atlas/layer=block0.conv/unit=0/overlay_000.png" in outside
+
+
+def test_a_file_swapped_after_the_check_is_not_copied(small_run, tmp_path):
+    from pipeline.site.paths import RunFiles, UnsafePathError
+
+    files = RunFiles(small_run)
+    path = "atlas/layer=block0.conv/unit=1/featvis_000.png"
+    assert files.exists(path)
+    with files.open(path) as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"SECRET")
+    os.link(secret, os.path.join(small_run, path + ".new"))
+    os.replace(os.path.join(small_run, path + ".new"), os.path.join(small_run, path))
+    with pytest.raises(UnsafePathError):
+        files.open(path)
+
+
+def test_no_page_holds_the_runs_absolute_path(small_run, tmp_path):
+    from pipeline.site import build_site
+
+    for out in (None, str(tmp_path / "export")):
+        site = os.path.dirname(build_site(small_run, out=out, progress=False).index)
+        for name, data in _site_files(site).items():
+            for path in {small_run, os.path.realpath(small_run)}:
+                assert path.encode() not in data, name
+    unit_page = _site_files(site)["units/" + sorted(os.listdir(os.path.join(site, "units")))[0] + "/0.html"]
+    assert b"read_parquet(&#39;topk/*/*.parquet&#39;" in unit_page
+
+
+def test_the_unit_query_runs_in_the_run_directory(small_run, monkeypatch):
+    import duckdb
+
+    from pipeline.site.build import unit_query
+
+    monkeypatch.chdir(small_run)
+    rows = duckdb.sql(unit_query("block0.conv", 1)).fetchall()
+    assert [r[0] for r in rows] == [0, 1]
+
+
+# ------------------------------------------------------------------------------ the user's job file (item 11)
+
+def test_run_never_overwrites_the_users_job_file(tmp_path, monkeypatch, capsys):
+    """`out = "."` next to a job file named job.toml: the run would write its resolved config over it."""
+    from pipeline.cli import main
+    from test_job import write_toml
+
+    work = tmp_path / "work"
+    work.mkdir()
+    data = _job(tmp_path, job={"name": "t", "out": "."})
+    path = write_toml(work / "job.toml", data)
+    original = (work / "job.toml").read_bytes()
+    monkeypatch.chdir(work)
+    assert main(["run", "job.toml", "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "job.toml" in err and "not written by `atlas run`" in err
+    assert main(["run", "job.toml"]) == 2
+    assert (work / "job.toml").read_bytes() == original and sorted(os.listdir(work)) == ["job.toml"]
+    # The same for a job.json of the user's.
+    os.rename(path, work / "mine.toml")
+    (work / "job.json").write_text('{"my": "notes"}')
+    assert main(["run", "mine.toml", "--check"]) == 2
+    assert "job.json" in capsys.readouterr().err
+
+
+def test_a_runs_own_job_files_are_rewritten(tmp_path):
+    """The resolved job.toml and job.json that `atlas run` wrote are its own: re-running them is fine."""
+    from pipeline.config import to_toml
+    from pipeline.job import _check_own_files, _write_resolved, prepare_job
+
+    job = prepare_job(parse_config(_job(tmp_path)))
+    os.makedirs(job.run_dir)
+    _write_resolved(job)
+    with open(os.path.join(job.run_dir, "job.json"), "w") as handle:
+        handle.write('{"name": "t", "stages": {"scan": {"status": "complete", "key": "k"}}}')
+    _check_own_files(job.run_dir)
+    assert to_toml(job.config) in open(os.path.join(job.run_dir, "job.toml")).read()

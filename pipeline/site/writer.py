@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+from typing import BinaryIO, Callable
 
 from pipeline.site.paths import UnsafePathError, check_relative_path
 
@@ -58,40 +59,41 @@ class SiteWriter:
                         return False
         except OSError:
             pass
+        self._replace(path, lambda handle: handle.write(data))
+        return True
+
+    def copy(self, source: BinaryIO, rel: str) -> bool:
+        """Copy the open file `source` to out/rel unless a file of the same size and modification time is
+        there (copies keep the source's time, so an unchanged image is not copied again)."""
+        path = self._target(rel)
+        info = os.fstat(source.fileno())
+        try:
+            there = os.stat(path)
+            if there.st_size == info.st_size and there.st_mtime_ns == info.st_mtime_ns:
+                self.unchanged += 1
+                return False
+        except OSError:
+            pass
+        self._replace(path, lambda handle: shutil.copyfileobj(source, handle),
+                      mtime_ns=(info.st_atime_ns, info.st_mtime_ns))
+        return True
+
+    def _replace(self, path: str, fill: Callable[[BinaryIO], object], mtime_ns: tuple[int, int] | None = None) -> None:
+        """Atomically replace `path` by a temporary file that `fill` writes; the one place output files get
+        their permissions."""
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                fill(handle)
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; a static host must be able to read the page
+            if mtime_ns is not None:
+                os.utime(tmp, ns=mtime_ns)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
         self.written += 1
-        return True
-
-    def copy(self, source: str, rel: str) -> bool:
-        """Hard-link (or copy) `source` to out/rel unless an identical file is already there."""
-        path = self._target(rel)
-        if os.path.exists(path):
-            src, dst = os.stat(source), os.stat(path)
-            if os.path.samestat(src, dst) or (src.st_size == dst.st_size and src.st_mtime_ns == dst.st_mtime_ns):
-                self.unchanged += 1
-                return False
-        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-        try:
-            try:
-                os.link(source, tmp)
-            except OSError:  # another file system, or links not allowed: copy with the source's mtime
-                shutil.copy2(source, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        self.written += 1
-        return True
 
     def finish(self) -> None:
         """Remove files an earlier build wrote that this one did not produce; record the produced list."""
