@@ -15,7 +15,6 @@ so the scan can store boxes that later stages cut from the untouched source imag
 from __future__ import annotations
 
 import io
-import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,8 +23,6 @@ import numpy as np
 from PIL import Image
 
 from pipeline.ranges import check_range
-
-logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
