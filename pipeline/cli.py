@@ -8,7 +8,7 @@ import sys
 
 from pipeline.data import DataError
 from pipeline.models import ModelConfig, ModelError
-from pipeline.scan import PRECISIONS
+from pipeline.ranges import PRECISIONS
 from pipeline.store import RunError
 from pipeline.worker_pool import PoolStalled
 
@@ -35,9 +35,22 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--std", type=_floats, help="normalisation std R,G,B (default: from the weights)")
 
 
+def _add_decode_args(parser: argparse.ArgumentParser) -> None:
+    """Limits checked on each image's header before it is decoded; an image over one is listed as an error."""
+    from pipeline.preprocess import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+
+    parser.add_argument("--max-side", type=int, help=f"refuse images with a side over this many pixels "
+                                                     f"(default {DEFAULT_MAX_SIDE:,})")
+    parser.add_argument("--max-pixels", type=int, help=f"refuse images (or their resize before the crop) over "
+                                                       f"this many pixels (default {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--max-aspect", type=float, help=f"refuse images whose long side is over this many times "
+                                                         f"the short one (default {DEFAULT_MAX_ASPECT:g})")
+
+
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(spec=args.model, weights=args.weights, image_size=args.image_size, resize=args.resize,
-                       mean=args.mean, std=args.std)
+                       mean=args.mean, std=args.std, max_side=getattr(args, "max_side", None),
+                       max_pixels=getattr(args, "max_pixels", None), max_aspect=getattr(args, "max_aspect", None))
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
@@ -280,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan = sub.add_parser("scan", help="stream a data set through a model; exact top-k images per unit")
     _add_model_args(scan)
+    _add_decode_args(scan)
     scan.add_argument("--data", required=True, help="image folder, WebDataset shards (path, glob or "
                                                     "{000..009} pattern) or Parquet of image bytes")
     scan.add_argument("--layers", default="all", help="comma-separated module names, or 'all' (conv-block outputs)")
@@ -346,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="per-image explanations: saliency, occlusion, CAM, Grad-CAM "
                                              "(image files, or a data set on Ray)")
     _add_model_args(explain)
+    _add_decode_args(explain)
     explain.add_argument("images", nargs="*", help="image files (or use --data)")
     explain.add_argument("--data", help="a data set as for `atlas scan` (folder, shards, Parquet), run on Ray")
     explain.add_argument("--out", help="directory to write OUT/explain/ into (a scan run directory works)")

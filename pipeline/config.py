@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.ranges import PRECISIONS, check_range
+
 STAGES = ("scan", "render", "site")
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -27,16 +29,25 @@ class ConfigError(ValueError):
     """A job configuration that cannot be used; the message names the key and says why."""
 
 
-def check_scan_settings(k: int, record: str, batch_size: int, device: str) -> None:
-    """The scan's own settings (ValueError naming the setting); shared by job files and `atlas scan`."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+def check_scan_settings(k: int, record: str, batch_size: int, device: str, actors: int | None = None,
+                        threads: int | None = None) -> None:
+    """The scan's own settings (ValueError naming the setting); shared by job files and `atlas scan`.
+    Numeric ranges come from pipeline.ranges, the one table the model and render settings use too."""
+    for name, value in (("k", k), ("batch_size", batch_size), ("actors", actors), ("threads", threads)):
+        check_range(name, value)
     if record not in ("topk", "all"):
         raise ValueError(f"record must be 'topk' or 'all', got {record!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+
+
+def _check_ranges(section: object, prefix: str, names: tuple[str, ...]) -> None:
+    """Range-check a section's numeric keys, naming the job file's key (``render.steps``) in the error."""
+    for name in names:
+        try:
+            check_range(name, getattr(section, name), f"{prefix}.{name}")
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ class ModelSection:
     std: list[float] | None = None
 
     def check(self) -> None:
+        _check_ranges(self, "model", ("image_size", "resize"))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != 3:
@@ -82,8 +94,7 @@ class DataSection:
     images: int = 600  # only for builtin:photos
 
     def check(self) -> None:
-        if self.images < 1:
-            raise ConfigError(f"data.images must be >= 1, got {self.images}")
+        _check_ranges(self, "data", ("images",))
 
 
 @dataclass(frozen=True)
@@ -101,16 +112,18 @@ class ScanSection:
     precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16
     channels_last: bool = False
     stall_seconds: float = 600.0  # fail, saying what is pending, when nothing progresses for this long
+    # Decoding limits (None: the defaults, see pipeline.preprocess): an image whose header declares a side,
+    # a pixel count or an aspect ratio over them is listed as an error instead of decoded.
+    max_side: int | None = None
+    max_pixels: int | None = None
+    max_aspect: float | None = None
 
     def check(self) -> None:
-        if self.flush_images < 1:
-            raise ConfigError(f"scan.flush_images must be >= 1, got {self.flush_images}")
-        if self.precision not in ("fp32", "tf32", "bf16", "fp16"):
-            raise ConfigError(f"scan.precision must be one of fp32, tf32, bf16, fp16, got {self.precision!r}")
-        if self.stall_seconds <= 0:
-            raise ConfigError(f"scan.stall_seconds must be > 0, got {self.stall_seconds}")
+        _check_ranges(self, "scan", ("max_side", "max_pixels", "max_aspect", "flush_images", "stall_seconds"))
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"scan.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         try:
-            check_scan_settings(self.k, self.record, self.batch_size, self.device)
+            check_scan_settings(self.k, self.record, self.batch_size, self.device, self.actors, self.threads)
         except ValueError as error:
             raise ConfigError(f"scan.{error}") from error
 
@@ -138,11 +151,7 @@ class RenderSection:
             raise ConfigError(f"render.preset must be 'lucid' or 'yosinski', got {self.preset!r}")
         if self.objective not in ("channel", "neuron"):
             raise ConfigError(f"render.objective must be 'channel' or 'neuron', got {self.objective!r}")
-        for name in ("size", "units_per_task"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"render.{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"render.steps must be >= 1, got {self.steps}")
+        _check_ranges(self, "render", ("size", "steps", "units_per_task", "actors"))
 
 
 @dataclass(frozen=True)

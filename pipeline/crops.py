@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.preprocess import Preprocess
+from pipeline.preprocess import Preprocess, to_rgb
 
 
 def open_rgb(data: bytes) -> Image.Image:
+    """An original image (read back by key) as RGB, converted as the scan converted it."""
     with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+        image.load()
+        return to_rgb(image)
 
 
 def crop_box(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:

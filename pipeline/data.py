@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.preprocess import Preprocess, decode_image
+from pipeline.preprocess import DecodeError, Preprocess, decode_image
 from pipeline.remote import is_url
 
 logger = logging.getLogger(__name__)
@@ -220,6 +220,8 @@ class Decoder:
             except Exception as error:  # noqa: BLE001 - any decoder failure is recorded, not fatal
                 statuses.append("error")
                 errors.append(_error_text(error))
+                if isinstance(error, DecodeError) and error.size:  # refused on its header: size known
+                    widths[i], heights[i] = error.size
         return {
             "image_key": np.array(keys, dtype=object),
             "source": np.array(sources, dtype=object),

@@ -25,12 +25,14 @@ from pipeline.render import RenderOptions, parse_units
 from pipeline.render_worker import VisSettings
 from pipeline.scan_runner import ScanConfig
 from pipeline.fileio import atomic_write
-from pipeline.store import JOB_RECORD, JOB_TOML, read_manifest, write_json
+from pipeline.store import JOB_RECORD, JOB_TOML, RunError, read_manifest, write_json
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_WEIGHTS = "builtin:mobilenet_v2"
 BUILTIN_PHOTOS = "builtin:photos"
+# The first line of RUN/job.toml (after "# "): how a run's own resolved configuration is recognised.
+RESOLVED_HEADER = "Resolved configuration of job"
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ def _resolve_data(config: JobConfig, run_dir: str) -> str:
 def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str | None = None) -> PreparedJob:
     """Validate what needs files and the model; ConfigError (naming the key) on any problem."""
     run_dir = _local_run_dir(config)
+    _check_own_files(run_dir)
     try:
         weights = _resolve_weights(config.model.weights)
     except FileNotFoundError as error:
@@ -105,7 +108,9 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
     model = ModelConfig(spec=config.model.spec, weights=weights, image_size=config.model.image_size,
                         resize=config.model.resize,
                         mean=tuple(config.model.mean) if config.model.mean else None,
-                        std=tuple(config.model.std) if config.model.std else None)
+                        std=tuple(config.model.std) if config.model.std else None,
+                        max_side=config.scan.max_side, max_pixels=config.scan.max_pixels,
+                        max_aspect=config.scan.max_aspect)
     try:
         loaded = load_model(model)
     except (ModelError, FileNotFoundError, RuntimeError) as error:
@@ -143,9 +148,31 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
         options.vis.validate()
     except ValueError as error:
         raise ConfigError(f"render: {error}") from error
+    _check_actors_on_local_machine(config, scan, options)
     site_out = os.path.abspath(config.site.out) if config.site.out else None
     return PreparedJob(config=config, run_dir=run_dir, scan=scan, render=options, site_out=site_out,
                        overrides=tuple(overrides), source=source)
+
+
+def _check_actors_on_local_machine(config: JobConfig, scan: ScanConfig, render: RenderOptions) -> None:
+    """Without an address the job starts a local Ray on this machine, whose CPUs and GPUs are known now: check
+    the actor counts with the stages' own plans (a remote cluster's shape is only known when the job runs;
+    pipeline.ranges caps the counts until then)."""
+    if config.job.address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    from pipeline.ray_session import ClusterShape
+    from pipeline.render import _plan_workers
+    from pipeline.scan_runner import _plan_actors
+
+    shape = ClusterShape(cpus=os.cpu_count() or 1, gpus=torch.cuda.device_count())
+    for key, plan in (("scan.actors", lambda: _plan_actors(scan, shape)),
+                      ("render.actors", lambda: _plan_workers(render, shape.cpus, shape.gpus))):
+        try:
+            plan()
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error} (this machine: {shape.cpus} CPUs, {shape.gpus} GPUs)") from error
 
 
 class _Record:
@@ -173,8 +200,31 @@ class _Record:
             self.data["stages"].pop(stage, None)
 
 
+def _is_own_file(path: str) -> bool:
+    """Whether `path` (job.toml or job.json in a run directory) is one `atlas run` wrote."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if path.endswith(".toml"):
+                return handle.readline().startswith(f"# {RESOLVED_HEADER} ")
+            record = json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (isinstance(record, dict) and set(record) <= {"name", "stages", "seconds"}
+            and isinstance(record.get("stages"), dict))
+
+
+def _check_own_files(run_dir: str) -> None:
+    """RunError if RUN/job.toml or RUN/job.json exists and `atlas run` did not write it: with `out = "."` next
+    to a job file called job.toml, the resolved configuration would be written over the user's file."""
+    for name in (JOB_TOML, JOB_RECORD):
+        path = os.path.join(run_dir, name)
+        if os.path.lexists(path) and not _is_own_file(path):
+            raise RunError(f"{path} exists and was not written by `atlas run` (the run writes its {name} "
+                           "there); choose another job.out, or move the file")
+
+
 def _write_resolved(job: PreparedJob) -> None:
-    header = (f"Resolved configuration of job {job.config.job.name!r}, written by `atlas run` on "
+    header = (f"{RESOLVED_HEADER} {job.config.job.name!r}, written by `atlas run` on "
               f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
               f"from {job.source or '(in-memory config)'}"
               + (f" with overrides: {' '.join(job.overrides)}" if job.overrides else ""))

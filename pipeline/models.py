@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, default_resize
+from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD, LIMITS, Preprocess, default_resize
+from pipeline.ranges import check_range
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,16 @@ class ModelConfig:
     resize: int | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    # Decoding limits (None: the defaults in pipeline.preprocess); part of the preprocessing, so every stage
+    # that rebuilds the model from a run's manifest decodes with the scan's limits.
+    max_side: int | None = None
+    max_pixels: int | None = None
+    max_aspect: float | None = None
+
+    def __post_init__(self) -> None:
+        # Range errors before any model is built (a 10^6-pixel crop would be a 12 TB tensor).
+        for name in ("image_size", "resize") + LIMITS:
+            check_range(name, getattr(self, name))
 
 
 @dataclass
@@ -184,7 +195,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
     preprocess = Preprocess(
         image_size=image_size,
         resize=config.resize or default_resize(image_size, crop_ratio),
-        mean=tuple(config.mean or mean), std=tuple(config.std or std))
+        mean=tuple(config.mean or mean), std=tuple(config.std or std),
+        **{name: getattr(config, name) for name in LIMITS if getattr(config, name) is not None})
     digest = file_sha256(weights) if weights and weights != "DEFAULT" else None
     if os.path.isfile(spec):
         digest = digest or file_sha256(spec)

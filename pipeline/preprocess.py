@@ -4,6 +4,11 @@ Every image goes through: decode -> RGB -> resize the shorter side to `resize` (
 rounding) -> centre crop `image_size` x `image_size` -> uint8 HWC. Normalisation (mean/std) happens on the
 model's device, so decode tasks ship compact uint8 arrays instead of float32 (4x less transport).
 
+Decoding is guarded, because a file of a few hundred bytes can declare any size: the header is read first
+and the image refused (`DecodeError`) when a side, its pixel count, its aspect ratio or its size after the
+resize exceeds the limits, before any pixel is allocated. Image modes are converted by their real value
+range (`to_rgb`): 16-bit grayscale to its nearest 8-bit value, modes without a defined range refused.
+
 The same numbers map a box in network-input pixels back to ORIGINAL image pixels (`to_original_box`),
 so the scan can store boxes that later stages cut from the untouched source images.
 """
@@ -11,13 +16,46 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
+from pipeline.ranges import check_range
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Decoding limits (README, "Bad input and restarts"). Pixels: PIL's own decompression-bomb warning threshold,
+# about 90 megapixels, more than common cameras' photos (24-61 MP); PIL holds RGB as 4 bytes a pixel, so one
+# decode stays under ~360 MB. Side: beyond the largest camera sensors (~14,200 px for 150 MP medium format).
+# Aspect: the centre crop still covers a twentieth of the image; beyond it the model sees a sliver, and a
+# 1-pixel line is stretched into a smear.
+DEFAULT_MAX_SIDE = 20_000
+DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_ASPECT = 20.0
+LIMITS = ("max_side", "max_pixels", "max_aspect")
+
+# Modes whose every value PIL's convert("RGB") maps from its full range (palette lookup, 0/1 -> 0/255,
+# gray replicated, alpha dropped as torchvision's loader drops it, naive CMYK, JFIF YCbCr).
+_DIRECT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+# Unsigned 16-bit grayscale in any byte order: PIL's own convert clips these at 255 (an image turns white).
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# Formats whose mode-I images hold 16-bit values (PIL scales a PGM's maxval to 65535; older Pillow read
+# 16-bit PNG as I). A mode-I TIFF holds 32-bit integers of unknown range.
+_SIXTEEN_BIT_I_FORMATS = frozenset({"PNG", "PPM"})
+
+
+class DecodeError(ValueError):
+    """An image the decoder refuses: over a size limit, or pixels without a defined value range.
+
+    `size` is the (width, height) its header declares, so the refused image's row still records it.
+    """
+
+    def __init__(self, message: str, size: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.size = size
 
 
 @dataclass(frozen=True)
@@ -28,10 +66,14 @@ class Preprocess:
     resize: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Decoding limits, recorded with the preprocessing (they decide which images are readable).
+    max_side: int = DEFAULT_MAX_SIDE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_aspect: float = DEFAULT_MAX_ASPECT
 
     def __post_init__(self) -> None:
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        for name in ("image_size", "resize") + LIMITS:
+            check_range(name, getattr(self, name))
         if self.resize < self.image_size:
             raise ValueError(f"resize ({self.resize}) must be >= image_size ({self.image_size}): "
                              "the centre crop cannot be larger than the resized image")
@@ -51,9 +93,31 @@ class Preprocess:
         """(left, top) of the centre crop in resized pixels, as torchvision's center_crop rounds it."""
         return (int(round((new_w - self.image_size) / 2.0)), int(round((new_h - self.image_size) / 2.0)))
 
+    def check_size(self, width: int, height: int) -> None:
+        """DecodeError if an image of this size is over a limit; called on the header, before decoding."""
+        side, short = max(width, height), max(min(width, height), 1)
+        hint = "(atlas scan --max-{}, job file scan.max_{})"
+        if side > self.max_side:
+            raise DecodeError(f"image is {width} x {height} pixels: a side over max_side {self.max_side} "
+                              + hint.format("side", "side"))
+        if width * height > self.max_pixels:
+            raise DecodeError(f"image is {width} x {height} = {width * height:,} pixels, over max_pixels "
+                              f"{self.max_pixels:,} " + hint.format("pixels", "pixels"))
+        if side / short > self.max_aspect:
+            raise DecodeError(f"image is {width} x {height} pixels: aspect ratio {side / short:.4g}:1 over "
+                              f"max_aspect {self.max_aspect:g} " + hint.format("aspect", "aspect"))
+        # The resize happens before the centre crop, so its result (resize x resize * aspect) is bounded by
+        # the same pixel limit: an upscaled sliver would otherwise allocate gigabytes.
+        new_w, new_h = self.resized_size(width, height)
+        if new_w * new_h > self.max_pixels:
+            raise DecodeError(f"image is {width} x {height} pixels: resizing it to {new_w} x {new_h} (resize "
+                              f"{self.resize}) needs {new_w * new_h:,} pixels, over max_pixels {self.max_pixels:,} "
+                              + hint.format("pixels", "pixels"))
+
     def apply(self, image: Image.Image) -> np.ndarray:
         """PIL image -> uint8 array (image_size, image_size, 3)."""
-        image = image.convert("RGB")
+        self.check_size(*image.size)
+        image = to_rgb(image)
         new_w, new_h = self.resized_size(*image.size)
         left, top = self.crop_origin(new_w, new_h)
         image = image.resize((new_w, new_h), Image.BILINEAR)
@@ -88,12 +152,56 @@ class Preprocess:
         return out
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, every mode by its real value range, or DecodeError; never clipped.
+
+    16-bit grayscale (and 16-bit mode-I images) maps to the nearest 8-bit value, round(v * 255 / 65535) =
+    round(v / 257); 16-bit colour PNGs already arrive as RGB, PIL keeping their high byte (v >> 8, at most one
+    level below). 32-bit integer, floating-point and CIELAB images have no range this can assume: refused.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _DIRECT_MODES:
+        return image.convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and image.format in _SIXTEEN_BIT_I_FORMATS):
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DecodeError(f"16-bit image (mode {mode}) holds values outside 0..65535")
+        # (v + 128) // 257 is round(v / 257) for integers (v + 128.5 is never a multiple of 257).
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L").convert("RGB")
+    if mode == "I":
+        raise DecodeError(f"32-bit integer pixels (mode I, {image.format or 'unknown'} file) have no defined "
+                          "range to map to 8 bits; save the image with 8 or 16 bits per channel")
+    if mode == "F":
+        raise DecodeError("floating-point pixels (mode F) have no defined range to map to 8 bits; save the "
+                          "image with 8 or 16 bits per channel")
+    if mode == "LAB":
+        raise DecodeError("CIELAB pixels (mode LAB) are not converted; save the image as RGB with a "
+                          "colour-managed tool")
+    raise DecodeError(f"image mode {mode} is not supported; save the image as 8- or 16-bit RGB or grayscale")
+
+
 def decode_image(data: bytes, preprocess: Preprocess) -> tuple[np.ndarray, int, int]:
-    """Decode encoded image bytes fully (truncated files raise) -> (pixels, width, height)."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()  # force a full decode now: lazy PIL would hide truncation until later
+    """Decode encoded image bytes fully (truncated files raise) -> (pixels, width, height).
+
+    The size limits are checked on the header (PIL's open reads only that) before any pixel is decoded.
+    JPEG's draft mode (decoding at 1/2-1/8 scale) is not used: it would change the pixels the model sees
+    against torchvision's full decode + resize, and max_pixels already bounds a full decode's memory.
+    """
+    with warnings.catch_warnings():
+        # Our own limits decide, below; PIL's warning would only repeat them in the logs.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+    with image:
         width, height = image.size
-        return preprocess.apply(image), width, height
+        try:
+            preprocess.check_size(width, height)
+            image.load()  # force a full decode now: lazy PIL would hide truncation until later
+            return preprocess.apply(image), width, height
+        except DecodeError as error:
+            error.size = (width, height)
+            raise
 
 
 def default_resize(image_size: int, crop_ratio: float = 1.0) -> int:

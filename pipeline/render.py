@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline.data import resolve_source
 from pipeline.fetch import fetch_images
 from pipeline.models import ModelConfig, load_model, output_layer
+from pipeline.ranges import check_range
 from pipeline.render_worker import (ATLAS, DATASET_KINDS, RenderConfig, RenderResult, RenderTask, UnitRenderer,
                                     View, VisSettings, unit_file)
 from pipeline.fileio import atomic_write
@@ -100,8 +101,8 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
     if manifest is None:
         raise RunError(f"{run_dir} is not a complete scan (no manifest.json); run `atlas scan` first")
     options.vis.validate()
-    if options.units_per_task < 1:
-        raise ValueError(f"units_per_task must be >= 1, got {options.units_per_task}")
+    check_range("units_per_task", options.units_per_task)
+    check_range("actors", options.actors)
     recorded = {info["name"]: info for info in manifest["layers"]}
     layers = list(options.layers or recorded)
     unknown = [name for name in layers if name not in recorded]
@@ -186,6 +187,9 @@ def _plan_workers(options: RenderOptions, cpus: int, gpus: int) -> dict:
         actors = actors if options.device == "cuda" else min(actors, gpus)
         return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": None, "device": "cuda"}
     actors = options.actors or max(1, cpus // 8)
+    if actors > 2 * max(cpus, 1):  # each CPU actor asks for at least half a CPU: the rest would never start
+        raise ValueError(f"{actors} render actors do not fit on {cpus} CPUs (each needs at least half a CPU); "
+                         "use fewer actors")
     return {"actors": actors, "num_gpus": 0, "num_cpus": max(0.5, (cpus - 1) / actors) if cpus > 1 else 0.5,
             "threads": max(1, cpus // actors), "device": "cpu"}
 

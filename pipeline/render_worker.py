@@ -24,6 +24,7 @@ from pipeline.optvis.objectives import channel, neuron
 from pipeline.optvis.presets import get_preset
 from pipeline.optvis.render import FeatureVisualizer, unit_max
 from pipeline.preprocess import decode_image
+from pipeline.ranges import check_range
 from pipeline.receptive_field import ReceptiveField
 from pipeline.store import layer_dir
 
@@ -52,9 +53,9 @@ class VisSettings:
     objective: str = "channel"
 
     def validate(self) -> None:
+        check_range("steps", self.steps)
+        check_range("size", self.size, "feature-visualization size")
         get_preset(self.preset, self.steps)
-        if self.size < 16:
-            raise ValueError(f"feature-visualization size must be >= 16 pixels, got {self.size}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 

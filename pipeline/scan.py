@@ -27,13 +27,13 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.models import ModelConfig, feature_extractor, load_model
+from pipeline.ranges import PRECISIONS
 from pipeline.receptive_field import ReceptiveField
 from pipeline.stats import QuantileSketch, RunningMoments, TopK
 from pipeline.store import IMAGES_SCHEMA, MAXIMA_SCHEMA, TOPK_SCHEMA, UNITS_SCHEMA, layer_dir, write_table
 
 PAYLOAD = ("y", "x", "width", "height")
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from pipeline.preprocess import Preprocess
 from pipeline.ray_session import ClusterShape, ray_session
 from pipeline.receptive_field import receptive_fields
 from pipeline.rundir import RunDirectory, claim, run_lock
-from pipeline.scan import PRECISIONS, Flush, Recorder, RecorderConfig, ScanResult, ScanState, peak_rss_mb
+from pipeline.ranges import PRECISIONS, check_range
+from pipeline.scan import Flush, Recorder, RecorderConfig, ScanResult, ScanState, peak_rss_mb
 from pipeline.store import IMAGES_SCHEMA, layer_dir, read_manifest
 from pipeline.worker_pool import PassOutcome, WorkerPool
 
@@ -66,13 +67,11 @@ class ScanConfig:
     stall_seconds: float = 600.0  # fail, saying what is pending, when nothing moves for this long
 
     def validate(self) -> None:
-        check_scan_settings(self.k, self.record, self.batch_size, self.device)
-        if self.flush_images < 1:
-            raise ValueError(f"flush_images must be >= 1, got {self.flush_images}")
+        check_scan_settings(self.k, self.record, self.batch_size, self.device, self.actors, self.threads)
+        check_range("flush_images", self.flush_images)
+        check_range("stall_seconds", self.stall_seconds)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.stall_seconds <= 0:
-            raise ValueError(f"stall_seconds must be > 0, got {self.stall_seconds}")
 
 
 def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], source: SourceSpec) -> str:

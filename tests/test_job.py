@@ -67,7 +67,7 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     ("render", "layers", "layer1", "render.layers must be a list of string"),
     ("model", "mean", [0.5, "x", 0.5], r"model.mean\[1\] must be a number"),
     ("scan", "record", "some", "scan.record must be 'topk' or 'all'"),
-    ("scan", "k", 0, "scan.k must be >= 1"),
+    ("scan", "k", 0, "scan.k must be between 1 and 10,000, got 0"),
     ("job", "stages", ["scan", "publish"], "unknown stage"),
 ])
 def test_wrong_types_and_values_are_errors(section, key, value, message):
@@ -254,7 +254,11 @@ def test_bench_capacity_reports_units_and_rows(capsys):
 
     result = bench_capacity(model="module:pipeline.zoo:resnet8", layers="all,linear", k=4, batch=8, image_size=32)
     assert (result["layers"], result["units"], result["topk_rows"]) == (5, 138, 138 * 4)
-    assert result["driver_merge_images_per_second"] > 0 and result["partial_bytes_per_image"] > 0
+    assert result["old"]["driver_images_per_second"] > 0 and result["old"]["bytes_per_image"] > 0
+    new = result["new"]
+    assert new["worker_fold_images_per_second_one_core"] > 0 and new["driver_ms_per_1000_images"] > 0
+    # A flush's state holds units x k entries whatever the images; the image rows are the flush's own images.
+    assert 0 < new["bytes_per_image"] < result["old"]["bytes_per_image"]
     assert json.loads(capsys.readouterr().out)["units"] == 138
 
 

@@ -3,7 +3,7 @@
 The run directory is synthesised (no scan): six layers of 256 to 4,112 units (10,000 in all), k = 16 top
 images per unit with labels and boxes, statistics and quantile sketches from real QuantileSketch objects fed
 random activations, a feature visualization PNG per unit and crops / overlays / reconstructions for every
-top image of the first layer (hard links to one small PNG: the site only links or copies files, it never
+top image of the first layer (copies of one small PNG: the site only links or copies files, it never
 decodes them). Prints JSON.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def synthesize_run(run_dir: str, layer_sizes: tuple[int, ...] = LAYER_SIZES, k: 
                 rel = f"atlas/layer={layer}/unit={unit}/{kind}_{rank:03d}.png"
                 path = os.path.join(run_dir, rel)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                os.link(source_png, path)
+                shutil.copyfile(source_png, path)  # not a hard link: the site publishes single-link files only
                 atlas_rows.append({"layer": layer, "unit": int(unit), "kind": kind, "rank": rank,
                                    "image_key": None if kind == "featvis" else f"img_{rank}", "path": rel,
                                    "act": float(top_acts[unit, rank]), "featvis_act": None, "top1_act": None})

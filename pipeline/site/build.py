@@ -4,7 +4,8 @@ Pages: ``index.html`` (the run and its layers), ``layers/<slug>.html`` (every un
 ``units/<slug>/<unit>.html`` (one unit), ``classes/<n>.html`` (output-layer classes, when the run has
 class data), plus ``static/`` and ``search-index.js``. Everything is linked relatively and works from
 file://: no server, no network. Images stay in the run (linked as ``../atlas/...`` when the site is inside
-the run, as by default) or are hard-linked/copied into ``files/`` when the site is elsewhere.
+the run, as by default) or are copied into ``files/`` when the site is elsewhere (pipeline/site/paths.py
+says which files may be published).
 
 Templates are compiled once and every table is read in one query (pipeline/site/data.py), so thousands of
 unit pages take seconds; a file is rewritten only when its bytes change (pipeline/site/writer.py).
@@ -21,7 +22,7 @@ from importlib import resources
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from pipeline.site.data import LayerData, SiteData, UnitData, load_site_data
-from pipeline.site.paths import layer_slug, url_path
+from pipeline.site.paths import UnsafePathError, layer_slug, url_path
 from pipeline.site.svg import fmt, histogram_svg, stats_svg
 from pipeline.site.writer import MARKER, SiteWriter
 from pipeline.store import RunError
@@ -123,11 +124,11 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def unit_query(run_dir: str, layer: str, unit: int) -> str:
-    """A DuckDB query listing the unit's top images, runnable in `duckdb` as is."""
-    pattern = os.path.join(run_dir, "topk", "*", "*.parquet")
+def unit_query(layer: str, unit: int) -> str:
+    """A DuckDB query listing the unit's top images, runnable as is in `duckdb` started in the run directory.
+    The path is relative: a page never publishes where the run lives on the machine that built it."""
     return (f"SELECT rank, image_key, label, act, box_x0, box_y0, box_x1, box_y1\n"
-            f"FROM read_parquet({_sql_string(pattern)}, hive_partitioning = false)\n"
+            f"FROM read_parquet('topk/*/*.parquet', hive_partitioning = false)\n"
             f"WHERE layer = {_sql_string(layer)} AND unit = {int(unit)}\nORDER BY rank;")
 
 
@@ -163,10 +164,16 @@ class _Pages:
         self.position = {(u.layer, u.unit): i for i, u in enumerate(self.order)}
 
     def media(self) -> None:
-        """Bring the images the pages use into the site when it lives outside the run."""
+        """Copy the images the pages use into the site when it lives outside the run. Copies, not hard links:
+        a link would give the run's file a second name, and the publishing rule (pipeline/site/paths.py)
+        refuses files with more than one link; a copy also leaves the published site independent of the run."""
         if self.copy_media:
             for path in sorted(self.used_media):
-                self.writer.copy(os.path.join(self.data.run, path), f"{COPIED_FILES}/{path}")
+                try:
+                    with self.data.files.open(path) as handle:
+                        self.writer.copy(handle, f"{COPIED_FILES}/{path}")
+                except UnsafePathError as error:  # swapped since the pages were made: never copied
+                    logger.warning("site: not copied: %s", error)
 
     def _media_url(self, root: str):
         def url(path: str) -> str:
@@ -202,7 +209,7 @@ class _Pages:
                          histogram=histogram_svg(unit.sketch_buckets, unit.sketch_counts,
                                                  f"Histogram of the per-image maxima of {title}"),
                          stats_plot=stats_svg(unit.stats, f"Statistics of {title}"),
-                         query=unit_query(self.data.run, layer.name, unit.unit))
+                         query=unit_query(layer.name, unit.unit))
         return len(layer.units)
 
     def classes(self, _: object) -> int:

@@ -101,6 +101,7 @@ class SiteData:
     output_layer: str | None
     rejected_paths: int = 0
     missing_files: int = 0
+    files: RunFiles | None = None  # the checked view of the run's files, to copy them through
 
 
 def load_site_data(run_dir: str) -> SiteData:
@@ -124,7 +125,8 @@ def load_site_data(run_dir: str) -> SiteData:
         logger.warning("site: %d unsafe and %d missing image paths in the run's indexes were left out",
                        checker.rejected, checker.missing)
     return SiteData(run=os.path.abspath(run_dir), manifest=manifest, layers=layers, classes=classes,
-                    output_layer=output_layer, rejected_paths=checker.rejected, missing_files=checker.missing)
+                    output_layer=output_layer, rejected_paths=checker.rejected, missing_files=checker.missing,
+                    files=files)
 
 
 class _PathChecker:

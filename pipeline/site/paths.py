@@ -5,7 +5,9 @@ import hashlib
 import os
 import posixpath
 import re
+import stat
 from functools import lru_cache
+from typing import BinaryIO
 from urllib.parse import quote
 
 
@@ -41,32 +43,57 @@ def url_path(path: str) -> str:
 
 
 class RunFiles:
-    """Which relative paths name regular files inside the run; one directory listing per directory.
+    """Which relative paths the site may publish, and the checked files to copy; one listing per directory.
 
-    Symlinked files are refused and directories must resolve inside the run, so neither a link in the
-    site nor a copied file can expose anything outside it.
+    The rule: publish only regular files (no symlinks) with exactly one hard link, in a directory that
+    resolves inside the run. A hard link cannot be told from its "original": a file with two links may be
+    the same inode as /home/me/.ssh/id_rsa, so any file with more than one link is refused (with a warning)
+    rather than guessed about. A file is copied through `open`, which re-checks on the open descriptor that it
+    is still the regular, single-link file listed (same st_dev, st_ino), so a swap after the check is refused.
     """
 
     def __init__(self, run_dir: str):
         self.root = os.path.realpath(run_dir)
-        self._listings: dict[str, dict[str, bool]] = {}
+        # name -> (st_dev, st_ino, st_nlink) of the regular files in each directory
+        self._listings: dict[str, dict[str, tuple[int, int, int]]] = {}
 
     def exists(self, path: str) -> bool:
-        """True if `path` (relative to the run; checked, raises UnsafePathError) is a regular file in it."""
+        """True if `path` (relative to the run) names a publishable file; False if there is none;
+        UnsafePathError if the path could leave the run or the file has several hard links."""
         parent, name = posixpath.split(check_relative_path(path))
-        return self._listing(parent).get(name, False)
+        entry = self._listing(parent).get(name)
+        if entry is not None and entry[2] != 1:
+            raise UnsafePathError(f"{path!r} has {entry[2]} hard links (a hard link can be a file outside the "
+                                  "run; copy it to publish it)")
+        return entry is not None
 
     def absolute(self, path: str) -> str:
         return os.path.join(self.root, check_relative_path(path))
 
-    def _listing(self, parent: str) -> dict[str, bool]:
+    def open(self, path: str) -> BinaryIO:
+        """`path` opened for reading, after checking on the descriptor that it is the file `exists` listed."""
+        if not self.exists(path):
+            raise UnsafePathError(f"{path!r} is not a file of the run")
+        parent, name = posixpath.split(path)
+        listed = self._listing(parent)[name]
+        fd = os.open(self.absolute(path), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or (info.st_dev, info.st_ino) != listed[:2]:
+            os.close(fd)
+            raise UnsafePathError(f"{path!r} changed since it was checked (another file or a hard link now)")
+        return os.fdopen(fd, "rb")
+
+    def _listing(self, parent: str) -> dict[str, tuple[int, int, int]]:
         if parent not in self._listings:
             full = os.path.join(self.root, parent)
-            listing: dict[str, bool] = {}
+            listing: dict[str, tuple[int, int, int]] = {}
             if os.path.commonpath([os.path.realpath(full), self.root]) == self.root:
                 try:
                     with os.scandir(full) as entries:
-                        listing = {entry.name: entry.is_file(follow_symlinks=False) for entry in entries}
+                        for entry in entries:
+                            if entry.is_file(follow_symlinks=False):
+                                info = entry.stat(follow_symlinks=False)
+                                listing[entry.name] = (info.st_dev, info.st_ino, info.st_nlink)
                 except OSError:
                     pass
             self._listings[parent] = listing

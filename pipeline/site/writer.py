@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+from typing import BinaryIO, Callable
 
 from pipeline.fileio import atomic_write
 from pipeline.site.paths import UnsafePathError, check_relative_path
@@ -58,31 +59,37 @@ class SiteWriter:
                         return False
         except OSError:
             pass
-        atomic_write(path, data)  # with the user's umask: a static host must be able to read the page
-        self.written += 1
+        self._replace(path, lambda handle: handle.write(data))
         return True
 
-    def copy(self, source: str, rel: str) -> bool:
-        """Hard-link (or copy) `source` to out/rel unless an identical file is already there."""
+    def copy(self, source: BinaryIO, rel: str) -> bool:
+        """Copy the open file `source` to out/rel unless a file of the same size and modification time is
+        there (copies keep the source's time, so an unchanged image is not copied again)."""
         path = self._target(rel)
-        if os.path.exists(path):
-            src, dst = os.stat(source), os.stat(path)
-            if os.path.samestat(src, dst) or (src.st_size == dst.st_size and src.st_mtime_ns == dst.st_mtime_ns):
+        info = os.fstat(source.fileno())
+        try:
+            there = os.stat(path)
+            if there.st_size == info.st_size and there.st_mtime_ns == info.st_mtime_ns:
                 self.unchanged += 1
                 return False
-        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-        try:
-            try:
-                os.link(source, tmp)
-            except OSError:  # another file system, or links not allowed: copy with the source's mtime
-                shutil.copy2(source, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        self.written += 1
+        except OSError:
+            pass
+        self._replace(path, lambda handle: shutil.copyfileobj(source, handle),
+                      mtime_ns=(info.st_atime_ns, info.st_mtime_ns))
         return True
+
+    def _replace(self, path: str, fill: Callable[[BinaryIO], object], mtime_ns: tuple[int, int] | None = None) -> None:
+        """Atomically replace `path` by a temporary file that `fill` writes; the one place output files get
+        their permissions."""
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as handle:
+                fill(handle)
+            if mtime_ns is not None:
+                os.utime(tmp, ns=mtime_ns)
+
+        # With the user's umask (pipeline.fileio): a static host must be able to read what the site publishes.
+        atomic_write(path, writer=write)
+        self.written += 1
 
     def finish(self) -> None:
         """Remove files an earlier build wrote that this one did not produce; record the produced list."""
