@@ -74,6 +74,18 @@ ATLAS_DEPENDENCE_SCHEMA = pa.schema([
 IMAGE_INDEPENDENT_SIMILARITY = 0.99
 
 
+# RUN/explain/metrics.parquet, written by `atlas explain --metrics ...`: explanation quality per image, method and
+# metric. deletion / insertion: value = AUC of the target probability over the fraction of pixels removed /
+# inserted, curve = that probability after each step; randomization: value = Spearman correlation of the map
+# after re-initialising every block with the trained model's map, curve = after each cumulative step (the
+# block re-initialised at each step in `steps`), flagged = |value| >= randomization.FLAG_SPEARMAN.
+EXPLAIN_METRICS_SCHEMA = pa.schema([
+    ("image_key", pa.string()), ("method", pa.string()), ("metric", pa.string()), ("target", pa.int32()),
+    ("value", pa.float32()), ("curve", pa.list_(pa.float32())), ("steps", pa.list_(pa.string())),
+    ("flagged", pa.bool_()),
+])
+
+
 # Directories later stages write into a run (render, explain, site): removed when the scan is redone.
 DERIVED = ("atlas", "explain", "site")
 # Written by `atlas run`: the resolved job configuration and the record of finished stages.
