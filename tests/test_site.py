@@ -130,6 +130,10 @@ def test_pages_for_every_layer_unit_and_class(site_run, site):
     # Class pages show the class visualization and the explanations of the top-scoring images.
     class_page = read(os.path.join(site, "classes", "2.html"))
     assert "classvis_000.png" in class_page and "explain/gradcam/2/" in class_page and "rocket" in class_page
+    # ... with their measured quality (explain/metrics.parquet) and the randomization check's flag.
+    assert "deletion AUC 0.123" in class_page and "insertion AUC 0.789" in class_page
+    assert "rank correlation 0.91" in class_page and "does not explain what the model learned" in class_page
+    assert "deletion AUC" not in read(os.path.join(site, "classes", "3.html"))
 
 
 def test_links_are_relative_and_resolve(site_run, site):

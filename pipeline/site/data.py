@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 ATLAS_INDEX = os.path.join("atlas", "index.parquet")
 ATLAS_DEPENDENCE = os.path.join("atlas", "dependence.parquet")
 EXPLAIN_INDEX = os.path.join("explain", "index.parquet")
+EXPLAIN_METRICS = os.path.join("explain", "metrics.parquet")
 DATASET_KINDS = ("crop", "deconv_crop", "overlay", "deconv", "guided_crop", "guided")
 # Reconstructions a unit page shows (cut at the receptive field), with their names; the full-size image is
 # the kind without `_crop`.
@@ -117,6 +118,7 @@ class Explanation:
     method: str
     path: str
     score: float
+    metrics: dict[str, dict] = field(default_factory=dict)  # metric -> {value, flagged} (explain/metrics)
 
 
 @dataclass(slots=True)
@@ -274,6 +276,12 @@ def _classes(manifest: dict, run_dir: str, units: dict[tuple[str, int], UnitData
             if (layer, unit) in units:
                 get(unit).top = units[layer, unit].top
     explain = _read_parquet(run_dir, EXPLAIN_INDEX)
+    metrics: dict[tuple[str, str, int], dict[str, dict]] = {}
+    table = _read_parquet(run_dir, EXPLAIN_METRICS)
+    if table is not None:
+        for key, method, target, metric, value, flagged in zip(table["image_key"], table["method"], table["target"],
+                                                              table["metric"], table["value"], table["flagged"]):
+            metrics.setdefault((key, method, target), {})[metric] = {"value": value, "flagged": flagged}
     if explain is not None:
         names_col = explain.get("target_name") or [None] * len(explain["path"])
         for key, method, target, target_name, path, score in zip(
@@ -281,7 +289,8 @@ def _classes(manifest: dict, run_dir: str, units: dict[tuple[str, int], UnitData
                 explain["score"]):
             if target is not None and checker.ok(path):
                 get(int(target), target_name).explanations.append(
-                    Explanation(image_key=key, method=method, path=path, score=score))
+                    Explanation(image_key=key, method=method, path=path, score=score,
+                                metrics=metrics.get((key, method, target), {})))
     for item in classes.values():
         item.explanations.sort(key=lambda e: (-(e.score if e.score is not None else float("-inf")),
                                               e.image_key, e.method))
