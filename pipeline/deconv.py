@@ -23,14 +23,14 @@ and it works on any torch.fx-traceable network. What happens at other modules (d
 The projection starts from a map that is zero everywhere except the chosen unit at one position, with that
 position's activation value (by default the unit's maximum over the map, as in the paper).
 
-Guided backpropagation (``GuidedBackprop``) keeps everything above but rectifies at every activation AFTER
-the activation's own backward: ``relu(grad_out * f'(x))``, i.e. for a ReLU the forward pass's mask (x > 0)
-AND the positive part of the signal (Springenberg et al. 2015, fig. 1; Captum's rule, which applies relu to
-the module's input gradient). For ReLU6 and other activations f' is their own derivative (ReLU6: 1 on
-(0, 6)). Through the forward masks it depends on the image at every layer, where the deconvnet depends on
-it only through max-pooling switches: on a network without max-pooling (MobileNetV2, a ResNet after its
-stem) a deconvnet reconstruction of a unit at a position is ONE pattern, times the seed value, for every
-image (Mahendran & Vedaldi 2016).
+Guided backpropagation (``GuidedBackprop``) keeps everything above but, at every activation, passes
+``relu(signal) * 1[x > 0]``: the forward pass's mask AND the rectified signal (Springenberg et al. 2015,
+fig. 1; Captum's GuidedBackprop at an nn.ReLU). Other activations are treated as ReLU, as the deconvnet
+treats them: ReLU6's cap is ignored (its true derivative is 0 above 6, which would blank the reconstruction
+of exactly the units that fire hardest, e.g. a MobileNetV2 block output saturated at 6). Through the forward
+masks it depends on the image at every layer, where the deconvnet depends on it only through max-pooling
+switches: on a network without max-pooling (MobileNetV2, a ResNet after its stem) a deconvnet reconstruction
+of a unit at a position is ONE pattern, times the seed value, for every image (Mahendran & Vedaldi 2016).
 """
 from __future__ import annotations
 
@@ -66,27 +66,29 @@ def deconv_activation(x: torch.Tensor, forward_output: torch.Tensor) -> torch.Te
     return _RectifySignal.apply(x, forward_output.detach())
 
 
-class _RectifyGradient(torch.autograd.Function):
-    """Identity forward; backward: ReLU of the gradient. Placed on an activation's INPUT, so what reaches
-    the layer below is relu(grad_out * f'(x)): guided backpropagation's rule."""
+class _GuidedSignal(torch.autograd.Function):
+    """Forward: the original activation's output. Backward: the forward pass's mask (input > 0) AND the
+    rectified signal, relu(signal) * 1[x > 0] (guided backpropagation's rule at a ReLU)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
-        return x.view_as(x)
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x > 0)
+        return y.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad.clamp(min=0)
+        (mask,) = ctx.saved_tensors
+        return grad.clamp(min=0) * mask, None
 
 
-def rectify_gradient(x: torch.Tensor) -> torch.Tensor:
-    return _RectifyGradient.apply(x)
+def guided_activation(x: torch.Tensor, forward_output: torch.Tensor) -> torch.Tensor:
+    return _GuidedSignal.apply(x, forward_output.detach())
 
 
 fx.wrap("deconv_activation")
-fx.wrap("rectify_gradient")
+fx.wrap("guided_activation")
 
-RULES = ("deconvnet", "guided")
+_RULE_FUNCTIONS = {"deconvnet": deconv_activation, "guided": guided_activation}
 
 
 class _ModifiedActivation(nn.Module):
@@ -97,9 +99,7 @@ class _ModifiedActivation(nn.Module):
         self.activation, self.rule = activation, rule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rule == "guided":
-            return self.activation(rectify_gradient(x))
-        return deconv_activation(x, self.activation(x))
+        return _RULE_FUNCTIONS[self.rule](x, self.activation(x))
 
 
 def _rewrite_activation_functions(graph_module: fx.GraphModule, rule: str) -> int:
@@ -112,23 +112,15 @@ def _rewrite_activation_functions(graph_module: fx.GraphModule, rule: str) -> in
         if not (is_function or is_method):
             continue
         with graph.inserting_after(node):
-            source = node.args[0]
-            if rule == "guided":
-                source = graph.call_function(rectify_gradient, (source,))
-            # In-place variants become out-of-place: the input is still needed (and is a custom Function's
-            # output under the guided rule).
-            with graph.inserting_after(source if rule == "guided" else node):
-                if is_method:
-                    original = graph.call_function(torch.relu, (source,))
-                else:
-                    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
-                    target = {torch.relu_: torch.relu, F.relu_: F.relu}.get(node.target, node.target)
-                    args = (source,) if target is not node.target else (source, *node.args[1:])
-                    original = graph.call_function(target, args, kwargs)
-            replacement = original
-            if rule == "deconvnet":
-                with graph.inserting_after(original):
-                    replacement = graph.call_function(deconv_activation, (node.args[0], original))
+            if is_method:
+                original = graph.call_function(torch.relu, (node.args[0],))
+            else:
+                kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+                target = {torch.relu_: torch.relu, F.relu_: F.relu}.get(node.target, node.target)
+                original = graph.call_function(target, node.args[:1] if target is not node.target else node.args,
+                                               kwargs)
+            with graph.inserting_after(original):
+                replacement = graph.call_function(_RULE_FUNCTIONS[rule], (node.args[0], original))
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
         count += 1
@@ -232,7 +224,7 @@ class GuidedBackprop(Deconvnet):
 
     ``GuidedBackprop(model, layer).attribute(inputs, units, positions=None) -> (N, C_in, H, W)``: the
     gradient of the unit's activation at the position (times that activation, the deconvnet's seed) with
-    every activation's backward replaced by relu(its own backward).
+    every activation's backward replaced by relu(signal) * 1[input > 0].
     """
 
     rule = "guided"

@@ -18,11 +18,13 @@ captum = pytest.importorskip("captum.attr")
 
 
 class _ReLU6ForCaptum(nn.ReLU):
-    """ReLU6's forward in an nn.ReLU subclass: Captum's GuidedBackprop hooks only nn.ReLU modules, and applies
-    relu to the module's input gradient (grad_out * 1[0 < x < 6] here), the rule under test for ReLU6."""
+    """ReLU6's forward VALUES with ReLU's derivative (1[x > 0]), in an nn.ReLU subclass: Captum's GuidedBackprop
+    hooks only nn.ReLU modules and applies relu to the module's input gradient, so Captum computes
+    relu(grad_out) * 1[x > 0] here: the documented rule for ReLU6 (its cap ignored, as by the deconvnet)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.hardtanh(x, 0.0, 6.0)
+        rectified = F.relu(x)
+        return rectified - (rectified - F.hardtanh(x, 0.0, 6.0)).detach()
 
 
 def _captum_ready(model: nn.Module) -> nn.Module:
@@ -111,6 +113,21 @@ def test_guided_backprop_by_hand_on_a_tiny_net():
         expected = F.conv_transpose2d(signal, net[0].weight, padding=1)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_relu6_cap_is_ignored_as_by_the_deconvnet():
+    """Above 6 ReLU6's derivative is 0; guided backprop passes the signal wherever the input was positive."""
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    net = nn.Sequential(conv, nn.ReLU6(), nn.Conv2d(1, 1, 1, bias=False)).eval()
+    with torch.no_grad():
+        net[2].weight.fill_(2.0)
+    image = torch.tensor([[[[-1.0, 3.0], [8.0, 0.5]]]])     # below 0, inside, above the cap, inside
+    got, maps = GuidedBackprop(net, "2").project(image, [0], torch.tensor([[1, 0]]))  # the saturated pixel
+    expected = torch.zeros_like(image)
+    expected[0, 0, 1, 0] = maps[0, 1, 0] * 2.0              # mask open (8 > 0), signal 2 x seed, positive
+    torch.testing.assert_close(got, expected)
 
 
 def _photos(size: int) -> torch.Tensor:
