@@ -212,8 +212,9 @@ class Explainer:
                 top5=[{"class": int(c), "name": self.class_name(int(c)), "probability": float(p),
                        "logit": float(logits[i, int(c)])} for p, c in zip(top_p[i].tolist(), top_c[i].tolist())],
                 maps={name: array[i].astype(np.float32) for name, array in arrays.items()},
-                metrics=[row | {"value": row["values"][i], "curve": row["curves"][i],
-                                "flagged": row["flags"][i] if row["flags"] is not None else None}
+                metrics=[{"method": row["method"], "metric": row["metric"], "steps": row["steps"],
+                          "value": row["values"][i], "curve": row["curves"][i],
+                          "flagged": row["flags"][i] if row["flags"] is not None else None}
                          for row in metrics.values()])
             if occluded is not None:
                 explanation.occlusion = self._occlusion_summary(occluded, i)
