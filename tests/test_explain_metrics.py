@@ -221,3 +221,29 @@ def test_explain_cli_writes_metrics_for_every_method(tmp_path):
             assert len(r["curve"]) == 9 and 0 <= r["value"] <= 1 and r["steps"] is None and r["flagged"] is None
     assert main(["explain", "--model", "module:tiny_models:small_net", "--image-size", "32", "--out", str(tmp_path),
                  "--metrics", "fidelity", image]) == 2
+
+
+def test_the_ray_worker_carries_the_metric_rows_of_each_image(tmp_path):
+    """`--data` runs: what the worker returns is what the writer puts into metrics.parquet, per image."""
+    import pickle
+
+    from helpers import folder_batch, write_png
+
+    from pipeline.data import Decoder, SourceSpec
+    from pipeline.explain.data_runner import ExplainWorker
+    from pipeline.explain.explainer import ExplainConfig, Explainer
+    from pipeline.models import ModelConfig
+
+    config = ExplainConfig(ModelConfig("module:tiny_models:small_net", image_size=32), methods=("saliency",),
+                           metrics=("deletion", "randomization"), metric_steps=4)
+    paths = [write_png(str(tmp_path / "a" / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (40, 50, 3)))
+             for i in range(2)]
+    decoded = Decoder(SourceSpec("folder", str(tmp_path), tuple(paths)), Explainer(config).preprocess)(
+        folder_batch(str(tmp_path), paths))
+    results = [pickle.loads(b) for b in ExplainWorker(config)(decoded)["result"]]
+    alone = Explainer(config).explain(decoded["pixels"][1:])[0]      # the second image on its own
+    rows = {r["metric"]: r for r in results[1]["metrics"]}
+    assert set(rows) == {"deletion", "randomization"} and all(r["image_key"] == results[1]["key"] for r in rows.values())
+    expected = {r["metric"]: r for r in alone.metrics}
+    assert rows["deletion"]["curve"] == pytest.approx(expected["deletion"]["curve"], abs=1e-6)
+    assert rows["randomization"]["curve"] == pytest.approx(expected["randomization"]["curve"], abs=1e-5)
