@@ -176,7 +176,9 @@ def _explain_config(args: argparse.Namespace):
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     return ExplainConfig(model=_model_config(args), methods=methods, target=args.target, layer=args.layer,
                          window=args.window, stride=args.stride, fill=args.fill, chunk=args.chunk,
-                         smoothgrad=args.smoothgrad, percentile=None if args.percentile < 0 else args.percentile)
+                         smoothgrad=args.smoothgrad, percentile=None if args.percentile < 0 else args.percentile,
+                         metrics=tuple(m.strip() for m in (args.metrics or "").split(",") if m.strip()),
+                         metric_steps=args.metric_steps)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -379,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="saliency box: pixels at or above this percentile (default 95; negative: no box)")
     explain.add_argument("--box", help="x0,y0,x1,y1 ground-truth box in ORIGINAL image pixels (one image): "
                                        "reports the saliency box's IoU")
+    explain.add_argument("--metrics", default="", help="explanation quality, off by default (costly, see README): "
+                         "any of deletion,insertion,randomization -> explain/metrics.parquet")
+    explain.add_argument("--metric-steps", type=int, default=50,
+                         help="deletion/insertion steps from none to all pixels (default 50)")
     explain.add_argument("--batch-size", type=int, default=8)
     explain.add_argument("--address", help="Ray cluster address for --data (default: a local Ray)")
     explain.add_argument("--actors", type=int, help="model replicas for --data")

@@ -1,4 +1,5 @@
-"""Zeiler & Fergus (2013) deconvnet reconstructions: project one unit's activation back to pixels.
+"""Project one unit's activation back to pixels: the Zeiler & Fergus (2013) deconvnet and guided
+backpropagation (Springenberg et al. 2015). The two differ only in what an activation does on the way down.
 
 The paper's deconvnet, from a layer's rectified map down to the input, applies per layer:
   * unpooling: max-unpooling with the SWITCHES (argmax locations) recorded in the forward pass;
@@ -21,6 +22,15 @@ and it works on any torch.fx-traceable network. What happens at other modules (d
 
 The projection starts from a map that is zero everywhere except the chosen unit at one position, with that
 position's activation value (by default the unit's maximum over the map, as in the paper).
+
+Guided backpropagation (``GuidedBackprop``) keeps everything above but, at every activation, passes
+``relu(signal) * 1[x > 0]``: the forward pass's mask AND the rectified signal (Springenberg et al. 2015,
+fig. 1; Captum's GuidedBackprop at an nn.ReLU). Other activations are treated as ReLU, as the deconvnet
+treats them: ReLU6's cap is ignored (its true derivative is 0 above 6, which would blank the reconstruction
+of exactly the units that fire hardest, e.g. a MobileNetV2 block output saturated at 6). Through the forward
+masks it depends on the image at every layer, where the deconvnet depends on it only through max-pooling
+switches: on a network without max-pooling (MobileNetV2, a ResNet after its stem) a deconvnet reconstruction
+of a unit at a position is ONE pattern, times the seed value, for every image (Mahendran & Vedaldi 2016).
 """
 from __future__ import annotations
 
@@ -56,22 +66,44 @@ def deconv_activation(x: torch.Tensor, forward_output: torch.Tensor) -> torch.Te
     return _RectifySignal.apply(x, forward_output.detach())
 
 
+class _GuidedSignal(torch.autograd.Function):
+    """Forward: the original activation's output. Backward: the forward pass's mask (input > 0) AND the
+    rectified signal, relu(signal) * 1[x > 0] (guided backpropagation's rule at a ReLU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x > 0)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad.clamp(min=0) * mask, None
+
+
+def guided_activation(x: torch.Tensor, forward_output: torch.Tensor) -> torch.Tensor:
+    return _GuidedSignal.apply(x, forward_output.detach())
+
+
 fx.wrap("deconv_activation")
+fx.wrap("guided_activation")
+
+_RULE_FUNCTIONS = {"deconvnet": deconv_activation, "guided": guided_activation}
 
 
-class _DeconvActivation(nn.Module):
-    """Wraps an activation module: same forward values, deconvnet backward."""
+class _ModifiedActivation(nn.Module):
+    """Wraps an activation module: same forward values, the rule's backward."""
 
-    def __init__(self, activation: nn.Module):
+    def __init__(self, activation: nn.Module, rule: str):
         super().__init__()
-        self.activation = activation
+        self.activation, self.rule = activation, rule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return deconv_activation(x, self.activation(x))
+        return _RULE_FUNCTIONS[self.rule](x, self.activation(x))
 
 
-def _rewrite_activation_functions(graph_module: fx.GraphModule) -> int:
-    """Route every functional activation of the graph (F.relu, x.relu(), ...) through the deconvnet rule."""
+def _rewrite_activation_functions(graph_module: fx.GraphModule, rule: str) -> int:
+    """Route every functional activation of the graph (F.relu, x.relu(), ...) through the rule's backward."""
     count = 0
     graph = graph_module.graph
     for node in list(graph.nodes):
@@ -88,13 +120,26 @@ def _rewrite_activation_functions(graph_module: fx.GraphModule) -> int:
                 original = graph.call_function(target, node.args[:1] if target is not node.target else node.args,
                                                kwargs)
             with graph.inserting_after(original):
-                replacement = graph.call_function(deconv_activation, (node.args[0], original))
+                replacement = graph.call_function(_RULE_FUNCTIONS[rule], (node.args[0], original))
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
         count += 1
     graph.lint()
     graph_module.recompile()
     return count
+
+
+def has_max_pooling(graph_module: fx.GraphModule) -> bool:
+    """Whether the traced network has a max-pooling step (the deconvnet's only dependence on the image)."""
+    modules = dict(graph_module.named_modules())
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), (nn.MaxPool1d, nn.MaxPool2d,
+                                                                                   nn.MaxPool3d, nn.AdaptiveMaxPool2d)):
+            return True
+        if node.op == "call_function" and getattr(node.target, "__name__", "").startswith(
+                ("max_pool", "adaptive_max_pool")):
+            return True
+    return False
 
 
 class Deconvnet:
@@ -105,6 +150,8 @@ class Deconvnet:
     model: an eval-mode nn.Module traceable by torch.fx (torchvision classifiers are); layer: a module name
     as `atlas layers` lists it. The model's parameters are not modified (a traced copy is used).
     """
+
+    rule = "deconvnet"
 
     def __init__(self, model: nn.Module, layer: str):
         from torchvision.models.feature_extraction import create_feature_extractor
@@ -117,11 +164,12 @@ class Deconvnet:
         # caller's model is left untouched; functional activations are rewritten in the graph.
         root = nn.Module()
         for name, module in extractor.named_children():
-            root.add_module(name, _copy_tree(module))
+            root.add_module(name, _copy_tree(module, self.rule))
         self.graph_module = fx.GraphModule(root, copy.deepcopy(extractor.graph))
-        rewritten = _rewrite_activation_functions(self.graph_module)
-        logger.debug("deconvnet for %s: %d functional activations rewritten", layer, rewritten)
+        rewritten = _rewrite_activation_functions(self.graph_module, self.rule)
+        logger.debug("%s for %s: %d functional activations rewritten", self.rule, layer, rewritten)
         self.graph_module.eval()
+        self.max_pooling = has_max_pooling(self.graph_module)
 
     def forward_layer(self, inputs: torch.Tensor) -> torch.Tensor:
         """The layer's activation (N, C, h, w) for `inputs` (no graph kept); a vector layer as (N, C, 1, 1)."""
@@ -140,8 +188,13 @@ class Deconvnet:
         return self.project(inputs, units, positions)[0]
 
     def project(self, inputs: torch.Tensor, units: torch.Tensor | list[int],
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like `attribute`, also returning each unit's map (N, h, w) from the same forward pass."""
+                positions: torch.Tensor | None = None,
+                values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `attribute`, also returning each unit's map (N, h, w) from the same forward pass.
+
+        values: optional (N,) seed values in place of the activations at the positions (to project another
+        image from the same unit, position and value, for comparing two images' reconstructions).
+        """
         x = inputs.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             out = self.graph_module(x)["out"]
@@ -160,18 +213,31 @@ class Deconvnet:
                 positions = torch.as_tensor(positions, device=out.device).long().view(n, 2)
                 ys, xs = positions[:, 0], positions[:, 1]
             seed = torch.zeros_like(out)
-            seed[rows, units, ys, xs] = maps[rows, ys, xs]
+            seed[rows, units, ys, xs] = maps[rows, ys, xs] if values is None else \
+                torch.as_tensor(values, device=out.device, dtype=out.dtype).view(n)
             (grad,) = torch.autograd.grad(out, x, grad_outputs=seed)
         return grad.detach(), maps
 
 
-def _copy_tree(module: nn.Module) -> nn.Module:
-    """Copy of a module tree sharing parameters and buffers, activation modules wrapped by the deconvnet rule."""
+class GuidedBackprop(Deconvnet):
+    """Guided backpropagation (Springenberg et al. 2015) of units of one layer, same interface as Deconvnet.
+
+    ``GuidedBackprop(model, layer).attribute(inputs, units, positions=None) -> (N, C_in, H, W)``: the
+    gradient of the unit's activation at the position (times that activation, the deconvnet's seed) with
+    every activation's backward replaced by relu(signal) * 1[input > 0].
+    """
+
+    rule = "guided"
+
+
+def _copy_tree(module: nn.Module, rule: str) -> nn.Module:
+    """Copy of a module tree sharing parameters and buffers, activation modules wrapped by the rule."""
     if isinstance(module, _ACTIVATION_MODULES):
         activation = copy.copy(module)
         if getattr(activation, "inplace", False):
             activation.inplace = False
-        return _DeconvActivation(activation)
+        return _ModifiedActivation(activation, rule)
     clone = copy.copy(module)  # a new object whose parameter/buffer dicts are the original's
-    clone._modules = {name: _copy_tree(child) for name, child in module._modules.items() if child is not None}
+    clone._modules = {name: _copy_tree(child, rule) for name, child in module._modules.items()
+                      if child is not None}
     return clone

@@ -59,6 +59,10 @@ class LoadedModel:
     weights_sha256: str | None
     categories: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Which torchvision weights entry the preprocessing and categories came from, and how it was chosen:
+    # {"entry": "MobileNet_V2_Weights.IMAGENET1K_V1", "matched_by": "sha256" | "name" | "assumed"}; None for
+    # models that are not torchvision's. "assumed": the file matched no entry, so DEFAULT's were taken.
+    weights_match: dict[str, str] | None = None
 
 
 def file_sha256(path: str) -> str:
@@ -69,24 +73,44 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _torchvision_model(name: str, weights: str | None) -> tuple[nn.Module, Any]:
+def _torchvision_model(name: str, weights: str | None, digest: str | None) -> tuple[nn.Module, Any, str | None]:
+    """(model without weights loaded, the weights entry whose metadata applies, how it was chosen)."""
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise ModelError(f"unknown torchvision model {name!r}; choose one of: {', '.join(sorted(available))}")
     try:
-        weights_enum = torchvision.models.get_model_weights(name).DEFAULT
+        weights_class = torchvision.models.get_model_weights(name)
+        default = weights_class.DEFAULT
     except (ValueError, AttributeError):
-        weights_enum = None
+        weights_class, default = None, None
     if weights == "DEFAULT":
         # torchvision's own download: needs network the first time, then its cache.
-        return torchvision.models.get_model(name, weights="DEFAULT"), weights_enum
+        return torchvision.models.get_model(name, weights="DEFAULT"), default, "name" if default else None
+    entry = match_weights_entry(weights_class, digest) if weights_class is not None and digest else None
+    weights_entry, matched_by = (entry, "sha256") if entry is not None else (default, "assumed" if default else None)
     num_classes = {}
-    if weights_enum is not None and weights:
+    if weights_entry is not None and weights:
         # A state dict for another number of classes (fine-tuned heads) still loads.
-        num_classes = _num_classes_from_state_dict(weights, weights_enum)
-    return torchvision.models.get_model(name, weights=None, **num_classes), weights_enum
+        num_classes = _num_classes_from_state_dict(weights, weights_entry)
+    return torchvision.models.get_model(name, weights=None, **num_classes), weights_entry, matched_by
+
+
+def match_weights_entry(weights_class: Any, digest: str) -> Any | None:
+    """The entry of a torchvision weights enum whose published file has this sha256, or None.
+
+    torchvision names every weights file after the first hex digits of its sha256
+    (``mobilenet_v2-b0353104.pth``) and torch.hub checks a download by that prefix (``HASH_REGEX``); the same
+    check identifies a local copy whatever it is called, so its preprocessing and categories are the entry's
+    own and not DEFAULT's (MobileNetV2's DEFAULT is IMAGENET1K_V2: resize 232, where V1 used 256).
+    """
+    for entry in weights_class:
+        found = torch.hub.HASH_REGEX.search(entry.url.rsplit("/", 1)[-1])
+        # At least 8 hex digits: an empty or short prefix would match by accident.
+        if found and len(found.group(1)) >= 8 and digest.startswith(found.group(1)):
+            return entry
+    return None
 
 
 def _num_classes_from_state_dict(path: str, weights_enum: Any) -> dict:
@@ -167,9 +191,15 @@ def load_model(config: ModelConfig) -> LoadedModel:
     categories = None
     mean, std, crop_ratio, default_size = IMAGENET_MEAN, IMAGENET_STD, 1.0, 224
     meta: dict[str, Any] = {"spec": spec}
+    weights_match = None
+    digest = file_sha256(weights) if weights and weights != "DEFAULT" and os.path.isfile(weights) else None
     if spec.startswith("torchvision:"):
-        model, weights_enum = _torchvision_model(spec.split(":", 1)[1], weights)
+        model, weights_enum, matched_by = _torchvision_model(spec.split(":", 1)[1], weights, digest)
         if weights_enum is not None:
+            weights_match = {"entry": str(weights_enum), "matched_by": matched_by}
+            if matched_by == "assumed":
+                logger.info("weights %s match no %s entry by sha256; preprocessing and categories assumed "
+                            "from %s", weights or "(none: random init)", type(weights_enum).__name__, weights_enum)
             transforms = weights_enum.transforms()
             mean, std = tuple(transforms.mean), tuple(transforms.std)
             default_size = int(transforms.crop_size[0])
@@ -197,10 +227,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
         resize=config.resize or default_resize(image_size, crop_ratio),
         mean=tuple(config.mean or mean), std=tuple(config.std or std),
         **{name: getattr(config, name) for name in LIMITS if getattr(config, name) is not None})
-    digest = file_sha256(weights) if weights and weights != "DEFAULT" else None
     if os.path.isfile(spec):
         digest = digest or file_sha256(spec)
-    return LoadedModel(model=model, preprocess=preprocess, weights_sha256=digest, categories=categories, meta=meta)
+    return LoadedModel(model=model, preprocess=preprocess, weights_sha256=digest, categories=categories, meta=meta,
+                       weights_match=weights_match)
 
 
 def _output_classes(model: nn.Module) -> int | None:

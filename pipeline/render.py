@@ -25,11 +25,19 @@ from PIL import Image
 from pipeline.data import resolve_source
 from pipeline.fetch import fetch_images
 from pipeline.models import ModelConfig, load_model, output_layer
-from pipeline.ranges import check_range
-from pipeline.render_worker import (ATLAS, DATASET_KINDS, RenderConfig, RenderResult, RenderTask, UnitRenderer,
-                                    View, VisSettings, unit_file)
 from pipeline.fileio import atomic_write
-from pipeline.store import ATLAS_INDEX_SCHEMA, RunError, connect, read_manifest, write_table
+from pipeline.ranges import check_range
+from pipeline.render_worker import (ATLAS, DATASET_KINDS, RECONSTRUCTIONS, RenderConfig, RenderResult, RenderTask,
+                                    UnitRenderer, View, VisSettings, unit_file)
+from pipeline.store import (
+    ATLAS_DEPENDENCE_SCHEMA,
+    ATLAS_INDEX_SCHEMA,
+    IMAGE_INDEPENDENT_SIMILARITY,
+    RunError,
+    connect,
+    read_manifest,
+    write_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -272,14 +280,22 @@ def build_index(run_dir: str) -> pa.Table:
     con = connect(run_dir)
     top1 = {(layer, unit): mx for layer, unit, mx in con.execute("SELECT layer, unit, max FROM units").fetchall()}
     rows: list[dict] = []
+    pooling: dict[str, bool] = {}
     exists = lambda relative: os.path.isfile(os.path.join(run_dir, relative))  # noqa: E731
     for layer, unit, rank, key, act in con.execute(
             "SELECT layer, unit, rank, image_key, act FROM topk ORDER BY layer, unit, rank").fetchall():
         for kind in DATASET_KINDS:
             relative = unit_file(layer, unit, kind, rank)
             if exists(relative):
+                similarity = None
+                if rank == 0 and kind in RECONSTRUCTIONS:
+                    text = _vis_text(os.path.join(run_dir, relative)) or {}
+                    similarity = float(text["other_image_similarity"]) if "other_image_similarity" in text else None
+                    if "max_pooling" in text:
+                        pooling[layer] = text["max_pooling"] == "true"
                 rows.append({"layer": layer, "unit": unit, "kind": kind, "rank": rank, "image_key": key,
-                             "path": relative, "act": act, "featvis_act": None, "top1_act": None})
+                             "path": relative, "act": act, "featvis_act": None, "top1_act": None,
+                             "other_image_similarity": similarity})
     layer_names = [info["name"] for info in manifest["layers"]]
     config = json.load(open(os.path.join(run_dir, ATLAS, "render.json"))) if exists(
         os.path.join(ATLAS, "render.json")) else {}
@@ -303,7 +319,24 @@ def build_index(run_dir: str) -> pa.Table:
                              "path": relative, "act": act, "featvis_act": act, "top1_act": top1.get((layer, unit))})
     index = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
     write_table(index, os.path.join(run_dir, ATLAS, "index.parquet"))
+    write_table(image_dependence(rows, pooling), os.path.join(run_dir, ATLAS, "dependence.parquet"))
     return index
+
+
+def image_dependence(rows: list[dict], pooling: dict[str, bool]) -> pa.Table:
+    """Per layer and reconstruction kind: the similarity of two images' reconstructions at the same unit,
+    position and value, over the units where it was measured (see UnitRenderer._image_dependence)."""
+    measured: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        if row.get("other_image_similarity") is not None:
+            measured.setdefault((row["layer"], row["kind"]), []).append(row["other_image_similarity"])
+    table = []
+    for (layer, kind), values in sorted(measured.items()):
+        mean = sum(values) / len(values)
+        table.append({"layer": layer, "kind": kind, "units": len(values), "mean_similarity": mean,
+                      "min_similarity": min(values), "max_similarity": max(values),
+                      "max_pooling": pooling.get(layer), "image_dependent": mean < IMAGE_INDEPENDENT_SIMILARITY})
+    return pa.Table.from_pylist(table, schema=ATLAS_DEPENDENCE_SCHEMA)
 
 
 def render_dataset_views(run_dir: str, layers: list[str] | None = None, units: set[int] | None = None,

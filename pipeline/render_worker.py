@@ -18,7 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from pipeline.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
-from pipeline.deconv import Deconvnet
+from pipeline.deconv import Deconvnet, GuidedBackprop
 from pipeline.models import ModelConfig, load_model
 from pipeline.optvis.objectives import channel, neuron
 from pipeline.optvis.presets import get_preset
@@ -31,7 +31,9 @@ from pipeline.store import layer_dir
 logger = logging.getLogger(__name__)
 
 ATLAS = "atlas"
-DATASET_KINDS = ("crop", "overlay", "deconv", "deconv_crop")
+DATASET_KINDS = ("crop", "overlay", "deconv", "deconv_crop", "guided", "guided_crop")
+# Reconstruction kinds and how they are computed; each also has a `<kind>_crop` cut at the receptive field.
+RECONSTRUCTIONS = {"deconv": Deconvnet, "guided": GuidedBackprop}
 VIS_KINDS = ("featvis", "classvis")
 OBJECTIVES = ("channel", "neuron")
 
@@ -105,6 +107,14 @@ class RenderResult:
     units: int                            # distinct units this task covered (for progress)
 
 
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of the angle between two reconstructions (scale-free: the seed's value only scales them);
+    0 when either is all zero (an image whose masks block the whole path depends on the image too)."""
+    a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    norms = float(a.norm() * b.norm())
+    return float(a @ b) / norms if norms > 0 else 0.0
+
+
 def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
     info = PngInfo()
     for key, value in (text or {}).items():
@@ -125,7 +135,7 @@ class UnitRenderer:
         self.model, self.preprocess = loaded.model, loaded.preprocess
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
-        self._deconvnets: dict[str, Deconvnet] = {}
+        self._projectors: dict[str, dict[str, Deconvnet]] = {}
         self._visualizers: dict[str, FeatureVisualizer] = {}
 
     def __call__(self, task: RenderTask) -> RenderResult:
@@ -141,32 +151,80 @@ class UnitRenderer:
 
     def _dataset_views(self, task: RenderTask) -> dict[str, bytes]:
         pp, size = self.preprocess, self.preprocess.image_size
-        if task.layer not in self._deconvnets:
-            self._deconvnets[task.layer] = Deconvnet(self.model, task.layer)
-        deconv = self._deconvnets[task.layer]
+        if task.layer not in self._projectors:
+            self._projectors[task.layer] = {kind: method(self.model, task.layer)
+                                            for kind, method in RECONSTRUCTIONS.items()}
+        projectors = self._projectors[task.layer]
         receptive = ReceptiveField(**{k: tuple(v) if isinstance(v, list) else v for k, v in task.receptive_field.items()})
-        mean = torch.tensor(pp.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(pp.std, device=self.device).view(1, 3, 1, 1)
         views = [v for v in task.views if v.image_key in task.images]
         files: dict[str, bytes] = {}
+        firsts: dict[int, tuple[View, dict[str, torch.Tensor], float]] = {}  # unit -> its rank-0 reconstructions
         for start in range(0, len(views), self.config.deconv_batch):
             chunk = views[start:start + self.config.deconv_batch]
-            pixels = np.stack([decode_image(task.images[v.image_key], pp)[0] for v in chunk])
-            x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
-            recon, maps = deconv.project(x, torch.tensor([v.unit for v in chunk]),
-                                         torch.tensor([[v.y, v.x] for v in chunk]))
-            recon, maps = recon.cpu(), maps.cpu()
+            x = self._normalised([task.images[v.image_key] for v in chunk])
+            units = torch.tensor([v.unit for v in chunk])
+            positions = torch.tensor([[v.y, v.x] for v in chunk])
+            recons: dict[str, torch.Tensor] = {}
+            for kind, projector in projectors.items():
+                recon, maps = projector.project(x, units, positions)
+                recons[kind] = recon.cpu()
+            maps = maps.cpu()
             for i, view in enumerate(chunk):
                 x0, y0, x1, y1 = view.box
                 crop = crop_box(open_rgb(task.images[view.image_key]), view.box)
                 heat = heat_in_original(maps[i], pp, view.width, view.height)[y0:y1, x0:x1]
                 fy0, fx0, fy1, fx1 = receptive.box(view.y, view.x, (size, size))
-                full = reconstruction_image(recon[i])
                 path = lambda kind: unit_file(task.layer, view.unit, kind, view.rank)  # noqa: E731, B023
                 files[path("crop")] = png_bytes(crop)
                 files[path("overlay")] = png_bytes(overlay(crop, heat))
-                files[path("deconv")] = png_bytes(full)
-                files[path("deconv_crop")] = png_bytes(full.crop((fx0, fy0, fx1, fy1)))
+                for kind, recon in recons.items():
+                    full = reconstruction_image(recon[i])
+                    files[path(kind)] = png_bytes(full)
+                    files[path(f"{kind}_crop")] = png_bytes(full.crop((fx0, fy0, fx1, fy1)))
+                if view.rank == 0:
+                    firsts[view.unit] = (view, {kind: recon[i] for kind, recon in recons.items()},
+                                         float(maps[i, view.y, view.x]))
+        files.update(self._image_dependence(task, views, firsts))
+        return files
+
+    def _normalised(self, blobs: list[bytes]) -> torch.Tensor:
+        pp = self.preprocess
+        mean = torch.tensor(pp.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(pp.std, device=self.device).view(1, 3, 1, 1)
+        pixels = np.stack([decode_image(blob, pp)[0] for blob in blobs])
+        return torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
+
+    def _image_dependence(self, task: RenderTask, views: list[View],
+                          firsts: dict[int, tuple[View, dict[str, torch.Tensor], float]]) -> dict[str, bytes]:
+        """How much each reconstruction depends on its image, measured once per unit: the unit's next top
+        image projected from the top-1 image's position with the top-1's seed value, and the cosine
+        similarity of the two reconstructions (1: the same picture whatever the image, as the deconvnet is
+        on a network without max-pooling). Recorded as PNG text of the rank-0 reconstructions, where
+        `build_index` reads it back, so a resumed render keeps it. Costs one extra projection per unit per
+        kind (1/k of the views')."""
+        partners = {}
+        for view in sorted(views, key=lambda v: v.rank):
+            if view.unit in firsts and view.rank > 0 and view.unit not in partners:
+                partners[view.unit] = view
+        pairs = [(firsts[u], partners[u]) for u in sorted(partners)]
+        files: dict[str, bytes] = {}
+        projectors = self._projectors[task.layer]
+        for start in range(0, len(pairs), self.config.deconv_batch):
+            chunk = pairs[start:start + self.config.deconv_batch]
+            x = self._normalised([task.images[partner.image_key] for _, partner in chunk])
+            units = torch.tensor([first.unit for (first, _, _), _ in chunk])
+            positions = torch.tensor([[first.y, first.x] for (first, _, _), _ in chunk])
+            values = torch.tensor([value for (_, _, value), _ in chunk])
+            for kind, projector in projectors.items():
+                others, _ = projector.project(x, units, positions, values)
+                others = others.cpu()
+                for i, ((first, recons, _), partner) in enumerate(chunk):
+                    similarity = cosine_similarity(recons[kind], others[i])
+                    text = {"other_image_similarity": repr(similarity), "other_image_rank": str(partner.rank),
+                            "max_pooling": str(projector.max_pooling).lower()}
+                    # The rank-0 image again, now with the measurement in its text chunk.
+                    files[unit_file(task.layer, first.unit, kind, 0)] = png_bytes(reconstruction_image(recons[kind]),
+                                                                                  text)
         return files
 
     def _visualize(self, layer: str, units: list[int], kind: str) -> tuple[dict[str, bytes], dict[int, float]]:

@@ -63,6 +63,31 @@ ATLAS_INDEX_SCHEMA = pa.schema([
     ("layer", pa.string()), ("unit", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()),
     ("image_key", pa.string()), ("path", pa.string()), ("act", pa.float32()),
     ("featvis_act", pa.float32()), ("top1_act", pa.float32()),
+    # rank-0 reconstructions (deconv, guided): cosine similarity to the reconstruction of the unit's next top
+    # image projected from the same position with the same value (1: the picture does not depend on the image)
+    ("other_image_similarity", pa.float32()),
+])
+# RUN/atlas/dependence.parquet, written with the index: per layer and reconstruction kind, how much the
+# reconstructions depend on their image (from the index's other_image_similarity of that layer's units).
+ATLAS_DEPENDENCE_SCHEMA = pa.schema([
+    ("layer", pa.string()), ("kind", pa.string()), ("units", pa.int32()),
+    ("mean_similarity", pa.float32()), ("min_similarity", pa.float32()), ("max_similarity", pa.float32()),
+    ("max_pooling", pa.bool_()),       # the network up to the layer has max-pooling (the deconvnet's switches)
+    ("image_dependent", pa.bool_()),   # mean_similarity below IMAGE_INDEPENDENT_SIMILARITY
+])
+# A layer's reconstructions whose mean similarity reaches this are the same picture for every image.
+IMAGE_INDEPENDENT_SIMILARITY = 0.99
+
+
+# RUN/explain/metrics.parquet, written by `atlas explain --metrics ...`: explanation quality per image, method and
+# metric. deletion / insertion: value = AUC of the target probability over the fraction of pixels removed /
+# inserted, curve = that probability after each step; randomization: value = Spearman correlation of the map
+# after re-initialising every block with the trained model's map, curve = after each cumulative step (the
+# block re-initialised at each step in `steps`), flagged = |value| >= randomization.FLAG_SPEARMAN.
+EXPLAIN_METRICS_SCHEMA = pa.schema([
+    ("image_key", pa.string()), ("method", pa.string()), ("metric", pa.string()), ("target", pa.int32()),
+    ("value", pa.float32()), ("curve", pa.list_(pa.float32())), ("steps", pa.list_(pa.string())),
+    ("flagged", pa.bool_()),
 ])
 
 

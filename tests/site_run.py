@@ -16,7 +16,7 @@ from pipeline.models import ModelConfig, load_model
 from pipeline.preprocess import decode_image
 from pipeline.render import INDEX_SCHEMA, render_dataset_views
 from pipeline.scan_runner import ScanConfig, run_scan
-from pipeline.store import connect, write_json
+from pipeline.store import EXPLAIN_METRICS_SCHEMA, connect, write_json
 
 SITE_NET = ModelConfig(spec="module:site_net:site_net", image_size=32)
 LAYERS = "stem,relu,down"
@@ -113,3 +113,12 @@ def _add_explanations(run: str, photos: str) -> None:
     schema = pa.schema([("image_key", pa.string()), ("method", pa.string()), ("target", pa.int32()),
                         ("target_name", pa.string()), ("path", pa.string()), ("score", pa.float32())])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), os.path.join(run, "explain", "index.parquet"))
+    # Explanation-quality rows (as `atlas explain --metrics` writes them) for the top image of class 2, one
+    # flagged by the randomization check; values are stand-ins (tests/test_explain_metrics.py computes real ones).
+    key = next(r["image_key"] for r in rows if r["target"] == 2)
+    metrics = [{"image_key": key, "method": "gradcam", "metric": metric, "target": 2, "value": value,
+                "curve": [1.0, value, 0.0], "steps": steps, "flagged": flagged}
+               for metric, value, steps, flagged in (("deletion", 0.123, None, None), ("insertion", 0.789, None, None),
+                                                     ("randomization", 0.91, ["head.2", "down"], True))]
+    pq.write_table(pa.Table.from_pylist(metrics, schema=EXPLAIN_METRICS_SCHEMA),
+                   os.path.join(run, "explain", "metrics.parquet"))

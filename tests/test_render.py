@@ -17,7 +17,7 @@ from pipeline.scan_runner import ScanConfig, run_scan
 from pipeline.store import connect
 
 SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32)
-VIEW_KINDS = {"crop", "overlay", "deconv", "deconv_crop"}
+VIEW_KINDS = {"crop", "overlay", "deconv", "deconv_crop", "guided", "guided_crop"}
 FAST = VisSettings(steps=8, size=32)
 
 
@@ -67,6 +67,16 @@ def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder
             assert Image.open(path).size == (32, 32) and Image.open(path).text["steps"] == "8"
         if r["kind"] == "classvis":  # the logits were scanned too, so the best photo's logit is known
             assert r["image_key"] is None and r["top1_act"] is not None
+    # How much each reconstruction depends on its image, per layer and kind: this net has no max-pooling, so
+    # the deconvnet gives one picture for every image; guided backprop's depends on the image's masks.
+    dependence = {r["kind"]: r for r in pq.read_table(os.path.join(run, "atlas", "dependence.parquet")).to_pylist()}
+    assert set(dependence) == {"deconv", "guided"}
+    assert dependence["deconv"]["units"] == 3 and dependence["deconv"]["min_similarity"] > 0.9999
+    assert dependence["deconv"]["max_pooling"] is False and dependence["deconv"]["image_dependent"] is False
+    assert dependence["guided"]["mean_similarity"] < 0.95 and dependence["guided"]["image_dependent"] is True
+    measured = [r for r in rows if r["other_image_similarity"] is not None]
+    assert {(r["unit"], r["kind"], r["rank"]) for r in measured} == {(u, k, 0) for u in (0, 1, 5)
+                                                                     for k in ("deconv", "guided")}
     # The recorded activation is what the saved image gives (up to 8-bit rounding of the pixels).
     featvis = next(r for r in rows if r["kind"] == "featvis" and r["unit"] == 5)
     assert featvis["featvis_act"] == pytest.approx(_unit_max_of_png(os.path.join(run, featvis["path"]), "down", 5),
@@ -147,4 +157,4 @@ def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, phot
     run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="down", k=1, overwrite=True, progress=False))
     assert not os.path.exists(os.path.join(run, "atlas"))
     index = render_run(run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, progress=False))
-    assert sorted(index.column("rank").to_pylist()) == [0] * 4
+    assert sorted(index.column("rank").to_pylist()) == [0] * 6

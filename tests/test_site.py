@@ -117,14 +117,23 @@ def test_pages_for_every_layer_unit_and_class(site_run, site):
     assert all(str(escape(key)) in unrendered for (key,) in top)
     # A rendered unit shows the feature visualization, crops, reconstructions and overlays.
     rendered = read(os.path.join(site, "units", slug_dir(RENDERED_LAYER), "0.html"))
-    for kind in ("featvis_000", "crop_000", "deconv_crop_000", "overlay_000", "crop_003"):
+    for kind in ("featvis_000", "crop_000", "deconv_crop_000", "guided_crop_000", "overlay_000", "crop_003"):
         assert f"unit=0/{kind}.png" in rendered
+    # This net has no max-pooling: its deconvnet reconstructions were measured to be the same for every
+    # image, so guided backprop (image-dependent) comes first and the deconvnet last, labelled as such.
+    views = rendered.split('<div class="views">')[1].split("</div>")[0]
+    assert views.index("guided_crop_000") < views.index("overlay_000") < views.index("deconv_crop_000")
+    assert "same for every image</b>: this network has no max-pooling switches" in rendered
     assert "read_parquet(" in rendered and "unit = 0" in rendered
     partial = read(os.path.join(site, "units", slug_dir(RENDERED_LAYER), "1.html"))
     assert MISSING_IMAGE not in partial and MISSING_IMAGE.replace("overlay", "crop") in partial
     # Class pages show the class visualization and the explanations of the top-scoring images.
     class_page = read(os.path.join(site, "classes", "2.html"))
     assert "classvis_000.png" in class_page and "explain/gradcam/2/" in class_page and "rocket" in class_page
+    # ... with their measured quality (explain/metrics.parquet) and the randomization check's flag.
+    assert "deletion AUC 0.123" in class_page and "insertion AUC 0.789" in class_page
+    assert "rank correlation 0.91" in class_page and "does not explain what the model learned" in class_page
+    assert "deletion AUC" not in read(os.path.join(site, "classes", "3.html"))
 
 
 def test_links_are_relative_and_resolve(site_run, site):

@@ -7,15 +7,18 @@
     gradcam.GradCAM          Selvaraju et al. 2017                  any layer
     deepdream.DeepDream      Mordvintsev et al. 2015                amplify a layer (returns images)
     localize                 threshold a saliency map into a box, IoU
+    causal.CausalMetric      Petsiuk et al. 2018                    deletion / insertion curves and AUC
+    randomization            Adebayo et al. 2018                    cascading model-randomization check
 
 The file-writing side (`explainer`, `outputs`, `images`, `data_runner`) and the benchmark (`bench`) build on
 these. Importing this package imports torch but starts nothing.
 """
 from pipeline.explain.cam import CAM, CAMError, find_gap_linear_head
+from pipeline.explain.causal import CausalMetric
 from pipeline.explain.deepdream import DeepDream
 from pipeline.explain.gradcam import GradCAM
 from pipeline.explain.occlusion import Occlusion, OcclusionResult
 from pipeline.explain.saliency import Saliency
 
-__all__ = ["CAM", "CAMError", "DeepDream", "GradCAM", "Occlusion", "OcclusionResult", "Saliency",
+__all__ = ["CAM", "CAMError", "CausalMetric", "DeepDream", "GradCAM", "Occlusion", "OcclusionResult", "Saliency",
            "find_gap_linear_head"]

@@ -33,6 +33,7 @@ from pipeline.explain.outputs import (
     image_dir,
     index_rows,
     localization,
+    metric_rows,
     render_files,
     summary,
     summary_row,
@@ -79,7 +80,8 @@ class ExplainWorker:
                             "files": render_files(explanation, np.asarray(batch["pixels"][i])),
                             "index": index_rows(key, explanation, directory),
                             "row": summary_row(key, explanation, directory,
-                                               located["box_original"] if located else None)})
+                                               located["box_original"] if located else None),
+                            "metrics": metric_rows(key, explanation)})
         return {"result": np.array([pickle.dumps(r, protocol=5) for r in results], dtype=object)}
 
 
@@ -135,7 +137,7 @@ def run_explain_data(config: ExplainConfig, data: str, root: str, batch_size: in
                     for blob in batch["result"]:
                         result = pickle.loads(blob)
                         writer.add(result["key"], result["directory"], result["files"], result["summary"],
-                                   result["index"], result["row"])
+                                   result["index"], result["row"], result.get("metrics"))
                         counts["images"] += 1
                         counts["ok" if result["summary"] is not None else "error"] += 1
                         bar.update(1)

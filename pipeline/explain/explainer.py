@@ -13,10 +13,13 @@ import numpy as np
 import torch
 
 from pipeline.explain.cam import CAM, CAMError
+from pipeline.explain.causal import MODES as CAUSAL_MODES
+from pipeline.explain.causal import CausalMetric, auc, importance
 from pipeline.explain.common import capture_output, find_module, resolve_targets
 from pipeline.explain.gradcam import GradCAM
 from pipeline.explain.localize import saliency_box
 from pipeline.explain.occlusion import FILLS, Occlusion
+from pipeline.explain.randomization import FLAG_SPEARMAN, cascading_randomization
 from pipeline.explain.saliency import Saliency
 from pipeline.models import (
     ModelConfig,
@@ -29,6 +32,7 @@ from pipeline.models import (
 logger = logging.getLogger(__name__)
 
 METHODS = ("saliency", "occlusion", "cam", "gradcam")
+METRICS = (*CAUSAL_MODES, "randomization")
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,19 @@ class ExplainConfig:
     percentile: float | None = 95.0     # saliency localisation threshold; None: no box
     device: str | None = None           # None: CUDA when visible, else CPU
     threads: int | None = None
+    metrics: tuple[str, ...] = ()       # explanation quality: deletion, insertion, randomization (costly: off)
+    metric_steps: int = 50              # deletion / insertion steps from none to all pixels
+    seed: int = 0                       # randomization's re-initialisation
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+        if self.metric_steps < 1:
+            raise ValueError(f"metric steps must be >= 1, got {self.metric_steps}")
         if self.fill not in FILLS:
             raise ValueError(f"--fill must be one of {', '.join(FILLS)}")
         if not 1 <= self.stride <= self.window:
@@ -72,6 +84,7 @@ class Explanation:
     maps: dict[str, np.ndarray] = field(default_factory=dict)
     occlusion: dict | None = None
     box: tuple[int, int, int, int] | None = None    # saliency box, input pixels, half-open
+    metrics: list[dict] = field(default_factory=list)  # rows of explain/metrics (see outputs.metric_rows)
 
 
 class Explainer:
@@ -180,7 +193,7 @@ class Explainer:
         maps: dict[str, torch.Tensor] = {}
         occluded = None
         if "saliency" in self.config.methods:
-            maps["saliency"] = Saliency(self.model).attribute(x, targets, samples=self.config.smoothgrad)
+            maps["saliency"] = self._map(self.model, "saliency", x, targets)
         if self.occlusion is not None:
             occluded = self.occlusion.occlude(x, targets)
             maps["occlusion"] = occluded.map
@@ -188,6 +201,7 @@ class Explainer:
             maps["cam"] = self.cam.attribute(x, targets)
         if self.gradcam is not None:
             maps["gradcam"] = self.gradcam.attribute(x, targets)
+        metrics = self._metrics(x, targets, maps) if self.config.metrics else {}
         arrays = {name: value.detach().float().cpu().numpy() for name, value in maps.items()}
         top_p, top_c = probs.topk(min(5, probs.shape[1]), dim=1)
         out = []
@@ -197,13 +211,50 @@ class Explainer:
                 target=t, target_name=self.class_name(t), score=float(logits[i, t]), probability=float(probs[i, t]),
                 top5=[{"class": int(c), "name": self.class_name(int(c)), "probability": float(p),
                        "logit": float(logits[i, int(c)])} for p, c in zip(top_p[i].tolist(), top_c[i].tolist())],
-                maps={name: array[i].astype(np.float32) for name, array in arrays.items()})
+                maps={name: array[i].astype(np.float32) for name, array in arrays.items()},
+                metrics=[{"method": row["method"], "metric": row["metric"], "steps": row["steps"],
+                          "value": row["values"][i], "curve": row["curves"][i],
+                          "flagged": row["flags"][i] if row["flags"] is not None else None}
+                         for row in metrics.values()])
             if occluded is not None:
                 explanation.occlusion = self._occlusion_summary(occluded, i)
             if "saliency" in arrays and self.config.percentile is not None:
                 explanation.box = saliency_box(arrays["saliency"][i], self.config.percentile,
                                                smooth=max(1, self.preprocess.image_size // 28))
             out.append(explanation)
+        return out
+
+    def _map(self, model: torch.nn.Module, method: str, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One method's maps on ANY model (the trained one, or a randomised copy for the sanity check): each
+        method is built on the model it is given, since hooks and traced graphs belong to one model."""
+        config = self.config
+        if method == "saliency":
+            return Saliency(model).attribute(x, targets, samples=config.smoothgrad)
+        if method == "occlusion":
+            return Occlusion(model, None, window=config.window, stride=config.stride, fill=config.fill,
+                             chunk=config.chunk).attribute(x, targets)
+        if method == "cam":
+            return CAM(model).attribute(x, targets)
+        return GradCAM(model, self.layer).attribute(x, targets)
+
+    def _metrics(self, x: torch.Tensor, targets: torch.Tensor, maps: dict[str, torch.Tensor]) -> dict:
+        """Explanation quality per method, batched over the images: deletion / insertion curves and AUC
+        (causal.py) and the cascading randomization check (randomization.py)."""
+        config, out = self.config, {}
+        for method, heat in maps.items():
+            for mode in (m for m in CAUSAL_MODES if m in config.metrics):
+                curves = CausalMetric(self.model, mode, config.metric_steps, config.chunk).curves(
+                    x, importance(method, heat), targets)
+                out[method, mode] = {"method": method, "metric": mode, "steps": None, "flags": None,
+                                     "values": auc(curves).tolist(), "curves": curves.tolist()}
+            if "randomization" in config.metrics:
+                blocks, rho = cascading_randomization(
+                    self.model, lambda model, inputs, t, method=method: self._map(model, method, inputs, t),
+                    x, targets, self.preprocess.image_size, seed=config.seed, trained=heat)
+                final = rho[:, -1]
+                out[method, "randomization"] = {
+                    "method": method, "metric": "randomization", "steps": blocks, "curves": rho.tolist(),
+                    "values": final.tolist(), "flags": (final.abs() >= FLAG_SPEARMAN).tolist()}
         return out
 
     def _occlusion_summary(self, result, i: int) -> dict:

@@ -21,6 +21,7 @@ from pipeline.explain.outputs import (
     image_dir,
     index_rows,
     localization,
+    metric_rows,
     render_files,
     summary,
     summary_row,
@@ -120,7 +121,8 @@ def _explain_decoded(explainer: Explainer, keys: list[str], decoded: list[tuple[
                            index_rows(keys[i], explanation, directory),
                            summary_row(keys[i], explanation, directory,
                                        located["box_original"] if located else None,
-                                       located["iou"] if located else None))
+                                       located["iou"] if located else None),
+                           metric_rows(keys[i], explanation))
                 summaries.append(info)
         writer.commit()
     except BaseException:

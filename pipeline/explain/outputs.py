@@ -4,6 +4,7 @@ Layout under ROOT (a scan run directory, or any --out directory):
 
     ROOT/explain/index.parquet                       one row per (image, method): the site's contract
     ROOT/explain/summary.parquet                     one row per image: target, top-5, occlusion, box, IoU
+    ROOT/explain/metrics.parquet                     with --metrics: one row per (image, method, metric)
     ROOT/explain/images/<image dir>/<method>.npy     raw map, float32, (S, S) = the model input's size
     ROOT/explain/images/<image dir>/<method>.png     overlay on the model's input crop
     ROOT/explain/images/<image dir>/summary.json
@@ -29,7 +30,7 @@ from PIL import Image
 
 from pipeline.crops import overlay
 from pipeline.explain.explainer import Explanation
-from pipeline.store import write_table
+from pipeline.store import EXPLAIN_METRICS_SCHEMA, write_table
 
 EXPLAIN = "explain"
 INDEX_SCHEMA = pa.schema([
@@ -96,6 +97,8 @@ def summary(key: str, explanation: Explanation, directory: str, extra: dict | No
     stats = {method: {"npy": f"{directory}/{method}.npy", "png": f"{directory}/{method}.png",
                       "min": float(heat.min()), "max": float(heat.max()), "mean": float(heat.mean())}
              for method, heat in explanation.maps.items()}
+    for row in explanation.metrics:
+        stats[row["method"]][row["metric"]] = {"value": row["value"], "flagged": row["flagged"]}
     return {"image_key": key, "target": explanation.target, "target_name": explanation.target_name,
             "score": explanation.score, "probability": explanation.probability, "top5": explanation.top5,
             "methods": stats, "occlusion": explanation.occlusion} | (extra or {})
@@ -105,6 +108,12 @@ def index_rows(key: str, explanation: Explanation, directory: str) -> list[dict]
     return [{"image_key": key, "method": method, "target": explanation.target,
              "target_name": explanation.target_name, "path": f"{directory}/{method}.png", "score": explanation.score}
             for method in explanation.maps]
+
+
+def metric_rows(key: str, explanation: Explanation) -> list[dict]:
+    return [{"image_key": key, "method": row["method"], "metric": row["metric"], "target": explanation.target,
+             "value": row["value"], "curve": row["curve"], "steps": row["steps"], "flagged": row["flagged"]}
+            for row in explanation.metrics]
 
 
 def summary_row(key: str, explanation: Explanation | None, directory: str | None, box: tuple | None = None,
@@ -135,9 +144,10 @@ class ExplainWriter:
         os.makedirs(self.staging)
         self.index: list[dict] = []
         self.summaries: list[dict] = []
+        self.metrics: list[dict] = []
 
     def add(self, key: str, directory: str, files: dict[str, bytes], summary_json: dict | None,
-            index: list[dict], summary_table_row: dict) -> None:
+            index: list[dict], summary_table_row: dict, metrics: list[dict] | None = None) -> None:
         """Write one image's files (paths like explain/images/<dir>/<file> relative to ROOT)."""
         target = os.path.join(self.staging, os.path.relpath(directory, EXPLAIN))
         os.makedirs(target, exist_ok=True)
@@ -149,6 +159,7 @@ class ExplainWriter:
                 json.dump(summary_json, handle, indent=2)
         self.index.extend(index)
         self.summaries.append(summary_table_row)
+        self.metrics.extend(metrics or [])
 
     def commit(self) -> pa.Table:
         """Write the two tables and move the staged directory into place; return the index table."""
@@ -157,6 +168,11 @@ class ExplainWriter:
         write_table(index, os.path.join(self.staging, "index.parquet"))
         write_table(pa.Table.from_pylist(sorted(self.summaries, key=lambda r: r["image_key"]), schema=SUMMARY_SCHEMA),
                     os.path.join(self.staging, "summary.parquet"))
+        if self.metrics:  # only when asked for (--metrics): its absence says they were not measured
+            write_table(pa.Table.from_pylist(sorted(self.metrics, key=lambda r: (r["image_key"], r["method"],
+                                                                                   r["metric"])),
+                                             schema=EXPLAIN_METRICS_SCHEMA),
+                        os.path.join(self.staging, "metrics.parquet"))
         final = os.path.join(self.root, EXPLAIN)
         old = None
         if os.path.exists(final):

@@ -238,7 +238,8 @@ def _run_info(manifest: dict) -> dict:
     timings = manifest.get("timings") or {}
     execution = manifest.get("execution") or {}
     return {"model": model.get("spec", "?"), "weights": model.get("weights"),
-            "weights_sha256": model.get("weights_sha256"), "data": data.get("path", "?"),
+            "weights_sha256": model.get("weights_sha256"), "weights_match": model.get("weights_match"),
+            "data": data.get("path", "?"),
             "data_kind": data.get("kind"), "created": manifest.get("created", "?"),
             "images": counts.get("images", "?"), "images_error": counts.get("images_error"),
             "units": counts.get("units", "?"), "dead_units": counts.get("dead_units", "?"),

@@ -18,8 +18,13 @@ from pipeline.store import RunError, connect, read_manifest
 logger = logging.getLogger(__name__)
 
 ATLAS_INDEX = os.path.join("atlas", "index.parquet")
+ATLAS_DEPENDENCE = os.path.join("atlas", "dependence.parquet")
 EXPLAIN_INDEX = os.path.join("explain", "index.parquet")
-DATASET_KINDS = ("crop", "deconv_crop", "overlay", "deconv")  # display order on a unit page
+EXPLAIN_METRICS = os.path.join("explain", "metrics.parquet")
+DATASET_KINDS = ("crop", "deconv_crop", "overlay", "deconv", "guided_crop", "guided")
+# Reconstructions a unit page shows (cut at the receptive field), with their names; the full-size image is
+# the kind without `_crop`.
+RECONSTRUCTION_NAMES = {"deconv": "deconvnet reconstruction", "guided": "guided backpropagation"}
 STAT_COLUMNS = ("count", "mean", "std", "min", "max", "n_active", "frac_active", "p50", "p90", "p99", "p999")
 
 
@@ -53,6 +58,11 @@ class UnitData:
         return self.top[0].images.get("crop") if self.top else None
 
     @property
+    def kinds(self) -> set[str]:
+        """The atlas kinds any of its top images has."""
+        return {kind for t in self.top for kind in t.images}
+
+    @property
     def top_act(self) -> float:
         return self.top[0].act if self.top else float(self.stats.get("max") or 0.0)
 
@@ -61,10 +71,37 @@ class UnitData:
 
 
 @dataclass(slots=True)
+class View:
+    """One picture per top image on a unit page, in display order."""
+
+    kind: str                   # index kind: crop, overlay, deconv_crop, guided_crop
+    name: str
+    full: str | None = None     # the full-size kind linked from the caption (deconv, guided)
+    independent: bool = False   # measured to be the same picture for every image
+    similarity: float | None = None
+    max_pooling: bool | None = None
+
+
+@dataclass(slots=True)
 class LayerData:
     name: str
     info: dict
     units: list[UnitData]
+    dependence: dict[str, dict] = field(default_factory=dict)  # reconstruction kind -> atlas/dependence row
+
+    @property
+    def views(self) -> list[View]:
+        """Crop, the reconstructions that depend on the image (the deconvnet first, the paper's method, when it
+        does), the heat overlay, then any reconstruction measured to be the same for every image, last."""
+        recons = []
+        for kind, name in RECONSTRUCTION_NAMES.items():
+            row = self.dependence.get(kind) or {}
+            recons.append(View(kind=f"{kind}_crop", name=name, full=kind,
+                               independent=row.get("image_dependent") is False,
+                               similarity=row.get("mean_similarity"), max_pooling=row.get("max_pooling")))
+        dependent = [v for v in recons if not v.independent]
+        independent = [v for v in recons if v.independent]
+        return [View("crop", "crop"), *dependent, View("overlay", "heat overlay"), *independent]
 
     @property
     def slug(self) -> str:
@@ -81,6 +118,7 @@ class Explanation:
     method: str
     path: str
     score: float
+    metrics: dict[str, dict] = field(default_factory=dict)  # metric -> {value, flagged} (explain/metrics)
 
 
 @dataclass(slots=True)
@@ -119,6 +157,11 @@ def load_site_data(run_dir: str) -> SiteData:
     if atlas is not None:
         _attach_atlas(atlas, units, classvis, checker)
     layers = _group_layers(manifest, units)
+    dependence = _read_parquet(run_dir, ATLAS_DEPENDENCE)
+    if dependence is not None:
+        rows = [dict(zip(dependence, values)) for values in zip(*dependence.values())]
+        for layer in layers:
+            layer.dependence = {row["kind"]: row for row in rows if row["layer"] == layer.name}
     output_layer = next(iter(sorted({layer for layer, _ in classvis})), None)
     classes = _classes(manifest, run_dir, units, classvis, output_layer, checker)
     if checker.rejected or checker.missing:
@@ -235,6 +278,12 @@ def _classes(manifest: dict, run_dir: str, units: dict[tuple[str, int], UnitData
             if (layer, unit) in units:
                 get(unit).top = units[layer, unit].top
     explain = _read_parquet(run_dir, EXPLAIN_INDEX)
+    metrics: dict[tuple[str, str, int], dict[str, dict]] = {}
+    table = _read_parquet(run_dir, EXPLAIN_METRICS)
+    if table is not None:
+        for key, method, target, metric, value, flagged in zip(table["image_key"], table["method"], table["target"],
+                                                              table["metric"], table["value"], table["flagged"]):
+            metrics.setdefault((key, method, target), {})[metric] = {"value": value, "flagged": flagged}
     if explain is not None:
         names_col = explain.get("target_name") or [None] * len(explain["path"])
         for key, method, target, target_name, path, score in zip(
@@ -242,7 +291,8 @@ def _classes(manifest: dict, run_dir: str, units: dict[tuple[str, int], UnitData
                 explain["score"]):
             if target is not None and checker.ok(path):
                 get(int(target), target_name).explanations.append(
-                    Explanation(image_key=key, method=method, path=path, score=score))
+                    Explanation(image_key=key, method=method, path=path, score=score,
+                                metrics=metrics.get((key, method, target), {})))
     for item in classes.values():
         item.explanations.sort(key=lambda e: (-(e.score if e.score is not None else float("-inf")),
                                               e.image_key, e.method))
