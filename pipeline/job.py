@@ -164,10 +164,10 @@ def _check_actors_on_local_machine(config: JobConfig, scan: ScanConfig, render: 
 
     from pipeline.ray_session import ClusterShape
     from pipeline.render import _plan_workers
-    from pipeline.scan_runner import _plan_actors
+    from pipeline.image_stream import plan_actors
 
     shape = ClusterShape(cpus=os.cpu_count() or 1, gpus=torch.cuda.device_count())
-    for key, plan in (("scan.actors", lambda: _plan_actors(scan, shape)),
+    for key, plan in (("scan.actors", lambda: plan_actors(scan.actors, scan.threads, scan.device, shape)),
                       ("render.actors", lambda: _plan_workers(render, shape.cpus, shape.gpus))):
         try:
             plan()

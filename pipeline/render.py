@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -29,6 +30,7 @@ from pipeline.fileio import atomic_write
 from pipeline.ranges import check_range
 from pipeline.render_worker import (ATLAS, DATASET_KINDS, RECONSTRUCTIONS, RenderConfig, RenderResult, RenderTask,
                                     UnitRenderer, View, VisSettings, unit_file)
+from pipeline.worker_pool import PoolStalled
 from pipeline.store import (
     ATLAS_DEPENDENCE_SCHEMA,
     ATLAS_INDEX_SCHEMA,
@@ -186,6 +188,9 @@ def _plan(run_dir: str, manifest: dict, layers: list[str], options: RenderOption
     return tasks
 
 
+STALL_SECONDS = 600.0  # a render where no task completes for this long fails instead of hanging
+
+
 def _plan_workers(options: RenderOptions, cpus: int, gpus: int) -> dict:
     """One actor per GPU; on CPUs, one actor per 8 CPUs (a render step is one big batched forward/backward,
     which torch threads well), never reserving every CPU (the driver writes the files)."""
@@ -205,6 +210,7 @@ def _plan_workers(options: RenderOptions, cpus: int, gpus: int) -> dict:
 def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: list[tuple[RenderTask, int]],
              total_units: int, options: RenderOptions) -> None:
     import ray
+    from ray.exceptions import RayActorError
     from tqdm import tqdm
 
     from pipeline.ray_session import ray_session
@@ -213,10 +219,11 @@ def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: lis
     with ray_session(options.address) as cluster:
         plan = _plan_workers(options, cluster.cpus, cluster.gpus)
         config = RenderConfig(model=model_config, vis=options.vis, device=plan["device"], threads=plan["threads"])
-        # Rendering is a pure function of the task (files are written here, by the driver), so a lost actor
-        # is restarted and its task retried.
-        actor_class = ray.remote(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=3,
-                                 max_task_retries=3)(_RenderActor)
+        # Rendering is a pure function of the task (files are written here, by the driver): a lost actor is
+        # dropped and its task given to another (not restarted in place, where the CPUs left after a lost node
+        # may never fit it); when none is left a new one is started, and a render where nothing completes for
+        # STALL_SECONDS fails saying so instead of waiting forever.
+        actor_class = ray.remote(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=0)(_RenderActor)
         actors = [actor_class.remote(config) for _ in range(plan["actors"])]
         logger.info("rendering %d units in %d tasks on %d actor(s) (%s)", total_units, len(tasks),
                     len(actors), plan["device"])
@@ -225,22 +232,39 @@ def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: lis
         idle = list(actors)
         images_layer, images = None, {}
         queue = list(tasks)
+        progress = time.time()
         try:
             while queue or pending:
+                if not actors:
+                    logger.warning("every render actor was lost; starting a new one")
+                    actors.append(actor_class.remote(config))
+                    idle.append(actors[-1])
                 while queue and idle:
                     task, _ = queue.pop(0)
-                    if task.views:
+                    if task.views and not task.images:
                         if images_layer != task.layer:  # one pass over the data per layer
                             images_layer = task.layer
                             wanted = [t for t, _ in [(task, 0)] + queue if t.layer == task.layer]
                             images = _fetch_for(run_dir, source, [v for t in wanted for v in t.views])
                         task.images = {v.image_key: images[v.image_key] for v in task.views if v.image_key in images}
                     actor = idle.pop()
-                    pending[actor.render.remote(task)] = actor
-                done, _ = ray.wait(list(pending), num_returns=1)
-                actor = pending.pop(done[0])
+                    pending[actor.render.remote(task)] = (actor, task)
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+                if not done:
+                    if time.time() - progress > STALL_SECONDS:
+                        raise PoolStalled(f"no render task finished for {STALL_SECONDS} s with {len(actors)} actors "
+                                          f"alive and {len(pending)} tasks in their hands")
+                    continue
+                actor, task = pending.pop(done[0])
+                try:
+                    result: RenderResult = ray.get(done[0])
+                except RayActorError as error:
+                    logger.warning("a render actor was lost (%s); its task goes to another", type(error).__name__)
+                    actors.remove(actor)
+                    queue.insert(0, (task, 0))
+                    continue
                 idle.append(actor)
-                result: RenderResult = ray.get(done[0])
+                progress = time.time()
                 for relative, data in result.files.items():
                     _save(os.path.join(run_dir, relative), data)
                 bar.update(result.units)

@@ -15,26 +15,23 @@ import pyarrow.dataset as pads
 
 from pipeline import __version__
 from pipeline.config import check_scan_settings
-from pipeline.data import DataError, Decoder, SourceSpec, decode_batch, read_source, resolve_source, source_id
+from pipeline.data import DataError, SourceSpec, resolve_source, source_id
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.flushes import FlushStore, PassPlan, SourceIndex, plan_pass
 from pipeline.models import LoadedModel, ModelConfig, load_model, resolve_layers
 from pipeline.preprocess import Preprocess
-from pipeline.ray_session import ClusterShape, ray_session
+from pipeline.ray_session import ray_session
 from pipeline.receptive_field import receptive_fields
 from pipeline.rundir import RunDirectory, claim, run_lock
 from pipeline.ranges import PRECISIONS, check_range
 from pipeline.scan import Flush, Recorder, RecorderConfig, ScanResult, ScanState, peak_rss_mb
 from pipeline.store import IMAGES_SCHEMA, layer_dir, read_manifest
+from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
 from pipeline.worker_pool import PassOutcome, WorkerPool
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DECODE_CPUS = 0.25
-# CPUs the model actors leave free for reading, decoding and Ray Data's own tasks (some ask for a whole CPU,
-# e.g. the Parquet reader's planning: with less free, a run over Parquet never starts).
-FREE_CPUS = 1.0
 # A pass that lost a worker is followed by another over what is still uncovered; more than this many passes
 # means workers keep dying, and the scan stops rather than spin.
 MAX_PASSES = 5
@@ -98,34 +95,6 @@ def _versions() -> dict:
     return {"neuron_atlas": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
             "duckdb": duckdb.__version__, "numpy": np.__version__}
-
-
-def _plan_actors(config: ScanConfig, cluster: ClusterShape) -> dict:
-    """Actor count and resources. Never reserve every CPU (the decode tasks would starve and the pipeline
-    hang), and never ask for a GPU on a cluster without one (the actor would never be scheduled)."""
-    if config.device == "cuda" or (config.device == "auto" and cluster.gpus > 0):
-        actors = config.actors or max(cluster.gpus, 1)
-        if actors > cluster.gpus:
-            if config.device == "auto":
-                raise ValueError(f"--actors {actors} asks for more GPU model replicas than the cluster's "
-                                 f"{cluster.gpus} GPUs (device 'cuda' waits for an autoscaler to add them)")
-            logger.info("%d GPU model actors requested, %d GPUs now: the autoscaler is to add the rest",
-                        actors, cluster.gpus)
-        return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": config.threads, "device": "cuda"}
-    # Two or more actors even on a small node: one torch thread per core in separate processes measured
-    # faster than one actor with several threads (README, benchmarks); about 4 threads each on larger nodes.
-    actors = config.actors or (max(2, cluster.cpus // 4) if cluster.cpus >= 2 else 1)
-    if actors < 1:
-        raise ValueError(f"--actors must be >= 1, got {actors}")
-    # Keep FREE_CPUS for reading and decoding; CPU actors share the rest (at most 1 CPU each).
-    cpus_per_actor = min(1.0, (cluster.cpus - min(FREE_CPUS, cluster.cpus / 2)) / actors)
-    if cpus_per_actor < 0.1:
-        raise ValueError(f"{actors} model actors do not fit on {cluster.cpus} CPUs beside the decode tasks; "
-                         "use fewer --actors")
-    threads = config.threads or max(1, cluster.cpus // actors)
-    return {"actors": actors, "num_gpus": 0, "num_cpus": round(cpus_per_actor, 3), "threads": threads,
-            "device": "cpu"}
-
 
 
 def _labels_for(images_dir: str, keys: set[str]) -> dict[str, str | None]:
@@ -234,7 +203,7 @@ def run_scan(config: ScanConfig) -> dict:
         attempts = _Attempts(run.staged(RunDirectory.STATE))
         with ray_session(config.address, num_cpus=config.num_cpus) as cluster:
             ray_ready = time.time()
-            plan = _plan_actors(config, cluster)
+            plan = plan_actors(config.actors, config.threads, config.device, cluster)
             recorder_config = RecorderConfig(
                 model=config.model, layers=tuple(layers), k=config.k, record_all=config.record == "all",
                 device=plan["device"], threads=plan["threads"], flush_images=config.flush_images,
@@ -312,9 +281,6 @@ def _execute(config: ScanConfig, source: SourceSpec, index: SourceIndex, store: 
     import ray.data
     from tqdm import tqdm
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # one bar of our own, with images/s and time left
-    context.print_on_execution_start = False
     remote_recorder = ray.remote(Recorder)
 
     def make_actor(_: int):
@@ -358,10 +324,7 @@ def _execute(config: ScanConfig, source: SourceSpec, index: SourceIndex, store: 
             if number:
                 logger.warning("pass %d: %s image(s) not covered yet (a worker was lost); processing them again",
                                number + 1, work.images if work.images is not None else "some")
-            decoder = Decoder(work.spec, preprocess, skip=work.skip)
-            dataset = read_source(work.spec, num_cpus=DECODE_CPUS).map_batches(
-                decode_batch, fn_kwargs={"decoder": decoder}, batch_size=config.batch_size, batch_format="numpy",
-                num_cpus=DECODE_CPUS)
+            dataset = decoded_dataset(work.spec, preprocess, config.batch_size, skip=work.skip)
             outcome: PassOutcome = pool.run(dataset.iter_internal_ref_bundles(), "process_block", on_block,
                                             flush_method="flush", on_flush=commit)
             pool.call_all("flush", commit, outcome)

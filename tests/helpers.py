@@ -49,3 +49,69 @@ def brute_force_topk(keys: list[str], values: np.ndarray, k: int) -> tuple[np.nd
         order_keys.append(keys_arr[order])
         order_acts.append(values[order, unit])
     return np.array(order_keys), np.array(order_acts)
+
+
+def own_processes(fragment: str) -> list[int]:
+    """Live processes descended from this test process whose command line contains `fragment` (e.g. the Ray
+    actor ``ray::_RenderActor`` of this session's local Ray; never another engineer's processes)."""
+    import os
+
+    parents, commands = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    commands[int(entry)] = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents[int(entry)] = int(fields[1])
+    me = os.getpid()
+
+    def descends(pid: int) -> bool:
+        for _ in range(64):
+            pid = parents.get(pid, 0)
+            if pid == me:
+                return True
+            if pid <= 1:
+                return False
+        return False
+
+    return [pid for pid, cmd in commands.items() if pid in parents and fragment in cmd and descends(pid)]
+
+
+def run_and_kill(work, fragment: str, after: float = 0.0, timeout: float = 300.0):
+    """Run `work()` in a thread; SIGKILL the first own process matching `fragment` once it has lived `after`
+    seconds; return work's result (re-raising its error). Asserts a process was killed."""
+    import os
+    import signal
+    import threading
+    import time
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = work()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    killed, seen = None, None
+    deadline = time.time() + timeout
+    while thread.is_alive() and killed is None and time.time() < deadline:
+        found = own_processes(fragment)
+        if found:
+            seen = seen or time.time()
+            if time.time() - seen >= after:
+                os.kill(found[0], signal.SIGKILL)
+                killed = found[0]
+        time.sleep(0.1)
+    thread.join(timeout)
+    assert killed is not None, f"no {fragment} process was found to kill"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -3,6 +3,7 @@ Captum and pytorch-grad-cam, batch-size independence, and the CLI / Ray runs end
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
@@ -417,8 +418,6 @@ def test_dream_cli_writes_the_image_and_raises_the_layer(tmp_path, capsys):
 
 
 def test_worker_without_ray_keeps_unreadable_rows(tmp_path):
-    import pickle
-
     from helpers import folder_batch, write_png
 
     from pipeline.data import Decoder, SourceSpec
@@ -432,7 +431,7 @@ def test_worker_without_ray_keeps_unreadable_rows(tmp_path):
     bad.write_bytes(b"broken")
     decoder = Decoder(SourceSpec("folder", str(tmp_path), (good, str(bad))), Explainer(config).preprocess)
     decoded = decoder(folder_batch(str(tmp_path), [good, str(bad)]))
-    results = [pickle.loads(b) for b in ExplainWorker(config)(decoded)["result"]]
+    results = ExplainWorker(config)(decoded)
     assert [r["row"]["status"] for r in results] == ["ok", "error"]
     assert sorted(results[0]["files"]) == sorted(f"{m}.{e}" for m in ("saliency", "occlusion", "cam", "gradcam")
                                                  for e in ("npy", "png"))
@@ -497,3 +496,22 @@ def test_default_gradcam_layer_is_the_module_that_outputs_cams_feature_map():
     expected = upsample(cam_maps.clamp(min=0), (64, 64)) / (cam_maps.shape[-1] * cam_maps.shape[-2])
     for i, explanation in enumerate(explanations):
         np.testing.assert_allclose(explanation.maps["gradcam"], expected[i].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_explain_data_survives_a_killed_worker(ray_cluster, photo_folder, tmp_path):
+    """Issue 11 case 4 for `explain --data`: a model actor SIGKILLed mid-run is dropped and the images it held
+    are explained again by a further pass: every image once, none missing."""
+    from helpers import run_and_kill
+
+    from pipeline.explain.data_runner import run_explain_data
+    from pipeline.explain.explainer import ExplainConfig
+    from pipeline.models import ModelConfig
+
+    config = ExplainConfig(ModelConfig("module:tiny_models:small_net", image_size=32), window=8, stride=8)
+    result = run_and_kill(lambda: run_explain_data(config, photo_folder, str(tmp_path), batch_size=2, actors=2,
+                                                   progress=False), "ray::ExplainWorker", after=0.3)
+    assert (result["images"], result["ok"]) == (36, 36)
+    summary = pq.read_table(tmp_path / "explain" / "summary.parquet").to_pylist()
+    keys = [row["image_key"] for row in summary]
+    assert len(keys) == len(set(keys)) == 36 and all(row["status"] == "ok" for row in summary)
+    assert pq.read_table(tmp_path / "explain" / "index.parquet").num_rows == 36 * 4

@@ -225,8 +225,6 @@ def test_explain_cli_writes_metrics_for_every_method(tmp_path):
 
 def test_the_ray_worker_carries_the_metric_rows_of_each_image(tmp_path):
     """`--data` runs: what the worker returns is what the writer puts into metrics.parquet, per image."""
-    import pickle
-
     from helpers import folder_batch, write_png
 
     from pipeline.data import Decoder, SourceSpec
@@ -240,7 +238,7 @@ def test_the_ray_worker_carries_the_metric_rows_of_each_image(tmp_path):
              for i in range(2)]
     decoded = Decoder(SourceSpec("folder", str(tmp_path), tuple(paths)), Explainer(config).preprocess)(
         folder_batch(str(tmp_path), paths))
-    results = [pickle.loads(b) for b in ExplainWorker(config)(decoded)["result"]]
+    results = ExplainWorker(config)(decoded)
     alone = Explainer(config).explain(decoded["pixels"][1:])[0]      # the second image on its own
     rows = {r["metric"]: r for r in results[1]["metrics"]}
     assert set(rows) == {"deletion", "randomization"} and all(r["image_key"] == results[1]["key"] for r in rows.values())

@@ -232,14 +232,15 @@ def test_device_cuda_plans_gpu_actors_before_an_autoscaler_adds_gpus():
     from pipeline.models import ModelConfig
     from pipeline.ray_session import ClusterShape
     from pipeline.render import RenderOptions, _plan_workers
-    from pipeline.scan_runner import ScanConfig, _plan_actors
+    from pipeline.image_stream import plan_actors
+    from pipeline.scan_runner import ScanConfig
 
     scan = ScanConfig(model=ModelConfig(spec="x"), data="d", out="o", actors=8, device="cuda")
-    plan = _plan_actors(scan, ClusterShape(cpus=4, gpus=0))
+    plan = plan_actors(scan.actors, scan.threads, scan.device, ClusterShape(cpus=4, gpus=0))
     assert (plan["actors"], plan["num_gpus"], plan["device"]) == (8, 1, "cuda")
     with pytest.raises(ValueError, match="more GPU model replicas"):
-        _plan_actors(ScanConfig(model=ModelConfig(spec="x"), data="d", out="o", actors=8), ClusterShape(4, 2))
-    assert _plan_actors(ScanConfig(model=ModelConfig(spec="x"), data="d", out="o", device="cpu"),
+        plan_actors(8, None, "auto", ClusterShape(4, 2))
+    assert plan_actors(None, None, "cpu",
                         ClusterShape(cpus=8, gpus=2))["device"] == "cpu"
     assert _plan_workers(RenderOptions(actors=8, device="cuda"), 4, 0)["actors"] == 8
     assert _plan_workers(RenderOptions(actors=8), 4, 2)["actors"] == 2

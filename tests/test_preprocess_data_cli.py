@@ -11,7 +11,8 @@ from helpers import png_bytes, write_png
 from pipeline.data import DataError, Decoder, SourceSpec, resolve_source
 from pipeline.preprocess import Preprocess, decode_image
 from pipeline.ray_session import ClusterShape
-from pipeline.scan_runner import ScanConfig, _plan_actors
+from pipeline.image_stream import plan_actors
+from pipeline.scan_runner import ScanConfig
 from pipeline.models import ModelConfig
 
 
@@ -102,16 +103,16 @@ def test_parquet_without_image_column_is_a_clear_error():
 
 def test_actor_plan_never_reserves_every_cpu_or_a_missing_gpu():
     config = ScanConfig(model=ModelConfig("torchvision:resnet18"), data="d", out="o")
-    cpu2 = _plan_actors(config, ClusterShape(cpus=2, gpus=0))
+    cpu2 = plan_actors(config.actors, config.threads, config.device, ClusterShape(cpus=2, gpus=0))
     assert cpu2["num_gpus"] == 0 and cpu2["actors"] * cpu2["num_cpus"] <= 1.0
-    cpu16 = _plan_actors(config, ClusterShape(cpus=16, gpus=0))
+    cpu16 = plan_actors(config.actors, config.threads, config.device, ClusterShape(cpus=16, gpus=0))
     assert cpu16["actors"] == 4 and cpu16["threads"] == 4 and cpu16["actors"] * cpu16["num_cpus"] <= 15
-    gpu = _plan_actors(config, ClusterShape(cpus=16, gpus=4))
+    gpu = plan_actors(config.actors, config.threads, config.device, ClusterShape(cpus=16, gpus=4))
     assert gpu["actors"] == 4 and gpu["num_gpus"] == 1 and gpu["device"] == "cuda"
     with pytest.raises(ValueError, match="more GPU model replicas"):
-        _plan_actors(ScanConfig(model=config.model, data="d", out="o", actors=5), ClusterShape(16, 4))
+        plan_actors(5, None, "auto", ClusterShape(16, 4))
     with pytest.raises(ValueError, match="do not fit"):
-        _plan_actors(ScanConfig(model=config.model, data="d", out="o", actors=50), ClusterShape(2, 0))
+        plan_actors(50, None, "auto", ClusterShape(2, 0))
 
 
 def test_cli_layers_lists_shapes_and_receptive_fields(capsys):

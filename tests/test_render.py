@@ -158,3 +158,27 @@ def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, phot
     assert not os.path.exists(os.path.join(run, "atlas"))
     index = render_run(run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, progress=False))
     assert sorted(index.column("rank").to_pylist()) == [0] * 6
+
+
+def test_a_render_actor_killed_midway_changes_nothing(scanned, tmp_path):
+    """Issue 11 case 4 for render: a render actor's process SIGKILLed mid-render is dropped, its task goes to
+    another actor (or a new one), and the atlas ends with the same files as an undisturbed render."""
+    import shutil
+
+    from helpers import run_and_kill
+
+    runs = {}
+    for name in ("reference", "killed"):
+        runs[name] = str(tmp_path / name)
+        shutil.copytree(scanned, runs[name], ignore=shutil.ignore_patterns("atlas", ".atlas-lock"))
+    options = RenderOptions(layers=("down",), units=frozenset(range(8)), classes=frozenset(), units_per_task=1,
+                            vis=FAST, progress=False)
+    render_run(runs["reference"], options)
+    run_and_kill(lambda: render_run(runs["killed"], options), "ray::_RenderActor", after=3.0)
+    reference, killed = index_rows(runs["reference"]), index_rows(runs["killed"])
+    assert len(killed) == len(reference) > 0
+    for a, b in zip(sorted(reference, key=lambda r: r["path"]), sorted(killed, key=lambda r: r["path"])):
+        assert a["path"] == b["path"]
+        pa, pb = (np.asarray(Image.open(os.path.join(run, row["path"])), dtype=np.int16)
+                  for run, row in ((runs["reference"], a), (runs["killed"], b)))
+        assert np.abs(pa - pb).max() <= 4, a["path"]

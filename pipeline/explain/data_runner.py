@@ -1,7 +1,8 @@
 """`atlas explain --data D`: explanations of a whole data set on Ray, the way the scan runs.
 
-    read (pipeline.data.read_source)  ->  decode + resize/crop (Decoder, quarter-CPU tasks, uint8)
-      ->  ExplainWorker (actor pool: the model; the scan's actor plan, never every CPU)
+    read + decode (pipeline.image_stream, quarter-CPU tasks, uint8)  --block references-->
+      ExplainWorker actors in a WorkerPool (the scan's actor plan, never every CPU; a lost actor is dropped and
+      the images of its lost calls are explained again in a further pass)
       ->  driver: files into ROOT/.explain-staging-<id>/, then renamed to ROOT/explain (outputs.py)
 
 Workers render the PNG and .npy bytes (the CPU-heavy part besides the model), so the driver only writes
@@ -12,20 +13,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
 import time
-from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline.data import (
-    DataError,
-    Decoder,
-    count_images,
-    decode_batch,
-    read_source,
-    resolve_source,
-)
+from pipeline.data import DataError, count_images, resolve_source, source_id
 from pipeline.explain.explainer import ExplainConfig, Explainer
 from pipeline.explain.outputs import (
     EXPLAIN,
@@ -38,27 +30,38 @@ from pipeline.explain.outputs import (
     summary,
     summary_row,
 )
+from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
 from pipeline.ray_session import ray_session
+from pipeline.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
 
-DECODE_CPUS = 0.25  # as the scan: light tasks that always fit beside the actors
+MAX_PASSES = 5  # passes over images not yet explained, when actors keep being lost
 
 
 class ExplainWorker:
-    """Ray Data actor UDF: decoded rows -> one row per image with its pickled result.
+    """The model worker: decoded rows -> one result per image.
 
     Heavy state (the model, CAM's traced graph) is built once in __init__; __call__ has no side effects,
-    so it runs as well without Ray: ``ExplainWorker(config)(decoded_batch)``.
-    Output column ``result``: pickled dict with key, width, height, status, error, and for decoded images
-    the summary, index rows, summary row and {file name: bytes}.
+    so it runs as well without Ray: ``ExplainWorker(config)(decoded_batch)``. Each result: a dict with key,
+    source, directory, and for decoded images the summary, index rows, summary row and {file name: bytes}.
     """
 
     def __init__(self, config: ExplainConfig):
         self.config = config
         self.explainer = Explainer(config)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def process_block(self, block, start: int | None = None, end: int | None = None) -> list[dict]:
+        """Ray entry point: one block (or slice) of decoded images from pipeline.image_stream."""
+        from ray.data.block import BlockAccessor
+
+        accessor = BlockAccessor.for_block(block)
+        if start is not None:
+            accessor = BlockAccessor.for_block(accessor.slice(start, end, copy=False))
+        batch = accessor.to_batch_format("numpy")
+        return self(batch) if len(batch.get("image_key", ())) else []
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> list[dict]:
         statuses = np.asarray(batch["status"])
         ok = np.flatnonzero(statuses == "ok")
         explanations = dict(zip(ok.tolist(), self.explainer.explain(np.asarray(batch["pixels"])[ok])))
@@ -66,23 +69,24 @@ class ExplainWorker:
         for i, key in enumerate(str(k) for k in np.asarray(batch["image_key"]).tolist()):
             width, height = int(batch["width"][i]), int(batch["height"][i])
             directory = f"{EXPLAIN}/images/{image_dir(key)}"
+            source = str(batch["source"][i])
             if i not in explanations:
                 error = str(batch["error"][i])
-                results.append({"key": key, "directory": directory, "files": {}, "summary": None, "index": [],
-                                "row": summary_row(key, None, None, error=error)})
+                results.append({"key": key, "source": source, "directory": directory, "files": {}, "summary": None,
+                                "index": [], "row": summary_row(key, None, None, error=error)})
                 continue
             explanation = explanations[i]
             located = localization(explanation, self.explainer.preprocess, width, height, self.config.percentile)
             label = batch["label"][i] if "label" in batch else None
             info = summary(key, explanation, directory, {"width": width, "height": height, "label": label,
                                                          "localization": located, "model": self.config.model.spec})
-            results.append({"key": key, "directory": directory, "summary": info,
+            results.append({"key": key, "source": source, "directory": directory, "summary": info,
                             "files": render_files(explanation, np.asarray(batch["pixels"][i])),
                             "index": index_rows(key, explanation, directory),
                             "row": summary_row(key, explanation, directory,
                                                located["box_original"] if located else None),
                             "metrics": metric_rows(key, explanation)})
-        return {"result": np.array([pickle.dumps(r, protocol=5) for r in results], dtype=object)}
+        return results
 
 
 def explain_root(out: str | None, run: str | None) -> str:
@@ -101,10 +105,6 @@ def explain_root(out: str | None, run: str | None) -> str:
 def run_explain_data(config: ExplainConfig, data: str, root: str, batch_size: int = 8, address: str | None = None,
                      actors: int | None = None, threads: int | None = None, progress: bool = True) -> dict:
     """Explain every image of `data` on Ray into ROOT/explain; return counts and timing."""
-    from pipeline.scan_runner import (
-        _plan_actors,  # the scan's actor plan (same resources rules)
-    )
-
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     # Every settings error (model, layer, class, CAM head) surfaces here, before Ray starts.
@@ -114,35 +114,43 @@ def run_explain_data(config: ExplainConfig, data: str, root: str, batch_size: in
     started = time.time()
     writer = ExplainWriter(root)
     counts = {"images": 0, "ok": 0, "error": 0}
+    done: dict[str, set[str]] = {}  # source_id -> keys explained (skipped by a further pass)
     try:
         with ray_session(address) as cluster:
-            import ray.data
+            import ray
             from tqdm import tqdm
 
-            plan = _plan_actors(SimpleNamespace(actors=actors, threads=threads, device="auto"), cluster)
+            plan = plan_actors(actors, threads, "auto", cluster)
             worker_config = dataclasses.replace(config, device=plan["device"], threads=plan["threads"])
-            context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = False
-            context.print_on_execution_start = False
-            dataset = read_source(source, num_cpus=DECODE_CPUS).map_batches(
-                decode_batch, fn_kwargs={"decoder": Decoder(source, preprocess)},
-                batch_size=batch_size, batch_format="numpy", num_cpus=DECODE_CPUS)
-            dataset = dataset.map_batches(
-                ExplainWorker, fn_constructor_kwargs={"config": worker_config}, batch_size=batch_size,
-                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-                num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"])
+            remote_worker = ray.remote(ExplainWorker)
+            pool = WorkerPool(lambda _: remote_worker.options(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
+                                                               max_restarts=0).remote(worker_config),
+                              plan["actors"], input_cpus=DECODE_CPUS)
             bar = tqdm(total=total, unit="img", desc="explain", disable=not progress)
+
+            def add(results: list[dict]) -> None:
+                for result in results:
+                    writer.add(result["key"], result["directory"], result["files"], result["summary"],
+                               result["index"], result["row"], result.get("metrics"))
+                    done.setdefault(source_id(result["source"]), set()).add(result["key"])
+                    counts["images"] += 1
+                    counts["ok" if result["summary"] is not None else "error"] += 1
+                    bar.update(1)
+
             try:
-                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                    for blob in batch["result"]:
-                        result = pickle.loads(blob)
-                        writer.add(result["key"], result["directory"], result["files"], result["summary"],
-                                   result["index"], result["row"], result.get("metrics"))
-                        counts["images"] += 1
-                        counts["ok" if result["summary"] is not None else "error"] += 1
-                        bar.update(1)
+                for number in range(MAX_PASSES):
+                    skip = {sid: frozenset(keys) for sid, keys in done.items()}
+                    outcome = pool.run(decoded_dataset(source, preprocess, batch_size, skip=skip)
+                                       .iter_internal_ref_bundles(), "process_block", add)
+                    if outcome.lossless:
+                        break
+                    logger.warning("explain pass %d lost a worker; explaining the images it held again", number + 1)
+                else:
+                    raise RuntimeError(f"model workers kept being lost: {MAX_PASSES} passes did not explain every "
+                                       "image")
             finally:
                 bar.close()
+                pool.shutdown()
         if counts["ok"] == 0:
             raise DataError(f"none of the {counts['images']} images in {data} could be decoded")
         keys = [row["image_key"] for row in writer.summaries]
