@@ -16,6 +16,52 @@ class ClusterShape:
     gpus: int
 
 
+# Every process of a local Ray that `atlas` starts inherits this variable, naming the starting process (pid and
+# start time, so a reused pid does not count). A command killed with SIGKILL cannot stop its Ray; its helpers
+# (agents, idle workers) then linger, and the next command that starts Ray ends exactly those processes.
+OWNER_ENV = "NEURON_ATLAS_LOCAL_RAY"
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def reap_orphans() -> int:
+    """SIGKILL the processes of local Rays whose owning `atlas` process is dead; return how many (Linux only)."""
+    import signal
+
+    if not os.path.isdir("/proc"):
+        return 0
+    prefix = f"{OWNER_ENV}=".encode()
+    reaped = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                owner = next((v[len(prefix):].decode() for v in handle.read().split(b"\0") if v.startswith(prefix)),
+                             None)
+        except OSError:
+            continue
+        if not owner:
+            continue
+        owner_pid, _, started = owner.partition(":")
+        if owner_pid.isdigit() and _start_time(int(owner_pid)) == started:
+            continue  # its owner is alive
+        try:
+            os.kill(int(entry), signal.SIGKILL)
+            reaped += 1
+        except OSError:
+            pass
+    if reaped:
+        logger.info("ended %d process(es) left by a local Ray whose atlas command was killed", reaped)
+    return reaped
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None,
                 object_store_bytes: int | None = None) -> Iterator[ClusterShape]:
@@ -34,6 +80,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
         if address:
             kwargs["address"] = address
         else:
+            reap_orphans()
+            os.environ[OWNER_ENV] = f"{os.getpid()}:{_start_time(os.getpid())}"
             kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
             if object_store_bytes:
                 kwargs["object_store_memory"] = object_store_bytes

@@ -63,8 +63,10 @@ class TopK:
 
     State, with ``m = min(k, images seen)`` entries per unit, rank 0 best, on one device:
     ``values`` (U, m) float32; ``key_index`` (U, m) int64 into ``key_table``; for each payload name a
-    (U, m) int64 tensor; ``key_table``, a sorted numpy str array of exactly the keys that
-    ``key_index`` refers to, so that comparing key indices compares keys.
+    (U, m) int64 tensor; ``key_table``, a sorted numpy str array holding every key that ``key_index``
+    refers to (and, between compactions, keys no entry uses any more: dropping them needs the indices on the
+    host, a device synchronisation, so it happens only when the table outgrows the state and in
+    ``state_dict``), so that comparing key indices compares keys.
 
     Selection: every candidate (kept entries plus new ones) gets the int64 composite
     ``ordered_int(value) * 2**32 + (2**32 - 1 - key_rank)``, where ``key_rank`` is the key's position
@@ -144,13 +146,22 @@ class TopK:
         values = torch.cat([self._values.to(device), values], dim=1)
         composite = _ordered_int(values).to(torch.int64) * 2**32 + (2**32 - 1 - ranks)
         best = composite.topk(min(self.k, composite.shape[1]), dim=1).indices
-        used, self._key_index = torch.unique(ranks.gather(1, best), return_inverse=True)
-        self._key_table = table[used.cpu().numpy()]
+        # The table keeps every key seen since the last compaction: dropping unused keys needs their indices
+        # on the host (a device synchronisation), so it waits until the table outgrows what the state can use.
+        self._key_index = ranks.gather(1, best)
+        self._key_table = table
         self._values = values.gather(1, best)
         self._payload = {
             name: torch.cat([p.to(device), payload[name]], dim=1).gather(1, best)
             for name, p in self._payload.items()
         }
+        if len(self._key_table) > max(4 * self.num_units * self.k, 65536):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Keep only the keys the entries refer to (one device-to-host copy of the used indices)."""
+        used, self._key_index = torch.unique(self._key_index, return_inverse=True)
+        self._key_table = self._key_table[used.cpu().numpy()]
 
     def result(self) -> dict[str, np.ndarray]:
         """Return ``values`` (U, m) float32, ``keys`` (U, m) str and each payload (U, m) int64.
@@ -165,6 +176,7 @@ class TopK:
 
     def state_dict(self) -> dict[str, Any]:
         """Return the state as CPU numpy arrays and python scalars (see the class docstring)."""
+        self._compact()
         return {
             "num_units": self.num_units,
             "k": self.k,
@@ -331,8 +343,12 @@ class QuantileSketch:
         offset = log_index.clamp(self._lowest, self._lowest + p - 1).long() - self._lowest
         bucket = torch.where(values > 0, p + 1 + offset, torch.where(values < 0, p - 1 - offset, p))
         flat = bucket + torch.arange(self.num_units, device=values.device) * self.num_buckets
-        counts = torch.bincount(flat[~values.isnan()], minlength=self.num_units * self.num_buckets)
-        self._counts = self._counts.to(values.device) + counts.view(self.num_units, self.num_buckets)
+        # NaNs go to one extra bin that is dropped: no boolean indexing (a device synchronisation) in the hot path.
+        size = self.num_units * self.num_buckets
+        flat = torch.where(values.isnan(), size, flat).reshape(-1)
+        counts = torch.zeros(size + 1, dtype=torch.int64, device=values.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        self._counts = self._counts.to(values.device) + counts[:size].view(self.num_units, self.num_buckets)
 
     def merge(self, other: QuantileSketch) -> None:
         """Merge another sketch with the same parameters into this one."""

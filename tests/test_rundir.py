@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.models import ModelConfig
+from pipeline.ray_session import reap_orphans
 from pipeline.rundir import RunBusy, claim, recover, run_lock
 from pipeline.scan_runner import ScanConfig, run_scan
 from pipeline.store import MANIFEST, MARKER, PREVIOUS, STAGING, RunError, connect, read_manifest
@@ -148,13 +149,26 @@ def _session_processes(sid: int) -> list[int]:
     return found
 
 
-def _wait(condition, seconds: float, what: str) -> None:
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            owner = [v.decode() for v in handle.read().split(b"\0") if v.startswith(b"NEURON_ATLAS_LOCAL_RAY=")]
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+        return f"{pid} {state} {command} {owner}"
+    except OSError:
+        return "?"
+
+
+def _wait(condition, seconds: float, what) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if condition():
             return
         time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}")
+    raise TimeoutError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 def _flushes(run: str) -> int:
@@ -179,8 +193,11 @@ def test_killed_scan_is_locked_while_alive_then_resumes_exactly(ray_cluster, pho
         assert main(scan_args(photo_folder, run, "--flush-images", "4")) == 2
         err = capsys.readouterr().err
         assert f"is being written by pid {first.pid}" in err and err.count("\n") == 1
-        os.killpg(first.pid, signal.SIGKILL)
+        os.kill(first.pid, signal.SIGKILL)  # the command alone: its local Ray's helpers are orphaned
         first.wait(timeout=30)
+        # The next command that starts a local Ray ends what the killed one left (and nothing else).
+        _wait(lambda: reap_orphans() == 0 and not _session_processes(first.pid), 30,
+              lambda: f"the orphans to be ended: {[_command(p) for p in _session_processes(first.pid)]}")
     finally:
         for pid in _session_processes(first.pid):
             os.kill(pid, signal.SIGKILL)
