@@ -429,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="run a job file on a Ray cluster through the Ray Jobs API; streams "
                                            "its logs and exits with its status")
     submit.add_argument("config", help="job file, e.g. jobs/imagenet_resnet50.toml")
-    submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    submit.add_argument("--address", help="the cluster's Jobs API, e.g. http://HEAD:8265 (default: "
+                                          "RAY_API_SERVER_ADDRESS, then RAY_ADDRESS; --address wins over both)")
     submit.add_argument("--date", help="schedule date YYYY-MM-DD (default: today, UTC); one run per config and date")
     submit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a key of the job file (repeatable)")
