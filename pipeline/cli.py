@@ -147,14 +147,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.job import prepare_job, run_job
 
     config = load_config(args.config, args.set)
-    job = prepare_job(config, tuple(args.set), source=args.config)  # every check before any cluster work
+    # every check before any cluster work
+    job = prepare_job(config, tuple(args.set), source=args.config, run_id=args.run_id)
     if args.check:
         print(f"{args.config}: valid; run directory {job.run_dir}, layers {job.scan.layers}")
         return 0
     record = run_job(job, progress=not args.quiet)
     stages = ", ".join(f"{name} " + ("skipped (complete)" if info["skipped"] else f"{info['seconds']} s")
                        for name, info in sorted(record["stages"].items(), key=lambda item: STAGES.index(item[0])))
-    print(f"job {config.job.name}: {stages}\nrun: {config.job.out}")
+    where = config.job.out if job.mirror is None else f"{job.mirror.url} (published: {config.job.out}/latest.json)"
+    print(f"job {config.job.name}: {stages}\nrun: {where}")
     return 0
 
 
@@ -419,13 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a key of the job file (repeatable), e.g. --set render.steps=256")
     run.add_argument("--check", action="store_true", help="validate the job (keys, types, weights, data, layers) "
                                                          "and stop")
+    run.add_argument("--run-id", help="object-store job.out only: the run's prefix out/runs/RUN_ID/ (default: "
+                                      "today's UTC date); a retry with the same id resumes it")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
     submit = sub.add_parser("submit", help="run a job file on a Ray cluster through the Ray Jobs API; streams "
                                            "its logs and exits with its status")
     submit.add_argument("config", help="job file, e.g. jobs/imagenet_resnet50.toml")
-    submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265")
+    submit.add_argument("--address", help="the cluster's Jobs API, e.g. http://HEAD:8265 (default: "
+                                          "RAY_API_SERVER_ADDRESS, then RAY_ADDRESS; --address wins over both)")
     submit.add_argument("--date", help="schedule date YYYY-MM-DD (default: today, UTC); one run per config and date")
     submit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a key of the job file (repeatable)")

@@ -10,17 +10,20 @@ where it stopped. ``RUN/job.toml`` is the resolved configuration, every default 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 from pipeline.config import ConfigError, JobConfig, to_toml
 from pipeline.data import DataError, resolve_source
 from pipeline.models import ModelConfig, ModelError, load_model, resolve_layers
-from pipeline.remote import RunMirror, cache_dir, fetch_file, is_url
+from pipeline.remote import (OutLease, RunMirror, cache_dir, check_run_id, fetch_file, is_published, is_url, publish,
+                             run_url)
 from pipeline.render import RenderOptions, parse_units
 from pipeline.render_worker import VisSettings
 from pipeline.scan_runner import ScanConfig
@@ -46,22 +49,36 @@ class PreparedJob:
     site_out: str | None
     overrides: tuple[str, ...] = ()
     source: str | None = None  # the job file, for the record
+    run_id: str | None = None  # URL out only: the run's own prefix out/runs/<run_id>/ (see pipeline.remote)
 
     @property
     def mirror(self) -> RunMirror | None:
-        return RunMirror(self.config.job.out, self.run_dir) if is_url(self.config.job.out) else None
+        if not is_url(self.config.job.out):
+            return None
+        return RunMirror(run_url(self.config.job.out, self.run_id), self.run_dir)
 
 
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _local_run_dir(config: JobConfig) -> str:
-    if not is_url(config.job.out):
-        return os.path.abspath(config.job.out)
+def default_run_id() -> str:
+    """A URL `out`'s run id when none is given: today's date (UTC), so a nightly schedule gets one run a day and
+    a retry on the same day resumes it."""
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def _local_work_dir(config: JobConfig) -> str:
+    """Where the local working copies of a URL `out`'s runs live, one folder per run id under ``runs/``."""
     if config.job.work_dir:
         return os.path.abspath(config.job.work_dir)
     return os.path.join(cache_dir(), "runs", f"{config.job.name}-{_sha(config.job.out)[:12]}")
+
+
+def _local_run_dir(config: JobConfig, run_id: str | None) -> str:
+    if not is_url(config.job.out):
+        return os.path.abspath(config.job.out)
+    return os.path.join(_local_work_dir(config), "runs", run_id)
 
 
 def _resolve_weights(weights: str | None) -> str | None:
@@ -97,9 +114,16 @@ def _resolve_data(config: JobConfig, run_dir: str) -> str:
     return source if is_url(source) else os.path.abspath(source)
 
 
-def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str | None = None) -> PreparedJob:
-    """Validate what needs files and the model; ConfigError (naming the key) on any problem."""
-    run_dir = _local_run_dir(config)
+def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str | None = None,
+                run_id: str | None = None) -> PreparedJob:
+    """Validate what needs files and the model; ConfigError (naming the key) on any problem. `run_id` names the
+    run's prefix under a URL `out` (default: today's UTC date); a local `out` has none."""
+    if is_url(config.job.out):
+        run_id = check_run_id(run_id or default_run_id())
+    elif run_id is not None:
+        raise ConfigError(f"--run-id applies to an object-store job.out (s3://, gs://, file://...); "
+                          f"{config.job.out} is a local folder")
+    run_dir = _local_run_dir(config, run_id)
     _check_own_files(run_dir)
     try:
         weights = _resolve_weights(config.model.weights)
@@ -151,7 +175,7 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
     _check_actors_on_local_machine(config, scan, options)
     site_out = os.path.abspath(config.site.out) if config.site.out else None
     return PreparedJob(config=config, run_dir=run_dir, scan=scan, render=options, site_out=site_out,
-                       overrides=tuple(overrides), source=source)
+                       overrides=tuple(overrides), source=source, run_id=run_id)
 
 
 def _check_actors_on_local_machine(config: JobConfig, scan: ScanConfig, render: RenderOptions) -> None:
@@ -232,33 +256,70 @@ def _write_resolved(job: PreparedJob) -> None:
 
 
 def run_job(job: PreparedJob, progress: bool = True) -> dict:
-    """Run the job's stages in order (see the module doc); returns the job record."""
-    from pipeline.ray_session import ray_session
-    from pipeline.render import render_run
-    from pipeline.scan_runner import run_scan
-    from pipeline.site import build_site
+    """Run the job's stages in order (see the module doc); returns the job record.
 
+    A local `out`: one writer at a time through the run directory's lock. A URL `out`: one writer at a time
+    through the lease on `out` (across machines), the run worked on locally and mirrored to its own prefix
+    out/runs/<run id>/ after every stage, and published (out/latest.json moved to it) only after the last stage.
+    """
     from pipeline.rundir import claim, run_lock
 
     mirror = job.mirror
     if mirror is None:
         claim(job.run_dir)  # a user's non-empty folder is refused before anything is written into it
-    else:
+        with run_lock(job.run_dir):  # one job per run directory; every stage inside shares this lock
+            return _run_stages(job, progress, push=lambda: None)
+    out = job.config.job.out
+    with OutLease(out, job.run_id) as lease:
+        if is_published(out, job.run_id):
+            # Readers may be reading it: a published run's files never change.
+            raise RunError(f"{mirror.url} is already published; a new run needs another --run-id "
+                           f"(or `atlas submit --date`)")
+
+        def push() -> None:
+            lease.check()  # never write beside a writer that took the lease over
+            mirror.push()
+
         os.makedirs(job.run_dir, exist_ok=True)
-        mirror.pull()  # resume from what an earlier attempt finished
+        mirror.pull()  # resume from what an earlier attempt at this run id finished
         claim(job.run_dir)
-    with run_lock(job.run_dir):  # one job per run directory; every stage inside shares this lock
-        return _run_stages(job, progress)
+        with run_lock(job.run_dir):
+            record = _run_stages(job, progress, push)
+            lease.check()
+            publish(out, job.run_id, record)
+        _drop_old_local_copies(job)
+    return record
 
 
-def _run_stages(job: PreparedJob, progress: bool) -> dict:
+def _drop_old_local_copies(job: PreparedJob) -> None:
+    """Remove the local working copies of other, finished run ids of this job (their files are in the store);
+    one that a live process holds is left alone."""
+    import shutil
+
+    from pipeline.rundir import RunBusy, is_run_dir, run_lock
+
+    runs = os.path.dirname(job.run_dir)
+    for name in sorted(os.listdir(runs)):
+        path = os.path.join(runs, name)
+        if path == job.run_dir or not os.path.isdir(path) or not is_run_dir(path):
+            continue
+        try:
+            with run_lock(path):
+                shutil.rmtree(path)
+        except RunBusy:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + ".mirror.json")
+        logger.info("removed the local copy of the earlier run %s", path)
+
+
+def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> dict:
     from pipeline.ray_session import ray_session
     from pipeline.render import render_run
     from pipeline.scan_runner import run_scan
     from pipeline.site import build_site
 
     stages = job.config.job.stages
-    mirror = job.mirror
     record = _Record(job.run_dir, job.config)
     started = time.time()
     scan_fingerprint = None
@@ -274,7 +335,7 @@ def _run_stages(job: PreparedJob, progress: bool) -> dict:
             _write_resolved(job)
             record.mark("scan", scan_fingerprint, time.time() - t0, skipped)
             logger.info("scan %s in %.1f s", "already complete" if skipped else "done", time.time() - t0)
-            _push(mirror)
+            push()
         else:
             manifest = read_manifest(job.run_dir)
             if manifest is None:
@@ -284,19 +345,19 @@ def _run_stages(job: PreparedJob, progress: bool) -> dict:
         render_key = _sha({"scan": scan_fingerprint, "render": asdict(job.config.render)})
         if "render" in stages:
             _stage(record, "render", render_key,
-                   lambda: render_run(job.run_dir, replace(job.render, progress=progress)), mirror)
+                   lambda: render_run(job.run_dir, replace(job.render, progress=progress)), push)
     if "site" in stages:
         site_key = _sha({"scan": scan_fingerprint, "render": render_key if "render" in stages else None,
                          "site": asdict(job.config.site)})
         _stage(record, "site", site_key, lambda: build_site(job.run_dir, out=job.site_out, progress=progress),
-               mirror)
+               push)
     record.data["seconds"] = round(time.time() - started, 3)
     write_json(record.data, record.path)
-    _push(mirror)
+    push()
     return record.data
 
 
-def _stage(record: _Record, stage: str, key: str, work, mirror: RunMirror | None) -> None:
+def _stage(record: _Record, stage: str, key: str, work, push: Callable[[], None]) -> None:
     if record.done(stage, key):
         logger.info("%s: already complete for these inputs; skipped", stage)
         record.mark(stage, key, 0.0, skipped=True)
@@ -305,10 +366,4 @@ def _stage(record: _Record, stage: str, key: str, work, mirror: RunMirror | None
     work()
     record.mark(stage, key, time.time() - t0, skipped=False)
     logger.info("%s done in %.1f s", stage, time.time() - t0)
-    _push(mirror)
-
-
-def _push(mirror: RunMirror | None) -> None:
-    if mirror is not None:
-        mirror.push()
-
+    push()

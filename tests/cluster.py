@@ -54,6 +54,12 @@ class LocalCluster:
     def address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    @property
+    def headers(self) -> dict:
+        """What a client of this cluster's dashboard must send (the token when authentication is on)."""
+        token = self.env.get("RAY_AUTH_TOKEN") if self.env.get("RAY_AUTH_MODE") == "token" else None
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
     def _start(self, args: list[str], name: str) -> subprocess.Popen:
         log = open(os.path.join(self.temp_dir, f"{name}.log"), "w")
         self.logs.append(log)
@@ -107,7 +113,8 @@ class LocalCluster:
             if node.poll() is not None and node not in self.killed:
                 raise RuntimeError(f"a Ray node exited with {node.returncode}; see {self.temp_dir}/*.log")
         try:
-            with urllib.request.urlopen(f"{self.address}/nodes?view=summary", timeout=5) as response:
+            request = urllib.request.Request(f"{self.address}/nodes?view=summary", headers=self.headers)
+            with urllib.request.urlopen(request, timeout=5) as response:
                 summary = json.load(response)["data"]["summary"]
         except (OSError, ValueError, KeyError):
             return 0
@@ -176,11 +183,18 @@ class LocalCluster:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_cluster(workers: int = 1) -> LocalCluster:
+def start_cluster(workers: int = 1, auth_token: str | None = None) -> LocalCluster:
+    """With `auth_token`, every node runs with Ray's token authentication on (RAY_AUTH_MODE=token and the token in
+    RAY_AUTH_TOKEN, as KubeRay's authOptions sets them in each Ray pod): the Jobs API then refuses requests without
+    that token."""
     # Short: Ray's unix sockets live under the temp dir and their paths are limited to 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    if auth_token is not None:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token)
     cluster = LocalCluster(temp_dir=temp_dir, gcs_port=free_port(), dashboard_port=free_port(), env=env)
     try:
         cluster.start(workers=workers)

@@ -24,17 +24,34 @@ PHOTOS = 160
 BAD_FILES = {"bad/corrupt_0.jpg": b"this is not a jpeg", "bad/corrupt_1.png": os.urandom(3000)}
 
 
+TOKEN = "neuron-atlas-test-token-0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
 def cluster():
+    """The shared cluster runs with Ray's token authentication on, as the manifests deploy it (authOptions); this
+    process sends the token the way `atlas submit` finds it, in RAY_AUTH_TOKEN."""
     from cluster import start_cluster
 
-    started = start_cluster(workers=1)
+    saved = os.environ.get("RAY_AUTH_TOKEN")
+    started = start_cluster(workers=1, auth_token=TOKEN)
+    os.environ["RAY_AUTH_TOKEN"] = TOKEN
     try:
         yield started
     finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_TOKEN", None)
+        else:
+            os.environ["RAY_AUTH_TOKEN"] = saved
         started.stop()
         left = started.processes()
         assert left == [], f"cluster processes left behind: {left}"
+
+
+def client(cluster):
+    from pipeline.submit import connect
+
+    return connect(cluster.address)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +134,10 @@ def assert_same_run(a: str, b: str) -> None:
 
 
 def wait_status(cluster, job_id: str, wanted: tuple[str, ...], seconds: float = 240) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(cluster.address)
+    jobs = client(cluster)
     deadline = time.time() + seconds
     while time.time() < deadline:
-        status = str(client.get_job_status(job_id).value)
+        status = str(jobs.get_job_status(job_id).value)
         if status in wanted:
             return status
         time.sleep(0.3)
@@ -152,13 +167,11 @@ def test_submitted_job_equals_local_run_and_lists_bad_images(cluster, inputs, re
     assert manifest["execution"]["cluster_cpus"] == 2  # both nodes took part in the cluster
 
     # The same config and date again: no second run.
-    from ray.job_submission import JobSubmissionClient
-
     path, _ = job_file(inputs, "reference")
     capsys.readouterr()
     assert submit(cluster, path) == 0
     assert "SUCCEEDED" in capsys.readouterr().out
-    ids = [job.submission_id for job in JobSubmissionClient(cluster.address).list_jobs()]
+    ids = [job.submission_id for job in client(cluster).list_jobs()]
     assert sum(i is not None and i.startswith("atlas-reference-") for i in ids) == 1
 
 
@@ -182,8 +195,6 @@ def test_worker_killed_mid_scan_changes_nothing(cluster, inputs, reference, caps
 
 
 def test_driver_killed_then_resubmitted_resumes(cluster, inputs, reference, capsys):
-    from ray.job_submission import JobSubmissionClient
-
     path, _ = job_file(inputs, "driver-killed")
     assert submit(cluster, path, "--no-wait") == 0
     job_id = capsys.readouterr().out.split()[1].rstrip(":")
@@ -204,12 +215,65 @@ def test_driver_killed_then_resubmitted_resumes(cluster, inputs, reference, caps
     assert "render" not in json.loads((run / "job.json").read_text())["stages"]  # killed mid-run
 
     assert submit(cluster, path) == 0  # a retry of the same (config, date): it resumes
-    ids = sorted(job.submission_id for job in JobSubmissionClient(cluster.address).list_jobs()
+    ids = sorted(job.submission_id for job in client(cluster).list_jobs()
                  if (job.submission_id or "").startswith("atlas-driver-killed-"))
     assert ids == [job_id, f"{job_id}-retry1"]
     record = json.loads((run / "job.json").read_text())["stages"]
     assert record["scan"]["skipped"] and not record["render"]["skipped"]
     assert_same_run(reference, str(run))
+
+
+def test_token_one_run_per_job_and_sigterm_stops_the_job(cluster, inputs, tmp_path, monkeypatch, capsys):
+    """Issue 19 on the authenticated cluster: without the token (or with a wrong one) `atlas submit` fails with one
+    clear line; a submitter following its job is refused a second run of the same job for another date while the
+    first runs; SIGTERM to that submitter stops its Ray job (the cluster reports it STOPPED)."""
+    import subprocess
+    import sys
+
+    from pipeline.cli import main
+
+    path, _ = job_file(inputs, "sigterm")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token to fall back on
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    capsys.readouterr()
+    assert main(["submit", path, "--address", cluster.address, "--date", DATE]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "requires an authentication token" in err[0], err
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    assert main(["submit", path, "--address", cluster.address, "--date", DATE]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refused the authentication token" in err[0], err
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    assert not any((job.submission_id or "").startswith("atlas-sigterm-") for job in client(cluster).list_jobs())
+
+    log = open(tmp_path / "submitter.log", "w")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    submitter = subprocess.Popen([sys.executable, "-m", "pipeline", "submit", path, "--address", cluster.address,
+                                  "--date", DATE], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def running() -> str | None:
+            for job in client(cluster).list_jobs():
+                if (job.submission_id or "").startswith("atlas-sigterm-") and str(job.status.value) == "RUNNING":
+                    return job.submission_id
+            return None
+
+        cluster.wait_for(lambda: running() is not None, 120, "the submitted job to run")
+        job_id = running()
+        # Another date of the same job while this one runs: refused, nothing submitted.
+        assert main(["submit", path, "--address", cluster.address, "--date", "2026-12-02"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "another run of job sigterm is RUNNING" in err[0] and job_id in err[0], err
+        submitter.send_signal(signal.SIGTERM)
+        assert submitter.wait(timeout=60) != 0
+        assert str(client(cluster).get_job_status(job_id).value) == "STOPPED"
+    finally:
+        if submitter.poll() is None:
+            submitter.kill()
+        log.close()
+    ids = [job.submission_id for job in client(cluster).list_jobs()
+           if (job.submission_id or "").startswith("atlas-sigterm-")]
+    assert ids == [job_id]
+    assert "SIGTERM: stopping" in (tmp_path / "submitter.log").read_text()
 
 
 def assert_same_scan(a: str, b: str) -> None:

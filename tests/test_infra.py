@@ -30,8 +30,15 @@ SCHEMA_FOR = {
     ("ray.io/v1", "RayJob"): "rayjob-ray.io-v1.json",
     ("ray.io/v1", "RayCronJob"): "raycronjob-ray.io-v1.json",
     ("batch/v1", "CronJob"): "cronjob-batch-v1.json",
+    ("v1", "ServiceAccount"): "serviceaccount-v1.json",
+    ("v1", "ConfigMap"): "configmap-v1.json",
+    ("scheduling.k8s.io/v1", "PriorityClass"): "priorityclass-scheduling.k8s.io-v1.json",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudget-policy-v1.json",
 }
-MANIFESTS = ["raycluster.yaml", "rayjob.yaml", "raycronjob.yaml", "cronjob-submit.yaml"]
+WORKLOADS = ["raycluster.yaml", "rayjob.yaml", "raycronjob.yaml", "cronjob-submit.yaml"]  # the ones with pods
+MANIFESTS = [*WORKLOADS, "serviceaccount.yaml", "configmap-fluentbit.yaml", "priorityclass.yaml",
+             "poddisruptionbudget.yaml"]
+MONITORING = INFRA / "monitoring"
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -185,13 +192,23 @@ def _pod_specs(node):
             yield from _pod_specs(value)
 
 
-@pytest.mark.parametrize("name", MANIFESTS)
+@pytest.mark.parametrize("name", WORKLOADS)
 def test_broken_copies_of_a_manifest_are_rejected(name):
     """Proves the validation is live: the strict schemas reject unknown fields and wrong types at every level."""
     (manifest,) = load_docs(KUBERAY / name)
     for what, broken in _break(manifest):
         schema = SCHEMA_FOR[(manifest["apiVersion"], manifest["kind"])]
         assert errors(broken), f"{name} with {what} was accepted by {schema}"
+
+
+def test_kuberay_1_7_fields_are_checked():
+    """The schemas are KubeRay 1.7's: timeZone must not be empty, deletion rules take only KubeRay's policies."""
+    manifest = doc("raycronjob.yaml")
+    manifest["spec"]["timeZone"] = ""
+    assert any("timeZone" in e for e in errors(manifest))
+    manifest = doc("rayjob.yaml")
+    manifest["spec"]["deletionStrategy"]["deletionRules"][0]["policy"] = "DeleteEverything"
+    assert any("deletionRules/0/policy" in e for e in errors(manifest))
 
 
 def test_cronjob_needs_a_schedule():
@@ -266,7 +283,7 @@ def test_gpu_worker_group_requests_gpus_and_autoscales(where):
 def test_every_ray_pod_has_in_memory_dev_shm_and_guaranteed_resources(where, group, template):
     pod = template["spec"]
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    for container in pod["containers"]:
+    for container in pod["containers"][:1]:  # KubeRay's Ray container is the first (RayContainerIndex 0)
         mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
         assert mounts, f"{where}: {container['name']} mounts nothing at /dev/shm"
         volume = volumes[mounts[0]["name"]]
@@ -286,7 +303,7 @@ def test_ray_versions_and_images_match_the_dockerfile():
     for where, spec in ray_cluster_specs().items():
         assert spec["rayVersion"] == ray_version, f"{where}: rayVersion vs the image's ray"
     for _, _, template in ray_pod_templates():
-        images.update(c["image"] for c in template["spec"]["containers"])
+        images.add(template["spec"]["containers"][0]["image"])  # the Ray container (sidecars have their own)
     cron_pod = doc("cronjob-submit.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     images.update(c["image"] for c in cron_pod["containers"])
     images.add(yaml.safe_load(LAUNCHER.read_text())["docker"]["image"])
@@ -370,3 +387,224 @@ def test_job_work_dir_is_a_volume_on_the_head(where):
     mounts = [m["mountPath"] for c in head for m in c.get("volumeMounts", [])]
     assert any(work_dir == m or work_dir.startswith(m.rstrip("/") + "/") for m in mounts), \
         f"{where}: {work_dir} is not on a volume of the head"
+
+
+# ------------------------------------------------------------------- rules KubeRay checks in Go, not in the CRD
+# From ray-project/kuberay v1.7.0 ray-operator/controllers/ray/utils/constant.go: MaxRayClusterNameLength = 53,
+# MaxRayJobNameLength = 53 - 6, MaxRayCronJobNameLength = 47 - 11 (the child RayJob is "<name>-<minutes since epoch>");
+# validation.go: names must be DNS-1035 labels.
+KUBERAY_NAME_LIMITS = {"RayCluster": 53, "RayJob": 47, "RayCronJob": 36}
+DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+DAY = 24 * 3600
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_every_manifest_name_is_within_kuberays_limits(name):
+    for manifest in load_docs(KUBERAY / name):
+        metadata_name = manifest["metadata"]["name"]
+        assert DNS_1035.fullmatch(metadata_name) and len(metadata_name) <= 63, metadata_name
+        limit = KUBERAY_NAME_LIMITS.get(manifest["kind"])
+        if limit is not None:
+            assert len(metadata_name) <= limit, \
+                f"{name}: {manifest['kind']} name {metadata_name!r} is {len(metadata_name)} > {limit} characters"
+
+
+def _ray_job_specs() -> dict[str, dict]:
+    return {"rayjob.yaml": doc("rayjob.yaml")["spec"], "raycronjob.yaml": doc("raycronjob.yaml")["spec"]["jobTemplate"]}
+
+
+@pytest.mark.parametrize("where", ["rayjob.yaml", "raycronjob.yaml"])
+def test_ray_job_cleanup_uses_deletion_rules_and_never_with_shutdown(where):
+    """KubeRay 1.7 (validation.go): deletionRules and shutdownAfterJobFinishes are mutually exclusive; the rules
+    must remove the cluster and, eventually, the RayJob itself after success and after failure."""
+    spec = _ray_job_specs()[where]
+    rules = spec.get("deletionStrategy", {}).get("deletionRules")
+    assert rules, f"{where}: no deletionRules (RayJobs would pile up, one per night)"
+    assert not spec.get("shutdownAfterJobFinishes") and "ttlSecondsAfterFinished" not in spec
+    assert not {"onSuccess", "onFailure"} & set(spec["deletionStrategy"]), "legacy fields and rules do not mix"
+    for status in ("SUCCEEDED", "FAILED"):
+        policies = {r["policy"] for r in rules if r["condition"].get("jobStatus") == status}
+        assert {"DeleteCluster", "DeleteSelf"} <= policies, f"{where}: after {status}"
+    # TTLs must not decrease along DeleteWorkers <= DeleteCluster <= DeleteSelf (validateTTLConsistency).
+    order = ["DeleteWorkers", "DeleteCluster", "DeleteSelf"]
+    for key in {tuple(sorted(r["condition"].items() - {("ttlSeconds", r["condition"].get("ttlSeconds"))}))
+                for r in rules}:
+        ttls = [r["condition"].get("ttlSeconds", 0) for p in order for r in rules
+                if r["policy"] == p and tuple(sorted(r["condition"].items() - {("ttlSeconds", r["condition"].get(
+                    "ttlSeconds"))})) == key]
+        assert ttls == sorted(ttls), f"{where}: TTLs along {order} for {key}"
+
+
+def _daily_period(schedule: str) -> int:
+    """The period of a cron schedule that fires once a day at a fixed time ("M H * * *"), in seconds."""
+    fields = schedule.split()
+    assert len(fields) == 5 and fields[0].isdigit() and fields[1].isdigit() and fields[2:] == ["*", "*", "*"], \
+        f"expected a daily schedule, got {schedule!r} (extend this test for others)"
+    return DAY
+
+
+def test_raycronjob_runs_cannot_overlap_and_has_a_time_zone():
+    """KubeRay starts every retry of a RayJob (a new cluster) with a fresh activeDeadlineSeconds, so the longest a
+    night can last is (backoffLimit + 1) x activeDeadlineSeconds: it must end before the next tick."""
+    spec = doc("raycronjob.yaml")["spec"]
+    assert spec.get("timeZone"), "timeZone set (KubeRay 1.7), not the operator's local zone"
+    job = spec["jobTemplate"]
+    attempts = job.get("backoffLimit", 0) + 1
+    assert "activeDeadlineSeconds" in job, "each attempt is bounded"
+    assert attempts * job["activeDeadlineSeconds"] < _daily_period(spec["schedule"])
+
+
+def test_cronjob_runs_cannot_overlap():
+    """batch/v1: a Job's activeDeadlineSeconds bounds the whole Job, retries included; Forbid keeps the next tick
+    from starting while it runs; the history is limited."""
+    spec = doc("cronjob-submit.yaml")["spec"]
+    assert spec.get("timeZone") and spec["concurrencyPolicy"] == "Forbid"
+    assert spec["jobTemplate"]["spec"]["activeDeadlineSeconds"] < _daily_period(spec["schedule"])
+    assert spec["successfulJobsHistoryLimit"] <= 7 and spec["failedJobsHistoryLimit"] <= 7
+    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod.get("terminationGracePeriodSeconds", 30) >= 45, "time for atlas submit to stop its job on SIGTERM"
+
+
+def test_token_authentication_everywhere_and_the_submitter_has_the_token():
+    for where, spec in ray_cluster_specs().items():
+        assert spec.get("authOptions", {}).get("mode") == "token", f"{where}: Ray token authentication"
+        assert not spec["authOptions"].get("enableK8sTokenAuth"), "KubeRay 1.7 refuses K8s token auth for RayJobs"
+    # KubeRay names the Secret after the RayCluster (CheckName(name)) with the key auth_token.
+    cluster = doc("raycluster.yaml")["metadata"]["name"]
+    (container,) = doc("cronjob-submit.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": cluster, "key": "auth_token"}
+
+
+def _all_pod_specs() -> list[tuple[str, dict]]:
+    out = [(where, template["spec"]) for where, _, template in ray_pod_templates()]
+    out += [(f"{name} submitter", _ray_job_specs()[name]["submitterPodTemplate"]["spec"])
+            for name in ("rayjob.yaml", "raycronjob.yaml")]
+    out.append(("cronjob-submit.yaml", doc("cronjob-submit.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
+    return out
+
+
+@pytest.mark.parametrize("where,pod", _all_pod_specs(), ids=[w for w, _ in _all_pod_specs()])
+def test_pods_use_workload_identity_priority_and_no_usage_stats(where, pod):
+    account = doc("serviceaccount.yaml")
+    assert pod.get("serviceAccountName") == account["metadata"]["name"], f"{where}: the workload-identity account"
+    assert pod.get("priorityClassName") == doc("priorityclass.yaml")["metadata"]["name"]
+    text = json.dumps(pod)
+    assert "AWS_ACCESS_KEY_ID" not in text and "AWS_SECRET_ACCESS_KEY" not in text, f"{where}: no static keys"
+    assert not any("secretRef" in source for c in pod["containers"] for source in c.get("envFrom", []))
+    ray = pod["containers"][0]
+    assert {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"} in ray.get("env", []), f"{where}: usage stats off"
+
+
+def test_workload_identity_annotations():
+    annotations = doc("serviceaccount.yaml")["metadata"]["annotations"]
+    assert annotations["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    assert annotations["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+
+
+def _terms(affinity: dict) -> list[dict]:
+    node = affinity.get("nodeAffinity", {})
+    required = node.get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", [])
+    return [e for term in required for e in term.get("matchExpressions", [])]
+
+
+@pytest.mark.parametrize("where", list(ray_cluster_specs()))
+def test_head_on_demand_and_gpu_workers_allowed_on_spot(where):
+    spec = ray_cluster_specs()[where]
+    head = spec["headGroupSpec"]["template"]["spec"]
+    refused = {(e["key"], v) for e in _terms(head.get("affinity", {})) if e["operator"] == "NotIn"
+               for v in e["values"]}
+    # The capacity-type labels of Karpenter, EKS managed node groups and GKE.
+    assert {("karpenter.sh/capacity-type", "spot"), ("eks.amazonaws.com/capacityType", "SPOT"),
+            ("cloud.google.com/gke-spot", "true")} <= refused, f"{where}: the head only on on-demand nodes"
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        assert not _terms(pod.get("affinity", {})), "workers are not kept off any capacity type"
+        tolerated = {t["key"] for t in pod.get("tolerations", [])}
+        assert "cloud.google.com/gke-spot" in tolerated, "GKE taints spot nodes: workers tolerate it"
+
+
+# Named node types and what a pod can request on them: capacity from the providers' instance specs, minus EKS's
+# reservation (kube-reserved CPU 6% of the first core + 1% of the second + 0.5% of the next two + 0.25% beyond;
+# memory 255Mi + 11Mi x max pods (58 on a 2xlarge), eviction threshold 100Mi), less 300m / 512Mi for daemon sets.
+NODE_TYPES = {
+    "g5.2xlarge": {"cpu": 8, "memory_gib": 32, "gpus": 1, "max_pods": 58},
+    "m6i.2xlarge": {"cpu": 8, "memory_gib": 32, "gpus": 0, "max_pods": 58},
+}
+
+
+def _allocatable(node: dict) -> tuple[float, float]:
+    cores = node["cpu"]
+    reserved_m = 60 + (10 if cores > 1 else 0) + 5 * min(max(cores - 2, 0), 2) + 2.5 * max(cores - 4, 0)
+    cpu = cores - reserved_m / 1000 - 0.3
+    memory = node["memory_gib"] * 2**30 - (255 + 11 * node["max_pods"] + 100 + 512) * 2**20
+    return cpu, memory
+
+
+@pytest.mark.parametrize("where", list(ray_cluster_specs()))
+def test_pods_fit_the_named_node_types(where):
+    spec = ray_cluster_specs()[where]
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    cpu, memory = _allocatable(NODE_TYPES["m6i.2xlarge"])
+    assert sum(quantity(c["resources"]["requests"]["cpu"]) for c in head) <= cpu
+    assert sum(quantity(c["resources"]["requests"]["memory"]) for c in head) <= memory
+    for group in spec["workerGroupSpecs"]:
+        containers = group["template"]["spec"]["containers"]
+        node = NODE_TYPES["g5.2xlarge"]
+        cpu, memory = _allocatable(node)
+        requests = [c["resources"]["requests"] for c in containers]
+        assert sum(quantity(r["cpu"]) for r in requests) <= cpu, f"{where}: worker CPU on a g5.2xlarge"
+        assert sum(quantity(r["memory"]) for r in requests) <= memory, f"{where}: worker memory on a g5.2xlarge"
+        assert sum(quantity(r.get("nvidia.com/gpu", 0)) for r in requests) <= node["gpus"]
+    readme = (INFRA / "README.md").read_text()
+    assert "g5.2xlarge" in readme and "m6i.2xlarge" in readme, "the README names the node types"
+
+
+def test_logs_leave_the_head_pod():
+    for where, spec in ray_cluster_specs().items():
+        head = spec["headGroupSpec"]["template"]["spec"]
+        shippers = [c for c in head["containers"][1:]
+                    if any(m["mountPath"] == "/tmp/ray" for m in c.get("volumeMounts", []))]
+        assert shippers, f"{where}: a sidecar reads Ray's logs"
+        config_volumes = {v["name"]: v["configMap"]["name"] for v in head["volumes"] if "configMap" in v}
+        assert doc("configmap-fluentbit.yaml")["metadata"]["name"] in config_volumes.values()
+    conf = doc("configmap-fluentbit.yaml")["data"]["fluent-bit.conf"]
+    assert "/tmp/ray/session_latest/logs" in conf and "[OUTPUT]" in conf
+
+
+def test_pod_disruption_budget_selects_the_standing_head():
+    pdb = doc("poddisruptionbudget.yaml")["spec"]
+    labels = doc("raycluster.yaml")["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert pdb["maxUnavailable"] == 0 and pdb["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_monitoring_scrapes_ray_pods_and_alerts_on_failed_runs():
+    """Prometheus Operator objects (no vendored schema): the fields the alerting depends on."""
+    monitor = yaml.safe_load((MONITORING / "podmonitor.yaml").read_text())
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    ports = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    for where, _, template in ray_pod_templates():
+        assert selector.items() <= template["metadata"]["labels"].items(), f"{where}: selected"
+        ray = template["spec"]["containers"][0]
+        assert ports & {p["name"] for p in ray.get("ports", [])}, f"{where}: exposes the scraped port"
+    rule = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    rules = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    exprs = " ".join(r["expr"] for r in rules)
+    # KubeRay operator metric (controllers/ray/metrics/ray_job_metrics.go) and kube-state-metrics' Job metric.
+    assert 'kuberay_job_deployment_status' in exprs and 'deployment_status="Failed"' in exprs
+    assert "kube_job_status_failed" in exprs
+    cron = doc("cronjob-submit.yaml")["metadata"]["name"]
+    assert cron in exprs, "the submitter alert matches the CronJob's Jobs (named <cronjob>-<time>)"
+    assert all(r["labels"].get("severity") for r in rules)
+
+
+def test_cluster_launcher_uses_instance_profiles_spot_workers_and_no_usage_stats():
+    config = yaml.safe_load(LAUNCHER.read_text())
+    for name, node in config["available_node_types"].items():
+        assert node["node_config"].get("IamInstanceProfile", {}).get("Name"), f"{name}: an instance profile"
+        spot = node["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+        assert spot == (name != config["head_node_type"]), f"{name}: spot only for the GPU workers"
+    assert "--env RAY_USAGE_STATS_ENABLED=0" in config["docker"]["run_options"]
+    assert "AWS_SECRET_ACCESS_KEY" not in LAUNCHER.read_text()

@@ -13,6 +13,7 @@ import torch
 
 from pipeline.config import ConfigError, load_config, parse_config, to_toml
 from pipeline.job import prepare_job, run_job
+from pipeline.store import RunError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,22 +209,51 @@ def test_a_stage_list_resumes_later_stages(tmp_path, resnet8_weights, photo_fold
     assert (tmp_path / "run" / "site" / "index.html").is_file()
 
 
-def test_url_run_directory_is_mirrored_and_resumed(tmp_path, resnet8_weights, photo_folder, ray_cluster):
-    """out = file:// URL: the job works in a local copy, mirrors it after each stage, and a job on another
-    machine (an empty work_dir) pulls it and finds every stage complete."""
-    remote = tmp_path / "bucket" / "run"
-    data = job_dict(f"file://{remote}", resnet8_weights, photo_folder)
+def _files(root) -> list[str]:
+    return sorted(os.path.relpath(p, root) for p in glob.glob(str(root / "**" / "*"), recursive=True)
+                  if os.path.isfile(p))
+
+
+def test_url_run_is_mirrored_to_its_prefix_resumed_elsewhere_and_published_last(
+        tmp_path, resnet8_weights, photo_folder, ray_cluster, monkeypatch):
+    """out = file:// URL: the job works in a local copy and mirrors it to out/runs/<run id>/ after each stage. An
+    attempt that fails in its last stage publishes nothing; a job on another machine (an empty work_dir) with the
+    same run id pulls what was finished, skips it, and only then moves out/latest.json to the run."""
+    import pipeline.site
+    from pipeline.remote import read_latest
+
+    bucket = tmp_path / "bucket" / "run"
+    data = job_dict(f"file://{bucket}", resnet8_weights, photo_folder)
     data["render"]["featvis"] = False
-    first = run_job(prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'a'}\""])), progress=False)
-    assert not any(info["skipped"] for info in first["stages"].values())
-    files = sorted(os.path.relpath(p, remote) for p in glob.glob(str(remote / "**" / "*"), recursive=True)
-                   if os.path.isfile(p))
-    local = sorted(os.path.relpath(p, tmp_path / "a") for p in glob.glob(str(tmp_path / "a" / "**" / "*"),
-                                                                        recursive=True) if os.path.isfile(p))
-    assert files == local and "manifest.json" in files and "site/index.html" in files
-    second = run_job(prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'b'}\""])), progress=False)
-    assert all(info["skipped"] for info in second["stages"].values())
-    assert (tmp_path / "b" / "topk").is_dir()
+    first_job = prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'a'}\""]), run_id="r1")
+    assert first_job.run_dir == str(tmp_path / "a" / "runs" / "r1")
+
+    def site_fails(*args, **kwargs):
+        raise RuntimeError("the site stage fell over")
+
+    monkeypatch.setattr(pipeline.site, "build_site", site_fails)
+    with pytest.raises(RuntimeError, match="fell over"):
+        run_job(first_job, progress=False)
+    monkeypatch.undo()
+    remote = bucket / "runs" / "r1"
+    assert "manifest.json" in _files(remote) and "site/index.html" not in _files(remote)
+    assert read_latest(f"file://{bucket}") is None and not (bucket / "index.html").exists(), "nothing published"
+    assert not (bucket / ".atlas-lock.json").exists(), "the lease is released when the job fails"
+
+    second = run_job(prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'b'}\""]), run_id="r1"),
+                     progress=False)
+    assert second["stages"]["scan"]["skipped"] and second["stages"]["render"]["skipped"]
+    assert not second["stages"]["site"]["skipped"]
+    files = _files(remote)
+    assert files == _files(tmp_path / "b" / "runs" / "r1") and "site/index.html" in files
+    latest = read_latest(f"file://{bucket}")
+    assert latest["run"] == "runs/r1/" and latest["site"] == "runs/r1/site/index.html"
+    assert "runs/r1/site/index.html" in (bucket / "index.html").read_text()
+    # A published run never changes: the same run id again is refused before anything is written.
+    with pytest.raises(RunError, match="already published"):
+        run_job(prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'b'}\""]), run_id="r1"),
+                progress=False)
+    assert _files(remote) == files
 
 
 def test_device_cuda_plans_gpu_actors_before_an_autoscaler_adds_gpus():
@@ -306,3 +336,125 @@ def test_mirror_sees_same_size_rewrites_on_both_sides(tmp_path):
     assert (local / "atlas" / "x.png").read_bytes() == b"BBBB"
     assert mirror.pull() == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "local.mirror.json", "remote"]
+
+
+# ------------------------------------------------------------------------- publication to an object store
+
+def _check_published_run(bucket, latest: dict, seen: dict) -> str | None:
+    """What a reader following latest.json may rely on, checked on the files as they are now; a problem or None."""
+    import pyarrow.parquet as pq
+
+    run_id = latest["run_id"]
+    root = bucket / latest["run"]
+    files = _files(root)
+    if run_id in seen and seen[run_id] != files:
+        return f"{run_id} changed after it was published"
+    seen.setdefault(run_id, files)
+    if not (bucket / "runs" / f"{run_id}.published").is_file():
+        return f"{run_id} is not sealed"
+    for needed in ("manifest.json", "job.json", "job.toml", "site/index.html", "atlas/index.parquet"):
+        if needed not in files:
+            return f"{run_id} lacks {needed}"
+    stages = json.loads((root / "job.json").read_text())["stages"]
+    if sorted(stages) != ["render", "scan", "site"]:
+        return f"{run_id} job.json lists {sorted(stages)}"
+    missing = [p for p in pq.read_table(root / "atlas" / "index.parquet").column("path").to_pylist()
+               if not (root / p).is_file()]
+    return f"{run_id}: the atlas index names missing files {missing[:3]}" if missing else None
+
+
+def test_a_reader_polling_latest_never_sees_a_half_written_run(tmp_path, resnet8_weights, photo_folder,
+                                                               ray_cluster):
+    """Two nightly runs published to a file:// out while a reader polls latest.json in a loop: every run the pointer
+    names is complete (manifest, record of all three stages, site, every atlas file) and never changes afterwards,
+    including while the next run is being written beside it."""
+    import threading
+
+    bucket = tmp_path / "bucket" / "nightly"
+    data = job_dict(f"file://{bucket}", resnet8_weights, photo_folder)
+    data["render"]["featvis"] = False
+    problems, seen, polls, stop = [], {}, [0], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                latest = json.loads((bucket / "latest.json").read_text())
+            except FileNotFoundError:
+                continue
+            except ValueError as error:  # a torn pointer would be a failure too
+                problems.append(f"latest.json unreadable: {error}")
+                continue
+            problem = _check_published_run(bucket, latest, seen)
+            if problem:
+                problems.append(problem)
+            polls[0] += 1
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        for run_id in ("2026-12-01", "2026-12-02"):
+            run_job(prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'work'}\""]), run_id=run_id),
+                    progress=False)
+            deadline = time.time() + 30
+            while time.time() < deadline and run_id not in seen:
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert problems == []
+    assert sorted(seen) == ["2026-12-01", "2026-12-02"] and polls[0] > 10
+    assert json.loads((bucket / "latest.json").read_text())["run_id"] == "2026-12-02"
+    # The first run was published and is left whole for readers who resolved the older pointer.
+    assert _files(bucket / "runs" / "2026-12-01") == seen["2026-12-01"]
+    # Only the newest local working copy is kept (the others are in the store).
+    assert sorted(os.listdir(tmp_path / "work" / "runs")) == ["2026-12-02", "2026-12-02.mirror.json"]
+
+
+def test_out_lease_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path):
+    from pipeline.remote import LEASE, OutLease
+    from pipeline.rundir import RunBusy
+
+    out = f"file://{tmp_path / 'out'}"
+    (tmp_path / "out").mkdir()
+    live = OutLease(out, "a", ttl_seconds=3, renew_seconds=0.2, settle_seconds=0.05)
+    live.acquire()
+    try:
+        t0 = time.time()
+        with pytest.raises(RunBusy, match=r"being written by pid \d+ .*run a"):
+            OutLease(out, "b", ttl_seconds=3, renew_seconds=0.2, settle_seconds=0.05).acquire()
+        assert time.time() - t0 < 2, "a renewed lease is recognised as live before it would expire"
+    finally:
+        live.release()
+    assert not (tmp_path / "out" / LEASE).exists()
+
+    # A holder that stopped renewing (a killed pod) loses its lease once it is ttl old, and notices it.
+    stalled = OutLease(out, "a", ttl_seconds=1, renew_seconds=60, settle_seconds=0.05)
+    stalled.acquire()
+    successor = OutLease(out, "b", ttl_seconds=1, renew_seconds=60, settle_seconds=0.05)
+    successor.acquire()
+    assert json.loads((tmp_path / "out" / LEASE).read_text())["run_id"] == "b"
+    assert stalled.renew_once() is False
+    with pytest.raises(RunBusy, match="taken over"):
+        stalled.check()
+    stalled.release()  # must not delete the successor's lease
+    assert json.loads((tmp_path / "out" / LEASE).read_text())["holder"] == successor.holder
+    successor.release()
+
+
+def test_atlas_run_refuses_an_out_whose_lease_is_live(tmp_path, resnet8_weights, photo_folder, capsys):
+    from pipeline.cli import main
+    from pipeline.remote import OutLease
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    data = job_dict(f"file://{bucket}", resnet8_weights, photo_folder)
+    path = write_toml(tmp_path / "job.toml", data)
+    holder = OutLease(f"file://{bucket}", "2026-12-01", ttl_seconds=5, renew_seconds=0.2, settle_seconds=0.05)
+    holder.acquire()
+    try:
+        assert main(["run", path, "--run-id", "2026-12-02", "--set", f'job.work_dir="{tmp_path / "w"}"']) == 2
+    finally:
+        holder.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is being written by" in err[0] and "run 2026-12-01" in err[0]
+    assert not (bucket / "runs").exists(), "nothing was written"

@@ -196,7 +196,7 @@ def test_killed_scan_is_locked_while_alive_then_resumes_exactly(ray_cluster, pho
         os.kill(first.pid, signal.SIGKILL)  # the command alone: its local Ray's helpers are orphaned
         first.wait(timeout=30)
         # The next command that starts a local Ray ends what the killed one left (and nothing else).
-        _wait(lambda: reap_orphans() == 0 and not _session_processes(first.pid), 30,
+        _wait(lambda: reap_orphans() == 0 and not _session_processes(first.pid), 120,
               lambda: f"the orphans to be ended: {[_command(p) for p in _session_processes(first.pid)]}")
     finally:
         for pid in _session_processes(first.pid):

@@ -44,6 +44,7 @@ BOOL = {"type": "boolean"}
 STR = {"type": "string"}
 # Objects whose complete field list was not transcribed: any content passes (they are not used by infra/ manifests).
 OPEN = {"type": "object"}
+DELETION_POLICIES = ["DeleteCluster", "DeleteWorkers", "DeleteSelf", "DeleteNone"]
 
 
 def strict(properties: dict, required: list[str] | None = None) -> dict:
@@ -70,32 +71,42 @@ KUBERAY_DEFS = {
     "ray.io.v1.HeadGroupSpec": strict({
         "enableIngress": BOOL,
         "headService": k8s("io.k8s.api.core.v1.Service"),
+        "ingressOptions": OPEN,
+        "labels": STR_MAP,
         "rayStartParams": STR_MAP,
+        "resources": STR_MAP,
         "serviceType": STR,
         "template": POD_TEMPLATE,
     }, required=["template"]),
     "ray.io.v1.WorkerGroupSpec": strict({
         "groupName": STR,
         "idleTimeoutSeconds": INT32,
+        "labels": STR_MAP,
         "maxReplicas": {**INT32, "minimum": 0},
         "minReplicas": {**INT32, "minimum": 0},
         "numOfHosts": {**INT32, "minimum": 1},
+        "priority": INT32,
         "rayStartParams": STR_MAP,
         "replicas": {**INT32, "minimum": 0},
+        "resources": STR_MAP,
         "scaleStrategy": strict({"workersToDelete": {"type": "array", "items": STR}}),
         "suspend": BOOL,
         "template": POD_TEMPLATE,
     }, required=["groupName", "template"]),
     "ray.io.v1.RayClusterSpec": strict({
-        "authOptions": strict({"mode": {"type": "string", "enum": ["disabled", "token"]}, "secretName": STR}),
+        "authOptions": strict({"enableK8sTokenAuth": BOOL, "mode": {"type": "string", "enum": ["disabled", "token"]},
+                               "secretName": STR}),
         "autoscalerOptions": {"$ref": "#/$defs/ray.io.v1.AutoscalerOptions"},
         "enableInTreeAutoscaling": BOOL,
         "gcsFaultToleranceOptions": OPEN,
         "headGroupSpec": {"$ref": "#/$defs/ray.io.v1.HeadGroupSpec"},
         "headServiceAnnotations": STR_MAP,
+        "historyServerOptions": OPEN,
         "managedBy": {"type": "string", "enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]},
+        "networkPolicy": OPEN,
         "rayVersion": STR,
         "suspend": BOOL,
+        "tlsOptions": OPEN,
         "upgradeStrategy": OPEN,
         "workerGroupSpecs": {"type": "array", "items": {"$ref": "#/$defs/ray.io.v1.WorkerGroupSpec"}},
     }, required=["headGroupSpec"]),
@@ -103,7 +114,20 @@ KUBERAY_DEFS = {
         "activeDeadlineSeconds": {**INT32, "minimum": 1},
         "backoffLimit": {**INT32, "minimum": 0},
         "clusterSelector": STR_MAP,
-        "deletionStrategy": OPEN,
+        # rayjob_types.go @v1.7.0: DeletionStrategy (legacy onSuccess/onFailure, or deletionRules; the CEL rules
+        # that forbid mixing them are not expressed here, tests/test_infra.py checks that rule itself).
+        "deletionStrategy": strict({
+            "deletionRules": {"type": "array", "minItems": 1, "items": strict({
+                "condition": strict({
+                    "jobDeploymentStatus": {"type": "string", "enum": ["Failed"]},
+                    "jobStatus": {"type": "string", "enum": ["SUCCEEDED", "FAILED"]},
+                    "ttlSeconds": {**INT32, "minimum": 0},
+                }),
+                "policy": {"type": "string", "enum": DELETION_POLICIES},
+            }, required=["condition", "policy"])},
+            "onFailure": strict({"policy": {"type": "string", "enum": DELETION_POLICIES}}),
+            "onSuccess": strict({"policy": {"type": "string", "enum": DELETION_POLICIES}}),
+        }),
         "entrypoint": STR,
         "entrypointNumCpus": {"type": "number"},
         "entrypointNumGpus": {"type": "number"},
@@ -111,6 +135,7 @@ KUBERAY_DEFS = {
         "jobId": STR,
         "managedBy": {"type": "string", "enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]},
         "metadata": STR_MAP,
+        "preRunningDeadlineSeconds": {**INT32, "minimum": 1},
         "rayClusterSpec": {"$ref": "#/$defs/ray.io.v1.RayClusterSpec"},
         "runtimeEnvYAML": STR,
         "shutdownAfterJobFinishes": BOOL,
@@ -121,12 +146,24 @@ KUBERAY_DEFS = {
         "suspend": BOOL,
         "ttlSecondsAfterFinished": {**INT32, "minimum": 0},
     }),
-    # ray.io_raycronjobs.yaml @12cb11e: spec {jobTemplate: RayJobSpec, schedule, suspend}, required jobTemplate, schedule.
+    # raycronjob_types.go @v1.7.0: spec {jobTemplate: RayJobSpec, schedule, timeZone (MinLength 1), suspend},
+    # required jobTemplate, schedule.
     "ray.io.v1.RayCronJobSpec": strict({
         "jobTemplate": {"$ref": "#/$defs/ray.io.v1.RayJobSpec"},
         "schedule": STR,
         "suspend": BOOL,
+        "timeZone": {"type": "string", "minLength": 1},
     }, required=["jobTemplate", "schedule"]),
+}
+
+
+# Plain Kubernetes kinds used by infra/kuberay/, straight from the Kubernetes definitions.
+K8S_KINDS = {
+    "io.k8s.api.batch.v1.CronJob": "cronjob-batch-v1.json",
+    "io.k8s.api.core.v1.ServiceAccount": "serviceaccount-v1.json",
+    "io.k8s.api.core.v1.ConfigMap": "configmap-v1.json",
+    "io.k8s.api.scheduling.v1.PriorityClass": "priorityclass-scheduling.k8s.io-v1.json",
+    "io.k8s.api.policy.v1.PodDisruptionBudget": "poddisruptionbudget-policy-v1.json",
 }
 
 
@@ -203,12 +240,14 @@ def main() -> None:
     out = Path(args.out)
     k8s_prov = {"source": f"PyPI kubernetes-validate==1.37.0, {DEFS_MEMBER}",
                 "generator": "infra/schemas/build_schemas.py"}
-    cron = standalone({"$ref": "#/$defs/io.k8s.api.batch.v1.CronJob"}, k8s_defs, k8s_prov)
-    (out / "cronjob-batch-v1.json").write_text(json.dumps(cron, indent=1, sort_keys=False) + "\n")
+    for definition, name in K8S_KINDS.items():
+        schema = standalone({"$ref": f"#/$defs/{definition}"}, k8s_defs, k8s_prov)
+        (out / name).write_text(json.dumps(schema, indent=1, sort_keys=False) + "\n")
     ray_prov = {**k8s_prov,
-                "kuberay": "ray-project/kuberay ray-operator/config/crd/bases/ray.io_raycronjobs.yaml @12cb11e48d1a3"
-                           "75a19b771ec53c3b0023d189d4e; apis/ray/v1/raycluster_types.go @3275ee09f6a6, "
-                           "rayjob_types.go @f6ef3f7b3263 (KubeRay fields transcribed, Kubernetes types from above)"}
+                "kuberay": "ray-project/kuberay v1.7.0 (59d663aeec13760646da3db9c1cf8cfe883e30b7): "
+                           "ray-operator/apis/ray/v1/raycronjob_types.go, rayjob_types.go, raycluster_types.go; "
+                           "earlier fields from ray.io_raycronjobs.yaml @12cb11e48d1a3 (KubeRay fields transcribed, "
+                           "Kubernetes types from above)"}
     pool = {**k8s_defs, **KUBERAY_DEFS}
     for kind in ("RayCluster", "RayJob", "RayCronJob"):
         pool[f"ray.io.v1.{kind}"] = kuberay_root(kind)
