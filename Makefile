@@ -11,7 +11,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # cannot work offline). Installed with apt when missing: as root directly, otherwise through sudo.
 BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: demo test bench browser clean
+.PHONY: demo test test-quick gpu-check bench browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# The inner loop: everything but the real multi-node cluster and the browser (about half the suite's time).
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not cluster and not browser" -x -q
+
+# Every GPU check and benchmark in one command (scripts/gpu_checks.py), for a machine with a GPU: one JSON report,
+# exit 1 on any exactness failure.
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_checks.py --device cuda --out gpu-checks.json
 
 # Lucent (the reference feature-visualization library) for `atlas bench render` only. Its pins (kornia<=0.4.1,
 # and test tools as runtime requirements) would downgrade or bloat the environment, so it is installed without

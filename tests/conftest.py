@@ -10,6 +10,17 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS_DIR)  # tiny_models importable here and (through PYTHONPATH) in Ray workers
 
 
+# Markers by module, so `make test-quick` can leave out the minutes-long cluster and browser tests.
+MODULE_MARKERS = {"test_cluster.py": "cluster", "test_site.py": "browser"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        marker = MODULE_MARKERS.get(os.path.basename(str(item.fspath)))
+        if marker:
+            item.add_marker(getattr(pytest.mark, marker))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray for the whole session; shut down at the end so no process is left behind."""

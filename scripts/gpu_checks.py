@@ -1,0 +1,302 @@
+"""Every GPU check and benchmark in one command: `python scripts/gpu_checks.py [--device cuda|cpu] [--out R.json]`.
+
+Run it the day a GPU is there (`make gpu-check`). It writes one JSON report and exits 1 if any EXACTNESS check
+fails (the numbers it measures are reported, never judged). With `--device cpu` (or without a GPU) it runs
+every check that does not need CUDA and lists the skipped ones with the reason, so the script itself is tested
+here (tests/test_gpu_checks.py).
+
+Checks (issue 18):
+  environment      torch, CUDA, cuDNN, TF32 flags; inside a Ray actor with num_gpus=1: CUDA_VISIBLE_DEVICES,
+                   threads, device
+  layer_maxima     on the device against CPU: plateaus (ties), all-zero and NaN maps, NCHW and channels_last;
+                   indices bit-equal, values equal
+  recorder         the Recorder on the device against a CPU brute force, TF32 off (keys identical, values to
+                   1e-5) and on (the error and the key-order differences, reported)
+  batch            the same images folded at batch 1, 7 and 64: bit-equal or not (reported; must be equal)
+  timing           ResNet-50 all layers at batch 32 and 256: forward fp32 / channels_last / bf16, maxima,
+                   statistics, flush (ms per batch, images/s)
+  scan             an end-to-end scan on a local Ray with one GPU actor, against brute force
+  render           feature visualization bytes equal for one seed, twice
+  pytest           the deconvnet and explanation tests with the GPU visible
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+class Skip(Exception):
+    """A check that cannot run here; the message says why."""
+
+
+def _need_cuda(device: str) -> None:
+    if device != "cuda":
+        raise Skip("needs CUDA (run with a GPU and --device cuda)")
+
+
+def check_environment(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if device == "cuda":
+        import ray
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_gpus=1, include_dashboard=False, logging_level="ERROR")
+        try:
+            @ray.remote(num_gpus=1)
+            def probe() -> dict:
+                import torch as t
+
+                return {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        "threads": t.get_num_threads(), "device": t.cuda.get_device_name(0)}
+
+            info["ray_actor"] = ray.get(probe.remote(), timeout=300)
+        finally:
+            ray.shutdown()
+    return info
+
+
+def check_layer_maxima(device: str) -> dict:
+    from pipeline.scan import layer_maxima
+
+    _need_cuda(device)
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.randn(8, 16, 7, 9, generator=generator)
+    maps[0, 0] = 1.0                      # a plateau: the first position must win
+    maps[1, 1] = 0.0                      # all zero
+    maps[2, 2, 3, 4] = float("nan")       # NaN: torch.max propagates it
+    maps[3, 3, 1:3, 2:5] = maps[3, 3].max() + 1  # a plateau of maxima
+    results = {}
+    for layout in ("nchw", "channels_last"):
+        gpu = maps.to("cuda")
+        if layout == "channels_last":
+            gpu = gpu.contiguous(memory_format=torch.channels_last)
+        cpu_v, cpu_y, cpu_x = layer_maxima(maps)
+        gpu_v, gpu_y, gpu_x = (t.cpu() for t in layer_maxima(gpu))
+        results[layout] = {"indices_equal": bool(torch.equal(cpu_y, gpu_y) and torch.equal(cpu_x, gpu_x)),
+                           "values_equal": bool(torch.equal(cpu_v.nan_to_num(-1), gpu_v.nan_to_num(-1)))}
+    results["ok"] = all(r["indices_equal"] and r["values_equal"] for r in results.values() if isinstance(r, dict))
+    return results
+
+
+def _images(n: int, size: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (max(1, n // 2), size, size, 3), dtype=np.uint8)
+    pixels = np.concatenate([base, base[: n - len(base)]])  # duplicates: ties broken by key
+    return {"image_key": np.array([f"img-{(i * 37) % n:05d}" for i in range(n)], dtype=object),
+            "source": np.array(["s"] * n, dtype=object), "label": np.array([None] * n, dtype=object),
+            "width": np.full(n, size, np.int32), "height": np.full(n, size, np.int32),
+            "status": np.array(["ok"] * n, dtype=object), "error": np.array([None] * n, dtype=object),
+            "pixels": pixels}
+
+
+def _record(device: str, batch: dict, batch_size: int, precision: str = "fp32", chunk: int | None = None,
+            spec: str = "torchvision:resnet18", size: int = 64, layers=("layer1", "layer3", "fc")):
+    from pipeline.models import ModelConfig, load_model, resolve_layers
+    from pipeline.scan import Recorder, RecorderConfig, ScanState
+
+    model = ModelConfig(spec, image_size=size)
+    torch.manual_seed(0)
+    infos = resolve_layers(load_model(model).model, size, ",".join(layers))
+    recorder = Recorder(RecorderConfig(model=model, layers=tuple(layers), k=8, device=device, batch_size=batch_size,
+                                       precision=precision), {i.name: i.shape[0] for i in infos})
+    n = len(batch["image_key"])
+    step = chunk or batch_size
+    for i in range(0, n, step):
+        recorder.record({name: column[i:i + step] for name, column in batch.items()})
+    return ScanState.from_bytes(recorder.flush().state)
+
+
+def _compare(a, b) -> dict:
+    out = {"keys_equal": True, "max_abs_diff": 0.0, "layers": {}}
+    for layer in a.topk:
+        ra, rb = a.topk[layer].result(), b.topk[layer].result()
+        keys = bool((ra["keys"] == rb["keys"]).all())
+        diff = float(np.nanmax(np.abs(ra["values"] - rb["values"]))) if ra["values"].size else 0.0
+        out["layers"][layer] = {"keys_equal": keys, "max_abs_diff": diff,
+                                "key_order_differences": int((ra["keys"] != rb["keys"]).sum())}
+        out["keys_equal"] &= keys
+        out["max_abs_diff"] = max(out["max_abs_diff"], diff)
+    return out
+
+
+def check_recorder(device: str) -> dict:
+    _need_cuda(device)
+    batch = _images(96, 64)
+    reference = _record("cpu", batch, 32)
+    fp32 = _compare(_record("cuda", batch, 32), reference)
+    tf32 = _compare(_record("cuda", batch, 32, precision="tf32"), reference)
+    return {"fp32": fp32, "tf32_reported": tf32, "ok": fp32["keys_equal"] and fp32["max_abs_diff"] < 1e-4}
+
+
+def check_batch(device: str) -> dict:
+    batch = _images(64, 64)
+    states = {chunk: _record(device, batch, 16, chunk=chunk) for chunk in (1, 7, 64)}
+    results = {}
+    for chunk in (1, 7):
+        comparison = _compare(states[chunk], states[64])
+        results[f"batch_{chunk}_vs_64"] = comparison | {"bit_equal": comparison["max_abs_diff"] == 0.0}
+    results["ok"] = all(r["bit_equal"] and r["keys_equal"] for r in results.values())
+    return results
+
+
+def check_timing(device: str, batches=(32, 256)) -> dict:
+    from pipeline.models import ModelConfig, feature_extractor, load_model, resolve_layers
+    from pipeline.scan import ScanState, layer_maxima
+
+    _need_cuda(device)
+    loaded = load_model(ModelConfig("torchvision:resnet50", image_size=224))
+    layers = [i.name for i in resolve_layers(loaded.model, 224, "all,fc")]
+    extractor = feature_extractor(loaded.model, layers).cuda().eval()
+
+    def timed(fn, repeats=5) -> float:
+        fn()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - started) / repeats * 1000
+
+    report = {}
+    for size in batches:
+        x = torch.randn(size, 3, 224, 224, device="cuda")
+        row = {}
+        with torch.inference_mode():
+            row["forward_fp32_ms"] = timed(lambda: extractor(x))
+            outputs = extractor(x)
+            row["maxima_ms"] = timed(lambda: [layer_maxima(o.float()) for o in outputs.values()])
+            cl = extractor.to(memory_format=torch.channels_last)
+            xc = x.contiguous(memory_format=torch.channels_last)
+            row["forward_channels_last_ms"] = timed(lambda: cl(xc))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                row["forward_bf16_ms"] = timed(lambda: cl(xc))
+            extractor.to(memory_format=torch.contiguous_format)
+            units = {name: o.shape[1] for name, o in outputs.items()}
+            maxima = {name: layer_maxima(o.float()) for name, o in outputs.items()}
+            state = ScanState(units, 32)
+            keys = [[f"k{b}-{i}" for i in range(size)] for b in range(6)]
+            counter = iter(range(10 ** 6))
+
+            def fold():
+                batch_keys = keys[next(counter) % 6]
+                wh = torch.full((size, 1), 224, dtype=torch.int32, device="cuda")
+                for name, (v, yy, xx) in maxima.items():
+                    state.add(name, v, [f"{k}-{next(counter)}" for k in batch_keys], y=yy.int(), x=xx.int(),
+                              width=wh.expand_as(yy), height=wh.expand_as(yy))
+
+            row["statistics_ms"] = timed(fold)
+            started = time.perf_counter()
+            flushed = state.to_bytes()
+            row["flush_ms"] = (time.perf_counter() - started) * 1000
+            row["flush_bytes"] = len(flushed)
+            row["forward_images_per_second"] = size / row["forward_fp32_ms"] * 1000
+            row["recorder_over_forward"] = row["forward_fp32_ms"] / (row["forward_fp32_ms"] + row["maxima_ms"]
+                                                                    + row["statistics_ms"])
+        report[f"batch_{size}"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+    return report
+
+
+def check_scan(device: str) -> dict:
+    from pipeline.demo_data import make_photo_folder
+    from pipeline.models import ModelConfig
+    from pipeline.scan_runner import ScanConfig, run_scan
+    from pipeline.store import connect
+
+    _need_cuda(device)
+    work = tempfile.mkdtemp(prefix="gpu-check-")
+    photos = make_photo_folder(os.path.join(work, "photos"), 64, seed=0)
+    model = ModelConfig("module:tiny_models:small_net", image_size=32)
+    runs = {}
+    for name, dev in (("cpu", "cpu"), ("cuda", "cuda")):
+        runs[name] = os.path.join(work, name)
+        run_scan(ScanConfig(model=model, data=photos, out=runs[name], layers="stem,relu,down", k=5, device=dev,
+                            actors=1, progress=False))
+    query = "SELECT layer, unit, rank, image_key FROM topk ORDER BY ALL"
+    keys_equal = connect(runs["cpu"]).execute(query).fetchall() == connect(runs["cuda"]).execute(query).fetchall()
+    acts = [np.array(connect(r).execute("SELECT act FROM topk ORDER BY layer, unit, rank").fetchall()).ravel()
+            for r in runs.values()]
+    diff = float(np.abs(acts[0] - acts[1]).max())
+    return {"keys_equal": keys_equal, "max_abs_diff": diff, "ok": keys_equal and diff < 1e-4}
+
+
+def check_render(device: str) -> dict:
+    from pipeline.models import ModelConfig
+    from pipeline.render_worker import RenderConfig, RenderTask, UnitRenderer, VisSettings
+
+    config = RenderConfig(model=ModelConfig("module:tiny_models:small_net", image_size=32),
+                          vis=VisSettings(steps=16, size=32, seed=3), device=device)
+    outputs = []
+    for _ in range(2):
+        renderer = UnitRenderer(config)
+        result = renderer(RenderTask(layer="down", vis_units=[0, 1, 2]))
+        outputs.append(result.files)
+    same = outputs[0] == outputs[1]
+    return {"files": len(outputs[0]), "bytes_equal": same, "ok": same}
+
+
+def check_pytest(device: str) -> dict:
+    _need_cuda(device)
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_deconv.py", "tests/test_guided.py",
+               "tests/test_explain.py", "-k", "not data_survives"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    return {"returncode": done.returncode, "tail": done.stdout.strip().splitlines()[-1:], "ok": done.returncode == 0}
+
+
+CHECKS = {"environment": check_environment, "layer_maxima": check_layer_maxima, "recorder": check_recorder,
+          "batch": check_batch, "timing": check_timing, "scan": check_scan, "render": check_render,
+          "pytest": check_pytest}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="gpu-checks.json")
+    parser.add_argument("--only", help="comma-separated checks (default: all)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_checks: error: --device cuda, but torch sees no GPU on this machine", file=sys.stderr)
+        return 2
+    chosen = args.only.split(",") if args.only else list(CHECKS)
+    report: dict = {"device": args.device, "checks": {}, "skipped": {}, "failed": []}
+    for name in chosen:
+        started = time.time()
+        try:
+            result = CHECKS[name](args.device)
+            result["seconds"] = round(time.time() - started, 2)
+            report["checks"][name] = result
+            if result.get("ok") is False:
+                report["failed"].append(name)
+        except Skip as reason:
+            report["skipped"][name] = str(reason)
+        except Exception as error:  # noqa: BLE001 - one broken check must not hide the others
+            report["checks"][name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+            report["failed"].append(name)
+        print(f"{name}: {'skipped' if name in report['skipped'] else 'FAILED' if name in report['failed'] else 'ok'}",
+              flush=True)
+    with open(args.out, "w") as handle:
+        json.dump(report, handle, indent=2, default=str)
+    print(f"report: {args.out}; failed: {report['failed'] or 'none'}; skipped: {sorted(report['skipped']) or 'none'}")
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

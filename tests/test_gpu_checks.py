@@ -1,0 +1,35 @@
+"""The GPU check script runs here on CPU: every check that needs no CUDA passes, the others are listed as skipped
+with the reason, and the report is one JSON file (scripts/gpu_checks.py; run it on a GPU with `make gpu-check`)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_checks_run_on_cpu_and_say_what_they_skipped(tmp_path):
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_checks.py"), "--device", "cpu",
+                           "--out", str(out), "--only", "environment,layer_maxima,batch,render,timing"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["failed"] == []
+    assert set(report["skipped"]) == {"layer_maxima", "timing"}
+    assert all("CUDA" in reason for reason in report["skipped"].values())
+    # Batch independence is an exactness check that runs on CPU too (forward passes of one shape).
+    assert report["checks"]["batch"]["ok"] and report["checks"]["batch"]["batch_1_vs_64"]["bit_equal"]
+    assert report["checks"]["render"]["bytes_equal"]
+
+
+def test_asking_for_cuda_without_a_gpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_checks.py"), "--device", "cuda",
+                           "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "sees no GPU" in done.stderr
