@@ -75,12 +75,16 @@ def read_topk(run: str, layer: str) -> list[dict]:
     return [dict(zip(columns, row)) for row in rows]
 
 
-@pytest.mark.parametrize("batch_size,actors", [(4, 1), (16, 2)])
-def test_topk_equals_brute_force(ray_cluster, tie_folder, tmp_path, batch_size, actors):
+@pytest.mark.parametrize("batch_size,actors,flush_images", [(4, 1, 50_000), (16, 2, 20), (8, 3, 3)])
+def test_topk_equals_brute_force(ray_cluster, tie_folder, tmp_path, batch_size, actors, flush_images):
+    """1-3 workers; a flush that only happens at the end, one every few batches, one smaller than a batch."""
     k = 5
     run = str(tmp_path / "run")
     manifest = run_scan(ScanConfig(model=SMALL, data=tie_folder, out=run, layers=",".join(LAYERS), k=k,
-                                   record="all", batch_size=batch_size, actors=actors, progress=False))
+                                   record="all", batch_size=batch_size, actors=actors, flush_images=flush_images,
+                                   progress=False))
+    if flush_images < 40:
+        assert manifest["execution"]["flushes"] >= 40 // max(flush_images, batch_size) - actors
     keys, values, where = reference_maxima(tie_folder)
     assert manifest["counts"]["images_ok"] == len(keys) == 40
     assert manifest["execution"]["actors"] == actors
