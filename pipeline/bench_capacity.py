@@ -22,7 +22,10 @@ import time
 import torch
 
 from pipeline.models import ModelConfig, feature_extractor, load_model, resolve_layers
-from pipeline.scan import PAYLOAD, Flush, ScanState
+from pipeline.scan import Flush, ScanState
+
+# The replaced path's partials carried the argmax and the image size per entry, as int64.
+OLD_PAYLOAD = ("y", "x", "width", "height")
 from pipeline.stats import QuantileSketch, RunningMoments, TopK
 
 
@@ -34,7 +37,7 @@ def _synthetic_partial(layers: dict[str, int], k: int, batch: int, offset: int, 
         values = torch.rand(batch, units, generator=generator)
         y = torch.randint(0, 7, (batch, units), dtype=torch.int32, generator=generator)
         size = torch.full((batch, units), 400, dtype=torch.int32)
-        topk = TopK(units, k, PAYLOAD)
+        topk = TopK(units, k, OLD_PAYLOAD)
         topk.add(values, keys, y=y, x=y, width=size, height=size)
         moments, sketch = RunningMoments(units), QuantileSketch(units)
         moments.add(values)
@@ -73,7 +76,7 @@ def _old_driver_merge(layer_units: dict[str, int], k: int, batch: int, generator
             state[name][1].merge(RunningMoments.from_state_dict(parts["moments"]))
             state[name][2].merge(QuantileSketch.from_state_dict(parts["sketch"]))
 
-    state = {name: (TopK(units, k, PAYLOAD), RunningMoments(units), QuantileSketch(units))
+    state = {name: (TopK(units, k, OLD_PAYLOAD), RunningMoments(units), QuantileSketch(units))
              for name, units in layer_units.items()}
     merge(state, blobs[0])
     started = time.perf_counter()
@@ -96,10 +99,9 @@ def _worker_fold(layer_units: dict[str, int], k: int, batch: int, batches: int,
             inputs.append((keys, values))
 
         def fold(keys, values):
-            size = torch.full((batch,), 400, dtype=torch.int32)
             for name, v in values.items():
                 y = torch.zeros(v.shape, dtype=torch.int32)
-                state.add(name, v, keys, y=y, x=y, width=size[:, None].expand_as(y), height=size[:, None].expand_as(y))
+                state.add(name, v, keys, y=y, x=y)
             state.images_ok += len(keys)
 
         fold(*inputs[0])  # warm-up

@@ -32,7 +32,9 @@ from pipeline.receptive_field import ReceptiveField
 from pipeline.stats import QuantileSketch, RunningMoments, TopK
 from pipeline.store import IMAGES_SCHEMA, MAXIMA_SCHEMA, TOPK_SCHEMA, UNITS_SCHEMA, layer_dir, write_table
 
-PAYLOAD = ("y", "x", "width", "height")
+# What the top-k carries per entry besides value and key: the argmax position (int32). Image sizes, needed only
+# to map boxes to original pixels, are joined from the images table at the end instead of carried per unit.
+PAYLOAD = ("y", "x")
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
@@ -83,7 +85,7 @@ class ScanState:
     def __init__(self, layer_units: dict[str, int], k: int):
         self.k = k
         self.layer_units = dict(layer_units)
-        self.topk = {name: TopK(units, k, PAYLOAD) for name, units in layer_units.items()}
+        self.topk = {name: TopK(units, k, PAYLOAD, payload_dtype=torch.int32) for name, units in layer_units.items()}
         self.moments = {name: RunningMoments(units) for name, units in layer_units.items()}
         self.sketch = {name: QuantileSketch(units) for name, units in layer_units.items()}
         self.images_ok = 0
@@ -255,13 +257,10 @@ class Recorder:
         n = len(columns["image_key"])
         if ok.any():
             outputs = self._forward(batch["pixels"][ok])
-            width, height = (torch.as_tensor(np.asarray(batch[name])[ok].astype(np.int32), device=self.device)
-                             for name in ("width", "height"))
             maxima = {}
             for layer in self.config.layers:
                 values, y, x = layer_maxima(outputs[layer].float())
-                self.state.add(layer, values, keys, y=y.int(), x=x.int(),
-                               width=width[:, None].expand_as(y), height=height[:, None].expand_as(y))
+                self.state.add(layer, values, keys, y=y.int(), x=x.int())
                 if self.config.record_all:
                     maxima[layer] = (values.cpu().numpy(), y.int().cpu().numpy(), x.int().cpu().numpy())
             self.state.images_ok += len(keys)
@@ -329,28 +328,46 @@ class Recorder:
         return self.worker_id
 
 
+def image_facts(images: pa.Table) -> dict[str, tuple[str | None, int, int]]:
+    """image_key -> (label, original width, original height), from rows of the images table."""
+    return {key: (label, width, height) for key, label, width, height in zip(
+        *(images.column(name).to_pylist() for name in ("image_key", "label", "width", "height")))}
+
+
 class ScanResult:
     """The final merged state with the tables it becomes (topk per layer, units)."""
 
     def __init__(self, state: ScanState):
         self.state = state
 
-    def topk_table(self, name: str, field: ReceptiveField, preprocess, labels: dict[str, str | None]) -> pa.Table:
-        """Rows layer, unit, rank, image_key, label, act, y, x, box_* for one layer (boxes in original pixels)."""
+    def keys(self) -> set[str]:
+        """Every image key some top-k holds (the images whose facts the tables need)."""
+        needed: set[str] = set()
+        for topk in self.state.topk.values():
+            needed.update(topk.result()["keys"].reshape(-1).tolist())
+        return needed
+
+    def topk_table(self, name: str, field: ReceptiveField, preprocess,
+                   facts: dict[str, tuple[str | None, int, int]]) -> pa.Table:
+        """Rows layer, unit, rank, image_key, label, act, y, x, box_* for one layer (boxes in original pixels);
+        `facts`: image_key -> (label, width, height) of at least the top-k images (`image_facts`)."""
         result = self.state.topk[name].result()
         values = result["values"]
         units, m = values.shape
         y, x = result["y"].astype(np.int64), result["x"].astype(np.int64)
+        keys_grid = result["keys"]
+        width = np.vectorize(lambda k: facts[k][1], otypes=[np.int64])(keys_grid) if keys_grid.size else y
+        height = np.vectorize(lambda k: facts[k][2], otypes=[np.int64])(keys_grid) if keys_grid.size else y
         size = preprocess.image_size
         y0, x0, y1, x1 = field.box(y, x, input_hw=(size, size))
-        box = preprocess.to_original_box(np.stack([x0, y0, x1, y1], axis=-1), result["width"], result["height"])
-        keys = result["keys"].reshape(-1)
+        box = preprocess.to_original_box(np.stack([x0, y0, x1, y1], axis=-1), width, height)
+        keys = keys_grid.reshape(-1)
         return pa.table({
             "layer": pa.array([name] * (units * m), pa.string()),
             "unit": np.repeat(np.arange(units, dtype=np.int32), m),
             "rank": np.tile(np.arange(m, dtype=np.int32), units),
             "image_key": pa.array(keys.tolist(), pa.string()),
-            "label": pa.array([labels.get(k) for k in keys.tolist()], pa.string()),
+            "label": pa.array([facts[k][0] for k in keys.tolist()], pa.string()),
             "act": values.reshape(-1).astype(np.float32),
             "y": y.reshape(-1).astype(np.int32), "x": x.reshape(-1).astype(np.int32),
             "box_x0": box[..., 0].reshape(-1).astype(np.int32), "box_y0": box[..., 1].reshape(-1).astype(np.int32),
@@ -379,10 +396,10 @@ class ScanResult:
             "sketch_counts": pa.array([list(map(int, c)) for c in sketch["counts"]], pa.list_(pa.int64())),
         }, schema=UNITS_SCHEMA)
 
-    def write(self, fields: dict[str, ReceptiveField], preprocess, labels: dict[str, str | None], topk_dir: str,
-              units_path: str) -> None:
+    def write(self, fields: dict[str, ReceptiveField], preprocess, facts: dict[str, tuple[str | None, int, int]],
+              topk_dir: str, units_path: str) -> None:
         """One top-k file per layer, one units file for all layers."""
         for name, receptive in fields.items():
-            write_table(self.topk_table(name, receptive, preprocess, labels),
+            write_table(self.topk_table(name, receptive, preprocess, facts),
                         f"{layer_dir(topk_dir, name)}/part-0.parquet")
         write_table(pa.concat_tables([self.units_table(name) for name in fields]), units_path)

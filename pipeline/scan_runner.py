@@ -24,7 +24,7 @@ from pipeline.ray_session import ray_session
 from pipeline.receptive_field import receptive_fields
 from pipeline.rundir import RunDirectory, claim, run_lock
 from pipeline.ranges import PRECISIONS, check_range
-from pipeline.scan import Flush, Recorder, RecorderConfig, ScanResult, ScanState, peak_rss_mb
+from pipeline.scan import Flush, Recorder, RecorderConfig, ScanResult, ScanState, image_facts, peak_rss_mb
 from pipeline.store import IMAGES_SCHEMA, layer_dir, read_manifest
 from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
 from pipeline.worker_pool import PassOutcome, WorkerPool
@@ -97,14 +97,13 @@ def _versions() -> dict:
             "duckdb": duckdb.__version__, "numpy": np.__version__}
 
 
-def _labels_for(images_dir: str, keys: set[str]) -> dict[str, str | None]:
-    """Labels of the top-k images, read back from the staged images table (streamed, filtered)."""
+def _facts_for(images_dir: str, keys: set[str]) -> dict[str, tuple[str | None, int, int]]:
+    """Label and original size of the top-k images, read back from the staged images table (filtered)."""
     if not keys:
         return {}
     dataset = pads.dataset(images_dir, format="parquet", schema=IMAGES_SCHEMA)
-    table = dataset.to_table(columns=["image_key", "label"],
-                             filter=pc.field("image_key").isin(sorted(keys)))
-    return dict(zip(table["image_key"].to_pylist(), table["label"].to_pylist()))
+    return image_facts(dataset.to_table(columns=["image_key", "label", "width", "height"],
+                                        filter=pc.field("image_key").isin(sorted(keys))))
 
 
 class _Attempts:
@@ -226,10 +225,7 @@ def run_scan(config: ScanConfig) -> dict:
         _write_images(store, os.path.join(images_dir, "part-0.parquet"))
         if config.record == "all":
             _move_maxima(store, run.staged("maxima"))
-        needed = set()
-        for topk in result.state.topk.values():
-            needed.update(topk.result()["keys"].reshape(-1).tolist())
-        result.write(fields, loaded.preprocess, _labels_for(images_dir, needed), run.staged("topk"),
+        result.write(fields, loaded.preprocess, _facts_for(images_dir, result.keys()), run.staged("topk"),
                      os.path.join(run.staged("units"), "part-0.parquet"))
         finished = time.time()
         units_total = sum(layer_units.values())

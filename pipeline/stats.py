@@ -76,16 +76,19 @@ class TopK:
     merged into it (each image is counted once); a repeated key raises ``ValueError``.
     """
 
-    def __init__(self, num_units: int, k: int, payload_names: Sequence[str] = ()) -> None:
+    def __init__(self, num_units: int, k: int, payload_names: Sequence[str] = (),
+                 payload_dtype: torch.dtype = torch.int64) -> None:
         if {"values", "keys"} & set(payload_names):
             raise ValueError("payload names 'values' and 'keys' are reserved")
         self.num_units = num_units
         self.k = k
         self.payload_names = tuple(payload_names)
+        # The scan keeps positions as int32 (a feature map is far smaller than 2**31): half the state's bytes.
+        self.payload_dtype = payload_dtype
         self._values = torch.empty(num_units, 0, dtype=torch.float32)
         self._key_index = torch.empty(num_units, 0, dtype=torch.int64)
         self._key_table = np.array([], dtype=str)
-        self._payload = {name: torch.empty(num_units, 0, dtype=torch.int64) for name in self.payload_names}
+        self._payload = {name: torch.empty(num_units, 0, dtype=payload_dtype) for name in self.payload_names}
 
     def add(self, values: ArrayLike, keys: Sequence[str], **payload: ArrayLike) -> None:
         """Add a batch of N images.
@@ -111,12 +114,13 @@ class TopK:
             values.T,
             rank.to(device).expand(self.num_units, -1),
             sorted_keys,
-            {name: _as_batch(p, self.num_units, torch.int64).to(device).T for name, p in payload.items()},
+            {name: _as_batch(p, self.num_units, self.payload_dtype).to(device).T for name, p in payload.items()},
         )
 
     def merge(self, other: TopK) -> None:
         """Merge another partial (same num_units, k and payload names, disjoint keys) into this one."""
-        if (other.num_units, other.k, other.payload_names) != (self.num_units, self.k, self.payload_names):
+        if (other.num_units, other.k, other.payload_names) != (self.num_units, self.k, self.payload_names) or \
+                other.payload_dtype != self.payload_dtype:
             raise ValueError("cannot merge TopK objects with different num_units, k or payload names")
         device = self._values.device
         self._merge_state(
@@ -182,7 +186,7 @@ class TopK:
             "k": self.k,
             "payload_names": list(self.payload_names),
             "values": self._values.cpu().numpy(),
-            "key_index": self._key_index.cpu().numpy(),
+            "key_index": self._key_index.int().cpu().numpy(),  # < 2**31 keys after compaction
             "key_table": self._key_table,
             "payload": {name: p.cpu().numpy() for name, p in self._payload.items()},
         }
@@ -190,11 +194,13 @@ class TopK:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> TopK:
         """Rebuild (on the CPU) an object saved by ``state_dict``."""
-        topk = cls(state["num_units"], state["k"], state["payload_names"])
+        payload = {name: torch.tensor(p) for name, p in state["payload"].items()}
+        dtype = next(iter(payload.values())).dtype if payload else torch.int64
+        topk = cls(state["num_units"], state["k"], state["payload_names"], payload_dtype=dtype)
         topk._values = torch.tensor(state["values"])
-        topk._key_index = torch.tensor(state["key_index"])
+        topk._key_index = torch.tensor(state["key_index"]).long()
         topk._key_table = np.asarray(state["key_table"], dtype=str)
-        topk._payload = {name: torch.tensor(p) for name, p in state["payload"].items()}
+        topk._payload = payload
         return topk
 
 

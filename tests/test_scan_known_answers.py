@@ -1,7 +1,10 @@
 """The scan's numbers on a hand-weighted CNN (tiny_models.HandNet), worked out by hand, without Ray."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -9,7 +12,7 @@ from helpers import folder_batch, square_image, write_png
 from pipeline.data import Decoder, SourceSpec
 from pipeline.models import ModelConfig, load_model
 from pipeline.receptive_field import receptive_fields
-from pipeline.scan import Recorder, RecorderConfig, ScanResult, ScanState, layer_maxima
+from pipeline.scan import Recorder, RecorderConfig, ScanResult, ScanState, image_facts, layer_maxima
 
 HAND = ModelConfig(spec="module:tiny_models:hand_net", image_size=16, resize=16, mean=(0.0, 0.0, 0.0),
                    std=(1.0, 1.0, 1.0))
@@ -48,10 +51,15 @@ def scan_hand(root: str, paths: list[str], k: int = 3, batches: list[list[int]] 
     recorder = Recorder(RecorderConfig(model=HAND, layers=("relu1", "conv2"), k=k, device="cpu", flush_images=1),
                         units)
     state = ScanState(units, k)
+    facts: dict = {}
     for batch in batches or [list(range(len(paths)))]:
         decoded = decoder(folder_batch(root, [paths[i] for i in batch]))
-        state.merge(ScanState.from_bytes(recorder(decoded).state))
-    return ScanResult(state)
+        flush = recorder(decoded)
+        state.merge(ScanState.from_bytes(flush.state))
+        facts.update(image_facts(pq.read_table(io.BytesIO(flush.image_rows))))
+    result = ScanResult(state)
+    result.facts = facts  # image_key -> (label, width, height), as the scan joins them from the images table
+    return result
 
 
 def test_hand_net_receptive_fields_by_hand():
@@ -65,9 +73,8 @@ def test_hand_net_top_k_values_positions_and_boxes(hand_images):
     loaded = load_model(HAND)
     fields = receptive_fields(loaded.model, ["relu1", "conv2"], (16, 16))
     reducer = scan_hand(root, paths)
-    labels = {}
-    relu1 = reducer.topk_table("relu1", fields["relu1"], loaded.preprocess, labels).to_pylist()
-    conv2 = reducer.topk_table("conv2", fields["conv2"], loaded.preprocess, labels).to_pylist()
+    relu1 = reducer.topk_table("relu1", fields["relu1"], loaded.preprocess, reducer.facts).to_pylist()
+    conv2 = reducer.topk_table("conv2", fields["conv2"], loaded.preprocess, reducer.facts).to_pylist()
     row = {(r["unit"], r["rank"]): r for r in relu1}
 
     # Unit 0 = mean of red over a 3x3 window: 1.0 where the window sits exactly on the square, centre (5, 5).
@@ -111,8 +118,9 @@ def test_hand_net_result_independent_of_batching(hand_images, batches):
     root, paths = hand_images
     loaded = load_model(HAND)
     fields = receptive_fields(loaded.model, ["relu1", "conv2"], (16, 16))
-    reference = scan_hand(root, paths).topk_table("relu1", fields["relu1"], loaded.preprocess, {})
-    other = scan_hand(root, paths, batches=batches).topk_table("relu1", fields["relu1"], loaded.preprocess, {})
+    reference, other = scan_hand(root, paths), scan_hand(root, paths, batches=batches)
+    reference = reference.topk_table("relu1", fields["relu1"], loaded.preprocess, reference.facts)
+    other = other.topk_table("relu1", fields["relu1"], loaded.preprocess, other.facts)
     assert other.equals(reference)
 
 
@@ -130,8 +138,10 @@ def test_downscaled_image_box_maps_back_by_the_resize_factor(tmp_path):
     fields = receptive_fields(loaded.model, ["relu1"], (16, 16))
     recorder = Recorder(RecorderConfig(model=HAND, layers=("relu1",), k=1, device="cpu"), {"relu1": 2})
     recorder.record(decoded)
-    reducer = ScanResult(ScanState.from_bytes(recorder.flush().state))
-    row = reducer.topk_table("relu1", fields["relu1"], loaded.preprocess, {}).to_pylist()[0]
+    flush = recorder.flush()
+    reducer = ScanResult(ScanState.from_bytes(flush.state))
+    facts = image_facts(pq.read_table(io.BytesIO(flush.image_rows)))
+    row = reducer.topk_table("relu1", fields["relu1"], loaded.preprocess, facts).to_pylist()[0]
     assert row["act"] == pytest.approx(window_mean[y, x], abs=1e-6)
     assert (row["y"], row["x"]) == (5, 5)
     assert (row["box_x0"], row["box_y0"], row["box_x1"], row["box_y1"]) == (8, 8, 14, 14)
