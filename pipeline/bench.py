@@ -64,25 +64,34 @@ def recorder_throughput(config: RecorderConfig, layer_units: dict[str, int], dec
 
 
 def forward_throughput(model: torch.nn.Module, pixels: np.ndarray, preprocess, batch_size: int,
-                       repeats: int = 2) -> float:
-    """Images/s of the bare forward pass over uint8 (N, S, S, 3) images, best of `repeats` passes."""
-    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
+                       repeats: int = 2, device: str = "cpu") -> float:
+    """Images/s of the bare forward pass over uint8 (N, S, S, 3) images on `device` (the upload included, the
+    device synchronised before the clock stops), best of `repeats` passes."""
+    model = model.to(device)
+    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best = 0.0
     with torch.inference_mode():
-        model(torch.zeros(2, 3, preprocess.image_size, preprocess.image_size))  # warm-up
+        model(torch.zeros(2, 3, preprocess.image_size, preprocess.image_size, device=device))  # warm-up
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             for i in range(0, len(pixels), batch_size):
-                x = torch.from_numpy(pixels[i:i + batch_size]).permute(0, 3, 1, 2).float().div(255)
+                x = torch.from_numpy(pixels[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float().div(255)
                 model((x - mean) / std)
+            sync()
             best = max(best, len(pixels) / (time.perf_counter() - start))
+    model.to("cpu")
     return best
 
 
 def bench_scan(images: int = 1000, image_size: int = 128, batch_size: int = 32, data: str | None = None,
-               out: str = "runs/bench", layers: str = BENCH_LAYERS, memory: bool = True) -> dict:
-    """Run the benchmark and print its JSON (also returned)."""
+               out: str = "runs/bench", layers: str = BENCH_LAYERS, memory: bool = True, device: str = "cpu") -> dict:
+    """Run the benchmark and print its JSON (also returned). Every ratio compares measurements on one device:
+    `device` for the forward pass, the Recorder and the scan's model actors alike."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no GPU on this machine")
     os.makedirs(out, exist_ok=True)
     model_config = ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights(),
                                image_size=image_size)
@@ -103,23 +112,24 @@ def bench_scan(images: int = 1000, image_size: int = 128, batch_size: int = 32, 
     pixels = decoded["pixels"]
     result: dict = {"model": "torchvision:mobilenet_v2 (ImageNet weights)", "layers": layers,
                     "image_size": image_size, "batch_size": batch_size, "images": len(pixels),
-                    "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": threads}
+                    "device": device, "cpus": threads}
 
     def scan(folder_: str, name: str) -> dict:
         run = os.path.join(out, name)
         return run_scan(ScanConfig(model=model_config, data=folder_, out=run, layers=layers, k=16,
-                                   batch_size=batch_size, overwrite=True, progress=False))
+                                   batch_size=batch_size, overwrite=True, progress=False, device=device))
 
     layer_names = [name.strip() for name in layers.split(",")]
     extractor = feature_extractor(loaded.model, layer_names).eval()
     with ray_session(None):
-        forward_before = forward_throughput(extractor, pixels, loaded.preprocess, batch_size)
-        full_model = forward_throughput(loaded.model, pixels, loaded.preprocess, batch_size)
+        forward_before = forward_throughput(extractor, pixels, loaded.preprocess, batch_size, device=device)
+        full_model = forward_throughput(loaded.model, pixels, loaded.preprocess, batch_size, device=device)
         manifest = scan(small, "scan-n")
-        forward_after = forward_throughput(extractor, pixels, loaded.preprocess, batch_size)
+        forward_after = forward_throughput(extractor, pixels, loaded.preprocess, batch_size, device=device)
         units = {name: out.shape[1] for name, out in extractor(torch.zeros(1, 3, image_size, image_size)).items()}
         recorder = recorder_throughput(RecorderConfig(model=model_config, layers=tuple(layer_names), k=16,
-                                                      threads=threads), units, decoded, batch_size)
+                                                      threads=threads, device=device, batch_size=batch_size),
+                                       units, decoded, batch_size)
         if memory:
             manifest_4n = scan(folder, "scan-4n")
     forward = (forward_before + forward_after) / 2

@@ -65,9 +65,16 @@ def _decode_rate(seconds: float = 2.0) -> float:
     return count / (time.perf_counter() - started)
 
 
-def _old_driver_merge(layer_units: dict[str, int], k: int, batch: int, generator: torch.Generator) -> tuple[float, int]:
-    """The replaced path: ms of driver time to unpickle and merge one batch partial, and its size in bytes."""
+def _old_driver_merge(layer_units: dict[str, int], k: int, batch: int,
+                      generator: torch.Generator) -> tuple[float, int, float]:
+    """The replaced path: ms of driver time to unpickle and merge one batch partial, its size in bytes, and the
+    worker's ms to build and pickle it (a fresh top-k, moments and sketch per batch, one CPU thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
     blobs = [_synthetic_partial(layer_units, k, batch, i * batch, generator) for i in range(3)]
+    worker_ms = (time.perf_counter() - started) / 3 * 1000
+    torch.set_num_threads(threads)
 
     def merge(state: dict, blob: bytes) -> None:
         partial = pickle.loads(blob)
@@ -82,7 +89,7 @@ def _old_driver_merge(layer_units: dict[str, int], k: int, batch: int, generator
     started = time.perf_counter()
     for blob in blobs[1:]:
         merge(state, blob)
-    return (time.perf_counter() - started) / (len(blobs) - 1) * 1000, len(blobs[0])
+    return (time.perf_counter() - started) / (len(blobs) - 1) * 1000, len(blobs[0]), worker_ms
 
 
 def _worker_fold(layer_units: dict[str, int], k: int, batch: int, batches: int,
@@ -194,7 +201,7 @@ def bench_capacity(model: str = "torchvision:resnet50", layers: str = "all,fc", 
         extractor(x)
         forward = forward_images / (time.perf_counter() - started)
     generator = torch.Generator().manual_seed(0)
-    old_ms, old_bytes = _old_driver_merge(layer_units, k, batch, generator)
+    old_ms, old_bytes, old_worker_ms = _old_driver_merge(layer_units, k, batch, generator)
     fold_rate, state = _worker_fold(layer_units, k, batch, batches=4, generator=generator)
     flush = _flush_of(state, flush_images)
     commit_ms = _driver_commit_ms(flush)
@@ -210,7 +217,8 @@ def bench_capacity(model: str = "torchvision:resnet50", layers: str = "all,fc", 
         "decode_images_per_second_one_core": round(_decode_rate(), 1),
         "old": {"driver_ms_per_batch": round(old_ms, 1), "driver_ms_per_1000_images": round(old_ms_per_1000, 1),
                 "driver_images_per_second": round(batch / (old_ms / 1000)),
-                "bytes_per_batch": old_bytes, "bytes_per_image": round(old_bytes / batch)},
+                "bytes_per_batch": old_bytes, "bytes_per_image": round(old_bytes / batch),
+                "worker_partial_images_per_second_one_core": round(batch / (old_worker_ms / 1000), 1)},
         "new": {"worker_fold_images_per_second_one_core": round(fold_rate, 1),
                 "flush_state_bytes": len(flush.state), "flush_image_rows_bytes": len(flush.image_rows),
                 "driver_commit_ms_per_flush": round(commit_ms, 1),

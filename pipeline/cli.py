@@ -257,7 +257,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import bench_scan
 
     bench_scan(images=args.images, image_size=args.image_size, batch_size=args.batch_size, data=args.data,
-               out=args.out, layers=args.layers, memory=not args.no_memory)
+               out=args.out, layers=args.layers, memory=not args.no_memory, device=args.device)
     return 0
 
 
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--k", type=int, default=16, help="top images kept per unit (default 16)")
     scan.add_argument("--record", choices=("topk", "all"), default="topk",
                       help="'all' also writes every (image, unit) maximum to RUN/maxima")
-    scan.add_argument("--batch-size", type=int, default=32)
+    scan.add_argument("--batch-size", type=int, help="images per forward pass (default 256 on a GPU, 32 on CPUs)")
     scan.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     scan.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else one per 4 CPUs, at least 2)")
     scan.add_argument("--threads", type=int, help="torch threads per CPU model actor")
@@ -450,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scan_parser.add_argument("--out", default="runs/bench")
     bench_scan_parser.add_argument("--layers", default="features.3,features.7,features.14")
     bench_scan_parser.add_argument("--no-memory", action="store_true", help="skip the 4N memory run")
+    bench_scan_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                                   help="where the forward pass, the Recorder and the scan's actors all run")
     bench_scan_parser.set_defaults(func=cmd_bench)
     bench_capacity_parser = bench_sub.add_parser("capacity", help="per-image costs for capacity planning: "
                                                  "forward, decode, driver merge per batch (README, Capacity)")

@@ -102,7 +102,7 @@ class ScanSection:
     layers: str = "all"  # comma-separated module names; 'all' = conv-block outputs, e.g. "all,fc"
     k: int = 16
     record: str = "topk"  # 'topk' | 'all'
-    batch_size: int = 32
+    batch_size: int | None = None  # images per forward pass; default 256 on a GPU, 32 on CPUs
     actors: int | None = None  # model replicas; default: one per GPU, else one per 4 CPUs
     threads: int | None = None
     # auto: GPUs if the cluster has them now; cuda: `actors` GPU replicas even before an autoscaler has

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from pipeline.determinism import deterministic_on
 from pipeline.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
 from pipeline.deconv import Deconvnet, GuidedBackprop
 from pipeline.models import ModelConfig, load_model
@@ -134,6 +135,7 @@ class UnitRenderer:
         loaded = load_model(config.model)
         self.model, self.preprocess = loaded.model, loaded.preprocess
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        deterministic_on(self.device)
         self.model.to(self.device)
         self._projectors: dict[str, dict[str, Deconvnet]] = {}
         self._visualizers: dict[str, FeatureVisualizer] = {}

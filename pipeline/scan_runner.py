@@ -7,7 +7,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow.compute as pc
@@ -35,6 +35,7 @@ FORMAT_VERSION = 1
 # A pass that lost a worker is followed by another over what is still uncovered; more than this many passes
 # means workers keep dying, and the scan stops rather than spin.
 MAX_PASSES = 5
+CPU_BATCH, GPU_BATCH = 32, 256
 MERGE_FAN_IN = 8
 
 
@@ -48,7 +49,7 @@ class ScanConfig:
     layers: str = "all"
     k: int = 16
     record: str = "topk"  # 'topk' | 'all'
-    batch_size: int = 32
+    batch_size: int | None = None  # images per forward pass; None: 256 on a GPU, 32 on CPUs
     address: str | None = None
     actors: int | None = None  # model replicas; None: one per GPU, else one per 4 CPUs (at least 2)
     threads: int | None = None  # torch threads per CPU actor; None: the node's CPUs / actors
@@ -203,6 +204,9 @@ def run_scan(config: ScanConfig) -> dict:
         with ray_session(config.address, num_cpus=config.num_cpus) as cluster:
             ray_ready = time.time()
             plan = plan_actors(config.actors, config.threads, config.device, cluster)
+            # Per-batch costs do not shrink with the batch, and a GPU is idle at CPU-sized batches.
+            plan["batch_size"] = config.batch_size or (GPU_BATCH if plan["device"] == "cuda" else CPU_BATCH)
+            config = replace(config, batch_size=plan["batch_size"])
             recorder_config = RecorderConfig(
                 model=config.model, layers=tuple(layers), k=config.k, record_all=config.record == "all",
                 device=plan["device"], threads=plan["threads"], flush_images=config.flush_images,

@@ -181,3 +181,26 @@ def test_class_visualizations_are_recognised_as_their_class(mobilenet):
     with torch.no_grad():
         logits = mobilenet.model((images - torch.tensor(pp.mean).view(1, 3, 1, 1)) / torch.tensor(pp.std).view(1, 3, 1, 1))
     assert logits.argmax(1).tolist() == classes.tolist()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("make", [channel, neuron])
+def test_ascent_steps_make_no_tensors_from_host_values(preset, make, monkeypatch):
+    """Issue 18: after the first step, no step builds a tensor from Python values (on a GPU each would be a
+    host-to-device copy and a synchronisation): the unit index and the rotation matrices are made once."""
+    visualizer = FeatureVisualizer(EdgeNet().eval(), ["relu"], GREY, UNIT_STD)
+    made = {"n": 0, "counting": False}
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+
+        def counted(*args, _original=original, **kwargs):
+            made["n"] += made["counting"]
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counted)
+
+    def on_step(step: int) -> None:
+        made["counting"] = step >= 0  # from the end of the first step on
+
+    visualizer.render(make("relu", [0, 1]), 2, get_preset(preset, 6), size=32, seed=0, on_step=on_step)
+    assert made["n"] == 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.determinism import deterministic_on
 from pipeline.explain.cam import CAM, CAMError
 from pipeline.explain.causal import MODES as CAUSAL_MODES
 from pipeline.explain.causal import CausalMetric, auc, importance
@@ -101,6 +102,7 @@ class Explainer:
         self.config = config
         loaded = load_model(config.model)
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        deterministic_on(self.device)
         self.model = loaded.model.to(self.device).eval()
         self.preprocess = loaded.preprocess
         self.categories = loaded.categories

@@ -49,10 +49,21 @@ class Objective:
         return f"Objective({self.name})"
 
 
-def _unit_maps(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) or (B, C) activations -> (B, h, w) or (B,): batch element i's map of units[i]."""
-    rows = torch.arange(act.shape[0], device=act.device)
-    return act[rows, units.to(act.device)]
+class _UnitIndex:
+    """(rows, units) index tensors on the activations' device, made once: copying `units` to a GPU in every
+    ascent step would be a host-to-device copy (and a synchronisation) per step."""
+
+    def __init__(self, units: Sequence[int] | torch.Tensor):
+        self.units = torch.as_tensor(units).long()
+        self.on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def maps(self, act: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) or (B, C) activations -> (B, h, w) or (B,): batch element i's map of units[i]."""
+        index = self.on.get(act.device)
+        if index is None:
+            index = self.on[act.device] = (torch.arange(len(self.units), device=act.device),
+                                           self.units.to(act.device))
+        return act[index]
 
 
 def channel(layer: str, units: Sequence[int] | torch.Tensor) -> Objective:
@@ -60,10 +71,10 @@ def channel(layer: str, units: Sequence[int] | torch.Tensor) -> Objective:
 
     On a (B, C) layer (e.g. the logits) this is the unit's value itself: class visualization on logits.
     """
-    units = torch.as_tensor(units).long()
+    index = _UnitIndex(units)
 
     def fn(acts: Acts) -> torch.Tensor:
-        maps = _unit_maps(acts[layer], units)
+        maps = index.maps(acts[layer])
         return maps.flatten(1).mean(1) if maps.ndim > 1 else maps
 
     return Objective(fn, [layer], f"channel({layer})")
@@ -71,10 +82,10 @@ def channel(layer: str, units: Sequence[int] | torch.Tensor) -> Objective:
 
 def neuron(layer: str, units: Sequence[int] | torch.Tensor, y: int | None = None, x: int | None = None) -> Objective:
     """Activation of unit ``units[i]`` at one position (default the centre of the map)."""
-    units = torch.as_tensor(units).long()
+    index = _UnitIndex(units)
 
     def fn(acts: Acts) -> torch.Tensor:
-        maps = _unit_maps(acts[layer], units)
+        maps = index.maps(acts[layer])
         if maps.ndim == 1:
             return maps
         h, w = maps.shape[-2:]

@@ -15,9 +15,6 @@ import torch.nn.functional as F
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-def _choice(values: Sequence[float], generator: torch.Generator) -> float:
-    return values[int(torch.randint(len(values), (1,), generator=generator))]
-
 
 def pad(width: int, value: float = 0.5) -> Transform:
     """Constant border (grey by default) so jitter and rotation do not wrap or expose the image's edges."""
@@ -34,11 +31,22 @@ def jitter(distance: int) -> Transform:
 
 
 def scale_rotate(scales: Sequence[float], degrees: Sequence[float]) -> Transform:
-    """Random zoom (factor from `scales`) and rotation (from `degrees`) about the centre, bilinear."""
+    """Random zoom (factor from `scales`) and rotation (from `degrees`) about the centre, bilinear.
+
+    Every (scale, angle) matrix is made once per device and picked by index in each step: building one from
+    Python floats per step would be a host-to-device copy (a synchronisation on a GPU) per step."""
+    table = torch.tensor([[[math.cos(math.radians(a)) / s, -math.sin(math.radians(a)) / s, 0.0],
+                           [math.sin(math.radians(a)) / s, math.cos(math.radians(a)) / s, 0.0]]
+                          for s in scales for a in degrees], dtype=torch.float64)
+    on: dict[tuple, torch.Tensor] = {}
+
     def fn(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        scale, angle = _choice(scales, generator), math.radians(_choice(degrees, generator))
-        cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
-        theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=image.dtype, device=image.device)
+        i = int(torch.randint(len(scales), (1,), generator=generator))
+        j = int(torch.randint(len(degrees), (1,), generator=generator))
+        key = (image.device, image.dtype)
+        if key not in on:
+            on[key] = table.to(device=image.device, dtype=image.dtype)
+        theta = on[key][i * len(degrees) + j]
         grid = F.affine_grid(theta.expand(image.shape[0], 2, 3), list(image.shape), align_corners=False)
         return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return fn
