@@ -344,7 +344,10 @@ def test_dockerfile_installs_the_package_and_copies_jobs():
     base = dockerfile_arg("CUDA_IMAGE")
     assert froms == ["${CUDA_IMAGE}"] and base.startswith("nvidia/cuda:"), "a CUDA base image"
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
-    assert re.search(r"pip install \.(\s|$)", runs), "the package is installed from the build context"
+    assert re.search(r"pip install (-c \S+ )?\.(\s|$)", runs), "the package is installed from the build context"
+    # Every pip install is constrained to the versions the suite passed with.
+    assert all("-c /tmp/constraints.txt" in line for line in re.findall(r"pip install[^&\n]*", runs))
+    assert "COPY infra/constraints.txt" in DOCKERFILE.read_text()
     torch = dockerfile_arg("TORCH_VERSION")
     assert '"torch==${TORCH_VERSION}"' in runs
     # The pinned torch satisfies pyproject.toml's torch requirement.
