@@ -86,9 +86,13 @@ def _old_driver_merge(layer_units: dict[str, int], k: int, batch: int,
     state = {name: (TopK(units, k, OLD_PAYLOAD), RunningMoments(units), QuantileSketch(units))
              for name, units in layer_units.items()}
     merge(state, blobs[0])
-    started = time.process_time()  # CPU time of this process, as the new path's driver costs are measured
+    # CPU time of this process, as the new path's driver costs are measured, on one torch thread: OpenMP workers
+    # spinning while they wait count as CPU time and, on a loaded machine, swamp the work itself.
+    torch.set_num_threads(1)
+    started = time.process_time()
     for blob in blobs[1:]:
         merge(state, blob)
+    torch.set_num_threads(threads)
     return (time.process_time() - started) / (len(blobs) - 1) * 1000, len(blobs[0]), worker_ms
 
 
