@@ -136,6 +136,19 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import compare_runs
+
+    manifest = compare_runs(args.run_a, args.run_b, args.out)
+    counts, images = manifest["counts"], manifest["images"]
+    print(f"comparison: {args.out}\n  layers {len(manifest['layers']['compared'])}, units {counts['units']} "
+          f"({counts['died']} died, {counts['revived']} revived, {counts['labels_changed']} changed their top "
+          f"label), images {images['shared']:,} shared")
+    for note in manifest["notes"]:
+        print(f"  note: {note}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -355,11 +368,19 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     site.set_defaults(func=cmd_site)
 
-    query = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima)")
+    query = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima), "
+                                         "or over a comparison (cmp_units, cmp_layers, a_topk, b_topk, ...)")
     query.add_argument("run")
     query.add_argument("sql")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.set_defaults(func=cmd_query)
+
+    compare = sub.add_parser("compare", help="what changed between two runs: top-k overlap, dead units, label "
+                                             "drift; CKA, correlations and unit matching with --record all")
+    compare.add_argument("run_a", metavar="RUN_A")
+    compare.add_argument("run_b", metavar="RUN_B")
+    compare.add_argument("--out", required=True, help="comparison directory to write (query it with atlas query)")
+    compare.set_defaults(func=cmd_compare)
 
     explain = sub.add_parser("explain", help="per-image explanations: saliency, occlusion, CAM, Grad-CAM "
                                              "(image files, or a data set on Ray)")
