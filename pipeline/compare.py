@@ -307,12 +307,12 @@ def layer_moments(a: RunInfo, b: RunInfo, layer: str, shared_keys: int, con) -> 
             table = con.execute(f"""
                 SELECT s.i // {chunks} AS row, m.unit, m.act
                 FROM read_parquet({paths[prefix]}, hive_partitioning=false) m JOIN shared s USING (image_key)
-                WHERE s.i % {chunks} = {chunk}""").fetch_arrow_table()
+                WHERE s.i % {chunks} = {chunk}""").fetchnumpy()
             matrix = np.full((rows, units), np.nan, np.float32)
-            matrix[table.column("row").to_numpy(), table.column("unit").to_numpy()] = table.column("act").to_numpy()
-            if table.num_rows != rows * units or np.isnan(matrix).any():
+            matrix[table["row"], table["unit"]] = table["act"]
+            if len(table["act"]) != rows * units or np.isnan(matrix).any():
                 raise RunError(f"run {prefix.upper()}'s maxima of {layer} do not cover every image and unit "
-                               f"({table.num_rows:,} values for {rows:,} images x {units} units); rescan it")
+                               f"({len(table['act']):,} values for {rows:,} images x {units} units); rescan it")
             views.append(matrix)
         moments.add(views[0], views[1])
     return moments

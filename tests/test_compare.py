@@ -1,0 +1,190 @@
+"""`atlas compare`: checked against what the comparison must find by construction (a consistently permuted network,
+one zeroed filter, different image sets) and CKA against an independent HSIC implementation."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from compare_models import PERMUTATION, ZEROED_UNIT
+from pipeline.cli import main
+from pipeline.compare import CrossMoments, linear_cka, spearman
+from pipeline.models import ModelConfig
+from pipeline.scan_runner import ScanConfig, run_scan
+
+LAYERS = "relu1,relu2,relu3"
+WIDTHS = {"relu1": 6, "relu2": 8, "relu3": 5}
+
+
+# ---------------------------------------------------------------------------------------------- numerics
+
+def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Kornblith et al. 2019 written from the definition: CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with
+    linear kernels K = X X^T, L = Y Y^T and HSIC(K, L) = tr(K H L H) / (n - 1)^2, H the centring matrix."""
+    n = len(x)
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l = x @ x.T, y @ y.T
+
+    def hsic(a, b):
+        return np.trace(a @ h @ b @ h) / (n - 1) ** 2
+
+    return float(hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l)))
+
+
+def test_cka_matches_an_independent_implementation_and_its_invariances():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 12)) + 3.0            # an offset: centring matters
+    y = x[:, :7] @ rng.normal(size=(7, 9)) + 0.7 * rng.normal(size=(120, 9)) - 5.0
+    reference = hsic_cka(x, y)
+    assert 0.2 < reference < 0.95
+    assert linear_cka(x, y) == pytest.approx(reference, abs=1e-10)
+    # streamed over uneven chunks, as the comparison reads maxima
+    moments = CrossMoments()
+    for start, stop in ((0, 7), (7, 50), (50, 51), (51, 120)):
+        moments.add(x[start:stop], y[start:stop])
+    assert moments.cka() == pytest.approx(reference, abs=1e-10)
+    q, _ = np.linalg.qr(rng.normal(size=(9, 9)))    # orthogonal transform of one side
+    assert linear_cka(x, y @ q) == pytest.approx(reference, abs=1e-10)
+    assert linear_cka(x, 37.5 * y) == pytest.approx(reference, abs=1e-10)   # isotropic scaling
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    # its correlation matrix is numpy's
+    expected = np.corrcoef(x.T, y.T)[:12, 12:]
+    np.testing.assert_allclose(moments.correlation(), expected, atol=1e-10)
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 5, 40).astype(float), rng.normal(size=40)
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def _scan(data: str, out: str, factory: str, record: str = "all") -> str:
+    run_scan(ScanConfig(model=ModelConfig(f"module:compare_models:{factory}", image_size=32), data=data, out=out,
+                        layers=LAYERS, k=4, record=record, batch_size=8, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, photo_folder, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("compare")
+    subset = root / "subset"  # the same photos less one class: a different image set
+    shutil.copytree(photo_folder, subset)
+    shutil.rmtree(subset / sorted(d for d in os.listdir(subset) if (subset / d).is_dir())[0])
+    return {"a": _scan(photo_folder, str(root / "a"), "cmp_net"),
+            "permuted": _scan(photo_folder, str(root / "permuted"), "cmp_net_permuted"),
+            "zeroed": _scan(photo_folder, str(root / "zeroed"), "cmp_net_zeroed"),
+            "subset": _scan(str(subset), str(root / "subset-run"), "cmp_net", record="topk")}
+
+
+def _tables(cmp: str) -> tuple[dict, dict, dict]:
+    units = {(r["layer"], r["unit"]): r for r in pq.read_table(os.path.join(cmp, "cmp_units")).to_pylist()}
+    layers = {r["layer"]: r for r in pq.read_table(os.path.join(cmp, "cmp_layers")).to_pylist()}
+    with open(os.path.join(cmp, "manifest.json")) as handle:
+        return units, layers, json.load(handle)
+
+
+def test_permuted_channels_are_recovered_exactly(runs, tmp_path, capsys):
+    cmp = str(tmp_path / "cmp")
+    assert main(["compare", runs["a"], runs["permuted"], "--out", cmp]) == 0
+    units, layers, manifest = _tables(cmp)
+    assert not any(r["dead_a"] for r in units.values())  # the premise: every unit varies, so matching is defined
+    assert manifest["runs"]["a"]["fingerprint"] != manifest["runs"]["b"]["fingerprint"]
+    assert manifest["per_image"]["source"] == "maxima" and manifest["images"]["shared"] == 36
+    inverse = np.argsort(PERMUTATION)  # A's unit i is B's unit inverse[i]
+    for unit in range(8):
+        row = units[("relu2", unit)]
+        assert row["matched_unit_b"] == inverse[unit] and row["best_unit_b"] == inverse[unit]
+        assert row["matched_corr"] == pytest.approx(1.0, abs=1e-6)
+    for layer in ("relu1", "relu3"):  # identity on either side of the permuted layer
+        for unit in range(WIDTHS[layer]):
+            row = units[(layer, unit)]
+            assert row["matched_unit_b"] == unit and row["topk_jaccard"] == 1.0
+            assert row["topk_spearman"] == pytest.approx(1.0) and row["same_corr"] == pytest.approx(1.0, abs=1e-6)
+            assert row["label_changed"] is False
+    for layer, row in layers.items():
+        assert row["cka"] == pytest.approx(1.0, abs=1e-6), layer
+        assert row["matched_mean_corr"] == pytest.approx(1.0, abs=1e-6), layer
+        assert row["died"] == row["revived"] == 0
+    assert layers["relu2"]["same_mean_corr"] < 0.9  # unit u of B is another filter: only matching finds it
+    # `atlas query` over the comparison and both runs
+    capsys.readouterr()
+    assert main(["query", cmp, "SELECT count(*) AS n FROM cmp_units u JOIN a_topk t USING (layer, unit) "
+                               "JOIN b_topk s ON s.layer = u.layer AND s.unit = u.matched_unit_b AND s.rank = t.rank "
+                               "WHERE u.layer = 'relu2' AND s.image_key = t.image_key", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"n": 8 * 4}]  # matched units have the same top-k
+
+
+def test_one_zeroed_filter_is_the_one_unit_that_died(runs, tmp_path, capsys):
+    cmp = str(tmp_path / "cmp")
+    assert main(["compare", runs["a"], runs["zeroed"], "--out", cmp]) == 0
+    units, layers, _ = _tables(cmp)
+    died = sorted(key for key, row in units.items() if row["died"])
+    assert died == [("relu2", ZEROED_UNIT)]
+    assert not any(row["revived"] for row in units.values())
+    row = units[("relu2", ZEROED_UNIT)]
+    assert row["topk_jaccard"] == 0.0 and row["dead_b"] and row["label_b"] is None
+    assert row["same_corr"] is None and row["matched_unit_b"] is None  # a constant unit correlates with nothing
+    for unit in range(6):  # upstream: unchanged
+        assert units[("relu1", unit)]["topk_jaccard"] == 1.0
+        assert units[("relu1", unit)]["topk_spearman"] == pytest.approx(1.0)
+    for unit in set(range(8)) - {ZEROED_UNIT}:  # its layer's other filters: unchanged
+        assert units[("relu2", unit)]["topk_jaccard"] == 1.0
+    assert layers["relu1"]["cka"] == pytest.approx(1.0, abs=1e-6)
+    assert layers["relu2"]["died"] == 1 and layers["relu3"]["cka"] < 1.0
+    capsys.readouterr()
+    assert main(["query", cmp, "SELECT layer, unit FROM cmp_units WHERE died", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.split() == ["layer,unit", f"relu2,{ZEROED_UNIT}"]
+
+
+def test_different_image_sets_refuse_per_image_comparison(runs, tmp_path, capsys):
+    cmp = str(tmp_path / "cmp")
+    capsys.readouterr()
+    assert main(["compare", runs["a"], runs["subset"], "--out", cmp]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "saw different images" in err[0] and "only in A" in err[0]
+    units, layers, manifest = _tables(cmp)
+    assert manifest["per_image"]["source"] is None and manifest["images"]["same"] is False
+    assert all(row["cka"] is None and row["images"] == 0 for row in layers.values())
+    assert all(row["topk_jaccard"] is None and row["same_corr"] is None for row in units.values())
+    # what needs no shared images is still compared: dead units and labels
+    assert len(units) == sum(WIDTHS.values()) and not any(row["died"] for row in units.values())
+    assert all(row["label_a"] is not None and row["label_b"] is not None for row in units.values())
+
+
+def test_runs_without_every_maximum_compare_top_k_only(runs, tmp_path, capsys):
+    # A copy of the zeroed run as a --record topk scan writes it: no maxima, record = "topk".
+    topk_run = str(tmp_path / "topk-run")
+    shutil.copytree(runs["zeroed"], topk_run)
+    shutil.rmtree(os.path.join(topk_run, "maxima"))
+    with open(os.path.join(topk_run, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    manifest["record"] = "topk"
+    with open(os.path.join(topk_run, "manifest.json"), "w") as handle:
+        json.dump(manifest, handle)
+    cmp = str(tmp_path / "cmp")
+    capsys.readouterr()
+    assert main(["compare", runs["a"], topk_run, "--out", cmp]) == 0
+    assert "need both runs scanned with --record all" in capsys.readouterr().out
+    units, layers, manifest = _tables(cmp)
+    assert manifest["per_image"]["reason"].startswith("correlations, CKA and unit matching need")
+    assert all(row["cka"] is None for row in layers.values())
+    assert units[("relu2", ZEROED_UNIT)]["died"] and units[("relu2", ZEROED_UNIT)]["topk_jaccard"] == 0.0
+    assert units[("relu1", 0)]["topk_jaccard"] == 1.0
+
+
+def test_bad_inputs_are_one_line_errors(runs, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["compare", runs["a"], str(tmp_path / "nothing"), "--out", str(tmp_path / "c")]) == 2
+    assert "not a complete run" in capsys.readouterr().err
+    assert main(["compare", runs["a"], runs["permuted"], "--out", runs["zeroed"]]) == 2  # a scan run as --out
+    assert "holds a scan run" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(runs["zeroed"], "cmp_units"))
