@@ -69,7 +69,7 @@ def test_spearman_matches_scipy_with_ties():
 
 def _scan(data: str, out: str, factory: str, record: str = "all") -> str:
     run_scan(ScanConfig(model=ModelConfig(f"module:compare_models:{factory}", image_size=32), data=data, out=out,
-                        layers=LAYERS, k=4, record=record, batch_size=8, progress=False))
+                        layers=LAYERS, k=4, record=record, batch_size=8, actors=1, progress=False))
     return out
 
 
