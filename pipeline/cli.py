@@ -121,7 +121,16 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_site(args: argparse.Namespace) -> int:
     from pipeline.site import build_site
+    from pipeline.store import COMPARISON_KIND, read_manifest
 
+    manifest = read_manifest(args.run) if os.path.isdir(args.run) else None
+    if manifest is not None and manifest.get("kind") == COMPARISON_KIND:  # `atlas compare`'s output
+        from pipeline.compare_site import build_comparison_site
+        from pipeline.rundir import run_lock
+
+        with run_lock(args.run):
+            print(f"comparison page: open {build_comparison_site(args.run, out=args.out)}")
+        return 0
     report = build_site(args.run, out=args.out, progress=not args.quiet)
     print(f"site: {report.pages} pages; {report.written} files written, {report.unchanged} unchanged, "
           f"{report.removed} removed in {report.seconds} s\nopen {report.index}")
@@ -156,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import STAGES, load_config
+    from pipeline.config import RECORD_ORDER, load_config
     from pipeline.job import prepare_job, run_job
 
     config = load_config(args.config, args.set)
@@ -167,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     record = run_job(job, progress=not args.quiet)
     stages = ", ".join(f"{name} " + ("skipped (complete)" if info["skipped"] else f"{info['seconds']} s")
-                       for name, info in sorted(record["stages"].items(), key=lambda item: STAGES.index(item[0])))
+                       for name, info in sorted(record["stages"].items(), key=lambda item: RECORD_ORDER.index(item[0])))
     where = config.job.out if job.mirror is None else f"{job.mirror.url} (published: {config.job.out}/latest.json)"
     print(f"job {config.job.name}: {stages}\nrun: {where}")
     return 0

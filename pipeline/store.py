@@ -92,7 +92,7 @@ EXPLAIN_METRICS_SCHEMA = pa.schema([
 
 
 # Directories later stages write into a run (render, explain, site): removed when the scan is redone.
-DERIVED = ("atlas", "explain", "site")
+DERIVED = ("atlas", "explain", "site", "compare")  # compare: `[compare] previous` of a job (pipeline.job)
 # Written by `atlas run`: the resolved job configuration and the record of finished stages.
 JOB_TOML = "job.toml"
 JOB_RECORD = "job.json"

@@ -143,6 +143,11 @@ def test_one_zeroed_filter_is_the_one_unit_that_died(runs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["query", cmp, "SELECT layer, unit FROM cmp_units WHERE died", "--format", "csv"]) == 0
     assert capsys.readouterr().out.split() == ["layer,unit", f"relu2,{ZEROED_UNIT}"]
+    # the summary page: the chart, the died unit, nothing unescaped
+    assert main(["site", cmp]) == 0
+    with open(os.path.join(cmp, "site", "index.html")) as handle:
+        html = handle.read()
+    assert html.count("<rect") == 2 * 3 and "Units that died (1)" in html and "<script" not in html
 
 
 def test_different_image_sets_refuse_per_image_comparison(runs, tmp_path, capsys):
@@ -188,3 +193,27 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path, capsys):
     assert main(["compare", runs["a"], runs["permuted"], "--out", runs["zeroed"]]) == 2  # a scan run as --out
     assert "holds a scan run" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(runs["zeroed"], "cmp_units"))
+
+
+def test_a_job_compares_its_run_with_the_previous_one(runs, tmp_path, photo_folder):
+    from pipeline.config import ConfigError, parse_config
+    from pipeline.job import prepare_job, run_job
+
+    run = str(tmp_path / "tonight")
+    shutil.copytree(runs["zeroed"], run)  # tonight's scan, already complete: the job runs compare and site
+    data = {"job": {"name": "nightly", "out": run, "stages": ["site"]},
+            "model": {"spec": "module:compare_models:cmp_net_zeroed", "image_size": 32},
+            "data": {"source": photo_folder}, "scan": {"layers": LAYERS, "k": 4, "record": "all"},
+            "compare": {"previous": runs["a"]}}
+    record = run_job(prepare_job(parse_config(data)), progress=False)
+    assert not record["stages"]["compare"]["skipped"]
+    units, _, manifest = _tables(os.path.join(run, "compare"))
+    assert manifest["runs"]["a"]["path"] == os.path.abspath(runs["a"])
+    assert sorted(key for key, row in units.items() if row["died"]) == [("relu2", ZEROED_UNIT)]
+    assert os.path.isfile(os.path.join(run, "compare", "site", "index.html"))
+    again = run_job(prepare_job(parse_config(data)), progress=False)
+    assert again["stages"]["compare"]["skipped"]
+    for previous, message in ((str(tmp_path / "missing"), "compare.previous: .* is not a complete run"),
+                              ("s3://bucket/run", "must be a local run directory"), (run, "own run directory")):
+        with pytest.raises(ConfigError, match=message):
+            prepare_job(parse_config(data | {"compare": {"previous": previous}}))
