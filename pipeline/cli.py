@@ -148,7 +148,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.compare import compare_runs
 
-    manifest = compare_runs(args.run_a, args.run_b, args.out)
+    manifest = compare_runs(args.run_a, args.run_b, args.out, sample=args.sample, seed=args.seed,
+                            address=args.address, progress=not args.quiet)
     counts, images = manifest["counts"], manifest["images"]
     print(f"comparison: {args.out}\n  layers {len(manifest['layers']['compared'])}, units {counts['units']} "
           f"({counts['died']} died, {counts['revived']} revived, {counts['labels_changed']} changed their top "
@@ -389,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a", metavar="RUN_A")
     compare.add_argument("run_b", metavar="RUN_B")
     compare.add_argument("--out", required=True, help="comparison directory to write (query it with atlas query)")
+    compare.add_argument("--sample", type=int, help="when a run was scanned without --record all: recompute "
+                         "per-image maxima on this many shared images with each run's own model (on Ray)")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the --sample draw (default 0)")
+    compare.add_argument("--address", help="Ray cluster address for --sample (default: start a local Ray)")
+    compare.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     compare.set_defaults(func=cmd_compare)
 
     explain = sub.add_parser("explain", help="per-image explanations: saliency, occlusion, CAM, Grad-CAM "

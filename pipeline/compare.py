@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 1024 * 1024
 # Fewer shared top-k keys than this give no rank correlation (two points always correlate +-1).
 MIN_SPEARMAN_KEYS = 3
-MAXIMA_NEEDED = "correlations, CKA and unit matching need both runs scanned with --record all"
+MAXIMA_NEEDED = ("correlations, CKA and unit matching need both runs scanned with --record all "
+                 "(or --sample N to recompute maxima on N shared images)")
 
 
 class ComparisonIncomplete(RunError):
@@ -329,9 +330,16 @@ def _mean(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def compare_runs(run_a: str, run_b: str, out: str) -> dict:
+def compare_runs(run_a: str, run_b: str, out: str, sample: int | None = None, seed: int = 0,
+                 address: str | None = None, progress: bool = False) -> dict:
     """Compare two complete runs into `out`; returns the comparison's manifest. Raises ComparisonIncomplete
-    (after writing) when the runs saw different images, so the per-image part is missing."""
+    (after writing) when the runs saw different images, so the per-image part is missing.
+
+    `sample`: when a run has no maxima (scanned without --record all), compute them on `sample` shared images
+    drawn with `seed`, with each run's own model (pipeline.compare_sample); with maxima in both, the per-image
+    numbers use every shared image and `sample` is not needed."""
+    if sample is not None and sample < 2:
+        raise ValueError(f"--sample must be at least 2 images, got {sample}")
     from pipeline.rundir import claim, run_lock
 
     started = time.time()
@@ -341,21 +349,38 @@ def compare_runs(run_a: str, run_b: str, out: str) -> dict:
     existing = read_manifest(out) if os.path.isdir(out) else None
     if existing is not None and existing.get("kind") != COMPARISON_KIND:
         raise RunError(f"{out} holds a scan run; choose another --out for the comparison")
-    for note in plan.notes:
-        logger.warning("%s", note)
+    if sample is None:
+        for note in plan.notes:
+            logger.warning("%s", note)
     path = claim(out)
     with run_lock(path):
         # The old comparison's manifest goes first: a reader never sees new tables presented under the old one.
         if os.path.exists(os.path.join(path, MANIFEST)):
             os.remove(os.path.join(path, MANIFEST))
-        if plan.per_image:
+        maxima_runs = (a, b) if plan.per_image else None
+        sample_info = None
+        if not plan.per_image and sample is not None and plan.images["same"]:
+            from pipeline.compare_sample import choose_sample, sample_runs
+
+            keys = [row[0] for row in con.execute("SELECT image_key FROM a_images WHERE status = 'ok'").fetchall()]
+            keys = choose_sample(keys, sample, seed)
+            maxima_runs = sample_runs(a, b, plan.layers, keys, path, address=address, progress=progress)
+            con.register("sample_keys", pa.table({"image_key": keys}))
+            con.execute("CREATE TEMP TABLE shared AS SELECT image_key, (row_number() OVER (ORDER BY image_key)) - 1 "
+                        "AS i FROM sample_keys")
+            sample_info = {"images": len(keys), "seed": seed, "rescanned": [
+                side for side, run in (("a", a), ("b", b)) if not run.record_all]}
+            plan.per_image, plan.notes = True, [f"correlations, CKA and unit matching are over a seeded sample of "
+                                                f"{len(keys)} shared images (--sample {sample}, seed {seed})"]
+        elif plan.per_image:
             con.execute("CREATE TEMP TABLE shared AS SELECT image_key, (row_number() OVER (ORDER BY image_key)) - 1 "
                         "AS i FROM (SELECT image_key FROM a_images WHERE status = 'ok' INTERSECT "
                         "SELECT image_key FROM b_images WHERE status = 'ok')")
+        per_image_images = con.execute("SELECT count(*) FROM shared").fetchone()[0] if plan.per_image else 0
         unit_rows: list[dict] = []
         layer_rows: list[dict] = []
         for layer in plan.layers:
-            rows, summary = _compare_layer(a, b, layer, plan, con)
+            rows, summary = _compare_layer(a, b, layer, plan, con, maxima_runs, per_image_images)
             unit_rows.extend(rows)
             layer_rows.append(summary)
         for table, rows in (("cmp_units", unit_rows), ("cmp_layers", layer_rows)):
@@ -370,7 +395,8 @@ def compare_runs(run_a: str, run_b: str, out: str) -> dict:
             "images": plan.images,
             "layers": {"compared": plan.layers, "per_unit": plan.per_unit, "skipped": plan.skipped},
             # Where the per-image numbers came from, or why there are none.
-            "per_image": {"source": "maxima" if plan.per_image else None,
+            "per_image": {"source": ("sample" if sample_info else "maxima") if plan.per_image else None,
+                          "images": per_image_images, "sample": sample_info,
                           "reason": None if plan.per_image else (
                               _different_images_message(a, b, plan.images) if not plan.images["same"]
                               else MAXIMA_NEEDED)},
@@ -388,7 +414,8 @@ def compare_runs(run_a: str, run_b: str, out: str) -> dict:
     return manifest
 
 
-def _compare_layer(a: RunInfo, b: RunInfo, layer: str, plan: Plan, con) -> tuple[list[dict], dict]:
+def _compare_layer(a: RunInfo, b: RunInfo, layer: str, plan: Plan, con, maxima_runs: tuple | None,
+                   images: int) -> tuple[list[dict], dict]:
     same_width = plan.per_unit[layer]
     units_a, units_b = a.layers[layer], b.layers[layer]
     topk_a, topk_b = _read_topk(con, "a_", layer), _read_topk(con, "b_", layer)
@@ -396,7 +423,7 @@ def _compare_layer(a: RunInfo, b: RunInfo, layer: str, plan: Plan, con) -> tuple
     corr = best = matched = None
     cka = None
     if plan.per_image:
-        moments = layer_moments(a, b, layer, plan.images["shared"], con)
+        moments = layer_moments(*maxima_runs, layer, images, con)
         cka = _none(moments.cka())
         corr = moments.correlation()
         best = np.nan_to_num(corr, nan=-np.inf).argmax(1)
@@ -431,7 +458,7 @@ def _compare_layer(a: RunInfo, b: RunInfo, layer: str, plan: Plan, con) -> tuple
         rows.append(row)
     summary = {
         "layer": layer, "units_a": units_a, "units_b": units_b, "per_unit": same_width,
-        "images": plan.images["shared"] if plan.per_image else 0, "cka": cka,
+        "images": images, "cka": cka,
         "matched_mean_corr": _mean([r["matched_corr"] for r in rows]),
         "same_mean_corr": _mean([r["same_corr"] for r in rows]),
         "mean_topk_jaccard": _mean([r["topk_jaccard"] for r in rows]),

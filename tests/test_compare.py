@@ -165,16 +165,20 @@ def test_different_image_sets_refuse_per_image_comparison(runs, tmp_path, capsys
     assert all(row["label_a"] is not None and row["label_b"] is not None for row in units.values())
 
 
-def test_runs_without_every_maximum_compare_top_k_only(runs, tmp_path, capsys):
-    # A copy of the zeroed run as a --record topk scan writes it: no maxima, record = "topk".
-    topk_run = str(tmp_path / "topk-run")
-    shutil.copytree(runs["zeroed"], topk_run)
-    shutil.rmtree(os.path.join(topk_run, "maxima"))
-    with open(os.path.join(topk_run, "manifest.json")) as handle:
+def _without_maxima(run: str, copy: str) -> str:
+    """A copy of a run as a --record topk scan writes it: no maxima, record = "topk"."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(os.path.join(copy, "maxima"))
+    with open(os.path.join(copy, "manifest.json")) as handle:
         manifest = json.load(handle)
-    manifest["record"] = "topk"
-    with open(os.path.join(topk_run, "manifest.json"), "w") as handle:
+    manifest["record"] = manifest["config"]["record"] = "topk"
+    with open(os.path.join(copy, "manifest.json"), "w") as handle:
         json.dump(manifest, handle)
+    return copy
+
+
+def test_runs_without_every_maximum_compare_top_k_only(runs, tmp_path, capsys):
+    topk_run = _without_maxima(runs["zeroed"], str(tmp_path / "topk-run"))
     cmp = str(tmp_path / "cmp")
     capsys.readouterr()
     assert main(["compare", runs["a"], topk_run, "--out", cmp]) == 0
@@ -184,6 +188,31 @@ def test_runs_without_every_maximum_compare_top_k_only(runs, tmp_path, capsys):
     assert all(row["cka"] is None for row in layers.values())
     assert units[("relu2", ZEROED_UNIT)]["died"] and units[("relu2", ZEROED_UNIT)]["topk_jaccard"] == 0.0
     assert units[("relu1", 0)]["topk_jaccard"] == 1.0
+
+
+def test_sample_recomputes_the_maxima_a_run_did_not_record(runs, tmp_path, capsys):
+    full = str(tmp_path / "full")
+    assert main(["compare", runs["a"], runs["zeroed"], "--out", full]) == 0
+    topk_run = _without_maxima(runs["zeroed"], str(tmp_path / "topk-run"))
+    cmp = str(tmp_path / "cmp")
+    assert main(["compare", runs["a"], topk_run, "--out", cmp, "--sample", "36", "-q"]) == 0
+    units, layers, manifest = _tables(cmp)
+    assert manifest["per_image"]["source"] == "sample" and manifest["per_image"]["sample"]["rescanned"] == ["b"]
+    expected_units, expected_layers, _ = _tables(full)
+    for layer, row in layers.items():  # B's own model on the same images: the numbers of its recorded maxima
+        assert row["images"] == 36 and row["cka"] == pytest.approx(expected_layers[layer]["cka"], abs=1e-9)
+    for key, row in units.items():
+        for column in ("same_corr", "matched_corr", "best_corr"):
+            assert row[column] == pytest.approx(expected_units[key][column], abs=1e-9), (key, column)
+
+
+def test_the_sample_is_seeded_and_does_not_depend_on_key_order():
+    from pipeline.compare_sample import choose_sample
+
+    keys = [f"k{i:03d}" for i in range(100)]
+    first = choose_sample(keys, 10, seed=3)
+    assert first == choose_sample(list(reversed(keys)), 10, seed=3) and len(set(first)) == 10
+    assert first != choose_sample(keys, 10, seed=4) and choose_sample(keys, 500, seed=3) == keys
 
 
 def test_bad_inputs_are_one_line_errors(runs, tmp_path, capsys):
