@@ -27,12 +27,13 @@ TEMPLATE = """<!doctype html>
 <style>
 body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1100px; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; } td, th { padding: 2px 8px; border-bottom: 1px solid #ddd;
-text-align: left; overflow-wrap: anywhere; } td.n { text-align: right; font-variant-numeric: tabular-nums; } .muted { color: #777; }
+text-align: left; } th { white-space: nowrap; }
+table.runs td { overflow-wrap: anywhere; } td.n { text-align: right; font-variant-numeric: tabular-nums; } .muted { color: #777; }
 .warn { background: #fff4d6; padding: .5em .8em; border-left: 4px solid #e0a800; } .scroll { overflow-x: auto; }
 svg text { font: 11px system-ui, sans-serif; }
 </style></head><body>
 <h1>What changed: A → B</h1>
-<table>
+<table class="runs">
 <tr><th></th><th>A</th><th>B</th></tr>
 {% for field in ("model", "weights", "weights_sha256", "data", "created", "fingerprint", "record", "k") %}
 <tr><th>{{ field }}</th><td>{{ a[field] if a[field] is not none else "" }}</td>
