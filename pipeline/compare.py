@@ -349,7 +349,14 @@ def compare_runs(run_a: str, run_b: str, out: str, sample: int | None = None, se
     existing = read_manifest(out) if os.path.isdir(out) else None
     if existing is not None and existing.get("kind") != COMPARISON_KIND:
         raise RunError(f"{out} holds a scan run; choose another --out for the comparison")
-    if sample is None:
+    # A --sample rescan's inputs (each run's model and weights) are checked before anything is written too.
+    sampling = None
+    if not plan.per_image and sample is not None and plan.images["same"]:
+        from pipeline.compare_sample import choose_sample, prepare_rescans
+
+        keys = [row[0] for row in con.execute("SELECT image_key FROM a_images WHERE status = 'ok'").fetchall()]
+        sampling = (choose_sample(keys, sample, seed), prepare_rescans(a, b))
+    elif sample is None:
         for note in plan.notes:
             logger.warning("%s", note)
     path = claim(out)
@@ -357,25 +364,7 @@ def compare_runs(run_a: str, run_b: str, out: str, sample: int | None = None, se
         # The old comparison's manifest goes first: a reader never sees new tables presented under the old one.
         if os.path.exists(os.path.join(path, MANIFEST)):
             os.remove(os.path.join(path, MANIFEST))
-        maxima_runs = (a, b) if plan.per_image else None
-        sample_info = None
-        if not plan.per_image and sample is not None and plan.images["same"]:
-            from pipeline.compare_sample import choose_sample, sample_runs
-
-            keys = [row[0] for row in con.execute("SELECT image_key FROM a_images WHERE status = 'ok'").fetchall()]
-            keys = choose_sample(keys, sample, seed)
-            maxima_runs = sample_runs(a, b, plan.layers, keys, path, address=address, progress=progress)
-            con.register("sample_keys", pa.table({"image_key": keys}))
-            con.execute("CREATE TEMP TABLE shared AS SELECT image_key, (row_number() OVER (ORDER BY image_key)) - 1 "
-                        "AS i FROM sample_keys")
-            sample_info = {"images": len(keys), "seed": seed, "rescanned": [
-                side for side, run in (("a", a), ("b", b)) if not run.record_all]}
-            plan.per_image, plan.notes = True, [f"correlations, CKA and unit matching are over a seeded sample of "
-                                                f"{len(keys)} shared images (--sample {sample}, seed {seed})"]
-        elif plan.per_image:
-            con.execute("CREATE TEMP TABLE shared AS SELECT image_key, (row_number() OVER (ORDER BY image_key)) - 1 "
-                        "AS i FROM (SELECT image_key FROM a_images WHERE status = 'ok' INTERSECT "
-                        "SELECT image_key FROM b_images WHERE status = 'ok')")
+        maxima_runs, sample_info = _per_image_source(a, b, plan, con, path, sampling, seed, address, progress)
         per_image_images = con.execute("SELECT count(*) FROM shared").fetchone()[0] if plan.per_image else 0
         unit_rows: list[dict] = []
         layer_rows: list[dict] = []
@@ -412,6 +401,30 @@ def compare_runs(run_a: str, run_b: str, out: str, sample: int | None = None, se
     if not plan.images["same"]:
         raise ComparisonIncomplete(_different_images_message(a, b, plan.images) + f" (written to {out})")
     return manifest
+
+
+def _per_image_source(a: RunInfo, b: RunInfo, plan: Plan, con, path: str, sampling: tuple | None, seed: int,
+                      address: str | None, progress: bool) -> tuple[tuple | None, dict | None]:
+    """The runs whose maxima the per-image numbers read, with the temp table `shared` (image_key, i) of the images
+    they use: every shared image when both runs recorded all, else (with --sample) the sample, rescanned."""
+    if plan.per_image:
+        con.execute("CREATE TEMP TABLE shared AS SELECT image_key, (row_number() OVER (ORDER BY image_key)) - 1 "
+                    "AS i FROM (SELECT image_key FROM a_images WHERE status = 'ok' INTERSECT "
+                    "SELECT image_key FROM b_images WHERE status = 'ok')")
+        return (a, b), None
+    if sampling is None:
+        return None, None
+    from pipeline.compare_sample import sample_runs
+
+    keys, rescans = sampling
+    maxima_runs = sample_runs(a, b, rescans, plan.layers, keys, path, address=address, progress=progress)
+    con.register("sample_keys", pa.table({"image_key": keys}))
+    con.execute("CREATE TEMP TABLE shared AS SELECT image_key, (row_number() OVER (ORDER BY image_key)) - 1 AS i "
+                "FROM sample_keys")
+    plan.per_image = True
+    plan.notes = [f"correlations, CKA and unit matching are over a seeded sample of {len(keys)} shared images "
+                  f"(seed {seed}), recomputed by run(s) {', '.join(side.upper() for side in rescans)}"]
+    return maxima_runs, {"images": len(keys), "seed": seed, "rescanned": sorted(rescans)}
 
 
 def _compare_layer(a: RunInfo, b: RunInfo, layer: str, plan: Plan, con, maxima_runs: tuple | None,

@@ -49,17 +49,23 @@ def _check_weights(run, config) -> None:
         raise RunError(f"the weights of {run.path} changed since its scan (sha256 differs); --sample needs them")
 
 
-def sample_runs(a, b, layers: list[str], keys: list[str], cmp_dir: str, address: str | None = None,
+def prepare_rescans(a, b) -> dict:
+    """{side: ModelConfig} of the runs that lack maxima, each checked to load with the weights it was scanned
+    with; called before the comparison writes anything."""
+    configs = {side: _model_config(run.manifest) for side, run in (("a", a), ("b", b)) if not run.record_all}
+    for side, config in configs.items():
+        _check_weights(a if side == "a" else b, config)
+    return configs
+
+
+def sample_runs(a, b, configs: dict, layers: list[str], keys: list[str], cmp_dir: str, address: str | None = None,
                 progress: bool = False) -> tuple:
-    """RunInfo of the runs whose maxima cover `keys`: the run itself where it recorded every image, else a scan
-    of the sampled images with its own settings. Everything that can fail (weights, data) is checked first."""
+    """RunInfo of the runs whose maxima cover `keys`: the run itself where it recorded every image, else (the
+    sides in `configs`, from `prepare_rescans`) a scan of the sampled images with its own settings."""
     from pipeline.data import resolve_source
     from pipeline.fetch import fetch_images
 
-    rescan = [(side, run) for side, run in (("a", a), ("b", b)) if not run.record_all]
-    configs = {side: _model_config(run.manifest) for side, run in rescan}
-    for side, run in rescan:
-        _check_weights(run, configs[side])
+    rescan = [(side, a if side == "a" else b) for side in configs]
     root = os.path.join(os.path.abspath(cmp_dir), SAMPLE_DIR)
     # Named by the sampled keys: a scan's fingerprint knows its data files by name and size only, so another
     # sample must be another file (and the same sample finds its complete scans again).
