@@ -246,3 +246,77 @@ def test_a_job_compares_its_run_with_the_previous_one(runs, tmp_path, photo_fold
                               ("s3://bucket/run", "must be a local run directory"), (run, "own run directory")):
         with pytest.raises(ConfigError, match=message):
             prepare_job(parse_config(data | {"compare": {"previous": previous}}))
+
+
+# ---------------------------------------------------------------------------------------------- synthetic runs
+
+def _synthetic_run(path: str, layers: dict[str, np.ndarray], keys: list[str], k: int = 3, seed: int = 0) -> str:
+    """A complete run directory written from per-image maxima (images x units per layer) with the store's
+    schemas, as a --record all scan lays it out; rows are shuffled so only the keys can align the runs."""
+    import pyarrow as pa
+
+    from pipeline.store import SCHEMAS, layer_dir, write_json, write_table
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(path)
+    order = rng.permutation(len(keys))
+    write_table(pa.table({"image_key": [keys[i] for i in order], "source": ["s"] * len(keys),
+                          "label": [f"label{i % 3}" for i in order], "width": [32] * len(keys),
+                          "height": [32] * len(keys), "status": ["ok"] * len(keys), "error": [None] * len(keys)},
+                         schema=SCHEMAS["images"]), os.path.join(path, "images", "part-0.parquet"))
+    units_rows = []
+    for index, (layer, values) in enumerate(layers.items()):
+        n, p = values.shape
+        rows = [(layer, u, keys[i], float(values[i, u]), 0, 0) for i in order for u in range(p)]
+        half = len(rows) // 2  # two files, as several workers write them
+        for part, chunk in enumerate((rows[:half], rows[half:])):
+            write_table(pa.table(dict(zip(SCHEMAS["maxima"].names, map(list, zip(*chunk)))), schema=SCHEMAS["maxima"]),
+                        os.path.join(layer_dir(os.path.join(path, "maxima"), layer), f"part-{part}.parquet"))
+        topk = []
+        for u in range(p):
+            ranked = sorted(range(n), key=lambda i: (-np.float32(values[i, u]), keys[i]))[:k]
+            topk += [(layer, u, r, keys[i], f"label{i % 3}", float(values[i, u]), 0, 0, 0, 0, 1, 1)
+                     for r, i in enumerate(ranked)]
+        write_table(pa.table(dict(zip(SCHEMAS["topk"].names, map(list, zip(*topk)))), schema=SCHEMAS["topk"]),
+                    os.path.join(layer_dir(os.path.join(path, "topk"), layer), "part-0.parquet"))
+        units_rows += [{"layer": layer, "unit": u, "layer_index": index, "count": n,
+                        "mean": float(values[:, u].mean()), "std": float(values[:, u].std()),
+                        "min": float(values[:, u].min()), "max": float(values[:, u].max()),
+                        "n_active": int((values[:, u] > 0).sum()), "frac_active": float((values[:, u] > 0).mean()),
+                        "p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "dead": bool(values[:, u].max() <= 0),
+                        "sketch_buckets": [], "sketch_counts": []} for u in range(p)]
+    write_table(pa.Table.from_pylist(units_rows, schema=SCHEMAS["units"]), os.path.join(path, "units", "part-0.parquet"))
+    write_json({"fingerprint": f"synthetic-{seed}", "record": "all", "k": k, "model": {"spec": "synthetic"},
+                "data": {"path": "synthetic"},
+                "layers": [{"name": name, "units": v.shape[1]} for name, v in layers.items()]},
+               os.path.join(path, "manifest.json"))
+    return path
+
+
+def test_cka_and_matching_across_widths_read_from_maxima_in_chunks(tmp_path, monkeypatch):
+    import pipeline.compare as compare
+
+    rng = np.random.default_rng(5)
+    keys = [f"img{i:03d}" for i in range(90)]
+    x = rng.normal(size=(90, 6)).astype(np.float32) + 1.0
+    wide = (x @ rng.normal(size=(6, 9)) + 0.5 * rng.normal(size=(90, 9))).astype(np.float32)  # 6 -> 9 units
+    scrambled = x[:, [2, 0, 1, 5, 3, 4]] * 2.0 + 1.0          # same units, permuted and rescaled
+    a = _synthetic_run(str(tmp_path / "a"), {"L": x, "M": x}, keys, seed=1)
+    b = _synthetic_run(str(tmp_path / "b"), {"L": wide, "M": scrambled}, keys, seed=2)
+    monkeypatch.setattr(compare, "CHUNK_BYTES", 1000)  # ~16 images per chunk: the chunked join is exercised
+    compare.compare_runs(a, b, str(tmp_path / "cmp"))
+    units, layers, manifest = _tables(str(tmp_path / "cmp"))
+    assert layers["L"]["per_unit"] is False and layers["L"]["units_b"] == 9
+    assert layers["L"]["cka"] == pytest.approx(hsic_cka(x.astype(np.float64), wide.astype(np.float64)), abs=1e-6)
+    corr = np.corrcoef(x.T.astype(np.float64), wide.T.astype(np.float64))[:6, 6:]
+    from scipy.optimize import linear_sum_assignment
+    rows, cols = linear_sum_assignment(-corr)
+    for unit in range(6):
+        row = units[("L", unit)]
+        assert row["dead_b"] is None and row["topk_jaccard"] is None and row["label_changed"] is None
+        assert row["best_unit_b"] == int(corr[unit].argmax())
+        assert row["matched_unit_b"] == cols[list(rows).index(unit)]
+        assert row["matched_corr"] == pytest.approx(corr[unit, row["matched_unit_b"]], abs=1e-6)
+    assert [units[("M", u)]["matched_unit_b"] for u in range(6)] == [1, 2, 0, 4, 5, 3]
+    assert layers["M"]["cka"] == pytest.approx(1.0, abs=1e-6)
+    assert all(units[("M", u)]["topk_jaccard"] is not None for u in range(6))
