@@ -148,6 +148,14 @@ def test_one_zeroed_filter_is_the_one_unit_that_died(runs, tmp_path, capsys):
     with open(os.path.join(cmp, "site", "index.html")) as handle:
         html = handle.read()
     assert html.count("<rect") == 2 * 3 and "Units that died (1)" in html and "<script" not in html
+    from pipeline.compare_site import unit_page
+
+    def page(layer: str, unit: int) -> str:
+        with open(os.path.join(cmp, "site", unit_page({"layer": layer, "unit": unit}))) as handle:
+            return handle.read()
+
+    assert "relu2 unit 5: died" in page("relu2", ZEROED_UNIT) and 'class="shared"' not in page("relu2", ZEROED_UNIT)
+    assert page("relu1", 0).count('class="shared"') == 4  # B's unit: the same k = 4 images
 
 
 def test_different_image_sets_refuse_per_image_comparison(runs, tmp_path, capsys):
