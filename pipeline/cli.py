@@ -177,7 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     record = run_job(job, progress=not args.quiet)
     stages = ", ".join(f"{name} " + ("skipped (complete)" if info["skipped"] else f"{info['seconds']} s")
-                       for name, info in sorted(record["stages"].items(), key=lambda item: RECORD_ORDER.index(item[0])))
+                       for name, info in sorted(record["stages"].items(),
+                                                key=lambda item: RECORD_ORDER.index(item[0])))
     where = config.job.out if job.mirror is None else f"{job.mirror.url} (published: {config.job.out}/latest.json)"
     print(f"job {config.job.name}: {stages}\nrun: {where}")
     return 0

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.store import (COMPARE_SCHEMAS, COMPARISON_KIND, MANIFEST, SCHEMAS, RunError, create_views,

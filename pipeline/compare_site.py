@@ -227,7 +227,8 @@ def build_comparison_site(cmp_dir: str, out: str | None = None) -> str:
     label_width, bar_width = 160, 420
     chart = [{"layer": row["layer"], "y": i * CHART_ROW, "cka": row["cka"], "matched": row["matched_mean_corr"],
               "cka_w": round(max(row["cka"] or 0.0, 0.0) * bar_width, 1),
-              "matched_w": round(max(row["matched_mean_corr"] or 0.0, 0.0) * bar_width, 1)} for i, row in enumerate(layers)]
+              "matched_w": round(max(row["matched_mean_corr"] or 0.0, 0.0) * bar_width, 1)}
+             for i, row in enumerate(layers)]
     per_image = any(row["cka"] is not None for row in layers)
     from pipeline.site.paths import layer_slug
 

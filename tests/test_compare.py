@@ -293,7 +293,8 @@ def _synthetic_run(path: str, layers: dict[str, np.ndarray], keys: list[str], k:
                         "n_active": int((values[:, u] > 0).sum()), "frac_active": float((values[:, u] > 0).mean()),
                         "p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "dead": bool(values[:, u].max() <= 0),
                         "sketch_buckets": [], "sketch_counts": []} for u in range(p)]
-    write_table(pa.Table.from_pylist(units_rows, schema=SCHEMAS["units"]), os.path.join(path, "units", "part-0.parquet"))
+    write_table(pa.Table.from_pylist(units_rows, schema=SCHEMAS["units"]),
+                os.path.join(path, "units", "part-0.parquet"))
     write_json({"fingerprint": f"synthetic-{seed}", "record": "all", "k": k, "model": {"spec": "synthetic"},
                 "data": {"path": "synthetic"},
                 "layers": [{"name": name, "units": v.shape[1]} for name, v in layers.items()]},
