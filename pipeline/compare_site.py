@@ -110,10 +110,10 @@ UNIT_TEMPLATE = """<!doctype html>
 <title>{{ row.layer }} unit {{ row.unit }}: A vs B</title>
 <style>
 body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; padding: 0 1em; color: #222; }
-.cols { display: flex; flex-wrap: wrap; gap: 1.5em; } .col { flex: 1 1 300px; min-width: 0; }
+.cols { display: flex; flex-wrap: wrap; gap: 1.5em; } .col { flex: 1 1 320px; min-width: 0; overflow-x: auto; }
 table { border-collapse: collapse; } td, th { padding: 2px 6px; border-bottom: 1px solid #ddd; text-align: left; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; } td.key { overflow-wrap: anywhere; }
-tr.shared td { background: #eef5e8; } img { max-width: 96px; height: auto; image-rendering: auto; }
+tr.shared td { background: #eef5e8; } img { max-width: 64px; height: auto; }
 img.featvis { max-width: 160px; } .muted { color: #777; }
 </style></head><body>
 <p><a href="{{ home }}">← comparison</a></p>
