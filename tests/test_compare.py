@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -258,7 +259,8 @@ def test_a_job_compares_its_run_with_the_previous_one(runs, tmp_path, photo_fold
 
 # ---------------------------------------------------------------------------------------------- synthetic runs
 
-def _synthetic_run(path: str, layers: dict[str, np.ndarray], keys: list[str], k: int = 3, seed: int = 0) -> str:
+def _synthetic_run(path: str, layers: dict[str, np.ndarray], keys: list[str], k: int = 3, seed: int = 0,
+                   label: str = "label") -> str:
     """A complete run directory written from per-image maxima (images x units per layer) with the store's
     schemas, as a --record all scan lays it out; rows are shuffled so only the keys can align the runs."""
     import pyarrow as pa
@@ -269,7 +271,7 @@ def _synthetic_run(path: str, layers: dict[str, np.ndarray], keys: list[str], k:
     os.makedirs(path)
     order = rng.permutation(len(keys))
     write_table(pa.table({"image_key": [keys[i] for i in order], "source": ["s"] * len(keys),
-                          "label": [f"label{i % 3}" for i in order], "width": [32] * len(keys),
+                          "label": [f"{label}{i % 3}" for i in order], "width": [32] * len(keys),
                           "height": [32] * len(keys), "status": ["ok"] * len(keys), "error": [None] * len(keys)},
                          schema=SCHEMAS["images"]), os.path.join(path, "images", "part-0.parquet"))
     units_rows = []
@@ -283,7 +285,7 @@ def _synthetic_run(path: str, layers: dict[str, np.ndarray], keys: list[str], k:
         topk = []
         for u in range(p):
             ranked = sorted(range(n), key=lambda i: (-np.float32(values[i, u]), keys[i]))[:k]
-            topk += [(layer, u, r, keys[i], f"label{i % 3}", float(values[i, u]), 0, 0, 0, 0, 1, 1)
+            topk += [(layer, u, r, keys[i], f"{label}{i % 3}", float(values[i, u]), 0, 0, 0, 0, 1, 1)
                      for r, i in enumerate(ranked)]
         write_table(pa.table(dict(zip(SCHEMAS["topk"].names, map(list, zip(*topk)))), schema=SCHEMAS["topk"]),
                     os.path.join(layer_dir(os.path.join(path, "topk"), layer), "part-0.parquet"))
@@ -329,3 +331,41 @@ def test_cka_and_matching_across_widths_read_from_maxima_in_chunks(tmp_path, mon
     assert [units[("M", u)]["matched_unit_b"] for u in range(6)] == [1, 2, 0, 4, 5, 3]
     assert layers["M"]["cka"] == pytest.approx(1.0, abs=1e-6)
     assert all(units[("M", u)]["topk_jaccard"] is not None for u in range(6))
+
+
+def test_comparison_site_links_only_publishable_images_and_escapes_data(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.compare import compare_runs
+    from pipeline.compare_site import build_comparison_site, unit_page
+    from pipeline.store import ATLAS_INDEX_SCHEMA, write_table
+
+    rng = np.random.default_rng(7)
+    keys = [f"img{i:02d}" for i in range(20)]
+    x = rng.normal(size=(20, 2)).astype(np.float32) + 2.0
+    payload = "<script>alert(1)</script>"
+    a = _synthetic_run(str(tmp_path / "a"), {"L": x}, keys, seed=1, label=payload)
+    b = _synthetic_run(str(tmp_path / "b"), {"L": x + 1.0}, keys, seed=2)
+    atlas = os.path.join(a, "atlas", "layer=L", "unit=0")
+    os.makedirs(atlas)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not yours")
+    (tmp_path / "a" / "atlas" / "layer=L" / "unit=0" / "crop_000.png").write_bytes(b"png")
+    os.link(secret, os.path.join(atlas, "crop_001.png"))  # a second name of a file outside the run
+    rows = [("crop", 0, "atlas/layer=L/unit=0/crop_000.png"), ("crop", 1, "atlas/layer=L/unit=0/crop_001.png"),
+            ("crop", 2, "../secret.png"), ("featvis", 0, "/etc/passwd")]
+    write_table(pa.table({"layer": ["L"] * 4, "unit": [0] * 4, "kind": [r[0] for r in rows],
+                          "rank": [r[1] for r in rows], "image_key": [None] * 4, "path": [r[2] for r in rows],
+                          "act": [1.0] * 4, "featvis_act": [None] * 4, "top1_act": [None] * 4,
+                          "other_image_similarity": [None] * 4}, schema=ATLAS_INDEX_SCHEMA),
+                os.path.join(a, "atlas", "index.parquet"))
+    cmp = str(tmp_path / "cmp")
+    compare_runs(a, b, cmp)
+    build_comparison_site(cmp)
+    page = os.path.join(cmp, "site", unit_page({"layer": "L", "unit": 0}))
+    with open(page) as handle:
+        html = handle.read()
+    sources = [os.path.normpath(os.path.join(os.path.dirname(page), src)) for src in re.findall(r'src="([^"]*)"', html)]
+    assert sources == [os.path.join(atlas, "crop_000.png")]  # not the hard link, not a path leaving the run
+    assert payload not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count('class="shared"') == 3  # B's unit ranks the same images: x + 1 keeps the order
