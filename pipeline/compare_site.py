@@ -1,9 +1,11 @@
-"""`atlas site CMP` for a comparison: one static summary page (CMP/site/index.html).
+"""`atlas site CMP` for a comparison: CMP/site/index.html, layers/<slug>.html and units/<slug>/<unit>.html.
 
-Per-layer CKA and matched correlation as an inline SVG chart, the per-layer table, the units that died or
-revived, and the units whose top-k changed most, each linking to its page in both runs' sites where those were
-built (relative links, so it works from disk like the run sites). Every data-derived string (layer names,
-labels, paths) goes through Jinja2's autoescaping.
+The index: per-layer CKA and matched correlation as an inline SVG chart, the per-layer table, the units that died
+or revived, and the units whose top-k changed most; a page per layer listing every unit; a page per unit of A
+with A's unit, B's unit of the same index and B's matched unit side by side. Links to both runs' own sites and
+atlas images are relative (works from disk, like the run sites); atlas images are linked only under the run
+sites' publishing rule (pipeline.site.paths.RunFiles). Every data-derived string goes through Jinja2's
+autoescaping.
 """
 from __future__ import annotations
 
