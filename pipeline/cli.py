@@ -121,7 +121,16 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_site(args: argparse.Namespace) -> int:
     from pipeline.site import build_site
+    from pipeline.store import COMPARISON_KIND, read_manifest
 
+    manifest = read_manifest(args.run) if os.path.isdir(args.run) else None
+    if manifest is not None and manifest.get("kind") == COMPARISON_KIND:  # `atlas compare`'s output
+        from pipeline.compare_site import build_comparison_site
+        from pipeline.rundir import run_lock
+
+        with run_lock(args.run):
+            print(f"comparison page: open {build_comparison_site(args.run, out=args.out)}")
+        return 0
     report = build_site(args.run, out=args.out, progress=not args.quiet)
     print(f"site: {report.pages} pages; {report.written} files written, {report.unchanged} unchanged, "
           f"{report.removed} removed in {report.seconds} s\nopen {report.index}")
@@ -136,6 +145,20 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import compare_runs
+
+    manifest = compare_runs(args.run_a, args.run_b, args.out, sample=args.sample, seed=args.seed,
+                            address=args.address, progress=not args.quiet)
+    counts, images = manifest["counts"], manifest["images"]
+    print(f"comparison: {args.out}\n  layers {len(manifest['layers']['compared'])}, units {counts['units']} "
+          f"({counts['died']} died, {counts['revived']} revived, {counts['labels_changed']} changed their top "
+          f"label), images {images['shared']:,} shared")
+    for note in manifest["notes"]:
+        print(f"  note: {note}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -143,7 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import STAGES, load_config
+    from pipeline.config import RECORD_ORDER, load_config
     from pipeline.job import prepare_job, run_job
 
     config = load_config(args.config, args.set)
@@ -154,7 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     record = run_job(job, progress=not args.quiet)
     stages = ", ".join(f"{name} " + ("skipped (complete)" if info["skipped"] else f"{info['seconds']} s")
-                       for name, info in sorted(record["stages"].items(), key=lambda item: STAGES.index(item[0])))
+                       for name, info in sorted(record["stages"].items(),
+                                                key=lambda item: RECORD_ORDER.index(item[0])))
     where = config.job.out if job.mirror is None else f"{job.mirror.url} (published: {config.job.out}/latest.json)"
     print(f"job {config.job.name}: {stages}\nrun: {where}")
     return 0
@@ -355,11 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     site.set_defaults(func=cmd_site)
 
-    query = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima)")
+    query = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima), "
+                                         "or over a comparison (cmp_units, cmp_layers, a_topk, b_topk, ...)")
     query.add_argument("run")
     query.add_argument("sql")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.set_defaults(func=cmd_query)
+
+    compare = sub.add_parser("compare", help="what changed between two runs: top-k overlap, dead units, label "
+                                             "drift; CKA, correlations and unit matching with --record all")
+    compare.add_argument("run_a", metavar="RUN_A")
+    compare.add_argument("run_b", metavar="RUN_B")
+    compare.add_argument("--out", required=True, help="comparison directory to write (query it with atlas query)")
+    compare.add_argument("--sample", type=int, help="when a run was scanned without --record all: recompute "
+                         "per-image maxima on this many shared images with each run's own model (on Ray)")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the --sample draw (default 0)")
+    compare.add_argument("--address", help="Ray cluster address for --sample (default: start a local Ray)")
+    compare.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    compare.set_defaults(func=cmd_compare)
 
     explain = sub.add_parser("explain", help="per-image explanations: saliency, occlusion, CAM, Grad-CAM "
                                              "(image files, or a data set on Ray)")

@@ -1,6 +1,6 @@
 """Job configuration: TOML data, validated against typed sections before any work starts.
 
-A job file has the sections ``[job]``, ``[model]``, ``[data]``, ``[scan]``, ``[render]`` and ``[site]``
+A job file has the sections ``[job]``, ``[model]``, ``[data]``, ``[scan]``, ``[render]``, ``[site]`` and ``[compare]``
 (see ``jobs/*.toml`` and the README). Loading checks the *shape* (unknown keys, wrong types, missing
 required keys, values out of range), so a typo is an error with the key's full name and a suggestion;
 `pipeline.job.prepare_job` then checks what needs the model and the files (weights, data, layers).
@@ -22,6 +22,9 @@ from typing import Any
 from pipeline.ranges import PRECISIONS, check_range
 
 STAGES = ("scan", "render", "site")
+# Order of the stages in a job record: "compare" is not listed in job.stages; it runs after the scan whenever
+# [compare] previous is set.
+RECORD_ORDER = ("scan", "compare", "render", "site")
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -163,6 +166,17 @@ class SiteSection:
 
 
 @dataclass(frozen=True)
+class CompareSection:
+    # A complete earlier run (local path) to compare this job's scan with (`atlas compare PREVIOUS RUN`), into
+    # RUN/compare/ with its summary page RUN/compare/site/index.html: a nightly job says what moved since the last.
+    previous: str | None = None
+
+    def check(self) -> None:
+        if self.previous is not None and "://" in self.previous:
+            raise ConfigError(f"compare.previous must be a local run directory, got {self.previous!r}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     job: JobSection
     model: ModelSection
@@ -170,6 +184,7 @@ class JobConfig:
     scan: ScanSection = field(default_factory=ScanSection)
     render: RenderSection = field(default_factory=RenderSection)
     site: SiteSection = field(default_factory=SiteSection)
+    compare: CompareSection = field(default_factory=CompareSection)
 
     def check(self) -> None:
         for section in dataclasses.fields(self):

@@ -174,6 +174,16 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
         raise ConfigError(f"render: {error}") from error
     _check_actors_on_local_machine(config, scan, options)
     site_out = os.path.abspath(config.site.out) if config.site.out else None
+    if config.compare.previous is not None:
+        from pipeline.compare import load_run
+
+        previous = os.path.abspath(config.compare.previous)
+        if previous == run_dir:
+            raise ConfigError("compare.previous is this job's own run directory")
+        try:
+            load_run(previous)
+        except RunError as error:
+            raise ConfigError(f"compare.previous: {error}") from error
     return PreparedJob(config=config, run_dir=run_dir, scan=scan, render=options, site_out=site_out,
                        overrides=tuple(overrides), source=source, run_id=run_id)
 
@@ -330,7 +340,7 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
             manifest = run_scan(replace(job.scan, progress=progress))
             skipped = before is not None and before.get("created") == manifest.get("created")
             if not skipped:
-                record.forget(["render", "site"])  # a new scan invalidates what was made from the old one
+                record.forget(["compare", "render", "site"])  # a new scan invalidates what was made from the old one
             scan_fingerprint = manifest["fingerprint"]
             _write_resolved(job)
             record.mark("scan", scan_fingerprint, time.time() - t0, skipped)
@@ -342,6 +352,10 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
                 raise ConfigError(f"job.stages has no 'scan' and {job.run_dir} holds no complete scan")
             scan_fingerprint = manifest["fingerprint"]
             _write_resolved(job)
+        if job.config.compare.previous is not None:
+            previous = os.path.abspath(job.config.compare.previous)
+            compare_key = _sha({"scan": scan_fingerprint, "previous": read_manifest(previous).get("fingerprint")})
+            _stage(record, "compare", compare_key, lambda: _compare_previous(previous, job.run_dir), push)
         render_key = _sha({"scan": scan_fingerprint, "render": asdict(job.config.render)})
         if "render" in stages:
             _stage(record, "render", render_key,
@@ -355,6 +369,20 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
     write_json(record.data, record.path)
     push()
     return record.data
+
+
+def _compare_previous(previous: str, run_dir: str) -> None:
+    """RUN/compare/: the previous run (A) against this one (B), and its summary page. Different image sets are a
+    warning here, not a failure: the comparison of what needs no shared images is written and the job goes on."""
+    from pipeline.compare import ComparisonIncomplete, compare_runs
+    from pipeline.compare_site import build_comparison_site
+
+    out = os.path.join(run_dir, "compare")
+    try:
+        compare_runs(previous, run_dir, out)
+    except ComparisonIncomplete as error:
+        logger.warning("compare: %s", error)
+    build_comparison_site(out)
 
 
 def _stage(record: _Record, stage: str, key: str, work, push: Callable[[], None]) -> None:

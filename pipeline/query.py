@@ -1,4 +1,5 @@
-"""`atlas query`: SQL over a run directory with DuckDB views topk, units, images, maxima."""
+"""`atlas query`: SQL over a run directory with DuckDB views topk, units, images, maxima, or over a comparison
+(cmp_units, cmp_layers, a_topk, b_topk, ...: pipeline.compare)."""
 from __future__ import annotations
 
 import csv
@@ -7,18 +8,28 @@ import json
 import math
 from typing import Any
 
-from pipeline.store import connect
+from pipeline.store import COMPARISON_KIND, connect, read_manifest
 
 
 class QueryError(ValueError):
     """SQL that DuckDB rejected; the message is DuckDB's."""
 
 
+def _connect(run_dir: str):
+    """A comparison (`atlas compare`'s output) gets its own views; anything else is a run."""
+    manifest = read_manifest(run_dir)
+    if manifest is not None and manifest.get("kind") == COMPARISON_KIND:
+        from pipeline.compare import connect_comparison
+
+        return connect_comparison(run_dir)
+    return connect(run_dir)
+
+
 def run_query(run_dir: str, sql: str) -> tuple[list[str], list[tuple]]:
     """Execute `sql` against the run's views; returns (column names, rows)."""
     import duckdb
 
-    con = connect(run_dir)
+    con = _connect(run_dir)
     try:
         result = con.execute(sql)
         columns = [d[0] for d in result.description] if result.description else []

@@ -92,7 +92,7 @@ EXPLAIN_METRICS_SCHEMA = pa.schema([
 
 
 # Directories later stages write into a run (render, explain, site): removed when the scan is redone.
-DERIVED = ("atlas", "explain", "site")
+DERIVED = ("atlas", "explain", "site", "compare")  # compare: `[compare] previous` of a job (pipeline.job)
 # Written by `atlas run`: the resolved job configuration and the record of finished stages.
 JOB_TOML = "job.toml"
 JOB_RECORD = "job.json"
@@ -190,3 +190,53 @@ def _duck_type(arrow_type: pa.DataType) -> str:
     if pa.types.is_list(arrow_type):
         return _duck_type(arrow_type.value_type) + "[]"
     return mapping[arrow_type]
+
+
+# ---------------------------------------------------------------------------------------------- comparisons
+# CMP/, written by `atlas compare RUN_A RUN_B` (pipeline.compare): a manifest with "kind": "comparison"
+# naming both runs by fingerprint, and two tables. Per-image columns (correlations, CKA, matching) are NULL
+# when the runs did not both record every image (--record all) or saw different images.
+COMPARISON_KIND = "comparison"
+COMPARE_TABLES = ("cmp_units", "cmp_layers")   # CMP/<table>/part-0.parquet; also the DuckDB view names
+CMP_UNITS_SCHEMA = pa.schema([
+    ("layer", pa.string()), ("unit", pa.int32()),
+    ("dead_a", pa.bool_()), ("dead_b", pa.bool_()),
+    ("died", pa.bool_()), ("revived", pa.bool_()),        # dead in B only / in A only
+    ("topk_jaccard", pa.float64()),     # of the top-k image keys of unit u in A and unit u in B (a dead unit: none)
+    ("topk_shared", pa.int32()),        # keys in both top-k
+    ("topk_spearman", pa.float64()),    # rank correlation of the shared keys' activations (>= 3 shared)
+    ("same_corr", pa.float64()),        # Pearson correlation of per-image maxima with unit u of B
+    ("best_unit_b", pa.int32()), ("best_corr", pa.float64()),          # B's unit most correlated with u
+    ("matched_unit_b", pa.int32()), ("matched_corr", pa.float64()),    # one-to-one (Hungarian) partner
+    ("label_a", pa.string()), ("label_a_share", pa.float64()),          # strongest top-k label and its share
+    ("label_b", pa.string()), ("label_b_share", pa.float64()),
+    ("label_changed", pa.bool_()),
+])
+CMP_LAYERS_SCHEMA = pa.schema([
+    ("layer", pa.string()), ("units_a", pa.int32()), ("units_b", pa.int32()),
+    ("per_unit", pa.bool_()),           # same width: units compared one to one by index
+    ("images", pa.int64()),             # shared images the per-image numbers used (0: none computed)
+    ("cka", pa.float64()),              # linear CKA of the per-image maxima (Kornblith et al. 2019)
+    ("matched_mean_corr", pa.float64()), ("same_mean_corr", pa.float64()),
+    ("mean_topk_jaccard", pa.float64()),
+    ("dead_a", pa.int32()), ("dead_b", pa.int32()), ("died", pa.int32()), ("revived", pa.int32()),
+    ("labels_changed", pa.int32()),
+])
+COMPARE_SCHEMAS = {"cmp_units": CMP_UNITS_SCHEMA, "cmp_layers": CMP_LAYERS_SCHEMA}
+
+
+def create_views(con, prefix: str, tables: dict[str, pa.Schema], root: str) -> None:
+    """Create a view `<prefix><table>` over root/<table>/**/*.parquet for each table (an empty view with the
+    documented columns where there are no files). `atlas compare`'s connection puts two runs and the comparison
+    side by side with it (a_topk, b_topk, cmp_units, ...)."""
+    for table, schema in tables.items():
+        base = os.path.join(os.path.abspath(root), table)
+        pattern = os.path.join(base, "**", "*.parquet")
+        has_files = os.path.isdir(base) and any(name.endswith(".parquet") for _, _, names in os.walk(base)
+                                                for name in names)
+        if has_files:  # hive partitioning off, as in `connect`: a layer named '3' stays a string
+            con.execute(f"CREATE VIEW {prefix}{table} AS SELECT * FROM "
+                        f"read_parquet({_sql_string(pattern)}, hive_partitioning=false, union_by_name=true)")
+        else:
+            columns = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in schema)
+            con.execute(f"CREATE VIEW {prefix}{table} AS SELECT {columns} WHERE false")
