@@ -82,9 +82,11 @@ def own_processes(fragment: str) -> list[int]:
     return [pid for pid, cmd in commands.items() if pid in parents and fragment in cmd and descends(pid)]
 
 
-def run_and_kill(work, fragment: str, after: float = 0.0, timeout: float = 300.0):
+def run_and_kill(work, fragment: str, after: float = 0.0, timeout: float = 300.0, when=None):
     """Run `work()` in a thread; SIGKILL the first own process matching `fragment` once it has lived `after`
-    seconds; return work's result (re-raising its error). Asserts a process was killed."""
+    seconds and `when()` (if given) is true; return work's result (re-raising its error). Asserts a process was
+    killed. `when` ties the kill to the work's own progress (a first file written), not to a clock: on a fast
+    machine a timed kill can come after the work has ended."""
     import os
     import signal
     import threading
@@ -106,10 +108,10 @@ def run_and_kill(work, fragment: str, after: float = 0.0, timeout: float = 300.0
         found = own_processes(fragment)
         if found:
             seen = seen or time.time()
-            if time.time() - seen >= after:
+            if time.time() - seen >= after and (when is None or when()):
                 os.kill(found[0], signal.SIGKILL)
                 killed = found[0]
-        time.sleep(0.1)
+        time.sleep(0.05)
     thread.join(timeout)
     assert killed is not None, f"no {fragment} process was found to kill"
     if "error" in outcome:

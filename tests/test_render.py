@@ -174,7 +174,12 @@ def test_a_render_actor_killed_midway_changes_nothing(scanned, tmp_path):
     options = RenderOptions(layers=("down",), units=frozenset(range(8)), classes=frozenset(), units_per_task=1,
                             vis=FAST, progress=False)
     render_run(runs["reference"], options)
-    run_and_kill(lambda: render_run(runs["killed"], options), "ray::_RenderActor", after=3.0)
+
+    def midway() -> bool:  # the first unit's files are written: the actors are at work, most tasks still queued
+        atlas = os.path.join(runs["killed"], "atlas")
+        return any(name.endswith(".png") for _, _, names in os.walk(atlas) for name in names)
+
+    run_and_kill(lambda: render_run(runs["killed"], options), "ray::_RenderActor", when=midway)
     reference, killed = index_rows(runs["reference"]), index_rows(runs["killed"])
     assert len(killed) == len(reference) > 0
     for a, b in zip(sorted(reference, key=lambda r: r["path"]), sorted(killed, key=lambda r: r["path"])):
