@@ -1,4 +1,4 @@
-"""`atlas bench capacity`: the per-image costs behind the README's capacity section, printed as JSON.
+"""`atlas bench capacity`: the per-image costs behind the capacity section of docs/jobs.md, printed as JSON.
 
 For a model and layer selection (default: ResNet-50, every conv block and the logits, as in
 ``jobs/imagenet_resnet50.toml``), measured in one run on this machine:

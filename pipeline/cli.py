@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="saliency box: pixels at or above this percentile (default 95; negative: no box)")
     explain.add_argument("--box", help="x0,y0,x1,y1 ground-truth box in ORIGINAL image pixels (one image): "
                                        "reports the saliency box's IoU")
-    explain.add_argument("--metrics", default="", help="explanation quality, off by default (costly, see README): "
+    explain.add_argument("--metrics", default="", help="explanation quality, off by default (costly, see docs/rendering.md): "
                          "any of deletion,insertion,randomization -> explain/metrics.parquet")
     explain.add_argument("--metric-steps", type=int, default=50,
                          help="deletion/insertion steps from none to all pixels (default 50)")
@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="where the forward pass, the Recorder and the scan's actors all run")
     bench_scan_parser.set_defaults(func=cmd_bench)
     bench_capacity_parser = bench_sub.add_parser("capacity", help="per-image costs for capacity planning: "
-                                                 "forward, decode, driver merge per batch (README, Capacity)")
+                                                 "forward, decode, driver merge per batch (docs/jobs.md, Capacity)")
     bench_capacity_parser.add_argument("--model", default="torchvision:resnet50")
     bench_capacity_parser.add_argument("--layers", default="all,fc")
     bench_capacity_parser.add_argument("--k", type=int, default=32)

@@ -1,7 +1,7 @@
 """Job configuration: TOML data, validated against typed sections before any work starts.
 
 A job file has the sections ``[job]``, ``[model]``, ``[data]``, ``[scan]``, ``[render]``, ``[site]`` and ``[compare]``
-(see ``jobs/*.toml`` and the README). Loading checks the *shape* (unknown keys, wrong types, missing
+(see ``jobs/*.toml`` and docs/jobs.md). Loading checks the *shape* (unknown keys, wrong types, missing
 required keys, values out of range), so a typo is an error with the key's full name and a suggestion;
 `pipeline.job.prepare_job` then checks what needs the model and the files (weights, data, layers).
 

@@ -60,7 +60,7 @@ def _run_demo(out: str, images: int, overwrite: bool, progress: bool) -> int:
     print("\nUnits per layer (atlas query):\n" + format_result(columns, rows, "table"))
     columns, rows = run_query(out, TOP_QUERY)
     print("Top images of features.14 unit 7:\n" + format_result(columns, rows, "table"))
-    # Rendering every unit of every layer is a long job (see README); the demo renders the first units of two
+    # Rendering every unit of every layer is a long job (see docs/rendering.md); the demo renders the first units of two
     # layers and the classes the photos score highest, with fewer gradient-ascent steps than the default.
     vis = VisSettings(steps=DEMO_STEPS)
     top_classes = [unit for (unit,) in connect(out).execute(

@@ -4,7 +4,7 @@ On CPU the ascent, saliency and DeepDream are deterministic as they are (tested 
 backward algorithms and the atomic adds of some backward kernels are not: this asks PyTorch for its deterministic
 implementations where it has them. Where it has none (`grid_sample`'s backward, used by Lucid-style rotation
 and scaling, and adaptive average pooling's backward), PyTorch warns instead of failing, and those pictures may
-differ in the last bits between runs: the README says so.
+differ in the last bits between runs: docs/rendering.md says so.
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def plan_actors(actors: int | None, threads: int | None, device: str, cluster: C
                         actors, cluster.gpus)
         return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": threads, "device": "cuda"}
     # Two or more actors even on a small node: one torch thread per core in separate processes measured
-    # faster than one actor with several threads (README, benchmarks); about 4 threads each on larger nodes.
+    # faster than one actor with several threads (docs/benchmarks.md); about 4 threads each on larger nodes.
     actors = actors or (max(2, cluster.cpus // 4) if cluster.cpus >= 2 else 1)
     if actors < 1:
         raise ValueError(f"--actors must be >= 1, got {actors}")

@@ -27,7 +27,7 @@ from pipeline.ranges import check_range
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Decoding limits (README, "Bad input and restarts"). Pixels: PIL's own decompression-bomb warning threshold,
+# Decoding limits (docs/usage.md, "Decoding limits"). Pixels: PIL's own decompression-bomb warning threshold,
 # about 90 megapixels, more than common cameras' photos (24-61 MP); PIL holds RGB as 4 bytes a pixel, so one
 # decode stays under ~360 MB. Side: beyond the largest camera sensors (~14,200 px for 150 MP medium format).
 # Aspect: the centre crop still covers a twentieth of the image; beyond it the model sees a sliver, and a

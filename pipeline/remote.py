@@ -176,7 +176,7 @@ class RunMirror:
 #   out/latest.json           the pointer readers follow; replaced (write + move) only after the last stage
 #   out/index.html            a redirect to the latest run's site, replaced with latest.json
 #   out/.atlas-lock.json      the writer's lease (see OutLease)
-# Nothing under runs/ is ever deleted by the tool once published (retention: README, Jobs and clusters).
+# Nothing under runs/ is ever deleted by the tool once published (retention: docs/jobs.md).
 
 LATEST = "latest.json"
 RUNS = "runs"

@@ -1,6 +1,6 @@
 """The run directory's life cycle: what the tool claims, locks, stages, swaps in, and never touches.
 
-Promises (README, "The run directory"):
+Promises (docs/usage.md, "What the tool promises about a run directory"):
 - A folder is a run directory only if the tool marked it (``.atlas-run``, written before anything else) or it
   holds a manifest (runs made before the marker existed). A non-empty folder that is neither is refused and
   nothing is written into it.

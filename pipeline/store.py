@@ -1,6 +1,6 @@
 """The run directory: Parquet schemas, atomic commits, and DuckDB views. The only place column names live.
 
-Layout (the contract between stages; documented in the README):
+Layout (the contract between stages; documented in docs/run-directory.md):
 
     RUN/manifest.json                       written LAST: its presence means the run is complete
     RUN/topk/layer=<L>/part-0.parquet       layer, unit, rank, image_key, label, act, y, x, box_x0, box_y0, box_x1, box_y1

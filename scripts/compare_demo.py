@@ -2,7 +2,7 @@
 
 Scans the demo's 600 photos with MobileNetV2 and its ImageNet weights, and with a copy whose block
 `features.<block>` is re-initialised (torch's default initialisation, seed 0; batch norm statistics reset), both
-with --record all, then `atlas compare`s them and prints the per-layer table (README, Comparing runs). The copy
+with --record all, then `atlas compare`s them and prints the per-layer table (docs/compare.md). The copy
 matches no published weights entry, so it is scanned with the original's resize (256) explicitly: otherwise
 it would get DEFAULT's preprocessing and every layer would differ.
 """

@@ -25,7 +25,7 @@ from pipeline.explain.localize import iou, saliency_box
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """These tests run many small forward passes; on a shared 2-core machine two OpenMP threads per pass stall
-    on each other (README, Benchmarks), so use one, and restore the setting for the other test files."""
+    on each other (docs/benchmarks.md), so use one, and restore the setting for the other test files."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

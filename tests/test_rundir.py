@@ -1,4 +1,4 @@
-"""What the tool promises about a run directory (README, "The run directory"), tried as a hostile but fair user
+"""What the tool promises about a run directory (docs/usage.md, "What the tool promises about a run directory"), tried as a hostile but fair user
 would: a folder of their own files as --out, a failing --overwrite, the umask, two scans at once, a killed or
 interrupted scan (which resumes), and user errors that must read as one line."""
 from __future__ import annotations

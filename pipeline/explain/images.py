@@ -1,7 +1,7 @@
 """`atlas explain IMAGE...` and `atlas dream IMAGE`: explanations of image files in this process.
 
 `explain_run_images(run, count)` is the one call the demo needs: a few of a scan run's images, explained with
-the scan's own model into RUN/explain/ (see README, Explanations).
+the scan's own model into RUN/explain/ (see docs/explanations.md).
 """
 from __future__ import annotations
 

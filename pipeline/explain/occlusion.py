@@ -19,7 +19,7 @@ All occluded copies of all images are batched (`chunk` copies per forward pass, 
 forward pass per position; `attribute_loop` does the latter, as a reference and for the benchmark. The
 default chunk is 128 on a GPU and 16 on a CPU: on this project's CPU machine larger chunks were SLOWER per
 image (MobileNetV2 at 224: 2.6 s per image with chunk 16, 5-8 s with 64; activations of 64 copies no longer
-fit the caches and every call maps fresh memory), see README, Benchmarks.
+fit the caches and every call maps fresh memory), see docs/benchmarks.md.
 """
 from __future__ import annotations
 
