@@ -11,7 +11,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # cannot work offline). Installed with apt when missing: as root directly, otherwise through sudo.
 BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: demo test test-quick gpu-check bench browser clean
+.PHONY: demo test lint test-quick gpu-check bench browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,15 @@ browser:
 	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES); }; \
 	fi
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest
 
+# ruff's checks (pyproject.toml, [tool.ruff]); part of `make test`, so CI runs them.
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests scripts
+
 # The inner loop: everything but the real multi-node cluster and the browser (about half the suite's time).
-test-quick: $(STAMP)
+test-quick: $(STAMP) lint
 	$(BIN)/python -m pytest -m "not slow and not cluster and not browser" -x -q
 
 # Every GPU check and benchmark in one command (scripts/gpu_checks.py), for a machine with a GPU: one JSON report,

@@ -23,10 +23,10 @@ import torch
 
 from pipeline.models import ModelConfig, feature_extractor, load_model, resolve_layers
 from pipeline.scan import Flush, ScanState
+from pipeline.stats import QuantileSketch, RunningMoments, TopK
 
 # The replaced path's partials carried the argmax and the image size per entry, as int64.
 OLD_PAYLOAD = ("y", "x", "width", "height")
-from pipeline.stats import QuantileSketch, RunningMoments, TopK
 
 
 def _synthetic_partial(layers: dict[str, int], k: int, batch: int, offset: int, generator: torch.Generator) -> bytes:

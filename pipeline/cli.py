@@ -208,9 +208,7 @@ def _explain_config(args: argparse.Namespace):
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from pipeline.explain.data_runner import explain_root, run_explain_data
-    from pipeline.explain.images import explain_images
-    from pipeline.explain.localize import parse_box
+    from pipeline.explain.data_runner import explain_root
 
     if bool(args.images) == bool(args.data):
         raise ValueError("give image files or --data D (not both)")

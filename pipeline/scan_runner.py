@@ -25,7 +25,7 @@ from pipeline.receptive_field import receptive_fields
 from pipeline.rundir import RunDirectory, claim, run_lock
 from pipeline.ranges import PRECISIONS, check_range
 from pipeline.scan import Flush, Recorder, RecorderConfig, ScanResult, ScanState, image_facts, peak_rss_mb
-from pipeline.store import IMAGES_SCHEMA, layer_dir, read_manifest
+from pipeline.store import IMAGES_SCHEMA, read_manifest
 from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
 from pipeline.worker_pool import PassOutcome, WorkerPool
 

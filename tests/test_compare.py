@@ -28,7 +28,7 @@ def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
     linear kernels K = X X^T, L = Y Y^T and HSIC(K, L) = tr(K H L H) / (n - 1)^2, H the centring matrix."""
     n = len(x)
     h = np.eye(n) - np.ones((n, n)) / n
-    k, l = x @ x.T, y @ y.T
+    k, l = x @ x.T, y @ y.T  # noqa: E741 - the paper's K and L
 
     def hsic(a, b):
         return np.trace(a @ h @ b @ h) / (n - 1) ** 2

@@ -76,8 +76,8 @@ def _alternatives(command: str) -> list[str]:
     out = []
     for i in range(max((len(c) for c in choices), default=1)):
         picks = iter([c[min(i, len(c) - 1)] for c in choices])
-        variant = _GROUP.sub(lambda _: next(picks), command)
-        out.append(_CHOICE.sub(lambda _: next(picks), variant))
+        variant = _GROUP.sub(lambda _, picks=picks: next(picks), command)
+        out.append(_CHOICE.sub(lambda _, picks=picks: next(picks), variant))
     return out
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import DataError, SourceSpec, resolve_source
+from pipeline.data import DataError, resolve_source
 from pipeline.fileio import atomic_write
 from pipeline.flushes import FlushStore, SourceIndex, plan_pass
 from pipeline.scan import Flush, ScanState

@@ -128,7 +128,7 @@ def test_folding_a_batch_makes_no_host_synchronisation():
 def test_the_counter_would_catch_a_synchronisation():
     """The check above can fail: a deliberate .item() per layer is counted."""
     with counting_host_syncs() as counts:
-        for layer in LAYERS:
+        for _layer in LAYERS:
             torch.ones(1).item()
     assert counts == {"item": len(LAYERS)}
 
