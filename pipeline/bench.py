@@ -68,8 +68,7 @@ def forward_throughput(model: torch.nn.Module, pixels: np.ndarray, preprocess, b
     """Images/s of the bare forward pass over uint8 (N, S, S, 3) images on `device` (the upload included, the
     device synchronised before the clock stops), best of `repeats` passes."""
     model = model.to(device)
-    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
+    normalize = preprocess.normalizer(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best = 0.0
     with torch.inference_mode():
@@ -78,8 +77,7 @@ def forward_throughput(model: torch.nn.Module, pixels: np.ndarray, preprocess, b
             sync()
             start = time.perf_counter()
             for i in range(0, len(pixels), batch_size):
-                x = torch.from_numpy(pixels[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float().div(255)
-                model((x - mean) / std)
+                model(normalize(pixels[i:i + batch_size]))
             sync()
             best = max(best, len(pixels) / (time.perf_counter() - start))
     model.to("cpu")

@@ -47,8 +47,7 @@ def _dataset_top1(model: torch.nn.Module, preprocess, layer: str, units: list[in
         paths = sorted(glob.glob(f"{folder}/**/*.*", recursive=True))
         pixels = np.stack([decode_image(open(path, "rb").read(), preprocess)[0] for path in paths])
     extractor = feature_extractor(model, [layer]).eval()
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
-    x = (x - torch.tensor(preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(preprocess.std).view(1, 3, 1, 1)
+    x = preprocess.normalizer()(pixels)
     best = torch.full((len(units),), -float("inf"))
     with torch.no_grad():
         for start in range(0, len(x), 50):

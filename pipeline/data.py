@@ -34,6 +34,13 @@ PARQUET_KEY_COLUMNS = ("image_key", "key", "__key__", "id", "filename")
 PARQUET_LABEL_COLUMNS = ("label", "cls", "class", "category")
 
 
+def parquet_image_key(path: str, data: bytes | None) -> str:
+    """The key of a Parquet row without a key column: ``<file name>:<sha1 of the bytes, 16 hex>``. One derivation
+    for the scan and for reading originals back (pipeline.fetch): if they differed, crops would go missing."""
+    digest = hashlib.sha1(bytes(data) if data is not None else b"").hexdigest()[:16]
+    return f"{os.path.basename(path)}:{digest}"
+
+
 class DataError(ValueError):
     """A data source that cannot be read; the message says why."""
 
@@ -191,8 +198,7 @@ class Decoder:
         if key_col is not None:
             key = _as_text(batch[key_col][i])
         else:
-            digest = hashlib.sha1(bytes(data) if data is not None else b"").hexdigest()[:16]
-            key = f"{os.path.basename(path)}:{digest}"
+            key = parquet_image_key(path, data)
         label_col = next((c for c in PARQUET_LABEL_COLUMNS if c in batch), None)
         return key, path, _as_text(batch[label_col][i]) if label_col else None, data
 

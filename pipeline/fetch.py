@@ -6,14 +6,14 @@ scan's data root, and a source must be one of the files the scan itself listed.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import tarfile
 from collections import defaultdict
 
-from pipeline.data import IMAGE_EXTENSIONS, PARQUET_IMAGE_COLUMNS, PARQUET_KEY_COLUMNS, DataError, SourceSpec
+from pipeline.data import (IMAGE_EXTENSIONS, PARQUET_IMAGE_COLUMNS, PARQUET_KEY_COLUMNS, DataError, SourceSpec,
+                           parquet_image_key)
 from pipeline.remote import is_url
 
 logger = logging.getLogger(__name__)
@@ -112,8 +112,7 @@ def _from_parquet(path: str, keys: set[str]) -> dict[str, bytes]:
             if isinstance(data, dict):
                 data = data.get("bytes")
             if key is None:
-                digest = hashlib.sha1(bytes(data) if data is not None else b"").hexdigest()[:16]
-                key = f"{os.path.basename(path)}:{digest}"
+                key = parquet_image_key(path, data)
             key = str(key)
             if key in keys and data is not None:
                 out[key] = bytes(data)

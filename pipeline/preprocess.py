@@ -18,11 +18,15 @@ import io
 import math
 import warnings
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from pipeline.ranges import check_range
+
+if TYPE_CHECKING:  # torch is imported where a Normalizer is made: decode tasks need only numpy and PIL
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,6 +86,10 @@ class Preprocess:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def normalizer(self, device: object = "cpu") -> "Normalizer":
+        """The model-input normalisation of this preprocessing, on `device` (see Normalizer)."""
+        return Normalizer(self.mean, self.std, device)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(new_w, new_h) after resizing the shorter side to `resize`, as torchvision's Resize(int) does."""
@@ -150,6 +158,35 @@ class Preprocess:
         out = np.stack([np.clip(x0, 0, width), np.clip(y0, 0, height),
                         np.clip(x1, 0, width), np.clip(y1, 0, height)], axis=-1)
         return out
+
+
+class Normalizer:
+    """uint8 NHWC pixels -> float32 NCHW ``(pixel / 255 - mean) / std`` on a device: the one place the model's
+    input normalisation is written (scan, render, explain, benchmarks). Mean and std are put on the device once,
+    so a batch costs one upload and no host synchronisation; on CUDA the upload is pinned and asynchronous."""
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float], device: object = "cpu"):
+        import torch
+
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: "np.ndarray | torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        if not isinstance(pixels, torch.Tensor):
+            if pixels.dtype != np.uint8:
+                raise TypeError(f"pixels must be uint8 (decoded images), got {pixels.dtype}")
+            # Ray and the decoder hand out read-only arrays, which torch may not wrap: copy only those.
+            writable = pixels.flags.writeable and pixels.flags.c_contiguous
+            pixels = torch.from_numpy(pixels if writable else np.array(pixels, order="C"))
+        if pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise ValueError(f"pixels must be N x H x W x 3, got {tuple(pixels.shape)}")
+        if self.device.type == "cuda" and not pixels.is_cuda:
+            pixels = pixels.pin_memory()
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()  # a new tensor: in place after
+        return x.div_(255.0).sub_(self.mean).div_(self.std)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -23,12 +23,12 @@ import threading
 import time
 import uuid
 
-from pipeline.store import write_json
+from pipeline.store import JOB_RECORD, MANIFEST, write_json
 
 logger = logging.getLogger(__name__)
 
 # Written last on upload: while they are absent or old, the remote copy is not (newly) complete.
-COMMIT_FILES = ("manifest.json", "job.json")
+COMMIT_FILES = (MANIFEST, JOB_RECORD)
 
 
 def is_url(path: str | None) -> bool:

@@ -28,22 +28,23 @@ from pipeline.fetch import fetch_images
 from pipeline.models import ModelConfig, load_model, output_layer
 from pipeline.fileio import atomic_write
 from pipeline.ranges import check_range
-from pipeline.render_worker import (ATLAS, DATASET_KINDS, RECONSTRUCTIONS, RenderConfig, RenderResult, RenderTask,
+from pipeline.render_worker import (ATLAS, RECONSTRUCTIONS, RenderConfig, RenderResult, RenderTask,
                                     UnitRenderer, View, VisSettings, unit_file)
 from pipeline.worker_pool import PoolStalled
 from pipeline.store import (
     ATLAS_DEPENDENCE_SCHEMA,
     ATLAS_INDEX_SCHEMA,
+    DATASET_KINDS,
     IMAGE_INDEPENDENT_SIMILARITY,
     RunError,
     connect,
     read_manifest,
+    write_json,
     write_table,
 )
 
 logger = logging.getLogger(__name__)
 
-INDEX_SCHEMA = ATLAS_INDEX_SCHEMA
 
 
 def parse_units(text: str | None) -> set[int] | None:
@@ -129,9 +130,8 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
     run_dir = os.path.abspath(run_dir)
     os.makedirs(os.path.join(run_dir, ATLAS), exist_ok=True)
     settings = {key: str(value) for key, value in options.vis.resolved().items()}
-    with open(os.path.join(run_dir, ATLAS, "render.json"), "w") as handle:
-        json.dump({"vis": options.vis.resolved(), "layers": layers, "output_layer": logits,
-                   "units_per_task": options.units_per_task}, handle, indent=2)
+    write_json({"vis": options.vis.resolved(), "layers": layers, "output_layer": logits,
+                "units_per_task": options.units_per_task}, os.path.join(run_dir, ATLAS, "render.json"))
 
     tasks = _plan(run_dir, manifest, layers, options, logits, n_classes, settings)
     total_units = sum(t[1] for t in tasks)
@@ -341,7 +341,7 @@ def build_index(run_dir: str) -> pa.Table:
                 act = float(text["act"]) if "act" in text else None
                 rows.append({"layer": layer, "unit": unit, "kind": kind, "rank": 0, "image_key": None,
                              "path": relative, "act": act, "featvis_act": act, "top1_act": top1.get((layer, unit))})
-    index = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    index = pa.Table.from_pylist(rows, schema=ATLAS_INDEX_SCHEMA)
     write_table(index, os.path.join(run_dir, ATLAS, "index.parquet"))
     write_table(image_dependence(rows, pooling), os.path.join(run_dir, ATLAS, "dependence.parquet"))
     return index

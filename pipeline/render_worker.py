@@ -32,7 +32,6 @@ from pipeline.store import layer_dir
 logger = logging.getLogger(__name__)
 
 ATLAS = "atlas"
-DATASET_KINDS = ("crop", "overlay", "deconv", "deconv_crop", "guided", "guided_crop")
 # Reconstruction kinds and how they are computed; each also has a `<kind>_crop` cut at the receptive field.
 RECONSTRUCTIONS = {"deconv": Deconvnet, "guided": GuidedBackprop}
 VIS_KINDS = ("featvis", "classvis")
@@ -190,11 +189,8 @@ class UnitRenderer:
         return files
 
     def _normalised(self, blobs: list[bytes]) -> torch.Tensor:
-        pp = self.preprocess
-        mean = torch.tensor(pp.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(pp.std, device=self.device).view(1, 3, 1, 1)
-        pixels = np.stack([decode_image(blob, pp)[0] for blob in blobs])
-        return torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
+        pixels = np.stack([decode_image(blob, self.preprocess)[0] for blob in blobs])
+        return self.preprocess.normalizer(self.device)(pixels)
 
     def _image_dependence(self, task: RenderTask, views: list[View],
                           firsts: dict[int, tuple[View, dict[str, torch.Tensor], float]]) -> dict[str, bytes]:

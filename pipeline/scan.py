@@ -203,8 +203,7 @@ class Recorder:
             extractor = extractor.to(memory_format=torch.channels_last)
         self.extractor = extractor
         preprocess = loaded.preprocess
-        self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(preprocess.std, device=self.device).view(1, 3, 1, 1)
+        self.normalize = preprocess.normalizer(self.device)
         self.layer_units = layer_units
         self.worker_id = uuid.uuid4().hex[:12]
         self.sequence = 0
@@ -236,10 +235,7 @@ class Recorder:
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
     def _forward_fixed(self, pixels: np.ndarray) -> dict[str, torch.Tensor]:
-        x = torch.from_numpy(np.ascontiguousarray(pixels))
-        if self.device.type == "cuda":
-            x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
+        x = self.normalize(pixels)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = _autocast_dtype(self.config.precision)

@@ -59,6 +59,8 @@ MAXIMA_SCHEMA = pa.schema([
 ])
 SCHEMAS = {"topk": TOPK_SCHEMA, "units": UNITS_SCHEMA, "images": IMAGES_SCHEMA, "maxima": MAXIMA_SCHEMA}
 # RUN/atlas/index.parquet, written by `atlas render`: one row per image file.
+# The dataset views `atlas render` draws per top-k image (RUN/atlas/layer=<L>/unit=<u>/<kind>_<rank>.png).
+DATASET_KINDS = ("crop", "overlay", "deconv", "deconv_crop", "guided", "guided_crop")
 ATLAS_INDEX_SCHEMA = pa.schema([
     ("layer", pa.string()), ("unit", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()),
     ("image_key", pa.string()), ("path", pa.string()), ("act", pa.float32()),
@@ -84,6 +86,20 @@ IMAGE_INDEPENDENT_SIMILARITY = 0.99
 # inserted, curve = that probability after each step; randomization: value = Spearman correlation of the map
 # after re-initialising every block with the trained model's map, curve = after each cumulative step (the
 # block re-initialised at each step in `steps`), flagged = |value| >= randomization.FLAG_SPEARMAN.
+# RUN/explain/index.parquet (one row per image and method) and summary.parquet (one row per image).
+EXPLAIN_INDEX_SCHEMA = pa.schema([
+    ("image_key", pa.string()), ("method", pa.string()), ("target", pa.int32()), ("target_name", pa.string()),
+    ("path", pa.string()), ("score", pa.float32()),
+])
+EXPLAIN_SUMMARY_SCHEMA = pa.schema([
+    ("image_key", pa.string()), ("status", pa.string()), ("error", pa.string()), ("target", pa.int32()),
+    ("target_name", pa.string()), ("score", pa.float32()), ("probability", pa.float32()),
+    ("top5_classes", pa.list_(pa.int32())), ("top5_probabilities", pa.list_(pa.float32())),
+    ("occlusion_base_probability", pa.float32()), ("occlusion_min_probability", pa.float32()),
+    ("occlusion_top_class", pa.int32()),
+    ("box_x0", pa.int32()), ("box_y0", pa.int32()), ("box_x1", pa.int32()), ("box_y1", pa.int32()),
+    ("iou", pa.float32()), ("dir", pa.string()),
+])
 EXPLAIN_METRICS_SCHEMA = pa.schema([
     ("image_key", pa.string()), ("method", pa.string()), ("metric", pa.string()), ("target", pa.int32()),
     ("value", pa.float32()), ("curve", pa.list_(pa.float32())), ("steps", pa.list_(pa.string())),
@@ -155,7 +171,8 @@ class RollingParquetWriter:
 
 # ---------------------------------------------------------------------------------------------- DuckDB
 
-def _sql_string(text: str) -> str:
+def sql_string(text: str) -> str:
+    """A SQL string literal (quotes doubled): for text that goes into DuckDB SQL the user may run as is."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -176,7 +193,7 @@ def connect(run_dir: str):
             # Layer is stored inside the files too, so hive partition inference (which would turn a
             # layer named '3' into an integer) is switched off.
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM "
-                        f"read_parquet({_sql_string(pattern)}, hive_partitioning=false, union_by_name=true)")
+                        f"read_parquet({sql_string(pattern)}, hive_partitioning=false, union_by_name=true)")
         else:
             # e.g. maxima of a run scanned with --record topk: an empty view with the documented columns.
             columns = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in schema)
@@ -236,7 +253,7 @@ def create_views(con, prefix: str, tables: dict[str, pa.Schema], root: str) -> N
                                                 for name in names)
         if has_files:  # hive partitioning off, as in `connect`: a layer named '3' stays a string
             con.execute(f"CREATE VIEW {prefix}{table} AS SELECT * FROM "
-                        f"read_parquet({_sql_string(pattern)}, hive_partitioning=false, union_by_name=true)")
+                        f"read_parquet({sql_string(pattern)}, hive_partitioning=false, union_by_name=true)")
         else:
             columns = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in schema)
             con.execute(f"CREATE VIEW {prefix}{table} AS SELECT {columns} WHERE false")

@@ -14,7 +14,8 @@ from PIL import Image
 
 from pipeline.models import ModelConfig, load_model
 from pipeline.preprocess import decode_image
-from pipeline.render import INDEX_SCHEMA, render_dataset_views
+from pipeline.render import render_dataset_views
+from pipeline.store import ATLAS_INDEX_SCHEMA
 from pipeline.scan_runner import ScanConfig, run_scan
 from pipeline.store import EXPLAIN_METRICS_SCHEMA, connect, write_json
 
@@ -83,7 +84,7 @@ def _add_visualizations(run: str) -> None:
     for bad in ("../../../etc/passwd", "/etc/passwd", "atlas/../../outside.png", "atlas\\..\\x.png"):
         rows.append({"layer": "stem", "unit": 0, "kind": "crop", "rank": 0, "image_key": "k", "path": bad,
                      "act": 1.0, "featvis_act": None, "top1_act": None})
-    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), index_path)
+    pq.write_table(pa.Table.from_pylist(rows, schema=ATLAS_INDEX_SCHEMA), index_path)
     # A file the index lists but that is gone: its page must simply do without it.
     os.remove(os.path.join(run, MISSING_IMAGE))
 

@@ -346,7 +346,7 @@ def test_cli_explains_a_real_photo_end_to_end(tmp_path, capsys):
 
     from pipeline.cli import main
     from pipeline.demo_data import mobilenet_v2_weights
-    from pipeline.explain.outputs import INDEX_SCHEMA
+    from pipeline.store import EXPLAIN_INDEX_SCHEMA as INDEX_SCHEMA
     from pipeline.models import ModelConfig, load_model
     from pipeline.preprocess import decode_image
 
@@ -448,7 +448,7 @@ def test_data_mode_on_ray_writes_the_run_index(ray_cluster, photo_folder, tmp_pa
 
     from pipeline.cli import main
     from pipeline.explain.images import explain_run_images
-    from pipeline.explain.outputs import INDEX_SCHEMA
+    from pipeline.store import EXPLAIN_INDEX_SCHEMA as INDEX_SCHEMA
     from pipeline.models import ModelConfig
     from pipeline.scan_runner import ScanConfig, run_scan
     from pipeline.store import connect

@@ -130,3 +130,23 @@ def test_cli_layers_lists_shapes_and_receptive_fields(capsys):
     assert main(["layers", "--model", "torchvision:no_such_net"]) == 2
     assert "unknown torchvision model" in capsys.readouterr().err
     assert not os.path.exists("x")
+
+
+def test_normalizer_equals_torchvisions_to_tensor_and_normalize():
+    """The one normalisation (scan, render, explain) against torchvision's own ToTensor + Normalize, image by
+    image; read-only arrays (as Ray hands them out) are accepted and left untouched; non-uint8 input refused."""
+    import torch
+    from torchvision.transforms import functional as TF
+
+    from pipeline.preprocess import Preprocess
+
+    pp = Preprocess(image_size=8, resize=8, mean=(0.1, 0.5, 0.9), std=(0.2, 0.3, 0.7))
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    pixels.flags.writeable = False
+    got = pp.normalizer()(pixels)
+    assert got.shape == (3, 3, 8, 8) and got.dtype == torch.float32
+    for i in range(3):
+        expected = TF.normalize(TF.to_tensor(pixels[i].copy()), pp.mean, pp.std)
+        torch.testing.assert_close(got[i], expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="uint8"):
+        pp.normalizer()(pixels.astype(np.float32))

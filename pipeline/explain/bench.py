@@ -28,8 +28,7 @@ def _inputs(count: int, preprocess) -> torch.Tensor:
     photos = load_photos()
     names = sorted(photos)[:count] if count <= len(photos) else [sorted(photos)[i % len(photos)] for i in range(count)]
     pixels = np.stack([preprocess.apply(Image.fromarray(photos[name])) for name in names])
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255.0)
-    return (x - torch.tensor(preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(preprocess.std).view(1, 3, 1, 1)
+    return preprocess.normalizer()(pixels)
 
 
 def bench_occlusion(images: int = 4, image_size: int = 224, window: int = 32, stride: int = 16,

@@ -110,8 +110,7 @@ class Explainer:
         with torch.no_grad():  # the number of classes, from the model itself (weights may not name them)
             self.classes = int(self.model(torch.zeros(1, 3, size, size, device=self.device)).shape[1])
         self.target = self._parse_target(config.target)
-        self.mean = torch.tensor(self.preprocess.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.preprocess.std, device=self.device).view(1, 3, 1, 1)
+        self.normalise = self.preprocess.normalizer(self.device)
         self.cam = CAM(self.model) if "cam" in config.methods else None
         self.layer = self._gradcam_layer() if "gradcam" in config.methods else None
         self.gradcam = GradCAM(self.model, self.layer) if self.layer else None
@@ -178,10 +177,6 @@ class Explainer:
                 if out is not None and out.shape == features.shape and torch.allclose(out, features):
                     return name
         return None
-
-    def normalise(self, pixels: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(self.device)  # a copy: Ray hands read-only arrays
-        return x.permute(0, 3, 1, 2).float().div(255.0).sub(self.mean).div(self.std)
 
     def explain(self, pixels: np.ndarray) -> list[Explanation]:
         """Explanations of uint8 (N, S, S, 3) images, all methods batched over the N images."""

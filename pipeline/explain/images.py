@@ -140,8 +140,7 @@ def dream_file(model: ModelConfig, path: str, layer: str, out: str, octaves: int
     loaded = load_model(model)
     pixels, _, _ = read_image(path, loaded.preprocess)
     dream = DeepDream(loaded.model, layer, loaded.preprocess.mean, loaded.preprocess.std)
-    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float().div(255.0)  # decoded arrays are read-only
-    x = (x - dream.mean) / dream.std
+    x = loaded.preprocess.normalizer()(pixels[None])
     result = dream.attribute(x, octaves=octaves, octave_scale=octave_scale, steps=steps, lr=lr, jitter=jitter,
                              seed=seed)
     with torch.no_grad():

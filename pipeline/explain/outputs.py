@@ -30,22 +30,10 @@ from PIL import Image
 
 from pipeline.crops import overlay
 from pipeline.explain.explainer import Explanation
-from pipeline.store import EXPLAIN_METRICS_SCHEMA, write_table
+from pipeline.store import EXPLAIN_INDEX_SCHEMA, EXPLAIN_METRICS_SCHEMA, EXPLAIN_SUMMARY_SCHEMA, write_table
 
 EXPLAIN = "explain"
-INDEX_SCHEMA = pa.schema([
-    ("image_key", pa.string()), ("method", pa.string()), ("target", pa.int32()), ("target_name", pa.string()),
-    ("path", pa.string()), ("score", pa.float32()),
-])
-SUMMARY_SCHEMA = pa.schema([
-    ("image_key", pa.string()), ("status", pa.string()), ("error", pa.string()), ("target", pa.int32()),
-    ("target_name", pa.string()), ("score", pa.float32()), ("probability", pa.float32()),
-    ("top5_classes", pa.list_(pa.int32())), ("top5_probabilities", pa.list_(pa.float32())),
-    ("occlusion_base_probability", pa.float32()), ("occlusion_min_probability", pa.float32()),
-    ("occlusion_top_class", pa.int32()),
-    ("box_x0", pa.int32()), ("box_y0", pa.int32()), ("box_x1", pa.int32()), ("box_y1", pa.int32()),
-    ("iou", pa.float32()), ("dir", pa.string()),
-])
+
 
 
 def image_dir(key: str) -> str:
@@ -118,7 +106,7 @@ def metric_rows(key: str, explanation: Explanation) -> list[dict]:
 
 def summary_row(key: str, explanation: Explanation | None, directory: str | None, box: tuple | None = None,
                 iou: float | None = None, error: str | None = None) -> dict:
-    row = {name: None for name in SUMMARY_SCHEMA.names} | {"image_key": key, "dir": directory}
+    row = {name: None for name in EXPLAIN_SUMMARY_SCHEMA.names} | {"image_key": key, "dir": directory}
     if explanation is None:
         return row | {"status": "error", "error": error}
     occlusion = explanation.occlusion or {}
@@ -164,9 +152,9 @@ class ExplainWriter:
     def commit(self) -> pa.Table:
         """Write the two tables and move the staged directory into place; return the index table."""
         index = pa.Table.from_pylist(sorted(self.index, key=lambda r: (r["image_key"], r["method"])),
-                                     schema=INDEX_SCHEMA)
+                                     schema=EXPLAIN_INDEX_SCHEMA)
         write_table(index, os.path.join(self.staging, "index.parquet"))
-        write_table(pa.Table.from_pylist(sorted(self.summaries, key=lambda r: r["image_key"]), schema=SUMMARY_SCHEMA),
+        write_table(pa.Table.from_pylist(sorted(self.summaries, key=lambda r: r["image_key"]), schema=EXPLAIN_SUMMARY_SCHEMA),
                     os.path.join(self.staging, "summary.parquet"))
         if self.metrics:  # only when asked for (--metrics): its absence says they were not measured
             write_table(pa.Table.from_pylist(sorted(self.metrics, key=lambda r: (r["image_key"], r["method"],

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline.render import DATASET_KINDS, INDEX_SCHEMA
+from pipeline.store import ATLAS_INDEX_SCHEMA, DATASET_KINDS
 from pipeline.store import (
     MANIFEST,
     TOPK_SCHEMA,
@@ -91,7 +91,7 @@ def synthesize_run(run_dir: str, layer_sizes: tuple[int, ...] = LAYER_SIZES, k: 
                                    "image_key": None if kind == "featvis" else f"img_{rank}", "path": rel,
                                    "act": float(top_acts[unit, rank]), "featvis_act": None, "top1_act": None})
     write_table(pa.table(unit_rows, schema=UNITS_SCHEMA), os.path.join(run_dir, "units", "part-0.parquet"))
-    write_table(pa.Table.from_pylist(atlas_rows, schema=INDEX_SCHEMA), os.path.join(run_dir, "atlas", "index.parquet"))
+    write_table(pa.Table.from_pylist(atlas_rows, schema=ATLAS_INDEX_SCHEMA), os.path.join(run_dir, "atlas", "index.parquet"))
     total = int(sum(layer_sizes))
     write_json({"format_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "model": {"spec": "synthetic:bench", "weights": None, "weights_sha256": None, "categories": None},

@@ -25,7 +25,7 @@ from pipeline.site.data import LayerData, SiteData, UnitData, load_site_data
 from pipeline.site.paths import UnsafePathError, layer_slug, url_path
 from pipeline.site.svg import fmt, histogram_svg, stats_svg
 from pipeline.site.writer import MARKER, SiteWriter
-from pipeline.store import RunError
+from pipeline.store import RunError, sql_string
 
 logger = logging.getLogger(__name__)
 
@@ -120,16 +120,12 @@ def unit_href(layer: LayerData | UnitData | str, unit: int) -> str:
     return f"units/{layer_slug(name)}/{unit}.html"
 
 
-def _sql_string(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def unit_query(layer: str, unit: int) -> str:
     """A DuckDB query listing the unit's top images, runnable as is in `duckdb` started in the run directory.
     The path is relative: a page never publishes where the run lives on the machine that built it."""
     return (f"SELECT rank, image_key, label, act, box_x0, box_y0, box_x1, box_y1\n"
             f"FROM read_parquet('topk/*/*.parquet', hive_partitioning = false)\n"
-            f"WHERE layer = {_sql_string(layer)} AND unit = {int(unit)}\nORDER BY rank;")
+            f"WHERE layer = {sql_string(layer)} AND unit = {int(unit)}\nORDER BY rank;")
 
 
 def striking_units(layer: LayerData, count: int = STRIP_UNITS) -> list[UnitData]:
