@@ -83,7 +83,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from pipeline.scan_runner import ScanConfig, run_scan
+    from pipeline.scan.runner import ScanConfig, run_scan
 
     manifest = run_scan(ScanConfig(
         model=_model_config(args), data=args.data, out=args.out, layers=args.layers, k=args.k,
@@ -101,8 +101,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from pipeline.render import RenderOptions, parse_units, render_run
-    from pipeline.render_worker import VisSettings
+    from pipeline.render.runner import RenderOptions, parse_units, render_run
+    from pipeline.render.worker import VisSettings
 
     layers = tuple(name.strip() for name in args.layers.split(",")) if args.layers else None
     units, classes = parse_units(args.units), parse_units(args.classes)
@@ -125,7 +125,7 @@ def cmd_site(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.run) if os.path.isdir(args.run) else None
     if manifest is not None and manifest.get("kind") == COMPARISON_KIND:  # `atlas compare`'s output
-        from pipeline.compare_site import build_comparison_site
+        from pipeline.compare.site import build_comparison_site
         from pipeline.rundir import run_lock
 
         with run_lock(args.run):
@@ -146,7 +146,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline.compare import compare_runs
+    from pipeline.compare.runner import compare_runs
 
     manifest = compare_runs(args.run_a, args.run_b, args.out, sample=args.sample, seed=args.seed,
                             address=args.address, progress=not args.quiet)
@@ -166,8 +166,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import RECORD_ORDER, load_config
-    from pipeline.job import prepare_job, run_job
+    from pipeline.cluster.config import RECORD_ORDER, load_config
+    from pipeline.cluster.job import prepare_job, run_job
 
     config = load_config(args.config, args.set)
     # every check before any cluster work
@@ -185,8 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.submit import load_runtime_env, submit_job
+    from pipeline.cluster.config import load_config
+    from pipeline.cluster.submit import load_runtime_env, submit_job
 
     config = load_config(args.config, args.set)  # shape errors stop here, before the cluster is touched
     job_id, status = submit_job(config, args.address, date=args.date, runtime_env=load_runtime_env(args.runtime_env),
@@ -267,7 +267,7 @@ def cmd_dream(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_explain(args: argparse.Namespace) -> int:
-    from pipeline.explain.bench import bench_occlusion
+    from pipeline.bench.explain import bench_occlusion
 
     chunks = tuple(int(c) for c in args.chunks.split(","))
     bench_occlusion(images=args.images, image_size=args.image_size, window=args.window, stride=args.stride,
@@ -276,7 +276,7 @@ def cmd_bench_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import bench_scan
+    from pipeline.bench.scan import bench_scan
 
     bench_scan(images=args.images, image_size=args.image_size, batch_size=args.batch_size, data=args.data,
                out=args.out, layers=args.layers, memory=not args.no_memory, device=args.device)
@@ -284,7 +284,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_render(args: argparse.Namespace) -> int:
-    from pipeline.bench_render import bench_render
+    from pipeline.bench.render import bench_render
 
     bench_render(layer=args.layer, units=args.units, steps=args.steps, size=args.size,
                  lucent_units=args.lucent_units, single_units=args.single_units, preset=args.preset)
@@ -292,7 +292,7 @@ def cmd_bench_render(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_capacity(args: argparse.Namespace) -> int:
-    from pipeline.bench_capacity import bench_capacity
+    from pipeline.bench.capacity import bench_capacity
 
     bench_capacity(model=args.model, layers=args.layers, k=args.k, batch=args.batch_size, image_size=args.image_size,
                    flush_images=args.flush_images)
@@ -300,7 +300,7 @@ def cmd_bench_capacity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_site(args: argparse.Namespace) -> int:
-    from pipeline.site.bench import bench_site
+    from pipeline.bench.site import bench_site
 
     bench_site(out=args.out)
     return 0

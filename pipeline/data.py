@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.preprocess import DecodeError, Preprocess, decode_image
-from pipeline.remote import is_url
+from pipeline.cluster.remote import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ PARQUET_LABEL_COLUMNS = ("label", "cls", "class", "category")
 
 def parquet_image_key(path: str, data: bytes | None) -> str:
     """The key of a Parquet row without a key column: ``<file name>:<sha1 of the bytes, 16 hex>``. One derivation
-    for the scan and for reading originals back (pipeline.fetch): if they differed, crops would go missing."""
+    for the scan and for reading originals back (pipeline.render.fetch): if they differed, crops would go missing."""
     digest = hashlib.sha1(bytes(data) if data is not None else b"").hexdigest()[:16]
     return f"{os.path.basename(path)}:{digest}"
 

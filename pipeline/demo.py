@@ -15,9 +15,9 @@ from pipeline.explain.images import explain_run_images
 from pipeline.models import ModelConfig
 from pipeline.query import format_result, run_query
 from pipeline.ray_session import ray_session
-from pipeline.render import RenderOptions, render_run
-from pipeline.render_worker import VisSettings
-from pipeline.scan_runner import ScanConfig, run_scan
+from pipeline.render.runner import RenderOptions, render_run
+from pipeline.render.worker import VisSettings
+from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import connect
 from pipeline.site import build_site
 

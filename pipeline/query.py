@@ -1,5 +1,5 @@
 """`atlas query`: SQL over a run directory with DuckDB views topk, units, images, maxima, or over a comparison
-(cmp_units, cmp_layers, a_topk, b_topk, ...: pipeline.compare)."""
+(cmp_units, cmp_layers, a_topk, b_topk, ...: pipeline.compare.runner)."""
 from __future__ import annotations
 
 import csv
@@ -19,7 +19,7 @@ def _connect(run_dir: str):
     """A comparison (`atlas compare`'s output) gets its own views; anything else is a run."""
     manifest = read_manifest(run_dir)
     if manifest is not None and manifest.get("kind") == COMPARISON_KIND:
-        from pipeline.compare import connect_comparison
+        from pipeline.compare.runner import connect_comparison
 
         return connect_comparison(run_dir)
     return connect(run_dir)

@@ -34,14 +34,14 @@ RANGES: dict[str, tuple[float, float]] = {
     "steps": (1, 100_000),
     "units_per_task": (1, 4096),
     "images": (1, 1_000_000),  # builtin:photos crops
-    # Images a scan worker folds before committing them (pipeline.flushes); 1 is allowed (tests, tiny runs).
+    # Images a scan worker folds before committing them (pipeline.scan.flushes); 1 is allowed (tests, tiny runs).
     "flush_images": (1, 1_000_000_000),
     # Seconds without any progress before a scan fails saying what is pending.
     "stall_seconds": (1, 1_000_000),
 }
 
 
-# The numeric precisions a scan can run in (pipeline.scan.configure_precision says what each means).
+# The numeric precisions a scan can run in (pipeline.scan.recorder.configure_precision says what each means).
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 

@@ -31,7 +31,7 @@ STAGING = ".staging"
 MARKER = ".atlas-run"      # written first: the tool's claim on the folder (pipeline.rundir)
 LOCK = ".atlas-lock"       # flock of the process writing the run
 PREVIOUS = ".previous"     # the old run, only while a new one is swapped in
-FLUSHES = "flushes"        # RUN/.staging/flushes/<worker>-<seq>/: committed scan progress (pipeline.flushes)
+FLUSHES = "flushes"        # RUN/.staging/flushes/<worker>-<seq>/: committed scan progress (pipeline.scan.flushes)
 PENDING_MAXIMA = "pending-maxima"  # RUN/.staging/pending-maxima/<flush>/: maxima of flushes not yet committed
 TABLES = ("topk", "units", "images", "maxima")
 COMPRESSION = "zstd"
@@ -108,7 +108,7 @@ EXPLAIN_METRICS_SCHEMA = pa.schema([
 
 
 # Directories later stages write into a run (render, explain, site): removed when the scan is redone.
-DERIVED = ("atlas", "explain", "site", "compare")  # compare: `[compare] previous` of a job (pipeline.job)
+DERIVED = ("atlas", "explain", "site", "compare")  # compare: `[compare] previous` of a job (pipeline.cluster.job)
 # Written by `atlas run`: the resolved job configuration and the record of finished stages.
 JOB_TOML = "job.toml"
 JOB_RECORD = "job.json"
@@ -210,7 +210,7 @@ def _duck_type(arrow_type: pa.DataType) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- comparisons
-# CMP/, written by `atlas compare RUN_A RUN_B` (pipeline.compare): a manifest with "kind": "comparison"
+# CMP/, written by `atlas compare RUN_A RUN_B` (pipeline.compare.runner): a manifest with "kind": "comparison"
 # naming both runs by fingerprint, and two tables. Per-image columns (correlations, CKA, matching) are NULL
 # when the runs did not both record every image (--record all) or saw different images.
 COMPARISON_KIND = "comparison"

@@ -6,7 +6,7 @@ pulls block *references* from the decode pipeline (`iter_internal_ref_bundles`: 
 store) and hands each to an actor with room (at most `in_flight` calls each). An actor that dies (its process
 or its node) is dropped, not restarted in place: the pool shrinks, so the CPUs left on the surviving nodes stay
 free for reading and decoding, and whatever the dead actor held since its last flush is redone by the next pass
-(pipeline.flushes). A replacement is started only when no actor is left. When nothing moves for `stall_seconds`
+(pipeline.scan.flushes). A replacement is started only when no actor is left. When nothing moves for `stall_seconds`
 (no block arrives, no call returns), the pass fails with a message saying what is pending instead of hanging.
 """
 from __future__ import annotations

@@ -16,11 +16,11 @@ import time
 import torch
 import torchvision
 
-from pipeline.compare import compare_runs
+from pipeline.compare.runner import compare_runs
 from pipeline.demo_data import make_photo_folder, mobilenet_v2_weights
 from pipeline.models import ModelConfig
 from pipeline.query import format_result, run_query
-from pipeline.scan_runner import ScanConfig, run_scan
+from pipeline.scan.runner import ScanConfig, run_scan
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,7 @@ def check_environment(device: str) -> dict:
 
 
 def check_layer_maxima(device: str) -> dict:
-    from pipeline.scan import layer_maxima
+    from pipeline.scan.recorder import layer_maxima
 
     _need_cuda(device)
     generator = torch.Generator().manual_seed(0)
@@ -111,7 +111,7 @@ def _images(n: int, size: int, seed: int = 0) -> dict:
 def _record(device: str, batch: dict, batch_size: int, precision: str = "fp32", chunk: int | None = None,
             spec: str = "torchvision:resnet18", size: int = 64, layers=("layer1", "layer3", "fc")):
     from pipeline.models import ModelConfig, load_model, resolve_layers
-    from pipeline.scan import Recorder, RecorderConfig, ScanState
+    from pipeline.scan.recorder import Recorder, RecorderConfig, ScanState
 
     model = ModelConfig(spec, image_size=size)
     torch.manual_seed(0)
@@ -160,7 +160,7 @@ def check_batch(device: str) -> dict:
 
 def check_timing(device: str, batches=(32, 256)) -> dict:
     from pipeline.models import ModelConfig, feature_extractor, load_model, resolve_layers
-    from pipeline.scan import ScanState, layer_maxima
+    from pipeline.scan.recorder import ScanState, layer_maxima
 
     _need_cuda(device)
     loaded = load_model(ModelConfig("torchvision:resnet50", image_size=224))
@@ -216,7 +216,7 @@ def check_timing(device: str, batches=(32, 256)) -> dict:
 def check_scan(device: str) -> dict:
     from pipeline.demo_data import make_photo_folder
     from pipeline.models import ModelConfig
-    from pipeline.scan_runner import ScanConfig, run_scan
+    from pipeline.scan.runner import ScanConfig, run_scan
     from pipeline.store import connect
 
     _need_cuda(device)
@@ -238,7 +238,7 @@ def check_scan(device: str) -> dict:
 
 def check_render(device: str) -> dict:
     from pipeline.models import ModelConfig
-    from pipeline.render_worker import RenderConfig, RenderTask, UnitRenderer, VisSettings
+    from pipeline.render.worker import RenderConfig, RenderTask, UnitRenderer, VisSettings
 
     config = RenderConfig(model=ModelConfig("module:tiny_models:small_net", image_size=32),
                           vis=VisSettings(steps=16, size=32, seed=3), device=device)

@@ -14,9 +14,9 @@ from PIL import Image
 
 from pipeline.models import ModelConfig, load_model
 from pipeline.preprocess import decode_image
-from pipeline.render import render_dataset_views
+from pipeline.render.runner import render_dataset_views
 from pipeline.store import ATLAS_INDEX_SCHEMA
-from pipeline.scan_runner import ScanConfig, run_scan
+from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import EXPLAIN_METRICS_SCHEMA, connect, write_json
 
 SITE_NET = ModelConfig(spec="module:site_net:site_net", image_size=32)

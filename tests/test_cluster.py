@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import _toml_value, parse_config
-from pipeline.job import prepare_job, run_job
+from pipeline.cluster.config import _toml_value, parse_config
+from pipeline.cluster.job import prepare_job, run_job
 
 DATE = "2026-12-01"
 PHOTOS = 160
@@ -49,7 +49,7 @@ def cluster():
 
 
 def client(cluster):
-    from pipeline.submit import connect
+    from pipeline.cluster.submit import connect
 
     return connect(cluster.address)
 

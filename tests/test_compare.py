@@ -13,9 +13,9 @@ import pytest
 
 from compare_models import PERMUTATION, ZEROED_UNIT
 from pipeline.cli import main
-from pipeline.compare import CrossMoments, linear_cka, spearman
+from pipeline.compare.runner import CrossMoments, linear_cka, spearman
 from pipeline.models import ModelConfig
-from pipeline.scan_runner import ScanConfig, run_scan
+from pipeline.scan.runner import ScanConfig, run_scan
 
 LAYERS = "relu1,relu2,relu3"
 WIDTHS = {"relu1": 6, "relu2": 8, "relu3": 5}
@@ -149,7 +149,7 @@ def test_one_zeroed_filter_is_the_one_unit_that_died(runs, tmp_path, capsys):
     with open(os.path.join(cmp, "site", "index.html")) as handle:
         html = handle.read()
     assert html.count("<rect") == 2 * 3 and "Units that died (1)" in html and "<script" not in html
-    from pipeline.compare_site import unit_page
+    from pipeline.compare.site import unit_page
 
     def page(layer: str, unit: int) -> str:
         with open(os.path.join(cmp, "site", unit_page({"layer": layer, "unit": unit}))) as handle:
@@ -216,7 +216,7 @@ def test_sample_recomputes_the_maxima_a_run_did_not_record(runs, tmp_path, capsy
 
 
 def test_the_sample_is_seeded_and_does_not_depend_on_key_order():
-    from pipeline.compare_sample import choose_sample
+    from pipeline.compare.sample import choose_sample
 
     keys = [f"k{i:03d}" for i in range(100)]
     first = choose_sample(keys, 10, seed=3)
@@ -234,8 +234,8 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path, capsys):
 
 
 def test_a_job_compares_its_run_with_the_previous_one(runs, tmp_path, photo_folder):
-    from pipeline.config import ConfigError, parse_config
-    from pipeline.job import prepare_job, run_job
+    from pipeline.cluster.config import ConfigError, parse_config
+    from pipeline.cluster.job import prepare_job, run_job
 
     run = str(tmp_path / "tonight")
     shutil.copytree(runs["zeroed"], run)  # tonight's scan, already complete: the job runs compare and site
@@ -305,7 +305,7 @@ def _synthetic_run(path: str, layers: dict[str, np.ndarray], keys: list[str], k:
 
 
 def test_cka_and_matching_across_widths_read_from_maxima_in_chunks(tmp_path, monkeypatch):
-    import pipeline.compare as compare
+    import pipeline.compare.runner as compare
 
     rng = np.random.default_rng(5)
     keys = [f"img{i:03d}" for i in range(90)]
@@ -336,8 +336,8 @@ def test_cka_and_matching_across_widths_read_from_maxima_in_chunks(tmp_path, mon
 def test_comparison_site_links_only_publishable_images_and_escapes_data(tmp_path):
     import pyarrow as pa
 
-    from pipeline.compare import compare_runs
-    from pipeline.compare_site import build_comparison_site, unit_page
+    from pipeline.compare.runner import compare_runs
+    from pipeline.compare.site import build_comparison_site, unit_page
     from pipeline.store import ATLAS_INDEX_SCHEMA, write_table
 
     rng = np.random.default_rng(7)

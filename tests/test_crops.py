@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers import png_bytes, square_image, write_png
-from pipeline.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
+from pipeline.render.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
 from pipeline.data import SourceSpec
-from pipeline.fetch import fetch_images
+from pipeline.render.fetch import fetch_images
 from pipeline.preprocess import Preprocess
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from helpers import folder_batch
-from pipeline.crops import open_rgb
+from pipeline.render.crops import open_rgb
 from pipeline.data import Decoder, SourceSpec
 from pipeline.preprocess import DecodeError, Preprocess, decode_image
 

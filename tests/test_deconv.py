@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pipeline.deconv import Deconvnet
+from pipeline.render.deconv import Deconvnet
 from pipeline.receptive_field import receptive_fields
 
 

@@ -450,7 +450,7 @@ def test_data_mode_on_ray_writes_the_run_index(ray_cluster, photo_folder, tmp_pa
     from pipeline.explain.images import explain_run_images
     from pipeline.store import EXPLAIN_INDEX_SCHEMA as INDEX_SCHEMA
     from pipeline.models import ModelConfig
-    from pipeline.scan_runner import ScanConfig, run_scan
+    from pipeline.scan.runner import ScanConfig, run_scan
     from pipeline.store import connect
 
     run = tmp_path / "run"

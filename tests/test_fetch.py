@@ -10,7 +10,7 @@ import pytest
 
 from helpers import png_bytes, write_png
 from pipeline.data import DataError, SourceSpec, resolve_source
-from pipeline.fetch import fetch_images
+from pipeline.render.fetch import fetch_images
 
 
 @pytest.fixture()

@@ -13,8 +13,8 @@ import pytest
 
 from pipeline.data import DataError, resolve_source
 from pipeline.fileio import atomic_write
-from pipeline.flushes import FlushStore, SourceIndex, plan_pass
-from pipeline.scan import Flush, ScanState
+from pipeline.scan.flushes import FlushStore, SourceIndex, plan_pass
+from pipeline.scan.recorder import Flush, ScanState
 from pipeline.store import IMAGES_SCHEMA
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import write_png
-from pipeline.config import ConfigError, parse_config
+from pipeline.cluster.config import ConfigError, parse_config
 from pipeline.ranges import RANGES
 
 # ------------------------------------------------------------------------------ value ranges (item 9)
@@ -73,7 +73,7 @@ def test_actors_are_checked_against_the_local_machine(tmp_path, monkeypatch):
     unknown cluster) do not fit on its CPUs, and `atlas run --check` says so instead of hanging later."""
     import torch
 
-    from pipeline.job import prepare_job
+    from pipeline.cluster.job import prepare_job
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
@@ -89,7 +89,7 @@ def test_actors_are_checked_against_the_local_machine(tmp_path, monkeypatch):
 
 
 def test_decode_limits_travel_from_the_job_file_to_the_preprocessing(tmp_path):
-    from pipeline.job import prepare_job
+    from pipeline.cluster.job import prepare_job
 
     job = prepare_job(parse_config(_job(tmp_path, scan={"max_side": 4000, "max_pixels": 10**6,
                                                         "max_aspect": 3.5})))
@@ -127,7 +127,7 @@ def test_scan_records_the_limits_and_lists_refused_images(ray_cluster, tmp_path)
 
 @pytest.fixture()
 def small_run(tmp_path) -> str:
-    from pipeline.site.bench import synthesize_run
+    from pipeline.bench.site import synthesize_run
 
     run = str(tmp_path / "run")
     synthesize_run(run, layer_sizes=(3,), k=2)
@@ -230,8 +230,8 @@ def test_run_never_overwrites_the_users_job_file(tmp_path, monkeypatch, capsys):
 
 def test_a_runs_own_job_files_are_rewritten(tmp_path):
     """The resolved job.toml and job.json that `atlas run` wrote are its own: re-running them is fine."""
-    from pipeline.config import to_toml
-    from pipeline.job import _check_own_files, _write_resolved, prepare_job
+    from pipeline.cluster.config import to_toml
+    from pipeline.cluster.job import _check_own_files, _write_resolved, prepare_job
 
     job = prepare_job(parse_config(_job(tmp_path)))
     os.makedirs(job.run_dir)

@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from pipeline.deconv import Deconvnet, GuidedBackprop
+from pipeline.render.deconv import Deconvnet, GuidedBackprop
 
 captum = pytest.importorskip("captum.attr")
 

@@ -11,8 +11,8 @@ import tomllib
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config, parse_config, to_toml
-from pipeline.job import prepare_job, run_job
+from pipeline.cluster.config import ConfigError, load_config, parse_config, to_toml
+from pipeline.cluster.job import prepare_job, run_job
 from pipeline.store import RunError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def job_dict(out: str, weights: str, photos: str) -> dict:
 
 
 def write_toml(path, data: dict) -> str:
-    from pipeline.config import _toml_value
+    from pipeline.cluster.config import _toml_value
 
     lines = []
     for section, values in data.items():
@@ -220,7 +220,7 @@ def test_url_run_is_mirrored_to_its_prefix_resumed_elsewhere_and_published_last(
     attempt that fails in its last stage publishes nothing; a job on another machine (an empty work_dir) with the
     same run id pulls what was finished, skips it, and only then moves out/latest.json to the run."""
     import pipeline.site
-    from pipeline.remote import read_latest
+    from pipeline.cluster.remote import read_latest
 
     bucket = tmp_path / "bucket" / "run"
     data = job_dict(f"file://{bucket}", resnet8_weights, photo_folder)
@@ -261,9 +261,9 @@ def test_device_cuda_plans_gpu_actors_before_an_autoscaler_adds_gpus():
     for `actors` one-GPU replicas (the pending demand is what makes the autoscaler add nodes); 'auto' does not."""
     from pipeline.models import ModelConfig
     from pipeline.ray_session import ClusterShape
-    from pipeline.render import RenderOptions, _plan_workers
+    from pipeline.render.runner import RenderOptions, _plan_workers
     from pipeline.image_stream import plan_actors
-    from pipeline.scan_runner import ScanConfig
+    from pipeline.scan.runner import ScanConfig
 
     scan = ScanConfig(model=ModelConfig(spec="x"), data="d", out="o", actors=8, device="cuda")
     plan = plan_actors(scan.actors, scan.threads, scan.device, ClusterShape(cpus=4, gpus=0))
@@ -281,7 +281,7 @@ def test_device_cuda_plans_gpu_actors_before_an_autoscaler_adds_gpus():
 
 def test_bench_capacity_reports_units_and_rows(capsys):
     """The capacity benchmark's counts are the model's (ResNet-8: stem + 3 blocks + logits = 16+16+32+64+10)."""
-    from pipeline.bench_capacity import bench_capacity
+    from pipeline.bench.capacity import bench_capacity
 
     result = bench_capacity(model="module:pipeline.zoo:resnet8", layers="all,linear", k=4, batch=8, image_size=32)
     assert (result["layers"], result["units"], result["topk_rows"]) == (5, 138, 138 * 4)
@@ -320,7 +320,7 @@ def test_job_over_webdataset_shards_given_as_urls(tmp_path, resnet8_weights, pho
 def test_mirror_sees_same_size_rewrites_on_both_sides(tmp_path):
     """A file rewritten with the same size (a job record, a re-rendered image) is uploaded again, and a remote
     file replaced by another machine with the same size is downloaded again."""
-    from pipeline.remote import RunMirror
+    from pipeline.cluster.remote import RunMirror
 
     local, remote = tmp_path / "local", tmp_path / "remote"
     (local / "atlas").mkdir(parents=True)
@@ -413,7 +413,7 @@ def test_a_reader_polling_latest_never_sees_a_half_written_run(tmp_path, resnet8
 
 
 def test_out_lease_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path):
-    from pipeline.remote import LEASE, OutLease
+    from pipeline.cluster.remote import LEASE, OutLease
     from pipeline.rundir import RunBusy
 
     out = f"file://{tmp_path / 'out'}"
@@ -445,7 +445,7 @@ def test_out_lease_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path):
 
 def test_atlas_run_refuses_an_out_whose_lease_is_live(tmp_path, resnet8_weights, photo_folder, capsys):
     from pipeline.cli import main
-    from pipeline.remote import OutLease
+    from pipeline.cluster.remote import OutLease
 
     bucket = tmp_path / "bucket"
     bucket.mkdir()

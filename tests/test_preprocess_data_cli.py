@@ -12,7 +12,7 @@ from pipeline.data import DataError, Decoder, SourceSpec, resolve_source
 from pipeline.preprocess import Preprocess, decode_image
 from pipeline.ray_session import ClusterShape
 from pipeline.image_stream import plan_actors
-from pipeline.scan_runner import ScanConfig
+from pipeline.scan.runner import ScanConfig
 from pipeline.models import ModelConfig
 
 

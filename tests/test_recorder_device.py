@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.models import ModelConfig
-from pipeline.scan import Recorder, RecorderConfig, ScanState
+from pipeline.scan.recorder import Recorder, RecorderConfig, ScanState
 
 SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32)
 LAYERS = ("stem", "relu", "down", "head.2")

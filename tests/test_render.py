@@ -11,9 +11,9 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.models import ModelConfig
-from pipeline.render import RenderOptions, render_run
-from pipeline.render_worker import RenderConfig, RenderTask, UnitRenderer, VisSettings, unit_file
-from pipeline.scan_runner import ScanConfig, run_scan
+from pipeline.render.runner import RenderOptions, render_run
+from pipeline.render.worker import RenderConfig, RenderTask, UnitRenderer, VisSettings, unit_file
+from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import connect
 
 SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32)

@@ -17,7 +17,7 @@ from pipeline.cli import main
 from pipeline.models import ModelConfig
 from pipeline.ray_session import reap_orphans
 from pipeline.rundir import RunBusy, claim, recover, run_lock
-from pipeline.scan_runner import ScanConfig, run_scan
+from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import MANIFEST, MARKER, PREVIOUS, STAGING, RunError, connect, read_manifest
 
 SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32)

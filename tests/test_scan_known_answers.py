@@ -12,7 +12,7 @@ from helpers import folder_batch, square_image, write_png
 from pipeline.data import Decoder, SourceSpec
 from pipeline.models import ModelConfig, load_model
 from pipeline.receptive_field import receptive_fields
-from pipeline.scan import Recorder, RecorderConfig, ScanResult, ScanState, image_facts, layer_maxima
+from pipeline.scan.recorder import Recorder, RecorderConfig, ScanResult, ScanState, image_facts, layer_maxima
 
 HAND = ModelConfig(spec="module:tiny_models:hand_net", image_size=16, resize=16, mean=(0.0, 0.0, 0.0),
                    std=(1.0, 1.0, 1.0))

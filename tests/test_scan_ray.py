@@ -14,7 +14,7 @@ from helpers import brute_force_topk
 from pipeline.data import DataError
 from pipeline.models import ModelConfig, ModelError, load_model
 from pipeline.preprocess import decode_image
-from pipeline.scan_runner import ScanConfig, run_scan
+from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import RunError, connect, read_manifest
 
 SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32)
@@ -202,8 +202,8 @@ def test_bad_model_inputs_fail_before_any_work(tmp_path, photo_folder):
 
 
 def test_restart_after_interruption_and_skip_when_complete(ray_cluster, photo_folder, tmp_path, monkeypatch):
-    from pipeline import scan_runner
-    from pipeline.flushes import FlushStore
+    from pipeline.scan import runner as scan_runner
+    from pipeline.scan.flushes import FlushStore
 
     run = str(tmp_path / "run")
     config = ScanConfig(model=SMALL, data=photo_folder, out=run, layers="relu,down", k=4, batch_size=4,

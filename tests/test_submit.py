@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from pipeline.config import parse_config
+from pipeline.cluster.config import parse_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ def config(name: str = "imagenet-resnet50", out: str = "s3://b/atlas"):
 
 def test_address_flag_wins_over_ray_address_and_says_so(monkeypatch, caplog):
     """Ray's JobSubmissionClient lets RAY_ADDRESS (set by KubeRay in every Ray pod) override its argument."""
-    from pipeline.submit import connect, resolve_address
+    from pipeline.cluster.submit import connect, resolve_address
 
     monkeypatch.setenv("RAY_ADDRESS", "http://elsewhere:8265")
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
@@ -61,7 +61,7 @@ def test_token_is_found_where_ray_looks(monkeypatch, tmp_path):
 
 
 def test_same_job_matches_every_date_and_retry_but_no_other_job():
-    from pipeline.submit import _same_job, submission_id
+    from pipeline.cluster.submit import _same_job, submission_id
 
     a = config()
     pattern = _same_job(a)

@@ -56,7 +56,7 @@ def test_factory_models_have_no_weights_entry():
 
 
 def test_scan_manifest_records_the_matched_entry(ray_cluster, photo_folder, demo_weights, tmp_path):
-    from pipeline.scan_runner import ScanConfig, run_scan
+    from pipeline.scan.runner import ScanConfig, run_scan
 
     manifest = run_scan(ScanConfig(model=ModelConfig("torchvision:mobilenet_v2", demo_weights, image_size=32),
                                    data=photo_folder, out=str(tmp_path / "run"), layers="features.1", k=1,

@@ -73,7 +73,7 @@ def explain_run_images(run: str, count: int = 4, keys: list[str] | None = None,
     own model, weights and preprocessing, into RUN/explain/ under the scan's image keys (so the site can join
     them with the run's tables). `settings`: other ExplainConfig fields (target, window, stride, ...)."""
     from pipeline.data import resolve_source
-    from pipeline.fetch import fetch_images
+    from pipeline.render.fetch import fetch_images
     from pipeline.store import RunError, connect, read_manifest
 
     manifest = read_manifest(run)

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.crops import overlay
+from pipeline.render.crops import overlay
 from pipeline.explain.explainer import Explanation
 from pipeline.store import EXPLAIN_INDEX_SCHEMA, EXPLAIN_METRICS_SCHEMA, EXPLAIN_SUMMARY_SCHEMA, write_table
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from pipeline.data import (IMAGE_EXTENSIONS, PARQUET_IMAGE_COLUMNS, PARQUET_KEY_COLUMNS, DataError, SourceSpec,
                            parquet_image_key)
-from pipeline.remote import is_url
+from pipeline.cluster.remote import is_url
 
 logger = logging.getLogger(__name__)
 

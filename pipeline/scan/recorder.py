@@ -1,6 +1,6 @@
 """The scan's worker side: stream decoded images through a model, keep exact top-k and statistics running.
 
-Data flow (see pipeline.scan_runner for the driver, docs in docs/scan-failures.md):
+Data flow (see pipeline.scan.runner for the driver, docs in docs/scan-failures.md):
 
     read + decode (Ray Data CPU tasks, uint8)  --block refs-->  Recorder actors (the model; one GPU each where
     present), each holding a running ScanState on its own device  --every flush_images images-->  a Flush

@@ -3,7 +3,7 @@
 A job file has the sections ``[job]``, ``[model]``, ``[data]``, ``[scan]``, ``[render]``, ``[site]`` and ``[compare]``
 (see ``jobs/*.toml`` and docs/jobs.md). Loading checks the *shape* (unknown keys, wrong types, missing
 required keys, values out of range), so a typo is an error with the key's full name and a suggestion;
-`pipeline.job.prepare_job` then checks what needs the model and the files (weights, data, layers).
+`pipeline.cluster.job.prepare_job` then checks what needs the model and the files (weights, data, layers).
 
 Command-line overrides (``--set render.steps=256``) are applied to the parsed TOML before validation and
 must name an existing key. The resolved configuration is written beside the run's results as TOML.

@@ -33,9 +33,9 @@ import sys
 import time
 from typing import Any, Iterator
 
-from pipeline.config import JobConfig, to_toml
+from pipeline.cluster.config import JobConfig, to_toml
 from pipeline.ray_session import auth_token
-from pipeline.remote import is_url
+from pipeline.cluster.remote import is_url
 from pipeline.store import RunError
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from pipeline.models import ModelConfig, feature_extractor, load_model, resolve_layers
-from pipeline.scan import Flush, ScanState
+from pipeline.scan.recorder import Flush, ScanState
 from pipeline.stats import QuantileSketch, RunningMoments, TopK
 
 # The replaced path's partials carried the argmax and the image size per entry, as int64.
@@ -144,7 +144,7 @@ def _driver_commit_ms(flush: Flush) -> float:
     import shutil
     import tempfile
 
-    from pipeline.flushes import FlushStore
+    from pipeline.scan.flushes import FlushStore
 
     root = tempfile.mkdtemp(prefix="atlas-bench-")
     try:

@@ -335,7 +335,7 @@ def compare_runs(run_a: str, run_b: str, out: str, sample: int | None = None, se
     (after writing) when the runs saw different images, so the per-image part is missing.
 
     `sample`: when a run has no maxima (scanned without --record all), compute them on `sample` shared images
-    drawn with `seed`, with each run's own model (pipeline.compare_sample); with maxima in both, the per-image
+    drawn with `seed`, with each run's own model (pipeline.compare.sample); with maxima in both, the per-image
     numbers use every shared image and `sample` is not needed."""
     if sample is not None and sample < 2:
         raise ValueError(f"--sample must be at least 2 images, got {sample}")
@@ -351,7 +351,7 @@ def compare_runs(run_a: str, run_b: str, out: str, sample: int | None = None, se
     # A --sample rescan's inputs (each run's model and weights) are checked before anything is written too.
     sampling = None
     if not plan.per_image and sample is not None and plan.images["same"]:
-        from pipeline.compare_sample import choose_sample, prepare_rescans
+        from pipeline.compare.sample import choose_sample, prepare_rescans
 
         keys = [row[0] for row in con.execute("SELECT image_key FROM a_images WHERE status = 'ok'").fetchall()]
         sampling = (choose_sample(keys, sample, seed), prepare_rescans(a, b))
@@ -413,7 +413,7 @@ def _per_image_source(a: RunInfo, b: RunInfo, plan: Plan, con, path: str, sampli
         return (a, b), None
     if sampling is None:
         return None, None
-    from pipeline.compare_sample import sample_runs
+    from pipeline.compare.sample import sample_runs
 
     keys, rescans = sampling
     maxima_runs = sample_runs(a, b, rescans, plan.layers, keys, path, address=address, progress=progress)

@@ -1,7 +1,7 @@
 """`atlas run CONFIG.toml`: every stage of one job (scan, render, site) in order, resumable.
 
 `prepare_job` checks everything that can be checked before cluster work starts: the configuration's shape
-(`pipeline.config`), the weights file, the data, the layers (the model is loaded on the driver), the
+(`pipeline.cluster.config`), the weights file, the data, the layers (the model is loaded on the driver), the
 render selection. `run_job` then runs the stages on one Ray session and records, in ``RUN/job.json``,
 each finished stage with a key of its inputs; a stage whose key matches a finished record is skipped,
 and the stages themselves only do what is missing (a complete identical scan is not redone, rendering
@@ -19,14 +19,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-from pipeline.config import ConfigError, JobConfig, to_toml
+from pipeline.cluster.config import ConfigError, JobConfig, to_toml
 from pipeline.data import DataError, resolve_source
 from pipeline.models import ModelConfig, ModelError, load_model, resolve_layers
-from pipeline.remote import (OutLease, RunMirror, cache_dir, check_run_id, fetch_file, is_published, is_url, publish,
+from pipeline.cluster.remote import (OutLease, RunMirror, cache_dir, check_run_id, fetch_file, is_published, is_url, publish,
                              run_url)
-from pipeline.render import RenderOptions, parse_units
-from pipeline.render_worker import VisSettings
-from pipeline.scan_runner import ScanConfig
+from pipeline.render.runner import RenderOptions, parse_units
+from pipeline.render.worker import VisSettings
+from pipeline.scan.runner import ScanConfig
 from pipeline.fileio import atomic_write
 from pipeline.store import JOB_RECORD, JOB_TOML, RunError, read_manifest, write_json
 
@@ -49,7 +49,7 @@ class PreparedJob:
     site_out: str | None
     overrides: tuple[str, ...] = ()
     source: str | None = None  # the job file, for the record
-    run_id: str | None = None  # URL out only: the run's own prefix out/runs/<run_id>/ (see pipeline.remote)
+    run_id: str | None = None  # URL out only: the run's own prefix out/runs/<run_id>/ (see pipeline.cluster.remote)
 
     @property
     def mirror(self) -> RunMirror | None:
@@ -175,7 +175,7 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
     _check_actors_on_local_machine(config, scan, options)
     site_out = os.path.abspath(config.site.out) if config.site.out else None
     if config.compare.previous is not None:
-        from pipeline.compare import load_run
+        from pipeline.compare.runner import load_run
 
         previous = os.path.abspath(config.compare.previous)
         if previous == run_dir:
@@ -197,7 +197,7 @@ def _check_actors_on_local_machine(config: JobConfig, scan: ScanConfig, render: 
     import torch
 
     from pipeline.ray_session import ClusterShape
-    from pipeline.render import _plan_workers
+    from pipeline.render.runner import _plan_workers
     from pipeline.image_stream import plan_actors
 
     shape = ClusterShape(cpus=os.cpu_count() or 1, gpus=torch.cuda.device_count())
@@ -325,8 +325,8 @@ def _drop_old_local_copies(job: PreparedJob) -> None:
 
 def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> dict:
     from pipeline.ray_session import ray_session
-    from pipeline.render import render_run
-    from pipeline.scan_runner import run_scan
+    from pipeline.render.runner import render_run
+    from pipeline.scan.runner import run_scan
     from pipeline.site import build_site
 
     stages = job.config.job.stages
@@ -374,8 +374,8 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
 def _compare_previous(previous: str, run_dir: str) -> None:
     """RUN/compare/: the previous run (A) against this one (B), and its summary page. Different image sets are a
     warning here, not a failure: the comparison of what needs no shared images is written and the job goes on."""
-    from pipeline.compare import ComparisonIncomplete, compare_runs
-    from pipeline.compare_site import build_comparison_site
+    from pipeline.compare.runner import ComparisonIncomplete, compare_runs
+    from pipeline.compare.site import build_comparison_site
 
     out = os.path.join(run_dir, "compare")
     try:

@@ -1,7 +1,7 @@
 """`atlas compare --sample N`: per-image maxima on a seeded sample of shared images, for runs scanned without
 ``--record all``.
 
-The sample's images are read back by key from run A's data (pipeline.fetch), written as one Parquet file of
+The sample's images are read back by key from run A's data (pipeline.render.fetch), written as one Parquet file of
 image bytes with their keys and labels, and scanned with ``--record all`` by each run that lacks maxima, with that
 run's own model, weights, preprocessing, precision and batch size (its manifest's configuration), on Ray like
 the scan itself. A run that recorded every image needs no rescan: its maxima are read for the sampled keys.
@@ -63,7 +63,7 @@ def sample_runs(a, b, configs: dict, layers: list[str], keys: list[str], cmp_dir
     """RunInfo of the runs whose maxima cover `keys`: the run itself where it recorded every image, else (the
     sides in `configs`, from `prepare_rescans`) a scan of the sampled images with its own settings."""
     from pipeline.data import resolve_source
-    from pipeline.fetch import fetch_images
+    from pipeline.render.fetch import fetch_images
 
     rescan = [(side, a if side == "a" else b) for side in configs]
     root = os.path.join(os.path.abspath(cmp_dir), SAMPLE_DIR)
@@ -97,9 +97,9 @@ def sample_runs(a, b, configs: dict, layers: list[str], keys: list[str], cmp_dir
 
 def _scan_sides(a, b, rescan, configs, data: str, layers: list[str], root: str, images: int, address: str | None,
                 progress: bool) -> tuple:
-    from pipeline.compare import load_run
+    from pipeline.compare.runner import load_run
     from pipeline.ray_session import ray_session
-    from pipeline.scan_runner import ScanConfig, run_scan
+    from pipeline.scan.runner import ScanConfig, run_scan
 
     result = {"a": a, "b": b}
     with ray_session(address):

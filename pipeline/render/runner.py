@@ -24,11 +24,11 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.data import resolve_source
-from pipeline.fetch import fetch_images
+from pipeline.render.fetch import fetch_images
 from pipeline.models import ModelConfig, load_model, output_layer
 from pipeline.fileio import atomic_write
 from pipeline.ranges import check_range
-from pipeline.render_worker import (ATLAS, RECONSTRUCTIONS, RenderConfig, RenderResult, RenderTask,
+from pipeline.render.worker import (ATLAS, RECONSTRUCTIONS, RenderConfig, RenderResult, RenderTask,
                                     UnitRenderer, View, VisSettings, unit_file)
 from pipeline.worker_pool import PoolStalled
 from pipeline.store import (

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field, replace
 
 from pipeline.data import PARQUET_KEY_COLUMNS, DataError, SourceSpec, source_id
 from pipeline.fileio import atomic_write, atomic_write_json
-from pipeline.remote import is_url
-from pipeline.scan import Flush
+from pipeline.cluster.remote import is_url
+from pipeline.scan.recorder import Flush
 from pipeline.store import FLUSHES, PENDING_MAXIMA
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from pipeline.determinism import deterministic_on
-from pipeline.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
-from pipeline.deconv import Deconvnet, GuidedBackprop
+from pipeline.render.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
+from pipeline.render.deconv import Deconvnet, GuidedBackprop
 from pipeline.models import ModelConfig, load_model
 from pipeline.optvis.objectives import channel, neuron
 from pipeline.optvis.presets import get_preset

@@ -14,17 +14,17 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline import __version__
-from pipeline.config import check_scan_settings
+from pipeline.cluster.config import check_scan_settings
 from pipeline.data import DataError, SourceSpec, resolve_source, source_id
 from pipeline.fileio import atomic_write, atomic_write_json
-from pipeline.flushes import FlushStore, PassPlan, SourceIndex, plan_pass
+from pipeline.scan.flushes import FlushStore, PassPlan, SourceIndex, plan_pass
 from pipeline.models import LoadedModel, ModelConfig, load_model, resolve_layers
 from pipeline.preprocess import Preprocess
 from pipeline.ray_session import ray_session
 from pipeline.receptive_field import receptive_fields
 from pipeline.rundir import RunDirectory, claim, run_lock
 from pipeline.ranges import PRECISIONS, check_range
-from pipeline.scan import Flush, Recorder, RecorderConfig, ScanResult, ScanState, image_facts, peak_rss_mb
+from pipeline.scan.recorder import Flush, Recorder, RecorderConfig, ScanResult, ScanState, image_facts, peak_rss_mb
 from pipeline.store import IMAGES_SCHEMA, read_manifest
 from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
 from pipeline.worker_pool import PassOutcome, WorkerPool

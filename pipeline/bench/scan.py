@@ -30,8 +30,8 @@ from pipeline.data import Decoder, resolve_source
 from pipeline.demo_data import make_photo_folder, mobilenet_v2_weights
 from pipeline.models import ModelConfig, feature_extractor, load_model
 from pipeline.ray_session import ray_session
-from pipeline.scan import Recorder, RecorderConfig
-from pipeline.scan_runner import ScanConfig, run_scan
+from pipeline.scan.recorder import Recorder, RecorderConfig
+from pipeline.scan.runner import ScanConfig, run_scan
 
 logger = logging.getLogger(__name__)
 

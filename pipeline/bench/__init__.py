@@ -1,0 +1,1 @@
+"""The benchmarks (`atlas bench scan | render | explain | site | capacity`), together."""

@@ -1,0 +1,1 @@
+"""The scan: model workers (recorder), the driver (runner), durable progress (flushes)."""
