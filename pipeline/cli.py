@@ -8,6 +8,8 @@ import sys
 
 from pipeline.data import DataError
 from pipeline.models import ModelConfig, ModelError
+from pipeline.optvis.objectives import UNIT_OBJECTIVES
+from pipeline.optvis.presets import PRESETS
 from pipeline.ranges import PRECISIONS
 from pipeline.store import RunError
 from pipeline.worker_pool import PoolStalled
@@ -354,12 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--units", help="units like 0-7,12 (default: all live units)")
     render.add_argument("--classes", default="all", help="output-layer classes to visualize: all (default), "
                                                          "none, or numbers like 0-9,207")
-    render.add_argument("--preset", default="lucid", choices=("lucid", "yosinski"),
+    render.add_argument("--preset", default="lucid", choices=tuple(PRESETS),
                         help="feature-visualization regularizers (default lucid)")
     render.add_argument("--steps", type=int, help="gradient-ascent steps (default: the preset's, 128)")
     render.add_argument("--size", type=int, default=128, help="visualization size in pixels (default 128)")
     render.add_argument("--seed", type=int, default=0)
-    render.add_argument("--objective", choices=("channel", "neuron"), default="channel",
+    render.add_argument("--objective", choices=tuple(UNIT_OBJECTIVES), default="channel",
                         help="maximise the unit's mean over its map (default) or its centre neuron")
     render.add_argument("--no-featvis", action="store_true", help="skip feature and class visualizations")
     render.add_argument("--no-views", action="store_true", help="skip crops, overlays and deconvnet images")
@@ -507,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_render_parser.add_argument("--units", type=int, default=16, help="units rendered batched")
     bench_render_parser.add_argument("--steps", type=int, default=32)
     bench_render_parser.add_argument("--size", type=int, default=128)
-    bench_render_parser.add_argument("--preset", default="lucid", choices=("lucid", "yosinski"))
+    bench_render_parser.add_argument("--preset", default="lucid", choices=tuple(PRESETS))
     bench_render_parser.add_argument("--single-units", type=int, default=4, help="units rendered one at a time")
     bench_render_parser.add_argument("--lucent-units", type=int, default=2, help="units rendered by Lucent")
     bench_render_parser.set_defaults(func=cmd_bench_render)

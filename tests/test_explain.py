@@ -17,6 +17,7 @@ from pipeline.explain import (
     GradCAM,
     Occlusion,
     Saliency,
+    SmoothGrad,
     find_gap_linear_head,
 )
 from pipeline.explain.localize import iou, saliency_box
@@ -74,10 +75,48 @@ def test_saliency_auto_target_is_top1_and_smoothgrad_is_seeded():
     x = images(2, seed=1)
     top1 = model(x).argmax(1)
     torch.testing.assert_close(Saliency(model).attribute(x), Saliency(model).attribute(x, target=top1))
-    a = Saliency(model).attribute(x, samples=4, seed=3)
-    b = Saliency(model).attribute(x, samples=4, seed=3)
+    a = SmoothGrad(Saliency(model), samples=4, seed=3).attribute(x)
+    b = SmoothGrad(Saliency(model), samples=4, seed=3).attribute(x)
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, Saliency(model).attribute(x))
+
+
+def test_smoothgrad_averages_channels_before_the_reduction():
+    """SmoothGrad as a wrapper: on a linear model every noisy copy has the same gradient, so the map is exactly
+    max_c |w_c| (the known answer, whatever the noise); on a ReLU network the mean of the per-channel |gradient|
+    then the channel max differs from the mean of per-copy maxima (what a wrapper that averaged reduced maps
+    would give), and equals a hand loop over the noisy copies with the same generator."""
+    torch.manual_seed(0)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = linear[1].weight[linear(x).argmax(1)].view(2, 3, 8, 8).abs().amax(dim=1)
+    torch.testing.assert_close(SmoothGrad(Saliency(linear), samples=5, noise=0.5).attribute(x), expected)
+
+    model = SmallNet().eval()
+    x = images(2, seed=4)
+    got = SmoothGrad(Saliency(model), samples=6, noise=0.3, seed=7).attribute(x)
+    targets = model(x).argmax(1)
+    generator = torch.Generator().manual_seed(7)
+    span = (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
+    grads = []
+    for _ in range(6):
+        noisy = (x + torch.randn(x.shape, generator=generator) * 0.3 * span).requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(noisy).gather(1, targets[:, None]).sum(), noisy)
+        grads.append(grad.abs())
+    torch.testing.assert_close(got, torch.stack(grads).mean(0).amax(dim=1))
+    assert not torch.allclose(got, torch.stack([g.amax(dim=1) for g in grads]).mean(0))
+
+
+def test_every_method_has_the_one_call_shape():
+    """The registry's methods all subclass Attribution; a method with another call shape fails when defined."""
+    from pipeline.explain import METHODS, Attribution
+
+    assert set(METHODS) == {"saliency", "occlusion", "cam", "gradcam"}
+    assert all(issubclass(method, Attribution) for method in METHODS.values())
+    with pytest.raises(TypeError, match="attribute must be attribute"):
+        class Wrong(Attribution):  # noqa: F841 - defining it is the test
+            def attribute(self, images, klass):
+                return images
 
 
 def test_out_of_range_class_is_a_clear_error():

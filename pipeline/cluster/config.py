@@ -150,10 +150,14 @@ class RenderSection:
     def check(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"render.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.preset not in ("lucid", "yosinski"):
-            raise ConfigError(f"render.preset must be 'lucid' or 'yosinski', got {self.preset!r}")
-        if self.objective not in ("channel", "neuron"):
-            raise ConfigError(f"render.objective must be 'channel' or 'neuron', got {self.objective!r}")
+        from pipeline.optvis.objectives import UNIT_OBJECTIVES
+        from pipeline.optvis.presets import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ConfigError(f"render.preset must be one of {', '.join(map(repr, PRESETS))}, got {self.preset!r}")
+        if self.objective not in UNIT_OBJECTIVES:
+            raise ConfigError(f"render.objective must be one of {', '.join(map(repr, UNIT_OBJECTIVES))}, got "
+                              f"{self.objective!r}")
         _check_ranges(self, "render", ("size", "steps", "units_per_task", "actors"))
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from pipeline.explain.attribution import Attribution
 from pipeline.explain.common import Target, check_inputs, resolve_targets, upsample
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def find_gap_linear_head(model: nn.Module, graph_module: fx.GraphModule | None =
     return GapLinearHead(feature_node=feature.name, feature_module=feature_module, linear=linear.target)
 
 
-class CAM:
+class CAM(Attribution):
     """``CAM(model, None).attribute(inputs, target) -> (N, H, W)`` (signed, before ReLU, bilinear upsampled).
 
     model: eval-mode classifier ending in GAP + one linear layer (checked here: CAMError otherwise);

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from pipeline.determinism import deterministic_on
+from pipeline.explain import METHODS as METHOD_REGISTRY
+from pipeline.explain.attribution import Attribution, SmoothGrad
 from pipeline.explain.cam import CAM, CAMError
 from pipeline.explain.causal import MODES as CAUSAL_MODES
 from pipeline.explain.causal import CausalMetric, auc, importance
@@ -21,7 +23,6 @@ from pipeline.explain.gradcam import GradCAM
 from pipeline.explain.localize import saliency_box
 from pipeline.explain.occlusion import FILLS, Occlusion
 from pipeline.explain.randomization import FLAG_SPEARMAN, cascading_randomization
-from pipeline.explain.saliency import Saliency
 from pipeline.models import (
     ModelConfig,
     ModelError,
@@ -32,7 +33,7 @@ from pipeline.models import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("saliency", "occlusion", "cam", "gradcam")
+METHODS = tuple(METHOD_REGISTRY)  # names, in the order they are computed and shown
 METRICS = (*CAUSAL_MODES, "randomization")
 
 
@@ -224,15 +225,18 @@ class Explainer:
     def _map(self, model: torch.nn.Module, method: str, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """One method's maps on ANY model (the trained one, or a randomised copy for the sanity check): each
         method is built on the model it is given, since hooks and traced graphs belong to one model."""
+        return self._method(model, method).attribute(x, targets)
+
+    def _method(self, model: torch.nn.Module, name: str) -> Attribution:
+        """The registry's method `name` built on `model` with this configuration's options; saliency wrapped in
+        SmoothGrad when `smoothgrad` samples are asked for."""
         config = self.config
-        if method == "saliency":
-            return Saliency(model).attribute(x, targets, samples=config.smoothgrad)
-        if method == "occlusion":
-            return Occlusion(model, None, window=config.window, stride=config.stride, fill=config.fill,
-                             chunk=config.chunk).attribute(x, targets)
-        if method == "cam":
-            return CAM(model).attribute(x, targets)
-        return GradCAM(model, self.layer).attribute(x, targets)
+        options = {"occlusion": {"window": config.window, "stride": config.stride, "fill": config.fill,
+                                 "chunk": config.chunk}}.get(name, {})
+        method = METHOD_REGISTRY[name](model, self.layer if name == "gradcam" else None, **options)
+        if name == "saliency" and config.smoothgrad:
+            method = SmoothGrad(method, samples=config.smoothgrad)
+        return method
 
     def _metrics(self, x: torch.Tensor, targets: torch.Tensor, maps: dict[str, torch.Tensor]) -> dict:
         """Explanation quality per method, batched over the images: deletion / insertion curves and AUC

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.explain.attribution import Attribution
 from pipeline.explain.common import (
     Target,
     capture_output,
@@ -21,7 +22,7 @@ from pipeline.explain.common import (
 )
 
 
-class GradCAM:
+class GradCAM(Attribution):
     """``GradCAM(model, layer).attribute(inputs, target, relu=True) -> (N, H, W)``.
 
     model: eval-mode classifier returning logits; layer: a module name (`atlas layers`) whose output is

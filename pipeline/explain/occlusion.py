@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.explain.attribution import Attribution
 from pipeline.explain.common import Target, check_inputs, resolve_targets
 
 FILLS = ("dataset_mean", "image_mean")
@@ -60,7 +61,7 @@ def _coverage(size: int, window: int, stride: int, device: torch.device) -> torc
     return ((pixels[None] >= starts[:, None]) & (pixels[None] < starts[:, None] + window)).float()
 
 
-class Occlusion:
+class Occlusion(Attribution):
     """``Occlusion(model, None, window=32, stride=16).attribute(inputs, target) -> (N, H, W)``.
 
     model: eval-mode classifier returning logits; inputs: (N, 3, H, W) normalised images. `occlude` returns

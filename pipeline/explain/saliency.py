@@ -1,22 +1,23 @@
-"""Image-specific class saliency (Simonyan, Vedaldi & Zisserman 2013), with optional SmoothGrad.
+"""Image-specific class saliency (Simonyan, Vedaldi & Zisserman 2013).
 
 The map is the gradient of the target class's PRE-softmax score (its logit) with respect to the input
 pixels, reduced over colour channels by the maximum of the absolute value (the paper's eq. 3): a first-order
 Taylor estimate of which pixels change the score most. The probability's gradient would mix in every other
 class (softmax couples them), which the paper avoids deliberately.
 
-SmoothGrad (Smilkov et al. 2017): average |gradient| per channel over `samples` noisy copies of the image
-(Gaussian noise of standard deviation `noise` x (max - min) of that image), then take the channel maximum.
+SmoothGrad (Smilkov et al. 2017) is a wrapper (pipeline.explain.attribution.SmoothGrad): it averages this
+method's per-channel |gradient| (`channel_maps`) over noisy copies, then takes the channel maximum.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from pipeline.explain.attribution import Attribution
 from pipeline.explain.common import Target, check_inputs, resolve_targets
 
 
-class Saliency:
+class Saliency(Attribution):
     """``Saliency(model, None).attribute(inputs, target) -> (N, H, W)``.
 
     model: eval-mode classifier returning logits (N, classes); the layer argument must be None (the method
@@ -41,21 +42,13 @@ class Saliency:
             (grad,) = torch.autograd.grad(score, x)
         return grad, logits.detach()
 
-    def attribute(self, inputs: torch.Tensor, target: Target = "auto", samples: int = 0, noise: float = 0.15,
-                  seed: int = 0) -> torch.Tensor:
-        """(N, H, W) saliency: max over channels of |d logit / d pixel|; SmoothGrad when samples > 0.
+    def channel_maps(self, inputs: torch.Tensor, target: Target = "auto") -> torch.Tensor:
+        """(N, 3, H, W) |d logit_target / d pixel| per colour channel."""
+        return self.gradients(inputs, target)[0].abs()
 
-        The target is resolved once on the clean images (``auto``: their top-1) and kept for noisy copies.
-        SmoothGrad's noise comes from a generator seeded with `seed` (reproducible for the same batch).
-        """
-        grad, logits = self.gradients(inputs, target)
-        if samples <= 0:
-            return grad.abs().amax(dim=1)
-        targets = resolve_targets(logits, target)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        span = (inputs.amax(dim=(1, 2, 3)) - inputs.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
-        total = torch.zeros_like(inputs)
-        for _ in range(samples):
-            noisy = inputs + torch.randn(inputs.shape, generator=generator).to(inputs.device) * noise * span
-            total += self.gradients(noisy, targets)[0].abs()
-        return (total / samples).amax(dim=1)
+    def reduce_channels(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps.amax(dim=1)  # the paper's eq. 3: the maximum over colour channels
+
+    def attribute(self, inputs: torch.Tensor, target: Target = "auto") -> torch.Tensor:
+        """(N, H, W) saliency: max over channels of |d logit / d pixel|."""
+        return self.reduce_channels(self.channel_maps(inputs, target))

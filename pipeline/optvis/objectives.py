@@ -108,3 +108,8 @@ def total_variation() -> Objective:
 def l2(centre: float = 0.5) -> Objective:
     """Squared distance of the input image from a constant grey (an L2 decay when subtracted)."""
     return Objective(lambda acts: (acts["input"] - centre).pow(2).flatten(1).sum(1), [], "l2")
+
+
+# The unit objectives `atlas render --objective` and job files name: the channel's maximum over positions, or
+# the unit at the centre position (Olah et al.'s "neuron").
+UNIT_OBJECTIVES: dict[str, Callable[..., Objective]] = {"channel": channel, "neuron": neuron}

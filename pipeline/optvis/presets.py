@@ -12,7 +12,12 @@ the paper's fixed learning rate, which was tuned per network in Caffe's 0-255 pi
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a preset builds its parts: job-file checks need only the names
+    import torch
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,40 @@ class Preset:
     blur_sigma: float = 0.0
     norm_percentile: float = 0.0  # pixels whose norm is below this percentile are reset to the mean
     init_sd: float = 0.01
+
+    def __post_init__(self) -> None:
+        from pipeline.optvis.steps import STEP_RULES
+
+        if self.optimizer not in STEP_RULES:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(STEP_RULES)}")
+
+    # The preset builds its parts; the render loop (pipeline.optvis.render) only calls them.
+    def parameterization(self, size: int, batch: int, seed: int, data_mean: torch.Tensor, device: torch.device
+                         ) -> tuple[list[torch.Tensor], Callable[[], torch.Tensor]]:
+        """(params, image_fn): Lucid's decorrelated (Fourier) image, or Yosinski's raw pixels around the data
+        mean, clipped to [0, 1] (and kept there by the step rule)."""
+        import torch
+
+        from pipeline.optvis.param import rgb_image
+
+        if self.decorrelate:
+            return rgb_image(size, batch, seed, fourier=self.fourier, decorrelate=True, sd=self.init_sd,
+                             device=device)
+        generator = torch.Generator().manual_seed(seed)
+        start = data_mean.cpu() + self.init_sd * torch.randn((batch, 3, size, size), generator=generator)
+        pixels = start.clamp(0, 1).to(device).requires_grad_(True)
+        return [pixels], lambda: pixels
+
+    def transform(self):
+        """Lucid's robustness transforms, or None."""
+        from pipeline.optvis.transforms import lucid_transforms
+
+        return lucid_transforms() if self.transforms else None
+
+    def step_rule(self, params: list[torch.Tensor], data_mean: torch.Tensor):
+        from pipeline.optvis.steps import STEP_RULES
+
+        return STEP_RULES[self.optimizer](params, self, data_mean)
 
     def replace(self, **changes) -> Preset:
         unknown = set(changes) - {f.name for f in fields(self)}

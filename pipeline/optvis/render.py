@@ -17,9 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.optvis.objectives import Objective
-from pipeline.optvis.param import rgb_image
 from pipeline.optvis.presets import Preset
-from pipeline.optvis.transforms import gaussian_blur, lucid_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -73,23 +71,16 @@ class FeatureVisualizer:
         missing = [layer for layer in objective.layers if layer not in self.layers]
         if missing:
             raise ValueError(f"objective reads layer(s) {missing} that this visualizer does not compute")
-        if preset.decorrelate:
-            params, image_fn = rgb_image(size, batch, seed, fourier=preset.fourier, decorrelate=True,
-                                         sd=preset.init_sd, device=self.device)
-        else:  # Yosinski: raw pixels around the data mean, clipped to [0, 1] after every step
-            generator = torch.Generator().manual_seed(seed)
-            start = self.mean.cpu() + preset.init_sd * torch.randn((batch, 3, size, size), generator=generator)
-            pixels = start.clamp(0, 1).to(self.device).requires_grad_(True)
-            params, image_fn = [pixels], lambda: pixels
+        params, image_fn = preset.parameterization(size, batch, seed, self.mean, self.device)
         with flush_denormals():
             return self._optimize(objective, batch, preset, params, image_fn, seed, on_step)
 
     def _optimize(self, objective: Objective, batch: int, preset: Preset, params: list[torch.Tensor],
                   image_fn: Callable[[], torch.Tensor], seed: int,
                   on_step: Callable[[int], None] | None) -> torch.Tensor:
-        transform = lucid_transforms() if preset.transforms else None
+        transform = preset.transform()
         transform_generator = torch.Generator().manual_seed(seed + 1)
-        optimizer = torch.optim.Adam(params, lr=preset.lr) if preset.optimizer == "adam" else None
+        rule = preset.step_rule(params, self.mean)
         for step in range(preset.steps):
             image = image_fn()
             seen = transform(image, transform_generator) if transform else image
@@ -98,34 +89,11 @@ class FeatureVisualizer:
             score = objective(acts)
             if score.shape != (batch,):
                 raise ValueError(f"objective {objective!r} returned shape {tuple(score.shape)}, not ({batch},)")
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-                (-score.sum()).backward()
-                optimizer.step()
-            else:
-                (grad,) = torch.autograd.grad(score.sum(), params)
-                with torch.no_grad():
-                    _regularized_ascent_step(params[0], grad, step, preset, self.mean)
+            rule.step(score, step)
             if on_step is not None:
                 on_step(step)
         with torch.no_grad():
             return image_fn().detach().clamp(0, 1)
-
-
-def _regularized_ascent_step(pixels: torch.Tensor, grad: torch.Tensor, step: int, preset: Preset,
-                             data_mean: torch.Tensor) -> None:
-    """Yosinski et al.'s update, in place: ascend, then decay, blur, clip small norms, clip the range."""
-    scale = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    pixels += preset.lr * grad / scale
-    if preset.decay:
-        pixels.copy_(data_mean + (1 - preset.decay) * (pixels - data_mean))
-    if preset.blur_every and (step + 1) % preset.blur_every == 0:
-        pixels.copy_(gaussian_blur(pixels, preset.blur_sigma))
-    if preset.norm_percentile:
-        norms = (pixels - data_mean).norm(dim=1, keepdim=True)  # (B, 1, H, W)
-        threshold = torch.quantile(norms.flatten(1), preset.norm_percentile / 100, dim=1).view(-1, 1, 1, 1)
-        pixels.copy_(torch.where(norms < threshold, data_mean.expand_as(pixels), pixels))
-    pixels.clamp_(0, 1)
 
 
 def unit_max(activation: torch.Tensor, units: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pipeline.determinism import deterministic_on
 from pipeline.render.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
 from pipeline.render.deconv import Deconvnet, GuidedBackprop
 from pipeline.models import ModelConfig, load_model
-from pipeline.optvis.objectives import channel, neuron
+from pipeline.optvis.objectives import UNIT_OBJECTIVES
 from pipeline.optvis.presets import get_preset
 from pipeline.optvis.render import FeatureVisualizer, unit_max
 from pipeline.preprocess import decode_image
@@ -35,7 +35,7 @@ ATLAS = "atlas"
 # Reconstruction kinds and how they are computed; each also has a `<kind>_crop` cut at the receptive field.
 RECONSTRUCTIONS = {"deconv": Deconvnet, "guided": GuidedBackprop}
 VIS_KINDS = ("featvis", "classvis")
-OBJECTIVES = ("channel", "neuron")
+OBJECTIVES = tuple(UNIT_OBJECTIVES)
 
 
 def unit_file(layer: str, unit: int, kind: str, rank: int = 0) -> str:
@@ -232,7 +232,7 @@ class UnitRenderer:
             self._visualizers[layer] = FeatureVisualizer(self.model, [layer], pp.mean, pp.std, self.device)
         visualizer = self._visualizers[layer]
         ids = torch.tensor(units)
-        objective = channel(layer, ids) if vis.objective == "channel" else neuron(layer, ids)
+        objective = UNIT_OBJECTIVES[vis.objective](layer, ids)
         images = visualizer.render(objective, len(units), get_preset(vis.preset, vis.steps), vis.size, vis.seed)
         with torch.no_grad():
             reached = unit_max(visualizer.activations(images)[layer], ids).cpu().tolist()
