@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cluster.config import _toml_value, parse_config
+from pipeline.cluster.config import toml_value, parse_config
 from pipeline.cluster.job import prepare_job, run_job
 
 DATE = "2026-12-01"
@@ -86,7 +86,7 @@ def job_file(inputs: dict, name: str, stages: list[str] | None = None, **scan: o
             "render": {"layers": ["layer1", "linear"], "classes": "0-3", "steps": 24, "size": 48},
             "site": {}}
     path = inputs["root"] / f"{name}.toml"
-    path.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {_toml_value(v)}" for k, v in values.items())
+    path.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in values.items())
                               for section, values in data.items()) + "\n")
     return str(path), data
 

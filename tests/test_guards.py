@@ -231,12 +231,12 @@ def test_run_never_overwrites_the_users_job_file(tmp_path, monkeypatch, capsys):
 def test_a_runs_own_job_files_are_rewritten(tmp_path):
     """The resolved job.toml and job.json that `atlas run` wrote are its own: re-running them is fine."""
     from pipeline.cluster.config import to_toml
-    from pipeline.cluster.job import _check_own_files, _write_resolved, prepare_job
+    from pipeline.cluster.job import check_own_files, write_resolved, prepare_job
 
     job = prepare_job(parse_config(_job(tmp_path)))
     os.makedirs(job.run_dir)
-    _write_resolved(job)
+    write_resolved(job)
     with open(os.path.join(job.run_dir, "job.json"), "w") as handle:
         handle.write('{"name": "t", "stages": {"scan": {"status": "complete", "key": "k"}}}')
-    _check_own_files(job.run_dir)
+    check_own_files(job.run_dir)
     assert to_toml(job.config) in open(os.path.join(job.run_dir, "job.toml")).read()

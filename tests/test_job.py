@@ -38,12 +38,12 @@ def job_dict(out: str, weights: str, photos: str) -> dict:
 
 
 def write_toml(path, data: dict) -> str:
-    from pipeline.cluster.config import _toml_value
+    from pipeline.cluster.config import toml_value
 
     lines = []
     for section, values in data.items():
         lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
 
@@ -261,7 +261,7 @@ def test_device_cuda_plans_gpu_actors_before_an_autoscaler_adds_gpus():
     for `actors` one-GPU replicas (the pending demand is what makes the autoscaler add nodes); 'auto' does not."""
     from pipeline.models import ModelConfig
     from pipeline.ray_session import ClusterShape
-    from pipeline.render.runner import RenderOptions, _plan_workers
+    from pipeline.render.runner import RenderOptions, plan_workers
     from pipeline.image_stream import plan_actors
     from pipeline.scan.runner import ScanConfig
 
@@ -272,9 +272,9 @@ def test_device_cuda_plans_gpu_actors_before_an_autoscaler_adds_gpus():
         plan_actors(8, None, "auto", ClusterShape(4, 2))
     assert plan_actors(None, None, "cpu",
                         ClusterShape(cpus=8, gpus=2))["device"] == "cpu"
-    assert _plan_workers(RenderOptions(actors=8, device="cuda"), 4, 0)["actors"] == 8
-    assert _plan_workers(RenderOptions(actors=8), 4, 2)["actors"] == 2
-    assert _plan_workers(RenderOptions(device="cpu"), 16, 2)["device"] == "cpu"
+    assert plan_workers(RenderOptions(actors=8, device="cuda"), 4, 0)["actors"] == 8
+    assert plan_workers(RenderOptions(actors=8), 4, 2)["actors"] == 2
+    assert plan_workers(RenderOptions(device="cpu"), 16, 2)["device"] == "cpu"
     with pytest.raises(ConfigError, match="scan.device must be one of"):
         parse_config(job_dict("run", "w.pt", "photos"), ["scan.device=gpu"])
 

@@ -61,10 +61,10 @@ def test_token_is_found_where_ray_looks(monkeypatch, tmp_path):
 
 
 def test_same_job_matches_every_date_and_retry_but_no_other_job():
-    from pipeline.cluster.submit import _same_job, submission_id
+    from pipeline.cluster.submit import same_job, submission_id
 
     a = config()
-    pattern = _same_job(a)
+    pattern = same_job(a)
     other_config = config(out="s3://b/other")
     for job_id in (submission_id(a, "2026-12-01"), submission_id(a, "2027-01-31") + "-retry3",
                    submission_id(other_config, "2026-12-01")):

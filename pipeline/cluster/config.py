@@ -319,7 +319,7 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobCo
 
 # ------------------------------------------------------------------------------------------- writing
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -327,7 +327,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
@@ -337,7 +337,7 @@ def to_toml(config: JobConfig, header: str = "") -> str:
     for section in dataclasses.fields(config):
         lines += ["", f"[{section.name}]"]
         for key, value in dataclasses.asdict(getattr(config, section.name)).items():
-            lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
+            lines.append(f"# {key} = (unset)" if value is None else f"{key} = {toml_value(value)}")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

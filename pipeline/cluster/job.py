@@ -124,7 +124,7 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
         raise ConfigError(f"--run-id applies to an object-store job.out (s3://, gs://, file://...); "
                           f"{config.job.out} is a local folder")
     run_dir = _local_run_dir(config, run_id)
-    _check_own_files(run_dir)
+    check_own_files(run_dir)
     try:
         weights = _resolve_weights(config.model.weights)
     except FileNotFoundError as error:
@@ -197,12 +197,12 @@ def _check_actors_on_local_machine(config: JobConfig, scan: ScanConfig, render: 
     import torch
 
     from pipeline.ray_session import ClusterShape
-    from pipeline.render.runner import _plan_workers
+    from pipeline.render.runner import plan_workers
     from pipeline.image_stream import plan_actors
 
     shape = ClusterShape(cpus=os.cpu_count() or 1, gpus=torch.cuda.device_count())
     for key, plan in (("scan.actors", lambda: plan_actors(scan.actors, scan.threads, scan.device, shape)),
-                      ("render.actors", lambda: _plan_workers(render, shape.cpus, shape.gpus))):
+                      ("render.actors", lambda: plan_workers(render, shape.cpus, shape.gpus))):
         try:
             plan()
         except ValueError as error:
@@ -247,7 +247,7 @@ def _is_own_file(path: str) -> bool:
             and isinstance(record.get("stages"), dict))
 
 
-def _check_own_files(run_dir: str) -> None:
+def check_own_files(run_dir: str) -> None:
     """RunError if RUN/job.toml or RUN/job.json exists and `atlas run` did not write it: with `out = "."` next
     to a job file called job.toml, the resolved configuration would be written over the user's file."""
     for name in (JOB_TOML, JOB_RECORD):
@@ -257,7 +257,7 @@ def _check_own_files(run_dir: str) -> None:
                            "there); choose another job.out, or move the file")
 
 
-def _write_resolved(job: PreparedJob) -> None:
+def write_resolved(job: PreparedJob) -> None:
     header = (f"{RESOLVED_HEADER} {job.config.job.name!r}, written by `atlas run` on "
               f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
               f"from {job.source or '(in-memory config)'}"
@@ -342,7 +342,7 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
             if not skipped:
                 record.forget(["compare", "render", "site"])  # a new scan invalidates what was made from the old one
             scan_fingerprint = manifest["fingerprint"]
-            _write_resolved(job)
+            write_resolved(job)
             record.mark("scan", scan_fingerprint, time.time() - t0, skipped)
             logger.info("scan %s in %.1f s", "already complete" if skipped else "done", time.time() - t0)
             push()
@@ -351,7 +351,7 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
             if manifest is None:
                 raise ConfigError(f"job.stages has no 'scan' and {job.run_dir} holds no complete scan")
             scan_fingerprint = manifest["fingerprint"]
-            _write_resolved(job)
+            write_resolved(job)
         if job.config.compare.previous is not None:
             previous = os.path.abspath(job.config.compare.previous)
             compare_key = _sha({"scan": scan_fingerprint, "previous": read_manifest(previous).get("fingerprint")})

@@ -74,7 +74,7 @@ def submission_id(config: JobConfig, date: str) -> str:
     return f"atlas-{_slug(config)}-{date}-{digest}"
 
 
-def _same_job(config: JobConfig) -> re.Pattern:
+def same_job(config: JobConfig) -> re.Pattern:
     """Every submission id of this job: any date, any configuration, any retry (and no other job's, even one
     whose name starts with this one's)."""
     return re.compile(rf"atlas-{re.escape(_slug(config))}-\d{{4}}-\d{{2}}-\d{{2}}-[0-9a-f]{{10}}(-retry\d+)?")
@@ -218,10 +218,10 @@ def _submit(client: Any, config: JobConfig, address: str, date: str, base_id: st
         return done[-1], "SUCCEEDED"
     active = [job_id for job_id, status in attempts if status not in TERMINAL]
     if not active:
-        same_job = _same_job(config)
+        pattern = same_job(config)
         others = [(info.submission_id, _status_text(info)) for info in jobs
                   if _status_text(info) not in TERMINAL and info.submission_id
-                  and (same_job.fullmatch(info.submission_id)
+                  and (pattern.fullmatch(info.submission_id)
                        or (info.metadata or {}).get("out") == config.job.out)]
         if others:
             raise RunError(f"another run of job {config.job.name} is {others[0][1]} on {address} "

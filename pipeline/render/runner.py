@@ -191,7 +191,7 @@ def _plan(run_dir: str, manifest: dict, layers: list[str], options: RenderOption
 STALL_SECONDS = 600.0  # a render where no task completes for this long fails instead of hanging
 
 
-def _plan_workers(options: RenderOptions, cpus: int, gpus: int) -> dict:
+def plan_workers(options: RenderOptions, cpus: int, gpus: int) -> dict:
     """One actor per GPU; on CPUs, one actor per 8 CPUs (a render step is one big batched forward/backward,
     which torch threads well), never reserving every CPU (the driver writes the files)."""
     if options.device == "cuda" or (options.device == "auto" and gpus):
@@ -217,7 +217,7 @@ def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: lis
 
     source = resolve_source(manifest["config"]["data"])
     with ray_session(options.address) as cluster:
-        plan = _plan_workers(options, cluster.cpus, cluster.gpus)
+        plan = plan_workers(options, cluster.cpus, cluster.gpus)
         config = RenderConfig(model=model_config, vis=options.vis, device=plan["device"], threads=plan["threads"])
         # Rendering is a pure function of the task (files are written here, by the driver): a lost actor is
         # dropped and its task given to another (not restarted in place, where the CPUs left after a lost node
