@@ -285,6 +285,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_startup(args: argparse.Namespace) -> int:
+    from pipeline.bench.startup import bench_startup
+
+    bench_startup(args.handwritten, images=args.images, image_size=args.image_size, layers=args.layers, k=args.k,
+                  repeats=args.repeats, out=args.out, data=args.data)
+    return 0
+
+
 def cmd_bench_render(args: argparse.Namespace) -> int:
     from pipeline.bench.render import bench_render
 
@@ -490,6 +498,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_scan_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                                    help="where the forward pass, the Recorder and the scan's actors all run")
     bench_scan_parser.set_defaults(func=cmd_bench)
+    startup = bench_sub.add_parser("startup", help="a small scan end to end, start-up included, against a "
+                                   "hand-written loop run alternately (docs/benchmarks.md)")
+    startup.add_argument("--handwritten", default=os.path.join("..", "shared", "bench", "handwritten_loop.py"),
+                         help="the loop's script: FOLDER WEIGHTS LAYERS SIZE K (default: %(default)s)")
+    startup.add_argument("--images", type=int, default=3000)
+    startup.add_argument("--image-size", type=int, default=128)
+    startup.add_argument("--layers", default="features.3,features.7,features.14")
+    startup.add_argument("--k", type=int, default=16)
+    startup.add_argument("--repeats", type=int, default=2, help="runs of each, alternating; the best counts")
+    startup.add_argument("--data", help="image folder (default: crops of scikit-image's bundled photos)")
+    startup.add_argument("--out", default="runs/bench-startup")
+    startup.set_defaults(func=cmd_bench_startup)
     bench_capacity_parser = bench_sub.add_parser("capacity", help="per-image costs for capacity planning: "
                                                  "forward, decode, driver merge per batch (docs/jobs.md, Capacity)")
     bench_capacity_parser.add_argument("--model", default="torchvision:resnet50")
