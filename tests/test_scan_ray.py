@@ -14,7 +14,7 @@ from helpers import brute_force_topk
 from pipeline.data import DataError
 from pipeline.models import ModelConfig, ModelError, load_model
 from pipeline.preprocess import decode_image
-from pipeline.scan.runner import ScanConfig, run_scan
+from pipeline.scan.runner import MERGE_FAN_IN, ScanConfig, run_scan
 from pipeline.store import RunError, connect, read_manifest
 
 SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32)
@@ -75,9 +75,10 @@ def read_topk(run: str, layer: str) -> list[dict]:
     return [dict(zip(columns, row)) for row in rows]
 
 
-@pytest.mark.parametrize("batch_size,actors,flush_images", [(4, 1, 50_000), (16, 2, 20), (8, 3, 3)])
+@pytest.mark.parametrize("batch_size,actors,flush_images", [(4, 1, 50_000), (16, 2, 20), (8, 3, 3), (2, 2, 1)])
 def test_topk_equals_brute_force(ray_cluster, tie_folder, tmp_path, batch_size, actors, flush_images):
-    """1-3 workers; a flush that only happens at the end, one every few batches, one smaller than a batch."""
+    """1-3 workers; a flush that only happens at the end, one every few batches, one smaller than a batch. Up to
+    MERGE_FAN_IN flushes the driver merges them; the last case's 20 flushes go through the tree of merge tasks."""
     k = 5
     run = str(tmp_path / "run")
     manifest = run_scan(ScanConfig(model=SMALL, data=tie_folder, out=run, layers=",".join(LAYERS), k=k,
@@ -85,6 +86,8 @@ def test_topk_equals_brute_force(ray_cluster, tie_folder, tmp_path, batch_size, 
                                    progress=False))
     if flush_images < 40:
         assert manifest["execution"]["flushes"] >= 40 // max(flush_images, batch_size) - actors
+    if batch_size == 2:
+        assert manifest["execution"]["flushes"] > MERGE_FAN_IN
     keys, values, where = reference_maxima(tie_folder)
     assert manifest["counts"]["images_ok"] == len(keys) == 40
     assert manifest["execution"]["actors"] == actors

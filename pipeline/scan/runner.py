@@ -129,21 +129,32 @@ class _Attempts:
 
 
 def _merge_flushes(store: FlushStore) -> ScanState:
-    """The exact result: every committed flush merged as a tree of Ray tasks (fan-in MERGE_FAN_IN); the driver
-    only reads the flush files' bytes into the object store."""
+    """The exact result: every committed flush merged. Up to MERGE_FAN_IN flushes (a small scan, or a few
+    workers' final flushes) are merged by the driver itself, which holds at most that many states at once: a
+    merge task would start a fresh worker that imports torch (1.4 s on 2 cores) to do 10 ms of work. More are
+    merged as a tree of Ray tasks (fan-in MERGE_FAN_IN); the driver then only reads the flush files' bytes into
+    the object store."""
     import ray
+
+    flush_ids = store.flush_ids()
+    if len(flush_ids) <= MERGE_FAN_IN:
+        return _merge_blobs(*(store.state_bytes(fid) for fid in flush_ids))
 
     @ray.remote(num_cpus=DECODE_CPUS)
     def merge(*blobs: bytes) -> bytes:
-        state = ScanState.from_bytes(blobs[0])
-        for blob in blobs[1:]:
-            state.merge(ScanState.from_bytes(blob))
-        return state.to_bytes()
+        return _merge_blobs(*blobs).to_bytes()
 
-    refs = [ray.put(store.state_bytes(fid)) for fid in store.flush_ids()]
+    refs = [ray.put(store.state_bytes(fid)) for fid in flush_ids]
     while len(refs) > 1:
         refs = [merge.remote(*refs[i:i + MERGE_FAN_IN]) for i in range(0, len(refs), MERGE_FAN_IN)]
     return ScanState.from_bytes(ray.get(refs[0]))
+
+
+def _merge_blobs(*blobs: bytes) -> ScanState:
+    state = ScanState.from_bytes(blobs[0])
+    for blob in blobs[1:]:
+        state.merge(ScanState.from_bytes(blob))
+    return state
 
 
 def _write_images(store: FlushStore, path: str) -> None:
