@@ -1,1 +1,5 @@
-"""The benchmarks (`atlas bench scan | render | explain | site | capacity`), together."""
+"""The benchmarks (`atlas bench scan | startup | render | explain | site | capacity`), together."""
+
+# MobileNetV2's layers the scan benchmarks record (early, middle, late); here so the CLI can name the default
+# without importing torch.
+BENCH_LAYERS = "features.3,features.7,features.14"

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from pipeline.bench import BENCH_LAYERS
 from pipeline.data import Decoder, resolve_source
 from pipeline.demo_data import make_photo_folder, mobilenet_v2_weights
 from pipeline.models import ModelConfig, feature_extractor, load_model
@@ -35,7 +36,6 @@ from pipeline.scan.runner import ScanConfig, run_scan
 
 logger = logging.getLogger(__name__)
 
-BENCH_LAYERS = "features.3,features.7,features.14"
 
 
 def _decoded_images(folder: str, preprocess, limit: int) -> tuple[dict, float]:

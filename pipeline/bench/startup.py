@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from pipeline.bench.scan import BENCH_LAYERS
+from pipeline.bench import BENCH_LAYERS
 from pipeline.demo_data import make_photo_folder, mobilenet_v2_weights
 
 logger = logging.getLogger(__name__)

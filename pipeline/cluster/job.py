@@ -24,8 +24,7 @@ from pipeline.data import DataError, resolve_source
 from pipeline.models import ModelConfig, ModelError, load_model, resolve_layers
 from pipeline.cluster.remote import (OutLease, RunMirror, cache_dir, check_run_id, fetch_file, is_published, is_url, publish,
                              run_url)
-from pipeline.render.runner import RenderOptions, parse_units
-from pipeline.render.worker import VisSettings
+from pipeline.render.runner import RenderOptions
 from pipeline.scan.runner import ScanConfig
 from pipeline.fileio import atomic_write
 from pipeline.store import JOB_RECORD, JOB_TOML, RunError, read_manifest, write_json
@@ -149,10 +148,6 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
         if unknown:
             raise ConfigError(f"render.layers: {', '.join(unknown)} not among the scanned layers "
                               f"({', '.join(layers)})")
-    try:
-        units, classes = parse_units(render.units), parse_units(render.classes)
-    except ValueError as error:
-        raise ConfigError(f"render.units/classes: {error}") from error
     data = _resolve_data(config, run_dir)
     scan = ScanConfig(model=model, data=data, out=run_dir, layers=",".join(layers), k=config.scan.k,
                       record=config.scan.record, batch_size=config.scan.batch_size, address=config.job.address,
@@ -160,14 +155,14 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
                       overwrite=config.job.overwrite, flush_images=config.scan.flush_images,
                       precision=config.scan.precision, channels_last=config.scan.channels_last,
                       stall_seconds=config.scan.stall_seconds)
-    options = RenderOptions(
-        layers=tuple(render.layers) if render.layers is not None else None,
-        units=frozenset(units) if units is not None else None,
-        classes=frozenset(classes) if classes is not None else None,
-        vis=VisSettings(preset=render.preset, steps=render.steps, size=render.size, seed=render.seed,
-                        objective=render.objective),
-        featvis=render.featvis, views=render.views, units_per_task=render.units_per_task,
-        address=config.job.address, actors=render.actors, device=render.device)
+    try:
+        options = RenderOptions.from_settings(
+            layers=render.layers, units=render.units, classes=render.classes, preset=render.preset,
+            steps=render.steps, size=render.size, seed=render.seed, objective=render.objective,
+            featvis=render.featvis, views=render.views, units_per_task=render.units_per_task,
+            address=config.job.address, actors=render.actors, device=render.device)
+    except ValueError as error:
+        raise ConfigError(f"render.units/classes: {error}") from error
     try:
         options.vis.validate()
     except ValueError as error:

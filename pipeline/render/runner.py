@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import pyarrow as pa
 from PIL import Image
@@ -75,6 +76,23 @@ class RenderOptions:
     actors: int | None = None
     device: str = "auto"  # as the scan's: 'auto' | 'cuda' (even before an autoscaler added GPUs) | 'cpu'
     progress: bool = True
+
+    @classmethod
+    def from_settings(cls, *, layers: str | Sequence[str] | None, units: str | None, classes: str | None,
+                      preset: str, steps: int | None, size: int, seed: int, objective: str, featvis: bool = True,
+                      views: bool = True, units_per_task: int = 16, address: str | None = None,
+                      actors: int | None = None, device: str = "auto", progress: bool = True) -> RenderOptions:
+        """The options from settings as users write them (the CLI's flags, a job file's [render] section):
+        layers as a comma list or a list, units and classes as '0-7,12' | 'all' | 'none'."""
+        if isinstance(layers, str):
+            layers = [name.strip() for name in layers.split(",") if name.strip()]
+        unit_set, class_set = parse_units(units), parse_units(classes)
+        return cls(layers=tuple(layers) if layers is not None else None,
+                   units=frozenset(unit_set) if unit_set is not None else None,
+                   classes=frozenset(class_set) if class_set is not None else None,
+                   vis=VisSettings(preset=preset, steps=steps, size=size, seed=seed, objective=objective),
+                   featvis=featvis, views=views, units_per_task=units_per_task, address=address, actors=actors,
+                   device=device, progress=progress)
 
 
 def _save(path: str, data: bytes) -> None:

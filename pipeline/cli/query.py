@@ -1,0 +1,22 @@
+"""`atlas query`: SQL over a run's DuckDB views (pipeline.query)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima), "
+                                          "or over a comparison (cmp_units, cmp_layers, a_topk, b_topk, ...)")
+    parser.add_argument("run")
+    parser.add_argument("sql")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.query import format_result, run_query
+
+    columns, rows = run_query(args.run, args.sql)
+    sys.stdout.write(format_result(columns, rows, args.format))
+    return 0
