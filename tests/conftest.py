@@ -6,8 +6,10 @@ import sys
 
 import pytest
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, TESTS_DIR)  # tiny_models importable here and (through PYTHONPATH) in Ray workers
+# The tests' own modules (tiny models, run builders, the local cluster): importable here and, through PYTHONPATH,
+# in Ray workers (a model spec such as module:tiny_models:make_small names one).
+SUPPORT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
+sys.path.insert(0, SUPPORT_DIR)
 
 
 # Markers by module, so `make test-quick` can leave out the minutes-long cluster and browser tests.
@@ -27,7 +29,7 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    python_path = os.pathsep.join([TESTS_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    python_path = os.pathsep.join([SUPPORT_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": python_path}}, logging_level="WARNING")
     try:

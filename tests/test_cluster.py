@@ -1,4 +1,4 @@
-"""Jobs on a real multi-process Ray cluster (a head and a worker node on loopback, see tests/cluster.py):
+"""Jobs on a real multi-process Ray cluster (a head and a worker node on loopback, see tests/support/cluster.py):
 submitted through the Ray Jobs API, equal to a local run, surviving a killed worker process and a killed
 driver, and listing every corrupt or truncated image.
 

@@ -21,7 +21,7 @@ from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import MANIFEST, MARKER, PREVIOUS, STAGING, RunError, connect, read_manifest
 
 SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32)
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+SUPPORT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
 
 
 def tree(path: str) -> dict[str, str]:
@@ -130,7 +130,7 @@ def test_failed_overwrite_keeps_the_previous_run_and_files_follow_the_umask(ray_
 
 
 def _subprocess_env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([SUPPORT_DIR, os.environ.get("PYTHONPATH", "")]),
                 RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
 
 
