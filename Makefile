@@ -11,7 +11,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # cannot work offline). Installed with apt when missing: as root directly, otherwise through sudo.
 BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: demo test lint test-quick gpu-check bench browser clean
+.PHONY: demo test lint test-quick test-unit gpu-check bench browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,11 @@ lint: $(STAMP)
 
 # The inner loop: everything but the real multi-node cluster and the browser (about half the suite's time).
 test-quick: $(STAMP) lint
-	$(BIN)/python -m pytest -m "not slow and not cluster and not browser" -x -q
+	$(BIN)/python -m pytest -m "not cluster and not browser" -x -q
+
+# The quickest loop: no Ray started by the session's fixture, no cluster, no browser.
+test-unit: $(STAMP) lint
+	$(BIN)/python -m pytest -m "not ray and not cluster and not browser" -x -q
 
 # Every GPU check and benchmark in one command (scripts/gpu_checks.py), for a machine with a GPU: one JSON report,
 # exit 1 on any exactness failure.

@@ -87,6 +87,11 @@ class Preprocess:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocess:
+        """The inverse of as_dict (a manifest's `preprocess`; JSON lists back to tuples)."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
+
     def normalizer(self, device: object = "cpu") -> "Normalizer":
         """The model-input normalisation of this preprocessing, on `device` (see Normalizer)."""
         return Normalizer(self.mean, self.std, device)

@@ -95,6 +95,13 @@ class ReceptiveField:
         return {"size": list(self.size), "stride": list(self.stride), "offset": list(self.offset),
                 "is_global": self.is_global, "bounds": None if self.bounds is None else list(self.bounds)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReceptiveField:
+        """The inverse of as_dict (a manifest's `receptive_field`)."""
+        bounds = data.get("bounds")
+        return cls(size=tuple(data["size"]), stride=tuple(data["stride"]), offset=tuple(data["offset"]),
+                   is_global=bool(data.get("is_global", False)), bounds=None if bounds is None else tuple(bounds))
+
 
 def _clip(v: Any, lo: int, hi: int) -> Any:
     if isinstance(v, torch.Tensor):

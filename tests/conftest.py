@@ -21,6 +21,8 @@ def pytest_collection_modifyitems(items):
         marker = MODULE_MARKERS.get(os.path.basename(str(item.fspath)))
         if marker:
             item.add_marker(getattr(pytest.mark, marker))
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")

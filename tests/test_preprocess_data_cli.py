@@ -150,3 +150,10 @@ def test_normalizer_equals_torchvisions_to_tensor_and_normalize():
         torch.testing.assert_close(got[i], expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="uint8"):
         pp.normalizer()(pixels.astype(np.float32))
+
+
+def test_preprocess_survives_the_manifest_round_trip():
+    import json
+
+    preprocess = Preprocess(image_size=100, resize=120, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7), max_side=5000)
+    assert Preprocess.from_dict(json.loads(json.dumps(preprocess.as_dict()))) == preprocess

@@ -434,3 +434,12 @@ def test_global_field_box():
     np.testing.assert_array_equal(np.stack([y0, x0, y1, x1]), [[0] * 3, [0] * 3, [30] * 3, [40] * 3])
     t = rf.box(torch.arange(2), torch.arange(2))
     assert torch.stack(t).tolist() == [[0, 0], [0, 0], [20, 20], [24, 24]]
+
+
+def test_a_field_survives_the_manifest_round_trip():
+    """The render worker rebuilds fields from the manifest's JSON: from_dict(as_dict) through json is the field."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    fields = receptive_fields(model, ["0", "2"], (10, 10))
+    for field in fields.values():
+        assert ReceptiveField.from_dict(json.loads(json.dumps(field.as_dict()))) == field
+    assert fields["2"].is_global and fields["0"].bounds == (0, 0, 9, 9)

@@ -156,7 +156,7 @@ class UnitRenderer:
             self._projectors[task.layer] = {kind: method(self.model, task.layer)
                                             for kind, method in RECONSTRUCTIONS.items()}
         projectors = self._projectors[task.layer]
-        receptive = ReceptiveField(**{k: tuple(v) if isinstance(v, list) else v for k, v in task.receptive_field.items()})
+        receptive = ReceptiveField.from_dict(task.receptive_field)
         views = [v for v in task.views if v.image_key in task.images]
         files: dict[str, bytes] = {}
         firsts: dict[int, tuple[View, dict[str, torch.Tensor], float]] = {}  # unit -> its rank-0 reconstructions
