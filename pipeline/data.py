@@ -168,11 +168,14 @@ class Decoder:
     Side-effect free and usable without Ray: ``Decoder(spec, preprocess)(batch_dict) -> batch_dict``.
     """
 
-    def __init__(self, spec: SourceSpec, preprocess: Preprocess, skip: dict[str, frozenset[str]] | None = None):
+    def __init__(self, spec: SourceSpec, preprocess: Preprocess, skip: dict[str, frozenset[str]] | None = None,
+                 defer_jpeg: bool = False):
         self.spec = spec
         self.preprocess = preprocess
         # source_id -> keys already covered by committed flushes (a resumed scan): dropped before decoding.
         self.skip = skip or {}
+        # `--decode gpu`: JPEGs the device can decode travel encoded (column `encoded`, their pixels left black).
+        self.defer_jpeg = defer_jpeg
 
     def _identify(self, batch: dict[str, np.ndarray], i: int) -> tuple[str, str, str | None, Any]:
         """(image_key, source, label, encoded bytes or None) of row i."""
@@ -212,6 +215,7 @@ class Decoder:
         keys, sources, labels, errors, statuses = [], [], [], [], []
         widths = np.zeros(n, dtype=np.int32)
         heights = np.zeros(n, dtype=np.int32)
+        encoded: list[bytes | None] = [None] * n
         for i in range(n):  # decoding is per image by nature (PIL); the model side is vectorised
             key, source, label, data = self._identify(batch, i)
             keys.append(key)
@@ -220,7 +224,11 @@ class Decoder:
             try:
                 if data is None:
                     raise DataError("sample has no image member")
-                pixels[i], widths[i], heights[i] = decode_image(bytes(data), self.preprocess)
+                decoded, widths[i], heights[i] = decode_image(bytes(data), self.preprocess, self.defer_jpeg)
+                if decoded is None:
+                    encoded[i] = bytes(data)
+                else:
+                    pixels[i] = decoded
                 statuses.append("ok")
                 errors.append(None)
             except Exception as error:  # noqa: BLE001 - any decoder failure is recorded, not fatal
@@ -237,7 +245,7 @@ class Decoder:
             "status": np.array(statuses, dtype=object),
             "error": np.array(errors, dtype=object),
             "pixels": pixels,
-        }
+        } | ({"encoded": np.array(encoded, dtype=object)} if self.defer_jpeg else {})
 
 
     def _drop_covered(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:

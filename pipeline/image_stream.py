@@ -25,15 +25,17 @@ FREE_CPUS = 1.0
 
 
 def decoded_dataset(spec: SourceSpec, preprocess: Preprocess, batch_size: int,
-                    skip: dict[str, frozenset[str]] | None = None) -> Any:
-    """A Ray Dataset of decoded images (pipeline.data's uniform rows), `skip` keys dropped before decoding."""
+                    skip: dict[str, frozenset[str]] | None = None, defer_jpeg: bool = False) -> Any:
+    """A Ray Dataset of decoded images (pipeline.data's uniform rows), `skip` keys dropped before decoding;
+    with `defer_jpeg`, JPEGs the model's device decodes travel encoded (pipeline.device_decode)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the commands draw one bar of their own, with images/s and time left
     context.print_on_execution_start = False
     return read_source(spec, num_cpus=DECODE_CPUS).map_batches(
-        decode_batch, fn_kwargs={"decoder": Decoder(spec, preprocess, skip=skip)}, batch_size=batch_size,
+        decode_batch, fn_kwargs={"decoder": Decoder(spec, preprocess, skip=skip, defer_jpeg=defer_jpeg)},
+        batch_size=batch_size,
         batch_format="numpy", num_cpus=DECODE_CPUS)
 
 

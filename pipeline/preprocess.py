@@ -224,12 +224,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     raise DecodeError(f"image mode {mode} is not supported; save the image as 8- or 16-bit RGB or grayscale")
 
 
-def decode_image(data: bytes, preprocess: Preprocess) -> tuple[np.ndarray, int, int]:
+def decode_image(data: bytes, preprocess: Preprocess, defer_jpeg: bool = False) -> tuple[np.ndarray | None, int, int]:
     """Decode encoded image bytes fully (truncated files raise) -> (pixels, width, height).
 
     The size limits are checked on the header (PIL's open reads only that) before any pixel is decoded.
     JPEG's draft mode (decoding at 1/2-1/8 scale) is not used: it would change the pixels the model sees
     against torchvision's full decode + resize, and max_pixels already bounds a full decode's memory.
+    With `defer_jpeg` (`atlas scan --decode gpu`), a JPEG the model's device can decode
+    (pipeline.device_decode.is_device_jpeg) is only checked: pixels None, decoded later on the device.
     """
     with warnings.catch_warnings():
         # Our own limits decide, below; PIL's warning would only repeat them in the logs.
@@ -239,6 +241,11 @@ def decode_image(data: bytes, preprocess: Preprocess) -> tuple[np.ndarray, int, 
         width, height = image.size
         try:
             preprocess.check_size(width, height)
+            if defer_jpeg:
+                from pipeline.device_decode import is_device_jpeg
+
+                if is_device_jpeg(data, image.format, image.mode):
+                    return None, width, height
             image.load()  # force a full decode now: lazy PIL would hide truncation until later
             return preprocess.apply(image), width, height
         except DecodeError as error:

@@ -16,6 +16,7 @@ Checks (issue 18):
   timing           ResNet-50 all layers at batch 32 and 256: forward fp32 / channels_last / bf16, maxima,
                    statistics, flush (ms per batch, images/s)
   scan             an end-to-end scan on a local Ray with one GPU actor, against brute force
+  decode           `--decode gpu`'s JPEG decoder on the device against the CPU path (pixel levels) and both rates
   render           feature visualization bytes equal for one seed, twice
   pytest           the deconvnet and explanation tests with the GPU visible
 """
@@ -236,6 +237,45 @@ def check_scan(device: str) -> dict:
     return {"keys_equal": keys_equal, "max_abs_diff": diff, "ok": keys_equal and diff < 1e-4}
 
 
+def check_decode(device: str) -> dict:
+    """`--decode gpu`'s decoder on the device against the CPU path (PIL) on real photos at 224/256: the pixel
+    difference (exactness: at most 2 levels; 1 on the CPU device, tests/test_device_decode.py) and both rates."""
+    import glob
+    import io
+
+    from PIL import Image
+
+    from pipeline.demo_data import make_photo_folder
+    from pipeline.device_decode import DeviceDecoder
+    from pipeline.preprocess import Preprocess, decode_image
+
+    work = tempfile.mkdtemp(prefix="gpu-check-decode-")
+    paths = sorted(glob.glob(os.path.join(make_photo_folder(os.path.join(work, "photos"), 64, seed=0), "**", "*.*"),
+                             recursive=True))
+    blobs = []
+    for path in paths:
+        buffer = io.BytesIO()
+        Image.open(path).convert("RGB").resize((640, 480)).save(buffer, format="JPEG", quality=90)
+        blobs.append(buffer.getvalue())
+    preprocess = Preprocess(image_size=224, resize=256)
+    decoder = DeviceDecoder(preprocess, device)
+    decoder(blobs[:4])  # warm-up (nvJPEG handles, kernels)
+    started = time.perf_counter()
+    crops, errors = decoder(blobs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    device_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    reference = np.stack([decode_image(blob, preprocess)[0] for blob in blobs])
+    cpu_seconds = time.perf_counter() - started
+    difference = np.abs(crops.cpu().numpy().astype(np.int64) - reference.astype(np.int64))
+    return {"images": len(blobs), "errors": sum(e is not None for e in errors), "max_level_diff": int(difference.max()),
+            "mean_level_diff": round(float(difference.mean()), 4),
+            "device_images_per_second": round(len(blobs) / device_seconds, 1),
+            "cpu_one_core_images_per_second": round(len(blobs) / cpu_seconds, 1),
+            "ok": difference.max() <= 2 and not any(errors)}
+
+
 def check_render(device: str) -> dict:
     from pipeline.models import ModelConfig
     from pipeline.render.worker import RenderConfig, RenderTask, UnitRenderer, VisSettings
@@ -260,7 +300,8 @@ def check_pytest(device: str) -> dict:
 
 
 CHECKS = {"environment": check_environment, "layer_maxima": check_layer_maxima, "recorder": check_recorder,
-          "batch": check_batch, "timing": check_timing, "scan": check_scan, "render": check_render,
+          "batch": check_batch, "timing": check_timing, "scan": check_scan, "decode": check_decode,
+          "render": check_render,
           "pytest": check_pytest}
 
 

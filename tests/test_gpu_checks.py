@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_checks_run_on_cpu_and_say_what_they_skipped(tmp_path):
     out = tmp_path / "report.json"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_checks.py"), "--device", "cpu",
-                           "--out", str(out), "--only", "environment,layer_maxima,batch,render,timing"],
+                           "--out", str(out), "--only", "environment,layer_maxima,batch,decode,render,timing"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
@@ -23,6 +23,8 @@ def test_gpu_checks_run_on_cpu_and_say_what_they_skipped(tmp_path):
     # Batch independence is an exactness check that runs on CPU too (forward passes of one shape).
     assert report["checks"]["batch"]["ok"] and report["checks"]["batch"]["batch_1_vs_64"]["bit_equal"]
     assert report["checks"]["render"]["bytes_equal"]
+    # --decode gpu's decoder runs on the CPU device too: within a grey level of PIL's path on real photos.
+    assert report["checks"]["decode"]["ok"] and report["checks"]["decode"]["max_level_diff"] <= 1
 
 
 def test_asking_for_cuda_without_a_gpu_is_one_line(tmp_path):

@@ -5,6 +5,7 @@ import argparse
 
 from pipeline.cli.options import (DEVICE_HELP, add_decode_options, add_model_options, add_quiet_option,
                                   add_ray_options, model_config)
+from pipeline.device_decode import DECODES
 from pipeline.ranges import PRECISIONS
 
 
@@ -30,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32 (default; exact, TF32 off), tf32, bf16 or fp16 (autocast)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format for the model")
+    parser.add_argument("--decode", choices=DECODES, default="cpu",
+                        help="where JPEGs are decoded: cpu (default; read tasks, PIL) or gpu (the model workers' "
+                             "GPUs, nvJPEG; pixels within 1 level of the CPU's; needs GPU workers)")
     parser.add_argument("--stall-seconds", type=float, default=600.0,
                         help="fail (saying what is pending) when nothing progresses for this long (default 600)")
     add_quiet_option(parser)
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         record=args.record, batch_size=args.batch_size, address=args.address, actors=args.actors,
         threads=args.threads, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
         flush_images=args.flush_images, precision=args.precision, channels_last=args.channels_last,
-        stall_seconds=args.stall_seconds))
+        stall_seconds=args.stall_seconds, decode=args.decode))
     counts = manifest["counts"]
     print(f"run: {args.out}\n  images {counts['images']} ({counts['images_error']} unreadable), "
           f"layers {counts['layers']}, units {counts['units']} ({counts['dead_units']} dead), "

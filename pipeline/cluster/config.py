@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.device_decode import DECODES
 from pipeline.ranges import PRECISIONS, check_range
 
 STAGES = ("scan", "render", "site")
@@ -115,6 +116,7 @@ class ScanSection:
     precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16
     channels_last: bool = False
     stall_seconds: float = 600.0  # fail, saying what is pending, when nothing progresses for this long
+    decode: str = "cpu"  # cpu | gpu (JPEGs decoded on the model workers' GPUs)
     # Decoding limits (None: the defaults, see pipeline.preprocess): an image whose header declares a side,
     # a pixel count or an aspect ratio over them is listed as an error instead of decoded.
     max_side: int | None = None
@@ -125,6 +127,8 @@ class ScanSection:
         _check_ranges(self, "scan", ("max_side", "max_pixels", "max_aspect", "flush_images", "stall_seconds"))
         if self.precision not in PRECISIONS:
             raise ConfigError(f"scan.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.decode not in DECODES:
+            raise ConfigError(f"scan.decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
         try:
             check_scan_settings(self.k, self.record, self.batch_size, self.device, self.actors, self.threads)
         except ValueError as error:

@@ -154,7 +154,7 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
                       actors=config.scan.actors, threads=config.scan.threads, device=config.scan.device,
                       overwrite=config.job.overwrite, flush_images=config.scan.flush_images,
                       precision=config.scan.precision, channels_last=config.scan.channels_last,
-                      stall_seconds=config.scan.stall_seconds)
+                      stall_seconds=config.scan.stall_seconds, decode=config.scan.decode)
     try:
         options = RenderOptions.from_settings(
             layers=render.layers, units=render.units, classes=render.classes, preset=render.preset,

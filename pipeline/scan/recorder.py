@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.device_decode import DeviceDecoder
 from pipeline.models import ModelConfig, feature_extractor, load_model
 from pipeline.ranges import PRECISIONS
 from pipeline.receptive_field import ReceptiveField
@@ -53,6 +54,7 @@ class RecorderConfig:
     precision: str = "fp32"  # fp32 (exact; TF32 off), tf32, bf16 or fp16 (autocast on the device)
     channels_last: bool = False
     maxima_dir: str | None = None  # with record_all: where pending maxima files go (a shared file system)
+    decode: str = "cpu"  # 'gpu': JPEGs arrive encoded and are decoded on this worker's device (device_decode)
 
 
 def layer_maxima(activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -204,6 +206,7 @@ class Recorder:
         self.extractor = extractor
         preprocess = loaded.preprocess
         self.normalize = preprocess.normalizer(self.device)
+        self.device_decoder = DeviceDecoder(preprocess, self.device) if config.decode == "gpu" else None
         self.layer_units = layer_units
         self.worker_id = uuid.uuid4().hex[:12]
         self.sequence = 0
@@ -215,7 +218,7 @@ class Recorder:
         self.pending_images = 0
         self.flush_id = f"{self.worker_id}-{self.sequence:06d}"
 
-    def _forward(self, pixels: np.ndarray) -> dict[str, torch.Tensor]:
+    def _forward(self, pixels: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """The recorded layers' outputs, computed in forward passes of exactly `batch_size` images (the last one
         padded with black images, dropped after): convolution kernels choose their blocking by the batch's
         shape, and an image's activations changed in the last bits with the batch size it happened to be in
@@ -226,7 +229,9 @@ class Recorder:
         parts = []
         for start in range(0, n, size):
             chunk = pixels[start:start + size]
-            if len(chunk) < size:
+            if len(chunk) < size and isinstance(chunk, torch.Tensor):
+                chunk = torch.cat([chunk, chunk.new_zeros((size - len(chunk), *chunk.shape[1:]))])
+            elif len(chunk) < size:
                 chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
             outputs = self._forward_fixed(chunk)
             parts.append({name: value[:min(size, n - start)] for name, value in outputs.items()})
@@ -234,7 +239,7 @@ class Recorder:
             return parts[0]
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
-    def _forward_fixed(self, pixels: np.ndarray) -> dict[str, torch.Tensor]:
+    def _forward_fixed(self, pixels: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.normalize(pixels)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -243,8 +248,28 @@ class Recorder:
                                                     enabled=autocast is not None):
             return self.extractor(x)
 
+    def _decode_on_device(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+        """`--decode gpu`: decode the batch's encoded JPEGs on the device. Returns the batch with the status and
+        error of images the device could not decode, and every image's pixels as one device tensor (None when
+        nothing arrived encoded: the CPU pixels are used as they are)."""
+        encoded = batch.get("encoded")
+        rows = [i for i, blob in enumerate(encoded) if blob is not None] if encoded is not None else []
+        if self.device_decoder is None or not rows:
+            return batch, None
+        crops, errors = self.device_decoder([bytes(encoded[i]) for i in rows])
+        pixels = torch.from_numpy(np.array(batch["pixels"], dtype=np.uint8)).to(self.device)  # a writable copy
+        pixels[torch.as_tensor(rows, device=self.device)] = crops
+        failed = [(i, error) for i, error in zip(rows, errors) if error is not None]
+        if failed:
+            batch = dict(batch, status=np.array(batch["status"], dtype=object), error=np.array(batch["error"],
+                                                                                                  dtype=object))
+            for i, error in failed:
+                batch["status"][i], batch["error"][i] = "error", error
+        return batch, pixels
+
     def record(self, batch: dict[str, np.ndarray]) -> int:
         """Fold one decoded batch into the running state; return the number of images (decodable or not)."""
+        batch, device_pixels = self._decode_on_device(batch)
         ok = np.asarray(batch["status"]) == "ok"
         keys = [str(k) for k in np.asarray(batch["image_key"])[ok].tolist()]
         columns = {name: _texts(batch[name]) for name in ("image_key", "source", "label", "status", "error")}
@@ -252,7 +277,9 @@ class Recorder:
         self.rows.append(pa.table({name: columns[name] for name in IMAGES_SCHEMA.names}, schema=IMAGES_SCHEMA))
         n = len(columns["image_key"])
         if ok.any():
-            outputs = self._forward(batch["pixels"][ok])
+            pixels = (batch["pixels"][ok] if device_pixels is None
+                      else device_pixels[torch.as_tensor(np.flatnonzero(ok), device=self.device)])
+            outputs = self._forward(pixels)
             maxima = {}
             for layer in self.config.layers:
                 values, y, x = layer_maxima(outputs[layer].float())

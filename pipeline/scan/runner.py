@@ -16,6 +16,7 @@ import pyarrow.dataset as pads
 from pipeline import __version__
 from pipeline.cluster.config import check_scan_settings
 from pipeline.data import DataError, SourceSpec, resolve_source, source_id
+from pipeline.device_decode import DECODES
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.scan.flushes import FlushStore, PassPlan, SourceIndex, plan_pass
 from pipeline.models import LoadedModel, ModelConfig, load_model, resolve_layers
@@ -63,6 +64,7 @@ class ScanConfig:
     precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16; top-k is exact against a brute force in the same precision
     channels_last: bool = False
     stall_seconds: float = 600.0  # fail, saying what is pending, when nothing moves for this long
+    decode: str = "cpu"  # 'gpu': JPEGs decoded on the model workers' GPUs (pipeline.device_decode)
 
     def validate(self) -> None:
         check_scan_settings(self.k, self.record, self.batch_size, self.device, self.actors, self.threads)
@@ -70,6 +72,10 @@ class ScanConfig:
         check_range("stall_seconds", self.stall_seconds)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        if self.decode == "gpu" and self.device == "cpu":
+            raise ValueError("--decode gpu decodes on the model workers' GPUs; it cannot go with --device cpu")
 
 
 def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], source: SourceSpec) -> str:
@@ -82,6 +88,8 @@ def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], sou
         what["precision"] = config.precision
     if config.channels_last:
         what["channels_last"] = True
+    if config.decode != "cpu":  # other pixels (device JPEG decoding and resampling): never mixed with the CPU's
+        what["decode"] = config.decode
     blob = json.dumps(what, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -215,6 +223,9 @@ def run_scan(config: ScanConfig) -> dict:
         with ray_session(config.address, num_cpus=config.num_cpus) as cluster:
             ray_ready = time.time()
             plan = plan_actors(config.actors, config.threads, config.device, cluster)
+            if config.decode == "gpu" and plan["device"] != "cuda":
+                raise ValueError("--decode gpu decodes JPEGs on the model workers' GPUs, and this cluster has no "
+                                 "GPU (use --decode cpu, or --device cuda to wait for GPU nodes)")
             # Per-batch costs do not shrink with the batch, and a GPU is idle at CPU-sized batches.
             plan["batch_size"] = config.batch_size or (GPU_BATCH if plan["device"] == "cuda" else CPU_BATCH)
             config = replace(config, batch_size=plan["batch_size"])
@@ -223,7 +234,7 @@ def run_scan(config: ScanConfig) -> dict:
                 device=plan["device"], threads=plan["threads"], flush_images=config.flush_images,
                 batch_size=config.batch_size,
                 precision=config.precision, channels_last=config.channels_last,
-                maxima_dir=store.pending_maxima if config.record == "all" else None)
+                maxima_dir=store.pending_maxima if config.record == "all" else None, decode=config.decode)
             timing = _execute(config, source, index, store, loaded.preprocess, recorder_config, layer_units,
                               plan, attempts)
             images_total, images_ok = store.counts()
@@ -335,7 +346,8 @@ def _execute(config: ScanConfig, source: SourceSpec, index: SourceIndex, store: 
             if number:
                 logger.warning("pass %d: %s image(s) not covered yet (a worker was lost); processing them again",
                                number + 1, work.images if work.images is not None else "some")
-            dataset = decoded_dataset(work.spec, preprocess, config.batch_size, skip=work.skip)
+            dataset = decoded_dataset(work.spec, preprocess, config.batch_size, skip=work.skip,
+                                      defer_jpeg=config.decode == "gpu")
             outcome: PassOutcome = pool.run(dataset.iter_internal_ref_bundles(), "process_block", on_block,
                                             flush_method="flush", on_flush=commit)
             pool.call_all("flush", commit, outcome)
