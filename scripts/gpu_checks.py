@@ -234,7 +234,17 @@ def check_scan(device: str) -> dict:
     acts = [np.array(connect(r).execute("SELECT act FROM topk ORDER BY layer, unit, rank").fetchall()).ravel()
             for r in runs.values()]
     diff = float(np.abs(acts[0] - acts[1]).max())
-    return {"keys_equal": keys_equal, "max_abs_diff": diff, "ok": keys_equal and diff < 1e-4}
+    # --decode gpu end to end (its pixels differ from PIL's by up to a level or two, so its top-k is reported
+    # against the CPU-decoded run, not judged; exactness for its own pixels is tests/test_device_decode.py's).
+    runs["decode_gpu"] = os.path.join(work, "decode_gpu")
+    manifest = run_scan(ScanConfig(model=model, data=photos, out=runs["decode_gpu"], layers="stem,relu,down", k=5,
+                                   device="cuda", actors=1, progress=False, decode="gpu"))
+    same = len(set(connect(runs["cuda"]).execute(query).fetchall())
+               & set(connect(runs["decode_gpu"]).execute(query).fetchall()))
+    total = len(connect(runs["cuda"]).execute(query).fetchall())
+    return {"keys_equal": keys_equal, "max_abs_diff": diff, "ok": keys_equal and diff < 1e-4,
+            "decode_gpu": {"images_ok": manifest["counts"]["images_ok"], "topk_rows_shared_with_cpu_decode":
+                           f"{same}/{total}"}}
 
 
 def check_decode(device: str) -> dict:
