@@ -15,8 +15,9 @@ class QueryError(ValueError):
     """SQL that DuckDB rejected; the message is DuckDB's."""
 
 
-def _connect(run_dir: str):
-    """A comparison (`atlas compare`'s output) gets its own views; anything else is a run."""
+def open_connection(run_dir: str):
+    """The DuckDB connection `atlas query` runs SQL on: a comparison (`atlas compare`'s output) gets its own views,
+    anything else is a run (pipeline.store.connect)."""
     manifest = read_manifest(run_dir)
     if manifest is not None and manifest.get("kind") == COMPARISON_KIND:
         from pipeline.compare.runner import connect_comparison
@@ -29,7 +30,7 @@ def run_query(run_dir: str, sql: str) -> tuple[list[str], list[tuple]]:
     """Execute `sql` against the run's views; returns (column names, rows)."""
     import duckdb
 
-    con = _connect(run_dir)
+    con = open_connection(run_dir)
     try:
         result = con.execute(sql)
         columns = [d[0] for d in result.description] if result.description else []

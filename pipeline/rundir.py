@@ -30,12 +30,13 @@ from typing import Iterator
 from pipeline import __version__
 from pipeline.fileio import atomic_write_json
 from pipeline.store import (DERIVED, JOB_RECORD, JOB_TOML, LOCK, MANIFEST, MARKER, PREVIOUS, STAGING, TABLES,
-                            RunError, read_manifest)
+                            VIEWS_SQL, RunError, read_manifest, write_views)
 
 logger = logging.getLogger(__name__)
 
 # Names the tool writes at a run's top level; anything else there belongs to the user and is never touched.
-OWNED = frozenset(TABLES) | frozenset(DERIVED) | {MANIFEST, MARKER, LOCK, STAGING, PREVIOUS, JOB_TOML, JOB_RECORD}
+OWNED = frozenset(TABLES) | frozenset(DERIVED) | {MANIFEST, MARKER, LOCK, STAGING, PREVIOUS, JOB_TOML, JOB_RECORD,
+                                                    VIEWS_SQL}
 
 
 class RunBusy(RunError):
@@ -157,8 +158,11 @@ def recover(path: str) -> None:
 
 
 def _move_staged_in(path: str) -> None:
-    """Move every staged table into place, the manifest last (which makes the new run complete)."""
+    """Move every staged table and the views over them into place, the manifest last (which makes the new run
+    complete)."""
     staging = os.path.join(path, STAGING)
+    if os.path.isfile(os.path.join(staging, VIEWS_SQL)):
+        os.replace(os.path.join(staging, VIEWS_SQL), os.path.join(path, VIEWS_SQL))
     for table in TABLES:
         staged, final = os.path.join(staging, table), os.path.join(path, table)
         if os.path.isdir(staged):
@@ -214,12 +218,13 @@ class RunDirectory:
 
     def commit(self, manifest: dict) -> None:
         """Swap the staged run in: the staged manifest journals the swap (see `recover`)."""
+        write_views(self.staging)  # the views of the staged tables, swapped in with them
         atomic_write_json(self.staged(MANIFEST), manifest)
         previous = os.path.join(self.path, PREVIOUS)
         shutil.rmtree(previous, ignore_errors=True)
         os.makedirs(previous)
         # The old manifest first: from here readers see an incomplete run, never a mix presented as complete.
-        for name in (MANIFEST, *TABLES, *DERIVED):
+        for name in (MANIFEST, *TABLES, *DERIVED, VIEWS_SQL):
             if os.path.exists(os.path.join(self.path, name)):
                 os.replace(os.path.join(self.path, name), os.path.join(previous, name))
         _move_staged_in(self.path)

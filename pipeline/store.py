@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -170,35 +171,129 @@ class RollingParquetWriter:
 
 
 # ---------------------------------------------------------------------------------------------- DuckDB
+# The views a run answers to (`atlas query`, the notebook API, RUN/views.sql): name -> the Parquet files behind it,
+# relative to the run directory ('/'-separated; a glob for partitioned tables), and the documented columns (an
+# empty view has them while the files are absent: maxima of a --record topk scan, atlas before `atlas render`).
+VIEWS_SQL = "views.sql"     # RUN/views.sql: the same views as plain DuckDB SQL, paths relative to the run
+ATLAS = "atlas"
+EXPLAIN = "explain"
+ATLAS_INDEX = f"{ATLAS}/index.parquet"
+ATLAS_DEPENDENCE = f"{ATLAS}/dependence.parquet"
+EXPLAIN_INDEX = f"{EXPLAIN}/index.parquet"
+EXPLAIN_SUMMARY = f"{EXPLAIN}/summary.parquet"
+EXPLAIN_METRICS = f"{EXPLAIN}/metrics.parquet"
+# views.sql resolves its paths against this DuckDB variable when it is set (another working directory, or a run
+# on an object store: SET VARIABLE atlas_run = 's3://bucket/runs/x'), else against the working directory.
+RUN_VARIABLE = "atlas_run"
+RELATIVE_BASE = f"coalesce(rtrim(getvariable('{RUN_VARIABLE}'), '/') || '/', '')"
+
+
+@dataclass(frozen=True)
+class ViewSource:
+    path: str           # relative to the directory, '/'-separated; may hold one '**/*.parquet' glob
+    schema: pa.Schema   # the documented columns
+
+
+def table_views(tables: dict[str, pa.Schema]) -> dict[str, ViewSource]:
+    """One view per table directory (<table>/**/*.parquet), named after the table."""
+    return {table: ViewSource(f"{table}/**/*.parquet", schema) for table, schema in tables.items()}
+
+
+RUN_VIEWS: dict[str, ViewSource] = {
+    **table_views(SCHEMAS),
+    "atlas": ViewSource(ATLAS_INDEX, ATLAS_INDEX_SCHEMA),
+    "atlas_dependence": ViewSource(ATLAS_DEPENDENCE, ATLAS_DEPENDENCE_SCHEMA),
+    "explain": ViewSource(EXPLAIN_INDEX, EXPLAIN_INDEX_SCHEMA),
+    "explain_summary": ViewSource(EXPLAIN_SUMMARY, EXPLAIN_SUMMARY_SCHEMA),
+    "explain_metrics": ViewSource(EXPLAIN_METRICS, EXPLAIN_METRICS_SCHEMA),
+}
+
 
 def sql_string(text: str) -> str:
     """A SQL string literal (quotes doubled): for text that goes into DuckDB SQL the user may run as is."""
     return "'" + text.replace("'", "''") + "'"
 
 
+def local_base(root: str) -> str:
+    """The SQL prefix for files under a local directory: its absolute path, as a literal."""
+    return sql_string(os.path.abspath(root).rstrip(os.sep) + "/")
+
+
+def _has_files(root: str, source: ViewSource) -> bool:
+    if "*" not in source.path:
+        return os.path.isfile(os.path.join(root, *source.path.split("/")))
+    base = os.path.join(root, *source.path.split("*", 1)[0].rstrip("/").split("/"))
+    return os.path.isdir(base) and any(name.endswith(".parquet") for _, _, names in os.walk(base) for name in names)
+
+
+def view_statements(root: str, base: str, views: dict[str, ViewSource] | None = None, prefix: str = "") -> list[str]:
+    """The SQL that defines each view (`<prefix><name>`) over the files under the local directory `root`.
+
+    `base` is a SQL expression for the directory the paths are relative to: `local_base(root)` for a connection
+    of this process, `RELATIVE_BASE` for RUN/views.sql. Which views read files and which are empty (typed, no rows)
+    depends on the files present now, so RUN/views.sql is rewritten by every stage that adds a table.
+    """
+    statements = []
+    for name, source in (RUN_VIEWS if views is None else views).items():
+        if _has_files(root, source):
+            # Layer is stored inside the files too, so hive partition inference (which would turn a layer named
+            # '3' into an integer) is switched off.
+            query = (f"SELECT * FROM read_parquet({base} || {sql_string(source.path)}, hive_partitioning = false, "
+                     "union_by_name = true)")
+        else:
+            columns = ", ".join(f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in source.schema)
+            query = f"SELECT {columns} WHERE false"
+        statements.append(f"CREATE OR REPLACE VIEW {prefix}{name} AS {query};")
+    return statements
+
+
+def create_views(con, prefix: str, views: dict[str, ViewSource], root: str) -> None:
+    """Create the views `<prefix><name>` over root's files in a DuckDB connection. `atlas compare`'s connection
+    puts two runs and the comparison side by side with it (a_topk, b_topk, cmp_units, ...)."""
+    for statement in view_statements(root, local_base(root), views, prefix):
+        con.execute(statement)
+
+
 def connect(run_dir: str):
-    """A DuckDB connection with views topk, units, images, maxima and atlas over a complete run's Parquet."""
+    """A DuckDB connection with the views of RUN_VIEWS (topk, units, images, maxima, atlas, explain, ...) over a
+    complete run's Parquet."""
     import duckdb
 
     if read_manifest(run_dir) is None:
         raise RunError(f"{run_dir} is not a complete run (no {MANIFEST}); run `atlas scan` first")
     con = duckdb.connect()
-    atlas_index = os.path.join(os.path.abspath(run_dir), "atlas", "index.parquet")
-    for table, schema in {**SCHEMAS, "atlas": ATLAS_INDEX_SCHEMA}.items():
-        base = os.path.join(os.path.abspath(run_dir), table)
-        pattern = atlas_index if table == "atlas" else os.path.join(base, "**", "*.parquet")
-        has_files = os.path.isfile(atlas_index) if table == "atlas" else (
-            os.path.isdir(base) and any(name.endswith(".parquet") for _, _, names in os.walk(base) for name in names))
-        if has_files:
-            # Layer is stored inside the files too, so hive partition inference (which would turn a
-            # layer named '3' into an integer) is switched off.
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM "
-                        f"read_parquet({sql_string(pattern)}, hive_partitioning=false, union_by_name=true)")
-        else:
-            # e.g. maxima of a run scanned with --record topk: an empty view with the documented columns.
-            columns = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in schema)
-            con.execute(f"CREATE VIEW {table} AS SELECT {columns} WHERE false")
+    create_views(con, "", RUN_VIEWS, run_dir)
     return con
+
+
+VIEWS_HEADER = f"""\
+-- The DuckDB views of a Neuron Atlas run (the same as `atlas query`), written by atlas scan, render and explain.
+-- Paths are relative to the run directory. From the run directory:
+--     duckdb -init {VIEWS_SQL}
+-- From anywhere else, or for a run on an object store (s3://, gs://, https://: the httpfs extension), say where
+-- the run is first:
+--     duckdb -cmd "SET VARIABLE {RUN_VARIABLE} = 'path/to/run'" -cmd ".read path/to/run/{VIEWS_SQL}"
+"""
+
+
+def views_sql(root: str, views: dict[str, ViewSource] | None = None) -> str:
+    """The text of root/views.sql: the views' SQL with paths relative to `root` (see RELATIVE_BASE)."""
+    return VIEWS_HEADER + "\n".join(view_statements(root, RELATIVE_BASE, views)) + "\n"
+
+
+def write_views(root: str, views: dict[str, ViewSource] | None = None) -> str:
+    """(Re)write root/views.sql atomically for the files present now; untouched when unchanged (so a mirrored run
+    does not upload it again). Returns its path."""
+    path = os.path.join(root, VIEWS_SQL)
+    text = views_sql(root, views)
+    try:
+        with open(path) as handle:
+            if handle.read() == text:
+                return path
+    except OSError:
+        pass
+    atomic_write(path, text)
+    return path
 
 
 def _duck_type(arrow_type: pa.DataType) -> str:
@@ -240,20 +335,4 @@ CMP_LAYERS_SCHEMA = pa.schema([
     ("labels_changed", pa.int32()),
 ])
 COMPARE_SCHEMAS = {"cmp_units": CMP_UNITS_SCHEMA, "cmp_layers": CMP_LAYERS_SCHEMA}
-
-
-def create_views(con, prefix: str, tables: dict[str, pa.Schema], root: str) -> None:
-    """Create a view `<prefix><table>` over root/<table>/**/*.parquet for each table (an empty view with the
-    documented columns where there are no files). `atlas compare`'s connection puts two runs and the comparison
-    side by side with it (a_topk, b_topk, cmp_units, ...)."""
-    for table, schema in tables.items():
-        base = os.path.join(os.path.abspath(root), table)
-        pattern = os.path.join(base, "**", "*.parquet")
-        has_files = os.path.isdir(base) and any(name.endswith(".parquet") for _, _, names in os.walk(base)
-                                                for name in names)
-        if has_files:  # hive partitioning off, as in `connect`: a layer named '3' stays a string
-            con.execute(f"CREATE VIEW {prefix}{table} AS SELECT * FROM "
-                        f"read_parquet({sql_string(pattern)}, hive_partitioning=false, union_by_name=true)")
-        else:
-            columns = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in schema)
-            con.execute(f"CREATE VIEW {prefix}{table} AS SELECT {columns} WHERE false")
+COMPARE_VIEWS = table_views(COMPARE_SCHEMAS)

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+from typing import Callable
 
 from pipeline.store import JOB_RECORD, MANIFEST, write_json
 
@@ -125,12 +126,21 @@ class RunMirror:
         return (relative in local and relative in remote and local[relative][0] == remote[relative][0]
                 and state.get(relative) == [*local[relative], remote[relative][1]])
 
-    def pull(self) -> int:
-        """Download the remote run into the local copy; returns the number of files downloaded."""
+    def pull(self, include: Callable[[str], bool] | None = None, prune: bool = False) -> int:
+        """Download the remote run into the local copy (only the relative paths `include` accepts, when given);
+        returns the number of files downloaded. prune: also delete the local files (of those `include` accepts)
+        that the remote run no longer has; only for a local copy the tool owns (a cache)."""
         remote, local, state = self._remote_files(), self._local_files(), self._load_state()
         count = 0
+        if prune:
+            for relative in sorted(set(local) - set(remote)):
+                if include is None or include(relative):
+                    os.remove(os.path.join(self.local, *relative.split("/")))
+                    state.pop(relative, None)
         for relative in sorted(remote):
             if relative.startswith(".staging/") or self._in_sync(state, relative, local, remote):
+                continue
+            if include is not None and not include(relative):
                 continue
             target = os.path.join(self.local, *relative.split("/"))
             _download(self.filesystem, f"{self.root}/{relative}", target)
@@ -141,6 +151,23 @@ class RunMirror:
         if count:
             logger.info("pulled %d file(s) from %s into %s", count, self.url, self.local)
         return count
+
+    def has(self, relative: str) -> bool:
+        """Whether the remote run has the file ('/'-separated path relative to the run)."""
+        import pyarrow.fs as pafs
+
+        return self.filesystem.get_file_info(f"{self.root}/{relative}").type == pafs.FileType.File
+
+    def fetch(self, relative: str) -> str | None:
+        """The local copy of one remote file ('/'-separated path relative to the run, checked by the caller),
+        downloaded on first use; None if the remote run has no such file."""
+        target = os.path.join(self.local, *relative.split("/"))
+        if os.path.isfile(target):
+            return target
+        if not self.has(relative):
+            return None
+        _download(self.filesystem, f"{self.root}/{relative}", target)
+        return target
 
     def push(self) -> int:
         """Mirror the local copy to the URL; returns the number of files uploaded."""

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.store import (COMPARE_SCHEMAS, COMPARISON_KIND, MANIFEST, SCHEMAS, RunError, create_views,
-                            layer_dir, read_manifest, write_json, write_table)
+from pipeline.store import (COMPARE_SCHEMAS, COMPARE_VIEWS, COMPARISON_KIND, MANIFEST, RUN_VIEWS, SCHEMAS, RunError,
+                            create_views, layer_dir, read_manifest, table_views, write_json, write_table, write_views)
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def _connect(a: RunInfo, b: RunInfo):
 
     con = duckdb.connect()
     for prefix, run in (("a_", a), ("b_", b)):
-        create_views(con, prefix, SCHEMAS, run.path)
+        create_views(con, prefix, table_views(SCHEMAS), run.path)
     return con
 
 
@@ -395,6 +395,7 @@ def compare_runs(run_a: str, run_b: str, out: str, sample: int | None = None, se
                        "labels_changed": sum(bool(r["label_changed"]) for r in unit_rows)},
             "seconds": round(time.time() - started, 3),
         }
+        write_views(path, COMPARE_VIEWS)  # cmp_units, cmp_layers for plain DuckDB (each run has its own views.sql)
         write_json(manifest, os.path.join(path, MANIFEST))
     con.close()
     if not plan.images["same"]:
@@ -492,7 +493,7 @@ def connect_comparison(cmp_dir: str):
     if manifest is None or manifest.get("kind") != COMPARISON_KIND:
         raise RunError(f"{cmp_dir} is not a complete comparison (no comparison {MANIFEST}); run `atlas compare`")
     con = duckdb.connect()
-    create_views(con, "", COMPARE_SCHEMAS, cmp_dir)
+    create_views(con, "", COMPARE_VIEWS, cmp_dir)
     for side in ("a", "b"):
         described = manifest["runs"][side]
         run_manifest = read_manifest(described["path"])
@@ -500,5 +501,5 @@ def connect_comparison(cmp_dir: str):
             logger.warning("run %s (%s) is gone or was rescanned since the comparison: no %s_* views",
                            side.upper(), described["path"], side)
             continue
-        create_views(con, f"{side}_", SCHEMAS, described["path"])
+        create_views(con, f"{side}_", RUN_VIEWS, described["path"])
     return con

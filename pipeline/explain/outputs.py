@@ -30,10 +30,8 @@ from PIL import Image
 
 from pipeline.render.crops import overlay
 from pipeline.explain.explainer import Explanation
-from pipeline.store import EXPLAIN_INDEX_SCHEMA, EXPLAIN_METRICS_SCHEMA, EXPLAIN_SUMMARY_SCHEMA, write_table
-
-EXPLAIN = "explain"
-
+from pipeline.store import (EXPLAIN, EXPLAIN_INDEX_SCHEMA, EXPLAIN_METRICS_SCHEMA, EXPLAIN_SUMMARY_SCHEMA, read_manifest,
+                            write_table, write_views)
 
 
 def image_dir(key: str) -> str:
@@ -169,6 +167,8 @@ class ExplainWriter:
         os.replace(self.staging, final)
         if old:
             shutil.rmtree(old, ignore_errors=True)
+        if read_manifest(self.root) is not None:  # a scan's run: its views.sql now reads the explain tables
+            write_views(self.root)
         return index
 
     def abort(self) -> None:

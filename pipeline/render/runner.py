@@ -42,6 +42,7 @@ from pipeline.store import (
     read_manifest,
     write_json,
     write_table,
+    write_views,
 )
 
 logger = logging.getLogger(__name__)
@@ -362,6 +363,7 @@ def build_index(run_dir: str) -> pa.Table:
     index = pa.Table.from_pylist(rows, schema=ATLAS_INDEX_SCHEMA)
     write_table(index, os.path.join(run_dir, ATLAS, "index.parquet"))
     write_table(image_dependence(rows, pooling), os.path.join(run_dir, ATLAS, "dependence.parquet"))
+    write_views(run_dir)  # RUN/views.sql now reads the atlas tables
     return index
 
 

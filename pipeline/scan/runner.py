@@ -26,7 +26,7 @@ from pipeline.receptive_field import receptive_fields
 from pipeline.rundir import RunDirectory, claim, run_lock
 from pipeline.ranges import PRECISIONS, check_range
 from pipeline.scan.recorder import Flush, Recorder, RecorderConfig, ScanResult, ScanState, image_facts, peak_rss_mb
-from pipeline.store import IMAGES_SCHEMA, read_manifest
+from pipeline.store import IMAGES_SCHEMA, read_manifest, write_views
 from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
 from pipeline.worker_pool import PassOutcome, WorkerPool
 
@@ -214,6 +214,7 @@ def run_scan(config: ScanConfig) -> dict:
         run = RunDirectory(path)
         if not run.begin(fingerprint, overwrite=config.overwrite):
             logger.info("%s is already complete for these settings; nothing to do", run.path)
+            write_views(run.path)  # a run made before views.sql existed gets it here
             return read_manifest(run.path)
         index = SourceIndex.build(source)  # duplicate keys are named here, before the model runs
         store = FlushStore(run.staging)
