@@ -1,12 +1,14 @@
 """A small real run for the analyst tests (the notebook API, plain DuckDB, docs/analyst.ipynb): a scan of real
 photos on a real local Ray with every per-image maximum recorded (so the queries of docs/queries.md that need
-`--record all` have rows), one label that is an HTML-injection payload, and a real render (crops, overlays,
-reconstructions and feature visualizations, few steps) of four units of one layer."""
+`--record all` have rows), one label that is an HTML-injection payload, a real render (crops, overlays,
+reconstructions and feature visualizations, few steps) of four units of one layer, and explanations of two
+images: every stage that adds a table to the run."""
 from __future__ import annotations
 
 import os
 import shutil
 
+from pipeline.explain.images import explain_run_images
 from pipeline.models import ModelConfig
 from pipeline.render.runner import RenderOptions, render_run
 from pipeline.render.worker import VisSettings
@@ -34,4 +36,5 @@ def make_analyst_run(photos: str, run: str) -> str:
                         progress=False))
     render_run(run, RenderOptions(layers=(RENDERED_LAYER,), units=RENDERED_UNITS, classes=frozenset(),
                                   vis=VisSettings(steps=8, size=32), progress=False))
+    explain_run_images(run, count=2, methods=("saliency", "gradcam"))
     return run
