@@ -110,8 +110,9 @@ class Run:
 
     @property
     def layers(self) -> list[str]:
-        """The recorded layers, in depth order."""
-        return [info["name"] for info in (self.manifest or {}).get("layers", [])]
+        """The recorded layers, in depth order (none for a comparison)."""
+        layers = (self.manifest or {}).get("layers")
+        return [info["name"] for info in layers] if isinstance(layers, list) else []
 
     def layer(self, name: str) -> "Layer":
         if name not in self.layers:

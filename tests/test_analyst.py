@@ -280,3 +280,22 @@ def test_notebook_runs_headless(run_dir, tmp_path, monkeypatch):
     html = "\n".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "data:image/png;base64," in html and "per-image maxima" in html   # a unit with its pictures and histogram
     assert PAYLOAD not in html   # labels and keys escaped, by the API and by pandas
+
+
+def test_a_comparison_opens_with_its_views(run_dir, tmp_path):
+    """`atlas compare`'s output: the API gives its views (no layers); CMP/views.sql gives cmp_* to the shell."""
+    from pipeline.compare.runner import compare_runs
+
+    cmp = str(tmp_path / "cmp")
+    compare_runs(run_dir, run_dir, cmp)
+    sql = "SELECT layer, unit, topk_jaccard, died FROM cmp_units ORDER BY layer, unit"
+    expected = run_query(cmp, sql)[1]
+    # a run equals itself (a dead unit has no top-k to compare)
+    assert len(expected) == 28 and {r[2] for r in expected} == {1.0, None} and {r[3] for r in expected} == {False}
+    with open_run(cmp) as opened:
+        assert {"cmp_units", "cmp_layers", "a_topk", "b_units"} <= set(opened.views) and opened.layers == []
+        assert rows_of(opened.df(sql).itertuples(index=False, name=None), sql) == expected
+    out = tmp_path / "out"
+    out.mkdir()
+    [rows] = shell_results(["-init", "views.sql"], [("cmp_units", sql)], cmp, str(out))
+    assert rows == expected
