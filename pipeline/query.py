@@ -1,4 +1,4 @@
-"""`atlas query`: SQL over a run directory with DuckDB views topk, units, images, maxima, or over a comparison
+"""`atlas query`: SQL over a run directory with its DuckDB views (pipeline.store.RUN_VIEWS), or over a comparison
 (cmp_units, cmp_layers, a_topk, b_topk, ...: pipeline.compare.runner)."""
 from __future__ import annotations
 

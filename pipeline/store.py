@@ -8,6 +8,7 @@ Layout (the contract between stages; documented in docs/run-directory.md):
                                             p50, p90, p99, p999, dead, sketch_buckets, sketch_counts
     RUN/images/part-<n>.parquet             image_key, source, label, width, height, status, error
     RUN/maxima/layer=<L>/part-*.parquet     layer, unit, image_key, act, y, x           (--record all)
+    RUN/views.sql                           the DuckDB views (RUN_VIEWS) as plain SQL, paths relative to RUN
 
 Every table is written into RUN/.staging/ first and moved into place only when the whole scan succeeded,
 so no reader ever sees a half-written table as complete (the life cycle: pipeline.rundir).
@@ -270,8 +271,8 @@ VIEWS_HEADER = f"""\
 -- The DuckDB views of a Neuron Atlas run (the same as `atlas query`), written by atlas scan, render and explain.
 -- Paths are relative to the run directory. From the run directory:
 --     duckdb -init {VIEWS_SQL}
--- From anywhere else, or for a run on an object store (s3://, gs://, https://: the httpfs extension), say where
--- the run is first:
+-- From anywhere else, say where the run is first (a path, or with the httpfs extension an s3:// or gs:// URL,
+-- reading a copy of this file):
 --     duckdb -cmd "SET VARIABLE {RUN_VARIABLE} = 'path/to/run'" -cmd ".read path/to/run/{VIEWS_SQL}"
 """
 
