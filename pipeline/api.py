@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import operator
 import os
 import posixpath
 from typing import Any, Sequence
@@ -197,9 +198,13 @@ class Layer:
 
     def unit(self, unit: int) -> "Unit":
         count = len(self)
-        if not isinstance(unit, int) or not 0 <= unit < count:
+        try:
+            number = operator.index(unit)   # an int, or a numpy integer from a DataFrame
+        except TypeError:
+            number = -1
+        if not 0 <= number < count:
             raise KeyError(f"layer {self.name!r} has units 0-{count - 1}; got {unit!r}")
-        return Unit(self.run, self.name, unit)
+        return Unit(self.run, self.name, number)
 
     def __repr__(self) -> str:
         return f"Layer({self.name!r}, {len(self)} units)"

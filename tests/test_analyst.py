@@ -120,6 +120,7 @@ def test_layer_and_unit_objects(run, run_dir):
     # every rendered unit shows its feature visualization; the others say so
     assert html.count("data:image/png;base64,") == len(RENDERED_UNITS)
     assert html.count("not rendered") == len(expected) - len(RENDERED_UNITS)
+    assert run.unit(RENDERED_LAYER, units["unit"].iloc[1]).unit == 1   # a numpy integer from the DataFrame
     with pytest.raises(KeyError, match="was not recorded"):
         run.layer("nope")
     with pytest.raises(KeyError, match=f"has units 0-{len(expected) - 1}"):
