@@ -137,7 +137,7 @@ def run_probe(probe: Probe, model: ModelConfig, layers: list[dict],
 
     with ray_session(config.address) as cluster:
         plan = plan_actors(config.actors, config.threads, config.device, cluster)
-        settings = worker_config(probe, model, layers, plan["device"], plan["threads"])
+        settings = worker_config(probe, model, layers, plan["device"], plan["threads"], config.batch_size)
         names, units, m = settings.layers, settings.units, settings.top_values
         remote = ray.remote(DissectWorker).options(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
                                                    max_restarts=0)
@@ -189,21 +189,21 @@ def merge_tallies(states: list[dict], probe: Probe, names: tuple[str, ...],
 
 
 def worker_config(probe: Probe, model: ModelConfig, layers: list[dict], device: str = "cpu",
-                  threads: int | None = None) -> WorkerConfig:
+                  threads: int | None = None, forward_images: int = 16) -> WorkerConfig:
     """What every worker needs: layers, their widths, the top values each keeps (from the probe's size)."""
     return WorkerConfig(
         model=model, layers=tuple(info["name"] for info in layers),
         units=tuple(int(info["shape"][0]) for info in layers),
         top_values=tuple(top_values_needed(probe.images * int(info["shape"][1]) * int(info["shape"][2]),
                                            TOP_QUANTILE) for info in layers),
-        concepts=probe.concepts, device=device, threads=threads)
+        concepts=probe.concepts, device=device, threads=threads, forward_images=forward_images)
 
 
 def dissect_in_process(probe: Probe, model: ModelConfig, layers: list[dict], batch_size: int = 16,
-                       workers: int = 1) -> tuple[dict[str, ConceptIoU], dict[str, np.ndarray]]:
+                       workers: int = 1, forward_images: int = 16) -> tuple[dict[str, ConceptIoU], dict[str, np.ndarray]]:
     """The same two passes without Ray: `workers` DissectWorkers in this process, batches dealt round-robin,
     their states merged as the Ray driver merges them (for tests and small probes)."""
-    config = worker_config(probe, model, layers)
+    config = worker_config(probe, model, layers, forward_images=forward_images)
     pool = [DissectWorker(config) for _ in range(workers)]
     for i, table in enumerate(probe.batches(batch_size)):
         pool[i % workers].quantiles(table)

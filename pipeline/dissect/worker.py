@@ -30,6 +30,10 @@ class WorkerConfig:
     concepts: Concepts
     device: str = "cpu"
     threads: int | None = None
+    # Forward passes always take exactly this many images (the last chunk padded with black images, dropped
+    # after): kernels choose their blocking by the batch's shape, and activations changed in the last bits with
+    # the batch an image happened to be in (as the scan's Recorder found), which moved thresholds by an ulp.
+    forward_images: int = 16
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -65,14 +69,19 @@ class DissectWorker:
     @torch.inference_mode()
     def _maps(self, images: list[ProbeImage]) -> dict[str, torch.Tensor]:
         pixels = np.stack([image.pixels for image in images])
-        out = self.extract(self.normalize(pixels))
-        maps = {}
-        for name in self.config.layers:
-            value = out[name]
-            if value.ndim != 4:
-                raise ValueError(f"layer {name} has no spatial map (output shape {tuple(value.shape)})")
-            maps[name] = value.float()
-        return maps
+        size, n = self.config.forward_images, len(pixels)
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.config.layers}
+        for start in range(0, n, size):
+            chunk = pixels[start:start + size]
+            if len(chunk) < size:
+                chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            out = self.extract(self.normalize(chunk))
+            for name in self.config.layers:
+                value = out[name]
+                if value.ndim != 4:
+                    raise ValueError(f"layer {name} has no spatial map (output shape {tuple(value.shape)})")
+                parts[name].append(value[:min(size, n - start)].float())
+        return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
     def quantiles(self, table: pa.Table) -> list[str]:
         """Pass 1 over one batch; returns its image keys."""
