@@ -18,7 +18,7 @@ from pipeline.dissect.runner import concepts_table, dissect_in_process
 from pipeline.dissect.tally import TopValues, float32_below
 from pipeline.models import ModelConfig
 
-DISSECT_NET = ModelConfig(spec="module:tiny_models:dissect_net", image_size=112, resize=112, mean=(0.0, 0.0, 0.0),
+DISSECT_NET = ModelConfig(spec="module:tiny_models:dissect_net", image_size=112, resize=112, mean=(0.5, 0.5, 0.5),
                           std=(1.0, 1.0, 1.0))
 SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32, resize=32, mean=(0.5, 0.4, 0.3),
                     std=(0.2, 0.25, 0.3))

@@ -100,9 +100,10 @@ STRIPE_PERIOD = 12  # pixels: the period DissectNet's stripe unit is tuned to
 
 
 class DissectNet(nn.Module):
-    """Hand-weighted detectors for tests/test_dissect.py (inputs in [0, 1]: mean 0, std 1).
+    """Hand-weighted detectors for tests/test_dissect.py (inputs centred on mid-grey: mean 0.5, std 1, so the
+    zero padding is grey and flat grey gives 0).
 
-    conv1 (25 x 13, replicate padding): unit 0 = R - (G + B) / 2 at the centre pixel (a 1 x 1 "red" detector);
+    conv1 (25 x 13, zero padding): unit 0 = R - (G + B) / 2 at the centre pixel (a 1 x 1 "red" detector);
     units 1-4 = +-cos and +-sin gratings of period STRIPE_PERIOD along y (Hann-windowed, zero-sum, the same on
     every column) on the luminance (R + G + B) / 3. relu1. conv2 (1 x 1): unit 0 = relu1 unit 0 (red); unit 1 =
     the sum of units 1-4, |cos| + |sin|, the phase-invariant energy of horizontal stripes of that period; unit 2 =
@@ -112,8 +113,7 @@ class DissectNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         rows, cols = 2 * STRIPE_PERIOD + 1, STRIPE_PERIOD + 1
-        self.conv1 = nn.Conv2d(3, 5, (rows, cols), padding=(rows // 2, cols // 2), padding_mode="replicate",
-                               bias=False)
+        self.conv1 = nn.Conv2d(3, 5, (rows, cols), padding=(rows // 2, cols // 2), bias=False)
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(5, 3, 1)
         self.relu2 = nn.ReLU()

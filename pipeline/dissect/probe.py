@@ -26,6 +26,7 @@ from pipeline.store import PROBE_CONCEPTS, PROBE_CONCEPTS_SCHEMA, PROBE_IMAGES, 
 logger = logging.getLogger(__name__)
 
 MAX_MASK_SIDE = 4096
+MAX_CONCEPT = 65535   # what a 16-bit grey mask, or Broden's R + 256 G, can hold
 
 
 class ProbeError(DataError):
@@ -77,8 +78,8 @@ def read_concepts(path: str) -> Concepts:
     categories = table.column("category").to_pylist()
     if len(ids) == 0:
         raise ProbeError(f"{path} lists no concepts")
-    if ids.min() < 1 or ids.max() >= 2**24:
-        raise ProbeError(f"{path}: concept ids must be between 1 and {2**24 - 1} (0 means unlabelled)")
+    if ids.min() < 1 or ids.max() > MAX_CONCEPT:
+        raise ProbeError(f"{path}: concept ids must be between 1 and {MAX_CONCEPT} (0 means unlabelled)")
     if len(np.unique(ids)) != len(ids):
         raise ProbeError(f"{path}: concept ids are not unique")
     if any(not isinstance(c, str) or not c for c in categories) or any(not n for n in names):
@@ -127,12 +128,10 @@ def write_probe(directory: str, concepts: pa.Table, images: pa.Table) -> str:
 
 
 def encode_mask(index: np.ndarray) -> bytes:
-    """A (H, W) integer index mask as PNG: 8-bit grey below 256, else 16-bit grey (ids < 65536)."""
-    if index.max(initial=0) >= 65536:
-        high = index.astype(np.int64)
-        rgb = np.stack([high % 256, high // 256, np.zeros_like(high)], -1).astype(np.uint8)
-        image = Image.fromarray(rgb, "RGB")
-    elif index.max(initial=0) >= 256:
+    """A (H, W) integer index mask as PNG: 8-bit grey below 256, else 16-bit grey (ids up to MAX_CONCEPT)."""
+    if index.min(initial=0) < 0 or index.max(initial=0) > MAX_CONCEPT:
+        raise ValueError(f"mask values must be between 0 and {MAX_CONCEPT}")
+    if index.max(initial=0) >= 256:
         image = Image.fromarray(index.astype(np.uint16))
     else:
         image = Image.fromarray(index.astype(np.uint8), "L")

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.dissect.probe import Probe, open_probe
-from pipeline.dissect.selectivity import label_selectivity, strongest_labels
+from pipeline.dissect.selectivity import fetch_arrow, label_selectivity, strongest_labels
 from pipeline.dissect.tally import ConceptIoU, TopValues, float32_below, top_values_needed
 from pipeline.dissect.worker import DissectWorker, WorkerConfig
 from pipeline.models import ModelConfig, load_model
@@ -292,7 +292,7 @@ def build_labels(run_dir: str) -> pa.Table:
             table = pq.read_table(paths[name]) if os.path.isfile(paths[name]) else schema.empty_table()
             con.register(view, table)
         con.register("strongest", strongest_labels(con))
-        table = con.execute(f"""
+        table = fetch_arrow(con, f"""
             SELECT u.layer, u.unit, t.threshold,
                    CASE WHEN b.iou > {IOU_LABEL_CUTOFF} THEN b.concept END AS concept,
                    CASE WHEN b.iou > {IOU_LABEL_CUTOFF} THEN b.category END AS category,
@@ -307,7 +307,7 @@ def build_labels(run_dir: str) -> pa.Table:
             LEFT JOIN (SELECT * FROM c WHERE rank = 0) b USING (layer, unit)
             LEFT JOIN (SELECT * FROM c WHERE rank = 1) r USING (layer, unit)
             LEFT JOIN strongest s USING (layer, unit)
-            ORDER BY u.layer_index, u.unit""").arrow()
+            ORDER BY u.layer_index, u.unit""")
     except duckdb.Error as error:
         raise RunError(f"cannot build the labels of {run_dir}: {error}") from error
     finally:

@@ -41,7 +41,7 @@ def _layer_rows(con, layer: str, with_maxima: bool) -> pa.Table:
                  FROM a LEFT JOIN hits USING (unit, label))"""
     else:
         rows = "rows AS (SELECT unit, label, hits, CAST(NULL AS DOUBLE) AS auroc FROM hits)"
-    return con.execute(f"""
+    return fetch_arrow(con, f"""
         WITH {precision}, {rows}
         SELECT {name} AS layer, CAST(rows.unit AS INTEGER) AS unit, rows.label,
                rows.hits / k.k AS precision_at_k, CAST(k.k AS INTEGER) AS k, rows.auroc,
@@ -50,7 +50,7 @@ def _layer_rows(con, layer: str, with_maxima: bool) -> pa.Table:
                                        ORDER BY rows.auroc DESC NULLS LAST, rows.hits DESC, rows.label) - 1
                     AS INTEGER) AS rank
         FROM rows JOIN k USING (unit) LEFT JOIN positives USING (label)
-        ORDER BY rows.unit, rank""").arrow()
+        ORDER BY rows.unit, rank""")
 
 
 def label_selectivity(run_dir: str) -> pa.Table:
@@ -70,6 +70,12 @@ def label_selectivity(run_dir: str) -> pa.Table:
 def strongest_labels(con) -> pa.Table:
     """Per live unit, its rank-0 label (layer, unit, label, precision_at_k, auroc), from the `selectivity` and
     `units` views of a connection (pipeline.store.connect)."""
-    return con.execute("""SELECT s.layer, s.unit, s.label, s.precision_at_k, s.auroc
-                          FROM selectivity s JOIN units u USING (layer, unit)
-                          WHERE s.rank = 0 AND NOT u.dead""").arrow()
+    return fetch_arrow(con, """SELECT s.layer, s.unit, s.label, s.precision_at_k, s.auroc
+                               FROM selectivity s JOIN units u USING (layer, unit)
+                               WHERE s.rank = 0 AND NOT u.dead""")
+
+
+def fetch_arrow(con, sql: str) -> pa.Table:
+    """Run `sql` and return an Arrow table (DuckDB 2.x names it to_arrow_table, 1.x fetch_arrow_table)."""
+    relation = con.sql(sql)
+    return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()

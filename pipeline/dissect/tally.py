@@ -74,7 +74,7 @@ class TopValues:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> TopValues:
         top = cls(state["num_units"], state["m"])
-        top._values = torch.as_tensor(state["values"]).float()
+        top._values = torch.tensor(np.array(state["values"], dtype=np.float32))
         top._count = int(state["count"])
         return top
 
@@ -132,7 +132,7 @@ class ConceptIoU:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> ConceptIoU:
         tally = cls(state["num_units"], state["num_concepts"], state["concept_category"])
-        tally._inter = torch.as_tensor(state["inter"]).to(torch.int64)
-        tally._unit_area = torch.as_tensor(state["unit_area"]).to(torch.int64)
-        tally._label_area = torch.as_tensor(state["label_area"]).to(torch.int64)
+        tally._inter = torch.tensor(np.array(state["inter"], dtype=np.int64))
+        tally._unit_area = torch.tensor(np.array(state["unit_area"], dtype=np.int64))
+        tally._label_area = torch.tensor(np.array(state["label_area"], dtype=np.int64))
         return tally

@@ -92,7 +92,7 @@ class DissectWorker:
 
     def set_thresholds(self, thresholds: dict[str, np.ndarray]) -> None:
         """Per layer (U,) float32 thresholds (already rounded down: pipeline.dissect.tally.float32_below)."""
-        self.thresholds = {name: torch.as_tensor(np.asarray(t, dtype=np.float32)).to(self.device)
+        self.thresholds = {name: torch.tensor(np.array(t, dtype=np.float32)).to(self.device)
                            for name, t in thresholds.items()}
 
     @torch.inference_mode()
