@@ -241,3 +241,33 @@ def test_probe_masks_decode_every_encoding():
     buffer = io.BytesIO()
     Image.fromarray(_rgb_mask(np.array([[513, 2]]))).save(buffer, format="PNG")
     assert decode_mask(buffer.getvalue()).tolist() == [[513, 2]]
+
+
+# ----------------------------------------------------------------------------------------------- job files
+
+def test_job_file_dissect_section(tmp_path):
+    from pipeline.cluster.config import ConfigError, parse_config, to_toml
+    from pipeline.cluster.job import prepare_job
+
+    from pipeline.dissect.probe import encode_mask, write_probe
+
+    write_png(str(tmp_path / "data" / "a" / "0.png"), np.zeros((16, 16, 3), np.uint8))
+    probe = write_probe(str(tmp_path / "probe"), pa.table({"concept": pa.array([1], pa.int32()), "name": ["x"],
+                                                          "category": ["c"]}),
+                        pa.table({"image_key": ["k"], "image": [encode_mask(np.zeros((4, 4), int))],
+                                  "mask_height": [4], "mask_width": [4], "mask_categories": [["c"]],
+                                  "masks": [[encode_mask(np.ones((4, 4), int))]], "image_concepts": [[]]}))
+    base = {"job": {"name": "t", "out": str(tmp_path / "run")},
+            "model": {"spec": "module:tiny_models:dissect_net", "image_size": 16, "resize": 16},
+            "data": {"source": str(tmp_path / "data")}, "scan": {"layers": "relu1,relu2"}}
+    config = parse_config(base | {"dissect": {"probe": probe, "layers": ["relu2"]}})
+    assert config.dissect.layers == ["relu2"] and "[dissect]" in to_toml(config)
+    assert parse_config(base).dissect.probe is None  # no section: no dissection
+    with pytest.raises(ConfigError, match="dissect.batch_size"):
+        parse_config(base | {"dissect": {"probe": "p", "batch_size": 0}})
+    with pytest.raises(ConfigError, match="dissect.prob"):
+        parse_config(base | {"dissect": {"prob": "p"}})
+    with pytest.raises(ConfigError, match="dissect.probe"):
+        prepare_job(parse_config(base | {"dissect": {"probe": str(tmp_path / "none")}}))
+    with pytest.raises(ConfigError, match="dissect.layers: conv9"):
+        prepare_job(parse_config(base | {"dissect": {"probe": probe, "layers": ["conv9"]}}))
