@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     site.set_defaults(func=cmd_site)
 
-    query = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima), "
+    query = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima, atlas, "
+                                         "labels, concepts, selectivity), "
                                          "or over a comparison (cmp_units, cmp_layers, a_topk, b_topk, ...)")
     query.add_argument("run")
     query.add_argument("sql")

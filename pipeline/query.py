@@ -1,4 +1,5 @@
-"""`atlas query`: SQL over a run directory with DuckDB views topk, units, images, maxima, or over a comparison
+"""`atlas query`: SQL over a run directory with DuckDB views topk, units, images, maxima, atlas and `atlas dissect`'s
+labels, concepts, selectivity, thresholds, or over a comparison
 (cmp_units, cmp_layers, a_topk, b_topk, ...: pipeline.compare.runner)."""
 from __future__ import annotations
 
