@@ -135,6 +135,15 @@ def test_atlas_dissect_end_to_end_on_ray(ray_cluster, tmp_path):
         "SELECT unit, concept, category, iou, runner_up, data_label, data_label_precision, data_label_auroc, "
         "threshold FROM labels WHERE layer = 'relu2' ORDER BY unit").fetchall()}
     con.close()
+    record = json.load(open(os.path.join(run, "dissect", "dissect.json")))
+    assert record["probe"]["images"] == 110 and record["layers"] == ["relu2"]
+    assert record["labelled_units"] == {"relu2": {"color": 1, "texture": 1}}
+    assert main(["dissect", run, "-q"]) == 0   # selectivity again: the dissection's files and record stay
+    assert json.load(open(os.path.join(run, "dissect", "dissect.json")))["probe"] == record["probe"]
+    con = connect(run)
+    assert con.execute("SELECT concept FROM labels WHERE layer = 'relu2' ORDER BY unit").fetchall() == [
+        ("red",), ("stripes-horizontal-12px",), (None,)]
+    con.close()
     assert labels[0][:2] == ["red", "color"] and labels[0][4:7] == ["red", 1.0, 1.0]
     assert labels[1][:2] == ["stripes-horizontal-12px", "texture"] and labels[1][2] > 0.5
     assert labels[2][:3] == [None, None, None] and labels[2][7] == 0.0

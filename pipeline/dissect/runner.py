@@ -119,6 +119,10 @@ def _dissect(config: DissectConfig) -> dict:
                            "categories": probe.concepts.category_names}
         record["layers"] = [info["name"] for info in layers]
         record["execution"] = execution
+    else:  # the concept tables of an earlier dissection stay: so does what made them
+        previous = _read_record(os.path.join(out, DISSECT_RECORD))
+        if previous.get("probe") and os.path.isfile(os.path.join(out, DISSECT_CONCEPTS)):
+            record.update({key: previous[key] for key in ("probe", "layers", "execution") if key in previous})
     labels = build_labels(config.run)
     record["labelled_units"] = _labelled_counts(labels)
     record["seconds"] = round(time.time() - started, 3)
@@ -316,6 +320,17 @@ def build_labels(run_dir: str) -> pa.Table:
                      schema=DISSECT_LABELS_SCHEMA)
     write_table(table, os.path.join(run_dir, DISSECT, DISSECT_LABELS))
     return table
+
+
+def _read_record(path: str) -> dict:
+    import json
+
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _labelled_counts(labels: pa.Table) -> dict[str, dict[str, int]]:
