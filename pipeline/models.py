@@ -44,6 +44,11 @@ class ModelConfig:
     max_pixels: int | None = None
     max_aspect: float | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """The inverse of dataclasses.asdict, e.g. a run manifest's config.model (JSON lists back to tuples)."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
+
     def __post_init__(self) -> None:
         # Range errors before any model is built (a 10^6-pixel crop would be a 12 TB tensor).
         for name in ("image_size", "resize") + LIMITS:
@@ -231,6 +236,18 @@ def load_model(config: ModelConfig) -> LoadedModel:
         digest = digest or file_sha256(spec)
     return LoadedModel(model=model, preprocess=preprocess, weights_sha256=digest, categories=categories, meta=meta,
                        weights_match=weights_match)
+
+
+
+def load_scanned_model(manifest: dict, run: str, needed_by: str) -> tuple[ModelConfig, LoadedModel]:
+    """The model a run was scanned with, rebuilt from its manifest (the one way every later stage does it); a
+    ModelError when the weights file changed since the scan (sha256 differs), naming the stage that needs it."""
+    config = ModelConfig.from_dict(manifest["config"]["model"])
+    loaded = load_model(config)
+    if manifest.get("model", {}).get("weights_sha256") not in (None, loaded.weights_sha256):
+        raise ModelError(f"the weights of {run} changed since its scan (sha256 differs); {needed_by} needs the "
+                         "scanned weights (re-run the scan)")
+    return config, loaded
 
 
 def _output_classes(model: nn.Module) -> int | None:

@@ -109,8 +109,59 @@ EXPLAIN_METRICS_SCHEMA = pa.schema([
 ])
 
 
+# ---------------------------------------------------------------------------------------------- dissection
+# A probe (docs/dissect.md): PROBE/concepts.parquet and PROBE/images.parquet (or PROBE/images/*.parquet). Masks are
+# PNG index masks (8- or 16-bit grey: the value is the concept id; RGB: id = R + 256 G, Broden's encoding), 0 =
+# unlabelled; an image is annotated for the categories of its masks and of its whole-image concepts.
+PROBE_CONCEPTS = "concepts.parquet"
+PROBE_IMAGES = "images.parquet"
+PROBE_CONCEPTS_SCHEMA = pa.schema([("concept", pa.int32()), ("name", pa.string()), ("category", pa.string())])
+PROBE_IMAGES_SCHEMA = pa.schema([
+    ("image_key", pa.string()), ("image", pa.binary()),
+    ("mask_height", pa.int32()), ("mask_width", pa.int32()),      # every mask of the image has this size
+    ("mask_categories", pa.list_(pa.string())), ("masks", pa.list_(pa.binary())),   # parallel lists
+    ("image_concepts", pa.list_(pa.int32())),                     # concepts covering the whole image
+])
+# RUN/dissect/, written by `atlas dissect` (pipeline.dissect.runner); each file replaced as a whole.
+DISSECT = "dissect"
+DISSECT_RECORD = "dissect.json"          # probe, layers, settings, counts, timings of the last dissection
+DISSECT_CONCEPTS = "concepts.parquet"    # per unit, every concept with IoU > 0, ranked (rank 0 = best)
+DISSECT_SELECTIVITY = "selectivity.parquet"   # per unit and data label: precision of the top-k, AUROC
+DISSECT_LABELS = "labels.parquet"        # one row per scanned unit: its concept label and strongest data label
+DISSECT_THRESHOLDS = "thresholds.parquet"     # per dissected unit: T_k
+# A unit is labelled with its best concept when that concept's IoU exceeds this (Bau et al. 2017).
+IOU_LABEL_CUTOFF = 0.04
+# The activation quantile the unit's mask is cut at: P(a_k > T_k) = TOP_QUANTILE over every probe position.
+TOP_QUANTILE = 0.005
+DISSECT_CONCEPTS_SCHEMA = pa.schema([
+    ("layer", pa.string()), ("unit", pa.int32()), ("concept", pa.string()), ("category", pa.string()),
+    ("iou", pa.float32()), ("rank", pa.int32()),
+    ("intersection", pa.int64()), ("union", pa.int64()),   # summed over the probe images annotated for the category
+])
+DISSECT_THRESHOLDS_SCHEMA = pa.schema([
+    ("layer", pa.string()), ("unit", pa.int32()),
+    ("threshold", pa.float32()),        # T_k rounded down to float32: a > threshold exactly when a > T_k
+])
+DISSECT_SELECTIVITY_SCHEMA = pa.schema([
+    ("layer", pa.string()), ("unit", pa.int32()), ("label", pa.string()),
+    ("precision_at_k", pa.float64()),   # share of the unit's top-k images carrying the label
+    ("k", pa.int32()),                  # the unit's top-k rows
+    ("auroc", pa.float64()),            # per-image maximum separating the label from the rest (--record all)
+    ("positives", pa.int64()),          # readable images with the label
+    ("rank", pa.int32()),               # 0 = the unit's strongest label (AUROC, else precision; ties by label)
+])
+DISSECT_LABELS_SCHEMA = pa.schema([
+    ("layer", pa.string()), ("unit", pa.int32()),
+    ("threshold", pa.float32()),        # T_k (null: the layer was not dissected)
+    ("concept", pa.string()), ("category", pa.string()), ("iou", pa.float32()),   # null unless iou > cut-off
+    ("runner_up", pa.string()), ("runner_up_category", pa.string()), ("runner_up_iou", pa.float32()),
+    ("data_label", pa.string()), ("data_label_precision", pa.float64()), ("data_label_auroc", pa.float64()),
+    ("dead", pa.bool_()),
+])
+
+
 # Directories later stages write into a run (render, explain, site): removed when the scan is redone.
-DERIVED = ("atlas", "explain", "site", "compare")  # compare: `[compare] previous` of a job (pipeline.cluster.job)
+DERIVED = ("atlas", "explain", "site", "compare", "dissect")  # compare: `[compare] previous` of a job (pipeline.cluster.job)
 # Written by `atlas run`: the resolved job configuration and the record of finished stages.
 JOB_TOML = "job.toml"
 JOB_RECORD = "job.json"
@@ -207,6 +258,11 @@ RUN_VIEWS: dict[str, ViewSource] = {
     "explain": ViewSource(EXPLAIN_INDEX, EXPLAIN_INDEX_SCHEMA),
     "explain_summary": ViewSource(EXPLAIN_SUMMARY, EXPLAIN_SUMMARY_SCHEMA),
     "explain_metrics": ViewSource(EXPLAIN_METRICS, EXPLAIN_METRICS_SCHEMA),
+    # `atlas dissect`'s tables (RUN/dissect/<file>); empty with their columns until it has run.
+    "labels": ViewSource(f"{DISSECT}/{DISSECT_LABELS}", DISSECT_LABELS_SCHEMA),
+    "concepts": ViewSource(f"{DISSECT}/{DISSECT_CONCEPTS}", DISSECT_CONCEPTS_SCHEMA),
+    "selectivity": ViewSource(f"{DISSECT}/{DISSECT_SELECTIVITY}", DISSECT_SELECTIVITY_SCHEMA),
+    "thresholds": ViewSource(f"{DISSECT}/{DISSECT_THRESHOLDS}", DISSECT_THRESHOLDS_SCHEMA),
 }
 
 
@@ -256,8 +312,8 @@ def create_views(con, prefix: str, views: dict[str, ViewSource], root: str) -> N
 
 
 def connect(run_dir: str):
-    """A DuckDB connection with the views of RUN_VIEWS (topk, units, images, maxima, atlas, explain, ...) over a
-    complete run's Parquet."""
+    """A DuckDB connection with the views of RUN_VIEWS (topk, units, images, maxima, atlas, explain, `atlas
+    dissect`'s labels, concepts, selectivity and thresholds, ...) over a complete run's Parquet."""
     import duckdb
 
     if read_manifest(run_dir) is None:

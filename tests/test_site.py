@@ -17,7 +17,9 @@ import pytest
 from site_net import DEAD_STEM_UNIT
 from site_run import (
     CLASS_NAMES,
+    MALICIOUS_CATEGORY,
     MALICIOUS_CLASS,
+    MALICIOUS_CONCEPT,
     MALICIOUS_FOLDERS,
     MISSING_IMAGE,
     RENDERED_LAYER,
@@ -153,6 +155,32 @@ def test_data_text_is_escaped(site_run, site):
     # The search index is JSON in a script: no '<' survives, but the label is still there, escaped.
     assert "\\u003cimg src=x onerror=alert(1)\\u003e" in read(os.path.join(site, "search-index.js"))
     assert script_json(["</script><b>&"]) == '["\\u003c/script\\u003e\\u003cb\\u003e\\u0026"]'
+
+
+def test_label_chips_from_atlas_dissect(site_run, site):
+    con = connect(site_run)
+    labelled = con.execute("SELECT layer, unit, concept, category, iou FROM labels WHERE concept IS NOT NULL "
+                           "ORDER BY layer, unit").fetchall()
+    counts = dict(con.execute("SELECT layer, count(*) FROM labels WHERE concept IS NOT NULL GROUP BY layer").fetchall())
+    con.close()
+    assert any(concept == MALICIOUS_CONCEPT for _, _, concept, _, _ in labelled)  # the bright square is detected
+    from markupsafe import escape
+
+    escaped_category = str(escape(MALICIOUS_CATEGORY))
+    pages = [read(p) for p in html_files(site)]
+    assert not any(MALICIOUS_CATEGORY in page or "<svg onload" in page for page in pages)
+    for layer, unit, concept, category, iou in labelled:
+        page = read(os.path.join(site, "units", slug_dir(layer), f"{unit}.html"))
+        chips = re.search(r'<p class="chips" id="unit-labels">(.*?)</p>', page, re.S).group(1)
+        name = str(escape(concept))
+        assert f'<span class="chip">{name}</span>' in chips and f"IoU {iou:.3f}" in chips
+        if category == MALICIOUS_CATEGORY:
+            assert escaped_category in chips
+    for layer, n in counts.items():  # layer pages: a chip per labelled unit and the count per category
+        page = read(os.path.join(site, "layers", f"{slug_dir(layer)}.html"))
+        assert page.count('<span class="chip"') == n and "Units labelled by network dissection" in page
+    index = read(os.path.join(site, "index.html"))
+    assert index.count('class="bars concept-bars"') == len(counts)
 
 
 def test_untrusted_paths_and_layer_names_are_contained(site_run, site, caplog):
@@ -429,6 +457,24 @@ def test_layer_grid_sorts_filters_and_greys_dead_units(browser, site):
     assert DEAD_STEM_UNIT not in visible_units() and len(visible_units()) == 7
     browser.find_element("id", "filter").send_keys("3")
     assert visible_units() == [3]
+
+
+def test_layer_grid_filters_by_concept_category(browser, site_run, site):
+    con = connect(site_run)
+    layer, = con.execute("SELECT layer FROM labels WHERE category = ? GROUP BY layer ORDER BY count(*) DESC LIMIT 1",
+                         [MALICIOUS_CATEGORY]).fetchone()
+    expected = [u for u, in con.execute("SELECT unit FROM labels WHERE layer = ? AND category = ? ORDER BY unit",
+                                        [layer, MALICIOUS_CATEGORY]).fetchall()]
+    con.close()
+    open_page(browser, page_url(os.path.join(site, "layers", f"{slug_dir(layer)}.html")))
+    browser.find_element("id", "filter").send_keys(MALICIOUS_CATEGORY)
+    shown = [int(c.get_attribute("data-unit")) for c in browser.find_elements("css selector", "#grid li")
+             if c.is_displayed()]
+    assert shown == expected and expected
+    chips = [c.text for c in browser.find_elements("css selector", "#grid li .chip") if c.is_displayed()]
+    assert set(chips) == {MALICIOUS_CONCEPT}   # shown as text
+    assert browser.execute_script("return document.querySelectorAll('svg[onload], [onerror]').length") == 0
+    assert browser.execute_script("return window.__alerts") == [] and console_errors(browser) == []
 
 
 def test_screenshots_and_phone_width(browser, site):

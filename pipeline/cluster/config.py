@@ -1,6 +1,7 @@
 """Job configuration: TOML data, validated against typed sections before any work starts.
 
-A job file has the sections ``[job]``, ``[model]``, ``[data]``, ``[scan]``, ``[render]``, ``[site]`` and ``[compare]``
+A job file has the sections ``[job]``, ``[model]``, ``[data]``, ``[scan]``, ``[render]``, ``[site]``, ``[compare]``
+and ``[dissect]``
 (see ``jobs/*.toml`` and docs/jobs.md). Loading checks the *shape* (unknown keys, wrong types, missing
 required keys, values out of range), so a typo is an error with the key's full name and a suggestion;
 `pipeline.cluster.job.prepare_job` then checks what needs the model and the files (weights, data, layers).
@@ -23,9 +24,9 @@ from pipeline.device_decode import DECODES
 from pipeline.ranges import PRECISIONS, check_range
 
 STAGES = ("scan", "render", "site")
-# Order of the stages in a job record: "compare" is not listed in job.stages; it runs after the scan whenever
-# [compare] previous is set.
-RECORD_ORDER = ("scan", "compare", "render", "site")
+# Order of the stages in a job record: "compare" and "dissect" are not listed in job.stages; they run after the scan
+# whenever [compare] previous / [dissect] probe is set.
+RECORD_ORDER = ("scan", "compare", "dissect", "render", "site")
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -185,6 +186,24 @@ class CompareSection:
 
 
 @dataclass(frozen=True)
+class DissectSection:
+    # A probe folder or builtin:colors-textures: after the scan the job runs `atlas dissect RUN --probe PROBE`
+    # (unit labels: network dissection and the data labels' selectivity, docs/dissect.md). Unset: no dissection.
+    probe: str | None = None
+    layers: list[str] | None = None  # default: every scanned layer with a spatial map
+    batch_size: int = 16
+    actors: int | None = None
+    device: str = "auto"
+
+    def check(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"dissect.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.probe is not None and "://" in self.probe:
+            raise ConfigError(f"dissect.probe must be a local probe folder or builtin:NAME, got {self.probe!r}")
+        _check_ranges(self, "dissect", ("batch_size", "actors"))
+
+
+@dataclass(frozen=True)
 class JobConfig:
     job: JobSection
     model: ModelSection
@@ -193,6 +212,7 @@ class JobConfig:
     render: RenderSection = field(default_factory=RenderSection)
     site: SiteSection = field(default_factory=SiteSection)
     compare: CompareSection = field(default_factory=CompareSection)
+    dissect: DissectSection = field(default_factory=DissectSection)
 
     def check(self) -> None:
         for section in dataclasses.fields(self):

@@ -179,8 +179,35 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
             load_run(previous)
         except RunError as error:
             raise ConfigError(f"compare.previous: {error}") from error
+    _check_dissect(config, layers)
     return PreparedJob(config=config, run_dir=run_dir, scan=scan, render=options, site_out=site_out,
                        overrides=tuple(overrides), source=source, run_id=run_id)
+
+
+def _check_dissect(config: JobConfig, layers: list[str]) -> None:
+    """[dissect]: the probe opens (a built-in one is made here) and its layers are scanned ones."""
+    dissect = config.dissect
+    if dissect.probe is None:
+        return
+    from pipeline.dissect.probe import open_probe
+
+    try:
+        open_probe(dissect.probe)
+    except ValueError as error:
+        raise ConfigError(f"dissect.probe: {error}") from error
+    unknown = [name for name in dissect.layers or [] if name not in layers]
+    if unknown:
+        raise ConfigError(f"dissect.layers: {', '.join(unknown)} not among the scanned layers ({', '.join(layers)})")
+
+
+def _dissect(job: PreparedJob, progress: bool) -> None:
+    from pipeline.dissect.runner import DissectConfig, dissect_run
+
+    section = job.config.dissect
+    dissect_run(DissectConfig(run=job.run_dir, probe=section.probe,
+                              layers=",".join(section.layers) if section.layers else None,
+                              batch_size=section.batch_size, address=job.config.job.address, actors=section.actors,
+                              device=section.device, progress=progress))
 
 
 def _check_actors_on_local_machine(config: JobConfig, scan: ScanConfig, render: RenderOptions) -> None:
@@ -335,7 +362,8 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
             manifest = run_scan(replace(job.scan, progress=progress))
             skipped = before is not None and before.get("created") == manifest.get("created")
             if not skipped:
-                record.forget(["compare", "render", "site"])  # a new scan invalidates what was made from the old one
+                # a new scan invalidates what was made from the old one
+                record.forget(["compare", "dissect", "render", "site"])
             scan_fingerprint = manifest["fingerprint"]
             write_resolved(job)
             record.mark("scan", scan_fingerprint, time.time() - t0, skipped)
@@ -351,13 +379,23 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
             previous = os.path.abspath(job.config.compare.previous)
             compare_key = _sha({"scan": scan_fingerprint, "previous": read_manifest(previous).get("fingerprint")})
             _stage(record, "compare", compare_key, lambda: _compare_previous(previous, job.run_dir), push)
+        dissect_key = None
+        if job.config.dissect.probe is not None:
+            from pipeline.dissect.probe import open_probe
+
+            dissect_key = _sha({"scan": scan_fingerprint, "dissect": asdict(job.config.dissect),
+                                "probe": open_probe(job.config.dissect.probe).fingerprint()})
+            _stage(record, "dissect", dissect_key, lambda: _dissect(job, progress), push)
         render_key = _sha({"scan": scan_fingerprint, "render": asdict(job.config.render)})
         if "render" in stages:
             _stage(record, "render", render_key,
                    lambda: render_run(job.run_dir, replace(job.render, progress=progress)), push)
     if "site" in stages:
-        site_key = _sha({"scan": scan_fingerprint, "render": render_key if "render" in stages else None,
-                         "site": asdict(job.config.site)})
+        site_inputs = {"scan": scan_fingerprint, "render": render_key if "render" in stages else None,
+                       "site": asdict(job.config.site)}
+        if dissect_key is not None:  # jobs without a dissection keep the key they had
+            site_inputs["dissect"] = dissect_key
+        site_key = _sha(site_inputs)
         _stage(record, "site", site_key, lambda: build_site(job.run_dir, out=job.site_out, progress=progress),
                push)
     record.data["seconds"] = round(time.time() - started, 3)

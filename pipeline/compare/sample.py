@@ -36,17 +36,14 @@ def choose_sample(keys: list[str], n: int, seed: int) -> list[str]:
 def _model_config(manifest: dict):
     from pipeline.models import ModelConfig
 
-    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"]["model"].items()})
+    return ModelConfig.from_dict(manifest["config"]["model"])
 
 
 def _check_weights(run, config) -> None:
     """The rescan must use the weights the run was made with (same check as `atlas render`)."""
-    from pipeline.models import load_model
+    from pipeline.models import load_scanned_model
 
-    loaded = load_model(config)
-    recorded = run.manifest.get("model", {}).get("weights_sha256")
-    if recorded not in (None, loaded.weights_sha256):
-        raise RunError(f"the weights of {run.path} changed since its scan (sha256 differs); --sample needs them")
+    load_scanned_model(run.manifest, run.path, "atlas compare --sample")
 
 
 def prepare_rescans(a, b) -> dict:

@@ -79,7 +79,7 @@ def explain_run_images(run: str, count: int = 4, keys: list[str] | None = None,
     manifest = read_manifest(run)
     if manifest is None:
         raise RunError(f"{run} is not a complete scan (no manifest.json); run `atlas scan` first")
-    model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"]["model"].items()})
+    model = ModelConfig.from_dict(manifest["config"]["model"])
     explainer = Explainer(ExplainConfig(model=model, methods=tuple(methods), **settings))
     query = "SELECT image_key, source FROM images WHERE status = 'ok'"
     params: list = []

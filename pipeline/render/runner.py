@@ -26,7 +26,7 @@ from PIL import Image
 
 from pipeline.data import resolve_source
 from pipeline.render.fetch import fetch_images
-from pipeline.models import ModelConfig, load_model, output_layer
+from pipeline.models import ModelConfig, load_scanned_model, output_layer
 from pipeline.fileio import atomic_write
 from pipeline.ranges import check_range
 from pipeline.render.worker import (ATLAS, RECONSTRUCTIONS, RenderConfig, RenderResult, RenderTask,
@@ -139,11 +139,8 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
     if unknown:
         raise ValueError(f"layer(s) {', '.join(unknown)} were not recorded in {run_dir}; recorded: "
                          f"{', '.join(recorded)}")
-    model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in manifest["config"]["model"].items()})
-    loaded = load_model(model_config)  # fails early (and on the driver) for a changed or missing model
-    if manifest["model"]["weights_sha256"] not in (None, loaded.weights_sha256):
-        raise RunError("the weights file changed since the scan (sha256 differs); re-run the scan")
+    # fails early (and on the driver) for a changed or missing model
+    model_config, loaded = load_scanned_model(manifest, run_dir, "atlas render")
     logits = output_layer(loaded.model)
     n_classes = getattr(loaded.model.get_submodule(logits), "out_features", None) if logits else None
     run_dir = os.path.abspath(run_dir)

@@ -217,7 +217,8 @@ class _Pages:
         return len(items)
 
     def search_index(self) -> None:
-        entries = [["unit", unit.layer, unit.unit, " ".join(label for label, _ in unit.label_counts()[:3]),
+        entries = [["unit", unit.layer, unit.unit, " ".join([label for label, _ in unit.label_counts()[:3]]
+                                                            + [unit.concept or ""]).strip(),
                     unit_href(layer, unit.unit)]
                    for layer in self.data.layers for unit in layer.units]
         entries += [["layer", layer.name, None, "", f"layers/{layer.slug}.html"] for layer in self.data.layers]

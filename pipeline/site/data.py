@@ -48,6 +48,13 @@ class UnitData:
     top: list[TopImage] = field(default_factory=list)
     featvis: str | None = None
     featvis_act: float | None = None
+    # `atlas dissect`'s row of the labels view (threshold, concept, category, iou, runner_up, runner_up_iou,
+    # data_label, data_label_precision, data_label_auroc), or None when the run was not dissected
+    labels: dict | None = None
+
+    @property
+    def concept(self) -> str | None:
+        return (self.labels or {}).get("concept")
 
     @property
     def thumbnail(self) -> str | None:
@@ -110,6 +117,10 @@ class LayerData:
     def dead(self) -> int:
         return sum(u.dead for u in self.units)
 
+    def concept_counts(self) -> list[tuple[str, int]]:
+        """Units labelled with a concept, per category, most first (NetDissect's per-layer figure)."""
+        return Counter(u.labels["category"] for u in self.units if u.concept).most_common()
+
 
 @dataclass(slots=True)
 class Explanation:
@@ -151,6 +162,7 @@ def load_site_data(run_dir: str) -> SiteData:
     con = connect(run_dir)
     units = _read_units(con)
     _attach_topk(con, units)
+    _attach_labels(con, units)
     atlas = _read_parquet(run_dir, ATLAS_INDEX)
     classvis: dict[tuple[str, int], str] = {}
     if atlas is not None:
@@ -222,6 +234,17 @@ def _attach_topk(con, units: dict[tuple[str, int], UnitData]) -> None:
         target = units.get((layer, unit))
         if target is not None:
             target.top.append(TopImage(rank=rank, image_key=key, label=label, act=act, box=box))
+
+
+def _attach_labels(con, units: dict[tuple[str, int], UnitData]) -> None:
+    """The labels view (`atlas dissect`; empty when the run was not dissected)."""
+    cols = _columns(con, "SELECT layer, unit, threshold, concept, category, iou, runner_up, runner_up_iou, "
+                         "data_label, data_label_precision, data_label_auroc FROM labels")
+    names = [n for n in cols if n not in ("layer", "unit")]
+    for i, key in enumerate(zip(cols["layer"], cols["unit"])):
+        target = units.get(key)
+        if target is not None:
+            target.labels = {name: cols[name][i] for name in names}
 
 
 def _attach_atlas(atlas: dict[str, list], units: dict[tuple[str, int], UnitData],

@@ -29,6 +29,11 @@ MALICIOUS_FOLDERS = {"chelsea": "<img src=x onerror=alert(1)>", "coffee": "<scri
 MALICIOUS_CLASS = "<script>alert(1)</script>"
 CLASS_NAMES = [MALICIOUS_CLASS, "cat & dog", "rocket", "moon", "coins"]
 MISSING_IMAGE = f"atlas/layer={RENDERED_LAYER}/unit=1/overlay_001.png"
+# `atlas dissect` with a probe whose concept name and category are payloads too: the name is the chelsea label's
+# payload, the category one of its own that breaks out of an attribute (the layer grid's data-labels) if unescaped.
+MALICIOUS_CONCEPT = MALICIOUS_FOLDERS["chelsea"]
+MALICIOUS_CATEGORY = '"><svg onload=alert(3)>'
+
 
 
 def malicious_photo_folder(photo_folder: str, destination: str) -> str:
@@ -55,7 +60,43 @@ def make_site_run(photos: str, run: str) -> str:
     write_json(manifest, manifest_path)
     _add_visualizations(run)
     _add_explanations(run, photos)
+    _add_dissection(run)
     return run
+
+
+def _add_dissection(run: str) -> None:
+    """A real `atlas dissect` (on the session's Ray) with a 16-image probe: a dark square (concept
+    MALICIOUS_CONCEPT, category MALICIOUS_CATEGORY: some units of the site net detect it) and a bright one
+    ('cat & dog', colour) on faint noise."""
+    from pipeline.dissect.probe import encode_mask, write_probe
+    from pipeline.dissect.runner import DissectConfig, dissect_run
+
+    rng = np.random.default_rng(0)
+    rows: dict[str, list] = {n: [] for n in ("image_key", "image", "mask_height", "mask_width", "mask_categories",
+                                             "masks", "image_concepts")}
+    for i in range(16):
+        image = rng.integers(100, 140, (32, 32, 3))
+        bright, dark = np.zeros((32, 32), int), np.zeros((32, 32), int)
+        y, x = rng.integers(0, 26, 2)
+        image[y:y + 6, x:x + 6], bright[y:y + 6, x:x + 6] = 250, 2
+        y, x = rng.integers(0, 26, 2)
+        image[y:y + 6, x:x + 6], dark[y:y + 6, x:x + 6] = 5, 1
+        for name, value in (("image_key", f"p{i}"), ("image", encode_png(image)), ("mask_height", 32),
+                            ("mask_width", 32), ("mask_categories", [MALICIOUS_CATEGORY, "colour"]),
+                            ("masks", [encode_mask(dark), encode_mask(bright)]), ("image_concepts", [])):
+            rows[name].append(value)
+    concepts = pa.table({"concept": pa.array([1, 2], pa.int32()), "name": [MALICIOUS_CONCEPT, "cat & dog"],
+                         "category": [MALICIOUS_CATEGORY, "colour"]})
+    probe = write_probe(os.path.join(os.path.dirname(run), "probe"), concepts, pa.table(rows))
+    dissect_run(DissectConfig(run=run, probe=probe, actors=1, progress=False))
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _add_visualizations(run: str) -> None:

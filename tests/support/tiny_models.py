@@ -94,3 +94,51 @@ class TinyVGG(nn.Module):
 
 def tiny_vgg() -> nn.Module:
     return TinyVGG()
+
+
+STRIPE_PERIOD = 12  # pixels: the period DissectNet's stripe unit is tuned to
+
+
+class DissectNet(nn.Module):
+    """Hand-weighted detectors for tests/test_dissect.py (inputs centred on mid-grey: mean 0.5, std 1, so the
+    zero padding is grey and flat grey gives 0).
+
+    conv1 (25 x 13, zero padding): unit 0 = R - (G + B) / 2 at the centre pixel (a 1 x 1 "red" detector);
+    units 1-4 = +-cos and +-sin gratings of period STRIPE_PERIOD along y (Hann-windowed, zero-sum, the same on
+    every column) on the luminance (R + G + B) / 3. relu1. conv2 (1 x 1): unit 0 = relu1 unit 0 (red); unit 1 =
+    the sum of units 1-4, |cos| + |sin|, the phase-invariant energy of horizontal stripes of that period; unit 2 =
+    minus everything minus 1, which never fires after relu2.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        rows, cols = 2 * STRIPE_PERIOD + 1, STRIPE_PERIOD + 1
+        self.conv1 = nn.Conv2d(3, 5, (rows, cols), padding=(rows // 2, cols // 2), bias=False)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(5, 3, 1)
+        self.relu2 = nn.ReLU()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+        y = torch.arange(rows, dtype=torch.float64) - rows // 2
+        window = 0.5 + 0.5 * torch.cos(torch.pi * y / (rows // 2 + 1))
+        cos = torch.cos(2 * torch.pi * y / STRIPE_PERIOD) * window
+        cos = cos - cos.mean() * window / window.mean()  # zero sum: flat regions give 0
+        sin = torch.sin(2 * torch.pi * y / STRIPE_PERIOD) * window
+        scale = 1.0 / (cols * cos.abs().sum())
+        with torch.no_grad():
+            self.conv1.weight.zero_()
+            self.conv1.weight[0, :, rows // 2, cols // 2] = torch.tensor([1.0, -0.5, -0.5])
+            for unit, grating in ((1, cos), (2, -cos), (3, sin), (4, -sin)):
+                self.conv1.weight[unit] = (grating * scale / 3).float().view(1, rows, 1).expand(3, rows, cols)
+            self.conv2.weight.zero_()
+            self.conv2.bias.zero_()
+            self.conv2.weight[0, 0] = 1.0
+            self.conv2.weight[1, 1:] = 1.0
+            self.conv2.weight[2] = -1.0
+            self.conv2.bias[2] = -1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
+
+
+def dissect_net() -> nn.Module:
+    return DissectNet()
