@@ -103,14 +103,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from pipeline.render.runner import RenderOptions, parse_units, render_run
+    from pipeline.render.plan import requested
+    from pipeline.render.runner import RenderOptions, render_run
     from pipeline.render.worker import VisSettings
 
-    layers = tuple(name.strip() for name in args.layers.split(",")) if args.layers else None
-    units, classes = parse_units(args.units), parse_units(args.classes)
+    layers = [name.strip() for name in args.layers.split(",")] if args.layers else None
     index = render_run(args.run, RenderOptions(
-        layers=layers, units=frozenset(units) if units is not None else None,
-        classes=frozenset(classes) if classes is not None else None,
+        **requested(layers, args.units, args.classes, args.pictures),
         vis=VisSettings(preset=args.preset, steps=args.steps, size=args.size, seed=args.seed,
                         objective=args.objective),
         featvis=not args.no_featvis, views=not args.no_views, units_per_task=args.units_per_task,
@@ -360,10 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="per-unit top-k crops, heat overlays, deconvnet reconstructions, "
                                            "feature visualizations; class visualizations of the output layer")
     render.add_argument("run")
-    render.add_argument("--layers", help="comma-separated recorded layers (default: all recorded)")
-    render.add_argument("--units", help="units like 0-7,12 (default: all live units)")
-    render.add_argument("--classes", default="all", help="output-layer classes to visualize: all (default), "
-                                                         "none, or numbers like 0-9,207")
+    render.add_argument("--layers", help="comma-separated layers: render every live unit of them (or --units of "
+                                         "them) and nothing else; naming the output layer asks for its classes")
+    render.add_argument("--units", help="units like 0-7,12, or all (every live unit of --layers, default every "
+                                        "recorded layer)")
+    render.add_argument("--classes", help="output-layer classes to visualize: all, none or like 0-9,207 (default: "
+                                          "the output layer's --units when --layers names it, else none)")
+    render.add_argument("--pictures", type=int, help="top-N crops and heat overlays of every live unit of every "
+                                                     "recorded layer (default 4 when nothing is named, else 0)")
     render.add_argument("--preset", default="lucid", choices=tuple(PRESETS),
                         help="feature-visualization regularizers (default lucid)")
     render.add_argument("--steps", type=int, help="gradient-ascent steps (default: the preset's, 128)")

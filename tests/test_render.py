@@ -187,3 +187,79 @@ def test_a_render_actor_killed_midway_changes_nothing(scanned, tmp_path):
         pa, pb = (np.asarray(Image.open(os.path.join(run, row["path"])), dtype=np.int16)
                   for run, row in ((runs["reference"], a), (runs["killed"], b)))
         assert np.abs(pa - pb).max() <= 4, a["path"]
+
+
+def _fresh_copy(scanned: str, path) -> str:
+    import shutil
+
+    shutil.copytree(scanned, str(path), ignore=shutil.ignore_patterns("atlas", ".atlas-lock"))
+    return str(path)
+
+
+def test_cli_renders_what_it_names_and_says_its_plan_first(scanned, tmp_path, caplog):
+    """Issue 15: `--layers L --units U` renders those units and no class visualization; `--classes` adds
+    them; the plan (per kind) is logged before the work and an estimate after the first task."""
+    import logging
+
+    run = _fresh_copy(scanned, tmp_path / "run")
+    caplog.set_level(logging.INFO, logger="pipeline")
+    assert main(["render", run, "--layers", "down", "--units", "0-1", "--steps", "8", "--size", "32", "-q"]) == 0
+    rows = index_rows(run)
+    assert {(r["layer"], r["unit"]) for r in rows} == {("down", 0), ("down", 1)}
+    assert {r["kind"] for r in rows} == VIEW_KINDS | {"featvis"}
+    messages = [r.getMessage() for r in caplog.records]
+    plan = [m for m in messages if m.startswith("render plan:")]
+    assert plan[0] == ("render plan: every top image's crop, overlay, deconvnet and guided backprop: "
+                       "2 unit(s) (down 0-1)")
+    assert "render plan: feature visualizations: 2 unit(s) (down 0-1)" in plan
+    assert not any("class visualizations of" in m for m in plan)
+    first_estimate = next(i for i, m in enumerate(messages) if m.startswith("render estimate:"))
+    assert first_estimate > messages.index(plan[-1])
+    assert main(["render", run, "--classes", "3", "--steps", "8", "--size", "32", "-q"]) == 0
+    rows = index_rows(run)
+    assert {(r["layer"], r["unit"]) for r in rows if r["kind"] == "classvis"} == {("head.2", 3)}
+    assert {(r["layer"], r["unit"]) for r in rows if r["kind"] != "classvis"} == {("down", 0), ("down", 1)}
+
+
+def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
+    """`atlas render RUN` naming nothing: the top crops and heat overlays of every live unit of every recorded
+    layer, nothing costly. Crops are the originals cut at the recorded boxes; an overlay is the same picture
+    the full render draws for that unit and image (there the map comes from the deconvnet's forward pass)."""
+    from pipeline.render.plan import DEFAULT_PICTURES
+
+    run = _fresh_copy(scanned, tmp_path / "pictures")
+    assert main(["render", run, "-q"]) == 0
+    rows = index_rows(run)
+    con = connect(run)
+    live = con.execute("SELECT layer, unit FROM units WHERE NOT dead").fetchall()
+    top = min(DEFAULT_PICTURES, 3)
+    crops = {(r["layer"], r["unit"], r["rank"]) for r in rows if r["kind"] == "crop"}
+    assert crops == {(layer, unit, rank) for layer, unit in live for rank in range(top)}
+    overlays = {(r["layer"], r["unit"], r["rank"]) for r in rows if r["kind"] == "overlay"}
+    assert overlays == {c for c in crops if c[0] != "head.2"}  # the logits' 1x1 maps: a crop only
+    assert {r["kind"] for r in rows} == {"crop", "overlay"}
+    photo = read_topk(run, "relu")
+    for r in (r for r in rows if r["kind"] == "crop" and r["layer"] == "relu"):
+        t = photo[r["unit"], r["rank"]]
+        original = np.asarray(Image.open(os.path.join(_photos(run), t["image_key"])).convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(run, r["path"]))),
+                                      original[t["box_y0"]:t["box_y1"], t["box_x0"]:t["box_x1"]])
+    full = _fresh_copy(scanned, tmp_path / "full")
+    render_run(full, RenderOptions(layers=("down", "relu"), units=frozenset({0, 3}), featvis=False, progress=False))
+    for layer in ("down", "relu"):
+        for unit in (0, 3):
+            for rank in range(top):
+                path = unit_file(layer, unit, "overlay", rank)
+                assert np.array_equal(np.asarray(Image.open(os.path.join(run, path))),
+                                      np.asarray(Image.open(os.path.join(full, path)))), path
+    # A second default render finds every picture present and draws nothing.
+    stamp = {r["path"]: os.path.getmtime(os.path.join(run, r["path"])) for r in rows}
+    assert main(["render", run, "-q"]) == 0
+    assert all(os.path.getmtime(os.path.join(run, p)) == m for p, m in stamp.items())
+
+
+def _photos(run: str) -> str:
+    import json
+
+    with open(os.path.join(run, "manifest.json")) as handle:
+        return json.load(handle)["config"]["data"]

@@ -24,7 +24,8 @@ from pipeline.data import DataError, resolve_source
 from pipeline.models import ModelConfig, ModelError, load_model, resolve_layers
 from pipeline.cluster.remote import (OutLease, RunMirror, cache_dir, check_run_id, fetch_file, is_published, is_url, publish,
                              run_url)
-from pipeline.render.runner import RenderOptions, parse_units
+from pipeline.render.plan import requested
+from pipeline.render.runner import RenderOptions
 from pipeline.render.worker import VisSettings
 from pipeline.scan.runner import ScanConfig
 from pipeline.fileio import atomic_write
@@ -150,7 +151,7 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
             raise ConfigError(f"render.layers: {', '.join(unknown)} not among the scanned layers "
                               f"({', '.join(layers)})")
     try:
-        units, classes = parse_units(render.units), parse_units(render.classes)
+        selection = requested(render.layers, render.units, render.classes, render.pictures)
     except ValueError as error:
         raise ConfigError(f"render.units/classes: {error}") from error
     data = _resolve_data(config, run_dir)
@@ -161,9 +162,7 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
                       precision=config.scan.precision, channels_last=config.scan.channels_last,
                       stall_seconds=config.scan.stall_seconds)
     options = RenderOptions(
-        layers=tuple(render.layers) if render.layers is not None else None,
-        units=frozenset(units) if units is not None else None,
-        classes=frozenset(classes) if classes is not None else None,
+        **selection,
         vis=VisSettings(preset=render.preset, steps=render.steps, size=render.size, seed=render.seed,
                         objective=render.objective),
         featvis=render.featvis, views=render.views, units_per_task=render.units_per_task,

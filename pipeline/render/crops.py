@@ -37,17 +37,25 @@ def heat_in_original(feature_map: torch.Tensor, preprocess: Preprocess, width: i
 
     Pixels the centre crop cut away (never seen by the network) are 0.
     """
+    return heat_maps_in_original(feature_map[None], preprocess, width, height)[0]
+
+
+def heat_maps_in_original(feature_maps: torch.Tensor, preprocess: Preprocess, width: int,
+                          height: int) -> np.ndarray:
+    """`heat_in_original` of U maps (U, h, w) of one image at once: (U, height, width), each scaled to [0, 1]
+    by its own peak (bilinear resizing treats channels independently, so each equals the one-map result)."""
     size = preprocess.image_size
-    heat = F.interpolate(feature_map[None, None].float(), size=(size, size), mode="bilinear",
-                         align_corners=False)[0, 0].clamp(min=0)
-    peak = float(heat.max())
-    heat = heat / peak if peak > 0 else heat
+    count = feature_maps.shape[0]
+    heat = F.interpolate(feature_maps[:, None].float(), size=(size, size), mode="bilinear",
+                         align_corners=False)[:, 0].clamp(min=0)
+    peak = heat.reshape(count, -1).amax(dim=1).view(count, 1, 1)
+    heat = torch.where(peak > 0, heat / torch.where(peak > 0, peak, torch.ones_like(peak)), heat)
     new_w, new_h = preprocess.resized_size(width, height)
     left, top = preprocess.crop_origin(new_w, new_h)
-    canvas = torch.zeros(new_h, new_w)
-    canvas[top:top + size, left:left + size] = heat
-    original = F.interpolate(canvas[None, None], size=(height, width), mode="bilinear", align_corners=False)
-    return original[0, 0].clamp(0, 1).numpy()
+    canvas = torch.zeros(count, new_h, new_w)
+    canvas[:, top:top + size, left:left + size] = heat
+    original = F.interpolate(canvas[:, None], size=(height, width), mode="bilinear", align_corners=False)
+    return original[:, 0].clamp(0, 1).numpy()
 
 
 def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
