@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from pipeline.render.crops import crop_box, heat_maps_in_original, open_rgb, overlay
+from pipeline.render.crops import crop_box, heat_in_box, open_rgb, overlay
 from pipeline.render.files import PHOTO_PNG_LEVEL, png_bytes, unit_file
 
 # Distinct images per picture task: a forward pass of this batch through the network up to the deepest
@@ -89,13 +89,14 @@ def render_pictures(task: PictureTask, extract, normalise, preprocess) -> dict[s
                 crops[view.box] = crop_box(original, view.box)
                 encoded[view.box] = png_bytes(crops[view.box], compress_level=PHOTO_PNG_LEVEL)
             files[unit_file(view.layer, view.unit, "crop", view.rank)] = encoded[view.box]
-        for layer in sorted({v.layer for v in views if v.overlay}):
-            wanted = [v for v in views if v.overlay and v.layer == layer]
+        groups: dict[tuple[str, tuple[int, int, int, int]], list[PictureView]] = {}
+        for view in views:  # units of a layer whose boxes coincide share one resize
+            if view.overlay:
+                groups.setdefault((view.layer, view.box), []).append(view)
+        for (layer, box), wanted in groups.items():
             units = torch.tensor([v.unit for v in wanted])
-            heats = heat_maps_in_original(maps[layer][position[key]][units], preprocess, original.width,
-                                          original.height)
+            heats = heat_in_box(maps[layer][position[key]][units], preprocess, original.width, original.height, box)
             for view, heat in zip(wanted, heats):
-                x0, y0, x1, y1 = view.box
                 files[unit_file(view.layer, view.unit, "overlay", view.rank)] = png_bytes(
-                    overlay(crops[view.box], heat[y0:y1, x0:x1]), compress_level=PHOTO_PNG_LEVEL)
+                    overlay(crops[view.box], heat), compress_level=PHOTO_PNG_LEVEL)
     return files

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from pipeline.determinism import deterministic_on
-from pipeline.render.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
+from pipeline.render.crops import crop_box, heat_in_box, open_rgb, overlay, reconstruction_image
 from pipeline.render.deconv import Deconvnet, GuidedBackprop
 from pipeline.models import ModelConfig, feature_extractor, load_model
 from pipeline.optvis.objectives import UNIT_OBJECTIVES
@@ -156,9 +156,8 @@ class UnitRenderer:
                 recons[kind] = recon.cpu()
             maps = maps.cpu()
             for i, view in enumerate(chunk):
-                x0, y0, x1, y1 = view.box
                 crop = crop_box(open_rgb(task.images[view.image_key]), view.box)
-                heat = heat_in_original(maps[i], pp, view.width, view.height)[y0:y1, x0:x1]
+                heat = heat_in_box(maps[i][None], pp, view.width, view.height, view.box)[0]
                 fy0, fx0, fy1, fx1 = receptive.box(view.y, view.x, (size, size))
                 path = lambda kind: unit_file(task.layer, view.unit, kind, view.rank)  # noqa: E731, B023
                 files[path("crop")] = png_bytes(crop, compress_level=PHOTO_PNG_LEVEL)
