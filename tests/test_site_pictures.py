@@ -87,7 +87,7 @@ def test_the_index_charts_each_layer(pictures_site):
     atlas = con.execute("SELECT count(*) FILTER (WHERE featvis_act > top1_act), count(*) FROM atlas "
                         "WHERE kind = 'featvis'").fetchone()
     assert f"{atlas[0]} of {atlas[1]} visualizations above their top-1 image" in html and atlas[1] == 4
-    assert html.count("visualizations above their top-1 image (") == 1  # only the rendered layer
+    assert html.count("<figcaption>feature visualizations above") == 1  # only the rendered layer
 
 
 def test_charts_count_like_numpy_and_escape_their_text():
