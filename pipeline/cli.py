@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--classes", help="output-layer classes to visualize: all, none or like 0-9,207 (default: "
                                           "the output layer's --units when --layers names it, else none)")
     render.add_argument("--pictures", type=int, help="top-N crops and heat overlays of every live unit of every "
-                                                     "recorded layer (default 4 when nothing is named, else 0)")
+                                                     "recorded layer (default 1 when nothing is named, else 0)")
     render.add_argument("--preset", default="lucid", choices=tuple(PRESETS),
                         help="feature-visualization regularizers (default lucid)")
     render.add_argument("--steps", type=int, help="gradient-ascent steps (default: the preset's, 128)")

@@ -222,24 +222,30 @@ def test_cli_renders_what_it_names_and_says_its_plan_first(scanned, tmp_path, ca
 
 
 def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
-    """`atlas render RUN` naming nothing: the top crops and heat overlays of every live unit of every recorded
-    layer, nothing costly. Crops are the originals cut at the recorded boxes; an overlay is the same picture
-    the full render draws for that unit and image (there the map comes from the deconvnet's forward pass)."""
+    """`atlas render RUN` naming nothing: the top crop and heat overlay of every live unit of every recorded
+    layer, nothing costly; `--pictures 3` adds ranks 1-2 and leaves rank 0 alone. Crops are the originals cut at
+    the recorded boxes; an overlay is the same picture the full render draws for that unit and image (there the
+    map comes from the deconvnet's forward pass of that image alone)."""
     from pipeline.render.plan import DEFAULT_PICTURES
 
     run = _fresh_copy(scanned, tmp_path / "pictures")
-    assert main(["render", run, "-q"]) == 0
-    rows = index_rows(run)
     con = connect(run)
     live = con.execute("SELECT layer, unit FROM units WHERE NOT dead").fetchall()
-    top = min(DEFAULT_PICTURES, 3)
-    crops = {(r["layer"], r["unit"], r["rank"]) for r in rows if r["kind"] == "crop"}
-    assert crops == {(layer, unit, rank) for layer, unit in live for rank in range(top)}
-    overlays = {(r["layer"], r["unit"], r["rank"]) for r in rows if r["kind"] == "overlay"}
-    assert overlays == {c for c in crops if c[0] != "head.2"}  # the logits' 1x1 maps: a crop only
-    assert {r["kind"] for r in rows} == {"crop", "overlay"}
+
+    def drawn(kind: str) -> set[tuple[str, int, int]]:
+        return {(r["layer"], r["unit"], r["rank"]) for r in index_rows(run) if r["kind"] == kind}
+
+    assert main(["render", run, "-q"]) == 0
+    assert {r["kind"] for r in index_rows(run)} == {"crop", "overlay"}
+    assert drawn("crop") == {(layer, unit, rank) for layer, unit in live for rank in range(DEFAULT_PICTURES)}
+    stamp = {r["path"]: os.path.getmtime(os.path.join(run, r["path"])) for r in index_rows(run)}
+    assert main(["render", run, "--pictures", "3", "-q"]) == 0
+    assert all(os.path.getmtime(os.path.join(run, p)) == m for p, m in stamp.items())  # not drawn again
+    crops = drawn("crop")
+    assert crops == {(layer, unit, rank) for layer, unit in live for rank in range(3)}
+    assert drawn("overlay") == {c for c in crops if c[0] != "head.2"}  # the logits' 1x1 maps: a crop only
     photo = read_topk(run, "relu")
-    for r in (r for r in rows if r["kind"] == "crop" and r["layer"] == "relu"):
+    for r in (r for r in index_rows(run) if r["kind"] == "crop" and r["layer"] == "relu"):
         t = photo[r["unit"], r["rank"]]
         original = np.asarray(Image.open(os.path.join(_photos(run), t["image_key"])).convert("RGB"))
         np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(run, r["path"]))),
@@ -248,14 +254,10 @@ def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
     render_run(full, RenderOptions(layers=("down", "relu"), units=frozenset({0, 3}), featvis=False, progress=False))
     for layer in ("down", "relu"):
         for unit in (0, 3):
-            for rank in range(top):
+            for rank in range(3):
                 path = unit_file(layer, unit, "overlay", rank)
                 assert np.array_equal(np.asarray(Image.open(os.path.join(run, path))),
                                       np.asarray(Image.open(os.path.join(full, path)))), path
-    # A second default render finds every picture present and draws nothing.
-    stamp = {r["path"]: os.path.getmtime(os.path.join(run, r["path"])) for r in rows}
-    assert main(["render", run, "-q"]) == 0
-    assert all(os.path.getmtime(os.path.join(run, p)) == m for p, m in stamp.items())
 
 
 def _photos(run: str) -> str:

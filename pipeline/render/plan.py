@@ -23,7 +23,7 @@ from pipeline.render.worker import VisSettings
 ALL = "all"
 # Top images per unit drawn as pictures by default: the thumbnail (rank 0) and a few more for the unit page.
 # Measured in docs/rendering.md ("A picture for every unit").
-DEFAULT_PICTURES = 4
+DEFAULT_PICTURES = 1
 
 
 @dataclass(frozen=True)
