@@ -257,6 +257,7 @@ def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: lis
         idle = list(actors)
         layer_images: tuple[str | None, dict[str, bytes]] = (None, {})
         picture_images: dict[str, bytes] = {}
+        picture_keys: set[str] = set()  # asked for in the current read (a key that could not be read stays missing)
         queue = list(tasks)
         remaining: dict[str, int] = {}
         for queued in tasks:
@@ -273,8 +274,8 @@ def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: lis
                     queued = queue.pop(0)
                     task = queued.task
                     if isinstance(task, PictureTask) and not task.images:
-                        if any(key not in picture_images for key in task.image_keys):
-                            picture_images = _fetch_pictures(run_dir, source, task, queue)
+                        if any(key not in picture_keys for key in task.image_keys):
+                            picture_keys, picture_images = _fetch_pictures(run_dir, source, task, queue)
                         task.images = {k: picture_images[k] for k in task.image_keys if k in picture_images}
                     elif isinstance(task, RenderTask) and task.views and not task.images:
                         if layer_images[0] != task.layer:  # one pass over the data per layer
@@ -351,15 +352,17 @@ def _fetch_for(run_dir: str, source, image_keys: list[str]) -> dict[str, bytes]:
     return images
 
 
-def _fetch_pictures(run_dir: str, source, task: PictureTask, queue: list[_Queued]) -> dict[str, bytes]:
-    """The images of `task` and of the picture tasks queued after it, up to FETCH_IMAGES, in one read."""
+def _fetch_pictures(run_dir: str, source, task: PictureTask,
+                    queue: list[_Queued]) -> tuple[set[str], dict[str, bytes]]:
+    """The images of `task` and of the picture tasks queued after it, up to FETCH_IMAGES, in one read:
+    (the keys asked for, the bytes of those that could be read)."""
     keys = list(task.image_keys)
     for queued in queue:
         if len(keys) >= FETCH_IMAGES:
             break
         if isinstance(queued.task, PictureTask):
             keys += queued.task.image_keys
-    return _fetch_for(run_dir, source, keys)
+    return set(keys), _fetch_for(run_dir, source, keys)
 
 
 def build_index(run_dir: str) -> pa.Table:
