@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -203,7 +204,8 @@ def test_cli_renders_what_it_names_and_says_its_plan_first(scanned, tmp_path, ca
 
     run = _fresh_copy(scanned, tmp_path / "run")
     caplog.set_level(logging.INFO, logger="pipeline")
-    assert main(["render", run, "--layers", "down", "--units", "0-1", "--steps", "8", "--size", "32", "-q"]) == 0
+    assert main(["render", run, "--layers", "down", "--units", "0-1", "--steps", "8", "--size", "32",
+                 "--units-per-task", "1", "-q"]) == 0
     rows = index_rows(run)
     assert {(r["layer"], r["unit"]) for r in rows} == {("down", 0), ("down", 1)}
     assert {r["kind"] for r in rows} == VIEW_KINDS | {"featvis"}
@@ -213,8 +215,10 @@ def test_cli_renders_what_it_names_and_says_its_plan_first(scanned, tmp_path, ca
                        "2 unit(s) (down 0-1)")
     assert "render plan: feature visualizations: 2 unit(s) (down 0-1)" in plan
     assert not any("class visualizations of" in m for m in plan)
-    first_estimate = next(i for i, m in enumerate(messages) if m.startswith("render estimate:"))
-    assert first_estimate > messages.index(plan[-1])
+    estimates = [i for i, m in enumerate(messages) if m.startswith("render estimate:")]
+    assert len(estimates) == 1 and estimates[0] > messages.index(plan[-1])  # after the first of two tasks
+    assert re.fullmatch(r"render estimate: about \d+ s left \(the first units task: 1 units in [\d.]+ s\)",
+                        messages[estimates[0]]), messages[estimates[0]]
     assert main(["render", run, "--classes", "3", "--steps", "8", "--size", "32", "-q"]) == 0
     rows = index_rows(run)
     assert {(r["layer"], r["unit"]) for r in rows if r["kind"] == "classvis"} == {("head.2", 3)}

@@ -307,7 +307,7 @@ def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: lis
                     _save(os.path.join(run_dir, relative), data)
                 queued.task.images = {}  # sent and done: free the bytes
                 remaining[queued.kind] -= queued.work
-                if estimate.add(queued.kind, queued.work, progress - started):
+                if estimate.add(queued.kind, queued.work, progress - started) and any(remaining.values()):
                     _log_estimate(estimate, remaining, len(actors), queued)
                 bar.update(1)
         finally:
