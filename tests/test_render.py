@@ -269,3 +269,29 @@ def _photos(run: str) -> str:
 
     with open(os.path.join(run, "manifest.json")) as handle:
         return json.load(handle)["config"]["data"]
+
+
+def test_a_picture_whose_photo_is_gone_is_skipped(scanned, tmp_path, caplog):
+    """A top image that can no longer be read back costs its own pictures (one warning), not the render."""
+    import json
+    import logging
+    import shutil
+
+    from pipeline.store import write_json
+
+    run = _fresh_copy(scanned, tmp_path / "run")
+    photos = shutil.copytree(_photos(run), str(tmp_path / "photos"))
+    with open(os.path.join(run, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    manifest["config"]["data"] = photos
+    write_json(manifest, os.path.join(run, "manifest.json"))
+    gone = read_topk(run, "relu")[0, 0]["image_key"]
+    os.remove(os.path.join(photos, gone))
+    caplog.set_level(logging.WARNING, logger="pipeline")
+    render_run(run, RenderOptions(units=frozenset(), pictures=1, progress=False))
+    wanted = connect(run).execute("SELECT layer, unit, image_key FROM topk JOIN units USING (layer, unit) "
+                                  "WHERE rank = 0 AND NOT dead").fetchall()
+    crops = {(r["layer"], r["unit"]) for r in index_rows(run) if r["kind"] == "crop"}
+    assert crops == {(layer, unit) for layer, unit, key in wanted if key != gone} and len(crops) < len(wanted)
+    assert [r.getMessage() for r in caplog.records if "could not be read back" in r.getMessage()] == [
+        "1 top-k image(s) could not be read back from the data; their views are skipped"]
