@@ -17,6 +17,7 @@ from pipeline.explain.images import explain_run_images
 from pipeline.models import ModelConfig
 from pipeline.query import format_result, run_query
 from pipeline.ray_session import ray_session
+from pipeline.render.plan import DEFAULT_PICTURES
 from pipeline.render.runner import RenderOptions, render_run
 from pipeline.render.worker import VisSettings
 from pipeline.scan.runner import ScanConfig, run_scan
@@ -65,18 +66,24 @@ def _run_demo(out: str, images: int, overwrite: bool, progress: bool) -> int:
     print("\nUnits per layer (atlas query):\n" + format_result(columns, rows, "table"))
     columns, rows = run_query(out, TOP_QUERY)
     print("Top images of features.14 unit 7:\n" + format_result(columns, rows, "table"))
-    # Rendering every unit of every layer is a long job (see docs/rendering.md); the demo renders the first units of two
-    # layers and the classes the photos score highest, with fewer gradient-ascent steps than the default.
+    # Every unit gets its top photo crop and heat overlay (cheap: one forward pass per photo); the costly kinds
+    # (reconstructions of every top image, feature visualizations) go to the first units of two layers, and
+    # class visualizations to the classes the photos score highest, with fewer gradient-ascent steps than the
+    # default (a full atlas of every unit is a long job: docs/rendering.md).
     vis = VisSettings(steps=DEMO_STEPS)
     top_classes = [unit for (unit,) in connect(out).execute(
         f"SELECT unit FROM units WHERE layer = '{DEMO_OUTPUT_LAYER}' ORDER BY max DESC LIMIT {DEMO_CLASSES}").fetchall()]
     render_run(out, RenderOptions(layers=DEMO_RENDER_LAYERS, units=frozenset(range(DEMO_RENDER_UNITS)),
-                                  classes=frozenset(top_classes), vis=vis, progress=progress))
-    index = render_run(out, RenderOptions(layers=(DEMO_OUTPUT_LAYER,), units=frozenset(top_classes),
-                                          classes=frozenset(top_classes), vis=vis, progress=progress))
-    print(f"\nRendered {index.num_rows} atlas images: top-k crops, heat overlays, deconvnet reconstructions and "
-          f"feature visualizations for units 0-{DEMO_RENDER_UNITS - 1} of {', '.join(DEMO_RENDER_LAYERS)}; "
-          f"class visualizations of the {DEMO_CLASSES} classes the photos score highest.")
+                                  pictures=DEFAULT_PICTURES, vis=vis, progress=progress))
+    # Naming the output layer renders its units' views and their class visualizations.
+    index = render_run(out, RenderOptions(layers=(DEMO_OUTPUT_LAYER,), units=frozenset(top_classes), vis=vis,
+                                          progress=progress))
+    pictures = sum(1 for kind, rank in zip(index.column("kind").to_pylist(), index.column("rank").to_pylist())
+                   if kind == "crop" and rank == 0)
+    print(f"\nRendered {index.num_rows} atlas images: the top {DEFAULT_PICTURES} crop(s) and heat overlay(s) of "
+          f"every live unit ({pictures} units); every top image's crop, overlay and reconstructions, and feature "
+          f"visualizations, for units 0-{DEMO_RENDER_UNITS - 1} of {', '.join(DEMO_RENDER_LAYERS)}; class "
+          f"visualizations of the {DEMO_CLASSES} classes the photos score highest.")
     columns, rows = run_query(out, VIS_QUERY)
     print("Feature visualizations reach beyond the best photo (atlas query):\n" + format_result(columns, rows, "table"))
     # Per-image explanations of the best photo of each top class, so the class pages show why it scored.

@@ -33,6 +33,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "size": (16, 2048),
     "steps": (1, 100_000),
     "units_per_task": (1, 4096),
+    # Top images per unit drawn as pictures for every unit (`atlas render --pictures`); at most k are recorded.
+    "pictures": (0, 10_000),
     "images": (1, 1_000_000),  # builtin:photos crops
     # Images a scan worker folds before committing them (pipeline.scan.flushes); 1 is allowed (tests, tiny runs).
     "flush_images": (1, 1_000_000_000),

@@ -42,7 +42,8 @@ def test_a_huge_image_size_is_one_line_before_any_work(tmp_path, capsys):
 def _job(tmp_path, **sections) -> dict:
     data = {"job": {"name": "t", "out": str(tmp_path / "run")},
             "model": {"spec": "module:tiny_models:small_net", "image_size": 32},
-            "data": {"source": _folder(tmp_path)}, "scan": {"layers": "stem"}, "render": {}, "site": {}}
+            "data": {"source": _folder(tmp_path)}, "scan": {"layers": "stem"}, "render": {"classes": "none"},
+            "site": {}}
     for section, values in sections.items():
         data[section] = {**data[section], **values}
     return data

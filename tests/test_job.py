@@ -87,6 +87,13 @@ def test_missing_required_keys_and_sections():
     del data["model"]
     with pytest.raises(ConfigError, match=r"missing section \[model\]"):
         parse_config(data)
+    # A job that renders says which classes: "all" on an ImageNet model is 1,000 visualizations (issue 15).
+    data = job_dict("run", "w.pt", "photos")
+    del data["render"]["classes"]
+    with pytest.raises(ConfigError, match="render.classes is required with the render stage"):
+        parse_config(data)
+    data["job"]["stages"] = ["scan", "site"]
+    assert parse_config(data).render.classes is None
 
 
 def test_numbers_widen_to_float_and_defaults_fill_in():

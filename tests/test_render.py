@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -187,3 +188,110 @@ def test_a_render_actor_killed_midway_changes_nothing(scanned, tmp_path):
         pa, pb = (np.asarray(Image.open(os.path.join(run, row["path"])), dtype=np.int16)
                   for run, row in ((runs["reference"], a), (runs["killed"], b)))
         assert np.abs(pa - pb).max() <= 4, a["path"]
+
+
+def _fresh_copy(scanned: str, path) -> str:
+    import shutil
+
+    shutil.copytree(scanned, str(path), ignore=shutil.ignore_patterns("atlas", ".atlas-lock"))
+    return str(path)
+
+
+def test_cli_renders_what_it_names_and_says_its_plan_first(scanned, tmp_path, caplog):
+    """Issue 15: `--layers L --units U` renders those units and no class visualization; `--classes` adds
+    them; the plan (per kind) is logged before the work and an estimate after the first task."""
+    import logging
+
+    run = _fresh_copy(scanned, tmp_path / "run")
+    caplog.set_level(logging.INFO, logger="pipeline")
+    assert main(["render", run, "--layers", "down", "--units", "0-1", "--steps", "8", "--size", "32",
+                 "--units-per-task", "1", "-q"]) == 0
+    rows = index_rows(run)
+    assert {(r["layer"], r["unit"]) for r in rows} == {("down", 0), ("down", 1)}
+    assert {r["kind"] for r in rows} == VIEW_KINDS | {"featvis"}
+    messages = [r.getMessage() for r in caplog.records]
+    plan = [m for m in messages if m.startswith("render plan:")]
+    assert plan[0] == ("render plan: every top image's crop, overlay, deconvnet and guided backprop: "
+                       "2 unit(s) (down 0-1)")
+    assert "render plan: feature visualizations: 2 unit(s) (down 0-1)" in plan
+    assert not any("class visualizations of" in m for m in plan)
+    estimates = [i for i, m in enumerate(messages) if m.startswith("render estimate:")]
+    assert len(estimates) == 1 and estimates[0] > messages.index(plan[-1])  # after the first of two tasks
+    assert re.fullmatch(r"render estimate: about \d+ s left \(the first units task: 1 units in [\d.]+ s\)",
+                        messages[estimates[0]]), messages[estimates[0]]
+    assert main(["render", run, "--classes", "3", "--steps", "8", "--size", "32", "-q"]) == 0
+    rows = index_rows(run)
+    assert {(r["layer"], r["unit"]) for r in rows if r["kind"] == "classvis"} == {("head.2", 3)}
+    assert {(r["layer"], r["unit"]) for r in rows if r["kind"] != "classvis"} == {("down", 0), ("down", 1)}
+
+
+def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
+    """`atlas render RUN` naming nothing: the top crop and heat overlay of every live unit of every recorded
+    layer, nothing costly; `--pictures 3` adds ranks 1-2 and leaves rank 0 alone. Crops are the originals cut at
+    the recorded boxes; an overlay is the same picture the full render draws for that unit and image (there the
+    map comes from the deconvnet's forward pass of that image alone)."""
+    from pipeline.render.plan import DEFAULT_PICTURES
+
+    run = _fresh_copy(scanned, tmp_path / "pictures")
+    con = connect(run)
+    live = con.execute("SELECT layer, unit FROM units WHERE NOT dead").fetchall()
+
+    def drawn(kind: str) -> set[tuple[str, int, int]]:
+        return {(r["layer"], r["unit"], r["rank"]) for r in index_rows(run) if r["kind"] == kind}
+
+    assert main(["render", run, "-q"]) == 0
+    assert {r["kind"] for r in index_rows(run)} == {"crop", "overlay"}
+    assert drawn("crop") == {(layer, unit, rank) for layer, unit in live for rank in range(DEFAULT_PICTURES)}
+    stamp = {r["path"]: os.path.getmtime(os.path.join(run, r["path"])) for r in index_rows(run)}
+    assert main(["render", run, "--pictures", "3", "-q"]) == 0
+    assert all(os.path.getmtime(os.path.join(run, p)) == m for p, m in stamp.items())  # not drawn again
+    crops = drawn("crop")
+    assert crops == {(layer, unit, rank) for layer, unit in live for rank in range(3)}
+    assert drawn("overlay") == {c for c in crops if c[0] != "head.2"}  # the logits' 1x1 maps: a crop only
+    photo = read_topk(run, "relu")
+    for r in (r for r in index_rows(run) if r["kind"] == "crop" and r["layer"] == "relu"):
+        t = photo[r["unit"], r["rank"]]
+        original = np.asarray(Image.open(os.path.join(_photos(run), t["image_key"])).convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(run, r["path"]))),
+                                      original[t["box_y0"]:t["box_y1"], t["box_x0"]:t["box_x1"]])
+    full = _fresh_copy(scanned, tmp_path / "full")
+    render_run(full, RenderOptions(layers=("down", "relu"), units=frozenset({0, 3}), featvis=False, progress=False))
+    for layer in ("down", "relu"):
+        for unit in (0, 3):
+            for rank in range(3):
+                path = unit_file(layer, unit, "overlay", rank)
+                assert np.array_equal(np.asarray(Image.open(os.path.join(run, path))),
+                                      np.asarray(Image.open(os.path.join(full, path)))), path
+
+
+def _photos(run: str) -> str:
+    import json
+
+    with open(os.path.join(run, "manifest.json")) as handle:
+        return json.load(handle)["config"]["data"]
+
+
+def test_a_picture_whose_photo_is_gone_is_skipped(scanned, tmp_path, caplog):
+    """A top image that can no longer be read back costs its own pictures (one warning), not the render."""
+    import json
+    import logging
+    import shutil
+
+    from pipeline.store import write_json
+
+    run = _fresh_copy(scanned, tmp_path / "run")
+    photos = shutil.copytree(_photos(run), str(tmp_path / "photos"))
+    with open(os.path.join(run, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    manifest["config"]["data"] = photos
+    write_json(manifest, os.path.join(run, "manifest.json"))
+    gone = read_topk(run, "relu")[0, 0]["image_key"]
+    os.remove(os.path.join(photos, gone))
+    caplog.set_level(logging.WARNING, logger="pipeline")
+    render_run(run, RenderOptions(units=frozenset(), pictures=1, progress=False))
+    wanted = connect(run).execute("SELECT layer, unit, image_key FROM topk JOIN units USING (layer, unit) "
+                                  "WHERE rank = 0 AND NOT dead").fetchall()
+    crops = {(r["layer"], r["unit"]) for r in index_rows(run) if r["kind"] == "crop"}
+    assert crops == {(layer, unit) for layer, unit, key in wanted if key != gone} and len(crops) < len(wanted)
+    assert [r.getMessage() for r in caplog.records if "could not be read back" in r.getMessage()] == [
+        "1 top-k image(s) could not be read back from the data; their views are skipped"]

@@ -14,6 +14,7 @@ from html.parser import HTMLParser
 from urllib.parse import unquote, urlparse
 
 import pytest
+from chromium import console_errors, load_all_images, open_page, page_url, start_chromium, wait
 from site_net import DEAD_STEM_UNIT
 from site_run import (
     CLASS_NAMES,
@@ -32,10 +33,6 @@ from pipeline.site.build import script_json
 from pipeline.site.paths import UnsafePathError, check_relative_path, layer_slug
 from pipeline.store import RunError, connect, read_manifest
 
-CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync")
-INSTALL_HINT = ("the browser tests need Debian's chromium and chromedriver: `make test` installs them, or run "
-                "`sudo apt-get install -y chromium chromium-driver`")
 
 
 @pytest.fixture(scope="module")
@@ -292,63 +289,11 @@ def artifacts_dir() -> str:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.fail(f"chromium or chromedriver not found on PATH; {INSTALL_HINT}", pytrace=False)
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("selenium is not installed: pip install -e '.[test]'", pytrace=False)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (*CHROME_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}",
-                 "--window-size=1280,1000"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # An explicit chromedriver: selenium must not try to download one (these machines are offline).
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
-    # Record any alert/confirm/prompt instead of opening it: an XSS that fires leaves a trace to assert on.
-    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
-        window.__alerts = [];
-        ['alert', 'confirm', 'prompt'].forEach(function (name) {
-          window[name] = function (message) { window.__alerts.push(name + ':' + message); };
-        });"""})
+    driver = start_chromium(str(tmp_path_factory.mktemp("chrome-profile")))
     try:
         yield driver
     finally:
         driver.quit()
-
-
-def page_url(path: str) -> str:
-    return "file://" + path
-
-
-def open_page(browser, url: str) -> None:
-    browser.get(url)
-    _wait(lambda: browser.execute_script("return document.readyState") == "complete")
-
-
-def _wait(condition, timeout: float = 10.0) -> None:
-    end = time.time() + timeout
-    while not condition():
-        if time.time() > end:
-            raise AssertionError("timed out waiting for the page")
-        time.sleep(0.05)
-
-
-def console_errors(browser) -> list[dict]:
-    return [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
-
-
-def load_all_images(browser) -> list[dict]:
-    """Make lazy images load now, wait for them, and return [{src, width}] of every image."""
-    browser.execute_script("document.querySelectorAll('img').forEach(function (i) { i.loading = 'eager'; });")
-    _wait(lambda: browser.execute_script(
-        "return Array.prototype.every.call(document.images, function (i) { return i.complete; })"))
-    return browser.execute_script(
-        "return Array.prototype.map.call(document.images, function (i) { return {src: i.src, width: i.naturalWidth}; })")
 
 
 def test_crawl_every_page_from_the_index(browser, site):
@@ -389,13 +334,13 @@ def test_keyboard_moves_between_units(browser, site):
 
     open_page(browser, page_url(os.path.join(site, "units", slug_dir(RENDERED_LAYER), "1.html")))
     ActionChains(browser).send_keys(Keys.ARROW_RIGHT).perform()
-    _wait(lambda: browser.current_url.endswith(f"/units/{slug_dir(RENDERED_LAYER)}/2.html"))
+    wait(lambda: browser.current_url.endswith(f"/units/{slug_dir(RENDERED_LAYER)}/2.html"))
     assert "unit 2" in browser.find_element("css selector", "h1").text
     ActionChains(browser).send_keys(Keys.ARROW_LEFT).perform()
     ActionChains(browser).send_keys(Keys.ARROW_LEFT).perform()
-    _wait(lambda: browser.current_url.endswith(f"/units/{slug_dir(RENDERED_LAYER)}/0.html"))
+    wait(lambda: browser.current_url.endswith(f"/units/{slug_dir(RENDERED_LAYER)}/0.html"))
     ActionChains(browser).send_keys(Keys.ARROW_LEFT).perform()  # across the layer boundary, to relu's last unit
-    _wait(lambda: browser.current_url.endswith(f"/units/{slug_dir('relu')}/7.html"))
+    wait(lambda: browser.current_url.endswith(f"/units/{slug_dir('relu')}/7.html"))
     assert console_errors(browser) == []
 
 
@@ -403,15 +348,15 @@ def test_search_finds_a_unit(browser, site):
     open_page(browser, page_url(os.path.join(site, "index.html")))
     box = browser.find_element("id", "search")
     box.send_keys(f"{RENDERED_LAYER} 3")
-    _wait(lambda: browser.find_elements("css selector", "#search-results a"))
+    wait(lambda: browser.find_elements("css selector", "#search-results a"))
     first = browser.find_elements("css selector", "#search-results a")[0]
     assert first.text.startswith(f"{RENDERED_LAYER} #3")
     first.click()
-    _wait(lambda: browser.current_url.endswith(f"/units/{slug_dir(RENDERED_LAYER)}/3.html"))
+    wait(lambda: browser.current_url.endswith(f"/units/{slug_dir(RENDERED_LAYER)}/3.html"))
     # By label: the units whose top labels include a payload label are found, shown as text.
     box = browser.find_element("id", "search")
     box.send_keys("onerror")
-    _wait(lambda: browser.find_elements("css selector", "#search-results a"))
+    wait(lambda: browser.find_elements("css selector", "#search-results a"))
     texts = [a.text for a in browser.find_elements("css selector", "#search-results a")]
     assert texts and all(MALICIOUS_FOLDERS["chelsea"] in t for t in texts)
     assert browser.execute_script("return window.__alerts") == [] and console_errors(browser) == []

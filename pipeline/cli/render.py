@@ -12,10 +12,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("render", help="per-unit top-k crops, heat overlays, deconvnet reconstructions, "
                                            "feature visualizations; class visualizations of the output layer")
     parser.add_argument("run")
-    parser.add_argument("--layers", help="comma-separated recorded layers (default: all recorded)")
-    parser.add_argument("--units", help="units like 0-7,12 (default: all live units)")
-    parser.add_argument("--classes", default="all", help="output-layer classes to visualize: all (default), "
-                                                         "none, or numbers like 0-9,207")
+    parser.add_argument("--layers", help="comma-separated layers: render every live unit of them (or --units of "
+                                         "them) and nothing else; naming the output layer asks for its classes")
+    parser.add_argument("--units", help="units like 0-7,12, or all (every live unit of --layers, default every "
+                                        "recorded layer)")
+    parser.add_argument("--classes", help="output-layer classes to visualize: all, none or like 0-9,207 (default: "
+                                          "the output layer's --units when --layers names it, else none)")
+    parser.add_argument("--pictures", type=int, help="top-N crops and heat overlays of every live unit of every "
+                                                     "recorded layer (default 1 when nothing is named, else 0)")
     parser.add_argument("--preset", default="lucid", choices=tuple(PRESETS),
                         help="feature-visualization regularizers (default lucid)")
     parser.add_argument("--steps", type=int, help="gradient-ascent steps (default: the preset's, 128)")
@@ -35,10 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from pipeline.render.runner import RenderOptions, render_run
+    from pipeline.render.plan import RenderOptions
+    from pipeline.render.runner import render_run
 
     index = render_run(args.run, RenderOptions.from_settings(
-        layers=args.layers, units=args.units, classes=args.classes, preset=args.preset, steps=args.steps,
+        layers=args.layers, units=args.units, classes=args.classes, pictures=args.pictures, preset=args.preset, steps=args.steps,
         size=args.size, seed=args.seed, objective=args.objective, featvis=not args.no_featvis,
         views=not args.no_views, units_per_task=args.units_per_task, address=args.address, actors=args.actors,
         device=args.device, progress=not args.quiet))

@@ -138,9 +138,10 @@ class ScanSection:
 
 @dataclass(frozen=True)
 class RenderSection:
-    layers: list[str] | None = None  # default: every recorded layer
-    units: str | None = None  # like "0-7,12"; default: every live unit
-    classes: str = "all"  # output-layer classes: all | none | "0-9,207"
+    layers: list[str] | None = None  # render every live unit of these (or `units` of them); see `atlas render`
+    units: str | None = None  # like "0-7,12" or "all"; default: every live unit of `layers`, none without `layers`
+    classes: str | None = None  # output-layer classes: all | none | "0-9,207"; required with the render stage
+    pictures: int | None = None  # top-N crops + overlays of every unit; default 4 when nothing is named, else 0
     preset: str = "lucid"
     steps: int | None = None
     size: int = 128
@@ -163,7 +164,7 @@ class RenderSection:
         if self.objective not in UNIT_OBJECTIVES:
             raise ConfigError(f"render.objective must be one of {', '.join(map(repr, UNIT_OBJECTIVES))}, got "
                               f"{self.objective!r}")
-        _check_ranges(self, "render", ("size", "steps", "units_per_task", "actors"))
+        _check_ranges(self, "render", ("size", "steps", "units_per_task", "actors", "pictures"))
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,10 @@ class JobConfig:
     def check(self) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).check()
+        if "render" in self.job.stages and self.render.classes is None:
+            # A job file says what it costs: "all" classes of an ImageNet model is 1,000 visualizations.
+            raise ConfigError('render.classes is required with the render stage: "none", "all" or classes like '
+                              '"0-9,207"')
 
 
 # ------------------------------------------------------------------------------------------- parsing

@@ -24,7 +24,7 @@ from pipeline.data import DataError, resolve_source
 from pipeline.models import ModelConfig, ModelError, load_model, resolve_layers
 from pipeline.cluster.remote import (OutLease, RunMirror, cache_dir, check_run_id, fetch_file, is_published, is_url, publish,
                              run_url)
-from pipeline.render.runner import RenderOptions
+from pipeline.render.plan import RenderOptions
 from pipeline.scan.runner import ScanConfig
 from pipeline.fileio import atomic_write
 from pipeline.store import JOB_RECORD, JOB_TOML, RunError, read_manifest, write_json
@@ -157,10 +157,11 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
                       stall_seconds=config.scan.stall_seconds, decode=config.scan.decode)
     try:
         options = RenderOptions.from_settings(
-            layers=render.layers, units=render.units, classes=render.classes, preset=render.preset,
-            steps=render.steps, size=render.size, seed=render.seed, objective=render.objective,
-            featvis=render.featvis, views=render.views, units_per_task=render.units_per_task,
-            address=config.job.address, actors=render.actors, device=render.device)
+            layers=render.layers, units=render.units, classes=render.classes, pictures=render.pictures,
+            preset=render.preset, steps=render.steps, size=render.size, seed=render.seed,
+            objective=render.objective, featvis=render.featvis, views=render.views,
+            units_per_task=render.units_per_task, address=config.job.address, actors=render.actors,
+            device=render.device)
     except ValueError as error:
         raise ConfigError(f"render.units/classes: {error}") from error
     try:

@@ -1,16 +1,20 @@
-"""`atlas render`: every live unit's atlas images from a complete scan, rendered on Ray.
+"""`atlas render`: atlas images from a complete scan, rendered on Ray, for what the options ask (render/plan.py).
 
-Per unit of the chosen layers: for each top-k image the crop at the recorded box, a heat overlay of the
-unit's map, and the Zeiler-Fergus deconvnet reconstruction (full size and cut at the receptive field); and a
-feature visualization by gradient ascent (``featvis``). For the model's output layer (the logits): a class
-model visualization per class (``classvis``). Dead units are listed in RUN/units, not rendered.
+Pictures (``pictures``): the top-N crops and heat overlays of every live unit of every recorded layer, one
+forward pass per image (render/pictures.py). Per unit asked for: for each top-k image the crop at the recorded
+box, a heat overlay of the unit's map, and the deconvnet and guided-backprop reconstructions (full size and cut
+at the receptive field); and a feature visualization by gradient ascent (``featvis``). For the model's output
+layer (the logits), when classes are asked for: a class model visualization per class (``classvis``). Dead
+units are listed in RUN/units, not rendered. The plan (units and classes per kind) is logged before any work,
+and an estimate of the time left after the first task of each kind.
 
-Work is split by (layer, chunk of units) over a pool of Ray actors (``UnitRenderer``; one GPU each where
-present); the images needed for crops are read in the driver, once per layer, in one pass over the shards
-that hold them. Workers return PNG bytes; the driver writes each file to a temporary name and renames it,
-so a file that exists is complete and a re-run renders only what is missing (a visualization whose recorded
-settings differ from the requested ones is redone). ``atlas/index.parquet`` is rebuilt from the files
-present at the end, and ``atlas/render.json`` records the resolved settings.
+Work is split into picture tasks (chunks of images) and (layer, chunk of units) tasks over a pool of Ray actors
+(``UnitRenderer``; one GPU each where present); the images needed for crops are read in the driver (once per
+layer, or in chunks for pictures), in one pass over the shards that hold them. Workers return PNG bytes; the
+driver writes each file to a temporary name and renames it, so a file that exists is complete and a re-run
+renders only what is missing (a visualization whose recorded settings differ from the requested ones is
+redone). ``atlas/index.parquet`` is rebuilt from the files present at the end, and ``atlas/render.json``
+records the resolved settings.
 """
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Sequence
 
 import pyarrow as pa
 from PIL import Image
@@ -29,8 +32,12 @@ from pipeline.render.fetch import fetch_images
 from pipeline.models import ModelConfig, load_scanned_model, output_layer
 from pipeline.fileio import atomic_write
 from pipeline.ranges import check_range
-from pipeline.render.worker import (ATLAS, RECONSTRUCTIONS, RenderConfig, RenderResult, RenderTask,
-                                    UnitRenderer, View, VisSettings, unit_file)
+from pipeline.render.pictures import PictureTask, PictureView, picture_tasks
+from pipeline.render.plan import (Estimate, RenderOptions, RenderPlan, describe, parse_classes,  # noqa: F401
+                                  parse_units, resolve_plan)
+from pipeline.render.worker import (ATLAS, RECONSTRUCTIONS, RenderConfig, RenderResult, RenderTask, UnitRenderer, View,
+                                    unit_file)
+
 from pipeline.worker_pool import PoolStalled
 from pipeline.store import (
     ATLAS_DEPENDENCE_SCHEMA,
@@ -47,53 +54,6 @@ from pipeline.store import (
 
 logger = logging.getLogger(__name__)
 
-
-
-def parse_units(text: str | None) -> set[int] | None:
-    """'0-7,12' -> {0..7, 12}; None or 'all' -> None (all units); 'none' -> empty set."""
-    if not text or text.strip() == "all":
-        return None
-    if text.strip() == "none":
-        return set()
-    units: set[int] = set()
-    for part in text.split(","):
-        first, _, last = part.strip().partition("-")
-        if not first.isdigit() or (last and not last.isdigit()):
-            raise ValueError(f"expected unit numbers and ranges like 0-7,12 (or all, none); got {part!r}")
-        units.update(range(int(first), int(last or first) + 1))
-    return units
-
-
-@dataclass(frozen=True)
-class RenderOptions:
-    layers: tuple[str, ...] | None = None   # None: every recorded layer
-    units: frozenset[int] | None = None     # None: every live unit
-    classes: frozenset[int] | None = None   # output-layer classes to visualize; None: all; empty: none
-    vis: VisSettings = VisSettings()
-    featvis: bool = True
-    views: bool = True
-    units_per_task: int = 16
-    address: str | None = None
-    actors: int | None = None
-    device: str = "auto"  # as the scan's: 'auto' | 'cuda' (even before an autoscaler added GPUs) | 'cpu'
-    progress: bool = True
-
-    @classmethod
-    def from_settings(cls, *, layers: str | Sequence[str] | None, units: str | None, classes: str | None,
-                      preset: str, steps: int | None, size: int, seed: int, objective: str, featvis: bool = True,
-                      views: bool = True, units_per_task: int = 16, address: str | None = None,
-                      actors: int | None = None, device: str = "auto", progress: bool = True) -> RenderOptions:
-        """The options from settings as users write them (the CLI's flags, a job file's [render] section):
-        layers as a comma list or a list, units and classes as '0-7,12' | 'all' | 'none'."""
-        if isinstance(layers, str):
-            layers = [name.strip() for name in layers.split(",") if name.strip()]
-        unit_set, class_set = parse_units(units), parse_units(classes)
-        return cls(layers=tuple(layers) if layers is not None else None,
-                   units=frozenset(unit_set) if unit_set is not None else None,
-                   classes=frozenset(class_set) if class_set is not None else None,
-                   vis=VisSettings(preset=preset, steps=steps, size=size, seed=seed, objective=objective),
-                   featvis=featvis, views=views, units_per_task=units_per_task, address=address, actors=actors,
-                   device=device, progress=progress)
 
 
 def _save(path: str, data: bytes) -> None:
@@ -115,7 +75,7 @@ def _vis_done(path: str, wanted: dict[str, str]) -> bool:
     return text is not None and all(text.get(key) == value for key, value in wanted.items())
 
 
-def render_run(run_dir: str, options: RenderOptions = RenderOptions()) -> pa.Table:
+def render_run(run_dir: str, options: RenderOptions | None = None) -> pa.Table:
     """Render what is missing for the chosen layers and units of a complete scan; returns the atlas index.
     Holds the run's writer lock (a scan swapping the run in meanwhile would pull it from under the render)."""
     from pipeline.rundir import run_lock
@@ -123,7 +83,7 @@ def render_run(run_dir: str, options: RenderOptions = RenderOptions()) -> pa.Tab
     if read_manifest(run_dir) is None:
         raise RunError(f"{run_dir} is not a complete scan (no manifest.json); run `atlas scan` first")
     with run_lock(run_dir):
-        return _render_run(run_dir, options)
+        return _render_run(run_dir, options or RenderOptions())
 
 
 def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
@@ -133,75 +93,119 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
     options.vis.validate()
     check_range("units_per_task", options.units_per_task)
     check_range("actors", options.actors)
-    recorded = {info["name"]: info for info in manifest["layers"]}
-    layers = list(options.layers or recorded)
-    unknown = [name for name in layers if name not in recorded]
-    if unknown:
-        raise ValueError(f"layer(s) {', '.join(unknown)} were not recorded in {run_dir}; recorded: "
-                         f"{', '.join(recorded)}")
+    recorded = [info["name"] for info in manifest["layers"]]
     # fails early (and on the driver) for a changed or missing model
     model_config, loaded = load_scanned_model(manifest, run_dir, "atlas render")
     logits = output_layer(loaded.model)
     n_classes = getattr(loaded.model.get_submodule(logits), "out_features", None) if logits else None
+    live: dict[str, list[int]] = {}
+    for layer, unit in connect(run_dir).execute("SELECT layer, unit FROM units WHERE NOT dead "
+                                                "ORDER BY layer_index, unit").fetchall():
+        live.setdefault(layer, []).append(unit)
+    try:
+        plan = resolve_plan(recorded, live, logits, n_classes, options)
+    except ValueError as error:
+        raise ValueError(f"{error} (in {run_dir})") from error
     run_dir = os.path.abspath(run_dir)
     os.makedirs(os.path.join(run_dir, ATLAS), exist_ok=True)
     settings = {key: str(value) for key, value in options.vis.resolved().items()}
-    write_json({"vis": options.vis.resolved(), "layers": layers, "output_layer": logits,
-                "units_per_task": options.units_per_task}, os.path.join(run_dir, ATLAS, "render.json"))
+    write_json({"vis": options.vis.resolved(), "layers": list(options.layers or recorded), "output_layer": logits,
+                "units_per_task": options.units_per_task, "pictures": options.pictures},
+               os.path.join(run_dir, ATLAS, "render.json"))
 
-    tasks = _plan(run_dir, manifest, layers, options, logits, n_classes, settings)
-    total_units = sum(t[1] for t in tasks)
+    tasks, todo, present = _plan(run_dir, manifest, plan, options, settings)
+    for line in describe(plan, todo, present):
+        logger.info("render plan: %s", line)
     if tasks:
-        _execute(run_dir, manifest, model_config, tasks, total_units, options)
+        _execute(run_dir, manifest, model_config, tasks, options)
     index = build_index(run_dir)
     logger.info("atlas index: %d images", index.num_rows)
     return index
 
 
-def _plan(run_dir: str, manifest: dict, layers: list[str], options: RenderOptions, logits: str | None,
-          n_classes: int | None, settings: dict[str, str]) -> list[tuple[RenderTask, int]]:
-    """(task without image bytes, unit count) for everything missing, in layer order, chunks of units."""
+@dataclass
+class _Queued:
+    """A task with what the plan and the estimate need: its kind (pictures | units | classvis) and its work
+    (views for pictures, units otherwise)."""
+
+    task: RenderTask | PictureTask
+    kind: str
+    work: int
+
+
+def _plan(run_dir: str, manifest: dict, plan: RenderPlan, options: RenderOptions,
+          settings: dict[str, str]) -> tuple[list[_Queued], dict[str, int], dict[str, int]]:
+    """Tasks for everything missing (first one task of each kind, so the estimate covers every kind early; then
+    pictures, the units asked for in layer order, classes), and per kind the units to draw and already present."""
     con = connect(run_dir)
-    tasks: list[tuple[RenderTask, int]] = []
-    for layer in layers:
-        live = [u for (u,) in con.execute("SELECT unit FROM units WHERE layer = ? AND NOT dead ORDER BY unit",
-                                          [layer]).fetchall() if options.units is None or u in options.units]
+    infos = {info["name"]: info for info in manifest["layers"]}
+    exists = lambda relative: os.path.isfile(os.path.join(run_dir, relative))  # noqa: E731
+    todo: dict[str, int] = {}
+    present: dict[str, int] = {}
+    queued: list[_Queued] = []
+
+    def count(kind: str, missing: int, total: int) -> None:
+        todo[kind] = todo.get(kind, 0) + missing
+        present[kind] = present.get(kind, 0) + total - missing
+
+    if plan.pictures:
+        detailed = {(layer, unit) for layer, units in plan.views.items() for unit in units}
+        rows = con.execute(
+            "SELECT t.layer, t.unit, t.rank, t.image_key, t.box_x0, t.box_y0, t.box_x1, t.box_y1, i.width, i.height "
+            "FROM topk t JOIN units u USING (layer, unit) JOIN images i USING (image_key) "
+            "WHERE NOT u.dead AND t.rank < ? ORDER BY u.layer_index, t.unit, t.rank", [plan.pictures_top]).fetchall()
+        wanted = {(layer, unit) for layer, units in plan.pictures.items() for unit in units}
+        views, missing_units, units_seen = [], set(), set()
+        for layer, unit, rank, key, x0, y0, x1, y1, width, height in rows:
+            if (layer, unit) not in wanted or (layer, unit) in detailed:
+                continue
+            shape = infos[layer].get("shape") or [0, 2, 2]
+            view = PictureView(layer, unit, rank, key, (x0, y0, x1, y1), width, height,
+                               overlay=int(shape[1]) * int(shape[2]) > 1)
+            units_seen.add((layer, unit))
+            if not all(exists(path) for path in view.files()):
+                views.append(view)
+                missing_units.add((layer, unit))
+        count("pictures", len(missing_units), len(units_seen))
+        queued += [_Queued(task, "pictures", len(task.views)) for task in picture_tasks(views)]
+
+    for layer in [name for name in infos if name in plan.views or name in plan.featvis]:
+        view_units = set(plan.views.get(layer, []))
         views: dict[int, list[View]] = {}
-        if options.views:
+        if view_units:
             rows = con.execute(
                 "SELECT t.unit, t.rank, t.image_key, t.act, t.y, t.x, t.box_x0, t.box_y0, t.box_x1, t.box_y1, "
                 "i.width, i.height FROM topk t JOIN units u USING (layer, unit) JOIN images i USING (image_key) "
                 "WHERE t.layer = ? AND NOT u.dead ORDER BY t.unit, t.rank", [layer]).fetchall()
             for r in rows:
-                if r[0] in live and not all(os.path.isfile(os.path.join(run_dir, unit_file(layer, r[0], kind, r[1])))
-                                            for kind in DATASET_KINDS):
+                if r[0] in view_units and not all(exists(unit_file(layer, r[0], kind, r[1])) for kind in DATASET_KINDS):
                     views.setdefault(r[0], []).append(View(r[0], r[1], r[2], r[3], r[4], r[5],
                                                            (r[6], r[7], r[8], r[9]), r[10], r[11]))
-        is_output = layer == logits
-        vis_kind = "classvis" if is_output else "featvis"
-        vis_units = []
-        if options.featvis and not is_output:
-            vis_units = [u for u in live if not _vis_done(os.path.join(run_dir, unit_file(layer, u, vis_kind)),
-                                                          settings)]
-        field = next(info["receptive_field"] for info in manifest["layers"] if info["name"] == layer)
-        todo = sorted(set(views) | set(vis_units))
-        for start in range(0, len(todo), options.units_per_task):
-            chunk = todo[start:start + options.units_per_task]
-            task = RenderTask(layer=layer, receptive_field=field, views=[v for u in chunk for v in views.get(u, [])],
-                              vis_units=[u for u in chunk if u in vis_units], vis_kind=vis_kind)
-            tasks.append((task, len(chunk)))
-    if logits is not None and n_classes and options.featvis:
-        wanted = sorted(options.classes) if options.classes is not None else list(range(n_classes))
-        bad = [c for c in wanted if not 0 <= c < n_classes]
-        if bad:
-            raise ValueError(f"class(es) {bad[:5]} out of range: the output layer {logits} has {n_classes} classes")
-        missing = [c for c in wanted
-                   if not _vis_done(os.path.join(run_dir, unit_file(logits, c, "classvis")), settings)]
+            count("views", len(views), len(view_units))
+        vis_units = [u for u in plan.featvis.get(layer, [])
+                     if not _vis_done(os.path.join(run_dir, unit_file(layer, u, "featvis")), settings)]
+        if layer in plan.featvis:
+            count("featvis", len(vis_units), len(plan.featvis[layer]))
+        todo_units = sorted(set(views) | set(vis_units))
+        for start in range(0, len(todo_units), options.units_per_task):
+            chunk = todo_units[start:start + options.units_per_task]
+            task = RenderTask(layer=layer, receptive_field=infos[layer]["receptive_field"],
+                              views=[v for u in chunk for v in views.get(u, [])],
+                              vis_units=[u for u in chunk if u in vis_units], vis_kind="featvis")
+            queued.append(_Queued(task, "units", len(chunk)))
+
+    if plan.classes:
+        missing = [c for c in plan.classes
+                   if not _vis_done(os.path.join(run_dir, unit_file(plan.output_layer, c, "classvis")), settings)]
+        count("classvis", len(missing), len(plan.classes))
         # Class visualizations run the whole network, so they go in the same chunk size as the units.
         for start in range(0, len(missing), options.units_per_task):
             chunk = missing[start:start + options.units_per_task]
-            tasks.append((RenderTask(layer=logits, vis_units=chunk, vis_kind="classvis"), len(chunk)))
-    return tasks
+            queued.append(_Queued(RenderTask(layer=plan.output_layer, vis_units=chunk, vis_kind="classvis"),
+                                  "classvis", len(chunk)))
+    firsts = [next(q for q in queued if q.kind == kind) for kind in ("units", "classvis", "pictures")
+              if any(q.kind == kind for q in queued)]
+    return firsts + [q for q in queued if not any(q is f for f in firsts)], todo, present
 
 
 STALL_SECONDS = 600.0  # a render where no task completes for this long fails instead of hanging
@@ -223,8 +227,12 @@ def plan_workers(options: RenderOptions, cpus: int, gpus: int) -> dict:
             "threads": max(1, cpus // actors), "device": "cpu"}
 
 
-def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: list[tuple[RenderTask, int]],
-             total_units: int, options: RenderOptions) -> None:
+# Images read back at once for picture tasks (the driver holds their bytes until those tasks are sent).
+FETCH_IMAGES = 1024
+
+
+def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: list[_Queued],
+             options: RenderOptions) -> None:
     import ray
     from ray.exceptions import RayActorError
     from tqdm import tqdm
@@ -241,13 +249,18 @@ def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: lis
         # STALL_SECONDS fails saying so instead of waiting forever.
         actor_class = ray.remote(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=0)(_RenderActor)
         actors = [actor_class.remote(config) for _ in range(plan["actors"])]
-        logger.info("rendering %d units in %d tasks on %d actor(s) (%s)", total_units, len(tasks),
-                    len(actors), plan["device"])
-        bar = tqdm(total=total_units, desc="render", unit="unit", disable=not options.progress)
+        logger.info("rendering %d tasks on %d actor(s) (%s)", len(tasks), len(actors), plan["device"])
+        bar = tqdm(total=len(tasks), desc="render", unit="task", disable=not options.progress)
         pending: dict = {}
         idle = list(actors)
-        images_layer, images = None, {}
+        layer_images: tuple[str | None, dict[str, bytes]] = (None, {})
+        picture_images: dict[str, bytes] = {}
+        picture_keys: set[str] = set()  # asked for in the current read (a key that could not be read stays missing)
         queue = list(tasks)
+        remaining: dict[str, int] = {}
+        for queued in tasks:
+            remaining[queued.kind] = remaining.get(queued.kind, 0) + queued.work
+        estimate = Estimate()
         progress = time.time()
         try:
             while queue or pending:
@@ -256,38 +269,62 @@ def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: lis
                     actors.append(actor_class.remote(config))
                     idle.append(actors[-1])
                 while queue and idle:
-                    task, _ = queue.pop(0)
-                    if task.views and not task.images:
-                        if images_layer != task.layer:  # one pass over the data per layer
-                            images_layer = task.layer
-                            wanted = [t for t, _ in [(task, 0)] + queue if t.layer == task.layer]
-                            images = _fetch_for(run_dir, source, [v for t in wanted for v in t.views])
-                        task.images = {v.image_key: images[v.image_key] for v in task.views if v.image_key in images}
+                    queued = queue.pop(0)
+                    task = queued.task
+                    if isinstance(task, PictureTask) and not task.images:
+                        if any(key not in picture_keys for key in task.image_keys):
+                            picture_keys, picture_images = _fetch_pictures(run_dir, source, task, queue)
+                        task.images = {k: picture_images[k] for k in task.image_keys if k in picture_images}
+                    elif isinstance(task, RenderTask) and task.views and not task.images:
+                        if layer_images[0] != task.layer:  # one pass over the data per layer
+                            wanted = [task] + [q.task for q in queue if isinstance(q.task, RenderTask)
+                                               and q.task.layer == task.layer]
+                            layer_images = (task.layer, _fetch_for(run_dir, source,
+                                                                   [v.image_key for t in wanted for v in t.views]))
+                        task.images = {v.image_key: layer_images[1][v.image_key] for v in task.views
+                                       if v.image_key in layer_images[1]}
                     actor = idle.pop()
-                    pending[actor.render.remote(task)] = (actor, task)
+                    pending[actor.render.remote(task)] = (actor, queued, time.time())
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
                 if not done:
                     if time.time() - progress > STALL_SECONDS:
                         raise PoolStalled(f"no render task finished for {STALL_SECONDS} s with {len(actors)} actors "
                                           f"alive and {len(pending)} tasks in their hands")
                     continue
-                actor, task = pending.pop(done[0])
+                actor, queued, started = pending.pop(done[0])
                 try:
                     result: RenderResult = ray.get(done[0])
                 except RayActorError as error:
                     logger.warning("a render actor was lost (%s); its task goes to another", type(error).__name__)
                     actors.remove(actor)
-                    queue.insert(0, (task, 0))
+                    queue.insert(0, queued)
                     continue
                 idle.append(actor)
                 progress = time.time()
                 for relative, data in result.files.items():
                     _save(os.path.join(run_dir, relative), data)
-                bar.update(result.units)
+                queued.task.images = {}  # sent and done: free the bytes
+                remaining[queued.kind] -= queued.work
+                if estimate.add(queued.kind, queued.work, progress - started) and any(remaining.values()):
+                    _log_estimate(estimate, remaining, len(actors), queued)
+                bar.update(1)
         finally:
             bar.close()
             for actor in actors:
                 ray.kill(actor)
+
+
+def _log_estimate(estimate: Estimate, remaining: dict[str, int], actors: int, first: _Queued) -> None:
+    seconds, unmeasured = estimate.left(remaining, actors)
+    what = {"pictures": "picture views", "units": "units", "classvis": "classes"}[first.kind]
+    logger.info("render estimate: about %s left (the first %s task: %d %s in %.1f s)%s", _duration(seconds),
+                first.kind, first.work, what, estimate.rate[first.kind] * first.work,
+                f"; not yet measured: {', '.join(unmeasured)}" if unmeasured else "")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
 
 
 class _RenderActor:
@@ -300,8 +337,8 @@ class _RenderActor:
         return self.renderer(task)
 
 
-def _fetch_for(run_dir: str, source, views: list[View]) -> dict[str, bytes]:
-    keys = sorted({v.image_key for v in views})
+def _fetch_for(run_dir: str, source, image_keys: list[str]) -> dict[str, bytes]:
+    keys = sorted(set(image_keys))
     con = connect(run_dir)
     con.execute("CREATE TEMP TABLE wanted (image_key VARCHAR)")
     con.executemany("INSERT INTO wanted VALUES (?)", [[k] for k in keys])
@@ -311,6 +348,19 @@ def _fetch_for(run_dir: str, source, views: list[View]) -> dict[str, bytes]:
     if missing:
         logger.warning("%d top-k image(s) could not be read back from the data; their views are skipped", missing)
     return images
+
+
+def _fetch_pictures(run_dir: str, source, task: PictureTask,
+                    queue: list[_Queued]) -> tuple[set[str], dict[str, bytes]]:
+    """The images of `task` and of the picture tasks queued after it, up to FETCH_IMAGES, in one read:
+    (the keys asked for, the bytes of those that could be read)."""
+    keys = list(task.image_keys)
+    for queued in queue:
+        if len(keys) >= FETCH_IMAGES:
+            break
+        if isinstance(queued.task, PictureTask):
+            keys += queued.task.image_keys
+    return set(keys), _fetch_for(run_dir, source, keys)
 
 
 def build_index(run_dir: str) -> pa.Table:

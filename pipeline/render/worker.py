@@ -7,41 +7,31 @@ their settings and the activation they reach as PNG text, so a finished file des
 """
 from __future__ import annotations
 
-import io
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from pipeline.determinism import deterministic_on
-from pipeline.render.crops import crop_box, heat_in_original, open_rgb, overlay, reconstruction_image
+from pipeline.render.crops import crop_box, heat_in_box, open_rgb, overlay, reconstruction_image
 from pipeline.render.deconv import Deconvnet, GuidedBackprop
-from pipeline.models import ModelConfig, load_model
+from pipeline.models import ModelConfig, feature_extractor, load_model
 from pipeline.optvis.objectives import UNIT_OBJECTIVES
 from pipeline.optvis.presets import get_preset
 from pipeline.optvis.render import FeatureVisualizer, unit_max
 from pipeline.preprocess import decode_image
 from pipeline.ranges import check_range
 from pipeline.receptive_field import ReceptiveField
-from pipeline.store import layer_dir
+from pipeline.render.files import ATLAS, PHOTO_PNG_LEVEL, VIS_KINDS, png_bytes, unit_file  # noqa: F401 - re-exported
+from pipeline.render.pictures import PictureTask, render_pictures
 
 logger = logging.getLogger(__name__)
 
-ATLAS = "atlas"
 # Reconstruction kinds and how they are computed; each also has a `<kind>_crop` cut at the receptive field.
 RECONSTRUCTIONS = {"deconv": Deconvnet, "guided": GuidedBackprop}
-VIS_KINDS = ("featvis", "classvis")
 OBJECTIVES = tuple(UNIT_OBJECTIVES)
-
-
-def unit_file(layer: str, unit: int, kind: str, rank: int = 0) -> str:
-    """Path of one atlas image relative to the run directory."""
-    name = f"{kind}.png" if kind in VIS_KINDS else f"{kind}_{rank:03d}.png"
-    return os.path.join(layer_dir(ATLAS, layer), f"unit={unit}", name)
 
 
 @dataclass(frozen=True)
@@ -115,15 +105,6 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / norms if norms > 0 else 0.0
 
 
-def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
-    info = PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, value)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
 class UnitRenderer:
     """``UnitRenderer(config)(task) -> RenderResult``: dataset views and visualizations of one unit chunk."""
 
@@ -138,8 +119,12 @@ class UnitRenderer:
         self.model.to(self.device)
         self._projectors: dict[str, dict[str, Deconvnet]] = {}
         self._visualizers: dict[str, FeatureVisualizer] = {}
+        self._extractors: dict[tuple[str, ...], torch.nn.Module] = {}
 
-    def __call__(self, task: RenderTask) -> RenderResult:
+    def __call__(self, task: RenderTask | PictureTask) -> RenderResult:
+        if isinstance(task, PictureTask):
+            files = render_pictures(task, self._extract, self._normalised, self.preprocess)
+            return RenderResult(layer="", files=files, vis_act={}, units=len(task.views))
         files: dict[str, bytes] = {}
         if task.views:
             files.update(self._dataset_views(task))
@@ -171,22 +156,31 @@ class UnitRenderer:
                 recons[kind] = recon.cpu()
             maps = maps.cpu()
             for i, view in enumerate(chunk):
-                x0, y0, x1, y1 = view.box
                 crop = crop_box(open_rgb(task.images[view.image_key]), view.box)
-                heat = heat_in_original(maps[i], pp, view.width, view.height)[y0:y1, x0:x1]
+                heat = heat_in_box(maps[i][None], pp, view.width, view.height, view.box)[0]
                 fy0, fx0, fy1, fx1 = receptive.box(view.y, view.x, (size, size))
                 path = lambda kind: unit_file(task.layer, view.unit, kind, view.rank)  # noqa: E731, B023
-                files[path("crop")] = png_bytes(crop)
-                files[path("overlay")] = png_bytes(overlay(crop, heat))
+                files[path("crop")] = png_bytes(crop, compress_level=PHOTO_PNG_LEVEL)
+                files[path("overlay")] = png_bytes(overlay(crop, heat), compress_level=PHOTO_PNG_LEVEL)
                 for kind, recon in recons.items():
                     full = reconstruction_image(recon[i])
-                    files[path(kind)] = png_bytes(full)
-                    files[path(f"{kind}_crop")] = png_bytes(full.crop((fx0, fy0, fx1, fy1)))
+                    files[path(kind)] = png_bytes(full, compress_level=PHOTO_PNG_LEVEL)
+                    files[path(f"{kind}_crop")] = png_bytes(full.crop((fx0, fy0, fx1, fy1)),
+                                                            compress_level=PHOTO_PNG_LEVEL)
                 if view.rank == 0:
                     firsts[view.unit] = (view, {kind: recon[i] for kind, recon in recons.items()},
                                          float(maps[i, view.y, view.x]))
         files.update(self._image_dependence(task, views, firsts))
         return files
+
+    def _extract(self, layers: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every layer's activation (N, C, h, w) in one forward pass (a vector layer as (N, C, 1, 1))."""
+        key = tuple(layers)
+        if key not in self._extractors:
+            self._extractors[key] = feature_extractor(self.model, list(layers))
+        with torch.no_grad():
+            out = self._extractors[key](x)
+        return {name: value[:, :, None, None] if value.ndim == 2 else value for name, value in out.items()}
 
     def _normalised(self, blobs: list[bytes]) -> torch.Tensor:
         pixels = np.stack([decode_image(blob, self.preprocess)[0] for blob in blobs])
@@ -222,7 +216,7 @@ class UnitRenderer:
                             "max_pooling": str(projector.max_pooling).lower()}
                     # The rank-0 image again, now with the measurement in its text chunk.
                     files[unit_file(task.layer, first.unit, kind, 0)] = png_bytes(reconstruction_image(recons[kind]),
-                                                                                  text)
+                                                                                  text, PHOTO_PNG_LEVEL)
         return files
 
     def _visualize(self, layer: str, units: list[int], kind: str) -> tuple[dict[str, bytes], dict[int, float]]:

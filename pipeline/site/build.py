@@ -23,7 +23,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from pipeline.site.data import LayerData, SiteData, UnitData, load_site_data
 from pipeline.site.paths import UnsafePathError, layer_slug, url_path
-from pipeline.site.svg import fmt, histogram_svg, stats_svg
+from pipeline.site.svg import distribution_svg, fmt, fraction_svg, histogram_svg, stats_svg
 from pipeline.site.writer import MARKER, SiteWriter
 from pipeline.store import RunError, sql_string
 
@@ -139,6 +139,20 @@ def striking_units(layer: LayerData, count: int = STRIP_UNITS) -> list[UnitData]
     return sorted((u for u in layer.units if not u.dead), key=score, reverse=True)[:count]
 
 
+def layer_charts(layer: LayerData) -> dict:
+    """The index's small charts of one layer: its dead units, the distribution of its units' maxima and, once
+    feature visualizations exist, how many reach a higher activation than the unit's top-1 dataset image."""
+    name = layer.name
+    charts = {"dead": fraction_svg(layer.dead, len(layer.units), f"Dead units of layer {name}", "units dead"),
+              "maxima": distribution_svg([u.stats.get("max") for u in layer.units],
+                                         f"Distribution of the unit maxima of layer {name}", "units")}
+    rendered = [u for u in layer.units if u.featvis and u.featvis_act is not None and u.stats.get("max") is not None]
+    charts["beats"] = fraction_svg(sum(u.featvis_act > u.stats["max"] for u in rendered), len(rendered),
+                                   f"Feature visualizations of layer {name} above their top-1 image",
+                                   "visualizations above their top-1 image") if rendered else None
+    return charts
+
+
 class _Pages:
     """Renders each page with templates compiled once; media paths become relative URLs."""
 
@@ -189,7 +203,8 @@ class _Pages:
 
     def index(self, _: object) -> int:
         strips = {layer.name: striking_units(layer) for layer in self.data.layers}
-        return self._render("index", "index.html", "", layers=self.data.layers, strips=strips,
+        charts = {layer.name: layer_charts(layer) for layer in self.data.layers}
+        return self._render("index", "index.html", "", layers=self.data.layers, strips=strips, charts=charts,
                             manifest=self.data.manifest, output_layer=self.data.output_layer)
 
     def layer(self, layer: LayerData) -> int:

@@ -121,3 +121,43 @@ def stats_svg(stats: dict[str, float], title: str, width: int = 520, height: int
                      f'<text x="{x:.1f}" y="{y}" text-anchor="{anchor}">{key} {fmt(value)}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def fraction_svg(part: int, whole: int, title: str, label: str, width: int = 180, height: int = 30) -> Markup:
+    """A small bar filled to part / whole, with "part of whole label (percent)" written under it."""
+    share = part / whole if whole else 0.0
+    text = f"{part} of {whole} {label} ({100 * share:.0f}%)" if whole else f"no {label}"
+    filled = (width - 2) * share
+    return Markup(f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+                  f'aria-label="{escape(title)}: {escape(text)}"><title>{escape(title)}</title>'
+                  f'<rect class="track" x="1" y="2" width="{width - 2}" height="10" rx="2"/>'
+                  f'<rect class="fill" x="1" y="2" width="{filled:.1f}" height="10" rx="2"/>'
+                  f'<text x="1" y="{height - 3}">{escape(text)}</text></svg>')
+
+
+def distribution_svg(values: list[float], title: str, label: str, bins: int = 16, width: int = 180,
+                     height: int = 44) -> Markup:
+    """A small histogram of `values` (equal-width bins from their min to their max), min and max written under
+    it; `label` names what is counted (in the tooltip of each bar)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return Markup(f'<p class="muted">no {escape(label)}</p>')
+    lo, hi = min(finite), max(finite)
+    counts = [0] * bins
+    for value in finite:
+        counts[min(bins - 1, int((value - lo) / (hi - lo) * bins)) if hi > lo else 0] += 1
+    peak, plot_h, bar_w = max(counts), height - 16, width / bins
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+             f'aria-label="{escape(title)}"><title>{escape(title)}</title>']
+    step = (hi - lo) / bins
+    for i, count in enumerate(counts):
+        if not count:
+            continue
+        h = max(1.0, plot_h * count / peak)
+        parts.append(f'<rect class="bar" x="{i * bar_w:.1f}" y="{plot_h - h:.1f}" width="{max(bar_w - 1, 0.8):.1f}" '
+                     f'height="{h:.1f}"><title>{fmt(lo + i * step)} to {fmt(lo + (i + 1) * step)}: {count} '
+                     f'{escape(label)}</title></rect>')
+    parts.append(f'<line class="axis" x1="0" y1="{plot_h}" x2="{width}" y2="{plot_h}"/>'
+                 f'<text x="0" y="{height - 2}">{fmt(lo)}</text>'
+                 f'<text x="{width}" y="{height - 2}" text-anchor="end">{fmt(hi)}</text></svg>')
+    return Markup("".join(parts))
