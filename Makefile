@@ -37,9 +37,11 @@ browser:
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest
 
-# ruff's checks (pyproject.toml, [tool.ruff]); part of `make test`, so CI runs them.
+# ruff's checks and its formatter's verdict (pyproject.toml, [tool.ruff]); part of `make test`, so CI runs them.
+# `.venv/bin/ruff format pipeline tests scripts` formats.
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests scripts
+	$(BIN)/ruff format --check pipeline tests scripts
 
 # The inner loop: everything but the real multi-node cluster and the browser (about half the suite's time).
 test-quick: $(STAMP) lint

@@ -15,6 +15,7 @@ holds the rows `atlas query` prints for the same SQL. Images are read only throu
 (pipeline.site.paths.RunFiles: never a path from data that leaves the run) and every data-derived string in the
 HTML is escaped.
 """
+
 from __future__ import annotations
 
 import base64
@@ -49,7 +50,8 @@ _STYLE = Markup(
     ".atlas-nb .none{width:96px;height:96px;display:flex;align-items:center;justify-content:center;color:#888;"
     "border:1px dashed #ccc;font-size:11px}.atlas-nb .muted{color:#777}.atlas-nb svg{max-width:520px}"
     ".atlas-nb svg text{font-size:10px;fill:#333}.atlas-nb svg .axis{stroke:#555}.atlas-nb svg .bar{fill:#4878b8}"
-    ".atlas-nb table{border-collapse:collapse}.atlas-nb td,.atlas-nb th{padding:1px 6px;text-align:right}</style>")
+    ".atlas-nb table{border-collapse:collapse}.atlas-nb td,.atlas-nb th{padding:1px 6px;text-align:right}</style>"
+)
 
 
 class Run:
@@ -166,16 +168,27 @@ class Run:
         if "units" in self.views:
             rows = self._con.execute(
                 "SELECT layer, count(*), count(*) FILTER (WHERE dead), max(max) FROM units "
-                "GROUP BY layer, layer_index ORDER BY layer_index").fetchall()
-        table = Markup("").join(Markup("<tr><td style='text-align:left'>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>")
-                                .format(layer, units, dead, fmt(peak)) for layer, units, dead, peak in rows)
+                "GROUP BY layer, layer_index ORDER BY layer_index"
+            ).fetchall()
+        table = Markup("").join(
+            Markup("<tr><td style='text-align:left'>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>").format(
+                layer, units, dead, fmt(peak)
+            )
+            for layer, units, dead, peak in rows
+        )
         model = manifest.get("model", {}).get("spec")
         head = Markup("<h4>{}</h4><p>{} · {} images ({} unreadable) · views: {}</p>").format(
-            self.url or self.path, model or manifest.get("kind", "run"), counts.get("images", "?"),
-            counts.get("images_error", 0), ", ".join(self.views))
+            self.url or self.path,
+            model or manifest.get("kind", "run"),
+            counts.get("images", "?"),
+            counts.get("images_error", 0),
+            ", ".join(self.views),
+        )
         if rows:
-            head += Markup("<table><tr><th style='text-align:left'>layer</th><th>units</th><th>dead</th>"
-                           "<th>max activation</th></tr>{}</table>").format(table)
+            head += Markup(
+                "<table><tr><th style='text-align:left'>layer</th><th>units</th><th>dead</th>"
+                "<th>max activation</th></tr>{}</table>"
+            ).format(table)
         return str(Markup('<div class="atlas-nb">{}{}</div>').format(_STYLE, head))
 
 
@@ -199,7 +212,7 @@ class Layer:
     def unit(self, unit: int) -> "Unit":
         count = len(self)
         try:
-            number = operator.index(unit)   # an int, or a numpy integer from a DataFrame
+            number = operator.index(unit)  # an int, or a numpy integer from a DataFrame
         except TypeError:
             number = -1
         if not 0 <= number < count:
@@ -210,21 +223,34 @@ class Layer:
         return f"Layer({self.name!r}, {len(self)} units)"
 
     def _repr_html_(self) -> str:
-        pictures = dict(self.run.con.execute(
-            "SELECT unit, arg_min(path, CASE kind WHEN 'featvis' THEN 0 ELSE 1 END) FROM atlas "
-            "WHERE layer = ? AND (kind = 'featvis' OR (kind = 'crop' AND rank = 0)) GROUP BY unit",
-            [self.name]).fetchall())
-        units = self.run.con.execute("SELECT unit, dead, max FROM units WHERE layer = ? ORDER BY unit LIMIT ?",
-                                     [self.name, self.GRID_UNITS]).fetchall()
+        pictures = dict(
+            self.run.con.execute(
+                "SELECT unit, arg_min(path, CASE kind WHEN 'featvis' THEN 0 ELSE 1 END) FROM atlas "
+                "WHERE layer = ? AND (kind = 'featvis' OR (kind = 'crop' AND rank = 0)) GROUP BY unit",
+                [self.name],
+            ).fetchall()
+        )
+        units = self.run.con.execute(
+            "SELECT unit, dead, max FROM units WHERE layer = ? ORDER BY unit LIMIT ?", [self.name, self.GRID_UNITS]
+        ).fetchall()
         figures = Markup("").join(
-            _figure(self.run.image_src(pictures.get(unit)),
-                    Markup("{} · {}").format(unit, "dead" if dead else f"max {fmt(peak)}"), "not rendered")
-            for unit, dead, peak in units)
+            _figure(
+                self.run.image_src(pictures.get(unit)),
+                Markup("{} · {}").format(unit, "dead" if dead else f"max {fmt(peak)}"),
+                "not rendered",
+            )
+            for unit, dead, peak in units
+        )
         more = len(self) - len(units)
-        note = Markup("<p class='muted'>... and {} more units (layer.units has them all)</p>").format(more) if more else ""
-        return str(Markup('<div class="atlas-nb">{}<h4>{} · {} units</h4><p class="muted">feature visualization, '
-                          'else the top-1 crop</p><div class="row">{}</div>{}</div>').format(
-            _STYLE, self.name, len(self), figures, note))
+        note = (
+            Markup("<p class='muted'>... and {} more units (layer.units has them all)</p>").format(more) if more else ""
+        )
+        return str(
+            Markup(
+                '<div class="atlas-nb">{}<h4>{} · {} units</h4><p class="muted">feature visualization, '
+                'else the top-1 crop</p><div class="row">{}</div>{}</div>'
+            ).format(_STYLE, self.name, len(self), figures, note)
+        )
 
 
 class Unit:
@@ -248,51 +274,79 @@ class Unit:
     @property
     def pictures(self):
         """The unit's rendered images (the atlas view: crops, overlays, reconstructions, feature visualization)."""
-        return self.run.df("SELECT * FROM atlas WHERE layer = ? AND unit = ? ORDER BY kind, rank",
-                           [self.layer, self.unit])
+        return self.run.df(
+            "SELECT * FROM atlas WHERE layer = ? AND unit = ? ORDER BY kind, rank", [self.layer, self.unit]
+        )
 
     def histogram_svg(self) -> str:
         """The distribution of the unit's per-image maxima (the scan's sketch) as a small inline SVG."""
         stats = self.stats
-        return str(histogram_svg(list(stats["sketch_buckets"] or []), list(stats["sketch_counts"] or []),
-                                 f"{self.layer} unit {self.unit}: per-image maxima"))
+        return str(
+            histogram_svg(
+                list(stats["sketch_buckets"] or []),
+                list(stats["sketch_counts"] or []),
+                f"{self.layer} unit {self.unit}: per-image maxima",
+            )
+        )
 
     def __repr__(self) -> str:
         return f"Unit({self.layer!r}, {self.unit})"
 
     def _repr_html_(self) -> str:
         stats = self.stats
-        paths = {(kind, rank): (path, featvis_act, top1_act) for kind, rank, path, featvis_act, top1_act in
-                 self.run.con.execute("SELECT kind, rank, path, featvis_act, top1_act FROM atlas "
-                                      "WHERE layer = ? AND unit = ?", [self.layer, self.unit]).fetchall()}
+        paths = {
+            (kind, rank): (path, featvis_act, top1_act)
+            for kind, rank, path, featvis_act, top1_act in self.run.con.execute(
+                "SELECT kind, rank, path, featvis_act, top1_act FROM atlas WHERE layer = ? AND unit = ?",
+                [self.layer, self.unit],
+            ).fetchall()
+        }
         parts = [Markup("<h4>{} · unit {}{}</h4>").format(self.layer, self.unit, " (dead)" if stats["dead"] else "")]
         for kind, title in (("featvis", "feature visualization"), ("classvis", "class visualization")):
             if (kind, 0) in paths:
                 path, reached, top1 = paths[(kind, 0)]
                 caption = Markup("{}<br>reaches {} (top-1 image {})").format(title, fmt(reached), fmt(top1))
-                parts.append(Markup('<div class="row">{}</div>').format(
-                    _figure(self.run.image_src(path), caption, "missing", big=True)))
+                parts.append(
+                    Markup('<div class="row">{}</div>').format(
+                        _figure(self.run.image_src(path), caption, "missing", big=True)
+                    )
+                )
         crops = Markup("").join(
-            _figure(self.run.image_src((paths.get(("crop", rank)) or (None,))[0]),
-                    Markup("#{} · {}<br>{}").format(rank, fmt(act), label if label is not None else "–"),
-                    "not rendered", title=key)
+            _figure(
+                self.run.image_src((paths.get(("crop", rank)) or (None,))[0]),
+                Markup("#{} · {}<br>{}").format(rank, fmt(act), label if label is not None else "–"),
+                "not rendered",
+                title=key,
+            )
             for rank, key, label, act in self.run.con.execute(
                 "SELECT rank, image_key, label, act FROM topk WHERE layer = ? AND unit = ? ORDER BY rank",
-                [self.layer, self.unit]).fetchall())
-        parts.append(Markup('<p class="muted">top-k images: rank · activation, label</p><div class="row">{}</div>')
-                     .format(crops))
-        cells = Markup("").join(Markup("<tr><th style='text-align:left'>{}</th><td>{}</td></tr>").format(
-            name, stats[name] if isinstance(stats[name], (bool, int)) else fmt(stats[name])) for name in STAT_COLUMNS)
-        parts.append(Markup('<div class="row"><table>{}</table>{}</div>').format(
-            cells, Markup(self.histogram_svg())))
+                [self.layer, self.unit],
+            ).fetchall()
+        )
+        parts.append(
+            Markup('<p class="muted">top-k images: rank · activation, label</p><div class="row">{}</div>').format(crops)
+        )
+        cells = Markup("").join(
+            Markup("<tr><th style='text-align:left'>{}</th><td>{}</td></tr>").format(
+                name, stats[name] if isinstance(stats[name], (bool, int)) else fmt(stats[name])
+            )
+            for name in STAT_COLUMNS
+        )
+        parts.append(Markup('<div class="row"><table>{}</table>{}</div>').format(cells, Markup(self.histogram_svg())))
         return str(Markup('<div class="atlas-nb">{}{}</div>').format(_STYLE, Markup("").join(parts)))
 
 
-def _figure(src: str | None, caption: Markup | str, missing: str, big: bool = False, title: str | None = None) -> Markup:
-    image = (Markup('<img src="{}" alt="" title="{}">').format(src, title or "") if src
-             else Markup('<div class="none">{}</div>').format(missing))
-    return Markup('<figure{}>{}<figcaption>{}</figcaption></figure>').format(
-        Markup(' class="big"') if big else "", image, caption)
+def _figure(
+    src: str | None, caption: Markup | str, missing: str, big: bool = False, title: str | None = None
+) -> Markup:
+    image = (
+        Markup('<img src="{}" alt="" title="{}">').format(src, title or "")
+        if src
+        else Markup('<div class="none">{}</div>').format(missing)
+    )
+    return Markup("<figure{}>{}<figcaption>{}</figcaption></figure>").format(
+        Markup(' class="big"') if big else "", image, caption
+    )
 
 
 def _wanted(relative: str) -> bool:

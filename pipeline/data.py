@@ -11,6 +11,7 @@ An image that cannot be decoded keeps its row with status 'error' and the messag
 Keys are stable across runs: the relative path for folders, the sample's ``__key__`` for WebDataset,
 the key column (or file name + content hash) for Parquet.
 """
+
 from __future__ import annotations
 
 import glob
@@ -111,8 +112,11 @@ def _list_images(root: str) -> list[str]:
     found = []
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        found.extend(os.path.join(directory, n) for n in sorted(names)
-                     if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and not n.startswith("."))
+        found.extend(
+            os.path.join(directory, n)
+            for n in sorted(names)
+            if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and not n.startswith(".")
+        )
     return found
 
 
@@ -168,8 +172,13 @@ class Decoder:
     Side-effect free and usable without Ray: ``Decoder(spec, preprocess)(batch_dict) -> batch_dict``.
     """
 
-    def __init__(self, spec: SourceSpec, preprocess: Preprocess, skip: dict[str, frozenset[str]] | None = None,
-                 defer_jpeg: bool = False):
+    def __init__(
+        self,
+        spec: SourceSpec,
+        preprocess: Preprocess,
+        skip: dict[str, frozenset[str]] | None = None,
+        defer_jpeg: bool = False,
+    ):
         self.spec = spec
         self.preprocess = preprocess
         # source_id -> keys already covered by committed flushes (a resumed scan): dropped before decoding.
@@ -185,14 +194,14 @@ class Decoder:
             label = rel.split("/", 1)[0] if "/" in rel else None
             return rel, path, label, batch["bytes"][i]
         if self.spec.kind == "webdataset":
-            data = next((batch[ext][i] for ext in IMAGE_EXTENSIONS
-                         if ext in batch and batch[ext][i] is not None), None)
+            data = next((batch[ext][i] for ext in IMAGE_EXTENSIONS if ext in batch and batch[ext][i] is not None), None)
             label = next((_as_text(batch[c][i]) for c in ("cls", "label", "txt") if c in batch), None)
             return str(batch["__key__"][i]), str(batch["__url__"][i]), label, data
         image_col = next((c for c in PARQUET_IMAGE_COLUMNS if c in batch), None)
         if image_col is None:
-            raise DataError(f"parquet source has none of the image columns {PARQUET_IMAGE_COLUMNS}; "
-                            f"columns are {sorted(batch)}")
+            raise DataError(
+                f"parquet source has none of the image columns {PARQUET_IMAGE_COLUMNS}; columns are {sorted(batch)}"
+            )
         data = batch[image_col][i]
         if isinstance(data, dict):  # Hugging Face style struct {bytes, path}
             data = data.get("bytes")
@@ -246,7 +255,6 @@ class Decoder:
             "error": np.array(errors, dtype=object),
             "pixels": pixels,
         } | ({"encoded": np.array(encoded, dtype=object)} if self.defer_jpeg else {})
-
 
     def _drop_covered(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         keep = np.ones(n, dtype=bool)

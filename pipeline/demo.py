@@ -6,6 +6,7 @@ local Ray, the run is queried with DuckDB, atlas images (crops, overlays, deconv
 and class visualizations) are rendered for a few units and classes, the early layers are dissected on the
 built-in probe (unit labels), and the static site is built.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,7 +19,8 @@ from pipeline.models import ModelConfig
 from pipeline.query import format_result, run_query
 from pipeline.ray_session import ray_session
 from pipeline.render.plan import DEFAULT_PICTURES
-from pipeline.render.runner import RenderOptions, render_run
+from pipeline.render.plan import RenderOptions
+from pipeline.render.runner import render_run
 from pipeline.render.worker import VisSettings
 from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import connect
@@ -36,13 +38,19 @@ DEMO_EXPLAIN_IMAGES = 4
 DEMO_PROBE = "builtin:colors-textures"
 DEMO_DISSECT_LAYERS = tuple(f"features.{i}" for i in range(8))
 
-DEMO_QUERY = ("SELECT layer, count(*) AS units, sum(dead::INT) AS dead, round(avg(frac_active), 3) AS frac_active "
-              "FROM units GROUP BY layer, layer_index ORDER BY layer_index")
-TOP_QUERY = ("SELECT unit, rank, image_key, label, round(act, 2) AS act, box_x0, box_y0, box_x1, box_y1 "
-             "FROM topk WHERE layer = 'features.14' AND unit = 7 ORDER BY rank LIMIT 5")
-VIS_QUERY = ("SELECT layer, kind, count(*) AS images, round(median(featvis_act / top1_act), 2) AS median_ratio, "
-             "sum((featvis_act > top1_act)::INT) AS above_top1 FROM atlas WHERE kind IN ('featvis', 'classvis') "
-             "GROUP BY layer, kind ORDER BY layer")
+DEMO_QUERY = (
+    "SELECT layer, count(*) AS units, sum(dead::INT) AS dead, round(avg(frac_active), 3) AS frac_active "
+    "FROM units GROUP BY layer, layer_index ORDER BY layer_index"
+)
+TOP_QUERY = (
+    "SELECT unit, rank, image_key, label, round(act, 2) AS act, box_x0, box_y0, box_x1, box_y1 "
+    "FROM topk WHERE layer = 'features.14' AND unit = 7 ORDER BY rank LIMIT 5"
+)
+VIS_QUERY = (
+    "SELECT layer, kind, count(*) AS images, round(median(featvis_act / top1_act), 2) AS median_ratio, "
+    "sum((featvis_act > top1_act)::INT) AS above_top1 FROM atlas WHERE kind IN ('featvis', 'classvis') "
+    "GROUP BY layer, kind ORDER BY layer"
+)
 
 
 def run_demo(out: str = "runs/demo", images: int = 600, overwrite: bool = False, progress: bool = True) -> int:
@@ -54,14 +62,25 @@ def run_demo(out: str = "runs/demo", images: int = 600, overwrite: bool = False,
 
 def _run_demo(out: str, images: int, overwrite: bool, progress: bool) -> int:
     data = make_photo_folder(os.path.join(os.path.dirname(os.path.abspath(out)) or ".", "demo-photos"), images)
-    manifest = run_scan(ScanConfig(
-        model=ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights()),
-        data=data, out=out, layers=f"all,{DEMO_OUTPUT_LAYER}", k=16, record="all", batch_size=32, overwrite=overwrite,
-        progress=progress))
+    manifest = run_scan(
+        ScanConfig(
+            model=ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights()),
+            data=data,
+            out=out,
+            layers=f"all,{DEMO_OUTPUT_LAYER}",
+            k=16,
+            record="all",
+            batch_size=32,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    )
     counts = manifest["counts"]
-    print(f"\nScanned {counts['images_ok']} real photos with MobileNetV2 (ImageNet weights): "
-          f"{counts['layers']} layers, {counts['units']} units, {counts['dead_units']} dead, "
-          f"{manifest['timings']['images_per_second']} images/s.")
+    print(
+        f"\nScanned {counts['images_ok']} real photos with MobileNetV2 (ImageNet weights): "
+        f"{counts['layers']} layers, {counts['units']} units, {counts['dead_units']} dead, "
+        f"{manifest['timings']['images_per_second']} images/s."
+    )
     columns, rows = run_query(out, DEMO_QUERY)
     print("\nUnits per layer (atlas query):\n" + format_result(columns, rows, "table"))
     columns, rows = run_query(out, TOP_QUERY)
@@ -71,35 +90,66 @@ def _run_demo(out: str, images: int, overwrite: bool, progress: bool) -> int:
     # class visualizations to the classes the photos score highest, with fewer gradient-ascent steps than the
     # default (a full atlas of every unit is a long job: docs/rendering.md).
     vis = VisSettings(steps=DEMO_STEPS)
-    top_classes = [unit for (unit,) in connect(out).execute(
-        f"SELECT unit FROM units WHERE layer = '{DEMO_OUTPUT_LAYER}' ORDER BY max DESC LIMIT {DEMO_CLASSES}").fetchall()]
-    render_run(out, RenderOptions(layers=DEMO_RENDER_LAYERS, units=frozenset(range(DEMO_RENDER_UNITS)),
-                                  pictures=DEFAULT_PICTURES, vis=vis, progress=progress))
+    top_classes = [
+        unit
+        for (unit,) in connect(out)
+        .execute(f"SELECT unit FROM units WHERE layer = '{DEMO_OUTPUT_LAYER}' ORDER BY max DESC LIMIT {DEMO_CLASSES}")
+        .fetchall()
+    ]
+    render_run(
+        out,
+        RenderOptions(
+            layers=DEMO_RENDER_LAYERS,
+            units=frozenset(range(DEMO_RENDER_UNITS)),
+            pictures=DEFAULT_PICTURES,
+            vis=vis,
+            progress=progress,
+        ),
+    )
     # Naming the output layer renders its units' views and their class visualizations.
-    index = render_run(out, RenderOptions(layers=(DEMO_OUTPUT_LAYER,), units=frozenset(top_classes), vis=vis,
-                                          progress=progress))
-    pictures = sum(1 for kind, rank in zip(index.column("kind").to_pylist(), index.column("rank").to_pylist())
-                   if kind == "crop" and rank == 0)
-    print(f"\nRendered {index.num_rows} atlas images: the top {DEFAULT_PICTURES} crop(s) and heat overlay(s) of "
-          f"every live unit ({pictures} units); every top image's crop, overlay and reconstructions, and feature "
-          f"visualizations, for units 0-{DEMO_RENDER_UNITS - 1} of {', '.join(DEMO_RENDER_LAYERS)}; class "
-          f"visualizations of the {DEMO_CLASSES} classes the photos score highest.")
+    index = render_run(
+        out, RenderOptions(layers=(DEMO_OUTPUT_LAYER,), units=frozenset(top_classes), vis=vis, progress=progress)
+    )
+    pictures = sum(
+        1
+        for kind, rank in zip(index.column("kind").to_pylist(), index.column("rank").to_pylist())
+        if kind == "crop" and rank == 0
+    )
+    print(
+        f"\nRendered {index.num_rows} atlas images: the top {DEFAULT_PICTURES} crop(s) and heat overlay(s) of "
+        f"every live unit ({pictures} units); every top image's crop, overlay and reconstructions, and feature "
+        f"visualizations, for units 0-{DEMO_RENDER_UNITS - 1} of {', '.join(DEMO_RENDER_LAYERS)}; class "
+        f"visualizations of the {DEMO_CLASSES} classes the photos score highest."
+    )
     columns, rows = run_query(out, VIS_QUERY)
     print("Feature visualizations reach beyond the best photo (atlas query):\n" + format_result(columns, rows, "table"))
     # Per-image explanations of the best photo of each top class, so the class pages show why it scored.
-    keys = [key for (key,) in connect(out).execute(
-        f"SELECT image_key FROM topk WHERE layer = '{DEMO_OUTPUT_LAYER}' AND rank = 0 AND unit IN "
-        f"({', '.join(map(str, top_classes))}) ORDER BY act DESC").fetchall()]
+    keys = [
+        key
+        for (key,) in connect(out)
+        .execute(
+            f"SELECT image_key FROM topk WHERE layer = '{DEMO_OUTPUT_LAYER}' AND rank = 0 AND unit IN "
+            f"({', '.join(map(str, top_classes))}) ORDER BY act DESC"
+        )
+        .fetchall()
+    ]
     explained = explain_run_images(out, count=DEMO_EXPLAIN_IMAGES, keys=keys, stride=32)
-    print(f"Explained {len(explained)} photos (saliency, occlusion, CAM, Grad-CAM): "
-          f"{os.path.join(os.path.abspath(out), 'explain')}")
-    record = dissect_run(DissectConfig(run=out, probe=DEMO_PROBE, layers=",".join(DEMO_DISSECT_LAYERS),
-                                       progress=progress))
+    print(
+        f"Explained {len(explained)} photos (saliency, occlusion, CAM, Grad-CAM): "
+        f"{os.path.join(os.path.abspath(out), 'explain')}"
+    )
+    record = dissect_run(
+        DissectConfig(run=out, probe=DEMO_PROBE, layers=",".join(DEMO_DISSECT_LAYERS), progress=progress)
+    )
     counts = record["labelled_units"]
-    print(f"\nUnit labels (network dissection on {DEMO_PROBE}, IoU > {record['iou_cutoff']}): "
-          + "; ".join(f"{layer} {', '.join(f'{n} {c}' for c, n in sorted(counts.get(layer, {}).items())) or 'none'}"
-                      for layer in DEMO_DISSECT_LAYERS)
-          + f"\n  and every unit's strongest photo label: atlas query {out} \"SELECT * FROM labels\"")
+    print(
+        f"\nUnit labels (network dissection on {DEMO_PROBE}, IoU > {record['iou_cutoff']}): "
+        + "; ".join(
+            f"{layer} {', '.join(f'{n} {c}' for c, n in sorted(counts.get(layer, {}).items())) or 'none'}"
+            for layer in DEMO_DISSECT_LAYERS
+        )
+        + f'\n  and every unit\'s strongest photo label: atlas query {out} "SELECT * FROM labels"'
+    )
     site = build_site(out, progress=progress)
     print(f"Atlas site ({site.pages} pages): open file://{site.index}")
     print(f"Run directory: {os.path.abspath(out)}")

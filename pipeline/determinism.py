@@ -6,6 +6,7 @@ implementations where it has them. Where it has none (`grid_sample`'s backward, 
 and scaling, and adaptive average pooling's backward), PyTorch warns instead of failing, and those pictures may
 differ in the last bits between runs: docs/rendering.md says so.
 """
+
 from __future__ import annotations
 
 import logging

@@ -9,6 +9,7 @@ not bit-identical to the CPU path's (a different IDCT and resampling implementat
 measures the difference on real photos), so `decode` is part of a scan's fingerprint: top-k is exact for the
 pixels the model saw, and a scan never mixes the two.
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,7 +86,7 @@ class DeviceDecoder:
         if (new_w, new_h) != (width, height):
             x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
         size = self.preprocess.image_size
-        x = x[0, :, top:top + size, left:left + size]
+        x = x[0, :, top : top + size, left : left + size]
         return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
 
 

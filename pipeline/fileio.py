@@ -5,6 +5,7 @@ directory, given mode ``0o666 & ~umask`` (``tempfile.mkstemp`` alone makes 0600,
 a site copied to a static host could not be read by anyone else), then renamed over the target, so a reader sees
 the old file or the new one, never half of one. A failed write leaves no temporary file behind.
 """
+
 from __future__ import annotations
 
 import json

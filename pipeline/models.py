@@ -5,6 +5,7 @@ A model spec is one of:
   * ``module:package.module:factory``  a user's callable returning an ``nn.Module``
   * a path to a TorchScript file       (whole-model only: see `load_model`)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -133,14 +134,16 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for bad files
-        raise ModelError(f"cannot read weights {path} as a state dict (loaded with weights_only=True): {error}") from error
+        raise ModelError(
+            f"cannot read weights {path} as a state dict (loaded with weights_only=True): {error}"
+        ) from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path} is not a state dict of tensors")
     # Checkpoints saved from DataParallel/DistributedDataParallel prefix every key with 'module.'.
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -153,14 +156,20 @@ def _load_weights(model: nn.Module, path: str) -> None:
             state[key] = expected[key]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shape_mismatch = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
-                      if k in expected and expected[k].shape != v.shape]
+    shape_mismatch = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and expected[k].shape != v.shape
+    ]
     if missing or unexpected or shape_mismatch:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
         raise ModelError(
             f"weights {path} do not match the model: missing keys [{show(missing)}], "
-            f"unexpected keys [{show(unexpected)}], shape mismatches [{show(shape_mismatch)}]")
+            f"unexpected keys [{show(unexpected)}], shape mismatches [{show(shape_mismatch)}]"
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -203,8 +212,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
         if weights_enum is not None:
             weights_match = {"entry": str(weights_enum), "matched_by": matched_by}
             if matched_by == "assumed":
-                logger.info("weights %s match no %s entry by sha256; preprocessing and categories assumed "
-                            "from %s", weights or "(none: random init)", type(weights_enum).__name__, weights_enum)
+                logger.info(
+                    "weights %s match no %s entry by sha256; preprocessing and categories assumed from %s",
+                    weights or "(none: random init)",
+                    type(weights_enum).__name__,
+                    weights_enum,
+                )
             transforms = weights_enum.transforms()
             mean, std = tuple(transforms.mean), tuple(transforms.std)
             default_size = int(transforms.crop_size[0])
@@ -218,8 +231,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
     elif os.path.isfile(spec):
         model = _torchscript_model(spec)
     else:
-        raise ModelError(f"model spec {spec!r} is neither torchvision:NAME, module:pkg.mod:factory, "
-                         "nor an existing TorchScript file")
+        raise ModelError(
+            f"model spec {spec!r} is neither torchvision:NAME, module:pkg.mod:factory, nor an existing TorchScript file"
+        )
     if weights and weights != "DEFAULT":
         _load_weights(model, weights)
     if categories and len(categories) != _output_classes(model):
@@ -230,13 +244,20 @@ def load_model(config: ModelConfig) -> LoadedModel:
     preprocess = Preprocess(
         image_size=image_size,
         resize=config.resize or default_resize(image_size, crop_ratio),
-        mean=tuple(config.mean or mean), std=tuple(config.std or std),
-        **{name: getattr(config, name) for name in LIMITS if getattr(config, name) is not None})
+        mean=tuple(config.mean or mean),
+        std=tuple(config.std or std),
+        **{name: getattr(config, name) for name in LIMITS if getattr(config, name) is not None},
+    )
     if os.path.isfile(spec):
         digest = digest or file_sha256(spec)
-    return LoadedModel(model=model, preprocess=preprocess, weights_sha256=digest, categories=categories, meta=meta,
-                       weights_match=weights_match)
-
+    return LoadedModel(
+        model=model,
+        preprocess=preprocess,
+        weights_sha256=digest,
+        categories=categories,
+        meta=meta,
+        weights_match=weights_match,
+    )
 
 
 def load_scanned_model(manifest: dict, run: str, needed_by: str) -> tuple[ModelConfig, LoadedModel]:
@@ -245,8 +266,10 @@ def load_scanned_model(manifest: dict, run: str, needed_by: str) -> tuple[ModelC
     config = ModelConfig.from_dict(manifest["config"]["model"])
     loaded = load_model(config)
     if manifest.get("model", {}).get("weights_sha256") not in (None, loaded.weights_sha256):
-        raise ModelError(f"the weights of {run} changed since its scan (sha256 differs); {needed_by} needs the "
-                         "scanned weights (re-run the scan)")
+        raise ModelError(
+            f"the weights of {run} changed since its scan (sha256 differs); {needed_by} needs the "
+            "scanned weights (re-run the scan)"
+        )
     return config, loaded
 
 
@@ -282,8 +305,10 @@ def layer_shapes(model: nn.Module, image_size: int) -> list[LayerInfo]:
     it like any layer (top-k images per class for the output layer).
     """
     if isinstance(model, torch.jit.ScriptModule):
-        raise ModelError("TorchScript models cannot expose inner layers (PyTorch does not run hooks on "
-                         "ScriptModules); export the model with torch.export or give its Python factory")
+        raise ModelError(
+            "TorchScript models cannot expose inner layers (PyTorch does not run hooks on "
+            "ScriptModules); export the model with torch.export or give its Python factory"
+        )
     shapes: dict[str, LayerInfo] = {}
     handles = []
     for name, module in model.named_modules():
@@ -294,6 +319,7 @@ def layer_shapes(model: nn.Module, image_size: int) -> list[LayerInfo]:
             if isinstance(output, torch.Tensor) and output.ndim in (2, 4) and name not in shapes:
                 shape = tuple(int(s) for s in output.shape[1:])
                 shapes[name] = LayerInfo(name, kind, shape if len(shape) == 3 else (shape[0], 1, 1))
+
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.inference_mode():
@@ -331,8 +357,11 @@ def _contains_conv(module: nn.Module) -> bool:
 def _is_conv_norm_act(module: nn.Module) -> bool:
     """A flat conv [+ norm] [+ activation] sequence (torchvision's Conv2dNormActivation): one block."""
     children = list(module.children())
-    return (bool(children) and sum(isinstance(c, nn.Conv2d) for c in children) == 1
-            and all(isinstance(c, (nn.Conv2d, *_NORMS, *_PRIMITIVE_ACTIVATIONS, nn.Dropout)) for c in children))
+    return (
+        bool(children)
+        and sum(isinstance(c, nn.Conv2d) for c in children) == 1
+        and all(isinstance(c, (nn.Conv2d, *_NORMS, *_PRIMITIVE_ACTIVATIONS, nn.Dropout)) for c in children)
+    )
 
 
 def conv_block_outputs(model: nn.Module, candidates: list[str]) -> list[str]:
@@ -350,15 +379,18 @@ def conv_block_outputs(model: nn.Module, candidates: list[str]) -> list[str]:
         children = list(parent.named_children())
         for index, (name, child) in enumerate(children):
             qualified = f"{prefix}{name}"
-            if isinstance(child, (nn.Sequential, nn.ModuleList)) and _contains_conv(child) \
-                    and not _is_conv_norm_act(child):
+            if (
+                isinstance(child, (nn.Sequential, nn.ModuleList))
+                and _contains_conv(child)
+                and not _is_conv_norm_act(child)
+            ):
                 visit(child, qualified + ".")
                 continue
             if not _contains_conv(child) or qualified not in allowed:
                 continue
             if isinstance(child, nn.Conv2d):
                 # Walk past norm layers to the activation that rectifies this conv, if any.
-                for follower_name, follower in children[index + 1:]:
+                for follower_name, follower in children[index + 1 :]:
                     if isinstance(follower, _NORMS):
                         continue
                     if isinstance(follower, _PRIMITIVE_ACTIVATIONS) and f"{prefix}{follower_name}" in allowed:
@@ -383,8 +415,7 @@ def resolve_layers(model: nn.Module, image_size: int, requested: str | list[str]
     names = list(dict.fromkeys(names))
     unknown = [name for name in names if name not in by_name]
     if unknown or not names:
-        raise ModelError(f"unknown layer(s) {', '.join(unknown) or '(none given)'}; valid layers: "
-                         f"{', '.join(by_name)}")
+        raise ModelError(f"unknown layer(s) {', '.join(unknown) or '(none given)'}; valid layers: {', '.join(by_name)}")
     for name in names:
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
             raise ModelError(f"layer name {name!r} has characters that cannot name a partition directory")
@@ -406,6 +437,7 @@ class _HookExtractor(nn.Module):
             # Returns None: a hook's return value would replace the module's output.
             def hook(_module, _inputs, output) -> None:
                 captured.setdefault(name, output)
+
             return hook
 
         handles = [modules[name].register_forward_hook(keep_first_call(name)) for name in self.layers]

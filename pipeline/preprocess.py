@@ -12,6 +12,7 @@ range (`to_rgb`): 16-bit grayscale to its nearest 8-bit value, modes without a d
 The same numbers map a box in network-input pixels back to ORIGINAL image pixels (`to_original_box`),
 so the scan can store boxes that later stages cut from the untouched source images.
 """
+
 from __future__ import annotations
 
 import io
@@ -79,8 +80,10 @@ class Preprocess:
         for name in ("image_size", "resize") + LIMITS:
             check_range(name, getattr(self, name))
         if self.resize < self.image_size:
-            raise ValueError(f"resize ({self.resize}) must be >= image_size ({self.image_size}): "
-                             "the centre crop cannot be larger than the resized image")
+            raise ValueError(
+                f"resize ({self.resize}) must be >= image_size ({self.image_size}): "
+                "the centre crop cannot be larger than the resized image"
+            )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need 3 values each and std > 0; got mean={self.mean} std={self.std}")
 
@@ -111,21 +114,29 @@ class Preprocess:
         side, short = max(width, height), max(min(width, height), 1)
         hint = "(atlas scan --max-{}, job file scan.max_{})"
         if side > self.max_side:
-            raise DecodeError(f"image is {width} x {height} pixels: a side over max_side {self.max_side} "
-                              + hint.format("side", "side"))
+            raise DecodeError(
+                f"image is {width} x {height} pixels: a side over max_side {self.max_side} "
+                + hint.format("side", "side")
+            )
         if width * height > self.max_pixels:
-            raise DecodeError(f"image is {width} x {height} = {width * height:,} pixels, over max_pixels "
-                              f"{self.max_pixels:,} " + hint.format("pixels", "pixels"))
+            raise DecodeError(
+                f"image is {width} x {height} = {width * height:,} pixels, over max_pixels "
+                f"{self.max_pixels:,} " + hint.format("pixels", "pixels")
+            )
         if side / short > self.max_aspect:
-            raise DecodeError(f"image is {width} x {height} pixels: aspect ratio {side / short:.4g}:1 over "
-                              f"max_aspect {self.max_aspect:g} " + hint.format("aspect", "aspect"))
+            raise DecodeError(
+                f"image is {width} x {height} pixels: aspect ratio {side / short:.4g}:1 over "
+                f"max_aspect {self.max_aspect:g} " + hint.format("aspect", "aspect")
+            )
         # The resize happens before the centre crop, so its result (resize x resize * aspect) is bounded by
         # the same pixel limit: an upscaled sliver would otherwise allocate gigabytes.
         new_w, new_h = self.resized_size(width, height)
         if new_w * new_h > self.max_pixels:
-            raise DecodeError(f"image is {width} x {height} pixels: resizing it to {new_w} x {new_h} (resize "
-                              f"{self.resize}) needs {new_w * new_h:,} pixels, over max_pixels {self.max_pixels:,} "
-                              + hint.format("pixels", "pixels"))
+            raise DecodeError(
+                f"image is {width} x {height} pixels: resizing it to {new_w} x {new_h} (resize "
+                f"{self.resize}) needs {new_w * new_h:,} pixels, over max_pixels {self.max_pixels:,} "
+                + hint.format("pixels", "pixels")
+            )
 
     def apply(self, image: Image.Image) -> np.ndarray:
         """PIL image -> uint8 array (image_size, image_size, 3)."""
@@ -160,8 +171,9 @@ class Preprocess:
         y0 = np.floor((box[..., 1] + top) * sy + 1e-9).astype(np.int64)
         x1 = np.ceil((box[..., 2] + left) * sx - 1e-9).astype(np.int64)
         y1 = np.ceil((box[..., 3] + top) * sy - 1e-9).astype(np.int64)
-        out = np.stack([np.clip(x0, 0, width), np.clip(y0, 0, height),
-                        np.clip(x1, 0, width), np.clip(y1, 0, height)], axis=-1)
+        out = np.stack(
+            [np.clip(x0, 0, width), np.clip(y0, 0, height), np.clip(x1, 0, width), np.clip(y1, 0, height)], axis=-1
+        )
         return out
 
 
@@ -213,14 +225,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # (v + 128) // 257 is round(v / 257) for integers (v + 128.5 is never a multiple of 257).
         return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L").convert("RGB")
     if mode == "I":
-        raise DecodeError(f"32-bit integer pixels (mode I, {image.format or 'unknown'} file) have no defined "
-                          "range to map to 8 bits; save the image with 8 or 16 bits per channel")
+        raise DecodeError(
+            f"32-bit integer pixels (mode I, {image.format or 'unknown'} file) have no defined "
+            "range to map to 8 bits; save the image with 8 or 16 bits per channel"
+        )
     if mode == "F":
-        raise DecodeError("floating-point pixels (mode F) have no defined range to map to 8 bits; save the "
-                          "image with 8 or 16 bits per channel")
+        raise DecodeError(
+            "floating-point pixels (mode F) have no defined range to map to 8 bits; save the "
+            "image with 8 or 16 bits per channel"
+        )
     if mode == "LAB":
-        raise DecodeError("CIELAB pixels (mode LAB) are not converted; save the image as RGB with a "
-                          "colour-managed tool")
+        raise DecodeError(
+            "CIELAB pixels (mode LAB) are not converted; save the image as RGB with a colour-managed tool"
+        )
     raise DecodeError(f"image mode {mode} is not supported; save the image as 8- or 16-bit RGB or grayscale")
 
 

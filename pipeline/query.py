@@ -1,5 +1,6 @@
 """`atlas query`: SQL over a run directory with its DuckDB views (pipeline.store.RUN_VIEWS), or over a comparison
 (cmp_units, cmp_layers, a_topk, b_topk, ...: pipeline.compare.runner)."""
+
 from __future__ import annotations
 
 import csv
@@ -50,17 +51,19 @@ def _json_value(value: Any) -> Any:
 def format_result(columns: list[str], rows: list[tuple], fmt: str = "table") -> str:
     """Render rows as an aligned text table, CSV, or JSON (a list of objects)."""
     if fmt == "json":
-        return json.dumps([{c: _json_value(v) for c, v in zip(columns, row)} for row in rows],
-                          indent=1, default=str) + "\n"
+        return (
+            json.dumps([{c: _json_value(v) for c, v in zip(columns, row)} for row in rows], indent=1, default=str)
+            + "\n"
+        )
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(columns)
         writer.writerows(rows)
         return buffer.getvalue()
-    cells = [[str(c) for c in columns]] + [["NULL" if v is None else
-                                            (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in row]
-                                           for row in rows]
+    cells = [[str(c) for c in columns]] + [
+        ["NULL" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in row] for row in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -6,6 +6,7 @@ A value outside its range fails before any work with one line naming the setting
 The upper bounds are not hardware limits: they stop values that can only be typos or would ask for absurd
 resources (``--image-size 1000000`` is a 12 TB input tensor), while leaving room for every real use.
 """
+
 from __future__ import annotations
 
 # PIL refuses an image above twice its MAX_IMAGE_PIXELS (89,478,485) in Image.open itself, before any check

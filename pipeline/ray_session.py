@@ -1,4 +1,5 @@
 """Connecting to Ray: an existing cluster by address, or a local Ray started on demand (and stopped after)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,9 @@ def reap_orphans() -> int:
             with open(f"/proc/{entry}/cmdline", "rb") as handle:
                 command = handle.read()
             with open(f"/proc/{entry}/environ", "rb") as handle:
-                owner = next((v[len(prefix):].decode() for v in handle.read().split(b"\0") if v.startswith(prefix)),
-                             None)
+                owner = next(
+                    (v[len(prefix) :].decode() for v in handle.read().split(b"\0") if v.startswith(prefix)), None
+                )
         except (OSError, IndexError):
             continue
         if fields[0] == "Z":
@@ -127,8 +129,9 @@ def _token_mode() -> None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None,
-                object_store_bytes: int | None = None) -> Iterator[ClusterShape]:
+def ray_session(
+    address: str | None = None, num_cpus: int | None = None, object_store_bytes: int | None = None
+) -> Iterator[ClusterShape]:
     """Use the Ray cluster at `address`, or start a local one for the duration of the block.
 
     A Ray already initialised in this process (a test session, a notebook) is reused and left running.
@@ -154,8 +157,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
         started = True
     # Ray Data logs every execution start/finish at INFO; our own progress bar says the same.
     # (and warns that its bars are off because we draw that one bar).
-    quieter = {"ray.data": logging.WARNING, "ray.data._internal.execution.streaming_executor": logging.WARNING,
-               "ray.data._internal.progress": logging.ERROR}
+    quieter = {
+        "ray.data": logging.WARNING,
+        "ray.data._internal.execution.streaming_executor": logging.WARNING,
+        "ray.data._internal.progress": logging.ERROR,
+    }
     previous = {name: logging.getLogger(name).level for name in quieter}
     if logger.getEffectiveLevel() > logging.DEBUG:
         for name, level in quieter.items():

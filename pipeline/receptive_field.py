@@ -27,6 +27,7 @@ Conventions and limits:
     large when the padding is not a multiple of the dilation (the border window skips pixel 0).
     Positions of a pad op's own output that lie entirely in the padding are not reported as empty.
 """
+
 from __future__ import annotations
 
 import logging
@@ -92,15 +93,25 @@ class ReceptiveField:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form: lists of ints (``bounds`` may be None) and a bool."""
-        return {"size": list(self.size), "stride": list(self.stride), "offset": list(self.offset),
-                "is_global": self.is_global, "bounds": None if self.bounds is None else list(self.bounds)}
+        return {
+            "size": list(self.size),
+            "stride": list(self.stride),
+            "offset": list(self.offset),
+            "is_global": self.is_global,
+            "bounds": None if self.bounds is None else list(self.bounds),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReceptiveField:
         """The inverse of as_dict (a manifest's `receptive_field`)."""
         bounds = data.get("bounds")
-        return cls(size=tuple(data["size"]), stride=tuple(data["stride"]), offset=tuple(data["offset"]),
-                   is_global=bool(data.get("is_global", False)), bounds=None if bounds is None else tuple(bounds))
+        return cls(
+            size=tuple(data["size"]),
+            stride=tuple(data["stride"]),
+            offset=tuple(data["offset"]),
+            is_global=bool(data.get("is_global", False)),
+            bounds=None if bounds is None else tuple(bounds),
+        )
 
 
 def _clip(v: Any, lo: int, hi: int) -> Any:
@@ -128,27 +139,55 @@ _GLOBAL = "global"
 Field = Union[_Geom, str, None]  # None: does not depend on the input values
 
 _ELEMENTWISE_MODULES = (
-    nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
-    nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
-    nn.modules.dropout._DropoutNd, nn.Identity, nn.LocalResponseNorm, nn.Softmax2d,
+    nn.modules.batchnorm._BatchNorm,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.modules.dropout._DropoutNd,
+    nn.Identity,
+    nn.LocalResponseNorm,
+    nn.Softmax2d,
 )
-_ELEMENTWISE_OPS = frozenset("""
+_ELEMENTWISE_OPS = frozenset(
+    """
     add sub mul truediv div floordiv neg pow iadd isub imul itruediv maximum minimum where
     relu relu6 leaky_relu prelu elu selu celu gelu silu mish hardswish hardsigmoid hardtanh sigmoid tanh
     softplus clamp clamp_min clamp_max clip abs exp log sqrt rsqrt erf dropout dropout2d batch_norm
     local_response_norm contiguous float double half to type_as clone detach cat concat concatenate
     split chunk stochastic_depth
-""".split())
+""".split()
+)
 _RESHAPE_OPS = frozenset("view reshape flatten unflatten squeeze unsqueeze".split())
 _REDUCE_OPS = frozenset("mean sum prod amax amin max min std var logsumexp".split())
-_UNSUPPORTED_OPS = frozenset("""
+_UNSUPPORTED_OPS = frozenset(
+    """
     interpolate upsample upsample_nearest upsample_bilinear grid_sample affine_grid pixel_shuffle
     pixel_unshuffle conv_transpose1d conv_transpose2d conv_transpose3d flip fliplr flipud roll rot90
     fold unfold conv1d conv3d max_pool1d max_pool3d avg_pool1d avg_pool3d shifted_window_attention
-""".split())
+""".split()
+)
 _UNSUPPORTED_MODULES = (
-    nn.modules.conv._ConvTransposeNd, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold,
-    nn.Conv1d, nn.Conv3d,
+    nn.modules.conv._ConvTransposeNd,
+    nn.Upsample,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.Fold,
+    nn.Unfold,
+    nn.Conv1d,
+    nn.Conv3d,
 )
 # Positional parameter names (after the input) and defaults of the functional window ops.
 _WINDOW_SIGNATURES = {
@@ -187,12 +226,16 @@ def _axis_window(op: str, iv: Interval, n: int, m: int, k: int, s: int, p: int, 
     reads = reads[(reads >= 0) & (reads < n)]
     if reads.size == 0:
         raise UnsupportedOp(f"{op} reads only padding")
-    return (lo - s0 * p, hi - s0 * p + s0 * d * (k - 1), s0 * s,
-            max(a, lo + s0 * int(reads.min())), min(b, hi + s0 * int(reads.max())))
+    return (
+        lo - s0 * p,
+        hi - s0 * p + s0 * d * (k - 1),
+        s0 * s,
+        max(a, lo + s0 * int(reads.min())),
+        min(b, hi + s0 * int(reads.max())),
+    )
 
 
-def _window(op: str, g: _Geom, kernel: Any, stride: Any, padding: Any, dilation: Any,
-            out: tuple[int, ...]) -> _Geom:
+def _window(op: str, g: _Geom, kernel: Any, stride: Any, padding: Any, dilation: Any, out: tuple[int, ...]) -> _Geom:
     """Conv / pool on the last two dims: lo -= S*pad; hi += S*(d*(k-1) - pad); S *= stride."""
     if g.dims != (-2, -1):
         raise UnsupportedOp(f"{op} on a tensor whose spatial dims are not the last two")
@@ -221,8 +264,9 @@ def _union(op: str, geoms: list[_Geom], out: tuple[int, ...] | None) -> Field:
     strides = {tuple(a[2] for a in g.axes) for g in geoms}
     if len(strides) > 1:
         raise UnsupportedOp(f"{op} combines inputs with different strides {sorted(strides)}")
-    axes = tuple(tuple(f(g.axes[i][j] for g in geoms) for j, f in enumerate((min, max, min, min, max)))
-                 for i in range(2))
+    axes = tuple(
+        tuple(f(g.axes[i][j] for g in geoms) for j, f in enumerate((min, max, min, min, max))) for i in range(2)
+    )
     return _Geom(dims, geoms[0].sizes, axes)
 
 
@@ -244,8 +288,7 @@ def _move_dims(g: _Geom, new_positive: list[int], out: tuple[int, ...]) -> _Geom
     return _Geom(dims, (out[dims[0]], out[dims[1]]), g.axes)
 
 
-def _reduce(op: str, g: _Geom, dim: Any, keepdim: bool, in_shape: tuple[int, ...],
-            out: tuple[int, ...]) -> Field:
+def _reduce(op: str, g: _Geom, dim: Any, keepdim: bool, in_shape: tuple[int, ...], out: tuple[int, ...]) -> Field:
     if dim is None or dim == () or dim == []:
         return _GLOBAL
     n = len(in_shape)
@@ -262,13 +305,14 @@ def _getitem_tensor(g: _Geom, index: Any, in_shape: tuple[int, ...], out: tuple[
     """Basic indexing: slices (with step) on spatial dims, ints / None / Ellipsis elsewhere."""
     index = index if isinstance(index, tuple) else (index,)
     n = len(in_shape)
-    if sum(i is Ellipsis for i in index) > 1 or any(not isinstance(i, (int, slice, type(None), type(Ellipsis)))
-                                                    for i in index):
+    if sum(i is Ellipsis for i in index) > 1 or any(
+        not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in index
+    ):
         raise UnsupportedOp(f"getitem with index {index!r}: only basic indexing is supported")
     if Ellipsis in index:
         e = index.index(Ellipsis)
         used = sum(isinstance(i, (int, slice)) for i in index)
-        index = index[:e] + (slice(None),) * (n - used) + index[e + 1:]
+        index = index[:e] + (slice(None),) * (n - used) + index[e + 1 :]
     spatial = {d + n: i for i, d in enumerate(g.dims)}
     axes, new_pos = list(g.axes), [0, 0]
     in_pos = out_pos = 0
@@ -278,15 +322,17 @@ def _getitem_tensor(g: _Geom, index: Any, in_shape: tuple[int, ...], out: tuple[
             continue
         axis = spatial.get(in_pos)
         if axis is not None:
-            if not isinstance(item, slice) or not all(isinstance(v, (int, type(None)))
-                                                      for v in (item.start, item.stop, item.step)):
+            if not isinstance(item, slice) or not all(
+                isinstance(v, (int, type(None))) for v in (item.start, item.stop, item.step)
+            ):
                 raise UnsupportedOp(f"getitem with {item!r} on a spatial dim")
             picked = range(*item.indices(in_shape[in_pos]))
             if picked.step < 1:
                 raise UnsupportedOp(f"getitem with step {picked.step} on a spatial dim")
             # A kernel-1 window with stride `step` and padding `-start`.
-            axes[axis] = _axis_window("getitem", axes[axis], in_shape[in_pos], len(picked), 1, picked.step,
-                                      -picked.start, 1)
+            axes[axis] = _axis_window(
+                "getitem", axes[axis], in_shape[in_pos], len(picked), 1, picked.step, -picked.start, 1
+            )
             new_pos[axis] = out_pos
         in_pos += 1
         out_pos += isinstance(item, slice)
@@ -324,8 +370,7 @@ def _module_field(op: str, mod: nn.Module, g: _Geom, in_shape: tuple[int, ...], 
     return None
 
 
-def _function_field(op: str, node: torch.fx.Node, g: _Geom, in_shape: tuple[int, ...],
-                    out: tuple[int, ...]) -> Field:
+def _function_field(op: str, node: torch.fx.Node, g: _Geom, in_shape: tuple[int, ...], out: tuple[int, ...]) -> Field:
     """Field after a function / method applied to `node.args[0]` (field `g`); None when unrecognised."""
     args, kwargs, n = node.args, node.kwargs, len(in_shape)
 
@@ -449,8 +494,7 @@ class _Propagator:
         result = _union(op, fields, out)  # raises if the spatial shape changes
         if op not in self.warned:
             self.warned.add(op)
-            logger.warning("receptive field: unrecognised op %r keeps the spatial shape; treated as element-wise",
-                           op)
+            logger.warning("receptive field: unrecognised op %r keeps the spatial shape; treated as element-wise", op)
         return result
 
 
@@ -458,8 +502,13 @@ def _trace(model: nn.Module, input_hw: tuple[int, int], in_channels: int) -> tor
     """Symbolically trace `model` in eval mode and propagate shapes from a zeros (1, C, H, W) input."""
     modes = {m: m.training for m in model.modules()}
     param = next(model.parameters(), None)
-    example = torch.zeros(1, in_channels, *input_hw, device=param.device if param is not None else None,
-                          dtype=param.dtype if param is not None and param.is_floating_point() else None)
+    example = torch.zeros(
+        1,
+        in_channels,
+        *input_hw,
+        device=param.device if param is not None else None,
+        dtype=param.dtype if param is not None and param.is_floating_point() else None,
+    )
     try:
         model.eval()
         try:
@@ -494,8 +543,9 @@ def _first_call_outputs(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
     return ends
 
 
-def receptive_fields(model: nn.Module, layers: Sequence[str], input_hw: tuple[int, int], *,
-                     in_channels: int = 3) -> dict[str, ReceptiveField]:
+def receptive_fields(
+    model: nn.Module, layers: Sequence[str], input_hw: tuple[int, int], *, in_channels: int = 3
+) -> dict[str, ReceptiveField]:
     """Receptive field of each named module's OUTPUT w.r.t. the model input of size ``input_hw``.
 
     ``layers`` are qualified names as in ``model.named_modules()`` (e.g. ``'features.7'``,

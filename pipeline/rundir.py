@@ -12,6 +12,7 @@ Promises (docs/usage.md, "What the tool promises about a run directory"):
   (the new run was complete) or back (the old run stays), the next time the directory is opened.
 - Only the tool's own names (tables, stage folders, its dot files) are ever moved or deleted.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,14 +30,30 @@ from typing import Iterator
 
 from pipeline import __version__
 from pipeline.fileio import atomic_write_json
-from pipeline.store import (DERIVED, JOB_RECORD, JOB_TOML, LOCK, MANIFEST, MARKER, PREVIOUS, STAGING, TABLES,
-                            VIEWS_SQL, RunError, read_manifest, write_views)
+from pipeline.store import (
+    DERIVED,
+    JOB_RECORD,
+    JOB_TOML,
+    LOCK,
+    MANIFEST,
+    MARKER,
+    PREVIOUS,
+    STAGING,
+    TABLES,
+    VIEWS_SQL,
+    RunError,
+    read_manifest,
+    write_views,
+)
 
 logger = logging.getLogger(__name__)
 
 # Names the tool writes at a run's top level; anything else there belongs to the user and is never touched.
-OWNED = frozenset(TABLES) | frozenset(DERIVED) | {MANIFEST, MARKER, LOCK, STAGING, PREVIOUS, JOB_TOML, JOB_RECORD,
-                                                    VIEWS_SQL}
+OWNED = (
+    frozenset(TABLES)
+    | frozenset(DERIVED)
+    | {MANIFEST, MARKER, LOCK, STAGING, PREVIOUS, JOB_TOML, JOB_RECORD, VIEWS_SQL}
+)
 
 
 class RunBusy(RunError):
@@ -66,8 +83,7 @@ def _holder_text(path: str) -> str:
     try:
         with open(path) as handle:
             info = json.load(handle)
-        return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')} "
-                f"({info.get('command')})")
+        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')} ({info.get('command')})"
     except (OSError, ValueError, AttributeError):
         return "another process"
 
@@ -87,11 +103,16 @@ def run_lock(run_dir: str) -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise RunBusy(f"{run_dir} is being written by {_holder_text(path)}; wait for it to finish "
-                              "or stop it (a lock left by a dead process is taken over automatically)") from None
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                    time.gmtime()), "command": " ".join(os.path.basename(a) if i == 0 else a
-                                                        for i, a in enumerate(sys.argv))[:300]}
+                raise RunBusy(
+                    f"{run_dir} is being written by {_holder_text(path)}; wait for it to finish "
+                    "or stop it (a lock left by a dead process is taken over automatically)"
+                ) from None
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
             _LOCKS.held[path] = _Held(fd, 1)
@@ -124,14 +145,22 @@ def claim(run_dir: str) -> str:
     if os.path.isdir(path) and not is_run_dir(path):
         entries = [name for name in os.listdir(path) if name != LOCK]
         if entries:
-            raise RunError(f"{run_dir} is not empty and is not a run directory (it holds "
-                           f"{', '.join(sorted(entries)[:5])}{', ...' if len(entries) > 5 else ''}); "
-                           "choose an empty or new folder for the run")
+            raise RunError(
+                f"{run_dir} is not empty and is not a run directory (it holds "
+                f"{', '.join(sorted(entries)[:5])}{', ...' if len(entries) > 5 else ''}); "
+                "choose an empty or new folder for the run"
+            )
     try:
         os.makedirs(path, exist_ok=True)
         if not os.path.isfile(os.path.join(path, MARKER)):
-            atomic_write_json(os.path.join(path, MARKER), {"neuron_atlas": __version__, "created": time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": "a Neuron Atlas run directory (see its README)"})
+            atomic_write_json(
+                os.path.join(path, MARKER),
+                {
+                    "neuron_atlas": __version__,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "note": "a Neuron Atlas run directory (see its README)",
+                },
+            )
     except OSError as error:  # read-only, no permission, a parent that is a file or cannot exist
         raise RunError(f"cannot write the run directory {run_dir}: {error.strerror}") from None
     recover(path)
@@ -195,8 +224,10 @@ class RunDirectory:
                 shutil.rmtree(self.staging)  # an abandoned attempt at other settings
             return False
         if manifest is not None and not overwrite:
-            raise RunError(f"{self.path} already holds a complete run made with other settings; "
-                           "choose another --out or pass --overwrite")
+            raise RunError(
+                f"{self.path} already holds a complete run made with other settings; "
+                "choose another --out or pass --overwrite"
+            )
         state = os.path.join(self.staging, self.STATE)
         try:
             with open(state) as handle:

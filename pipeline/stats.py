@@ -76,8 +76,9 @@ class TopK:
     merged into it (each image is counted once); a repeated key raises ``ValueError``.
     """
 
-    def __init__(self, num_units: int, k: int, payload_names: Sequence[str] = (),
-                 payload_dtype: torch.dtype = torch.int64) -> None:
+    def __init__(
+        self, num_units: int, k: int, payload_names: Sequence[str] = (), payload_dtype: torch.dtype = torch.int64
+    ) -> None:
         if {"values", "keys"} & set(payload_names):
             raise ValueError("payload names 'values' and 'keys' are reserved")
         self.num_units = num_units
@@ -119,8 +120,11 @@ class TopK:
 
     def merge(self, other: TopK) -> None:
         """Merge another partial (same num_units, k and payload names, disjoint keys) into this one."""
-        if (other.num_units, other.k, other.payload_names) != (self.num_units, self.k, self.payload_names) or \
-                other.payload_dtype != self.payload_dtype:
+        if (other.num_units, other.k, other.payload_names) != (
+            self.num_units,
+            self.k,
+            self.payload_names,
+        ) or other.payload_dtype != self.payload_dtype:
             raise ValueError("cannot merge TopK objects with different num_units, k or payload names")
         device = self._values.device
         self._merge_state(
@@ -156,8 +160,7 @@ class TopK:
         self._key_table = table
         self._values = values.gather(1, best)
         self._payload = {
-            name: torch.cat([p.to(device), payload[name]], dim=1).gather(1, best)
-            for name, p in self._payload.items()
+            name: torch.cat([p.to(device), payload[name]], dim=1).gather(1, best) for name, p in self._payload.items()
         }
         if len(self._key_table) > max(4 * self.num_units * self.k, 65536):
             self._compact()

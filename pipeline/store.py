@@ -13,6 +13,7 @@ Layout (the contract between stages; documented in docs/run-directory.md):
 Every table is written into RUN/.staging/ first and moved into place only when the whole scan succeeded,
 so no reader ever sees a half-written table as complete (the life cycle: pipeline.rundir).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,55 +31,106 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
-MARKER = ".atlas-run"      # written first: the tool's claim on the folder (pipeline.rundir)
-LOCK = ".atlas-lock"       # flock of the process writing the run
-PREVIOUS = ".previous"     # the old run, only while a new one is swapped in
-FLUSHES = "flushes"        # RUN/.staging/flushes/<worker>-<seq>/: committed scan progress (pipeline.scan.flushes)
+MARKER = ".atlas-run"  # written first: the tool's claim on the folder (pipeline.rundir)
+LOCK = ".atlas-lock"  # flock of the process writing the run
+PREVIOUS = ".previous"  # the old run, only while a new one is swapped in
+FLUSHES = "flushes"  # RUN/.staging/flushes/<worker>-<seq>/: committed scan progress (pipeline.scan.flushes)
 PENDING_MAXIMA = "pending-maxima"  # RUN/.staging/pending-maxima/<flush>/: maxima of flushes not yet committed
 TABLES = ("topk", "units", "images", "maxima")
 COMPRESSION = "zstd"
 
-TOPK_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("unit", pa.int32()), ("rank", pa.int32()), ("image_key", pa.string()),
-    ("label", pa.string()), ("act", pa.float32()), ("y", pa.int32()), ("x", pa.int32()),
-    ("box_x0", pa.int32()), ("box_y0", pa.int32()), ("box_x1", pa.int32()), ("box_y1", pa.int32()),
-])
-UNITS_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("unit", pa.int32()), ("layer_index", pa.int32()), ("count", pa.int64()),
-    ("mean", pa.float64()),
-    ("std", pa.float64()), ("min", pa.float32()), ("max", pa.float32()), ("n_active", pa.int64()),
-    ("frac_active", pa.float64()), ("p50", pa.float32()), ("p90", pa.float32()), ("p99", pa.float32()),
-    ("p999", pa.float32()), ("dead", pa.bool_()),
-    ("sketch_buckets", pa.list_(pa.int32())), ("sketch_counts", pa.list_(pa.int64())),
-])
-IMAGES_SCHEMA = pa.schema([
-    ("image_key", pa.string()), ("source", pa.string()), ("label", pa.string()), ("width", pa.int32()),
-    ("height", pa.int32()), ("status", pa.string()), ("error", pa.string()),
-])
-MAXIMA_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("unit", pa.int32()), ("image_key", pa.string()), ("act", pa.float32()),
-    ("y", pa.int32()), ("x", pa.int32()),
-])
+TOPK_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("unit", pa.int32()),
+        ("rank", pa.int32()),
+        ("image_key", pa.string()),
+        ("label", pa.string()),
+        ("act", pa.float32()),
+        ("y", pa.int32()),
+        ("x", pa.int32()),
+        ("box_x0", pa.int32()),
+        ("box_y0", pa.int32()),
+        ("box_x1", pa.int32()),
+        ("box_y1", pa.int32()),
+    ]
+)
+UNITS_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("unit", pa.int32()),
+        ("layer_index", pa.int32()),
+        ("count", pa.int64()),
+        ("mean", pa.float64()),
+        ("std", pa.float64()),
+        ("min", pa.float32()),
+        ("max", pa.float32()),
+        ("n_active", pa.int64()),
+        ("frac_active", pa.float64()),
+        ("p50", pa.float32()),
+        ("p90", pa.float32()),
+        ("p99", pa.float32()),
+        ("p999", pa.float32()),
+        ("dead", pa.bool_()),
+        ("sketch_buckets", pa.list_(pa.int32())),
+        ("sketch_counts", pa.list_(pa.int64())),
+    ]
+)
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("source", pa.string()),
+        ("label", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+MAXIMA_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("unit", pa.int32()),
+        ("image_key", pa.string()),
+        ("act", pa.float32()),
+        ("y", pa.int32()),
+        ("x", pa.int32()),
+    ]
+)
 SCHEMAS = {"topk": TOPK_SCHEMA, "units": UNITS_SCHEMA, "images": IMAGES_SCHEMA, "maxima": MAXIMA_SCHEMA}
 # RUN/atlas/index.parquet, written by `atlas render`: one row per image file.
 # The dataset views `atlas render` draws per top-k image (RUN/atlas/layer=<L>/unit=<u>/<kind>_<rank>.png).
 DATASET_KINDS = ("crop", "overlay", "deconv", "deconv_crop", "guided", "guided_crop")
-ATLAS_INDEX_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("unit", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()),
-    ("image_key", pa.string()), ("path", pa.string()), ("act", pa.float32()),
-    ("featvis_act", pa.float32()), ("top1_act", pa.float32()),
-    # rank-0 reconstructions (deconv, guided): cosine similarity to the reconstruction of the unit's next top
-    # image projected from the same position with the same value (1: the picture does not depend on the image)
-    ("other_image_similarity", pa.float32()),
-])
+ATLAS_INDEX_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("unit", pa.int32()),
+        ("kind", pa.string()),
+        ("rank", pa.int32()),
+        ("image_key", pa.string()),
+        ("path", pa.string()),
+        ("act", pa.float32()),
+        ("featvis_act", pa.float32()),
+        ("top1_act", pa.float32()),
+        # rank-0 reconstructions (deconv, guided): cosine similarity to the reconstruction of the unit's next top
+        # image projected from the same position with the same value (1: the picture does not depend on the image)
+        ("other_image_similarity", pa.float32()),
+    ]
+)
 # RUN/atlas/dependence.parquet, written with the index: per layer and reconstruction kind, how much the
 # reconstructions depend on their image (from the index's other_image_similarity of that layer's units).
-ATLAS_DEPENDENCE_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("kind", pa.string()), ("units", pa.int32()),
-    ("mean_similarity", pa.float32()), ("min_similarity", pa.float32()), ("max_similarity", pa.float32()),
-    ("max_pooling", pa.bool_()),       # the network up to the layer has max-pooling (the deconvnet's switches)
-    ("image_dependent", pa.bool_()),   # mean_similarity below IMAGE_INDEPENDENT_SIMILARITY
-])
+ATLAS_DEPENDENCE_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("kind", pa.string()),
+        ("units", pa.int32()),
+        ("mean_similarity", pa.float32()),
+        ("min_similarity", pa.float32()),
+        ("max_similarity", pa.float32()),
+        ("max_pooling", pa.bool_()),  # the network up to the layer has max-pooling (the deconvnet's switches)
+        ("image_dependent", pa.bool_()),  # mean_similarity below IMAGE_INDEPENDENT_SIMILARITY
+    ]
+)
 # A layer's reconstructions whose mean similarity reaches this are the same picture for every image.
 IMAGE_INDEPENDENT_SIMILARITY = 0.99
 
@@ -89,24 +141,50 @@ IMAGE_INDEPENDENT_SIMILARITY = 0.99
 # after re-initialising every block with the trained model's map, curve = after each cumulative step (the
 # block re-initialised at each step in `steps`), flagged = |value| >= randomization.FLAG_SPEARMAN.
 # RUN/explain/index.parquet (one row per image and method) and summary.parquet (one row per image).
-EXPLAIN_INDEX_SCHEMA = pa.schema([
-    ("image_key", pa.string()), ("method", pa.string()), ("target", pa.int32()), ("target_name", pa.string()),
-    ("path", pa.string()), ("score", pa.float32()),
-])
-EXPLAIN_SUMMARY_SCHEMA = pa.schema([
-    ("image_key", pa.string()), ("status", pa.string()), ("error", pa.string()), ("target", pa.int32()),
-    ("target_name", pa.string()), ("score", pa.float32()), ("probability", pa.float32()),
-    ("top5_classes", pa.list_(pa.int32())), ("top5_probabilities", pa.list_(pa.float32())),
-    ("occlusion_base_probability", pa.float32()), ("occlusion_min_probability", pa.float32()),
-    ("occlusion_top_class", pa.int32()),
-    ("box_x0", pa.int32()), ("box_y0", pa.int32()), ("box_x1", pa.int32()), ("box_y1", pa.int32()),
-    ("iou", pa.float32()), ("dir", pa.string()),
-])
-EXPLAIN_METRICS_SCHEMA = pa.schema([
-    ("image_key", pa.string()), ("method", pa.string()), ("metric", pa.string()), ("target", pa.int32()),
-    ("value", pa.float32()), ("curve", pa.list_(pa.float32())), ("steps", pa.list_(pa.string())),
-    ("flagged", pa.bool_()),
-])
+EXPLAIN_INDEX_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("method", pa.string()),
+        ("target", pa.int32()),
+        ("target_name", pa.string()),
+        ("path", pa.string()),
+        ("score", pa.float32()),
+    ]
+)
+EXPLAIN_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("target", pa.int32()),
+        ("target_name", pa.string()),
+        ("score", pa.float32()),
+        ("probability", pa.float32()),
+        ("top5_classes", pa.list_(pa.int32())),
+        ("top5_probabilities", pa.list_(pa.float32())),
+        ("occlusion_base_probability", pa.float32()),
+        ("occlusion_min_probability", pa.float32()),
+        ("occlusion_top_class", pa.int32()),
+        ("box_x0", pa.int32()),
+        ("box_y0", pa.int32()),
+        ("box_x1", pa.int32()),
+        ("box_y1", pa.int32()),
+        ("iou", pa.float32()),
+        ("dir", pa.string()),
+    ]
+)
+EXPLAIN_METRICS_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("method", pa.string()),
+        ("metric", pa.string()),
+        ("target", pa.int32()),
+        ("value", pa.float32()),
+        ("curve", pa.list_(pa.float32())),
+        ("steps", pa.list_(pa.string())),
+        ("flagged", pa.bool_()),
+    ]
+)
 
 
 # ---------------------------------------------------------------------------------------------- dissection
@@ -116,52 +194,86 @@ EXPLAIN_METRICS_SCHEMA = pa.schema([
 PROBE_CONCEPTS = "concepts.parquet"
 PROBE_IMAGES = "images.parquet"
 PROBE_CONCEPTS_SCHEMA = pa.schema([("concept", pa.int32()), ("name", pa.string()), ("category", pa.string())])
-PROBE_IMAGES_SCHEMA = pa.schema([
-    ("image_key", pa.string()), ("image", pa.binary()),
-    ("mask_height", pa.int32()), ("mask_width", pa.int32()),      # every mask of the image has this size
-    ("mask_categories", pa.list_(pa.string())), ("masks", pa.list_(pa.binary())),   # parallel lists
-    ("image_concepts", pa.list_(pa.int32())),                     # concepts covering the whole image
-])
+PROBE_IMAGES_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("image", pa.binary()),
+        ("mask_height", pa.int32()),
+        ("mask_width", pa.int32()),  # every mask of the image has this size
+        ("mask_categories", pa.list_(pa.string())),
+        ("masks", pa.list_(pa.binary())),  # parallel lists
+        ("image_concepts", pa.list_(pa.int32())),  # concepts covering the whole image
+    ]
+)
 # RUN/dissect/, written by `atlas dissect` (pipeline.dissect.runner); each file replaced as a whole.
 DISSECT = "dissect"
-DISSECT_RECORD = "dissect.json"          # probe, layers, settings, counts, timings of the last dissection
-DISSECT_CONCEPTS = "concepts.parquet"    # per unit, every concept with IoU > 0, ranked (rank 0 = best)
-DISSECT_SELECTIVITY = "selectivity.parquet"   # per unit and data label: precision of the top-k, AUROC
-DISSECT_LABELS = "labels.parquet"        # one row per scanned unit: its concept label and strongest data label
-DISSECT_THRESHOLDS = "thresholds.parquet"     # per dissected unit: T_k
+DISSECT_RECORD = "dissect.json"  # probe, layers, settings, counts, timings of the last dissection
+DISSECT_CONCEPTS = "concepts.parquet"  # per unit, every concept with IoU > 0, ranked (rank 0 = best)
+DISSECT_SELECTIVITY = "selectivity.parquet"  # per unit and data label: precision of the top-k, AUROC
+DISSECT_LABELS = "labels.parquet"  # one row per scanned unit: its concept label and strongest data label
+DISSECT_THRESHOLDS = "thresholds.parquet"  # per dissected unit: T_k
 # A unit is labelled with its best concept when that concept's IoU exceeds this (Bau et al. 2017).
 IOU_LABEL_CUTOFF = 0.04
 # The activation quantile the unit's mask is cut at: P(a_k > T_k) = TOP_QUANTILE over every probe position.
 TOP_QUANTILE = 0.005
-DISSECT_CONCEPTS_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("unit", pa.int32()), ("concept", pa.string()), ("category", pa.string()),
-    ("iou", pa.float32()), ("rank", pa.int32()),
-    ("intersection", pa.int64()), ("union", pa.int64()),   # summed over the probe images annotated for the category
-])
-DISSECT_THRESHOLDS_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("unit", pa.int32()),
-    ("threshold", pa.float32()),        # T_k rounded down to float32: a > threshold exactly when a > T_k
-])
-DISSECT_SELECTIVITY_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("unit", pa.int32()), ("label", pa.string()),
-    ("precision_at_k", pa.float64()),   # share of the unit's top-k images carrying the label
-    ("k", pa.int32()),                  # the unit's top-k rows
-    ("auroc", pa.float64()),            # per-image maximum separating the label from the rest (--record all)
-    ("positives", pa.int64()),          # readable images with the label
-    ("rank", pa.int32()),               # 0 = the unit's strongest label (AUROC, else precision; ties by label)
-])
-DISSECT_LABELS_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("unit", pa.int32()),
-    ("threshold", pa.float32()),        # T_k (null: the layer was not dissected)
-    ("concept", pa.string()), ("category", pa.string()), ("iou", pa.float32()),   # null unless iou > cut-off
-    ("runner_up", pa.string()), ("runner_up_category", pa.string()), ("runner_up_iou", pa.float32()),
-    ("data_label", pa.string()), ("data_label_precision", pa.float64()), ("data_label_auroc", pa.float64()),
-    ("dead", pa.bool_()),
-])
+DISSECT_CONCEPTS_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("unit", pa.int32()),
+        ("concept", pa.string()),
+        ("category", pa.string()),
+        ("iou", pa.float32()),
+        ("rank", pa.int32()),
+        ("intersection", pa.int64()),
+        ("union", pa.int64()),  # summed over the probe images annotated for the category
+    ]
+)
+DISSECT_THRESHOLDS_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("unit", pa.int32()),
+        ("threshold", pa.float32()),  # T_k rounded down to float32: a > threshold exactly when a > T_k
+    ]
+)
+DISSECT_SELECTIVITY_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("unit", pa.int32()),
+        ("label", pa.string()),
+        ("precision_at_k", pa.float64()),  # share of the unit's top-k images carrying the label
+        ("k", pa.int32()),  # the unit's top-k rows
+        ("auroc", pa.float64()),  # per-image maximum separating the label from the rest (--record all)
+        ("positives", pa.int64()),  # readable images with the label
+        ("rank", pa.int32()),  # 0 = the unit's strongest label (AUROC, else precision; ties by label)
+    ]
+)
+DISSECT_LABELS_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("unit", pa.int32()),
+        ("threshold", pa.float32()),  # T_k (null: the layer was not dissected)
+        ("concept", pa.string()),
+        ("category", pa.string()),
+        ("iou", pa.float32()),  # null unless iou > cut-off
+        ("runner_up", pa.string()),
+        ("runner_up_category", pa.string()),
+        ("runner_up_iou", pa.float32()),
+        ("data_label", pa.string()),
+        ("data_label_precision", pa.float64()),
+        ("data_label_auroc", pa.float64()),
+        ("dead", pa.bool_()),
+    ]
+)
 
 
 # Directories later stages write into a run (render, explain, site): removed when the scan is redone.
-DERIVED = ("atlas", "explain", "site", "compare", "dissect")  # compare: `[compare] previous` of a job (pipeline.cluster.job)
+DERIVED = (
+    "atlas",
+    "explain",
+    "site",
+    "compare",
+    "dissect",
+)  # compare: `[compare] previous` of a job (pipeline.cluster.job)
 # Written by `atlas run`: the resolved job configuration and the record of finished stages.
 JOB_TOML = "job.toml"
 JOB_RECORD = "job.json"
@@ -226,7 +338,7 @@ class RollingParquetWriter:
 # The views a run answers to (`atlas query`, the notebook API, RUN/views.sql): name -> the Parquet files behind it,
 # relative to the run directory ('/'-separated; a glob for partitioned tables), and the documented columns (an
 # empty view has them while the files are absent: maxima of a --record topk scan, atlas before `atlas render`).
-VIEWS_SQL = "views.sql"     # RUN/views.sql: the same views as plain DuckDB SQL, paths relative to the run
+VIEWS_SQL = "views.sql"  # RUN/views.sql: the same views as plain DuckDB SQL, paths relative to the run
 ATLAS = "atlas"
 EXPLAIN = "explain"
 ATLAS_INDEX = f"{ATLAS}/index.parquet"
@@ -242,8 +354,8 @@ RELATIVE_BASE = f"coalesce(rtrim(getvariable('{RUN_VARIABLE}'), '/') || '/', '')
 
 @dataclass(frozen=True)
 class ViewSource:
-    path: str           # relative to the directory, '/'-separated; may hold one '**/*.parquet' glob
-    schema: pa.Schema   # the documented columns
+    path: str  # relative to the directory, '/'-separated; may hold one '**/*.parquet' glob
+    schema: pa.Schema  # the documented columns
 
 
 def table_views(tables: dict[str, pa.Schema]) -> dict[str, ViewSource]:
@@ -295,8 +407,10 @@ def view_statements(root: str, base: str, views: dict[str, ViewSource] | None = 
         if _has_files(root, source):
             # Layer is stored inside the files too, so hive partition inference (which would turn a layer named
             # '3' into an integer) is switched off.
-            query = (f"SELECT * FROM read_parquet({base} || {sql_string(source.path)}, hive_partitioning = false, "
-                     "union_by_name = true)")
+            query = (
+                f"SELECT * FROM read_parquet({base} || {sql_string(source.path)}, hive_partitioning = false, "
+                "union_by_name = true)"
+            )
         else:
             columns = ", ".join(f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in source.schema)
             query = f"SELECT {columns} WHERE false"
@@ -354,8 +468,14 @@ def write_views(root: str, views: dict[str, ViewSource] | None = None) -> str:
 
 
 def _duck_type(arrow_type: pa.DataType) -> str:
-    mapping = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT",
-               pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}
+    mapping = {
+        pa.string(): "VARCHAR",
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.float32(): "FLOAT",
+        pa.float64(): "DOUBLE",
+        pa.bool_(): "BOOLEAN",
+    }
     if pa.types.is_list(arrow_type):
         return _duck_type(arrow_type.value_type) + "[]"
     return mapping[arrow_type]
@@ -366,30 +486,47 @@ def _duck_type(arrow_type: pa.DataType) -> str:
 # naming both runs by fingerprint, and two tables. Per-image columns (correlations, CKA, matching) are NULL
 # when the runs did not both record every image (--record all) or saw different images.
 COMPARISON_KIND = "comparison"
-COMPARE_TABLES = ("cmp_units", "cmp_layers")   # CMP/<table>/part-0.parquet; also the DuckDB view names
-CMP_UNITS_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("unit", pa.int32()),
-    ("dead_a", pa.bool_()), ("dead_b", pa.bool_()),
-    ("died", pa.bool_()), ("revived", pa.bool_()),        # dead in B only / in A only
-    ("topk_jaccard", pa.float64()),     # of the top-k image keys of unit u in A and unit u in B (a dead unit: none)
-    ("topk_shared", pa.int32()),        # keys in both top-k
-    ("topk_spearman", pa.float64()),    # rank correlation of the shared keys' activations (>= 3 shared)
-    ("same_corr", pa.float64()),        # Pearson correlation of per-image maxima with unit u of B
-    ("best_unit_b", pa.int32()), ("best_corr", pa.float64()),          # B's unit most correlated with u
-    ("matched_unit_b", pa.int32()), ("matched_corr", pa.float64()),    # one-to-one (Hungarian) partner
-    ("label_a", pa.string()), ("label_a_share", pa.float64()),          # strongest top-k label and its share
-    ("label_b", pa.string()), ("label_b_share", pa.float64()),
-    ("label_changed", pa.bool_()),
-])
-CMP_LAYERS_SCHEMA = pa.schema([
-    ("layer", pa.string()), ("units_a", pa.int32()), ("units_b", pa.int32()),
-    ("per_unit", pa.bool_()),           # same width: units compared one to one by index
-    ("images", pa.int64()),             # shared images the per-image numbers used (0: none computed)
-    ("cka", pa.float64()),              # linear CKA of the per-image maxima (Kornblith et al. 2019)
-    ("matched_mean_corr", pa.float64()), ("same_mean_corr", pa.float64()),
-    ("mean_topk_jaccard", pa.float64()),
-    ("dead_a", pa.int32()), ("dead_b", pa.int32()), ("died", pa.int32()), ("revived", pa.int32()),
-    ("labels_changed", pa.int32()),
-])
+COMPARE_TABLES = ("cmp_units", "cmp_layers")  # CMP/<table>/part-0.parquet; also the DuckDB view names
+CMP_UNITS_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("unit", pa.int32()),
+        ("dead_a", pa.bool_()),
+        ("dead_b", pa.bool_()),
+        ("died", pa.bool_()),
+        ("revived", pa.bool_()),  # dead in B only / in A only
+        ("topk_jaccard", pa.float64()),  # of the top-k image keys of unit u in A and unit u in B (a dead unit: none)
+        ("topk_shared", pa.int32()),  # keys in both top-k
+        ("topk_spearman", pa.float64()),  # rank correlation of the shared keys' activations (>= 3 shared)
+        ("same_corr", pa.float64()),  # Pearson correlation of per-image maxima with unit u of B
+        ("best_unit_b", pa.int32()),
+        ("best_corr", pa.float64()),  # B's unit most correlated with u
+        ("matched_unit_b", pa.int32()),
+        ("matched_corr", pa.float64()),  # one-to-one (Hungarian) partner
+        ("label_a", pa.string()),
+        ("label_a_share", pa.float64()),  # strongest top-k label and its share
+        ("label_b", pa.string()),
+        ("label_b_share", pa.float64()),
+        ("label_changed", pa.bool_()),
+    ]
+)
+CMP_LAYERS_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("units_a", pa.int32()),
+        ("units_b", pa.int32()),
+        ("per_unit", pa.bool_()),  # same width: units compared one to one by index
+        ("images", pa.int64()),  # shared images the per-image numbers used (0: none computed)
+        ("cka", pa.float64()),  # linear CKA of the per-image maxima (Kornblith et al. 2019)
+        ("matched_mean_corr", pa.float64()),
+        ("same_mean_corr", pa.float64()),
+        ("mean_topk_jaccard", pa.float64()),
+        ("dead_a", pa.int32()),
+        ("dead_b", pa.int32()),
+        ("died", pa.int32()),
+        ("revived", pa.int32()),
+        ("labels_changed", pa.int32()),
+    ]
+)
 COMPARE_SCHEMAS = {"cmp_units": CMP_UNITS_SCHEMA, "cmp_layers": CMP_LAYERS_SCHEMA}
 COMPARE_VIEWS = table_views(COMPARE_SCHEMAS)

@@ -9,6 +9,7 @@ free for reading and decoding, and whatever the dead actor held since its last f
 (pipeline.scan.flushes). A replacement is started only when no actor is left. When nothing moves for `stall_seconds`
 (no block arrives, no call returns), the pass fails with a message saying what is pending instead of hanging.
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,18 +70,35 @@ def _is_system_failure(error: BaseException) -> bool:
     """Ray's errors for lost nodes, workers and objects (not a bug in our code, not bad input)."""
     from ray import exceptions
 
-    kinds = tuple(getattr(exceptions, name) for name in (
-        "ObjectLostError", "OwnerDiedError", "NodeDiedError", "WorkerCrashedError", "RaySystemError",
-        "ActorDiedError", "ObjectReconstructionFailedError") if hasattr(exceptions, name))
+    kinds = tuple(
+        getattr(exceptions, name)
+        for name in (
+            "ObjectLostError",
+            "OwnerDiedError",
+            "NodeDiedError",
+            "WorkerCrashedError",
+            "RaySystemError",
+            "ActorDiedError",
+            "ObjectReconstructionFailedError",
+        )
+        if hasattr(exceptions, name)
+    )
     return isinstance(error, kinds) or isinstance(getattr(error, "cause", None), kinds)
 
 
 class WorkerPool:
     """A pool of actors made by `make_actor(index)`; see the module doc."""
 
-    def __init__(self, make_actor: Callable[[int], Any], size: int, in_flight: int = 2,
-                 stall_seconds: float = 600.0, describe_pending: Callable[[], str] | None = None,
-                 starve_seconds: float = 15.0, input_cpus: float = 0.25):
+    def __init__(
+        self,
+        make_actor: Callable[[int], Any],
+        size: int,
+        in_flight: int = 2,
+        stall_seconds: float = 600.0,
+        describe_pending: Callable[[], str] | None = None,
+        starve_seconds: float = 15.0,
+        input_cpus: float = 0.25,
+    ):
         self.make_actor = make_actor
         self.in_flight = in_flight
         self.stall_seconds = stall_seconds
@@ -98,8 +116,12 @@ class WorkerPool:
     def _drop(self, actor: _Actor, outcome: PassOutcome, error: BaseException) -> None:
         import ray
 
-        logger.warning("%s lost (%s); the pool goes on with %d, its unflushed images are redone",
-                       actor.name, type(error).__name__, len(self.actors) - 1)
+        logger.warning(
+            "%s lost (%s); the pool goes on with %d, its unflushed images are redone",
+            actor.name,
+            type(error).__name__,
+            len(self.actors) - 1,
+        )
         outcome.dead_actors += 1
         outcome.lost_calls += len(actor.calls)
         actor.calls.clear()
@@ -138,8 +160,10 @@ class WorkerPool:
     def _stalled(self, since: float) -> None:
         if time.time() - since > self.stall_seconds:
             calls = sum(len(a.calls) for a in self.actors)
-            raise PoolStalled(f"no progress for {self.stall_seconds:.0f} s: {len(self.actors)} model workers alive, "
-                              f"{calls} batches in their hands; {self.describe_pending()}")
+            raise PoolStalled(
+                f"no progress for {self.stall_seconds:.0f} s: {len(self.actors)} model workers alive, "
+                f"{calls} batches in their hands; {self.describe_pending()}"
+            )
 
     def _starving(self, idle_since: float) -> bool:
         """Idle actors and no input for a while, with less free CPU than one read/decode task needs anywhere:
@@ -150,13 +174,15 @@ class WorkerPool:
             return False
         return ray.available_resources().get("CPU", 0.0) < self.input_cpus
 
-    def _retire(self, actor: _Actor, flush_method: str, on_flush: Callable[[Any], None],
-                outcome: PassOutcome) -> None:
+    def _retire(self, actor: _Actor, flush_method: str, on_flush: Callable[[Any], None], outcome: PassOutcome) -> None:
         """Hand over the actor's state (committed by `on_flush`), then end it: its CPU goes to reading."""
         import ray
 
-        logger.warning("%s retired: the CPUs left cannot run the read and decode tasks beside %d model workers",
-                       actor.name, len(self.actors))
+        logger.warning(
+            "%s retired: the CPUs left cannot run the read and decode tasks beside %d model workers",
+            actor.name,
+            len(self.actors),
+        )
         try:
             on_flush(ray.get(getattr(actor.handle, flush_method).remote(), timeout=self.stall_seconds))
         except Exception as error:  # noqa: BLE001 - lost with its state: the next pass redoes its images
@@ -165,8 +191,14 @@ class WorkerPool:
         self.actors.remove(actor)
         ray.kill(actor.handle, no_restart=True)
 
-    def run(self, bundles: Iterator, method: str, on_result: Callable[[Any], None],
-            flush_method: str = "flush", on_flush: Callable[[Any], None] = lambda _: None) -> PassOutcome:
+    def run(
+        self,
+        bundles: Iterator,
+        method: str,
+        on_result: Callable[[Any], None],
+        flush_method: str = "flush",
+        on_flush: Callable[[Any], None] = lambda _: None,
+    ) -> PassOutcome:
         """Send every block of `bundles` to `actor.<method>(block, start, end)`; `on_result` gets each result.
         An actor retired mid-pass hands its state to `on_flush` through `flush_method` first."""
         outcome = PassOutcome()
@@ -194,8 +226,7 @@ class WorkerPool:
                             raise item
                         # A node died under the read/decode pipeline: end this pass; the next one re-reads
                         # whatever is not covered.
-                        logger.warning("the input pipeline failed (%s); this pass ends early",
-                                       type(item).__name__)
+                        logger.warning("the input pipeline failed (%s); this pass ends early", type(item).__name__)
                         outcome.lost_calls += 1
                         exhausted = True
                         break

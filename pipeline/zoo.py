@@ -6,6 +6,7 @@ subsampled and zero-padded with channels, no parameters), global average pooling
 Module names match the widely used akamaster/pytorch_resnet_cifar10 state dicts (``conv1``, ``bn1``,
 ``layer1.0.conv1``..., ``linear``), so those weights load with ``--weights``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,7 @@ class BasicBlock(nn.Module):
         shortcut = x
         if self.stride != 1 or self.pad:
             # Option A: every other pixel, zero channels added on both sides (no parameters).
-            shortcut = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.pad, self.pad))
+            shortcut = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad, self.pad))
         return F.relu(out + shortcut)
 
 

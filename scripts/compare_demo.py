@@ -6,6 +6,7 @@ with --record all, then `atlas compare`s them and prints the per-layer table (do
 matches no published weights entry, so it is scanned with the original's resize (256) explicitly: otherwise
 it would get DEFAULT's preprocessing and every layer would differ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,16 +44,28 @@ def main(argv: list[str] | None = None) -> int:
     torch.save(net.state_dict(), reinit)
     for name, path, resize in (("a", weights, None), ("b", reinit, 256)):
         started = time.time()
-        run_scan(ScanConfig(model=ModelConfig(spec="torchvision:mobilenet_v2", weights=path, resize=resize),
-                            data=data, out=os.path.join(args.out, name), layers="all,classifier.1", k=16,
-                            record="all", batch_size=32, progress=False))
+        run_scan(
+            ScanConfig(
+                model=ModelConfig(spec="torchvision:mobilenet_v2", weights=path, resize=resize),
+                data=data,
+                out=os.path.join(args.out, name),
+                layers="all,classifier.1",
+                k=16,
+                record="all",
+                batch_size=32,
+                progress=False,
+            )
+        )
         print(f"run {name}: {time.time() - started:.1f} s", file=sys.stderr)
     cmp = os.path.join(args.out, "cmp")
     manifest = compare_runs(os.path.join(args.out, "a"), os.path.join(args.out, "b"), cmp)
     print(f"compare: {manifest['seconds']} s")
-    columns, rows = run_query(cmp, "SELECT layer, units_a AS units, round(cka, 3) AS cka, round(matched_mean_corr, 3) "
-                                   "AS matched, round(same_mean_corr, 3) AS same, round(mean_topk_jaccard, 3) AS "
-                                   "jaccard, died, labels_changed FROM cmp_layers")
+    columns, rows = run_query(
+        cmp,
+        "SELECT layer, units_a AS units, round(cka, 3) AS cka, round(matched_mean_corr, 3) "
+        "AS matched, round(same_mean_corr, 3) AS same, round(mean_topk_jaccard, 3) AS "
+        "jaccard, died, labels_changed FROM cmp_layers",
+    )
     print(format_result(columns, rows))
     return 0
 

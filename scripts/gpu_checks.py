@@ -20,6 +20,7 @@ Checks (issue 18):
   render           feature visualization bytes equal for one seed, twice
   pytest           the deconvnet and explanation tests with the GPU visible
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,10 +51,16 @@ def _need_cuda(device: str) -> None:
 
 
 def check_environment(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-            "threads": torch.get_num_threads()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     if device == "cuda":
@@ -62,12 +69,16 @@ def check_environment(device: str) -> dict:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_gpus=1, include_dashboard=False, logging_level="ERROR")
         try:
+
             @ray.remote(num_gpus=1)
             def probe() -> dict:
                 import torch as t
 
-                return {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                        "threads": t.get_num_threads(), "device": t.cuda.get_device_name(0)}
+                return {
+                    "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                    "threads": t.get_num_threads(),
+                    "device": t.cuda.get_device_name(0),
+                }
 
             info["ray_actor"] = ray.get(probe.remote(), timeout=300)
         finally:
@@ -81,9 +92,9 @@ def check_layer_maxima(device: str) -> dict:
     _need_cuda(device)
     generator = torch.Generator().manual_seed(0)
     maps = torch.randn(8, 16, 7, 9, generator=generator)
-    maps[0, 0] = 1.0                      # a plateau: the first position must win
-    maps[1, 1] = 0.0                      # all zero
-    maps[2, 2, 3, 4] = float("nan")       # NaN: torch.max propagates it
+    maps[0, 0] = 1.0  # a plateau: the first position must win
+    maps[1, 1] = 0.0  # all zero
+    maps[2, 2, 3, 4] = float("nan")  # NaN: torch.max propagates it
     maps[3, 3, 1:3, 2:5] = maps[3, 3].max() + 1  # a plateau of maxima
     results = {}
     for layout in ("nchw", "channels_last"):
@@ -92,8 +103,10 @@ def check_layer_maxima(device: str) -> dict:
             gpu = gpu.contiguous(memory_format=torch.channels_last)
         cpu_v, cpu_y, cpu_x = layer_maxima(maps)
         gpu_v, gpu_y, gpu_x = (t.cpu() for t in layer_maxima(gpu))
-        results[layout] = {"indices_equal": bool(torch.equal(cpu_y, gpu_y) and torch.equal(cpu_x, gpu_x)),
-                           "values_equal": bool(torch.equal(cpu_v.nan_to_num(-1), gpu_v.nan_to_num(-1)))}
+        results[layout] = {
+            "indices_equal": bool(torch.equal(cpu_y, gpu_y) and torch.equal(cpu_x, gpu_x)),
+            "values_equal": bool(torch.equal(cpu_v.nan_to_num(-1), gpu_v.nan_to_num(-1))),
+        }
     results["ok"] = all(r["indices_equal"] and r["values_equal"] for r in results.values() if isinstance(r, dict))
     return results
 
@@ -102,27 +115,44 @@ def _images(n: int, size: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (max(1, n // 2), size, size, 3), dtype=np.uint8)
     pixels = np.concatenate([base, base[: n - len(base)]])  # duplicates: ties broken by key
-    return {"image_key": np.array([f"img-{(i * 37) % n:05d}" for i in range(n)], dtype=object),
-            "source": np.array(["s"] * n, dtype=object), "label": np.array([None] * n, dtype=object),
-            "width": np.full(n, size, np.int32), "height": np.full(n, size, np.int32),
-            "status": np.array(["ok"] * n, dtype=object), "error": np.array([None] * n, dtype=object),
-            "pixels": pixels}
+    return {
+        "image_key": np.array([f"img-{(i * 37) % n:05d}" for i in range(n)], dtype=object),
+        "source": np.array(["s"] * n, dtype=object),
+        "label": np.array([None] * n, dtype=object),
+        "width": np.full(n, size, np.int32),
+        "height": np.full(n, size, np.int32),
+        "status": np.array(["ok"] * n, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+        "pixels": pixels,
+    }
 
 
-def _record(device: str, batch: dict, batch_size: int, precision: str = "fp32", chunk: int | None = None,
-            spec: str = "torchvision:resnet18", size: int = 64, layers=("layer1", "layer3", "fc")):
+def _record(
+    device: str,
+    batch: dict,
+    batch_size: int,
+    precision: str = "fp32",
+    chunk: int | None = None,
+    spec: str = "torchvision:resnet18",
+    size: int = 64,
+    layers=("layer1", "layer3", "fc"),
+):
     from pipeline.models import ModelConfig, load_model, resolve_layers
     from pipeline.scan.recorder import Recorder, RecorderConfig, ScanState
 
     model = ModelConfig(spec, image_size=size)
     torch.manual_seed(0)
     infos = resolve_layers(load_model(model).model, size, ",".join(layers))
-    recorder = Recorder(RecorderConfig(model=model, layers=tuple(layers), k=8, device=device, batch_size=batch_size,
-                                       precision=precision), {i.name: i.shape[0] for i in infos})
+    recorder = Recorder(
+        RecorderConfig(
+            model=model, layers=tuple(layers), k=8, device=device, batch_size=batch_size, precision=precision
+        ),
+        {i.name: i.shape[0] for i in infos},
+    )
     n = len(batch["image_key"])
     step = chunk or batch_size
     for i in range(0, n, step):
-        recorder.record({name: column[i:i + step] for name, column in batch.items()})
+        recorder.record({name: column[i : i + step] for name, column in batch.items()})
     return ScanState.from_bytes(recorder.flush().state)
 
 
@@ -132,8 +162,11 @@ def _compare(a, b) -> dict:
         ra, rb = a.topk[layer].result(), b.topk[layer].result()
         keys = bool((ra["keys"] == rb["keys"]).all())
         diff = float(np.nanmax(np.abs(ra["values"] - rb["values"]))) if ra["values"].size else 0.0
-        out["layers"][layer] = {"keys_equal": keys, "max_abs_diff": diff,
-                                "key_order_differences": int((ra["keys"] != rb["keys"]).sum())}
+        out["layers"][layer] = {
+            "keys_equal": keys,
+            "max_abs_diff": diff,
+            "key_order_differences": int((ra["keys"] != rb["keys"]).sum()),
+        }
         out["keys_equal"] &= keys
         out["max_abs_diff"] = max(out["max_abs_diff"], diff)
     return out
@@ -195,7 +228,7 @@ def check_timing(device: str, batches=(32, 256)) -> dict:
             maxima = {name: layer_maxima(o.float()) for name, o in outputs.items()}
             state = ScanState(units, 32)
             keys = [[f"k{b}-{i}" for i in range(size)] for b in range(6)]
-            counter = iter(range(10 ** 6))
+            counter = iter(range(10**6))
 
             def fold():
                 batch_keys = keys[next(counter) % 6]
@@ -208,8 +241,9 @@ def check_timing(device: str, batches=(32, 256)) -> dict:
             row["flush_ms"] = (time.perf_counter() - started) * 1000
             row["flush_bytes"] = len(flushed)
             row["forward_images_per_second"] = size / row["forward_fp32_ms"] * 1000
-            row["recorder_over_forward"] = row["forward_fp32_ms"] / (row["forward_fp32_ms"] + row["maxima_ms"]
-                                                                    + row["statistics_ms"])
+            row["recorder_over_forward"] = row["forward_fp32_ms"] / (
+                row["forward_fp32_ms"] + row["maxima_ms"] + row["statistics_ms"]
+            )
         report[f"batch_{size}"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
     return report
 
@@ -227,24 +261,55 @@ def check_scan(device: str) -> dict:
     runs = {}
     for name, dev in (("cpu", "cpu"), ("cuda", "cuda")):
         runs[name] = os.path.join(work, name)
-        run_scan(ScanConfig(model=model, data=photos, out=runs[name], layers="stem,relu,down", k=5, device=dev,
-                            actors=1, progress=False))
+        run_scan(
+            ScanConfig(
+                model=model,
+                data=photos,
+                out=runs[name],
+                layers="stem,relu,down",
+                k=5,
+                device=dev,
+                actors=1,
+                progress=False,
+            )
+        )
     query = "SELECT layer, unit, rank, image_key FROM topk ORDER BY ALL"
     keys_equal = connect(runs["cpu"]).execute(query).fetchall() == connect(runs["cuda"]).execute(query).fetchall()
-    acts = [np.array(connect(r).execute("SELECT act FROM topk ORDER BY layer, unit, rank").fetchall()).ravel()
-            for r in runs.values()]
+    acts = [
+        np.array(connect(r).execute("SELECT act FROM topk ORDER BY layer, unit, rank").fetchall()).ravel()
+        for r in runs.values()
+    ]
     diff = float(np.abs(acts[0] - acts[1]).max())
     # --decode gpu end to end (its pixels differ from PIL's by up to a level or two, so its top-k is reported
     # against the CPU-decoded run, not judged; exactness for its own pixels is tests/test_device_decode.py's).
     runs["decode_gpu"] = os.path.join(work, "decode_gpu")
-    manifest = run_scan(ScanConfig(model=model, data=photos, out=runs["decode_gpu"], layers="stem,relu,down", k=5,
-                                   device="cuda", actors=1, progress=False, decode="gpu"))
-    same = len(set(connect(runs["cuda"]).execute(query).fetchall())
-               & set(connect(runs["decode_gpu"]).execute(query).fetchall()))
+    manifest = run_scan(
+        ScanConfig(
+            model=model,
+            data=photos,
+            out=runs["decode_gpu"],
+            layers="stem,relu,down",
+            k=5,
+            device="cuda",
+            actors=1,
+            progress=False,
+            decode="gpu",
+        )
+    )
+    same = len(
+        set(connect(runs["cuda"]).execute(query).fetchall())
+        & set(connect(runs["decode_gpu"]).execute(query).fetchall())
+    )
     total = len(connect(runs["cuda"]).execute(query).fetchall())
-    return {"keys_equal": keys_equal, "max_abs_diff": diff, "ok": keys_equal and diff < 1e-4,
-            "decode_gpu": {"images_ok": manifest["counts"]["images_ok"], "topk_rows_shared_with_cpu_decode":
-                           f"{same}/{total}"}}
+    return {
+        "keys_equal": keys_equal,
+        "max_abs_diff": diff,
+        "ok": keys_equal and diff < 1e-4,
+        "decode_gpu": {
+            "images_ok": manifest["counts"]["images_ok"],
+            "topk_rows_shared_with_cpu_decode": f"{same}/{total}",
+        },
+    }
 
 
 def check_decode(device: str) -> dict:
@@ -260,8 +325,11 @@ def check_decode(device: str) -> dict:
     from pipeline.preprocess import Preprocess, decode_image
 
     work = tempfile.mkdtemp(prefix="gpu-check-decode-")
-    paths = sorted(glob.glob(os.path.join(make_photo_folder(os.path.join(work, "photos"), 64, seed=0), "**", "*.*"),
-                             recursive=True))
+    paths = sorted(
+        glob.glob(
+            os.path.join(make_photo_folder(os.path.join(work, "photos"), 64, seed=0), "**", "*.*"), recursive=True
+        )
+    )
     blobs = []
     for path in paths:
         buffer = io.BytesIO()
@@ -279,19 +347,26 @@ def check_decode(device: str) -> dict:
     reference = np.stack([decode_image(blob, preprocess)[0] for blob in blobs])
     cpu_seconds = time.perf_counter() - started
     difference = np.abs(crops.cpu().numpy().astype(np.int64) - reference.astype(np.int64))
-    return {"images": len(blobs), "errors": sum(e is not None for e in errors), "max_level_diff": int(difference.max()),
-            "mean_level_diff": round(float(difference.mean()), 4),
-            "device_images_per_second": round(len(blobs) / device_seconds, 1),
-            "cpu_one_core_images_per_second": round(len(blobs) / cpu_seconds, 1),
-            "ok": difference.max() <= 2 and not any(errors)}
+    return {
+        "images": len(blobs),
+        "errors": sum(e is not None for e in errors),
+        "max_level_diff": int(difference.max()),
+        "mean_level_diff": round(float(difference.mean()), 4),
+        "device_images_per_second": round(len(blobs) / device_seconds, 1),
+        "cpu_one_core_images_per_second": round(len(blobs) / cpu_seconds, 1),
+        "ok": difference.max() <= 2 and not any(errors),
+    }
 
 
 def check_render(device: str) -> dict:
     from pipeline.models import ModelConfig
     from pipeline.render.worker import RenderConfig, RenderTask, UnitRenderer, VisSettings
 
-    config = RenderConfig(model=ModelConfig("module:tiny_models:small_net", image_size=32),
-                          vis=VisSettings(steps=16, size=32, seed=3), device=device)
+    config = RenderConfig(
+        model=ModelConfig("module:tiny_models:small_net", image_size=32),
+        vis=VisSettings(steps=16, size=32, seed=3),
+        device=device,
+    )
     outputs = []
     for _ in range(2):
         renderer = UnitRenderer(config)
@@ -303,16 +378,33 @@ def check_render(device: str) -> dict:
 
 def check_pytest(device: str) -> dict:
     _need_cuda(device)
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_deconv.py", "tests/test_guided.py",
-               "tests/test_explain.py", "-k", "not data_survives"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "tests/test_deconv.py",
+        "tests/test_guided.py",
+        "tests/test_explain.py",
+        "-k",
+        "not data_survives",
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     return {"returncode": done.returncode, "tail": done.stdout.strip().splitlines()[-1:], "ok": done.returncode == 0}
 
 
-CHECKS = {"environment": check_environment, "layer_maxima": check_layer_maxima, "recorder": check_recorder,
-          "batch": check_batch, "timing": check_timing, "scan": check_scan, "decode": check_decode,
-          "render": check_render,
-          "pytest": check_pytest}
+CHECKS = {
+    "environment": check_environment,
+    "layer_maxima": check_layer_maxima,
+    "recorder": check_recorder,
+    "batch": check_batch,
+    "timing": check_timing,
+    "scan": check_scan,
+    "decode": check_decode,
+    "render": check_render,
+    "pytest": check_pytest,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 - one broken check must not hide the others
             report["checks"][name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
             report["failed"].append(name)
-        print(f"{name}: {'skipped' if name in report['skipped'] else 'FAILED' if name in report['failed'] else 'ok'}",
-              flush=True)
+        print(
+            f"{name}: {'skipped' if name in report['skipped'] else 'FAILED' if name in report['failed'] else 'ok'}",
+            flush=True,
+        )
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=2, default=str)
     print(f"report: {args.out}; failed: {report['failed'] or 'none'}; skipped: {sorted(report['skipped']) or 'none'}")

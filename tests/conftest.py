@@ -1,4 +1,5 @@
 """Shared fixtures: one local Ray per test session (2 CPUs, small object store, no dashboard), real photos."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,13 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     python_path = os.pathsep.join([SUPPORT_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": python_path}}, logging_level="WARNING")
+    ray.init(
+        num_cpus=2,
+        object_store_memory=200 * 1024 * 1024,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+        logging_level="WARNING",
+    )
     try:
         yield ray
     finally:

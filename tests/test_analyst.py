@@ -1,6 +1,7 @@
 """The analyst's ways into a run, on one small real run (tests/analyst_run.py: scan with every per-image maximum,
 render, explain): the notebook API (pipeline.api) against `atlas query`, the plain-DuckDB views file RUN/views.sql
 read by the DuckDB shell as a separate process, and docs/analyst.ipynb executed headless."""
+
 from __future__ import annotations
 
 import base64
@@ -16,8 +17,16 @@ from urllib.parse import unquote
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from analyst_run import DEMO_LAYER, LAYERS, MODEL, PAYLOAD, RENDERED_LAYER, RENDERED_UNITS, make_analyst_run, \
-    payload_photos
+from analyst_run import (
+    DEMO_LAYER,
+    LAYERS,
+    MODEL,
+    PAYLOAD,
+    RENDERED_LAYER,
+    RENDERED_UNITS,
+    make_analyst_run,
+    payload_photos,
+)
 
 from pipeline import open_run
 from pipeline.query import run_query
@@ -85,6 +94,7 @@ def rows_of(rows, sql: str) -> list[tuple]:
 
 # ---------------------------------------------------------------------------------------------- the API
 
+
 def test_dataframes_equal_atlas_query(run, run_dir):
     assert {"topk", "units", "images", "maxima", "atlas", "explain"} <= set(run.views)
     queries = doc_queries() + view_counts(run.views)
@@ -100,11 +110,18 @@ def test_dataframes_equal_atlas_query(run, run_dir):
         answered += bool(expected)
     # not vacuous: the analyst questions have answers on this run (maxima, labels, atlas, explain views)
     assert answered >= len(queries) - 3
-    counts = dict(run_query(run_dir, "SELECT 'explain', count(*) FROM explain UNION ALL "
-                                     "SELECT 'atlas', count(*) FROM atlas UNION ALL SELECT 'maxima', count(*) FROM maxima")[1])
+    counts = dict(
+        run_query(
+            run_dir,
+            "SELECT 'explain', count(*) FROM explain UNION ALL "
+            "SELECT 'atlas', count(*) FROM atlas UNION ALL SELECT 'maxima', count(*) FROM maxima",
+        )[1]
+    )
     assert min(counts.values()) > 0, counts
     # a view by name, as a relation or a DataFrame
-    assert len(run.df("units")) == len(run.units.fetchall()) == run_query(run_dir, "SELECT count(*) FROM units")[1][0][0]
+    assert (
+        len(run.df("units")) == len(run.units.fetchall()) == run_query(run_dir, "SELECT count(*) FROM units")[1][0][0]
+    )
     with pytest.raises(KeyError, match="no view 'nope'"):
         run.view("nope")
 
@@ -113,14 +130,16 @@ def test_layer_and_unit_objects(run, run_dir):
     assert run.layers == list(LAYERS)
     layer = run.layer(RENDERED_LAYER)
     units = layer.units
-    expected = run_query(run_dir, f"SELECT unit, max, dead FROM units WHERE layer = '{RENDERED_LAYER}' ORDER BY unit")[1]
+    expected = run_query(run_dir, f"SELECT unit, max, dead FROM units WHERE layer = '{RENDERED_LAYER}' ORDER BY unit")[
+        1
+    ]
     assert [tuple(plain(v) for v in r) for r in units[["unit", "max", "dead"]].itertuples(index=False)] == expected
     assert not any(c.startswith("sketch") for c in units.columns)
     html = layer._repr_html_()
     # every rendered unit shows its feature visualization; the others say so
     assert html.count("data:image/png;base64,") == len(RENDERED_UNITS)
     assert html.count("not rendered") == len(expected) - len(RENDERED_UNITS)
-    assert run.unit(RENDERED_LAYER, units["unit"].iloc[1]).unit == 1   # a numpy integer from the DataFrame
+    assert run.unit(RENDERED_LAYER, units["unit"].iloc[1]).unit == 1  # a numpy integer from the DataFrame
     with pytest.raises(KeyError, match="was not recorded"):
         run.layer("nope")
     with pytest.raises(KeyError, match=f"has units 0-{len(expected) - 1}"):
@@ -139,19 +158,28 @@ def test_unit_shows_its_own_pictures_activations_and_histogram(run, run_dir):
     embedded = sorted(base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', html))
     assert embedded == sorted(open(os.path.join(folder, n), "rb").read() for n in files)
     # each top-k image's rank, activation and label, in rank order
-    topk = run_query(run_dir, f"SELECT rank, act, label FROM topk WHERE layer = '{RENDERED_LAYER}' AND unit = {unit} "
-                              "ORDER BY rank")[1]
+    topk = run_query(
+        run_dir, f"SELECT rank, act, label FROM topk WHERE layer = '{RENDERED_LAYER}' AND unit = {unit} ORDER BY rank"
+    )[1]
     captions = re.findall(r"<figcaption>#(\d+) · ([^<]+)<br>([^<]*)</figcaption>", html)
     assert [int(c[0]) for c in captions] == [r[0] for r in topk]
     assert [float(c[1]) for c in captions] == pytest.approx([r[1] for r in topk], rel=5e-3)
     # the histogram: one bar per occupied bucket of the unit's per-image maxima, bucketed here independently
     # (DDSketch buckets: gamma = 1.05 / 0.95, bucket ceil(log_gamma v), clamped to [1e-4, 1e4]; zero alone)
-    maxima = np.array([a for (a,) in run_query(run_dir, f"SELECT act FROM maxima WHERE layer = '{RENDERED_LAYER}' "
-                                                        f"AND unit = {unit}")[1]], dtype=np.float64)
+    maxima = np.array(
+        [
+            a
+            for (a,) in run_query(
+                run_dir, f"SELECT act FROM maxima WHERE layer = '{RENDERED_LAYER}' AND unit = {unit}"
+            )[1]
+        ],
+        dtype=np.float64,
+    )
     log_gamma = math.log(1.05 / 0.95)
     low, high = math.ceil(math.log(1e-4) / log_gamma), math.ceil(math.log(1e4) / log_gamma)
-    buckets = [0 if v == 0 else int(np.sign(v)) * min(max(math.ceil(math.log(abs(v)) / log_gamma), low), high)
-               for v in maxima]
+    buckets = [
+        0 if v == 0 else int(np.sign(v)) * min(max(math.ceil(math.log(abs(v)) / log_gamma), low), high) for v in maxima
+    ]
     expected_bars = sorted(np.unique(buckets, return_counts=True)[1].tolist())
     bars = sorted(int(n) for n in re.findall(r"<rect class=\"bar\"[^>]*><title>[^<]*: (\d+) images</title>", html))
     assert bars == expected_bars and sum(bars) == run.manifest["counts"]["images_ok"]
@@ -191,7 +219,7 @@ def test_run_at_a_url(run, run_dir, tmp_path, monkeypatch):
         assert opened.url == f"file://{remote}"
         assert opened.df(sql).equals(run.df(sql))
         cached = [n for _, _, names in os.walk(opened.path) for n in names]
-        assert not any(n.endswith(".png") for n in cached)   # pictures come when shown
+        assert not any(n.endswith(".png") for n in cached)  # pictures come when shown
         html = opened.unit(RENDERED_LAYER, min(RENDERED_UNITS))._repr_html_()
         assert html.count("data:image/png;base64,") == 5
     shutil.rmtree(os.path.join(remote, "maxima"))  # the run at the URL changed: no maxima any more
@@ -202,6 +230,7 @@ def test_run_at_a_url(run, run_dir, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- plain DuckDB
+
 
 def duckdb_shell() -> str:
     shell = shutil.which("duckdb") or os.path.join(os.path.dirname(sys.executable), "duckdb")
@@ -215,11 +244,19 @@ def shell_results(arguments: list[str], queries: list[tuple[str, str]], cwd: str
     commands = []
     for i, (_, sql) in enumerate(queries):
         commands += ["-c", f"COPY ({sql}) TO '{os.path.join(out, f'{i}.parquet')}' (FORMAT parquet)"]
-    done = subprocess.run([duckdb_shell(), "-bail", *arguments, *commands], cwd=cwd, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=120)
+    done = subprocess.run(
+        [duckdb_shell(), "-bail", *arguments, *commands],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
     assert done.returncode == 0 and "Error" not in done.stderr, done.stderr
-    return [[tuple(r.values()) for r in pq.read_table(os.path.join(out, f"{i}.parquet")).to_pylist()]
-            for i in range(len(queries))]
+    return [
+        [tuple(r.values()) for r in pq.read_table(os.path.join(out, f"{i}.parquet")).to_pylist()]
+        for i in range(len(queries))
+    ]
 
 
 def test_views_sql_in_the_duckdb_shell_equals_atlas_query(run, run_dir, tmp_path):
@@ -233,9 +270,12 @@ def test_views_sql_in_the_duckdb_shell_equals_atlas_query(run, run_dir, tmp_path
         "cd RUN && duckdb -init views.sql": (["-init", "views.sql"], run_dir),
         "from another folder, atlas_run relative": (
             ["-c", f"SET VARIABLE atlas_run = '{relative}'", "-c", f".read {os.path.join(relative, 'views.sql')}"],
-            str(elsewhere)),
+            str(elsewhere),
+        ),
         "a file:// URL, as for s3:// or gs://": (
-            ["-c", f"SET VARIABLE atlas_run = 'file://{run_dir}'", "-c", f".read {views_sql}"], str(elsewhere)),
+            ["-c", f"SET VARIABLE atlas_run = 'file://{run_dir}'", "-c", f".read {views_sql}"],
+            str(elsewhere),
+        ),
     }
     for way, (arguments, cwd) in ways.items():
         out = tmp_path / f"out-{len(os.listdir(tmp_path))}"
@@ -256,13 +296,23 @@ def test_a_run_made_before_views_sql_gets_it_from_the_same_scan(run_dir, photo_f
     os.remove(os.path.join(copy, "views.sql"))
     manifest = json.load(open(os.path.join(copy, "manifest.json")))
     config = manifest["config"]
-    run_scan(ScanConfig(model=MODEL, data=config["data"], out=copy, layers=",".join(LAYERS), k=config["k"],
-                        record=config["record"], progress=False))
-    assert json.load(open(os.path.join(copy, "manifest.json"))) == manifest   # nothing redone
+    run_scan(
+        ScanConfig(
+            model=MODEL,
+            data=config["data"],
+            out=copy,
+            layers=",".join(LAYERS),
+            k=config["k"],
+            record=config["record"],
+            progress=False,
+        )
+    )
+    assert json.load(open(os.path.join(copy, "manifest.json"))) == manifest  # nothing redone
     assert open(os.path.join(copy, "views.sql")).read() == text
 
 
 # ---------------------------------------------------------------------------------------------- the notebook
+
 
 def test_notebook_runs_headless(run_dir, tmp_path, monkeypatch):
     """docs/analyst.ipynb, executed from a temporary copy in a fresh kernel (no network), on this run."""
@@ -274,13 +324,14 @@ def test_notebook_runs_headless(run_dir, tmp_path, monkeypatch):
     nb = nbformat.read(notebook, as_version=4)
     assert not any(cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "commit it without outputs"
     monkeypatch.setenv("ATLAS_RUN", run_dir)
-    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     html = "\n".join(o.get("data", {}).get("text/html", "") for o in outputs)
-    assert "data:image/png;base64," in html and "per-image maxima" in html   # a unit with its pictures and histogram
-    assert PAYLOAD not in html   # labels and keys escaped, by the API and by pandas
+    assert "data:image/png;base64," in html and "per-image maxima" in html  # a unit with its pictures and histogram
+    assert PAYLOAD not in html  # labels and keys escaped, by the API and by pandas
 
 
 def test_a_comparison_opens_with_its_views(run_dir, tmp_path):

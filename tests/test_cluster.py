@@ -5,6 +5,7 @@ driver, and listing every corrupt or truncated image.
 Runs compared here come from different processes, batchings and merge orders, so top-k image keys and ranks
 must be equal exactly, activations and statistics to float32 rounding (rtol 1e-5), images to a few levels.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,16 +79,22 @@ def inputs(tmp_path_factory):
 
 
 def job_file(inputs: dict, name: str, stages: list[str] | None = None, **scan: object) -> tuple[str, dict]:
-    data = {"job": {"name": name, "out": str(inputs["root"] / name), **({"stages": stages} if stages else {})},
-            "model": {"spec": "module:pipeline.zoo:resnet8", "weights": inputs["weights"], "image_size": 64,
-                      "resize": 64},
-            "data": {"source": inputs["photos"]},
-            "scan": {"layers": "layer1,layer3,linear", "k": 4, "batch_size": 4, **scan},
-            "render": {"layers": ["layer1", "linear"], "classes": "0-3", "steps": 24, "size": 48},
-            "site": {}}
+    data = {
+        "job": {"name": name, "out": str(inputs["root"] / name), **({"stages": stages} if stages else {})},
+        "model": {"spec": "module:pipeline.zoo:resnet8", "weights": inputs["weights"], "image_size": 64, "resize": 64},
+        "data": {"source": inputs["photos"]},
+        "scan": {"layers": "layer1,layer3,linear", "k": 4, "batch_size": 4, **scan},
+        "render": {"layers": ["layer1", "linear"], "classes": "0-3", "steps": 24, "size": 48},
+        "site": {},
+    }
     path = inputs["root"] / f"{name}.toml"
-    path.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in values.items())
-                              for section, values in data.items()) + "\n")
+    path.write_text(
+        "\n".join(
+            f"[{section}]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in values.items())
+            for section, values in data.items()
+        )
+        + "\n"
+    )
     return str(path), data
 
 
@@ -102,13 +109,18 @@ def tables(run: str) -> dict:
 
     con = connect(run)
     return {
-        "topk": con.execute("SELECT layer, unit, rank, image_key, act, box_x0, box_y0, box_x1, box_y1 FROM topk "
-                            "ORDER BY layer, unit, rank").fetchall(),
-        "units": con.execute("SELECT layer, unit, dead, count, n_active, max, mean, std, frac_active, p50, p99 FROM units "
-                             "ORDER BY layer, unit").fetchall(),
+        "topk": con.execute(
+            "SELECT layer, unit, rank, image_key, act, box_x0, box_y0, box_x1, box_y1 FROM topk "
+            "ORDER BY layer, unit, rank"
+        ).fetchall(),
+        "units": con.execute(
+            "SELECT layer, unit, dead, count, n_active, max, mean, std, frac_active, p50, p99 FROM units "
+            "ORDER BY layer, unit"
+        ).fetchall(),
         "images": con.execute("SELECT image_key, status, error FROM images ORDER BY image_key").fetchall(),
-        "atlas": con.execute("SELECT layer, unit, kind, rank, image_key, path FROM atlas "
-                             "ORDER BY layer, unit, kind, rank").fetchall(),
+        "atlas": con.execute(
+            "SELECT layer, unit, kind, rank, image_key, path FROM atlas ORDER BY layer, unit, kind, rank"
+        ).fetchall(),
     }
 
 
@@ -119,8 +131,12 @@ def assert_same_run(a: str, b: str) -> None:
         for row_a, row_b in zip(ta[name], tb[name]):
             exact = [v for v in row_a if not isinstance(v, float)], [v for v in row_b if not isinstance(v, float)]
             assert exact[0] == exact[1], (name, row_a, row_b)
-            np.testing.assert_allclose([v for v in row_a if isinstance(v, float)],
-                                       [v for v in row_b if isinstance(v, float)], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                [v for v in row_a if isinstance(v, float)],
+                [v for v in row_b if isinstance(v, float)],
+                rtol=1e-5,
+                atol=1e-6,
+            )
     assert ta["images"] == tb["images"] and ta["atlas"] == tb["atlas"]
     keys = [r[0] for r in ta["topk"]]
     assert len({(r[0], r[1], r[2]) for r in ta["topk"]}) == len(keys), "duplicate top-k rows"
@@ -215,8 +231,11 @@ def test_driver_killed_then_resubmitted_resumes(cluster, inputs, reference, caps
     assert "render" not in json.loads((run / "job.json").read_text())["stages"]  # killed mid-run
 
     assert submit(cluster, path) == 0  # a retry of the same (config, date): it resumes
-    ids = sorted(job.submission_id for job in client(cluster).list_jobs()
-                 if (job.submission_id or "").startswith("atlas-driver-killed-"))
+    ids = sorted(
+        job.submission_id
+        for job in client(cluster).list_jobs()
+        if (job.submission_id or "").startswith("atlas-driver-killed-")
+    )
     assert ids == [job_id, f"{job_id}-retry1"]
     record = json.loads((run / "job.json").read_text())["stages"]
     assert record["scan"]["skipped"] and not record["render"]["skipped"]
@@ -248,9 +267,14 @@ def test_token_one_run_per_job_and_sigterm_stops_the_job(cluster, inputs, tmp_pa
 
     log = open(tmp_path / "submitter.log", "w")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    submitter = subprocess.Popen([sys.executable, "-m", "pipeline", "submit", path, "--address", cluster.address,
-                                  "--date", DATE], env=env, stdout=log, stderr=subprocess.STDOUT)
+    submitter = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "submit", path, "--address", cluster.address, "--date", DATE],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
+
         def running() -> str | None:
             for job in client(cluster).list_jobs():
                 if (job.submission_id or "").startswith("atlas-sigterm-") and str(job.status.value) == "RUNNING":
@@ -270,8 +294,11 @@ def test_token_one_run_per_job_and_sigterm_stops_the_job(cluster, inputs, tmp_pa
         if submitter.poll() is None:
             submitter.kill()
         log.close()
-    ids = [job.submission_id for job in client(cluster).list_jobs()
-           if (job.submission_id or "").startswith("atlas-sigterm-")]
+    ids = [
+        job.submission_id
+        for job in client(cluster).list_jobs()
+        if (job.submission_id or "").startswith("atlas-sigterm-")
+    ]
     assert ids == [job_id]
     assert "SIGTERM: stopping" in (tmp_path / "submitter.log").read_text()
 
@@ -283,8 +310,12 @@ def assert_same_scan(a: str, b: str) -> None:
         assert len(ta[name]) == len(tb[name]) > 0
         for row_a, row_b in zip(ta[name], tb[name]):
             assert [v for v in row_a if not isinstance(v, float)] == [v for v in row_b if not isinstance(v, float)]
-            np.testing.assert_allclose([v for v in row_a if isinstance(v, float)],
-                                       [v for v in row_b if isinstance(v, float)], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                [v for v in row_a if isinstance(v, float)],
+                [v for v in row_b if isinstance(v, float)],
+                rtol=1e-5,
+                atol=1e-6,
+            )
     assert ta["images"] == tb["images"]
     good = sum(status == "ok" for _, status, _ in tb["images"])
     assert {row[3] for row in tb["units"]} == {good}, "the units' count must be the number of good images"

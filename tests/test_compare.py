@@ -1,5 +1,6 @@
 """`atlas compare`: checked against what the comparison must find by construction (a consistently permuted network,
 one zeroed filter, different image sets) and CKA against an independent HSIC implementation."""
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ WIDTHS = {"relu1": 6, "relu2": 8, "relu3": 5}
 
 # ---------------------------------------------------------------------------------------------- numerics
 
+
 def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
     """Kornblith et al. 2019 written from the definition: CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with
     linear kernels K = X X^T, L = Y Y^T and HSIC(K, L) = tr(K H L H) / (n - 1)^2, H the centring matrix."""
@@ -38,7 +40,7 @@ def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
 
 def test_cka_matches_an_independent_implementation_and_its_invariances():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(120, 12)) + 3.0            # an offset: centring matters
+    x = rng.normal(size=(120, 12)) + 3.0  # an offset: centring matters
     y = x[:, :7] @ rng.normal(size=(7, 9)) + 0.7 * rng.normal(size=(120, 9)) - 5.0
     reference = hsic_cka(x, y)
     assert 0.2 < reference < 0.95
@@ -48,9 +50,9 @@ def test_cka_matches_an_independent_implementation_and_its_invariances():
     for start, stop in ((0, 7), (7, 50), (50, 51), (51, 120)):
         moments.add(x[start:stop], y[start:stop])
     assert moments.cka() == pytest.approx(reference, abs=1e-10)
-    q, _ = np.linalg.qr(rng.normal(size=(9, 9)))    # orthogonal transform of one side
+    q, _ = np.linalg.qr(rng.normal(size=(9, 9)))  # orthogonal transform of one side
     assert linear_cka(x, y @ q) == pytest.approx(reference, abs=1e-10)
-    assert linear_cka(x, 37.5 * y) == pytest.approx(reference, abs=1e-10)   # isotropic scaling
+    assert linear_cka(x, 37.5 * y) == pytest.approx(reference, abs=1e-10)  # isotropic scaling
     assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
     # its correlation matrix is numpy's
     expected = np.corrcoef(x.T, y.T)[:12, 12:]
@@ -68,9 +70,21 @@ def test_spearman_matches_scipy_with_ties():
 
 # ---------------------------------------------------------------------------------------------- runs
 
+
 def _scan(data: str, out: str, factory: str, record: str = "all") -> str:
-    run_scan(ScanConfig(model=ModelConfig(f"module:compare_models:{factory}", image_size=32), data=data, out=out,
-                        layers=LAYERS, k=4, record=record, batch_size=8, actors=1, progress=False))
+    run_scan(
+        ScanConfig(
+            model=ModelConfig(f"module:compare_models:{factory}", image_size=32),
+            data=data,
+            out=out,
+            layers=LAYERS,
+            k=4,
+            record=record,
+            batch_size=8,
+            actors=1,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -80,10 +94,12 @@ def runs(ray_cluster, photo_folder, tmp_path_factory) -> dict[str, str]:
     subset = root / "subset"  # the same photos less one class: a different image set
     shutil.copytree(photo_folder, subset)
     shutil.rmtree(subset / sorted(d for d in os.listdir(subset) if (subset / d).is_dir())[0])
-    return {"a": _scan(photo_folder, str(root / "a"), "cmp_net"),
-            "permuted": _scan(photo_folder, str(root / "permuted"), "cmp_net_permuted"),
-            "zeroed": _scan(photo_folder, str(root / "zeroed"), "cmp_net_zeroed"),
-            "subset": _scan(str(subset), str(root / "subset-run"), "cmp_net", record="topk")}
+    return {
+        "a": _scan(photo_folder, str(root / "a"), "cmp_net"),
+        "permuted": _scan(photo_folder, str(root / "permuted"), "cmp_net_permuted"),
+        "zeroed": _scan(photo_folder, str(root / "zeroed"), "cmp_net_zeroed"),
+        "subset": _scan(str(subset), str(root / "subset-run"), "cmp_net", record="topk"),
+    }
 
 
 def _tables(cmp: str) -> tuple[dict, dict, dict]:
@@ -118,9 +134,20 @@ def test_permuted_channels_are_recovered_exactly(runs, tmp_path, capsys):
     assert layers["relu2"]["same_mean_corr"] < 0.9  # unit u of B is another filter: only matching finds it
     # `atlas query` over the comparison and both runs
     capsys.readouterr()
-    assert main(["query", cmp, "SELECT count(*) AS n FROM cmp_units u JOIN a_topk t USING (layer, unit) "
-                               "JOIN b_topk s ON s.layer = u.layer AND s.unit = u.matched_unit_b AND s.rank = t.rank "
-                               "WHERE u.layer = 'relu2' AND s.image_key = t.image_key", "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                cmp,
+                "SELECT count(*) AS n FROM cmp_units u JOIN a_topk t USING (layer, unit) "
+                "JOIN b_topk s ON s.layer = u.layer AND s.unit = u.matched_unit_b AND s.rank = t.rank "
+                "WHERE u.layer = 'relu2' AND s.image_key = t.image_key",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == [{"n": 8 * 4}]  # matched units have the same top-k
 
 
@@ -239,10 +266,13 @@ def test_a_job_compares_its_run_with_the_previous_one(runs, tmp_path, photo_fold
 
     run = str(tmp_path / "tonight")
     shutil.copytree(runs["zeroed"], run)  # tonight's scan, already complete: the job runs compare and site
-    data = {"job": {"name": "nightly", "out": run, "stages": ["site"]},
-            "model": {"spec": "module:compare_models:cmp_net_zeroed", "image_size": 32},
-            "data": {"source": photo_folder}, "scan": {"layers": LAYERS, "k": 4, "record": "all"},
-            "compare": {"previous": runs["a"]}}
+    data = {
+        "job": {"name": "nightly", "out": run, "stages": ["site"]},
+        "model": {"spec": "module:compare_models:cmp_net_zeroed", "image_size": 32},
+        "data": {"source": photo_folder},
+        "scan": {"layers": LAYERS, "k": 4, "record": "all"},
+        "compare": {"previous": runs["a"]},
+    }
     record = run_job(prepare_job(parse_config(data)), progress=False)
     assert not record["stages"]["compare"]["skipped"]
     units, _, manifest = _tables(os.path.join(run, "compare"))
@@ -251,16 +281,21 @@ def test_a_job_compares_its_run_with_the_previous_one(runs, tmp_path, photo_fold
     assert os.path.isfile(os.path.join(run, "compare", "site", "index.html"))
     again = run_job(prepare_job(parse_config(data)), progress=False)
     assert again["stages"]["compare"]["skipped"]
-    for previous, message in ((str(tmp_path / "missing"), "compare.previous: .* is not a complete run"),
-                              ("s3://bucket/run", "must be a local run directory"), (run, "own run directory")):
+    for previous, message in (
+        (str(tmp_path / "missing"), "compare.previous: .* is not a complete run"),
+        ("s3://bucket/run", "must be a local run directory"),
+        (run, "own run directory"),
+    ):
         with pytest.raises(ConfigError, match=message):
             prepare_job(parse_config(data | {"compare": {"previous": previous}}))
 
 
 # ---------------------------------------------------------------------------------------------- synthetic runs
 
-def _synthetic_run(path: str, layers: dict[str, np.ndarray], keys: list[str], k: int = 3, seed: int = 0,
-                   label: str = "label") -> str:
+
+def _synthetic_run(
+    path: str, layers: dict[str, np.ndarray], keys: list[str], k: int = 3, seed: int = 0, label: str = "label"
+) -> str:
     """A complete run directory written from per-image maxima (images x units per layer) with the store's
     schemas, as a --record all scan lays it out; rows are shuffled so only the keys can align the runs."""
     import pyarrow as pa
@@ -270,37 +305,78 @@ def _synthetic_run(path: str, layers: dict[str, np.ndarray], keys: list[str], k:
     rng = np.random.default_rng(seed)
     os.makedirs(path)
     order = rng.permutation(len(keys))
-    write_table(pa.table({"image_key": [keys[i] for i in order], "source": ["s"] * len(keys),
-                          "label": [f"{label}{i % 3}" for i in order], "width": [32] * len(keys),
-                          "height": [32] * len(keys), "status": ["ok"] * len(keys), "error": [None] * len(keys)},
-                         schema=SCHEMAS["images"]), os.path.join(path, "images", "part-0.parquet"))
+    write_table(
+        pa.table(
+            {
+                "image_key": [keys[i] for i in order],
+                "source": ["s"] * len(keys),
+                "label": [f"{label}{i % 3}" for i in order],
+                "width": [32] * len(keys),
+                "height": [32] * len(keys),
+                "status": ["ok"] * len(keys),
+                "error": [None] * len(keys),
+            },
+            schema=SCHEMAS["images"],
+        ),
+        os.path.join(path, "images", "part-0.parquet"),
+    )
     units_rows = []
     for index, (layer, values) in enumerate(layers.items()):
         n, p = values.shape
         rows = [(layer, u, keys[i], float(values[i, u]), 0, 0) for i in order for u in range(p)]
         half = len(rows) // 2  # two files, as several workers write them
         for part, chunk in enumerate((rows[:half], rows[half:])):
-            write_table(pa.table(dict(zip(SCHEMAS["maxima"].names, map(list, zip(*chunk)))), schema=SCHEMAS["maxima"]),
-                        os.path.join(layer_dir(os.path.join(path, "maxima"), layer), f"part-{part}.parquet"))
+            write_table(
+                pa.table(dict(zip(SCHEMAS["maxima"].names, map(list, zip(*chunk)))), schema=SCHEMAS["maxima"]),
+                os.path.join(layer_dir(os.path.join(path, "maxima"), layer), f"part-{part}.parquet"),
+            )
         topk = []
         for u in range(p):
             ranked = sorted(range(n), key=lambda i: (-np.float32(values[i, u]), keys[i]))[:k]
-            topk += [(layer, u, r, keys[i], f"{label}{i % 3}", float(values[i, u]), 0, 0, 0, 0, 1, 1)
-                     for r, i in enumerate(ranked)]
-        write_table(pa.table(dict(zip(SCHEMAS["topk"].names, map(list, zip(*topk)))), schema=SCHEMAS["topk"]),
-                    os.path.join(layer_dir(os.path.join(path, "topk"), layer), "part-0.parquet"))
-        units_rows += [{"layer": layer, "unit": u, "layer_index": index, "count": n,
-                        "mean": float(values[:, u].mean()), "std": float(values[:, u].std()),
-                        "min": float(values[:, u].min()), "max": float(values[:, u].max()),
-                        "n_active": int((values[:, u] > 0).sum()), "frac_active": float((values[:, u] > 0).mean()),
-                        "p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "dead": bool(values[:, u].max() <= 0),
-                        "sketch_buckets": [], "sketch_counts": []} for u in range(p)]
-    write_table(pa.Table.from_pylist(units_rows, schema=SCHEMAS["units"]),
-                os.path.join(path, "units", "part-0.parquet"))
-    write_json({"fingerprint": f"synthetic-{seed}", "record": "all", "k": k, "model": {"spec": "synthetic"},
-                "data": {"path": "synthetic"},
-                "layers": [{"name": name, "units": v.shape[1]} for name, v in layers.items()]},
-               os.path.join(path, "manifest.json"))
+            topk += [
+                (layer, u, r, keys[i], f"{label}{i % 3}", float(values[i, u]), 0, 0, 0, 0, 1, 1)
+                for r, i in enumerate(ranked)
+            ]
+        write_table(
+            pa.table(dict(zip(SCHEMAS["topk"].names, map(list, zip(*topk)))), schema=SCHEMAS["topk"]),
+            os.path.join(layer_dir(os.path.join(path, "topk"), layer), "part-0.parquet"),
+        )
+        units_rows += [
+            {
+                "layer": layer,
+                "unit": u,
+                "layer_index": index,
+                "count": n,
+                "mean": float(values[:, u].mean()),
+                "std": float(values[:, u].std()),
+                "min": float(values[:, u].min()),
+                "max": float(values[:, u].max()),
+                "n_active": int((values[:, u] > 0).sum()),
+                "frac_active": float((values[:, u] > 0).mean()),
+                "p50": 0.0,
+                "p90": 0.0,
+                "p99": 0.0,
+                "p999": 0.0,
+                "dead": bool(values[:, u].max() <= 0),
+                "sketch_buckets": [],
+                "sketch_counts": [],
+            }
+            for u in range(p)
+        ]
+    write_table(
+        pa.Table.from_pylist(units_rows, schema=SCHEMAS["units"]), os.path.join(path, "units", "part-0.parquet")
+    )
+    write_json(
+        {
+            "fingerprint": f"synthetic-{seed}",
+            "record": "all",
+            "k": k,
+            "model": {"spec": "synthetic"},
+            "data": {"path": "synthetic"},
+            "layers": [{"name": name, "units": v.shape[1]} for name, v in layers.items()],
+        },
+        os.path.join(path, "manifest.json"),
+    )
     return path
 
 
@@ -311,7 +387,7 @@ def test_cka_and_matching_across_widths_read_from_maxima_in_chunks(tmp_path, mon
     keys = [f"img{i:03d}" for i in range(90)]
     x = rng.normal(size=(90, 6)).astype(np.float32) + 1.0
     wide = (x @ rng.normal(size=(6, 9)) + 0.5 * rng.normal(size=(90, 9))).astype(np.float32)  # 6 -> 9 units
-    scrambled = x[:, [2, 0, 1, 5, 3, 4]] * 2.0 + 1.0          # same units, permuted and rescaled
+    scrambled = x[:, [2, 0, 1, 5, 3, 4]] * 2.0 + 1.0  # same units, permuted and rescaled
     a = _synthetic_run(str(tmp_path / "a"), {"L": x, "M": x}, keys, seed=1)
     b = _synthetic_run(str(tmp_path / "b"), {"L": wide, "M": scrambled}, keys, seed=2)
     monkeypatch.setattr(compare, "CHUNK_BYTES", 1000)  # ~16 images per chunk: the chunked join is exercised
@@ -321,6 +397,7 @@ def test_cka_and_matching_across_widths_read_from_maxima_in_chunks(tmp_path, mon
     assert layers["L"]["cka"] == pytest.approx(hsic_cka(x.astype(np.float64), wide.astype(np.float64)), abs=1e-6)
     corr = np.corrcoef(x.T.astype(np.float64), wide.T.astype(np.float64))[:6, 6:]
     from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(-corr)
     for unit in range(6):
         row = units[("L", unit)]
@@ -352,13 +429,30 @@ def test_comparison_site_links_only_publishable_images_and_escapes_data(tmp_path
     secret.write_bytes(b"not yours")
     (tmp_path / "a" / "atlas" / "layer=L" / "unit=0" / "crop_000.png").write_bytes(b"png")
     os.link(secret, os.path.join(atlas, "crop_001.png"))  # a second name of a file outside the run
-    rows = [("crop", 0, "atlas/layer=L/unit=0/crop_000.png"), ("crop", 1, "atlas/layer=L/unit=0/crop_001.png"),
-            ("crop", 2, "../secret.png"), ("featvis", 0, "/etc/passwd")]
-    write_table(pa.table({"layer": ["L"] * 4, "unit": [0] * 4, "kind": [r[0] for r in rows],
-                          "rank": [r[1] for r in rows], "image_key": [None] * 4, "path": [r[2] for r in rows],
-                          "act": [1.0] * 4, "featvis_act": [None] * 4, "top1_act": [None] * 4,
-                          "other_image_similarity": [None] * 4}, schema=ATLAS_INDEX_SCHEMA),
-                os.path.join(a, "atlas", "index.parquet"))
+    rows = [
+        ("crop", 0, "atlas/layer=L/unit=0/crop_000.png"),
+        ("crop", 1, "atlas/layer=L/unit=0/crop_001.png"),
+        ("crop", 2, "../secret.png"),
+        ("featvis", 0, "/etc/passwd"),
+    ]
+    write_table(
+        pa.table(
+            {
+                "layer": ["L"] * 4,
+                "unit": [0] * 4,
+                "kind": [r[0] for r in rows],
+                "rank": [r[1] for r in rows],
+                "image_key": [None] * 4,
+                "path": [r[2] for r in rows],
+                "act": [1.0] * 4,
+                "featvis_act": [None] * 4,
+                "top1_act": [None] * 4,
+                "other_image_similarity": [None] * 4,
+            },
+            schema=ATLAS_INDEX_SCHEMA,
+        ),
+        os.path.join(a, "atlas", "index.parquet"),
+    )
     cmp = str(tmp_path / "cmp")
     compare_runs(a, b, cmp)
     build_comparison_site(cmp)

@@ -1,4 +1,5 @@
 """Crops equal the original image cut at the recorded box; overlays line up with them."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,12 +58,15 @@ def test_reconstruction_image_keeps_sign_around_grey():
     assert pixels[0, 0, 0] == 255 and pixels[1, 1, 1] == round(255 * 0.25) and pixels[3, 3, 2] == 128
 
 
-@pytest.mark.parametrize("map_size,width,height,resize,box", [
-    ((4, 4), 40, 32, 32, (0, 0, 40, 32)),          # wide, whole image
-    ((7, 5), 53, 97, 40, (3, 11, 50, 90)),         # tall, odd sizes, an inner box
-    ((1, 1), 64, 64, 32, (10, 10, 20, 30)),        # a vector layer's 1x1 map
-    ((14, 14), 300, 200, 36, (250, 150, 300, 200)),  # a box at the far corner, downsampling
-])
+@pytest.mark.parametrize(
+    "map_size,width,height,resize,box",
+    [
+        ((4, 4), 40, 32, 32, (0, 0, 40, 32)),  # wide, whole image
+        ((7, 5), 53, 97, 40, (3, 11, 50, 90)),  # tall, odd sizes, an inner box
+        ((1, 1), 64, 64, 32, (10, 10, 20, 30)),  # a vector layer's 1x1 map
+        ((14, 14), 300, 200, 36, (250, 150, 300, 200)),  # a box at the far corner, downsampling
+    ],
+)
 def test_heat_in_a_box_is_torchs_two_bilinear_resizes(map_size, width, height, resize, box):
     """The separable weight matrices equal torch's own bilinear resizes (map -> input -> resized original,
     with the centre crop placed in a zero canvas), cut at the box, for several maps of one image at once."""
@@ -81,7 +85,7 @@ def test_heat_in_a_box_is_torchs_two_bilinear_resizes(map_size, width, height, r
         new_w, new_h = pp.resized_size(width, height)
         left, top = pp.crop_origin(new_w, new_h)
         canvas = torch.zeros(new_h, new_w)
-        canvas[top:top + 32, left:left + 32] = heat
+        canvas[top : top + 32, left : left + 32] = heat
         full = F.interpolate(canvas[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         x0, y0, x1, y1 = box
         np.testing.assert_allclose(got[i], full.clamp(0, 1)[y0:y1, x0:x1].numpy(), atol=2e-6)

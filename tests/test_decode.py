@@ -1,5 +1,6 @@
 """Hostile images at the decoder: size limits checked before pixels are allocated, and every image mode
 converted by its real value range (or refused), checked against numpy computations of the expected pixels."""
+
 from __future__ import annotations
 
 import io
@@ -34,11 +35,11 @@ def gray_png(width: int, height: int) -> bytes:
 
 # --------------------------------------------------------------------------------------- size limits
 
+
 def _decode_in_limited_process(code: str, limit_mb: int = 1024) -> dict:
     """Run `code` (which prints one JSON line) in a fresh Python whose address space is capped: an
     allocation the decoder should never make fails there instead of taking this machine's memory."""
-    script = ("import resource\n"
-              f"resource.setrlimit(resource.RLIMIT_AS, ({limit_mb} << 20, {limit_mb} << 20))\n" + code)
+    script = f"import resource\nresource.setrlimit(resource.RLIMIT_AS, ({limit_mb} << 20, {limit_mb} << 20))\n" + code
     env = dict(os.environ, PYTHONPATH=REPO)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -61,19 +62,23 @@ def test_a_tiny_png_with_an_extreme_side_is_refused_before_it_is_allocated():
         # VmHWM, not ru_maxrss: the latter keeps the forking pytest process's peak across exec.
         "status = open('/proc/self/status').read()\n"
         "out['peak_mb'] = int(status.split('VmHWM:')[1].split()[0]) / 1024\n"
-        "print(json.dumps(out))\n")
+        "print(json.dumps(out))\n"
+    )
     assert result["bytes"] < 1000
     assert result["status"] == "error" and result["error"].startswith("DecodeError"), result
     assert "60000" in result["error"] and "--max-" in result["error"]
     assert result["peak_mb"] < 300, result
 
 
-@pytest.mark.parametrize("size,limit", [
-    ((1, 500), "aspect"),            # 500:1, within every side and pixel limit
-    ((500, 1), "aspect"),
-    ((30, 31_000), "side"),          # one side over 20,000 (aspect 1033 is over too: side is named first)
-    ((21_000, 2_000), "side"),
-])
+@pytest.mark.parametrize(
+    "size,limit",
+    [
+        ((1, 500), "aspect"),  # 500:1, within every side and pixel limit
+        ((500, 1), "aspect"),
+        ((30, 31_000), "side"),  # one side over 20,000 (aspect 1033 is over too: side is named first)
+        ((21_000, 2_000), "side"),
+    ],
+)
 def test_default_limits_refuse_extreme_shapes(size, limit):
     with pytest.raises(DecodeError, match=limit):
         decode_image(gray_png(*size), Preprocess(16, 16))
@@ -82,8 +87,7 @@ def test_default_limits_refuse_extreme_shapes(size, limit):
 def test_each_limit_is_an_option_and_is_inclusive():
     data = gray_png(40, 10)  # aspect 4, 400 pixels, longest side 40
     assert decode_image(data, Preprocess(8, 8, max_side=40, max_pixels=400, max_aspect=4))[1:] == (40, 10)
-    for limits, word in (({"max_side": 39}, "side"), ({"max_pixels": 399}, "pixels"),
-                         ({"max_aspect": 3.9}, "aspect")):
+    for limits, word in (({"max_side": 39}, "side"), ({"max_pixels": 399}, "pixels"), ({"max_aspect": 3.9}, "aspect")):
         with pytest.raises(DecodeError, match=word):
             decode_image(data, Preprocess(8, 8, **limits))
 
@@ -115,15 +119,19 @@ def test_the_decoder_records_an_over_limit_image_as_an_error_row(tmp_path):
 
 def test_limits_are_recorded_with_the_preprocessing():
     recorded = Preprocess(16, 16, max_side=100, max_pixels=1000, max_aspect=3.0).as_dict()
-    assert {k: recorded[k] for k in ("max_side", "max_pixels", "max_aspect")} == \
-        {"max_side": 100, "max_pixels": 1000, "max_aspect": 3.0}
+    assert {k: recorded[k] for k in ("max_side", "max_pixels", "max_aspect")} == {
+        "max_side": 100,
+        "max_pixels": 1000,
+        "max_aspect": 3.0,
+    }
     # A manifest written before the limits existed still rebuilds its preprocessing (defaults).
     old = {"image_size": 16, "resize": 16, "mean": [0.5] * 3, "std": [0.5] * 3}
     assert Preprocess(**old).max_side == Preprocess(16, 16).max_side
 
 
-@pytest.mark.parametrize("field,value", [("max_side", 0), ("max_pixels", 0), ("max_aspect", 0.5),
-                                         ("max_pixels", 10**12)])
+@pytest.mark.parametrize(
+    "field,value", [("max_side", 0), ("max_pixels", 0), ("max_aspect", 0.5), ("max_pixels", 10**12)]
+)
 def test_limit_values_are_range_checked(field, value):
     with pytest.raises(ValueError, match=field):
         Preprocess(16, 16, **{field: value})
@@ -135,8 +143,12 @@ RNG = np.random.default_rng(7)
 H, W = 6, 5
 GRAY = RNG.integers(0, 256, (H, W), dtype=np.uint8)
 RGBA = RNG.integers(0, 256, (H, W, 4), dtype=np.uint8)
-WIDE = np.concatenate([np.array([0, 1, 127, 128, 255, 256, 257, 32767, 32768, 65280, 65534, 65535],
-                                dtype=np.uint16), RNG.integers(0, 65536, H * W - 12, dtype=np.uint16)]).reshape(H, W)
+WIDE = np.concatenate(
+    [
+        np.array([0, 1, 127, 128, 255, 256, 257, 32767, 32768, 65280, 65534, 65535], dtype=np.uint16),
+        RNG.integers(0, 65536, H * W - 12, dtype=np.uint16),
+    ]
+).reshape(H, W)
 PALETTE = RNG.integers(0, 256, (256, 3), dtype=np.uint8)
 INDEX = RNG.integers(0, 256, (H, W), dtype=np.uint8)
 BITS = RNG.integers(0, 2, (H, W)).astype(bool)
@@ -172,13 +184,30 @@ CONVERTED = {
     "RGBA": (("PNG", "TIFF"), lambda: Image.fromarray(RGBA, "RGBA"), lambda: RGBA[..., :3]),  # alpha dropped
     "RGBX": (("TIFF",), lambda: Image.fromarray(RGBA, "RGBX"), lambda: RGBA[..., :3]),
     # Naive CMYK -> RGB (no colour profile): R = (255 - C)(255 - K) / 255, likewise G from M, B from Y.
-    "CMYK": (("TIFF",), lambda: Image.fromarray(RGBA, "CMYK"),
-             lambda: np.round((255.0 - RGBA[..., :3]) * (255.0 - RGBA[..., 3:]) / 255.0)),
+    "CMYK": (
+        ("TIFF",),
+        lambda: Image.fromarray(RGBA, "CMYK"),
+        lambda: np.round((255.0 - RGBA[..., :3]) * (255.0 - RGBA[..., 3:]) / 255.0),
+    ),
     # JFIF (full-range BT.601) YCbCr -> RGB.
-    "YCbCr": (("TIFF",), lambda: Image.fromarray(RGBA[..., :3], "YCbCr"), lambda: np.clip(np.round(np.stack([
-        RGBA[..., 0] + 1.402 * (RGBA[..., 2] - 128.0),
-        RGBA[..., 0] - 0.344136 * (RGBA[..., 1] - 128.0) - 0.714136 * (RGBA[..., 2] - 128.0),
-        RGBA[..., 0] + 1.772 * (RGBA[..., 1] - 128.0)], axis=-1)), 0, 255)),
+    "YCbCr": (
+        ("TIFF",),
+        lambda: Image.fromarray(RGBA[..., :3], "YCbCr"),
+        lambda: np.clip(
+            np.round(
+                np.stack(
+                    [
+                        RGBA[..., 0] + 1.402 * (RGBA[..., 2] - 128.0),
+                        RGBA[..., 0] - 0.344136 * (RGBA[..., 1] - 128.0) - 0.714136 * (RGBA[..., 2] - 128.0),
+                        RGBA[..., 0] + 1.772 * (RGBA[..., 1] - 128.0),
+                    ],
+                    axis=-1,
+                )
+            ),
+            0,
+            255,
+        ),
+    ),
     # 16-bit grayscale in every byte order PIL writes: the nearest 8-bit value, never clipped at 255.
     "I;16": (("PNG", "TIFF", "PPM"), lambda: Image.fromarray(WIDE), lambda: sixteen_to_eight(WIDE)),
     "I;16B": (("PNG", "TIFF"), lambda: Image.fromarray(WIDE.astype(">u2")), lambda: sixteen_to_eight(WIDE)),
@@ -199,7 +228,7 @@ def test_every_mode_converts_by_its_real_range(mode, fmt):
     want = np.asarray(expected(), dtype=np.float64)
     # The centre crop of a 5 x 6 image at 5: rows 0..4 (torchvision rounds (6 - 5) / 2 = 0.5 to 0).
     top = int(round((H - min(H, W)) / 2.0))
-    want = want[top:top + min(H, W), :min(H, W)]
+    want = want[top : top + min(H, W), : min(H, W)]
     tolerance = 1 if mode in ("CMYK", "YCbCr") else 0  # PIL's fixed-point arithmetic rounds differently
     assert np.abs(pixels.astype(np.float64) - want).max() <= tolerance, (mode, fmt)
 
@@ -219,8 +248,12 @@ def _png16_rgb(values: np.ndarray) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_sixteen_bit_colour_keeps_pils_high_byte():
@@ -231,12 +264,16 @@ def test_sixteen_bit_colour_keeps_pils_high_byte():
     np.testing.assert_array_equal(pixels, (rgb[:5, :5] >> 8).astype(np.uint8))
 
 
-@pytest.mark.parametrize("make,fmt,word", [
-    (lambda: Image.fromarray(WIDE.astype(np.int32) * 1000, "I"), "TIFF", "32-bit integer"),
-    (lambda: Image.fromarray(WIDE.astype(np.float32) / 65535, "F"), "TIFF", "floating-point"),
-    (lambda: Image.fromarray(WIDE.astype(np.float32), "F"), "PPM", "floating-point"),
-    (lambda: Image.fromarray(RGBA[..., :3], "LAB"), "TIFF", "LAB"),
-], ids=["I-32bit-TIFF", "F-TIFF", "F-PFM", "LAB-TIFF"])
+@pytest.mark.parametrize(
+    "make,fmt,word",
+    [
+        (lambda: Image.fromarray(WIDE.astype(np.int32) * 1000, "I"), "TIFF", "32-bit integer"),
+        (lambda: Image.fromarray(WIDE.astype(np.float32) / 65535, "F"), "TIFF", "floating-point"),
+        (lambda: Image.fromarray(WIDE.astype(np.float32), "F"), "PPM", "floating-point"),
+        (lambda: Image.fromarray(RGBA[..., :3], "LAB"), "TIFF", "LAB"),
+    ],
+    ids=["I-32bit-TIFF", "F-TIFF", "F-PFM", "LAB-TIFF"],
+)
 def test_modes_without_a_defined_range_are_refused_with_a_clear_error(make, fmt, word, tmp_path):
     data = encode(make(), fmt)
     with pytest.raises(DecodeError, match=word):
@@ -244,7 +281,8 @@ def test_modes_without_a_defined_range_are_refused_with_a_clear_error(make, fmt,
     path = tmp_path / f"x.{fmt.lower()}"
     path.write_bytes(data)
     rows = Decoder(SourceSpec("folder", str(tmp_path), (str(path),)), Preprocess(5, 5))(
-        folder_batch(str(tmp_path), [str(path)]))
+        folder_batch(str(tmp_path), [str(path)])
+    )
     assert rows["status"].tolist() == ["error"] and word in rows["error"][0]
 
 

@@ -1,4 +1,5 @@
 """Deconvnet (Zeiler & Fergus 2013) against an explicit layer-by-layer implementation and Captum."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,9 +15,15 @@ from pipeline.receptive_field import receptive_fields
 def vgg_like() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(inplace=True)).eval()
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.ReLU(inplace=True),
+    ).eval()
 
 
 def explicit_deconvnet(net: nn.Sequential, image: torch.Tensor, unit: int) -> torch.Tensor:
@@ -48,9 +55,9 @@ def test_equals_explicit_layer_by_layer_deconvnet():
     units = [0, 2, 4]
     got = Deconvnet(net, "7").attribute(images, units)
     for i, unit in enumerate(units):
-        expected, _ = explicit_deconvnet(net, images[i:i + 1], unit)
+        expected, _ = explicit_deconvnet(net, images[i : i + 1], unit)
         assert expected.abs().sum() > 0
-        torch.testing.assert_close(got[i:i + 1], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[i : i + 1], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_differs_from_plain_gradient_where_the_rule_matters():
@@ -73,7 +80,7 @@ def test_zero_outside_the_receptive_field():
     for unit in (0, 3):
         recon = Deconvnet(net, "7").attribute(images, [unit, unit])
         for i in range(2):
-            _, (y, x) = explicit_deconvnet(net, images[i:i + 1], unit)
+            _, (y, x) = explicit_deconvnet(net, images[i : i + 1], unit)
             y0, x0, y1, x1 = field.box(y, x, (32, 32))
             inside = torch.zeros(32, 32, dtype=torch.bool)
             inside[y0:y1, x0:x1] = True

@@ -1,6 +1,7 @@
 """`--decode gpu`: JPEGs decoded and cropped on the model's device (pipeline.device_decode), checked here on the
 CPU device against the CPU path (PIL), and the scan's handling of what the device cannot decode. The same
 checks on CUDA are in scripts/gpu_checks.py."""
+
 from __future__ import annotations
 
 import glob
@@ -58,9 +59,13 @@ def test_the_decode_stage_ships_only_what_the_device_decodes(tmp_path):
     root.mkdir()
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
-    files = {"a.jpg": jpeg_bytes(picture), "b.jpg": jpeg_bytes(picture.convert("L")),
-             "c.jpg": jpeg_bytes(picture.convert("CMYK")), "d.png": None,
-             "e.jpg": jpeg_bytes(Image.new("RGB", (300, 10)))}
+    files = {
+        "a.jpg": jpeg_bytes(picture),
+        "b.jpg": jpeg_bytes(picture.convert("L")),
+        "c.jpg": jpeg_bytes(picture.convert("CMYK")),
+        "d.png": None,
+        "e.jpg": jpeg_bytes(Image.new("RGB", (300, 10))),
+    }
     for name, data in files.items():
         if data is None:
             picture.save(root / name)
@@ -69,7 +74,8 @@ def test_the_decode_stage_ships_only_what_the_device_decodes(tmp_path):
     paths = sorted(str(p) for p in root.iterdir())
     preprocess = Preprocess(image_size=32, resize=36, max_aspect=10)
     decoded = Decoder(SourceSpec("folder", str(root), tuple(paths)), preprocess, defer_jpeg=True)(
-        folder_batch(str(root), paths))
+        folder_batch(str(root), paths)
+    )
     shipped = [blob is not None for blob in decoded["encoded"]]
     assert list(decoded["image_key"]) == ["a.jpg", "b.jpg", "c.jpg", "d.png", "e.jpg"]
     assert shipped == [True, True, False, False, False]
@@ -90,17 +96,19 @@ def test_a_scan_worker_decoding_on_its_device_records_what_a_brute_force_sees(ph
     for i, path in enumerate(paths):
         data = jpeg_bytes(Image.open(path).convert("RGB"))
         if i == 3:
-            data = data[:len(data) // 3]  # truncated: PIL's header check passes, the decode must fail
+            data = data[: len(data) // 3]  # truncated: PIL's header check passes, the decode must fail
         (root / f"{i:02d}.jpg").write_bytes(data)
         blobs.append(data)
     files = sorted(str(p) for p in root.iterdir())
     loaded = load_model(SMALL)
     layers = ("stem", "down")
     units = {"stem": 8, "down": 12}
-    recorder = Recorder(RecorderConfig(model=SMALL, layers=layers, k=4, device="cpu", batch_size=4, flush_images=1,
-                                       decode="gpu"), units)
+    recorder = Recorder(
+        RecorderConfig(model=SMALL, layers=layers, k=4, device="cpu", batch_size=4, flush_images=1, decode="gpu"), units
+    )
     batch = Decoder(SourceSpec("folder", str(root), tuple(files)), loaded.preprocess, defer_jpeg=True)(
-        folder_batch(str(root), files))
+        folder_batch(str(root), files)
+    )
     assert all(blob is not None for blob in batch["encoded"])
     flush = recorder(batch)
     rows = pq.read_table(io.BytesIO(flush.image_rows)).to_pylist()
@@ -130,8 +138,23 @@ def test_a_scan_worker_decoding_on_its_device_records_what_a_brute_force_sees(ph
 
 
 def test_decode_gpu_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
-    code = main(["scan", "--model", "module:tiny_models:small_net", "--image-size", "32", "--data", str(tmp_path),
-                 "--out", str(tmp_path / "run"), "--device", "cpu", "--decode", "gpu"])
+    code = main(
+        [
+            "scan",
+            "--model",
+            "module:tiny_models:small_net",
+            "--image-size",
+            "32",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--decode",
+            "gpu",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("atlas: error:") and "--decode gpu" in err and len(err.splitlines()) == 1

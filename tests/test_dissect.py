@@ -1,6 +1,7 @@
 """Network dissection (pipeline.dissect) against independent references, without Ray: thresholds against
 numpy.quantile, IoU against a numpy brute force (own bilinear upsampling, own threshold, own IoU), hand-weighted
 detectors on the built-in probe, results independent of batch size and worker count, the Broden converter."""
+
 from __future__ import annotations
 
 import io
@@ -18,10 +19,12 @@ from pipeline.dissect.runner import concepts_table, dissect_in_process
 from pipeline.dissect.tally import TopValues, float32_below
 from pipeline.models import ModelConfig
 
-DISSECT_NET = ModelConfig(spec="module:tiny_models:dissect_net", image_size=112, resize=112, mean=(0.5, 0.5, 0.5),
-                          std=(1.0, 1.0, 1.0))
-SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32, resize=32, mean=(0.5, 0.4, 0.3),
-                    std=(0.2, 0.25, 0.3))
+DISSECT_NET = ModelConfig(
+    spec="module:tiny_models:dissect_net", image_size=112, resize=112, mean=(0.5, 0.5, 0.5), std=(1.0, 1.0, 1.0)
+)
+SMALL = ModelConfig(
+    spec="module:tiny_models:small_net", image_size=32, resize=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)
+)
 
 
 @pytest.fixture(scope="session")
@@ -31,11 +34,12 @@ def builtin_probe(tmp_path_factory):
 
 # ----------------------------------------------------------------------------------------------- thresholds
 
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_threshold_is_numpy_quantile_whatever_the_split(seed):
     rng = np.random.default_rng(seed)
     values = rng.normal(size=(5003, 3)).astype(np.float32)
-    values[:, 1] = np.round(values[:, 1])          # heavy ties
+    values[:, 1] = np.round(values[:, 1])  # heavy ties
     values[:, 2] = np.maximum(values[:, 2] - 2.5, 0)  # mostly zeros, a thin tail
     m = int(np.ceil(0.005 * len(values))) + 2
     whole = TopValues(3, m)
@@ -56,13 +60,16 @@ def test_threshold_is_numpy_quantile_whatever_the_split(seed):
 
 # ----------------------------------------------------------------------------------------------- brute force
 
+
 def _bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(U, h, w) -> (U, H, W) in float64: sample at (i + 0.5) * h / H - 0.5, clamped at the borders."""
+
     def axis(n_in: int, n_out: int):
         src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
         low = np.minimum(np.floor(src).astype(int), n_in - 1)
         high = np.minimum(low + 1, n_in - 1)
         return low, high, src - low
+
     y0, y1, wy = axis(maps.shape[1], size[0])
     x0, x1, wx = axis(maps.shape[2], size[1])
     rows = maps[:, y0, :] * (1 - wy)[None, :, None] + maps[:, y1, :] * wy[None, :, None]
@@ -73,8 +80,13 @@ def _small_probe(directory: str) -> tuple[str, list[dict]]:
     """7 random 32 x 32 images; colour masks (concepts 1-3) on all but one, 'part' masks (concepts 7, 9) on four,
     a whole-image concept (20) on two; 24 x 24 masks (the maps are upsampled from 16 and 8)."""
     rng = np.random.default_rng(3)
-    truth, rows = [], {n: [] for n in ("image_key", "image", "mask_height", "mask_width", "mask_categories",
-                                       "masks", "image_concepts")}
+    truth, rows = (
+        [],
+        {
+            n: []
+            for n in ("image_key", "image", "mask_height", "mask_width", "mask_categories", "masks", "image_concepts")
+        },
+    )
     for i in range(7):
         image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
         image[: 8 + 3 * i, : 10 + 2 * i, 0] = 255  # something structured for the units to find
@@ -88,15 +100,26 @@ def _small_probe(directory: str) -> tuple[str, list[dict]]:
             categories.append("part")
             masks.append(png_bytes(part))
         whole = [20] if i in (1, 4) else []
-        truth.append({"image": image, "color": color if i != 2 else None, "part": part if i % 2 == 0 else None,
-                      "whole": whole})
-        for name, value in (("image_key", f"img{i}"), ("image", png_bytes(image)), ("mask_height", 24),
-                            ("mask_width", 24), ("mask_categories", categories), ("masks", masks),
-                            ("image_concepts", whole)):
+        truth.append(
+            {"image": image, "color": color if i != 2 else None, "part": part if i % 2 == 0 else None, "whole": whole}
+        )
+        for name, value in (
+            ("image_key", f"img{i}"),
+            ("image", png_bytes(image)),
+            ("mask_height", 24),
+            ("mask_width", 24),
+            ("mask_categories", categories),
+            ("masks", masks),
+            ("image_concepts", whole),
+        ):
             rows[name].append(value)
-    concepts = pa.table({"concept": pa.array([1, 2, 3, 7, 9, 20], pa.int32()),
-                         "name": ["c1", "c2", "c3", "p7", "p9", "scene20"],
-                         "category": ["color", "color", "color", "part", "part", "scene"]})
+    concepts = pa.table(
+        {
+            "concept": pa.array([1, 2, 3, 7, 9, 20], pa.int32()),
+            "name": ["c1", "c2", "c3", "p7", "p9", "scene20"],
+            "category": ["color", "color", "color", "part", "part", "scene"],
+        }
+    )
     return write_probe(directory, concepts, pa.table(rows)), truth
 
 
@@ -165,6 +188,7 @@ def test_iou_equals_numpy_brute_force(tmp_path, layer):
 
 
 # ----------------------------------------------------------------------------------------------- hand-weighted
+
 
 def _mask_pixels(probe, concept_name: str) -> int:
     """Pixels labelled `concept_name` over the probe, read straight from the PNGs with PIL."""

@@ -4,6 +4,7 @@ with the real CLI parser, and every relative link points at a file that exists.
 Docs write optional parts as ``[--units 0-7]`` and alternatives as ``scan | render``; each line is checked
 with its optional parts both left out and put in, and each alternative on its own. Placeholders a reader fills
 in (``...``, ``"$W"``) are fine where the parser takes any string."""
+
 import glob
 import os
 import re
@@ -89,8 +90,12 @@ def _variants(command: str) -> list[str]:
     return sorted({alternative for variant in (without, with_all) for alternative in _alternatives(variant)})
 
 
-CASES = [(os.path.relpath(path, ROOT), number, variant)
-         for path in DOCS for number, command in _code_lines(path) for variant in _variants(command)]
+CASES = [
+    (os.path.relpath(path, ROOT), number, variant)
+    for path in DOCS
+    for number, command in _code_lines(path)
+    for variant in _variants(command)
+]
 
 
 def test_the_docs_show_commands():

@@ -1,5 +1,6 @@
 """Per-image explanations: known answers on hand-made networks, identities between methods, agreement with
 Captum and pytorch-grad-cam, batch-size independence, and the CLI / Ray runs end to end."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,15 +58,16 @@ def resnet18() -> nn.Module:
 
 # ------------------------------------------------------------------------------------------- saliency
 
+
 def test_saliency_is_the_autograd_gradient_of_the_logit_not_the_probability():
     model = SmallNet().eval()
     x = images(3)
     targets = [1, 4, 0]
     got = Saliency(model, None).attribute(x, target=targets)
     for i, t in enumerate(targets):
-        xi = x[i:i + 1].clone().requires_grad_(True)
-        logit_grad, = torch.autograd.grad(model(xi)[0, t], xi)
-        prob_grad, = torch.autograd.grad(model(xi).softmax(1)[0, t], xi)
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        (logit_grad,) = torch.autograd.grad(model(xi)[0, t], xi)
+        (prob_grad,) = torch.autograd.grad(model(xi).softmax(1)[0, t], xi)
         torch.testing.assert_close(got[i], logit_grad[0].abs().amax(dim=0))
         assert not torch.allclose(got[i], prob_grad[0].abs().amax(dim=0), rtol=1e-2)
 
@@ -114,6 +116,7 @@ def test_every_method_has_the_one_call_shape():
     assert set(METHODS) == {"saliency", "occlusion", "cam", "gradcam"}
     assert all(issubclass(method, Attribution) for method in METHODS.values())
     with pytest.raises(TypeError, match="attribute must be attribute"):
+
         class Wrong(Attribution):  # noqa: F841 - defining it is the test
             def attribute(self, images, klass):
                 return images
@@ -126,6 +129,7 @@ def test_out_of_range_class_is_a_clear_error():
 
 # ------------------------------------------------------------------------------------------ occlusion
 
+
 class RegionNet(nn.Module):
     """Class 0's logit is 3 x the mean of the red channel over rows 8..15, columns 16..23 (one region);
     class 1's is a constant 1, class 2's a constant 0.5: occluding the region hands the image to class 1."""
@@ -137,10 +141,10 @@ class RegionNet(nn.Module):
 
 @pytest.mark.parametrize("window,stride", [(8, 8), (8, 4), (6, 3)])
 def test_occlusion_drops_exactly_where_the_deciding_region_is(window, stride):
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) + 0.5   # region positive
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) + 0.5  # region positive
     occlusion = Occlusion(RegionNet(), None, window=window, stride=stride, chunk=7)
     result = occlusion.occlude(x, target=0)
-    starts = [0]                                   # squares every `stride` until one reaches the border
+    starts = [0]  # squares every `stride` until one reaches the border
     while starts[-1] + window < 32:
         starts.append(starts[-1] + stride)
     assert result.grid.shape == (2, len(starts), len(starts))
@@ -153,8 +157,12 @@ def test_occlusion_drops_exactly_where_the_deciding_region_is(window, stride):
                 else:
                     torch.testing.assert_close(result.grid[i, a, b], result.base_prob[i])
     # Where the square covers the whole region, class 0 has logit 0 and class 1 (logit 1) wins.
-    full = [(a, b) for a, y in enumerate(starts) for b, xx in enumerate(starts)
-            if y <= 8 and y + window >= 16 and xx <= 16 and xx + window >= 24]
+    full = [
+        (a, b)
+        for a, y in enumerate(starts)
+        for b, xx in enumerate(starts)
+        if y <= 8 and y + window >= 16 and xx <= 16 and xx + window >= 24
+    ]
     for a, b in full:
         assert (result.top_class[:, a, b] == 1).all()
     # The input-resolution map: pixels that no drop-square covers keep the base probability.
@@ -181,6 +189,7 @@ def test_occlusion_image_mean_fill_and_bad_settings():
 
 # ----------------------------------------------------------------------------------------- CAM / Grad-CAM
 
+
 class HandCamNet(nn.Module):
     """1x1 conv that copies the three colour channels, ReLU, global average pool, one linear layer."""
 
@@ -201,8 +210,8 @@ class HandCamNet(nn.Module):
 
 def test_cam_equals_a_hand_computation():
     x = torch.tensor(np.arange(3 * 4 * 4, dtype=np.float32).reshape(1, 3, 4, 4) % 7 - 3.0)
-    f = np.maximum(x[0].numpy(), 0)                       # the ReLU'd channels
-    expected = {0: f[0] - f[1], 1: 2 * f[1] + f[2]}       # sum_k w_ck f_k, no ReLU, no bias
+    f = np.maximum(x[0].numpy(), 0)  # the ReLU'd channels
+    expected = {0: f[0] - f[1], 1: 2 * f[1] + f[2]}  # sum_k w_ck f_k, no ReLU, no bias
     net = HandCamNet().eval()
     cam = CAM(net)
     assert cam.head.feature_module == "relu" and cam.head.linear == "fc"
@@ -212,26 +221,35 @@ def test_cam_equals_a_hand_computation():
         # mean over positions + bias is the logit: the map decomposes the score
         np.testing.assert_allclose(maps[0].mean().item() + net.fc.bias[c].item(), logits[0, c].item(), atol=1e-5)
         np.testing.assert_allclose(cam.attribute(x, target=c)[0].numpy(), expected[c], atol=1e-6)
-    assert (cam.layer_attribute(x, target=0)[0] < 0).any()   # signed, before any ReLU
+    assert (cam.layer_attribute(x, target=0)[0] < 0).any()  # signed, before any ReLU
 
 
-@pytest.mark.parametrize("factory,layer,size", [(SmallNet, "down", 32), (resnet18, "layer4", 64),
-                                                (lambda: seeded(torchvision.models.mobilenet_v2(num_classes=7)),
-                                                 "features", 64)])
+@pytest.mark.parametrize(
+    "factory,layer,size",
+    [
+        (SmallNet, "down", 32),
+        (resnet18, "layer4", 64),
+        (lambda: seeded(torchvision.models.mobilenet_v2(num_classes=7)), "features", 64),
+    ],
+)
 def test_cam_equals_gradcam_up_to_a_positive_scale_at_the_last_conv_layer(factory, layer, size):
     model = factory().eval()
     x = images(2, size, seed=2)
     cam_maps, logits, _ = CAM(model).layer_attribute(x, target=[1, 3])
     grad_maps, grad_logits, _ = GradCAM(model, layer).layer_attribute(x, target=[1, 3], relu=False)
-    scale = cam_maps.shape[-1] * cam_maps.shape[-2]          # Grad-CAM weights are w_c / (h w)
+    scale = cam_maps.shape[-1] * cam_maps.shape[-2]  # Grad-CAM weights are w_c / (h w)
     assert cam_maps.abs().max() > 0
     torch.testing.assert_close(grad_maps * scale, cam_maps, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad_logits, logits)
     # With Grad-CAM's ReLU (taken at the layer's resolution, before upsampling): ReLU(CAM) / (h w).
     from pipeline.explain.common import upsample
 
-    torch.testing.assert_close(GradCAM(model, layer).attribute(x, [1, 3]) * scale,
-                               upsample(cam_maps.clamp(min=0), (size, size)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        GradCAM(model, layer).attribute(x, [1, 3]) * scale,
+        upsample(cam_maps.clamp(min=0), (size, size)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_cam_refuses_networks_without_a_gap_linear_head_and_names_gradcam():
@@ -239,7 +257,7 @@ def test_cam_refuses_networks_without_a_gap_linear_head_and_names_gradcam():
         CAM(TinyVGG().eval())
     assert "ReLU" in str(error.value)
     for factory in (torchvision.models.alexnet, lambda: torchvision.models.vgg11(init_weights=False)):
-        with pytest.raises(CAMError, match="Grad-CAM"):      # 6x6 / 7x7 pooling, three linear layers
+        with pytest.raises(CAMError, match="Grad-CAM"):  # 6x6 / 7x7 pooling, three linear layers
             find_gap_linear_head(factory())
     assert GradCAM(TinyVGG().eval(), "features").attribute(images(1)).shape == (1, 32, 32)
     head = find_gap_linear_head(torchvision.models.mobilenet_v2())
@@ -256,10 +274,12 @@ def test_unknown_layer_is_a_clear_error():
 def test_results_do_not_depend_on_batch_size():
     model = SmallNet().eval()
     x = images(5, seed=4)
-    methods = {"saliency": lambda b: Saliency(model).attribute(b),
-               "occlusion": lambda b: Occlusion(model, window=8, stride=4, chunk=5).attribute(b),
-               "cam": lambda b: CAM(model).attribute(b),
-               "gradcam": lambda b: GradCAM(model, "down").attribute(b)}
+    methods = {
+        "saliency": lambda b: Saliency(model).attribute(b),
+        "occlusion": lambda b: Occlusion(model, window=8, stride=4, chunk=5).attribute(b),
+        "cam": lambda b: CAM(model).attribute(b),
+        "gradcam": lambda b: GradCAM(model, "down").attribute(b),
+    }
     for name, method in methods.items():
         whole = method(x)
         assert whole.shape == (5, 32, 32), name
@@ -268,6 +288,7 @@ def test_results_do_not_depend_on_batch_size():
 
 
 # ------------------------------------------------------------------------------- reference implementations
+
 
 def test_agrees_with_captum_saliency_occlusion_and_layer_gradcam():
     captum = pytest.importorskip("captum.attr")
@@ -281,8 +302,14 @@ def test_agrees_with_captum_saliency_occlusion_and_layer_gradcam():
         return model(batch).softmax(dim=1)
 
     ours = Occlusion(model, window=16, stride=12).occlude(x, target=targets)
-    theirs = captum.Occlusion(probabilities).attribute(x, sliding_window_shapes=(3, 16, 16), strides=(3, 12, 12),
-                                                       baselines=0, target=targets, perturbations_per_eval=16)
+    theirs = captum.Occlusion(probabilities).attribute(
+        x,
+        sliding_window_shapes=(3, 16, 16),
+        strides=(3, 12, 12),
+        baselines=0,
+        target=targets,
+        perturbations_per_eval=16,
+    )
     # Captum: mean over covering windows of (p(image) - p(occluded)); ours: mean of p(occluded).
     torch.testing.assert_close(ours.base_prob[:, None, None] - ours.map, theirs[:, 0], rtol=1e-3, atol=1e-6)
 
@@ -309,6 +336,7 @@ def test_agrees_with_pytorch_grad_cam():
 
 
 # ---------------------------------------------------------------------------------------- DeepDream
+
 
 def test_deepdream_amplifies_the_layer_and_is_deterministic():
     model = resnet18()
@@ -337,18 +365,19 @@ def test_deepdream_does_not_depend_on_batch_size():
     dream = DeepDream(model, "block", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     x = images(3, 32, seed=8).clamp(-2, 2)
     together = dream.attribute(x, octaves=2, steps=3, jitter=4, seed=5)
-    alone = torch.cat([dream.attribute(x[i:i + 1], octaves=2, steps=3, jitter=4, seed=5) for i in range(3)])
+    alone = torch.cat([dream.attribute(x[i : i + 1], octaves=2, steps=3, jitter=4, seed=5) for i in range(3)])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ localization
 
+
 def test_saliency_box_is_the_largest_region_above_the_percentile_and_iou_by_hand():
     saliency = np.zeros((40, 60))
-    saliency[10:20, 30:50] = 5.0          # 200 pixels: the object
-    saliency[2:4, 2:4] = 9.0              # 4 brighter pixels, but a small separate speckle
-    saliency[10, 29] = 4.0                # a dimmer pixel touching the object: part of its region
-    box = saliency_box(saliency, percentile=90.0)   # top 10 % = 240 pixels >= threshold
+    saliency[10:20, 30:50] = 5.0  # 200 pixels: the object
+    saliency[2:4, 2:4] = 9.0  # 4 brighter pixels, but a small separate speckle
+    saliency[10, 29] = 4.0  # a dimmer pixel touching the object: part of its region
+    box = saliency_box(saliency, percentile=90.0)  # top 10 % = 240 pixels >= threshold
     assert box == (29, 10, 50, 20)
     assert saliency_box(np.zeros((5, 5))) is None
     assert iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(25 / 175)
@@ -364,12 +393,13 @@ def test_box_blur_is_a_window_mean_and_smoothing_joins_speckles():
     assert blurred[2, 3] == pytest.approx(values[1:4, 2:5].mean())
     np.testing.assert_allclose(box_blur(np.full((4, 4), 2.0), 3), 2.0)
     speckles = np.zeros((40, 40))
-    speckles[10:30:2, 10:30:2] = 1.0           # a checkerboard of isolated pixels over a 20 x 20 region
-    assert saliency_box(speckles, percentile=90.0) == (10, 10, 11, 11)   # raw: isolated pixels, first wins
+    speckles[10:30:2, 10:30:2] = 1.0  # a checkerboard of isolated pixels over a 20 x 20 region
+    assert saliency_box(speckles, percentile=90.0) == (10, 10, 11, 11)  # raw: isolated pixels, first wins
     assert saliency_box(speckles, percentile=75.0, smooth=3) == (9, 9, 30, 30)
 
 
 # ------------------------------------------------------------------------------------- files, CLI, Ray
+
 
 def photo(name: str) -> str:
     from importlib import resources
@@ -390,8 +420,21 @@ def test_cli_explains_a_real_photo_end_to_end(tmp_path, capsys):
     from pipeline.preprocess import decode_image
 
     weights = mobilenet_v2_weights()
-    args = ["explain", "--model", "torchvision:mobilenet_v2", "--weights", weights, "--image-size", "96",
-            "--window", "32", "--stride", "32", "--out", str(tmp_path)]
+    args = [
+        "explain",
+        "--model",
+        "torchvision:mobilenet_v2",
+        "--weights",
+        weights,
+        "--image-size",
+        "96",
+        "--window",
+        "32",
+        "--stride",
+        "32",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args + [photo("chelsea.png"), "--box", "100,20,400,300"]) == 0
     out = capsys.readouterr().out
     assert "target" in out and "IoU" in out
@@ -409,7 +452,9 @@ def test_cli_explains_a_real_photo_end_to_end(tmp_path, capsys):
     with open(photo("chelsea.png"), "rb") as handle:
         pixels, _, _ = decode_image(handle.read(), loaded.preprocess)
     x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255
-    x = (x - torch.tensor(loaded.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(loaded.preprocess.std).view(1, 3, 1, 1)
+    x = (x - torch.tensor(loaded.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(loaded.preprocess.std).view(
+        1, 3, 1, 1
+    )
     expected = Saliency(loaded.model).attribute(x, target=summary["target"])[0].numpy()
     saved = np.load(png.parent / "saliency.npy")
     assert saved.shape == (96, 96)
@@ -428,8 +473,10 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         (["explain", *small, str(tmp_path / "missing.png")], "image not found"),
         (["explain", *small, image, "--target", "9"], "out of range: the model has 5 classes"),
         (["explain", *small, image, "--methods", "gradcam", "--layer", "nope"], "unknown layer 'nope'"),
-        (["explain", "--model", "module:tiny_models:tiny_vgg", "--image-size", "32", "--out", str(tmp_path), image],
-         "Grad-CAM"),
+        (
+            ["explain", "--model", "module:tiny_models:tiny_vgg", "--image-size", "32", "--out", str(tmp_path), image],
+            "Grad-CAM",
+        ),
         (["dream", *small[:4], image, "--layer", "nope", "--out", str(tmp_path / "d.png")], "unknown layer"),
     ]
     (tmp_path / "bad.png").write_bytes(b"not a png")
@@ -437,7 +484,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
-    assert not (tmp_path / "explain").exists()   # nothing written by failed runs
+    assert not (tmp_path / "explain").exists()  # nothing written by failed runs
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".explain-staging")]
 
 
@@ -447,13 +494,29 @@ def test_dream_cli_writes_the_image_and_raises_the_layer(tmp_path, capsys):
     from pipeline.cli import main
 
     out = tmp_path / "dream.png"
-    argv = ["dream", "--model", "module:tiny_models:small_net", "--image-size", "48", photo("astronaut.png"),
-            "--layer", "block", "--octaves", "2", "--steps", "4", "--jitter", "4", "--out", str(out)]
+    argv = [
+        "dream",
+        "--model",
+        "module:tiny_models:small_net",
+        "--image-size",
+        "48",
+        photo("astronaut.png"),
+        "--layer",
+        "block",
+        "--octaves",
+        "2",
+        "--steps",
+        "4",
+        "--jitter",
+        "4",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert Image.open(out).size == (48, 48)
     text = capsys.readouterr().out
     ratio = float(text.rsplit("x", 1)[1].strip(")\n"))
-    assert ratio > 1.0   # the objective rose (how much: test_deepdream_amplifies_the_layer_and_is_deterministic)
+    assert ratio > 1.0  # the objective rose (how much: test_deepdream_amplifies_the_layer_and_is_deterministic)
 
 
 def test_worker_without_ray_keeps_unreadable_rows(tmp_path):
@@ -472,8 +535,9 @@ def test_worker_without_ray_keeps_unreadable_rows(tmp_path):
     decoded = decoder(folder_batch(str(tmp_path), [good, str(bad)]))
     results = ExplainWorker(config)(decoded)
     assert [r["row"]["status"] for r in results] == ["ok", "error"]
-    assert sorted(results[0]["files"]) == sorted(f"{m}.{e}" for m in ("saliency", "occlusion", "cam", "gradcam")
-                                                 for e in ("npy", "png"))
+    assert sorted(results[0]["files"]) == sorted(
+        f"{m}.{e}" for m in ("saliency", "occlusion", "cam", "gradcam") for e in ("npy", "png")
+    )
     expected = Explainer(config).explain(decoded["pixels"][:1])[0]
     import io
 
@@ -493,20 +557,45 @@ def test_data_mode_on_ray_writes_the_run_index(ray_cluster, photo_folder, tmp_pa
     from pipeline.store import connect
 
     run = tmp_path / "run"
-    run_scan(ScanConfig(model=ModelConfig("module:tiny_models:small_net", image_size=32), data=photo_folder,
-                        out=str(run), layers="down", k=2, batch_size=16, progress=False))
+    run_scan(
+        ScanConfig(
+            model=ModelConfig("module:tiny_models:small_net", image_size=32),
+            data=photo_folder,
+            out=str(run),
+            layers="down",
+            k=2,
+            batch_size=16,
+            progress=False,
+        )
+    )
     scan_keys = {row[0] for row in connect(str(run)).execute("SELECT image_key FROM images").fetchall()}
     # The demo's call: a few of the run's images, under the scan's keys, with the scan's model.
     summaries = explain_run_images(str(run), count=3, methods=("cam", "occlusion"), window=8, stride=8)
     index = pq.read_table(run / "explain" / "index.parquet")
     assert index.num_rows == 6 and set(index["image_key"].to_pylist()) == {s["image_key"] for s in summaries}
     assert set(index["image_key"].to_pylist()) <= scan_keys
-    argv = ["explain", "--model", "module:tiny_models:small_net", "--image-size", "32", "--window", "8",
-            "--stride", "8", "--data", photo_folder, "--run", str(run), "--batch-size", "8", "-q"]
+    argv = [
+        "explain",
+        "--model",
+        "module:tiny_models:small_net",
+        "--image-size",
+        "32",
+        "--window",
+        "8",
+        "--stride",
+        "8",
+        "--data",
+        photo_folder,
+        "--run",
+        str(run),
+        "--batch-size",
+        "8",
+        "-q",
+    ]
     assert main(argv) == 0
     index = pq.read_table(run / "explain" / "index.parquet")
     assert index.schema.equals(INDEX_SCHEMA) and index.num_rows == 36 * 4
-    assert set(index["image_key"].to_pylist()) == scan_keys          # the scan's keys: the site can join
+    assert set(index["image_key"].to_pylist()) == scan_keys  # the scan's keys: the site can join
     for path in index["path"].to_pylist():
         assert os.path.isfile(run / path) and os.path.isfile(run / (path[:-4] + ".npy"))
     summary = pq.read_table(run / "explain" / "summary.parquet").to_pylist()
@@ -523,8 +612,9 @@ def test_default_gradcam_layer_is_the_module_that_outputs_cams_feature_map():
     from pipeline.explain.explainer import ExplainConfig, Explainer
     from pipeline.models import ModelConfig
 
-    explainer = Explainer(ExplainConfig(ModelConfig("torchvision:resnet18", image_size=64), methods=("cam", "gradcam"),
-                                        percentile=None))
+    explainer = Explainer(
+        ExplainConfig(ModelConfig("torchvision:resnet18", image_size=64), methods=("cam", "gradcam"), percentile=None)
+    )
     assert explainer.cam.head.feature_module == "layer4.1.relu" and explainer.layer == "layer4.1"
     pixels = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3)).astype(np.uint8)
     explanations = explainer.explain(pixels)
@@ -547,8 +637,11 @@ def test_explain_data_survives_a_killed_worker(ray_cluster, photo_folder, tmp_pa
     from pipeline.models import ModelConfig
 
     config = ExplainConfig(ModelConfig("module:tiny_models:small_net", image_size=32), window=8, stride=8)
-    result = run_and_kill(lambda: run_explain_data(config, photo_folder, str(tmp_path), batch_size=2, actors=2,
-                                                   progress=False), "ray::ExplainWorker", after=0.3)
+    result = run_and_kill(
+        lambda: run_explain_data(config, photo_folder, str(tmp_path), batch_size=2, actors=2, progress=False),
+        "ray::ExplainWorker",
+        after=0.3,
+    )
     assert (result["images"], result["ok"]) == (36, 36)
     summary = pq.read_table(tmp_path / "explain" / "summary.parquet").to_pylist()
     keys = [row["image_key"] for row in summary]

@@ -1,6 +1,7 @@
 """Explanation quality as data: deletion / insertion (Petsiuk et al. 2018) against a straight port of RISE's
 own evaluation code, on a network whose class depends on one known region; the cascading randomization
 sanity check (Adebayo et al. 2018) on a trained MobileNetV2, with an edge detector that must be flagged."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,9 @@ class RegionEnergyNet(nn.Module):
         return torch.stack([4 * energy - 2, torch.zeros_like(energy)], dim=1)
 
 
-def _rise_reference(model: nn.Module, image: torch.Tensor, explanation: np.ndarray, mode: str, step: int,
-                    target: int) -> np.ndarray:
+def _rise_reference(
+    model: nn.Module, image: torch.Tensor, explanation: np.ndarray, mode: str, step: int, target: int
+) -> np.ndarray:
     """RISE's CausalMetric.single_run (github.com/eclique/RISE, evaluation.py), ported to the CPU: one forward
     pass per step, pixels in np.flip(np.argsort(...)) order, the softmax probability of the target, its
     substrates: zeros for deletion, gkern(11, 5) blur (scipy's gaussian_filter of a delta) for insertion."""
@@ -51,7 +53,7 @@ def _rise_reference(model: nn.Module, image: torch.Tensor, explanation: np.ndarr
         with torch.no_grad():
             scores[i] = float(model(start).softmax(dim=1)[0, target])
         if i < n_steps:
-            coords = salient_order[:, step * i:step * (i + 1)]
+            coords = salient_order[:, step * i : step * (i + 1)]
             start_np = start.numpy().reshape(1, 3, hw).copy()
             start_np[0, :, coords] = finish.numpy().reshape(1, 3, hw)[0, :, coords]
             start = torch.from_numpy(start_np.reshape(image.shape))
@@ -92,7 +94,7 @@ def test_curves_and_auc_equal_rise_own_code(mode, steps):
     for maps in (true, random):
         curves = metric.curves(x, maps, targets)
         for i in range(2):
-            expected = _rise_reference(model, x[i:i + 1], maps[i].numpy(), mode, metric.step_pixels(SIZE, SIZE), 0)
+            expected = _rise_reference(model, x[i : i + 1], maps[i].numpy(), mode, metric.step_pixels(SIZE, SIZE), 0)
             np.testing.assert_allclose(curves[i].numpy(), expected, rtol=1e-5, atol=1e-6)
             assert float(auc(curves)[i]) == pytest.approx(_rise_auc(expected), rel=1e-5)
 
@@ -116,18 +118,25 @@ def test_batching_and_chunks_do_not_change_the_curves():
     true, _ = _maps(3)
     targets = torch.tensor([0, 1, 0])
     batched = CausalMetric(model, "insertion", steps=20, chunk=5).curves(x, true, targets)
-    one = torch.cat([CausalMetric(model, "insertion", steps=20, chunk=64).curves(x[i:i + 1], true[i:i + 1],
-                                                                               targets[i:i + 1]) for i in range(3)])
+    one = torch.cat(
+        [
+            CausalMetric(model, "insertion", steps=20, chunk=64).curves(
+                x[i : i + 1], true[i : i + 1], targets[i : i + 1]
+            )
+            for i in range(3)
+        ]
+    )
     torch.testing.assert_close(batched, one)
 
 
 # ------------------------------------------------------------------------------------------ randomization
 
+
 def test_spearman_equals_scipy_with_ties():
     from scipy.stats import spearmanr
 
     generator = torch.Generator().manual_seed(2)
-    a = torch.randint(0, 5, (3, 200), generator=generator).float()   # many ties, as in ReLU'd Grad-CAM maps
+    a = torch.randint(0, 5, (3, 200), generator=generator).float()  # many ties, as in ReLU'd Grad-CAM maps
     b = a + torch.randint(0, 3, (3, 200), generator=generator).float()
     got = spearman(a, b)
     for i in range(3):
@@ -163,8 +172,13 @@ def test_the_cascade_reinitializes_every_parameter_top_first_and_leaves_the_mode
     assert covered == {name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = []
-    cascading_randomization(model, lambda m, x, t: seen.append(m) or torch.rand(len(x), 8, 8),
-                            torch.zeros(1, 3, 64, 64), torch.tensor([0]), 64)
+    cascading_randomization(
+        model,
+        lambda m, x, t: seen.append(m) or torch.rand(len(x), 8, 8),
+        torch.zeros(1, 3, 64, 64),
+        torch.tensor([0]),
+        64,
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     final = seen[-1].state_dict()  # after the whole cascade no trained weight is left
     assert all(not torch.equal(before[k], final[k]) for k in before if k.endswith("weight") and before[k].numel() > 1)
@@ -186,11 +200,11 @@ def test_randomization_changes_saliency_but_not_an_edge_detector_which_is_flagge
         grey = inputs.mean(dim=1, keepdim=True)
         gx = F.conv2d(grey, sobel.view(1, 1, 3, 3), padding=1)
         gy = F.conv2d(grey, sobel.t().reshape(1, 1, 3, 3), padding=1)
-        return (gx ** 2 + gy ** 2).sqrt()[:, 0]
+        return (gx**2 + gy**2).sqrt()[:, 0]
 
     blocks, rho = cascading_randomization(loaded.model, saliency, x, targets, 64)
     assert blocks[0] == "classifier.1" and rho.shape == (2, 20)
-    assert (rho[:, -1].abs() < FLAG_SPEARMAN).all(), rho[:, -1]       # the map follows the weights
+    assert (rho[:, -1].abs() < FLAG_SPEARMAN).all(), rho[:, -1]  # the map follows the weights
     _, rho_edges = cascading_randomization(loaded.model, edges, x, targets, 64)
     torch.testing.assert_close(rho_edges, torch.ones_like(rho_edges))  # unchanged: flagged
     assert (rho_edges[:, -1].abs() >= FLAG_SPEARMAN).all()
@@ -205,22 +219,58 @@ def test_explain_cli_writes_metrics_for_every_method(tmp_path):
     from importlib import resources
 
     image = str(resources.files("skimage") / "data" / "coffee.png")
-    assert main(["explain", "--model", "module:tiny_models:small_net", "--image-size", "32", "--out", str(tmp_path),
-                 "--window", "8", "--stride", "8", "--metrics", "deletion,insertion,randomization",
-                 "--metric-steps", "8", image]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                "module:tiny_models:small_net",
+                "--image-size",
+                "32",
+                "--out",
+                str(tmp_path),
+                "--window",
+                "8",
+                "--stride",
+                "8",
+                "--metrics",
+                "deletion,insertion,randomization",
+                "--metric-steps",
+                "8",
+                image,
+            ]
+        )
+        == 0
+    )
     table = pq.read_table(tmp_path / "explain" / "metrics.parquet")
     assert table.schema.equals(EXPLAIN_METRICS_SCHEMA)
     rows = table.to_pylist()
     assert {(r["method"], r["metric"]) for r in rows} == {
-        (m, k) for m in ("saliency", "occlusion", "cam", "gradcam") for k in ("deletion", "insertion", "randomization")}
+        (m, k) for m in ("saliency", "occlusion", "cam", "gradcam") for k in ("deletion", "insertion", "randomization")
+    }
     for r in rows:
         if r["metric"] == "randomization":
             assert r["steps"][0] == "head.2" and len(r["curve"]) == len(r["steps"])
             assert r["value"] == pytest.approx(r["curve"][-1]) and r["flagged"] == (abs(r["value"]) >= FLAG_SPEARMAN)
         else:
             assert len(r["curve"]) == 9 and 0 <= r["value"] <= 1 and r["steps"] is None and r["flagged"] is None
-    assert main(["explain", "--model", "module:tiny_models:small_net", "--image-size", "32", "--out", str(tmp_path),
-                 "--metrics", "fidelity", image]) == 2
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                "module:tiny_models:small_net",
+                "--image-size",
+                "32",
+                "--out",
+                str(tmp_path),
+                "--metrics",
+                "fidelity",
+                image,
+            ]
+        )
+        == 2
+    )
 
 
 def test_the_ray_worker_carries_the_metric_rows_of_each_image(tmp_path):
@@ -232,16 +282,25 @@ def test_the_ray_worker_carries_the_metric_rows_of_each_image(tmp_path):
     from pipeline.explain.explainer import ExplainConfig, Explainer
     from pipeline.models import ModelConfig
 
-    config = ExplainConfig(ModelConfig("module:tiny_models:small_net", image_size=32), methods=("saliency",),
-                           metrics=("deletion", "randomization"), metric_steps=4)
-    paths = [write_png(str(tmp_path / "a" / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (40, 50, 3)))
-             for i in range(2)]
+    config = ExplainConfig(
+        ModelConfig("module:tiny_models:small_net", image_size=32),
+        methods=("saliency",),
+        metrics=("deletion", "randomization"),
+        metric_steps=4,
+    )
+    paths = [
+        write_png(str(tmp_path / "a" / f"{i}.png"), np.random.default_rng(i).integers(0, 255, (40, 50, 3)))
+        for i in range(2)
+    ]
     decoded = Decoder(SourceSpec("folder", str(tmp_path), tuple(paths)), Explainer(config).preprocess)(
-        folder_batch(str(tmp_path), paths))
+        folder_batch(str(tmp_path), paths)
+    )
     results = ExplainWorker(config)(decoded)
-    alone = Explainer(config).explain(decoded["pixels"][1:])[0]      # the second image on its own
+    alone = Explainer(config).explain(decoded["pixels"][1:])[0]  # the second image on its own
     rows = {r["metric"]: r for r in results[1]["metrics"]}
-    assert set(rows) == {"deletion", "randomization"} and all(r["image_key"] == results[1]["key"] for r in rows.values())
+    assert set(rows) == {"deletion", "randomization"} and all(
+        r["image_key"] == results[1]["key"] for r in rows.values()
+    )
     expected = {r["metric"]: r for r in alone.metrics}
     assert rows["deletion"]["curve"] == pytest.approx(expected["deletion"]["curve"], abs=1e-6)
     assert rows["randomization"]["curve"] == pytest.approx(expected["randomization"]["curve"], abs=1e-5)

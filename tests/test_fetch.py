@@ -1,4 +1,5 @@
 """Reading original images back by key from each kind of source, and refusing keys that escape the data."""
+
 from __future__ import annotations
 
 import os
@@ -81,7 +82,9 @@ def test_object_store_urls_through_pyarrow_filesystems(tmp_path, originals):
     spec = resolve_source(url)
     assert spec.kind == "webdataset" and spec.root == f"file://{tmp_path}"
     assert fetch_images(spec, {keys[0]: url, keys[3]: str(tmp_path / "s0.tar")}) == {
-        keys[0]: originals[keys[0]], keys[3]: originals[keys[3]]}
+        keys[0]: originals[keys[0]],
+        keys[3]: originals[keys[3]],
+    }
     pq.write_table(pa.table({"image": [originals[k] for k in keys], "key": keys}), str(tmp_path / "a.parquet"))
     parquet_url = f"file://{tmp_path}/a.parquet"
     spec = resolve_source(parquet_url)

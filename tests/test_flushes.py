@@ -1,5 +1,6 @@
 """Durable progress without Ray: duplicate keys named before the model runs, flushes committed whole, overlaps
 resolved exactly, and what a pass still has to read."""
+
 from __future__ import annotations
 
 import io
@@ -43,15 +44,24 @@ def test_duplicate_keys_are_named_before_the_model_runs(tmp_path):
 
 
 def flush(flush_id: str, keys: list[str], source: str) -> Flush:
-    rows = pa.table({"image_key": keys, "source": [source] * len(keys), "label": [None] * len(keys),
-                     "width": pa.array([1] * len(keys), pa.int32()), "height": pa.array([1] * len(keys), pa.int32()),
-                     "status": ["ok"] * len(keys), "error": pa.array([None] * len(keys), pa.string())},
-                    schema=IMAGES_SCHEMA)
+    rows = pa.table(
+        {
+            "image_key": keys,
+            "source": [source] * len(keys),
+            "label": [None] * len(keys),
+            "width": pa.array([1] * len(keys), pa.int32()),
+            "height": pa.array([1] * len(keys), pa.int32()),
+            "status": ["ok"] * len(keys),
+            "error": pa.array([None] * len(keys), pa.string()),
+        },
+        schema=IMAGES_SCHEMA,
+    )
     buffer = io.BytesIO()
     pq.write_table(rows, buffer)
     state = ScanState({"l": 1}, 2)
-    return Flush(flush_id=flush_id, images=len(keys), images_ok=len(keys), state=state.to_bytes(),
-                 image_rows=buffer.getvalue())
+    return Flush(
+        flush_id=flush_id, images=len(keys), images_ok=len(keys), state=state.to_bytes(), image_rows=buffer.getvalue()
+    )
 
 
 def test_overlapping_flushes_keep_the_earlier_and_passes_read_what_is_left(tmp_path):

@@ -1,5 +1,6 @@
 """The GPU check script runs here on CPU: every check that needs no CUDA passes, the others are listed as skipped
 with the reason, and the report is one JSON file (scripts/gpu_checks.py; run it on a GPU with `make gpu-check`)."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_checks_run_on_cpu_and_say_what_they_skipped(tmp_path):
     out = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_checks.py"), "--device", "cpu",
-                           "--out", str(out), "--only", "environment,layer_maxima,batch,decode,render,timing"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "gpu_checks.py"),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--only",
+            "environment,layer_maxima,batch,decode,render,timing",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert report["failed"] == []
@@ -32,6 +46,17 @@ def test_asking_for_cuda_without_a_gpu_is_one_line(tmp_path):
 
     if torch.cuda.is_available():
         return
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_checks.py"), "--device", "cuda",
-                           "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "gpu_checks.py"),
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "sees no GPU" in done.stderr

@@ -1,5 +1,6 @@
 """Hostile but fair input outside the decoder (issue 11): out-of-range values from the CLI and job files,
 hard links and absolute paths in the site, and a job file that `atlas run` must not overwrite."""
+
 from __future__ import annotations
 
 import os
@@ -26,35 +27,79 @@ def test_a_huge_image_size_is_one_line_before_any_work(tmp_path, capsys):
     from pipeline.cli import main
 
     out = tmp_path / "run"
-    code = main(["scan", "--model", "module:tiny_models:hand_net", "--image-size", "1000000",
-                 "--data", _folder(tmp_path), "--out", str(out), "-q"])
+    code = main(
+        [
+            "scan",
+            "--model",
+            "module:tiny_models:hand_net",
+            "--image-size",
+            "1000000",
+            "--data",
+            _folder(tmp_path),
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "atlas: error: image_size must be between 1 and 4,096, got 1000000"
     assert not out.exists()
-    for flag, value, name in (("--max-pixels", "0", "max_pixels"), ("--resize", "99999999", "resize"),
-                              ("--k", "0", "k"), ("--actors", "5000", "actors")):
-        assert main(["scan", "--model", "module:tiny_models:hand_net", "--data", _folder(tmp_path),
-                     "--out", str(out), flag, value, "-q"]) == 2
+    for flag, value, name in (
+        ("--max-pixels", "0", "max_pixels"),
+        ("--resize", "99999999", "resize"),
+        ("--k", "0", "k"),
+        ("--actors", "5000", "actors"),
+    ):
+        assert (
+            main(
+                [
+                    "scan",
+                    "--model",
+                    "module:tiny_models:hand_net",
+                    "--data",
+                    _folder(tmp_path),
+                    "--out",
+                    str(out),
+                    flag,
+                    value,
+                    "-q",
+                ]
+            )
+            == 2
+        )
         assert f"{name} must be between" in capsys.readouterr().err
         assert not out.exists()
 
 
 def _job(tmp_path, **sections) -> dict:
-    data = {"job": {"name": "t", "out": str(tmp_path / "run")},
-            "model": {"spec": "module:tiny_models:small_net", "image_size": 32},
-            "data": {"source": _folder(tmp_path)}, "scan": {"layers": "stem"}, "render": {"classes": "none"},
-            "site": {}}
+    data = {
+        "job": {"name": "t", "out": str(tmp_path / "run")},
+        "model": {"spec": "module:tiny_models:small_net", "image_size": 32},
+        "data": {"source": _folder(tmp_path)},
+        "scan": {"layers": "stem"},
+        "render": {"classes": "none"},
+        "site": {},
+    }
     for section, values in sections.items():
         data[section] = {**data[section], **values}
     return data
 
 
-@pytest.mark.parametrize("section,key,value", [
-    ("model", "image_size", 1_000_000), ("model", "resize", 10**8), ("render", "size", 100_000),
-    ("render", "steps", 10**9), ("scan", "actors", 1000 + RANGES["actors"][1]), ("render", "actors", 0),
-    ("scan", "batch_size", 10**6), ("scan", "max_aspect", 0.5), ("scan", "max_pixels", 10**12),
-    ("render", "units_per_task", 0),
-])
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("model", "image_size", 1_000_000),
+        ("model", "resize", 10**8),
+        ("render", "size", 100_000),
+        ("render", "steps", 10**9),
+        ("scan", "actors", 1000 + RANGES["actors"][1]),
+        ("render", "actors", 0),
+        ("scan", "batch_size", 10**6),
+        ("scan", "max_aspect", 0.5),
+        ("scan", "max_pixels", 10**12),
+        ("render", "units_per_task", 0),
+    ],
+)
 def test_job_files_are_range_checked_like_the_cli(tmp_path, section, key, value):
     with pytest.raises(ConfigError, match=rf"^{section}\.{key} must be between .* got {value}$"):
         parse_config(_job(tmp_path, **{section: {key: value}}))
@@ -85,15 +130,21 @@ def test_actors_are_checked_against_the_local_machine(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"render.actors: 1000 render actors do not fit on 2 CPUs"):
         prepare_job(parse_config(_job(tmp_path, render={"actors": 1000})))
     # A remote cluster's shape is unknown until the job runs: only the cap applies.
-    prepare_job(parse_config(_job(tmp_path, job={"name": "t", "out": str(tmp_path / "run"),
-                                                   "address": "ray://head:10001"}, scan={"actors": 1000})))
+    prepare_job(
+        parse_config(
+            _job(
+                tmp_path,
+                job={"name": "t", "out": str(tmp_path / "run"), "address": "ray://head:10001"},
+                scan={"actors": 1000},
+            )
+        )
+    )
 
 
 def test_decode_limits_travel_from_the_job_file_to_the_preprocessing(tmp_path):
     from pipeline.cluster.job import prepare_job
 
-    job = prepare_job(parse_config(_job(tmp_path, scan={"max_side": 4000, "max_pixels": 10**6,
-                                                        "max_aspect": 3.5})))
+    job = prepare_job(parse_config(_job(tmp_path, scan={"max_side": 4000, "max_pixels": 10**6, "max_aspect": 3.5})))
     model = job.scan.model
     assert (model.max_side, model.max_pixels, model.max_aspect) == (4000, 10**6, 3.5)
     from pipeline.models import load_model
@@ -112,19 +163,42 @@ def test_scan_records_the_limits_and_lists_refused_images(ray_cluster, tmp_path)
     data = _folder(tmp_path)
     write_png(os.path.join(data, "strip.png"), np.full((4, 300, 3), 200))
     out = str(tmp_path / "run")
-    assert main(["scan", "--model", "module:tiny_models:hand_net", "--image-size", "8", "--data", data,
-                 "--out", out, "--layers", "relu1", "--batch-size", "2", "--max-aspect", "50", "-q"]) == 0
+    assert (
+        main(
+            [
+                "scan",
+                "--model",
+                "module:tiny_models:hand_net",
+                "--image-size",
+                "8",
+                "--data",
+                data,
+                "--out",
+                out,
+                "--layers",
+                "relu1",
+                "--batch-size",
+                "2",
+                "--max-aspect",
+                "50",
+                "-q",
+            ]
+        )
+        == 0
+    )
     from pipeline.store import read_manifest
 
     manifest = read_manifest(out)
     assert manifest["preprocess"]["max_aspect"] == 50.0 and manifest["preprocess"]["max_side"] == 20_000
-    rows = duckdb.sql(f"SELECT image_key, status, error, width, height FROM '{out}/images/*.parquet' "
-                      "ORDER BY image_key").fetchall()
+    rows = duckdb.sql(
+        f"SELECT image_key, status, error, width, height FROM '{out}/images/*.parquet' ORDER BY image_key"
+    ).fetchall()
     assert [r[:2] for r in rows] == [("0.png", "ok"), ("1.png", "ok"), ("strip.png", "error")]
     assert "aspect ratio 75:1 over max_aspect 50" in rows[2][2] and rows[2][3:] == (300, 4)
 
 
 # ------------------------------------------------------------------------------ the site (item 10)
+
 
 @pytest.fixture()
 def small_run(tmp_path) -> str:
@@ -154,8 +228,9 @@ def test_a_hard_link_to_a_file_outside_the_run_is_not_published(small_run, tmp_p
     os.link(secret, os.path.join(small_run, linked))
     with caplog.at_level("WARNING"):
         inside = _site_files(os.path.dirname(build_site(small_run, progress=False).index))
-        outside = _site_files(os.path.dirname(build_site(small_run, out=str(tmp_path / "export"),
-                                                         progress=False).index))
+        outside = _site_files(
+            os.path.dirname(build_site(small_run, out=str(tmp_path / "export"), progress=False).index)
+        )
     assert "hard link" in caplog.text
     for files in (inside, outside):
         assert not any(b"SECRET-KEY-MATERIAL" in data for data in files.values())
@@ -205,6 +280,7 @@ def test_the_unit_query_runs_in_the_run_directory(small_run, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ the user's job file (item 11)
+
 
 def test_run_never_overwrites_the_users_job_file(tmp_path, monkeypatch, capsys):
     """`out = "."` next to a job file named job.toml: the run would write its resolved config over it."""

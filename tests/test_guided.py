@@ -1,5 +1,6 @@
 """Guided backpropagation (Springenberg et al. 2015) against Captum, and which reconstruction depends on the
 image: the deconvnet only through max-pooling switches (Mahendran & Vedaldi 2016), guided backprop always."""
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,8 @@ def _captum_ready(model: nn.Module) -> nn.Module:
 def _captum_guided(model: nn.Module, layer: str, image: torch.Tensor, unit: int, y: int, x: int) -> torch.Tensor:
     reference = _captum_ready(model)
     attribution = captum.NeuronGuidedBackprop(reference, reference.get_submodule(layer)).attribute(
-        image, neuron_selector=(unit, y, x))
+        image, neuron_selector=(unit, y, x)
+    )
     return attribution
 
 
@@ -71,8 +73,9 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 @pytest.mark.parametrize("name, layer", [("resnet18", "layer2.1"), ("mobilenet_v2", "features.7")])
 def test_guided_backprop_equals_captum_batched_and_one_at_a_time(name, layer):
     model = _model(name)
-    images = _photos(64) if name == "mobilenet_v2" else torch.randn(2, 3, 64, 64,
-                                                                    generator=torch.Generator().manual_seed(1))
+    images = (
+        _photos(64) if name == "mobilenet_v2" else torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    )
     images = torch.cat([images, images.flip(-1)])  # 4 images
     guided = GuidedBackprop(model, layer)
     acts = guided.forward_layer(images).amax(dim=(2, 3))
@@ -81,14 +84,16 @@ def test_guided_backprop_equals_captum_batched_and_one_at_a_time(name, layer):
     for i, unit in enumerate(units):
         y, x = divmod(int(maps[i].argmax()), maps.shape[-1])
         assert maps[i, y, x] > 0
-        one, _ = guided.project(images[i:i + 1], [unit])
-        theirs = _captum_guided(model, layer, images[i:i + 1], unit, y, x) * maps[i, y, x]
+        one, _ = guided.project(images[i : i + 1], [unit])
+        theirs = _captum_guided(model, layer, images[i : i + 1], unit, y, x) * maps[i, y, x]
         _close(one, theirs)
-        _close(batched[i:i + 1], theirs)
+        _close(batched[i : i + 1], theirs)
     # Neither the plain gradient nor the deconvnet: both halves of the rule are in effect.
     y, x = divmod(int(maps[0].argmax()), maps.shape[-1])
-    plain = captum.NeuronGradient(model, model.get_submodule(layer)).attribute(images[:1], neuron_selector=(
-        units[0], y, x)) * maps[0, y, x]
+    plain = (
+        captum.NeuronGradient(model, model.get_submodule(layer)).attribute(images[:1], neuron_selector=(units[0], y, x))
+        * maps[0, y, x]
+    )
     scale = float(plain.abs().max())
     assert (batched[:1] - plain).abs().max() > 1e-2 * scale
     deconv = Deconvnet(model, layer).attribute(images[:1], units[:1])
@@ -107,9 +112,9 @@ def test_guided_backprop_by_hand_on_a_tiny_net():
         y, x = divmod(int(a2[0, 1].argmax()), 8)
         signal = torch.zeros_like(a2)
         signal[0, 1, y, x] = a2[0, 1, y, x]
-        signal = F.relu(signal * (net[2](F.relu(z1)) > 0))         # top ReLU: mask, then rectify
+        signal = F.relu(signal * (net[2](F.relu(z1)) > 0))  # top ReLU: mask, then rectify
         signal = F.conv_transpose2d(signal, net[2].weight, padding=1)
-        signal = F.relu(signal * (z1 > 0))                          # first ReLU: mask, then rectify
+        signal = F.relu(signal * (z1 > 0))  # first ReLU: mask, then rectify
         expected = F.conv_transpose2d(signal, net[0].weight, padding=1)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
@@ -123,10 +128,10 @@ def test_relu6_cap_is_ignored_as_by_the_deconvnet():
     net = nn.Sequential(conv, nn.ReLU6(), nn.Conv2d(1, 1, 1, bias=False)).eval()
     with torch.no_grad():
         net[2].weight.fill_(2.0)
-    image = torch.tensor([[[[-1.0, 3.0], [8.0, 0.5]]]])     # below 0, inside, above the cap, inside
+    image = torch.tensor([[[[-1.0, 3.0], [8.0, 0.5]]]])  # below 0, inside, above the cap, inside
     got, maps = GuidedBackprop(net, "2").project(image, [0], torch.tensor([[1, 0]]))  # the saturated pixel
     expected = torch.zeros_like(image)
-    expected[0, 0, 1, 0] = maps[0, 1, 0] * 2.0              # mask open (8 > 0), signal 2 x seed, positive
+    expected[0, 0, 1, 0] = maps[0, 1, 0] * 2.0  # mask open (8 > 0), signal 2 x seed, positive
     torch.testing.assert_close(got, expected)
 
 
@@ -178,9 +183,15 @@ def test_finding_mobilenet_deconvnet_is_the_same_for_every_image_guided_backprop
 def test_finding_with_max_pooling_the_deconvnet_depends_on_the_image():
     torch.manual_seed(0)
     net = nn.Sequential(  # VGG-like: conv-relu-maxpool twice, then conv-relu
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+    ).eval()
     images = _photos(64)
     deconv = Deconvnet(net, "7")
     assert deconv.max_pooling

@@ -2,6 +2,7 @@
 cluster-launcher YAML against the schema inside the installed ray wheel, and what a reviewer would check by hand
 (GPU requests, /dev/shm in memory, entrypoints that name real job configs, the Dockerfile's contents).
 No network, no cluster; a few seconds."""
+
 from __future__ import annotations
 
 import copy
@@ -36,12 +37,18 @@ SCHEMA_FOR = {
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudget-policy-v1.json",
 }
 WORKLOADS = ["raycluster.yaml", "rayjob.yaml", "raycronjob.yaml", "cronjob-submit.yaml"]  # the ones with pods
-MANIFESTS = [*WORKLOADS, "serviceaccount.yaml", "configmap-fluentbit.yaml", "priorityclass.yaml",
-             "poddisruptionbudget.yaml"]
+MANIFESTS = [
+    *WORKLOADS,
+    "serviceaccount.yaml",
+    "configmap-fluentbit.yaml",
+    "priorityclass.yaml",
+    "poddisruptionbudget.yaml",
+]
 MONITORING = INFRA / "monitoring"
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+
 
 def load_docs(path: Path) -> list[dict]:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
@@ -73,8 +80,9 @@ def ray_cluster_specs() -> dict[str, dict]:
     return {
         "raycluster.yaml spec": doc("raycluster.yaml")["spec"],
         "rayjob.yaml spec.rayClusterSpec": doc("rayjob.yaml")["spec"]["rayClusterSpec"],
-        "raycronjob.yaml spec.jobTemplate.rayClusterSpec":
-            doc("raycronjob.yaml")["spec"]["jobTemplate"]["rayClusterSpec"],
+        "raycronjob.yaml spec.jobTemplate.rayClusterSpec": doc("raycronjob.yaml")["spec"]["jobTemplate"][
+            "rayClusterSpec"
+        ],
     }
 
 
@@ -88,8 +96,18 @@ def ray_pod_templates() -> list[tuple[str, dict, dict]]:
     return out
 
 
-_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": 1e-3}
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "m": 1e-3,
+}
 
 
 def quantity(value) -> float:
@@ -128,11 +146,12 @@ def job_config_from_command(command: str, verb: str) -> str:
 
 def assert_job_config_exists(config: str) -> None:
     assert config.startswith(IMAGE_JOBS_DIR + "/"), f"{config} is not under the image's {IMAGE_JOBS_DIR}"
-    local = ROOT / "jobs" / config[len(IMAGE_JOBS_DIR) + 1:]
+    local = ROOT / "jobs" / config[len(IMAGE_JOBS_DIR) + 1 :]
     assert local.is_file(), f"{config} is copied into the image from {local.relative_to(ROOT)}, which does not exist"
 
 
 # ----------------------------------------------------------------------------------------------- schema validation
+
 
 def test_vendored_schemas_are_small_valid_and_documented():
     files = sorted(SCHEMAS.glob("*.json"))
@@ -173,8 +192,11 @@ def _break(manifest: dict) -> list[tuple[str, dict]]:
         top["spec"]["concurrencyPolicy"] = 3
         broken.append(("concurrencyPolicy: 3", top))
     else:
-        cluster = {"RayCluster": lambda m: m["spec"], "RayJob": lambda m: m["spec"]["rayClusterSpec"],
-                   "RayCronJob": lambda m: m["spec"]["jobTemplate"]["rayClusterSpec"]}[manifest["kind"]](top)
+        cluster = {
+            "RayCluster": lambda m: m["spec"],
+            "RayJob": lambda m: m["spec"]["rayClusterSpec"],
+            "RayCronJob": lambda m: m["spec"]["jobTemplate"]["rayClusterSpec"],
+        }[manifest["kind"]](top)
         group = cluster["workerGroupSpecs"][0]
         group["maxReplica"] = group.pop("maxReplicas")
         broken.append(("workerGroupSpecs[0].maxReplica", top))
@@ -219,6 +241,7 @@ def test_cronjob_needs_a_schedule():
 
 # --------------------------------------------------------------------------------------------------- cluster launcher
 
+
 def ray_launcher_schema() -> dict:
     import ray.autoscaler
 
@@ -257,6 +280,7 @@ def test_cluster_launcher_shape():
 
 
 # ------------------------------------------------------------------------------------------------------ semantics
+
 
 @pytest.mark.parametrize("where", list(ray_cluster_specs()))
 def test_gpu_worker_group_requests_gpus_and_autoscales(where):
@@ -315,10 +339,13 @@ def test_expected_job_configs_exist():
     assert not missing, f"jobs/ lacks {missing}: infra/ runs these configs (atlas run / atlas submit)"
 
 
-@pytest.mark.parametrize("name,entrypoint", [
-    ("rayjob.yaml", lambda m: m["spec"]["entrypoint"]),
-    ("raycronjob.yaml", lambda m: m["spec"]["jobTemplate"]["entrypoint"]),
-])
+@pytest.mark.parametrize(
+    "name,entrypoint",
+    [
+        ("rayjob.yaml", lambda m: m["spec"]["entrypoint"]),
+        ("raycronjob.yaml", lambda m: m["spec"]["jobTemplate"]["entrypoint"]),
+    ],
+)
 def test_ray_entrypoints_run_an_existing_job_config(name, entrypoint):
     command = entrypoint(doc(name))
     assert_job_config_exists(job_config_from_command(command, "run"))
@@ -388,8 +415,9 @@ def test_job_work_dir_is_a_volume_on_the_head(where):
         pytest.skip("no absolute [job] work_dir outside /tmp")
     head = ray_cluster_specs()[where]["headGroupSpec"]["template"]["spec"]["containers"]
     mounts = [m["mountPath"] for c in head for m in c.get("volumeMounts", [])]
-    assert any(work_dir == m or work_dir.startswith(m.rstrip("/") + "/") for m in mounts), \
+    assert any(work_dir == m or work_dir.startswith(m.rstrip("/") + "/") for m in mounts), (
         f"{where}: {work_dir} is not on a volume of the head"
+    )
 
 
 # ------------------------------------------------------------------- rules KubeRay checks in Go, not in the CRD
@@ -408,8 +436,9 @@ def test_every_manifest_name_is_within_kuberays_limits(name):
         assert DNS_1035.fullmatch(metadata_name) and len(metadata_name) <= 63, metadata_name
         limit = KUBERAY_NAME_LIMITS.get(manifest["kind"])
         if limit is not None:
-            assert len(metadata_name) <= limit, \
+            assert len(metadata_name) <= limit, (
                 f"{name}: {manifest['kind']} name {metadata_name!r} is {len(metadata_name)} > {limit} characters"
+            )
 
 
 def _ray_job_specs() -> dict[str, dict]:
@@ -430,19 +459,25 @@ def test_ray_job_cleanup_uses_deletion_rules_and_never_with_shutdown(where):
         assert {"DeleteCluster", "DeleteSelf"} <= policies, f"{where}: after {status}"
     # TTLs must not decrease along DeleteWorkers <= DeleteCluster <= DeleteSelf (validateTTLConsistency).
     order = ["DeleteWorkers", "DeleteCluster", "DeleteSelf"]
-    for key in {tuple(sorted(r["condition"].items() - {("ttlSeconds", r["condition"].get("ttlSeconds"))}))
-                for r in rules}:
-        ttls = [r["condition"].get("ttlSeconds", 0) for p in order for r in rules
-                if r["policy"] == p and tuple(sorted(r["condition"].items() - {("ttlSeconds", r["condition"].get(
-                    "ttlSeconds"))})) == key]
+    for key in {
+        tuple(sorted(r["condition"].items() - {("ttlSeconds", r["condition"].get("ttlSeconds"))})) for r in rules
+    }:
+        ttls = [
+            r["condition"].get("ttlSeconds", 0)
+            for p in order
+            for r in rules
+            if r["policy"] == p
+            and tuple(sorted(r["condition"].items() - {("ttlSeconds", r["condition"].get("ttlSeconds"))})) == key
+        ]
         assert ttls == sorted(ttls), f"{where}: TTLs along {order} for {key}"
 
 
 def _daily_period(schedule: str) -> int:
     """The period of a cron schedule that fires once a day at a fixed time ("M H * * *"), in seconds."""
     fields = schedule.split()
-    assert len(fields) == 5 and fields[0].isdigit() and fields[1].isdigit() and fields[2:] == ["*", "*", "*"], \
+    assert len(fields) == 5 and fields[0].isdigit() and fields[1].isdigit() and fields[2:] == ["*", "*", "*"], (
         f"expected a daily schedule, got {schedule!r} (extend this test for others)"
+    )
     return DAY
 
 
@@ -481,8 +516,10 @@ def test_token_authentication_everywhere_and_the_submitter_has_the_token():
 
 def _all_pod_specs() -> list[tuple[str, dict]]:
     out = [(where, template["spec"]) for where, _, template in ray_pod_templates()]
-    out += [(f"{name} submitter", _ray_job_specs()[name]["submitterPodTemplate"]["spec"])
-            for name in ("rayjob.yaml", "raycronjob.yaml")]
+    out += [
+        (f"{name} submitter", _ray_job_specs()[name]["submitterPodTemplate"]["spec"])
+        for name in ("rayjob.yaml", "raycronjob.yaml")
+    ]
     out.append(("cronjob-submit.yaml", doc("cronjob-submit.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
     return out
 
@@ -515,11 +552,13 @@ def _terms(affinity: dict) -> list[dict]:
 def test_head_on_demand_and_gpu_workers_allowed_on_spot(where):
     spec = ray_cluster_specs()[where]
     head = spec["headGroupSpec"]["template"]["spec"]
-    refused = {(e["key"], v) for e in _terms(head.get("affinity", {})) if e["operator"] == "NotIn"
-               for v in e["values"]}
+    refused = {(e["key"], v) for e in _terms(head.get("affinity", {})) if e["operator"] == "NotIn" for v in e["values"]}
     # The capacity-type labels of Karpenter, EKS managed node groups and GKE.
-    assert {("karpenter.sh/capacity-type", "spot"), ("eks.amazonaws.com/capacityType", "SPOT"),
-            ("cloud.google.com/gke-spot", "true")} <= refused, f"{where}: the head only on on-demand nodes"
+    assert {
+        ("karpenter.sh/capacity-type", "spot"),
+        ("eks.amazonaws.com/capacityType", "SPOT"),
+        ("cloud.google.com/gke-spot", "true"),
+    } <= refused, f"{where}: the head only on on-demand nodes"
     for group in spec["workerGroupSpecs"]:
         pod = group["template"]["spec"]
         assert not _terms(pod.get("affinity", {})), "workers are not kept off any capacity type"
@@ -566,8 +605,9 @@ def test_pods_fit_the_named_node_types(where):
 def test_logs_leave_the_head_pod():
     for where, spec in ray_cluster_specs().items():
         head = spec["headGroupSpec"]["template"]["spec"]
-        shippers = [c for c in head["containers"][1:]
-                    if any(m["mountPath"] == "/tmp/ray" for m in c.get("volumeMounts", []))]
+        shippers = [
+            c for c in head["containers"][1:] if any(m["mountPath"] == "/tmp/ray" for m in c.get("volumeMounts", []))
+        ]
         assert shippers, f"{where}: a sidecar reads Ray's logs"
         config_volumes = {v["name"]: v["configMap"]["name"] for v in head["volumes"] if "configMap" in v}
         assert doc("configmap-fluentbit.yaml")["metadata"]["name"] in config_volumes.values()
@@ -596,7 +636,7 @@ def test_monitoring_scrapes_ray_pods_and_alerts_on_failed_runs():
     rules = [r for group in rule["spec"]["groups"] for r in group["rules"]]
     exprs = " ".join(r["expr"] for r in rules)
     # KubeRay operator metric (controllers/ray/metrics/ray_job_metrics.go) and kube-state-metrics' Job metric.
-    assert 'kuberay_job_deployment_status' in exprs and 'deployment_status="Failed"' in exprs
+    assert "kuberay_job_deployment_status" in exprs and 'deployment_status="Failed"' in exprs
     assert "kube_job_status_failed" in exprs
     cron = doc("cronjob-submit.yaml")["metadata"]["name"]
     assert cron in exprs, "the submitter alert matches the CronJob's Jobs (named <cronjob>-<time>)"

@@ -1,5 +1,6 @@
 """Job files and `atlas run`: validation before any work, overrides, resolved config, resumable stages,
 object-store (URL) run directories through pyarrow filesystems."""
+
 from __future__ import annotations
 
 import glob
@@ -29,12 +30,14 @@ def resnet8_weights(tmp_path_factory) -> str:
 
 
 def job_dict(out: str, weights: str, photos: str) -> dict:
-    return {"job": {"name": "tiny", "out": out},
-            "model": {"spec": "module:pipeline.zoo:resnet8", "weights": weights, "image_size": 32, "resize": 32},
-            "data": {"source": photos},
-            "scan": {"layers": "layer1,layer3,linear", "k": 4, "batch_size": 8},
-            "render": {"layers": ["layer1", "linear"], "units": "0-1", "classes": "0-1", "steps": 4, "size": 32},
-            "site": {}}
+    return {
+        "job": {"name": "tiny", "out": out},
+        "model": {"spec": "module:pipeline.zoo:resnet8", "weights": weights, "image_size": 32, "resize": 32},
+        "data": {"source": photos},
+        "scan": {"layers": "layer1,layer3,linear", "k": 4, "batch_size": 8},
+        "render": {"layers": ["layer1", "linear"], "units": "0-1", "classes": "0-1", "steps": 4, "size": 32},
+        "site": {},
+    }
 
 
 def write_toml(path, data: dict) -> str:
@@ -50,6 +53,7 @@ def write_toml(path, data: dict) -> str:
 
 # --------------------------------------------------------------------------------------- shape checks
 
+
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     data = job_dict("run", "w.pt", "photos")
     data["render"]["step"] = 3
@@ -61,16 +65,19 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
         parse_config(data)
 
 
-@pytest.mark.parametrize("section,key,value,message", [
-    ("scan", "k", "ten", "scan.k must be an integer, got str 'ten'"),
-    ("scan", "k", True, "scan.k must be an integer"),
-    ("render", "featvis", "yes", "render.featvis must be a true/false"),
-    ("render", "layers", "layer1", "render.layers must be a list of string"),
-    ("model", "mean", [0.5, "x", 0.5], r"model.mean\[1\] must be a number"),
-    ("scan", "record", "some", "scan.record must be 'topk' or 'all'"),
-    ("scan", "k", 0, "scan.k must be between 1 and 10,000, got 0"),
-    ("job", "stages", ["scan", "publish"], "unknown stage"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,message",
+    [
+        ("scan", "k", "ten", "scan.k must be an integer, got str 'ten'"),
+        ("scan", "k", True, "scan.k must be an integer"),
+        ("render", "featvis", "yes", "render.featvis must be a true/false"),
+        ("render", "layers", "layer1", "render.layers must be a list of string"),
+        ("model", "mean", [0.5, "x", 0.5], r"model.mean\[1\] must be a number"),
+        ("scan", "record", "some", "scan.record must be 'topk' or 'all'"),
+        ("scan", "k", 0, "scan.k must be between 1 and 10,000, got 0"),
+        ("job", "stages", ["scan", "publish"], "unknown stage"),
+    ],
+)
 def test_wrong_types_and_values_are_errors(section, key, value, message):
     data = job_dict("run", "w.pt", "photos")
     data[section][key] = value
@@ -106,8 +113,16 @@ def test_numbers_widen_to_float_and_defaults_fill_in():
 
 def test_overrides_must_name_existing_keys():
     data = job_dict("run", "w.pt", "photos")
-    config = parse_config(data, ["render.steps=256", "render.preset=yosinski", "scan.record=\"all\"",
-                                 "render.layers=[\"layer3\"]", "render.views=false"])
+    config = parse_config(
+        data,
+        [
+            "render.steps=256",
+            "render.preset=yosinski",
+            'scan.record="all"',
+            'render.layers=["layer3"]',
+            "render.views=false",
+        ],
+    )
     assert (config.render.steps, config.render.preset, config.scan.record) == (256, "yosinski", "all")
     assert config.render.layers == ["layer3"] and config.render.views is False
     assert data["render"]["steps"] == 4  # the parsed file itself is not modified
@@ -122,7 +137,7 @@ def test_overrides_must_name_existing_keys():
 
 
 def test_resolved_toml_round_trips():
-    config = parse_config(job_dict("run", "w.pt", "photos"), ["model.mean=[0.5, 0.5, 0.5]", "job.address=\"x:1\""])
+    config = parse_config(job_dict("run", "w.pt", "photos"), ["model.mean=[0.5, 0.5, 0.5]", 'job.address="x:1"'])
     text = to_toml(config, "a header\nover two lines")
     assert text.startswith("# a header\n# over two lines\n")
     assert parse_config(tomllib.loads(text)) == config
@@ -135,8 +150,7 @@ def test_shipped_job_files_are_valid(path):
 
 
 def test_demo_job_passes_every_check(tmp_path):
-    config = load_config(os.path.join(REPO, "jobs", "demo.toml"), [f"job.out={tmp_path / 'demo'}",
-                                                                      "data.images=20"])
+    config = load_config(os.path.join(REPO, "jobs", "demo.toml"), [f"job.out={tmp_path / 'demo'}", "data.images=20"])
     job = prepare_job(config)
     assert job.scan.layers.split(",")[-1] == "classifier.1" and len(job.scan.layers.split(",")) == 20
     assert len(glob.glob(os.path.join(job.scan.data, "*", "*.jpg"))) == 20
@@ -144,16 +158,19 @@ def test_demo_job_passes_every_check(tmp_path):
 
 # ------------------------------------------------------------------------ checks needing files/model
 
+
 def test_prepare_rejects_missing_inputs_and_unknown_layers(tmp_path, resnet8_weights, photo_folder):
     good = job_dict(str(tmp_path / "run"), resnet8_weights, photo_folder)
     prepare_job(parse_config(good))
-    cases = [("model", "weights", str(tmp_path / "nope.pt"), "model.weights: file .*nope.pt does not exist"),
-             ("data", "source", str(tmp_path / "nodata"), "data.source: data not found"),
-             ("scan", "layers", "layer1,layer9", "scan.layers: unknown layer.*layer9"),
-             ("render", "layers", ["layer2"], "render.layers: layer2 not among the scanned layers"),
-             ("render", "units", "0-x", "render.units/classes"),
-             ("model", "spec", "module:pipeline.zoo:resnet999", "model: cannot import"),
-             ("model", "weights", "builtin:resnet", "unknown builtin")]
+    cases = [
+        ("model", "weights", str(tmp_path / "nope.pt"), "model.weights: file .*nope.pt does not exist"),
+        ("data", "source", str(tmp_path / "nodata"), "data.source: data not found"),
+        ("scan", "layers", "layer1,layer9", "scan.layers: unknown layer.*layer9"),
+        ("render", "layers", ["layer2"], "render.layers: layer2 not among the scanned layers"),
+        ("render", "units", "0-x", "render.units/classes"),
+        ("model", "spec", "module:pipeline.zoo:resnet999", "model: cannot import"),
+        ("model", "weights", "builtin:resnet", "unknown builtin"),
+    ]
     for section, key, value, message in cases:
         data = job_dict(str(tmp_path / "run"), resnet8_weights, photo_folder)
         data[section][key] = value
@@ -176,6 +193,7 @@ def test_cli_reports_config_errors_with_status_2(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------- running stages
 
+
 def test_run_job_runs_every_stage_then_skips_them(tmp_path, resnet8_weights, photo_folder, ray_cluster):
     path = write_toml(tmp_path / "job.toml", job_dict(str(tmp_path / "run"), resnet8_weights, photo_folder))
     config = load_config(path)
@@ -191,8 +209,9 @@ def test_run_job_runs_every_stage_then_skips_them(tmp_path, resnet8_weights, pho
 
     con = connect(str(run))
     kinds = dict(con.execute("SELECT kind, count(*) FROM atlas GROUP BY kind").fetchall())
-    (live,) = con.execute("SELECT count(*) FROM units WHERE layer IN ('layer1', 'linear') AND unit < 2 AND NOT dead"
-                          ).fetchone()
+    (live,) = con.execute(
+        "SELECT count(*) FROM units WHERE layer IN ('layer1', 'linear') AND unit < 2 AND NOT dead"
+    ).fetchone()
     assert kinds["featvis"] == 2 and kinds["classvis"] == 2 and kinds["crop"] == 4 * live  # k = 4 per live unit
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(run / "**" / "*.png"), recursive=True)}
 
@@ -217,12 +236,14 @@ def test_a_stage_list_resumes_later_stages(tmp_path, resnet8_weights, photo_fold
 
 
 def _files(root) -> list[str]:
-    return sorted(os.path.relpath(p, root) for p in glob.glob(str(root / "**" / "*"), recursive=True)
-                  if os.path.isfile(p))
+    return sorted(
+        os.path.relpath(p, root) for p in glob.glob(str(root / "**" / "*"), recursive=True) if os.path.isfile(p)
+    )
 
 
 def test_url_run_is_mirrored_to_its_prefix_resumed_elsewhere_and_published_last(
-        tmp_path, resnet8_weights, photo_folder, ray_cluster, monkeypatch):
+    tmp_path, resnet8_weights, photo_folder, ray_cluster, monkeypatch
+):
     """out = file:// URL: the job works in a local copy and mirrors it to out/runs/<run id>/ after each stage. An
     attempt that fails in its last stage publishes nothing; a job on another machine (an empty work_dir) with the
     same run id pulls what was finished, skips it, and only then moves out/latest.json to the run."""
@@ -232,7 +253,7 @@ def test_url_run_is_mirrored_to_its_prefix_resumed_elsewhere_and_published_last(
     bucket = tmp_path / "bucket" / "run"
     data = job_dict(f"file://{bucket}", resnet8_weights, photo_folder)
     data["render"]["featvis"] = False
-    first_job = prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'a'}\""]), run_id="r1")
+    first_job = prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "a"}"']), run_id="r1")
     assert first_job.run_dir == str(tmp_path / "a" / "runs" / "r1")
 
     def site_fails(*args, **kwargs):
@@ -247,8 +268,7 @@ def test_url_run_is_mirrored_to_its_prefix_resumed_elsewhere_and_published_last(
     assert read_latest(f"file://{bucket}") is None and not (bucket / "index.html").exists(), "nothing published"
     assert not (bucket / ".atlas-lock.json").exists(), "the lease is released when the job fails"
 
-    second = run_job(prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'b'}\""]), run_id="r1"),
-                     progress=False)
+    second = run_job(prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "b"}"']), run_id="r1"), progress=False)
     assert second["stages"]["scan"]["skipped"] and second["stages"]["render"]["skipped"]
     assert not second["stages"]["site"]["skipped"]
     files = _files(remote)
@@ -258,8 +278,7 @@ def test_url_run_is_mirrored_to_its_prefix_resumed_elsewhere_and_published_last(
     assert "runs/r1/site/index.html" in (bucket / "index.html").read_text()
     # A published run never changes: the same run id again is refused before anything is written.
     with pytest.raises(RunError, match="already published"):
-        run_job(prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'b'}\""]), run_id="r1"),
-                progress=False)
+        run_job(prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "b"}"']), run_id="r1"), progress=False)
     assert _files(remote) == files
 
 
@@ -268,7 +287,8 @@ def test_device_cuda_plans_gpu_actors_before_an_autoscaler_adds_gpus():
     for `actors` one-GPU replicas (the pending demand is what makes the autoscaler add nodes); 'auto' does not."""
     from pipeline.models import ModelConfig
     from pipeline.ray_session import ClusterShape
-    from pipeline.render.runner import RenderOptions, plan_workers
+    from pipeline.render.plan import RenderOptions
+    from pipeline.render.runner import plan_workers
     from pipeline.image_stream import plan_actors
     from pipeline.scan.runner import ScanConfig
 
@@ -277,8 +297,7 @@ def test_device_cuda_plans_gpu_actors_before_an_autoscaler_adds_gpus():
     assert (plan["actors"], plan["num_gpus"], plan["device"]) == (8, 1, "cuda")
     with pytest.raises(ValueError, match="more GPU model replicas"):
         plan_actors(8, None, "auto", ClusterShape(4, 2))
-    assert plan_actors(None, None, "cpu",
-                        ClusterShape(cpus=8, gpus=2))["device"] == "cpu"
+    assert plan_actors(None, None, "cpu", ClusterShape(cpus=8, gpus=2))["device"] == "cpu"
     assert plan_workers(RenderOptions(actors=8, device="cuda"), 4, 0)["actors"] == 8
     assert plan_workers(RenderOptions(actors=8), 4, 2)["actors"] == 2
     assert plan_workers(RenderOptions(device="cpu"), 16, 2)["device"] == "cpu"
@@ -319,8 +338,10 @@ def test_job_over_webdataset_shards_given_as_urls(tmp_path, resnet8_weights, pho
     con = connect(str(tmp_path / "run"))
     assert con.execute("SELECT count(*) FROM images WHERE status = 'ok'").fetchone()[0] == len(paths)
     crops = con.execute("SELECT count(*) FROM atlas WHERE kind = 'crop'").fetchone()[0]
-    expected = con.execute("SELECT count(*) FROM topk JOIN units USING (layer, unit) WHERE layer IN "
-                           "('layer1', 'linear') AND unit < 2 AND NOT dead").fetchone()[0]
+    expected = con.execute(
+        "SELECT count(*) FROM topk JOIN units USING (layer, unit) WHERE layer IN "
+        "('layer1', 'linear') AND unit < 2 AND NOT dead"
+    ).fetchone()[0]
     assert crops == expected > 0
 
 
@@ -347,6 +368,7 @@ def test_mirror_sees_same_size_rewrites_on_both_sides(tmp_path):
 
 # ------------------------------------------------------------------------- publication to an object store
 
+
 def _check_published_run(bucket, latest: dict, seen: dict) -> str | None:
     """What a reader following latest.json may rely on, checked on the files as they are now; a problem or None."""
     import pyarrow.parquet as pq
@@ -365,13 +387,15 @@ def _check_published_run(bucket, latest: dict, seen: dict) -> str | None:
     stages = json.loads((root / "job.json").read_text())["stages"]
     if sorted(stages) != ["render", "scan", "site"]:
         return f"{run_id} job.json lists {sorted(stages)}"
-    missing = [p for p in pq.read_table(root / "atlas" / "index.parquet").column("path").to_pylist()
-               if not (root / p).is_file()]
+    missing = [
+        p
+        for p in pq.read_table(root / "atlas" / "index.parquet").column("path").to_pylist()
+        if not (root / p).is_file()
+    ]
     return f"{run_id}: the atlas index names missing files {missing[:3]}" if missing else None
 
 
-def test_a_reader_polling_latest_never_sees_a_half_written_run(tmp_path, resnet8_weights, photo_folder,
-                                                               ray_cluster):
+def test_a_reader_polling_latest_never_sees_a_half_written_run(tmp_path, resnet8_weights, photo_folder, ray_cluster):
     """Two nightly runs published to a file:// out while a reader polls latest.json in a loop: every run the pointer
     names is complete (manifest, record of all three stages, site, every atlas file) and never changes afterwards,
     including while the next run is being written beside it."""
@@ -402,8 +426,9 @@ def test_a_reader_polling_latest_never_sees_a_half_written_run(tmp_path, resnet8
     thread.start()
     try:
         for run_id in ("2026-12-01", "2026-12-02"):
-            run_job(prepare_job(parse_config(data, [f"job.work_dir=\"{tmp_path / 'work'}\""]), run_id=run_id),
-                    progress=False)
+            run_job(
+                prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "work"}"']), run_id=run_id), progress=False
+            )
             deadline = time.time() + 30
             while time.time() < deadline and run_id not in seen:
                 time.sleep(0.05)

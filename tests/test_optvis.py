@@ -1,6 +1,7 @@
 """Feature visualization: objectives compose, parameterizations and transforms are seeded, and gradient ascent
 finds what a unit responds to (a known oriented-edge filter; trained MobileNetV2 units beyond their best
 dataset activation; ImageNet classes recognised in their own class visualizations)."""
+
 from __future__ import annotations
 
 import os
@@ -21,15 +22,17 @@ UNIT_STD = (1.0, 1.0, 1.0)
 
 
 def test_objectives_compose_like_arithmetic():
-    acts = {"a": torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2),
-            "input": torch.full((2, 3, 4, 4), 0.75)}
+    acts = {
+        "a": torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2),
+        "input": torch.full((2, 3, 4, 4), 0.75),
+    }
     units = torch.tensor([2, 0])
     mean = torch.stack([acts["a"][0, 2].mean(), acts["a"][1, 0].mean()])
     np.testing.assert_allclose(channel("a", units)(acts), mean)
     centre = torch.stack([acts["a"][0, 2, 1, 1], acts["a"][1, 0, 1, 1]])
     np.testing.assert_allclose(neuron("a", units)(acts), centre)
     combined = channel("a", units) - 0.5 * l2() + 2 * neuron("a", units)
-    np.testing.assert_allclose(combined(acts), mean - 0.5 * (0.25 ** 2 * 48) + 2 * centre, rtol=1e-6)
+    np.testing.assert_allclose(combined(acts), mean - 0.5 * (0.25**2 * 48) + 2 * centre, rtol=1e-6)
     assert combined.layers == ("a",)
     assert total_variation()(acts).tolist() == [0.0, 0.0]
     # A vector layer (logits): the unit's value itself.
@@ -144,9 +147,10 @@ def dataset_inputs(folder: str, preprocess) -> torch.Tensor:
     return (x - torch.tensor(preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(preprocess.std).view(1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("preset,layer,steps,above", [("lucid", "features.7", 64, 11),
-                                                     ("yosinski", "features.7", 64, 11),
-                                                     ("lucid", "features.14", 128, 8)])
+@pytest.mark.parametrize(
+    "preset,layer,steps,above",
+    [("lucid", "features.7", 64, 11), ("yosinski", "features.7", 64, 11), ("lucid", "features.14", 128, 8)],
+)
 def test_trained_units_are_driven_above_their_best_photo(mobilenet, photo_folder, preset, layer, steps, above):
     """On real ImageNet weights, a unit's visualization (96 px) beats its top-1 activation over real photos by
     > 1.2x: for 11 of 12 mid-level units at 64 steps; deeper units (features.14) converge more slowly: at 64
@@ -179,7 +183,9 @@ def test_class_visualizations_are_recognised_as_their_class(mobilenet):
     visualizer = FeatureVisualizer(mobilenet.model, [logits_layer], pp.mean, pp.std)
     images = visualizer.render(channel(logits_layer, classes), len(classes), get_preset("lucid", 48), size=128)
     with torch.no_grad():
-        logits = mobilenet.model((images - torch.tensor(pp.mean).view(1, 3, 1, 1)) / torch.tensor(pp.std).view(1, 3, 1, 1))
+        logits = mobilenet.model(
+            (images - torch.tensor(pp.mean).view(1, 3, 1, 1)) / torch.tensor(pp.std).view(1, 3, 1, 1)
+        )
     assert logits.argmax(1).tolist() == classes.tolist()
 
 

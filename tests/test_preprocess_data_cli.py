@@ -1,4 +1,5 @@
 """Preprocessing geometry against torchvision, source resolution, the actor plan, and the `atlas` CLI."""
+
 from __future__ import annotations
 
 import os
@@ -32,20 +33,28 @@ def test_original_box_known_answers():
     # 400x300 landscape: resized to 341x256 (torchvision: int(256 * 400 / 300)), crop origin (58, 16),
     # scale 400/341 horizontally and 300/256 vertically.
     whole = pp.to_original_box(np.array([0, 0, 224, 224]), 400, 300)
-    assert whole.tolist() == [int(np.floor(58 * 400 / 341)), int(np.floor(16 * 300 / 256)),
-                              int(np.ceil(282 * 400 / 341)), int(np.ceil(240 * 300 / 256))]
+    assert whole.tolist() == [
+        int(np.floor(58 * 400 / 341)),
+        int(np.floor(16 * 300 / 256)),
+        int(np.ceil(282 * 400 / 341)),
+        int(np.ceil(240 * 300 / 256)),
+    ]
     assert whole.tolist() == [68, 18, 331, 282]
     # No resize and no crop (a 224 square with resize 224): identity.
     assert Preprocess(224, 224).to_original_box(np.array([3, 5, 9, 11]), 224, 224).tolist() == [3, 5, 9, 11]
     # The same image with resize 256: upscaled by 256/224, then 16 pixels cropped on each side.
     assert pp.to_original_box(np.array([3, 5, 9, 11]), 224, 224).tolist() == [
-        int(np.floor(19 * 224 / 256)), int(np.floor(21 * 224 / 256)), int(np.ceil(25 * 224 / 256)),
-        int(np.ceil(27 * 224 / 256))]
+        int(np.floor(19 * 224 / 256)),
+        int(np.floor(21 * 224 / 256)),
+        int(np.ceil(25 * 224 / 256)),
+        int(np.ceil(27 * 224 / 256)),
+    ]
     # Exact 2x downscale of a 448 square: boxes double.
     assert Preprocess(224, 224).to_original_box(np.array([4, 4, 7, 7]), 448, 448).tolist() == [8, 8, 14, 14]
     # Vectorised over boxes and sizes.
-    boxes = pp.to_original_box(np.array([[0, 0, 224, 224], [0, 0, 224, 224]]), np.array([400, 300]),
-                               np.array([300, 400]))
+    boxes = pp.to_original_box(
+        np.array([[0, 0, 224, 224], [0, 0, 224, 224]]), np.array([400, 300]), np.array([300, 400])
+    )
     assert boxes.tolist() == [[68, 18, 331, 282], [18, 68, 282, 331]]
 
 
@@ -57,7 +66,7 @@ def test_original_box_covers_the_pixels_that_land_in_the_input_box():
     new_w, new_h = pp.resized_size(width, height)
     left, _ = pp.crop_origin(new_w, new_h)
     resized = np.asarray(Image.fromarray(coords, mode="F").resize((new_w, new_h), Image.NEAREST))
-    crop = resized[:, left:left + 128]
+    crop = resized[:, left : left + 128]
     for x0, x1 in [(0, 10), (40, 41), (100, 128)]:
         box = pp.to_original_box(np.array([x0, 0, x1, 128]), width, height)
         seen = crop[:, x0:x1]
@@ -80,8 +89,12 @@ def test_resolve_source_kinds_and_errors(tmp_path):
     write_png(str(tmp_path / "imgs" / "cat" / "a.png"), np.zeros((4, 4, 3)))
     spec = resolve_source(str(tmp_path / "imgs"))
     assert spec.kind == "folder" and len(spec.files) == 1
-    decoded = Decoder(spec, Preprocess(4, 4))({"path": np.array(list(spec.files), dtype=object),
-                                               "bytes": np.array([open(spec.files[0], "rb").read()], dtype=object)})
+    decoded = Decoder(spec, Preprocess(4, 4))(
+        {
+            "path": np.array(list(spec.files), dtype=object),
+            "bytes": np.array([open(spec.files[0], "rb").read()], dtype=object),
+        }
+    )
     assert decoded["image_key"].tolist() == ["cat/a.png"] and decoded["label"].tolist() == ["cat"]
     for name in ("s-000.tar", "s-001.tar", "s-002.tar"):
         (tmp_path / name).write_bytes(b"")
@@ -124,8 +137,9 @@ def test_cli_layers_lists_shapes_and_receptive_fields(capsys):
     assert "2x16x16" in relu1 and "3x3" in relu1 and "1x1" in relu1 and "-1,-1" in relu1
     conv2 = next(line for line in out.splitlines() if line.startswith("conv2 "))
     assert "6x6" in conv2 and "4x4" in conv2
-    assert main(["scan", "--model", "module:tiny_models:hand_net", "--data", ".", "--out", "x",
-                 "--layers", "nope"]) == 2
+    assert (
+        main(["scan", "--model", "module:tiny_models:hand_net", "--data", ".", "--out", "x", "--layers", "nope"]) == 2
+    )
     assert "valid layers" in capsys.readouterr().err
     assert main(["layers", "--model", "torchvision:no_such_net"]) == 2
     assert "unknown torchvision model" in capsys.readouterr().err

@@ -26,10 +26,12 @@ from pipeline.receptive_field import ReceptiveField, UnsupportedOp, receptive_fi
 def RF(size, stride, offset, hw):  # noqa: N802 - a field that reads the whole (H, W) input
     return ReceptiveField(size, stride, offset, bounds=(0, 0, *hw))
 
+
 NONLINEAR = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh)
 
 
 # ----------------------------------------------------------------------------------------------- probe
+
 
 def positive_linear_copy(model: nn.Module) -> nn.Module:
     """A float64 eval copy of `model` in which every path from input to output carries a positive weight."""
@@ -40,8 +42,13 @@ def positive_linear_copy(model: nn.Module) -> nn.Module:
                 setattr(parent, name, nn.Identity())
             elif isinstance(child, nn.MaxPool2d):
                 assert child.dilation in (1, (1, 1))
-                setattr(parent, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
-                                                   child.ceil_mode, count_include_pad=True))
+                setattr(
+                    parent,
+                    name,
+                    nn.AvgPool2d(
+                        child.kernel_size, child.stride, child.padding, child.ceil_mode, count_include_pad=True
+                    ),
+                )
     with torch.no_grad():
         for mod in probe.modules():
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -62,8 +69,13 @@ def probe_positions(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     return [(0, 0), (0, w - 1), (h - 1, 0), (h // 2, w // 2), (h - 1, w - 1)]
 
 
-def check_against_probe(model: nn.Module, layers: list[str], input_hw: tuple[int, int], dense: bool = True,
-                        fields: dict[str, ReceptiveField] | None = None) -> None:
+def check_against_probe(
+    model: nn.Module,
+    layers: list[str],
+    input_hw: tuple[int, int],
+    dense: bool = True,
+    fields: dict[str, ReceptiveField] | None = None,
+) -> None:
     """Assert, for each layer and several positions, that the non-zero-gradient pixels match the field."""
     fields = fields or receptive_fields(model, layers, input_hw)
     probe = positive_linear_copy(model)
@@ -74,6 +86,7 @@ def check_against_probe(model: nn.Module, layers: list[str], input_hw: tuple[int
         # The scan records a module's first call; the hook must return None or it would replace the output.
         def hook(_mod, _args, out) -> None:
             outputs.setdefault(name, out)
+
         return hook
 
     hooks = [probe.get_submodule(name).register_forward_hook(keep_first_call(name)) for name in layers]
@@ -115,6 +128,7 @@ def test_probe_is_sound_on_a_single_conv():
 
 # ---------------------------------------------------------------------------------------- hand-computed
 
+
 def test_conv_pool_conv_by_hand():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2, 2), nn.Conv2d(4, 4, 3, padding=1))
     rfs = receptive_fields(model, ["0", "1", "2"], (16, 16))
@@ -128,8 +142,11 @@ def test_conv_pool_conv_by_hand():
 
 
 def test_dilated_and_strided_by_hand():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2, padding=2), nn.Conv2d(4, 4, 3, stride=2, padding=1),
-                          nn.Conv2d(4, 4, 3, dilation=3, padding=3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, dilation=2, padding=2),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.Conv2d(4, 4, 3, dilation=3, padding=3),
+    )
     rfs = receptive_fields(model, ["0", "1", "2"], (32, 32))
     # k3 d2 p2: lo = 0 - 2 = -2, hi = 1 - 2 + 1*2*2 = 3                 -> size 5, stride 1
     assert rfs["0"] == RF((5, 5), (1, 1), (-2, -2), (32, 32))
@@ -234,8 +251,9 @@ class ConvNeXtLikeBlock(nn.Module):
 
 
 def test_channels_last_ops_keep_the_field_and_spatial_mixing_is_global():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ConvNeXtLikeBlock(), nn.AdaptiveAvgPool2d((2, 2)),
-                          nn.Flatten(), nn.Linear(32, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), ConvNeXtLikeBlock(), nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(), nn.Linear(32, 2)
+    )
     rfs = receptive_fields(model, ["0", "1", "1.mlp", "2", "3", "4"], (16, 16))
     # 3x3 then 7x7: size 3 + 6 = 9, offset -1 - 3 = -4 (the channel MLP and the residual do not widen it)
     assert rfs["1"] == RF((9, 9), (1, 1), (-4, -4), (16, 16))
@@ -263,12 +281,21 @@ def test_adaptive_pooling_and_squeeze_excitation():
 
 # ----------------------------------------------------------------------------- torchvision architectures
 
+
 def test_resnet18_non_square():
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
     # layer1.0.relu is called twice per block: the field is that of its first call, as the scan records it.
-    layers = ["conv1", "maxpool", "layer1.0.relu", "layer1.0", "layer2.0.downsample", "layer2", "layer3.1.conv1",
-              "layer4"]
+    layers = [
+        "conv1",
+        "maxpool",
+        "layer1.0.relu",
+        "layer1.0",
+        "layer2.0.downsample",
+        "layer2",
+        "layer3.1.conv1",
+        "layer4",
+    ]
     rfs = receptive_fields(model, ["layer4", "avgpool", "fc"], (224, 224))
     assert rfs["layer4"] == RF((435, 435), (32, 32), (-217, -217), (224, 224))  # the published size
     assert rfs["avgpool"].is_global and rfs["fc"].is_global
@@ -278,35 +305,62 @@ def test_resnet18_non_square():
 def test_mobilenet_v2():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2()
-    check_against_probe(model, ["features.0", "features.1", "features.3", "features.7", "features.14.conv.1",
-                                "features.18"], (64, 80))
+    check_against_probe(
+        model, ["features.0", "features.1", "features.3", "features.7", "features.14.conv.1", "features.18"], (64, 80)
+    )
 
 
 def test_densenet():
     torch.manual_seed(0)
     model = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16)
-    check_against_probe(model, ["features.pool0", "features.denseblock1.denselayer2", "features.transition1",
-                                "features.denseblock3", "features.norm5"], (64, 64))
+    check_against_probe(
+        model,
+        [
+            "features.pool0",
+            "features.denseblock1.denselayer2",
+            "features.transition1",
+            "features.denseblock3",
+            "features.norm5",
+        ],
+        (64, 64),
+    )
 
 
 def test_googlenet():
     torch.manual_seed(0)
     model = torchvision.models.googlenet(aux_logits=False, init_weights=False)
-    check_against_probe(model, ["conv1", "maxpool1", "conv3", "inception3a", "inception3b.branch3",
-                                "maxpool3", "inception4e", "inception5b"], (96, 96))
+    check_against_probe(
+        model,
+        ["conv1", "maxpool1", "conv3", "inception3a", "inception3b.branch3", "maxpool3", "inception4e", "inception5b"],
+        (96, 96),
+    )
 
 
 def test_inception_v3_asymmetric_kernels(monkeypatch):
     torch.manual_seed(0)
     model = torchvision.models.inception_v3(aux_logits=False, init_weights=False)
-    layers = ["Conv2d_2b_3x3", "maxpool1", "Mixed_5b", "Mixed_6a", "Mixed_6b.branch7x7dbl_4",
-              "Mixed_6e", "Mixed_7a", "Mixed_7b.branch3x3_2b", "Mixed_7c"]
+    layers = [
+        "Conv2d_2b_3x3",
+        "maxpool1",
+        "Mixed_5b",
+        "Mixed_6a",
+        "Mixed_6b.branch7x7dbl_4",
+        "Mixed_6e",
+        "Mixed_7a",
+        "Mixed_7b.branch3x3_2b",
+        "Mixed_7c",
+    ]
     rfs = receptive_fields(model, layers, (96, 112))
     y, x = rfs["Mixed_6b.branch7x7dbl_4"].size
     assert y - x == 6 * 16  # 7x1, 1x7, 7x1 convs at stride 16 after a square field: one more 7-row kernel
     # Inception blocks call F.max_pool2d directly: the probe needs it linear too.
-    monkeypatch.setattr(F, "max_pool2d", lambda x, kernel_size, stride=None, padding=0, **kw: F.avg_pool2d(
-        x, kernel_size, stride, padding, count_include_pad=True))
+    monkeypatch.setattr(
+        F,
+        "max_pool2d",
+        lambda x, kernel_size, stride=None, padding=0, **kw: F.avg_pool2d(
+            x, kernel_size, stride, padding, count_include_pad=True
+        ),
+    )
     check_against_probe(model, layers, (96, 112), fields=rfs)
 
 
@@ -314,8 +368,9 @@ def test_vgg11():
     torch.manual_seed(0)
     model = torchvision.models.vgg11()
     model.classifier = nn.Linear(512 * 7 * 7, 10)  # the 120M-parameter head only slows the probe down
-    check_against_probe(model, ["features.0", "features.2", "features.5", "features.10", "features.16",
-                                "features.20"], (64, 64))
+    check_against_probe(
+        model, ["features.0", "features.2", "features.5", "features.10", "features.16", "features.20"], (64, 64)
+    )
 
 
 def test_cifar_resnet_option_a_shortcut():
@@ -348,6 +403,7 @@ def test_option_a_shortcut_alone_is_a_strided_pick():
 
 # ------------------------------------------------------------------------------------------------ errors
 
+
 def test_unknown_layer_lists_valid_names():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     with pytest.raises(ValueError, match=r"valid names: 0, 1") as info:
@@ -355,12 +411,15 @@ def test_unknown_layer_lists_valid_names():
     assert "features.7" in str(info.value)
 
 
-@pytest.mark.parametrize("op", [
-    nn.Upsample(scale_factor=2),
-    nn.ConvTranspose2d(4, 4, 3, padding=1),  # keeps the spatial size, still unsupported
-    nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
-    nn.PixelShuffle(2),
-])
+@pytest.mark.parametrize(
+    "op",
+    [
+        nn.Upsample(scale_factor=2),
+        nn.ConvTranspose2d(4, 4, 3, padding=1),  # keeps the spatial size, still unsupported
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.PixelShuffle(2),
+    ],
+)
 def test_unsupported_ops_raise(op):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), op, nn.Conv2d(op(torch.zeros(1, 4, 8, 8)).shape[1], 2, 1))
     with pytest.raises(UnsupportedOp, match=type(op).__name__):
@@ -400,6 +459,7 @@ def test_train_flags_are_restored():
 
 # ------------------------------------------------------------------------------------------------- box()
 
+
 def test_box_scalars_arrays_tensors_and_clipping():
     rf = ReceptiveField((7, 5), (2, 4), (-3, -1))
     assert rf.box(0, 0) == (-3, -1, 4, 4)
@@ -413,9 +473,18 @@ def test_box_scalars_arrays_tensors_and_clipping():
     assert all(isinstance(v, torch.Tensor) for v in (ty0, tx0, ty1, tx1))
     assert torch.stack([ty0, tx0, ty1, tx1]).tolist() == [[0, 1, 7], [0, 3, 11], [4, 8, 10], [4, 8, 12]]
     assert torch.stack(rf.box(torch.tensor(ys), torch.tensor(xs))).tolist() == [
-        [-3, 1, 7], [-1, 3, 11], [4, 8, 14], [4, 8, 16]]
-    assert json.loads(json.dumps(rf.as_dict())) == {"size": [7, 5], "stride": [2, 4], "offset": [-3, -1],
-                                                    "is_global": False, "bounds": None}
+        [-3, 1, 7],
+        [-1, 3, 11],
+        [4, 8, 14],
+        [4, 8, 16],
+    ]
+    assert json.loads(json.dumps(rf.as_dict())) == {
+        "size": [7, 5],
+        "stride": [2, 4],
+        "offset": [-3, -1],
+        "is_global": False,
+        "bounds": None,
+    }
     bounded = ReceptiveField((7, 5), (2, 4), (-3, -1), bounds=(1, 0, 9, 11))
     assert bounded.box(5, 3, (10, 12)) == (7, 11, 9, 11)
     assert bounded.box(0, 0, (10, 12)) == (1, 0, 4, 4)

@@ -1,6 +1,7 @@
 """The Recorder's hot path (issue 18), on CPU: an image's maxima and top-k do not depend on the batch it is in,
 and folding a batch into the running state makes no host synchronisation (no .item(), .cpu(), .tolist(),
 .numpy(), torch.unique or boolean-mask indexing) per layer, or at all."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,21 +23,25 @@ def decoded(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     # Copies of a few images under other keys: exact ties that only the key order may break.
     base = rng.integers(0, 256, (n // 2, 32, 32, 3), dtype=np.uint8)
     pixels = np.concatenate([base, base[: n - len(base)]])
-    return {"image_key": np.array([f"img-{(i * 37) % n:04d}" for i in range(n)], dtype=object),
-            "source": np.array(["s"] * n, dtype=object), "label": np.array([None] * n, dtype=object),
-            "width": np.full(n, 32, np.int32), "height": np.full(n, 32, np.int32),
-            "status": np.array(["ok"] * n, dtype=object), "error": np.array([None] * n, dtype=object),
-            "pixels": pixels}
+    return {
+        "image_key": np.array([f"img-{(i * 37) % n:04d}" for i in range(n)], dtype=object),
+        "source": np.array(["s"] * n, dtype=object),
+        "label": np.array([None] * n, dtype=object),
+        "width": np.full(n, 32, np.int32),
+        "height": np.full(n, 32, np.int32),
+        "status": np.array(["ok"] * n, dtype=object),
+        "error": np.array([None] * n, dtype=object),
+        "pixels": pixels,
+    }
 
 
 def scan_in_batches(batch: dict, size: int) -> ScanState:
     """The images handed to the Recorder `size` at a time (as blocks of any size reach it), forward passes of
     its batch_size (16)."""
-    recorder = Recorder(RecorderConfig(model=SMALL, layers=LAYERS, k=5, device="cpu", threads=1, batch_size=16),
-                        UNITS)
+    recorder = Recorder(RecorderConfig(model=SMALL, layers=LAYERS, k=5, device="cpu", threads=1, batch_size=16), UNITS)
     n = len(batch["image_key"])
     for i in range(0, n, size):
-        recorder.record({name: column[i:i + size] for name, column in batch.items()})
+        recorder.record({name: column[i : i + size] for name, column in batch.items()})
     return ScanState.from_bytes(recorder.flush().state)
 
 
@@ -51,7 +56,7 @@ def test_the_forward_pass_alone_depends_on_the_batch_size():
     x = torch.randn(16, 3, 64, 64)
     with torch.inference_mode():
         whole = model(x)["layer2"]
-        alone = torch.cat([model(x[i:i + 1])["layer2"] for i in range(16)])
+        alone = torch.cat([model(x[i : i + 1])["layer2"] for i in range(16)])
         other = torch.randn(16, 3, 64, 64)
         other[3:9] = x[:6]
         mixed = model(other)["layer2"][3:9]

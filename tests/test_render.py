@@ -1,4 +1,5 @@
 """`atlas render` on a real local Ray: dataset views, feature and class visualizations, the index, resuming."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,8 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.models import ModelConfig
-from pipeline.render.runner import RenderOptions, render_run
+from pipeline.render.plan import RenderOptions
+from pipeline.render.runner import render_run
 from pipeline.render.worker import RenderConfig, RenderTask, UnitRenderer, VisSettings, unit_file
 from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import connect
@@ -42,12 +44,31 @@ def read_topk(run: str, layer: str) -> dict[tuple[int, int], dict]:
 
 def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder):
     run = scanned
-    assert main(["render", run, "--layers", "down", "--units", "0-1,5", "--classes", "0,3", "--steps", "8",
-                 "--size", "32", "-q"]) == 0
+    assert (
+        main(
+            [
+                "render",
+                run,
+                "--layers",
+                "down",
+                "--units",
+                "0-1,5",
+                "--classes",
+                "0,3",
+                "--steps",
+                "8",
+                "--size",
+                "32",
+                "-q",
+            ]
+        )
+        == 0
+    )
     rows = index_rows(run)
     assert {(r["layer"], r["unit"], r["kind"]) for r in rows} == (
         {("down", u, k) for u in (0, 1, 5) for k in VIEW_KINDS | {"featvis"}}
-        | {("head.2", c, "classvis") for c in (0, 3)})
+        | {("head.2", c, "classvis") for c in (0, 3)}
+    )
     top = read_topk(run, "down")
     maxima = dict(connect(run).execute("SELECT unit, max FROM units WHERE layer = 'down'").fetchall())
     for r in rows:
@@ -58,7 +79,7 @@ def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder
             assert r["image_key"] == t["image_key"] and r["act"] == pytest.approx(t["act"])
         if r["kind"] == "crop":  # the original image cut at the recorded box
             original = np.asarray(Image.open(os.path.join(photo_folder, t["image_key"])).convert("RGB"))
-            expected = original[t["box_y0"]:t["box_y1"], t["box_x0"]:t["box_x1"]]
+            expected = original[t["box_y0"] : t["box_y1"], t["box_x0"] : t["box_x1"]]
             np.testing.assert_array_equal(np.asarray(Image.open(path)), expected)
         if r["kind"] == "deconv":
             assert Image.open(path).size == (32, 32)
@@ -76,23 +97,40 @@ def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder
     assert dependence["deconv"]["max_pooling"] is False and dependence["deconv"]["image_dependent"] is False
     assert dependence["guided"]["mean_similarity"] < 0.95 and dependence["guided"]["image_dependent"] is True
     measured = [r for r in rows if r["other_image_similarity"] is not None]
-    assert {(r["unit"], r["kind"], r["rank"]) for r in measured} == {(u, k, 0) for u in (0, 1, 5)
-                                                                     for k in ("deconv", "guided")}
+    assert {(r["unit"], r["kind"], r["rank"]) for r in measured} == {
+        (u, k, 0) for u in (0, 1, 5) for k in ("deconv", "guided")
+    }
     # The recorded activation is what the saved image gives (up to 8-bit rounding of the pixels).
     featvis = next(r for r in rows if r["kind"] == "featvis" and r["unit"] == 5)
-    assert featvis["featvis_act"] == pytest.approx(_unit_max_of_png(os.path.join(run, featvis["path"]), "down", 5),
-                                                   rel=0.05, abs=0.02)
+    assert featvis["featvis_act"] == pytest.approx(
+        _unit_max_of_png(os.path.join(run, featvis["path"]), "down", 5), rel=0.05, abs=0.02
+    )
 
     # A re-run renders nothing; changed settings redo only the visualizations; a lost file is redone alone.
     stamp = {r["path"]: os.path.getmtime(os.path.join(run, r["path"])) for r in rows}
-    render_run(run, RenderOptions(layers=("down",), units=frozenset({0, 1, 5}), classes=frozenset({0, 3}),
-                                  vis=FAST, progress=False))
+    render_run(
+        run,
+        RenderOptions(
+            layers=("down",), units=frozenset({0, 1, 5}), classes=frozenset({0, 3}), vis=FAST, progress=False
+        ),
+    )
     assert all(os.path.getmtime(os.path.join(run, p)) == m for p, m in stamp.items())
     os.remove(os.path.join(run, unit_file("down", 1, "overlay", 2)))
-    render_run(run, RenderOptions(layers=("down",), units=frozenset({0, 1, 5}), classes=frozenset(),
-                                  vis=VisSettings(steps=9, size=32), progress=False))
-    changed = {p for p, m in stamp.items() if not os.path.exists(os.path.join(run, p))
-               or os.path.getmtime(os.path.join(run, p)) != m}
+    render_run(
+        run,
+        RenderOptions(
+            layers=("down",),
+            units=frozenset({0, 1, 5}),
+            classes=frozenset(),
+            vis=VisSettings(steps=9, size=32),
+            progress=False,
+        ),
+    )
+    changed = {
+        p
+        for p, m in stamp.items()
+        if not os.path.exists(os.path.join(run, p)) or os.path.getmtime(os.path.join(run, p)) != m
+    }
     assert {p for p in changed if "featvis" not in p} == {unit_file("down", 1, kind, 2) for kind in VIEW_KINDS}
     assert {p for p in changed if "featvis" in p} == {unit_file("down", u, "featvis") for u in (0, 1, 5)}
     assert not any(name.startswith(".tmp-") for _, _, names in os.walk(os.path.join(run, "atlas")) for name in names)
@@ -122,8 +160,9 @@ def test_dead_units_are_listed_not_rendered(scanned):
     # A logit sees the whole input: its crop is the centre square the network saw (resize 32, crop 32), up to
     # one input pixel (torchvision's resize rounds the long side to whole pixels).
     for crop in (r for r in rows if r["kind"] == "crop"):
-        width, height = con.execute("SELECT width, height FROM images WHERE image_key = ?",
-                                    [crop["image_key"]]).fetchone()
+        width, height = con.execute(
+            "SELECT width, height FROM images WHERE image_key = ?", [crop["image_key"]]
+        ).fetchone()
         size = Image.open(os.path.join(scanned, crop["path"])).size
         pixel = max(width, height) / 32
         assert all(abs(side - min(width, height)) <= pixel for side in size), (size, width, height)
@@ -131,8 +170,9 @@ def test_dead_units_are_listed_not_rendered(scanned):
 
 def test_the_worker_gives_the_same_images_without_ray(scanned):
     """Ray changes where the work runs, not what it computes: the plain worker gives identical PNG bytes."""
-    render_run(scanned, RenderOptions(layers=("down",), units=frozenset({2}), classes=frozenset(), vis=FAST,
-                                      progress=False))
+    render_run(
+        scanned, RenderOptions(layers=("down",), units=frozenset({2}), classes=frozenset(), vis=FAST, progress=False)
+    )
     result = UnitRenderer(RenderConfig(model=SMALL, vis=FAST))(RenderTask(layer="down", vis_units=[2]))
     with open(os.path.join(scanned, unit_file("down", 2, "featvis")), "rb") as handle:
         assert result.files[unit_file("down", 2, "featvis")] == handle.read()
@@ -172,8 +212,9 @@ def test_a_render_actor_killed_midway_changes_nothing(scanned, tmp_path):
     for name in ("reference", "killed"):
         runs[name] = str(tmp_path / name)
         shutil.copytree(scanned, runs[name], ignore=shutil.ignore_patterns("atlas", ".atlas-lock"))
-    options = RenderOptions(layers=("down",), units=frozenset(range(8)), classes=frozenset(), units_per_task=1,
-                            vis=FAST, progress=False)
+    options = RenderOptions(
+        layers=("down",), units=frozenset(range(8)), classes=frozenset(), units_per_task=1, vis=FAST, progress=False
+    )
     render_run(runs["reference"], options)
 
     def midway() -> bool:  # the first unit's files are written: the actors are at work, most tasks still queued
@@ -185,8 +226,10 @@ def test_a_render_actor_killed_midway_changes_nothing(scanned, tmp_path):
     assert len(killed) == len(reference) > 0
     for a, b in zip(sorted(reference, key=lambda r: r["path"]), sorted(killed, key=lambda r: r["path"])):
         assert a["path"] == b["path"]
-        pa, pb = (np.asarray(Image.open(os.path.join(run, row["path"])), dtype=np.int16)
-                  for run, row in ((runs["reference"], a), (runs["killed"], b)))
+        pa, pb = (
+            np.asarray(Image.open(os.path.join(run, row["path"])), dtype=np.int16)
+            for run, row in ((runs["reference"], a), (runs["killed"], b))
+        )
         assert np.abs(pa - pb).max() <= 4, a["path"]
 
 
@@ -204,21 +247,41 @@ def test_cli_renders_what_it_names_and_says_its_plan_first(scanned, tmp_path, ca
 
     run = _fresh_copy(scanned, tmp_path / "run")
     caplog.set_level(logging.INFO, logger="pipeline")
-    assert main(["render", run, "--layers", "down", "--units", "0-1", "--steps", "8", "--size", "32",
-                 "--units-per-task", "1", "-q"]) == 0
+    assert (
+        main(
+            [
+                "render",
+                run,
+                "--layers",
+                "down",
+                "--units",
+                "0-1",
+                "--steps",
+                "8",
+                "--size",
+                "32",
+                "--units-per-task",
+                "1",
+                "-q",
+            ]
+        )
+        == 0
+    )
     rows = index_rows(run)
     assert {(r["layer"], r["unit"]) for r in rows} == {("down", 0), ("down", 1)}
     assert {r["kind"] for r in rows} == VIEW_KINDS | {"featvis"}
     messages = [r.getMessage() for r in caplog.records]
     plan = [m for m in messages if m.startswith("render plan:")]
-    assert plan[0] == ("render plan: every top image's crop, overlay, deconvnet and guided backprop: "
-                       "2 unit(s) (down 0-1)")
+    assert plan[0] == (
+        "render plan: every top image's crop, overlay, deconvnet and guided backprop: 2 unit(s) (down 0-1)"
+    )
     assert "render plan: feature visualizations: 2 unit(s) (down 0-1)" in plan
     assert not any("class visualizations of" in m for m in plan)
     estimates = [i for i, m in enumerate(messages) if m.startswith("render estimate:")]
     assert len(estimates) == 1 and estimates[0] > messages.index(plan[-1])  # after the first of two tasks
-    assert re.fullmatch(r"render estimate: about \d+ s left \(the first units task: 1 units in [\d.]+ s\)",
-                        messages[estimates[0]]), messages[estimates[0]]
+    assert re.fullmatch(
+        r"render estimate: about \d+ s left \(the first units task: 1 units in [\d.]+ s\)", messages[estimates[0]]
+    ), messages[estimates[0]]
     assert main(["render", run, "--classes", "3", "--steps", "8", "--size", "32", "-q"]) == 0
     rows = index_rows(run)
     assert {(r["layer"], r["unit"]) for r in rows if r["kind"] == "classvis"} == {("head.2", 3)}
@@ -252,16 +315,19 @@ def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
     for r in (r for r in index_rows(run) if r["kind"] == "crop" and r["layer"] == "relu"):
         t = photo[r["unit"], r["rank"]]
         original = np.asarray(Image.open(os.path.join(_photos(run), t["image_key"])).convert("RGB"))
-        np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(run, r["path"]))),
-                                      original[t["box_y0"]:t["box_y1"], t["box_x0"]:t["box_x1"]])
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(os.path.join(run, r["path"]))),
+            original[t["box_y0"] : t["box_y1"], t["box_x0"] : t["box_x1"]],
+        )
     full = _fresh_copy(scanned, tmp_path / "full")
     render_run(full, RenderOptions(layers=("down", "relu"), units=frozenset({0, 3}), featvis=False, progress=False))
     for layer in ("down", "relu"):
         for unit in (0, 3):
             for rank in range(3):
                 path = unit_file(layer, unit, "overlay", rank)
-                assert np.array_equal(np.asarray(Image.open(os.path.join(run, path))),
-                                      np.asarray(Image.open(os.path.join(full, path)))), path
+                assert np.array_equal(
+                    np.asarray(Image.open(os.path.join(run, path))), np.asarray(Image.open(os.path.join(full, path)))
+                ), path
 
 
 def _photos(run: str) -> str:
@@ -289,9 +355,13 @@ def test_a_picture_whose_photo_is_gone_is_skipped(scanned, tmp_path, caplog):
     os.remove(os.path.join(photos, gone))
     caplog.set_level(logging.WARNING, logger="pipeline")
     render_run(run, RenderOptions(units=frozenset(), pictures=1, progress=False))
-    wanted = connect(run).execute("SELECT layer, unit, image_key FROM topk JOIN units USING (layer, unit) "
-                                  "WHERE rank = 0 AND NOT dead").fetchall()
+    wanted = (
+        connect(run)
+        .execute("SELECT layer, unit, image_key FROM topk JOIN units USING (layer, unit) WHERE rank = 0 AND NOT dead")
+        .fetchall()
+    )
     crops = {(r["layer"], r["unit"]) for r in index_rows(run) if r["kind"] == "crop"}
     assert crops == {(layer, unit) for layer, unit, key in wanted if key != gone} and len(crops) < len(wanted)
     assert [r.getMessage() for r in caplog.records if "could not be read back" in r.getMessage()] == [
-        "1 top-k image(s) could not be read back from the data; their views are skipped"]
+        "1 top-k image(s) could not be read back from the data; their views are skipped"
+    ]

@@ -1,6 +1,7 @@
 """What the tool promises about a run directory (docs/usage.md, "What the tool promises about a run directory"), tried as a hostile but fair user
 would: a folder of their own files as --out, a failing --overwrite, the umask, two scans at once, a killed or
 interrupted scan (which resumes), and user errors that must read as one line."""
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,25 @@ def tree(path: str) -> dict[str, str]:
 
 
 def scan_args(data: str, out: str, *extra: str) -> list[str]:
-    return ["scan", "--model", SMALL.spec, "--image-size", "32", "--data", data, "--out", out, "--layers", "down",
-            "--k", "3", "--batch-size", "4", "-q", *extra]
+    return [
+        "scan",
+        "--model",
+        SMALL.spec,
+        "--image-size",
+        "32",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--layers",
+        "down",
+        "--k",
+        "3",
+        "--batch-size",
+        "4",
+        "-q",
+        *extra,
+    ]
 
 
 def test_a_folder_of_user_files_is_refused_and_untouched(photo_folder, tmp_path, capsys):
@@ -93,8 +111,9 @@ def test_interrupted_swaps_roll_forward_or_back(tmp_path):
     assert read_manifest(str(run))["fingerprint"] == "new" and not (run / PREVIOUS).exists()
 
 
-def test_failed_overwrite_keeps_the_previous_run_and_files_follow_the_umask(ray_cluster, photo_folder, tmp_path,
-                                                                           capsys):
+def test_failed_overwrite_keeps_the_previous_run_and_files_follow_the_umask(
+    ray_cluster, photo_folder, tmp_path, capsys
+):
     """Issue 11 cases 2 and 3."""
     run = str(tmp_path / "run")
     old_mask = os.umask(0o027)
@@ -120,8 +139,9 @@ def test_failed_overwrite_keeps_the_previous_run_and_files_follow_the_umask(ray_
     assert main(scan_args(str(bad), run, "--overwrite")) == 2
     assert "could be decoded" in capsys.readouterr().err
     after = tree(run)
-    assert {k: v for k, v in after.items() if not k.startswith(".")} == \
-           {k: v for k, v in before.items() if not k.startswith(".")}
+    assert {k: v for k, v in after.items() if not k.startswith(".")} == {
+        k: v for k, v in before.items() if not k.startswith(".")
+    }
     # An --overwrite that succeeds replaces the tables and removes what was made from the old scan, nothing else.
     assert main(scan_args(photo_folder, run, "--overwrite", "--k", "2")) == 0
     assert read_manifest(run)["k"] == 2 and not os.path.exists(os.path.join(run, "atlas"))
@@ -130,8 +150,12 @@ def test_failed_overwrite_keeps_the_previous_run_and_files_follow_the_umask(ray_
 
 
 def _subprocess_env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([SUPPORT_DIR, os.environ.get("PYTHONPATH", "")]),
-                RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([SUPPORT_DIR, os.environ.get("PYTHONPATH", "")]),
+        RAY_AUTH_MODE="disabled",
+        PYTHONUNBUFFERED="1",
+    )
 
 
 def _session_processes(sid: int) -> list[int]:
@@ -196,15 +220,21 @@ def test_killed_scan_is_locked_while_alive_then_resumes_exactly(ray_cluster, pho
         os.kill(first.pid, signal.SIGKILL)  # the command alone: its local Ray's helpers are orphaned
         first.wait(timeout=30)
         # The next command that starts a local Ray ends what the killed one left (and nothing else).
-        _wait(lambda: reap_orphans() == 0 and not _session_processes(first.pid), 120,
-              lambda: f"the orphans to be ended: {[_command(p) for p in _session_processes(first.pid)]}")
+        _wait(
+            lambda: reap_orphans() == 0 and not _session_processes(first.pid),
+            120,
+            lambda: f"the orphans to be ended: {[_command(p) for p in _session_processes(first.pid)]}",
+        )
     finally:
         for pid in _session_processes(first.pid):
             os.kill(pid, signal.SIGKILL)
     committed = _flushes(run)
     assert read_manifest(run) is None and committed >= 2
-    manifest = run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="down", k=3, batch_size=4,
-                                   flush_images=4, progress=False))
+    manifest = run_scan(
+        ScanConfig(
+            model=SMALL, data=photo_folder, out=run, layers="down", k=3, batch_size=4, flush_images=4, progress=False
+        )
+    )
     with open(os.path.join(reference, MANIFEST)) as handle:
         images = json.load(handle)["counts"]["images"]
     second = manifest["attempts"][-1]
@@ -212,10 +242,11 @@ def test_killed_scan_is_locked_while_alive_then_resumes_exactly(ray_cluster, pho
     # The resumed attempt processed only what the killed one had not committed.
     assert second["images_processed"] == images - manifest["attempts"][0]["images_committed"]
     ref, got = connect(reference), connect(run)
-    for query in ("SELECT layer, unit, rank, image_key, act, y, x, box_x0, box_y0, box_x1, box_y1 FROM topk "
-                  "ORDER BY ALL",
-                  "SELECT layer, unit, count, n_active, max, min, p50, p99, dead FROM units ORDER BY ALL",
-                  "SELECT * FROM images ORDER BY image_key"):
+    for query in (
+        "SELECT layer, unit, rank, image_key, act, y, x, box_x0, box_y0, box_x1, box_y1 FROM topk ORDER BY ALL",
+        "SELECT layer, unit, count, n_active, max, min, p50, p99, dead FROM units ORDER BY ALL",
+        "SELECT * FROM images ORDER BY image_key",
+    ):
         assert got.execute(query).fetchall() == ref.execute(query).fetchall(), query
     mean_ref = ref.execute("SELECT mean, std FROM units ORDER BY unit").fetchall()
     mean_got = got.execute("SELECT mean, std FROM units ORDER BY unit").fetchall()
@@ -223,8 +254,12 @@ def test_killed_scan_is_locked_while_alive_then_resumes_exactly(ray_cluster, pho
 
     # Ctrl-C: one line, status 130, how to resume, and no process of its local Ray left behind.
     interrupted = str(tmp_path / "interrupted")
-    args = [sys.executable, "-m", "pipeline", *scan_args(photo_folder, interrupted, "--flush-images", "4",
-                                                         "--actors", "1")]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        *scan_args(photo_folder, interrupted, "--flush-images", "4", "--actors", "1"),
+    ]
     third = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait(lambda: _flushes(interrupted) >= 1, 120, "a committed flush")
@@ -246,10 +281,18 @@ def test_lock_is_reentrant_in_one_process_and_names_the_holder(tmp_path):
     with run_lock(run):
         with run_lock(run):  # `atlas run` holds it and its scan stage takes it again
             pass
-        holder = subprocess.run([sys.executable, "-c", "import sys; from pipeline.rundir import run_lock\n"
-                                 f"try:\n    run_lock({run!r}).__enter__()\nexcept Exception as e:\n"
-                                 "    print(type(e).__name__, e); sys.exit(3)"],
-                                capture_output=True, text=True, env=_subprocess_env())
+        holder = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pipeline.rundir import run_lock\n"
+                f"try:\n    run_lock({run!r}).__enter__()\nexcept Exception as e:\n"
+                "    print(type(e).__name__, e); sys.exit(3)",
+            ],
+            capture_output=True,
+            text=True,
+            env=_subprocess_env(),
+        )
         assert holder.returncode == 3 and f"RunBusy {run} is being written by pid {os.getpid()}" in holder.stdout
     with run_lock(run):  # released: taken again
         pass

@@ -1,4 +1,5 @@
 """The scan's numbers on a hand-weighted CNN (tiny_models.HandNet), worked out by hand, without Ray."""
+
 from __future__ import annotations
 
 import io
@@ -14,15 +15,15 @@ from pipeline.models import ModelConfig, load_model
 from pipeline.receptive_field import receptive_fields
 from pipeline.scan.recorder import Recorder, RecorderConfig, ScanResult, ScanState, image_facts, layer_maxima
 
-HAND = ModelConfig(spec="module:tiny_models:hand_net", image_size=16, resize=16, mean=(0.0, 0.0, 0.0),
-                   std=(1.0, 1.0, 1.0))
+HAND = ModelConfig(
+    spec="module:tiny_models:hand_net", image_size=16, resize=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
+)
 
 
 def test_layer_maxima_by_hand():
-    act = torch.tensor([[[[1.0, 3.0, 2.0],
-                          [3.0, 0.0, -1.0]],
-                         [[-5.0, -4.0, -6.0],
-                          [-7.0, -4.0, -9.0]]]])  # (1, 2, 2, 3)
+    act = torch.tensor(
+        [[[[1.0, 3.0, 2.0], [3.0, 0.0, -1.0]], [[-5.0, -4.0, -6.0], [-7.0, -4.0, -9.0]]]]
+    )  # (1, 2, 2, 3)
     values, y, x = layer_maxima(act)
     assert values.tolist() == [[3.0, -4.0]]
     # Ties: the first position in row-major order wins, for both units.
@@ -48,8 +49,7 @@ def scan_hand(root: str, paths: list[str], k: int = 3, batches: list[list[int]] 
     decoder = Decoder(SourceSpec("folder", root, tuple(paths)), loaded.preprocess)
     units = {"relu1": 2, "conv2": 1}
     # flush_images=1: every batch becomes its own flush, and the flushes are merged as the scan merges them.
-    recorder = Recorder(RecorderConfig(model=HAND, layers=("relu1", "conv2"), k=k, device="cpu", flush_images=1),
-                        units)
+    recorder = Recorder(RecorderConfig(model=HAND, layers=("relu1", "conv2"), k=k, device="cpu", flush_images=1), units)
     state = ScanState(units, k)
     facts: dict = {}
     for batch in batches or [list(range(len(paths)))]:
@@ -132,7 +132,7 @@ def test_downscaled_image_box_maps_back_by_the_resize_factor(tmp_path):
     loaded = load_model(HAND)
     decoded = Decoder(SourceSpec("folder", str(root), (path,)), loaded.preprocess)(folder_batch(str(root), [path]))
     red = np.pad(decoded["pixels"][0, :, :, 0].astype(np.float64) / 255.0, 1)
-    window_mean = sum(red[dy:dy + 16, dx:dx + 16] for dy in range(3) for dx in range(3)) / 9
+    window_mean = sum(red[dy : dy + 16, dx : dx + 16] for dy in range(3) for dx in range(3)) / 9
     y, x = np.unravel_index(np.argmax(window_mean), window_mean.shape)
     assert (y, x) == (5, 5)
     fields = receptive_fields(loaded.model, ["relu1"], (16, 16))

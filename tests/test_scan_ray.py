@@ -1,4 +1,5 @@
 """End to end on a real local Ray: exact top-k against brute force, sources, bad input, restarts, queries."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,11 @@ def reference_maxima(folder: str) -> tuple[list[str], dict[str, np.ndarray], dic
     x = torch.tensor(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255.0
     x = (x - torch.tensor(pp.mean).view(1, 3, 1, 1)) / torch.tensor(pp.std).view(1, 3, 1, 1)
     captured = {}
-    hooks = [loaded.model.get_submodule(name).register_forward_hook(
-        (lambda name: lambda _m, _i, out: captured.setdefault(name, out))(name)) for name in LAYERS]  # noqa: B023
+
+    def keep(name: str):
+        return lambda _module, _inputs, out: captured.setdefault(name, out)
+
+    hooks = [loaded.model.get_submodule(name).register_forward_hook(keep(name)) for name in LAYERS]
     with torch.no_grad():
         loaded.model(x)
     for hook in hooks:
@@ -81,9 +85,20 @@ def test_topk_equals_brute_force(ray_cluster, tie_folder, tmp_path, batch_size, 
     MERGE_FAN_IN flushes the driver merges them; the last case's 20 flushes go through the tree of merge tasks."""
     k = 5
     run = str(tmp_path / "run")
-    manifest = run_scan(ScanConfig(model=SMALL, data=tie_folder, out=run, layers=",".join(LAYERS), k=k,
-                                   record="all", batch_size=batch_size, actors=actors, flush_images=flush_images,
-                                   progress=False))
+    manifest = run_scan(
+        ScanConfig(
+            model=SMALL,
+            data=tie_folder,
+            out=run,
+            layers=",".join(LAYERS),
+            k=k,
+            record="all",
+            batch_size=batch_size,
+            actors=actors,
+            flush_images=flush_images,
+            progress=False,
+        )
+    )
     if flush_images < 40:
         assert manifest["execution"]["flushes"] >= 40 // max(flush_images, batch_size) - actors
     if batch_size == 2:
@@ -107,8 +122,9 @@ def test_topk_equals_brute_force(ray_cluster, tie_folder, tmp_path, batch_size, 
     # The duplicated photos tie exactly; the key decides: aaa_copy before the original before zzz_copy.
     con = connect(run)
     assert con.execute("SELECT count(*) FROM maxima").fetchone()[0] == 40 * sum(v.shape[1] for v in values.values())
-    full = con.execute("SELECT image_key, act FROM maxima WHERE layer = 'down' AND unit = 3 "
-                       "ORDER BY image_key").fetchall()
+    full = con.execute(
+        "SELECT image_key, act FROM maxima WHERE layer = 'down' AND unit = 3 ORDER BY image_key"
+    ).fetchall()
     np.testing.assert_allclose([a for _, a in full], values["down"][:, 3], rtol=1e-5, atol=1e-6)
     assert [key for key, _ in full] == sorted(keys)
     # Every image listed once, with its size; the units table has every unit once.
@@ -131,18 +147,30 @@ def test_webdataset_and_parquet_sources_match_the_folder(ray_cluster, photo_fold
         with wds.TarWriter(str(shards / f"part-{shard:03d}.tar")) as sink:
             for path in files[shard::2]:
                 with open(path, "rb") as handle:
-                    sink.write({"__key__": os.path.basename(path)[:-4], "jpg": handle.read(),
-                                "cls": os.path.basename(os.path.dirname(path))})
-    rows = {"image": [open(p, "rb").read() for p in files], "label": [os.path.basename(os.path.dirname(p)) for p in files]}
+                    sink.write(
+                        {
+                            "__key__": os.path.basename(path)[:-4],
+                            "jpg": handle.read(),
+                            "cls": os.path.basename(os.path.dirname(path)),
+                        }
+                    )
+    rows = {
+        "image": [open(p, "rb").read() for p in files],
+        "label": [os.path.basename(os.path.dirname(p)) for p in files],
+    }
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.table(rows), str(tmp_path / "pq" / "images.parquet"))
 
     results = {}
-    for name, data in (("folder", photo_folder), ("wds", str(shards / "part-{000..001}.tar")),
-                       ("parquet", str(tmp_path / "pq"))):
+    for name, data in (
+        ("folder", photo_folder),
+        ("wds", str(shards / "part-{000..001}.tar")),
+        ("parquet", str(tmp_path / "pq")),
+    ):
         run = str(tmp_path / name)
-        manifest = run_scan(ScanConfig(model=SMALL, data=data, out=run, layers="down", k=3, batch_size=8,
-                                       progress=False))
+        manifest = run_scan(
+            ScanConfig(model=SMALL, data=data, out=run, layers="down", k=3, batch_size=8, progress=False)
+        )
         assert manifest["counts"]["images_ok"] == len(files), name
         results[name] = read_topk(run, "down")
     acts = {name: [r["act"] for r in rows] for name, rows in results.items()}
@@ -159,13 +187,19 @@ def test_bad_images_are_recorded_and_the_run_goes_on(ray_cluster, photo_folder, 
     shutil.copytree(photo_folder, data)
     (data / "bad").mkdir()
     (data / "bad" / "garbage.jpg").write_bytes(b"this is not an image")
-    good = open(os.path.join(photo_folder, "chelsea", sorted(os.listdir(os.path.join(photo_folder, "chelsea")))[0]),
-                "rb").read()
+    good = open(
+        os.path.join(photo_folder, "chelsea", sorted(os.listdir(os.path.join(photo_folder, "chelsea")))[0]), "rb"
+    ).read()
     (data / "bad" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     run = str(tmp_path / "run")
-    manifest = run_scan(ScanConfig(model=SMALL, data=str(data), out=run, layers="down", k=3, batch_size=8,
-                                   progress=False))
-    assert (manifest["counts"]["images"], manifest["counts"]["images_ok"], manifest["counts"]["images_error"]) == (38, 36, 2)
+    manifest = run_scan(
+        ScanConfig(model=SMALL, data=str(data), out=run, layers="down", k=3, batch_size=8, progress=False)
+    )
+    assert (manifest["counts"]["images"], manifest["counts"]["images_ok"], manifest["counts"]["images_error"]) == (
+        38,
+        36,
+        2,
+    )
     con = connect(run)
     errors = dict(con.execute("SELECT image_key, error FROM images WHERE status = 'error'").fetchall())
     assert set(errors) == {"bad/garbage.jpg", "bad/truncated.jpg"}
@@ -178,8 +212,9 @@ def test_nothing_decodable_is_an_error(ray_cluster, tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.jpg").write_bytes(b"junk")
     with pytest.raises(DataError, match="none of the 1 images"):
-        run_scan(ScanConfig(model=SMALL, data=str(tmp_path / "d"), out=str(tmp_path / "run"), layers="down",
-                            progress=False))
+        run_scan(
+            ScanConfig(model=SMALL, data=str(tmp_path / "d"), out=str(tmp_path / "run"), layers="down", progress=False)
+        )
     assert read_manifest(str(tmp_path / "run")) is None
 
 
@@ -188,19 +223,31 @@ def test_bad_model_inputs_fail_before_any_work(tmp_path, photo_folder):
     with pytest.raises(ModelError, match="unknown layer.*nope.*valid layers: stem"):
         run_scan(ScanConfig(model=SMALL, data=photo_folder, out=out, layers="stem,nope", progress=False))
     with pytest.raises(ModelError, match="weights file not found"):
-        run_scan(ScanConfig(model=ModelConfig("torchvision:resnet18", weights=str(tmp_path / "missing.pth")),
-                            data=photo_folder, out=out, progress=False))
+        run_scan(
+            ScanConfig(
+                model=ModelConfig("torchvision:resnet18", weights=str(tmp_path / "missing.pth")),
+                data=photo_folder,
+                out=out,
+                progress=False,
+            )
+        )
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv1.weight": torch.zeros(3, 3, 3, 3)}, wrong)
     with pytest.raises(ModelError, match=r"do not match the model.*missing keys \[.*shape mismatches \[conv1.weight"):
-        run_scan(ScanConfig(model=ModelConfig("torchvision:resnet18", weights=str(wrong)), data=photo_folder,
-                            out=out, progress=False))
+        run_scan(
+            ScanConfig(
+                model=ModelConfig("torchvision:resnet18", weights=str(wrong)),
+                data=photo_folder,
+                out=out,
+                progress=False,
+            )
+        )
     with pytest.raises(DataError, match="no files match"):
-        run_scan(ScanConfig(model=SMALL, data=str(tmp_path / "nothing-*.tar"), out=out, layers="down",
-                            progress=False))
+        run_scan(ScanConfig(model=SMALL, data=str(tmp_path / "nothing-*.tar"), out=out, layers="down", progress=False))
     with pytest.raises(DataError, match="data not found"):
-        run_scan(ScanConfig(model=SMALL, data=str(tmp_path / "shard-{0..1}.tar"), out=out, layers="down",
-                            progress=False))
+        run_scan(
+            ScanConfig(model=SMALL, data=str(tmp_path / "shard-{0..1}.tar"), out=out, layers="down", progress=False)
+        )
     assert not os.path.exists(out), "nothing may be written before the inputs are validated"
 
 
@@ -209,8 +256,17 @@ def test_restart_after_interruption_and_skip_when_complete(ray_cluster, photo_fo
     from pipeline.scan.flushes import FlushStore
 
     run = str(tmp_path / "run")
-    config = ScanConfig(model=SMALL, data=photo_folder, out=run, layers="relu,down", k=4, batch_size=4,
-                        flush_images=4, actors=1, progress=False)
+    config = ScanConfig(
+        model=SMALL,
+        data=photo_folder,
+        out=run,
+        layers="relu,down",
+        k=4,
+        batch_size=4,
+        flush_images=4,
+        actors=1,
+        progress=False,
+    )
     calls = {"n": 0}
     original_commit = FlushStore.commit
 
@@ -254,11 +310,40 @@ def test_query_cli_and_views(ray_cluster, photo_folder, tmp_path, capsys):
     from pipeline.cli import main
 
     run = str(tmp_path / "run")
-    assert main(["scan", "--model", "module:tiny_models:small_net", "--image-size", "32", "--data", photo_folder,
-                 "--layers", "down", "--k", "2", "--out", run, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "scan",
+                "--model",
+                "module:tiny_models:small_net",
+                "--image-size",
+                "32",
+                "--data",
+                photo_folder,
+                "--layers",
+                "down",
+                "--k",
+                "2",
+                "--out",
+                run,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["query", run, "SELECT layer, count(*) AS n, sum(dead::INT) AS dead FROM units GROUP BY layer",
-                 "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                run,
+                "SELECT layer, count(*) AS n, sum(dead::INT) AS dead FROM units GROUP BY layer",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == [{"layer": "down", "n": 12, "dead": 0}]
     assert main(["query", run, "SELECT count(*) AS n FROM maxima", "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", "0"]  # --record topk: an empty, typed view

@@ -3,6 +3,7 @@
 The browser tests drive Debian's chromium/chromedriver (installed by `make test`); without them they fail and
 say how to install, rather than skip.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,6 @@ from pipeline.site import build_site
 from pipeline.site.build import script_json
 from pipeline.site.paths import UnsafePathError, check_relative_path, layer_slug
 from pipeline.store import RunError, connect, read_manifest
-
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,7 @@ def check_links(site: str, allowed_root: str) -> int:
 
 # ------------------------------------------------------------------------------------------ without a browser
 
+
 def test_pages_for_every_layer_unit_and_class(site_run, site):
     con = connect(site_run)
     units = con.execute("SELECT layer, unit, dead FROM units").fetchall()
@@ -113,6 +114,7 @@ def test_pages_for_every_layer_unit_and_class(site_run, site):
     top = con.execute("SELECT image_key FROM topk WHERE layer = 'relu' AND unit = 0 ORDER BY rank").fetchall()
     assert "<img" not in unrendered.split("<main>")[1] and "<svg" in unrendered
     from markupsafe import escape
+
     assert all(str(escape(key)) in unrendered for (key,) in top)
     # A rendered unit shows the feature visualization, crops, reconstructions and overlays.
     rendered = read(os.path.join(site, "units", slug_dir(RENDERED_LAYER), "0.html"))
@@ -156,8 +158,9 @@ def test_data_text_is_escaped(site_run, site):
 
 def test_label_chips_from_atlas_dissect(site_run, site):
     con = connect(site_run)
-    labelled = con.execute("SELECT layer, unit, concept, category, iou FROM labels WHERE concept IS NOT NULL "
-                           "ORDER BY layer, unit").fetchall()
+    labelled = con.execute(
+        "SELECT layer, unit, concept, category, iou FROM labels WHERE concept IS NOT NULL ORDER BY layer, unit"
+    ).fetchall()
     counts = dict(con.execute("SELECT layer, count(*) FROM labels WHERE concept IS NOT NULL GROUP BY layer").fetchall())
     con.close()
     assert any(concept == MALICIOUS_CONCEPT for _, _, concept, _, _ in labelled)  # the bright square is detected
@@ -259,9 +262,11 @@ def test_dead_units_are_greyed_and_labelled(site):
     cards = re.findall(r'<li class="card( dead)?" data-unit="(\d+)".*?</li>', layer_page, flags=re.DOTALL)
     assert len(cards) == 8
     assert {int(unit) for dead, unit in cards if dead} == {DEAD_STEM_UNIT}
-    dead_card = re.search(rf'<li class="card dead" data-unit="{DEAD_STEM_UNIT}".*?</li>', layer_page, re.DOTALL).group(0)
+    dead_card = re.search(rf'<li class="card dead" data-unit="{DEAD_STEM_UNIT}".*?</li>', layer_page, re.DOTALL).group(
+        0
+    )
     assert "dead" in re.sub(r"<[^>]+>", "", dead_card)
-    assert "badge\">dead<" in read(os.path.join(site, "units", slug_dir("stem"), f"{DEAD_STEM_UNIT}.html"))
+    assert 'badge">dead<' in read(os.path.join(site, "units", slug_dir("stem"), f"{DEAD_STEM_UNIT}.html"))
 
 
 def test_bad_input_gives_clear_errors(site_run, tmp_path, capsys):
@@ -280,9 +285,11 @@ def test_bad_input_gives_clear_errors(site_run, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ in a real browser
 
+
 def artifacts_dir() -> str:
     path = os.environ.get("ATLAS_TEST_ARTIFACTS") or os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts", "site-tests")
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts", "site-tests"
+    )
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -310,13 +317,15 @@ def test_crawl_every_page_from_the_index(browser, site):
             unit_pages += 1
         assert all(image["width"] > 0 for image in images), (path, [i for i in images if not i["width"]])
         resources = browser.execute_script(
-            "return performance.getEntriesByType('resource').map(function (e) { return e.name; })")
+            "return performance.getEntriesByType('resource').map(function (e) { return e.name; })"
+        )
         for url in resources + [i["src"] for i in images]:
             assert url.startswith("file://") and os.path.isfile(unquote(urlparse(url).path)), (path, url)
         assert console_errors(browser) == [], path
         assert browser.execute_script("return window.__alerts") == [], path
         links = browser.execute_script(
-            "return Array.prototype.map.call(document.querySelectorAll('a[href]'), function (a) { return a.href; })")
+            "return Array.prototype.map.call(document.querySelectorAll('a[href]'), function (a) { return a.href; })"
+        )
         for link in links:
             parsed = urlparse(link)
             assert parsed.scheme == "file", (path, link)
@@ -364,8 +373,11 @@ def test_search_finds_a_unit(browser, site):
 
 def test_malicious_labels_show_as_text(browser, site_run, site):
     payload = MALICIOUS_FOLDERS["chelsea"]
-    layer, unit = connect(site_run).execute(
-        "SELECT layer, unit FROM topk WHERE label = ? ORDER BY layer, unit LIMIT 1", [payload]).fetchone()
+    layer, unit = (
+        connect(site_run)
+        .execute("SELECT layer, unit FROM topk WHERE label = ? ORDER BY layer, unit LIMIT 1", [payload])
+        .fetchone()
+    )
     open_page(browser, page_url(os.path.join(site, "units", slug_dir(layer), f"{unit}.html")))
     labels = [e.text for e in browser.find_elements("css selector", ".label")]
     assert payload in labels
@@ -383,18 +395,27 @@ def test_layer_grid_sorts_filters_and_greys_dead_units(browser, site):
     open_page(browser, page_url(os.path.join(site, "layers", f"{slug_dir('stem')}.html")))
 
     def visible_units() -> list[int]:
-        return [int(c.get_attribute("data-unit")) for c in browser.find_elements("css selector", "#grid li")
-                if c.is_displayed()]
+        return [
+            int(c.get_attribute("data-unit"))
+            for c in browser.find_elements("css selector", "#grid li")
+            if c.is_displayed()
+        ]
 
     assert visible_units() == list(range(8))
     Select(browser.find_element("id", "sort")).select_by_value("top")
     assert browser.find_element("id", "descending").is_selected()  # highest first by default
-    tops = [float(c.get_attribute("data-top")) for c in browser.find_elements("css selector", "#grid li")
-            if c.is_displayed()]
+    tops = [
+        float(c.get_attribute("data-top"))
+        for c in browser.find_elements("css selector", "#grid li")
+        if c.is_displayed()
+    ]
     assert tops == sorted(tops, reverse=True) and len(tops) == 8 and tops[0] > tops[-1]
     browser.find_element("id", "descending").click()
-    ascending = [float(c.get_attribute("data-top")) for c in browser.find_elements("css selector", "#grid li")
-                 if c.is_displayed()]
+    ascending = [
+        float(c.get_attribute("data-top"))
+        for c in browser.find_elements("css selector", "#grid li")
+        if c.is_displayed()
+    ]
     assert ascending == sorted(tops)
     dead = browser.find_element("css selector", f'#grid li[data-unit="{DEAD_STEM_UNIT}"] .thumb')
     assert "grayscale" in dead.value_of_css_property("filter")
@@ -406,18 +427,25 @@ def test_layer_grid_sorts_filters_and_greys_dead_units(browser, site):
 
 def test_layer_grid_filters_by_concept_category(browser, site_run, site):
     con = connect(site_run)
-    layer, = con.execute("SELECT layer FROM labels WHERE category = ? GROUP BY layer ORDER BY count(*) DESC LIMIT 1",
-                         [MALICIOUS_CATEGORY]).fetchone()
-    expected = [u for u, in con.execute("SELECT unit FROM labels WHERE layer = ? AND category = ? ORDER BY unit",
-                                        [layer, MALICIOUS_CATEGORY]).fetchall()]
+    (layer,) = con.execute(
+        "SELECT layer FROM labels WHERE category = ? GROUP BY layer ORDER BY count(*) DESC LIMIT 1",
+        [MALICIOUS_CATEGORY],
+    ).fetchone()
+    expected = [
+        u
+        for (u,) in con.execute(
+            "SELECT unit FROM labels WHERE layer = ? AND category = ? ORDER BY unit", [layer, MALICIOUS_CATEGORY]
+        ).fetchall()
+    ]
     con.close()
     open_page(browser, page_url(os.path.join(site, "layers", f"{slug_dir(layer)}.html")))
     browser.find_element("id", "filter").send_keys(MALICIOUS_CATEGORY)
-    shown = [int(c.get_attribute("data-unit")) for c in browser.find_elements("css selector", "#grid li")
-             if c.is_displayed()]
+    shown = [
+        int(c.get_attribute("data-unit")) for c in browser.find_elements("css selector", "#grid li") if c.is_displayed()
+    ]
     assert shown == expected and expected
     chips = [c.text for c in browser.find_elements("css selector", "#grid li .chip") if c.is_displayed()]
-    assert set(chips) == {MALICIOUS_CONCEPT}   # shown as text
+    assert set(chips) == {MALICIOUS_CONCEPT}  # shown as text
     assert browser.execute_script("return document.querySelectorAll('svg[onload], [onerror]').length") == 0
     assert browser.execute_script("return window.__alerts") == [] and console_errors(browser) == []
 

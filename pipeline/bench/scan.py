@@ -15,6 +15,7 @@ images, so the ratios are meaningful on a noisy machine:
 * memory: the peak resident memory of the model workers for N and for 4N images (bounded by units x k, so
   the ratio should stay near 1).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,13 +38,14 @@ from pipeline.scan.runner import ScanConfig, run_scan
 logger = logging.getLogger(__name__)
 
 
-
 def _decoded_images(folder: str, preprocess, limit: int) -> tuple[dict, float]:
     """Decoded batch of the first `limit` images, and the decode rate of one process (images/s)."""
     source = resolve_source(folder)
     files = list(source.files)[:limit]
-    batch = {"path": np.array(files, dtype=object),
-             "bytes": np.array([open(f, "rb").read() for f in files], dtype=object)}
+    batch = {
+        "path": np.array(files, dtype=object),
+        "bytes": np.array([open(f, "rb").read() for f in files], dtype=object),
+    }
     start = time.perf_counter()
     decoded = Decoder(source, preprocess)(batch)
     return decoded, len(files) / (time.perf_counter() - start)
@@ -58,13 +60,14 @@ def recorder_throughput(config: RecorderConfig, layer_units: dict[str, int], dec
     n = len(decoded["pixels"])
     start = time.perf_counter()
     for i in range(0, n, batch_size):
-        recorder.record({name: column[i:i + batch_size] for name, column in decoded.items()})
+        recorder.record({name: column[i : i + batch_size] for name, column in decoded.items()})
     recorder.flush()
     return n / (time.perf_counter() - start)
 
 
-def forward_throughput(model: torch.nn.Module, pixels: np.ndarray, preprocess, batch_size: int,
-                       repeats: int = 2, device: str = "cpu") -> float:
+def forward_throughput(
+    model: torch.nn.Module, pixels: np.ndarray, preprocess, batch_size: int, repeats: int = 2, device: str = "cpu"
+) -> float:
     """Images/s of the bare forward pass over uint8 (N, S, S, 3) images on `device` (the upload included, the
     device synchronised before the clock stops), best of `repeats` passes."""
     model = model.to(device)
@@ -77,24 +80,32 @@ def forward_throughput(model: torch.nn.Module, pixels: np.ndarray, preprocess, b
             sync()
             start = time.perf_counter()
             for i in range(0, len(pixels), batch_size):
-                model(normalize(pixels[i:i + batch_size]))
+                model(normalize(pixels[i : i + batch_size]))
             sync()
             best = max(best, len(pixels) / (time.perf_counter() - start))
     model.to("cpu")
     return best
 
 
-def bench_scan(images: int = 1000, image_size: int = 128, batch_size: int = 32, data: str | None = None,
-               out: str = "runs/bench", layers: str = BENCH_LAYERS, memory: bool = True, device: str = "cpu") -> dict:
+def bench_scan(
+    images: int = 1000,
+    image_size: int = 128,
+    batch_size: int = 32,
+    data: str | None = None,
+    out: str = "runs/bench",
+    layers: str = BENCH_LAYERS,
+    memory: bool = True,
+    device: str = "cpu",
+) -> dict:
     """Run the benchmark and print its JSON (also returned). Every ratio compares measurements on one device:
     `device` for the forward pass, the Recorder and the scan's model actors alike."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no GPU on this machine")
     os.makedirs(out, exist_ok=True)
-    model_config = ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights(),
-                               image_size=image_size)
-    folder = data or make_photo_folder(os.path.join(out, f"photos-{images * 4 if memory else images}"),
-                                       images * 4 if memory else images)
+    model_config = ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights(), image_size=image_size)
+    folder = data or make_photo_folder(
+        os.path.join(out, f"photos-{images * 4 if memory else images}"), images * 4 if memory else images
+    )
     small = folder
     if memory:  # N images: a folder holding the first quarter of the 4N set
         small = os.path.join(out, f"photos-first-{images}")
@@ -108,14 +119,31 @@ def bench_scan(images: int = 1000, image_size: int = 128, batch_size: int = 32, 
     torch.set_num_threads(threads)
     decoded, decode_rate = _decoded_images(small, loaded.preprocess, images)
     pixels = decoded["pixels"]
-    result: dict = {"model": "torchvision:mobilenet_v2 (ImageNet weights)", "layers": layers,
-                    "image_size": image_size, "batch_size": batch_size, "images": len(pixels),
-                    "device": device, "cpus": threads}
+    result: dict = {
+        "model": "torchvision:mobilenet_v2 (ImageNet weights)",
+        "layers": layers,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "images": len(pixels),
+        "device": device,
+        "cpus": threads,
+    }
 
     def scan(folder_: str, name: str) -> dict:
         run = os.path.join(out, name)
-        return run_scan(ScanConfig(model=model_config, data=folder_, out=run, layers=layers, k=16,
-                                   batch_size=batch_size, overwrite=True, progress=False, device=device))
+        return run_scan(
+            ScanConfig(
+                model=model_config,
+                data=folder_,
+                out=run,
+                layers=layers,
+                k=16,
+                batch_size=batch_size,
+                overwrite=True,
+                progress=False,
+                device=device,
+            )
+        )
 
     layer_names = [name.strip() for name in layers.split(",")]
     extractor = feature_extractor(loaded.model, layer_names).eval()
@@ -125,9 +153,19 @@ def bench_scan(images: int = 1000, image_size: int = 128, batch_size: int = 32, 
         manifest = scan(small, "scan-n")
         forward_after = forward_throughput(extractor, pixels, loaded.preprocess, batch_size, device=device)
         units = {name: out.shape[1] for name, out in extractor(torch.zeros(1, 3, image_size, image_size)).items()}
-        recorder = recorder_throughput(RecorderConfig(model=model_config, layers=tuple(layer_names), k=16,
-                                                      threads=threads, device=device, batch_size=batch_size),
-                                       units, decoded, batch_size)
+        recorder = recorder_throughput(
+            RecorderConfig(
+                model=model_config,
+                layers=tuple(layer_names),
+                k=16,
+                threads=threads,
+                device=device,
+                batch_size=batch_size,
+            ),
+            units,
+            decoded,
+            batch_size,
+        )
         if memory:
             manifest_4n = scan(folder, "scan-4n")
     forward = (forward_before + forward_after) / 2
@@ -147,10 +185,15 @@ def bench_scan(images: int = 1000, image_size: int = 128, batch_size: int = 32, 
     if memory:
         n_rss = manifest["memory"]["peak_worker_rss_mb"]
         rss_4n = manifest_4n["memory"]["peak_worker_rss_mb"]
-        result["memory"] = {"images": [manifest["counts"]["images"], manifest_4n["counts"]["images"]],
-                            "peak_worker_rss_mb": [n_rss, rss_4n], "worker_ratio_4n_over_n": round(rss_4n / n_rss, 3),
-                            "peak_driver_rss_mb": [manifest["memory"]["peak_driver_rss_mb"],
-                                                   manifest_4n["memory"]["peak_driver_rss_mb"]],
-                            "scan_4n_images_per_second": manifest_4n["timings"]["images_per_second"]}
+        result["memory"] = {
+            "images": [manifest["counts"]["images"], manifest_4n["counts"]["images"]],
+            "peak_worker_rss_mb": [n_rss, rss_4n],
+            "worker_ratio_4n_over_n": round(rss_4n / n_rss, 3),
+            "peak_driver_rss_mb": [
+                manifest["memory"]["peak_driver_rss_mb"],
+                manifest_4n["memory"]["peak_driver_rss_mb"],
+            ],
+            "scan_4n_images_per_second": manifest_4n["timings"]["images_per_second"],
+        }
     print(json.dumps(result, indent=2))
     return result

@@ -6,6 +6,7 @@ random activations, a feature visualization PNG per unit and crops / overlays / 
 top image of the first layer (copies of one small PNG: the site only links or copies files, it never
 decodes them). Prints JSON.
 """
+
 from __future__ import annotations
 
 import io
@@ -59,48 +60,101 @@ def synthesize_run(run_dir: str, layer_sizes: tuple[int, ...] = LAYER_SIZES, k: 
         sketch.add(acts)
         result = sketch.result()
         quantiles = sketch.quantile([0.5, 0.9, 0.99, 0.999])
-        columns = {"layer": [layer] * units, "unit": np.arange(units), "layer_index": [layer_index] * units,
-                   "count": result["count"], "mean": acts.mean(0), "std": acts.std(0), "min": acts.min(0),
-                   "max": acts.max(0), "n_active": (acts > 0).sum(0), "frac_active": (acts > 0).mean(0),
-                   "p50": quantiles[:, 0], "p90": quantiles[:, 1], "p99": quantiles[:, 2], "p999": quantiles[:, 3],
-                   "dead": acts.max(0) <= 0, "sketch_buckets": [b.tolist() for b in result["buckets"]],
-                   "sketch_counts": [c.tolist() for c in result["counts"]]}
+        columns = {
+            "layer": [layer] * units,
+            "unit": np.arange(units),
+            "layer_index": [layer_index] * units,
+            "count": result["count"],
+            "mean": acts.mean(0),
+            "std": acts.std(0),
+            "min": acts.min(0),
+            "max": acts.max(0),
+            "n_active": (acts > 0).sum(0),
+            "frac_active": (acts > 0).mean(0),
+            "p50": quantiles[:, 0],
+            "p90": quantiles[:, 1],
+            "p99": quantiles[:, 2],
+            "p999": quantiles[:, 3],
+            "dead": acts.max(0) <= 0,
+            "sketch_buckets": [b.tolist() for b in result["buckets"]],
+            "sketch_counts": [c.tolist() for c in result["counts"]],
+        }
         for name in UNITS_SCHEMA.names:
             unit_rows[name].extend(list(columns[name]))
         top_acts = -np.sort(-acts, axis=0)[:k].T  # (units, k)
         image = rng.integers(0, 100_000, size=(units, k))
         n = units * k
-        write_table(pa.table({
-            "layer": [layer] * n, "unit": np.repeat(np.arange(units), k).astype(np.int32),
-            "rank": np.tile(np.arange(k), units).astype(np.int32),
-            "image_key": [f"{LABELS[i % len(LABELS)]}/img_{i:06d}.jpg" for i in image.ravel()],
-            "label": [LABELS[i % len(LABELS)] for i in image.ravel()], "act": top_acts.ravel().astype(np.float32),
-            "y": np.zeros(n, np.int32), "x": np.zeros(n, np.int32), "box_x0": np.zeros(n, np.int32),
-            "box_y0": np.zeros(n, np.int32), "box_x1": np.full(n, 64, np.int32), "box_y1": np.full(n, 64, np.int32),
-        }, schema=TOPK_SCHEMA), os.path.join(layer_dir(os.path.join(run_dir, "topk"), layer), "part-0.parquet"))
+        write_table(
+            pa.table(
+                {
+                    "layer": [layer] * n,
+                    "unit": np.repeat(np.arange(units), k).astype(np.int32),
+                    "rank": np.tile(np.arange(k), units).astype(np.int32),
+                    "image_key": [f"{LABELS[i % len(LABELS)]}/img_{i:06d}.jpg" for i in image.ravel()],
+                    "label": [LABELS[i % len(LABELS)] for i in image.ravel()],
+                    "act": top_acts.ravel().astype(np.float32),
+                    "y": np.zeros(n, np.int32),
+                    "x": np.zeros(n, np.int32),
+                    "box_x0": np.zeros(n, np.int32),
+                    "box_y0": np.zeros(n, np.int32),
+                    "box_x1": np.full(n, 64, np.int32),
+                    "box_y1": np.full(n, 64, np.int32),
+                },
+                schema=TOPK_SCHEMA,
+            ),
+            os.path.join(layer_dir(os.path.join(run_dir, "topk"), layer), "part-0.parquet"),
+        )
         dead = acts.max(0) <= 0
         for unit in np.flatnonzero(~dead):
-            kinds = [("featvis", 0)] + ([(kind, rank) for rank in range(k) for kind in DATASET_KINDS]
-                                        if layer_index == 0 else [])
+            kinds = [("featvis", 0)] + (
+                [(kind, rank) for rank in range(k) for kind in DATASET_KINDS] if layer_index == 0 else []
+            )
             for kind, rank in kinds:
                 rel = f"atlas/layer={layer}/unit={unit}/{kind}_{rank:03d}.png"
                 path = os.path.join(run_dir, rel)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 shutil.copyfile(source_png, path)  # not a hard link: the site publishes single-link files only
-                atlas_rows.append({"layer": layer, "unit": int(unit), "kind": kind, "rank": rank,
-                                   "image_key": None if kind == "featvis" else f"img_{rank}", "path": rel,
-                                   "act": float(top_acts[unit, rank]), "featvis_act": None, "top1_act": None})
+                atlas_rows.append(
+                    {
+                        "layer": layer,
+                        "unit": int(unit),
+                        "kind": kind,
+                        "rank": rank,
+                        "image_key": None if kind == "featvis" else f"img_{rank}",
+                        "path": rel,
+                        "act": float(top_acts[unit, rank]),
+                        "featvis_act": None,
+                        "top1_act": None,
+                    }
+                )
     write_table(pa.table(unit_rows, schema=UNITS_SCHEMA), os.path.join(run_dir, "units", "part-0.parquet"))
-    write_table(pa.Table.from_pylist(atlas_rows, schema=ATLAS_INDEX_SCHEMA), os.path.join(run_dir, "atlas", "index.parquet"))
+    write_table(
+        pa.Table.from_pylist(atlas_rows, schema=ATLAS_INDEX_SCHEMA), os.path.join(run_dir, "atlas", "index.parquet")
+    )
     total = int(sum(layer_sizes))
-    write_json({"format_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "model": {"spec": "synthetic:bench", "weights": None, "weights_sha256": None, "categories": None},
-                "data": {"kind": "synthetic", "path": "synthetic"}, "k": k, "record": "topk",
-                "layers": [{"name": f"block{i}.conv", "type": "Conv2d", "shape": [units, 14, 14], "units": units}
-                           for i, units in enumerate(layer_sizes)],
-                "counts": {"images": 100_000, "images_ok": 100_000, "images_error": 0, "layers": len(layer_sizes),
-                           "units": total, "dead_units": len(unit_rows["dead"]) - int(np.sum(~np.array(unit_rows["dead"])))}},
-               os.path.join(run_dir, MANIFEST))
+    write_json(
+        {
+            "format_version": 1,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": {"spec": "synthetic:bench", "weights": None, "weights_sha256": None, "categories": None},
+            "data": {"kind": "synthetic", "path": "synthetic"},
+            "k": k,
+            "record": "topk",
+            "layers": [
+                {"name": f"block{i}.conv", "type": "Conv2d", "shape": [units, 14, 14], "units": units}
+                for i, units in enumerate(layer_sizes)
+            ],
+            "counts": {
+                "images": 100_000,
+                "images_ok": 100_000,
+                "images_error": 0,
+                "layers": len(layer_sizes),
+                "units": total,
+                "dead_units": len(unit_rows["dead"]) - int(np.sum(~np.array(unit_rows["dead"]))),
+            },
+        },
+        os.path.join(run_dir, MANIFEST),
+    )
     return total
 
 
@@ -118,10 +172,17 @@ def bench_site(out: str = "runs/bench-site", layer_sizes: tuple[int, ...] = LAYE
     first_cpu, cpu = time.process_time() - cpu, time.process_time()
     again = build_site(run_dir, progress=False)
     again_cpu = time.process_time() - cpu
-    result = {"units": units, "pages": first.pages, "files_written_first": first.written,
-              "first_build_seconds": first.seconds, "first_build_cpu_seconds": round(first_cpu, 2),
-              "rebuild_seconds": again.seconds, "rebuild_cpu_seconds": round(again_cpu, 2),
-              "rebuild_written": again.written, "rebuild_unchanged": again.unchanged,
-              "synthesize_seconds": round(synth, 2)}
+    result = {
+        "units": units,
+        "pages": first.pages,
+        "files_written_first": first.written,
+        "first_build_seconds": first.seconds,
+        "first_build_cpu_seconds": round(first_cpu, 2),
+        "rebuild_seconds": again.seconds,
+        "rebuild_cpu_seconds": round(again_cpu, 2),
+        "rebuild_written": again.written,
+        "rebuild_unchanged": again.unchanged,
+        "synthesize_seconds": round(synth, 2),
+    }
     print(json.dumps(result, indent=2))
     return result

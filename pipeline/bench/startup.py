@@ -9,6 +9,7 @@ The hand-written loop is a script taking ``FOLDER WEIGHTS LAYER1,LAYER2 SIZE K``
 ``../shared/bench/handwritten_loop.py``: a torch DataLoader with one decode worker, forward hooks, a running
 top-k); `atlas` does not ship it.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,16 @@ def _timed(command: list[str]) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def bench_startup(handwritten: str, images: int = 3000, image_size: int = 128, layers: str = BENCH_LAYERS,
-                  k: int = 16, repeats: int = 2, out: str = "runs/bench-startup", data: str | None = None) -> dict:
+def bench_startup(
+    handwritten: str,
+    images: int = 3000,
+    image_size: int = 128,
+    layers: str = BENCH_LAYERS,
+    k: int = 16,
+    repeats: int = 2,
+    out: str = "runs/bench-startup",
+    data: str | None = None,
+) -> dict:
     """Print and return the JSON report (seconds and images/s of each side, their ratio, the scan's phases)."""
     if not os.path.isfile(handwritten):
         raise FileNotFoundError(f"no hand-written loop at {handwritten} (give --handwritten PATH)")
@@ -43,9 +52,30 @@ def bench_startup(handwritten: str, images: int = 3000, image_size: int = 128, l
     weights = mobilenet_v2_weights()
     run = os.path.join(out, "scan")
     hand_cmd = [sys.executable, handwritten, folder, weights, layers, str(image_size), str(k)]
-    scan_cmd = [sys.executable, "-m", "pipeline", "scan", "--model", "torchvision:mobilenet_v2", "--weights", weights,
-                "--data", folder, "--layers", layers, "--image-size", str(image_size), "--resize", str(image_size),
-                "--k", str(k), "--out", run, "--overwrite", "-q"]
+    scan_cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "scan",
+        "--model",
+        "torchvision:mobilenet_v2",
+        "--weights",
+        weights,
+        "--data",
+        folder,
+        "--layers",
+        layers,
+        "--image-size",
+        str(image_size),
+        "--resize",
+        str(image_size),
+        "--k",
+        str(k),
+        "--out",
+        run,
+        "--overwrite",
+        "-q",
+    ]
     hand, scan, phases = [], [], []
     for attempt in range(repeats):
         seconds, stdout = _timed(hand_cmd)
@@ -59,11 +89,18 @@ def bench_startup(handwritten: str, images: int = 3000, image_size: int = 128, l
         logger.info("atlas scan %d: %.1f s", attempt + 1, seconds)
     count = manifest["counts"]["images"]
     best = phases[scan.index(min(scan))]
-    result = {"images": count, "image_size": image_size, "layers": layers, "k": k, "cpus": os.cpu_count(),
-              "handwritten_seconds": [round(s, 2) for s in hand], "scan_seconds": [round(s, 2) for s in scan],
-              "handwritten_images_per_second": round(count / min(hand), 1),
-              "scan_images_per_second": round(count / min(scan), 1),
-              "scan_over_handwritten": round(min(hand) / min(scan), 3),
-              "scan_phases_of_best_run": best}
+    result = {
+        "images": count,
+        "image_size": image_size,
+        "layers": layers,
+        "k": k,
+        "cpus": os.cpu_count(),
+        "handwritten_seconds": [round(s, 2) for s in hand],
+        "scan_seconds": [round(s, 2) for s in scan],
+        "handwritten_images_per_second": round(count / min(hand), 1),
+        "scan_images_per_second": round(count / min(scan), 1),
+        "scan_over_handwritten": round(min(hand) / min(scan), 3),
+        "scan_phases_of_best_run": best,
+    }
     print(json.dumps(result, indent=2))
     return result

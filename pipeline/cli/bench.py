@@ -1,4 +1,5 @@
 """`atlas bench ...`: the benchmarks (pipeline.bench), each printing JSON."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,19 +17,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     scan.add_argument("--images", type=int, default=1000, help="N (the memory run uses 4N)")
     scan.add_argument("--image-size", type=int, default=128)
     scan.add_argument("--batch-size", type=int, default=32)
-    scan.add_argument("--data", help="image folder with at least 4 x --images images "
-                                     "(default: crops of scikit-image's bundled photos)")
+    scan.add_argument(
+        "--data",
+        help="image folder with at least 4 x --images images (default: crops of scikit-image's bundled photos)",
+    )
     scan.add_argument("--out", default="runs/bench")
     scan.add_argument("--layers", default=BENCH_LAYERS)
     scan.add_argument("--no-memory", action="store_true", help="skip the 4N memory run")
-    scan.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                      help="where the forward pass, the Recorder and the scan's actors all run")
+    scan.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the forward pass, the Recorder and the scan's actors all run",
+    )
     scan.set_defaults(func=run_scan)
 
-    startup = bench_sub.add_parser("startup", help="a small scan end to end, start-up included, against a "
-                                   "hand-written loop run alternately (docs/benchmarks.md)")
-    startup.add_argument("--handwritten", default=os.path.join("..", "shared", "bench", "handwritten_loop.py"),
-                         help="the loop's script: FOLDER WEIGHTS LAYERS SIZE K (default: %(default)s)")
+    startup = bench_sub.add_parser(
+        "startup",
+        help="a small scan end to end, start-up included, against a "
+        "hand-written loop run alternately (docs/benchmarks.md)",
+    )
+    startup.add_argument(
+        "--handwritten",
+        default=os.path.join("..", "shared", "bench", "handwritten_loop.py"),
+        help="the loop's script: FOLDER WEIGHTS LAYERS SIZE K (default: %(default)s)",
+    )
     startup.add_argument("--images", type=int, default=3000)
     startup.add_argument("--image-size", type=int, default=128)
     startup.add_argument("--layers", default=BENCH_LAYERS)
@@ -38,8 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     startup.add_argument("--out", default="runs/bench-startup")
     startup.set_defaults(func=run_startup)
 
-    capacity = bench_sub.add_parser("capacity", help="per-image costs for capacity planning: forward, decode, "
-                                                     "driver merge per batch (docs/jobs.md, Capacity)")
+    capacity = bench_sub.add_parser(
+        "capacity",
+        help="per-image costs for capacity planning: forward, decode, driver merge per batch (docs/jobs.md, Capacity)",
+    )
     capacity.add_argument("--model", default="torchvision:resnet50")
     capacity.add_argument("--layers", default="all,fc")
     capacity.add_argument("--k", type=int, default=32)
@@ -48,13 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     capacity.add_argument("--flush-images", type=int, default=50_000)
     capacity.set_defaults(func=run_capacity)
 
-    site = bench_sub.add_parser("site", help="site generation for a synthetic 10,000-unit run: first build and "
-                                             "no-change rebuild (seconds)")
+    site = bench_sub.add_parser(
+        "site", help="site generation for a synthetic 10,000-unit run: first build and no-change rebuild (seconds)"
+    )
     site.add_argument("--out", default="runs/bench-site", help="where the synthetic run is written")
     site.set_defaults(func=run_site)
 
-    render = bench_sub.add_parser("render", help="feature visualization units/s: batched, one at a time, and "
-                                                 "Lucent's render_vis, on MobileNetV2")
+    render = bench_sub.add_parser(
+        "render", help="feature visualization units/s: batched, one at a time, and Lucent's render_vis, on MobileNetV2"
+    )
     render.add_argument("--layer", default="features.7")
     render.add_argument("--units", type=int, default=16, help="units rendered batched")
     render.add_argument("--steps", type=int, default=32)
@@ -64,8 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     render.add_argument("--lucent-units", type=int, default=2, help="units rendered by Lucent")
     render.set_defaults(func=run_render)
 
-    explain = bench_sub.add_parser("explain", help="occlusion images/s: batched occluded copies vs one forward "
-                                                   "pass per position (MobileNetV2)")
+    explain = bench_sub.add_parser(
+        "explain", help="occlusion images/s: batched occluded copies vs one forward pass per position (MobileNetV2)"
+    )
     explain.add_argument("--images", type=int, default=4)
     explain.add_argument("--image-size", type=int, default=224)
     explain.add_argument("--window", type=int, default=32)
@@ -78,24 +96,46 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_scan(args: argparse.Namespace) -> int:
     from pipeline.bench.scan import bench_scan
 
-    bench_scan(images=args.images, image_size=args.image_size, batch_size=args.batch_size, data=args.data,
-               out=args.out, layers=args.layers, memory=not args.no_memory, device=args.device)
+    bench_scan(
+        images=args.images,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        data=args.data,
+        out=args.out,
+        layers=args.layers,
+        memory=not args.no_memory,
+        device=args.device,
+    )
     return 0
 
 
 def run_startup(args: argparse.Namespace) -> int:
     from pipeline.bench.startup import bench_startup
 
-    bench_startup(args.handwritten, images=args.images, image_size=args.image_size, layers=args.layers, k=args.k,
-                  repeats=args.repeats, out=args.out, data=args.data)
+    bench_startup(
+        args.handwritten,
+        images=args.images,
+        image_size=args.image_size,
+        layers=args.layers,
+        k=args.k,
+        repeats=args.repeats,
+        out=args.out,
+        data=args.data,
+    )
     return 0
 
 
 def run_capacity(args: argparse.Namespace) -> int:
     from pipeline.bench.capacity import bench_capacity
 
-    bench_capacity(model=args.model, layers=args.layers, k=args.k, batch=args.batch_size, image_size=args.image_size,
-                   flush_images=args.flush_images)
+    bench_capacity(
+        model=args.model,
+        layers=args.layers,
+        k=args.k,
+        batch=args.batch_size,
+        image_size=args.image_size,
+        flush_images=args.flush_images,
+    )
     return 0
 
 
@@ -109,8 +149,15 @@ def run_site(args: argparse.Namespace) -> int:
 def run_render(args: argparse.Namespace) -> int:
     from pipeline.bench.render import bench_render
 
-    bench_render(layer=args.layer, units=args.units, steps=args.steps, size=args.size,
-                 lucent_units=args.lucent_units, single_units=args.single_units, preset=args.preset)
+    bench_render(
+        layer=args.layer,
+        units=args.units,
+        steps=args.steps,
+        size=args.size,
+        lucent_units=args.lucent_units,
+        single_units=args.single_units,
+        preset=args.preset,
+    )
     return 0
 
 
@@ -118,6 +165,12 @@ def run_explain(args: argparse.Namespace) -> int:
     from pipeline.bench.explain import bench_occlusion
 
     chunks = tuple(int(c) for c in args.chunks.split(","))
-    bench_occlusion(images=args.images, image_size=args.image_size, window=args.window, stride=args.stride,
-                    chunks=chunks, threads=args.threads)
+    bench_occlusion(
+        images=args.images,
+        image_size=args.image_size,
+        window=args.window,
+        stride=args.stride,
+        chunks=chunks,
+        threads=args.threads,
+    )
     return 0

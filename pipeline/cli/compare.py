@@ -1,4 +1,5 @@
 """`atlas compare`: what changed between two runs (pipeline.compare.runner)."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,13 +8,20 @@ from pipeline.cli.options import add_quiet_option, add_ray_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("compare", help="what changed between two runs: top-k overlap, dead units, label "
-                                            "drift; CKA, correlations and unit matching with --record all")
+    parser = sub.add_parser(
+        "compare",
+        help="what changed between two runs: top-k overlap, dead units, label "
+        "drift; CKA, correlations and unit matching with --record all",
+    )
     parser.add_argument("run_a", metavar="RUN_A")
     parser.add_argument("run_b", metavar="RUN_B")
     parser.add_argument("--out", required=True, help="comparison directory to write (query it with atlas query)")
-    parser.add_argument("--sample", type=int, help="when a run was scanned without --record all: recompute "
-                        "per-image maxima on this many shared images with each run's own model (on Ray)")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        help="when a run was scanned without --record all: recompute "
+        "per-image maxima on this many shared images with each run's own model (on Ray)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --sample draw (default 0)")
     add_ray_options(parser, address="Ray cluster address for --sample (default: start a local Ray)")
     add_quiet_option(parser)
@@ -23,12 +31,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.compare.runner import compare_runs
 
-    manifest = compare_runs(args.run_a, args.run_b, args.out, sample=args.sample, seed=args.seed,
-                            address=args.address, progress=not args.quiet)
+    manifest = compare_runs(
+        args.run_a,
+        args.run_b,
+        args.out,
+        sample=args.sample,
+        seed=args.seed,
+        address=args.address,
+        progress=not args.quiet,
+    )
     counts, images = manifest["counts"], manifest["images"]
-    print(f"comparison: {args.out}\n  layers {len(manifest['layers']['compared'])}, units {counts['units']} "
-          f"({counts['died']} died, {counts['revived']} revived, {counts['labels_changed']} changed their top "
-          f"label), images {images['shared']:,} shared")
+    print(
+        f"comparison: {args.out}\n  layers {len(manifest['layers']['compared'])}, units {counts['units']} "
+        f"({counts['died']} died, {counts['revived']} revived, {counts['labels_changed']} changed their top "
+        f"label), images {images['shared']:,} shared"
+    )
     for note in manifest["notes"]:
         print(f"  note: {note}")
     return 0

@@ -1,4 +1,5 @@
 """`atlas demo`: the offline end-to-end demo (pipeline.demo)."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("demo", help="offline end-to-end demo: MobileNetV2 (ImageNet) over real photos")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--images", type=int, default=600, help="number of real photos to scan")
-    parser.add_argument("--overwrite", action="store_true", help="replace a run in --out made with other settings "
-                                                                 "(e.g. by an older version of the demo)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run in --out made with other settings (e.g. by an older version of the demo)",
+    )
     parser.set_defaults(func=run)
 
 

@@ -1,5 +1,6 @@
 """`atlas dissect` (unit labels: network dissection on a probe, selectivity for the data's own labels) and
 `atlas probe` (making a probe), see docs/dissect.md."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,16 +9,27 @@ from pipeline.cli.options import add_quiet_option, add_ray_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    dissect = sub.add_parser("dissect", help="unit labels: network dissection on a probe of concept masks (IoU), "
-                                             "and selectivity for the data set's own labels")
+    dissect = sub.add_parser(
+        "dissect",
+        help="unit labels: network dissection on a probe of concept masks (IoU), "
+        "and selectivity for the data set's own labels",
+    )
     dissect.add_argument("run")
-    dissect.add_argument("--probe", help="a probe folder (docs/dissect.md) or builtin:colors-textures; without it, "
-                                         "only the label selectivity is computed")
-    dissect.add_argument("--layers", help="comma-separated recorded layers (default: every recorded layer with a "
-                                          "spatial map)")
+    dissect.add_argument(
+        "--probe",
+        help="a probe folder (docs/dissect.md) or builtin:colors-textures; without it, "
+        "only the label selectivity is computed",
+    )
+    dissect.add_argument(
+        "--layers", help="comma-separated recorded layers (default: every recorded layer with a spatial map)"
+    )
     dissect.add_argument("--batch-size", type=int, default=16, help="probe images per forward pass (default 16)")
-    add_ray_options(dissect, actors="model replicas (default: as atlas scan)",
-                    threads="torch threads per CPU model actor", device="as atlas scan --device")
+    add_ray_options(
+        dissect,
+        actors="model replicas (default: as atlas scan)",
+        threads="torch threads per CPU model actor",
+        device="as atlas scan --device",
+    )
     add_quiet_option(dissect)
     dissect.set_defaults(func=run)
 
@@ -33,19 +45,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.dissect.runner import DissectConfig, dissect_run
 
-    record = dissect_run(DissectConfig(run=args.run, probe=args.probe, layers=args.layers, batch_size=args.batch_size,
-                                       address=args.address, actors=args.actors, threads=args.threads,
-                                       device=args.device, progress=not args.quiet))
+    record = dissect_run(
+        DissectConfig(
+            run=args.run,
+            probe=args.probe,
+            layers=args.layers,
+            batch_size=args.batch_size,
+            address=args.address,
+            actors=args.actors,
+            threads=args.threads,
+            device=args.device,
+            progress=not args.quiet,
+        )
+    )
     print(f"dissect: {args.run}/dissect/ (query the views labels, concepts, selectivity)")
     if record["probe"]:
-        print(f"  probe {record['probe']['name']}: {record['probe']['images']} images, "
-              f"{record['probe']['concepts']} concepts; units labelled (IoU > {record['iou_cutoff']}):")
+        print(
+            f"  probe {record['probe']['name']}: {record['probe']['images']} images, "
+            f"{record['probe']['concepts']} concepts; units labelled (IoU > {record['iou_cutoff']}):"
+        )
         for layer in record["layers"]:
             counts = record["labelled_units"].get(layer, {})
             text = ", ".join(f"{n} {category}" for category, n in sorted(counts.items())) or "none"
             print(f"    {layer}: {text}")
-    print(f"  label selectivity: {record['selectivity']['rows']} (unit, label) rows"
-          + ("" if record["selectivity"]["auroc"] else " (precision only: AUROC needs a scan with --record all)"))
+    print(
+        f"  label selectivity: {record['selectivity']['rows']} (unit, label) rows"
+        + ("" if record["selectivity"]["auroc"] else " (precision only: AUROC needs a scan with --record all)")
+    )
     return 0
 
 
@@ -53,6 +79,8 @@ def run_probe_broden(args: argparse.Namespace) -> int:
     from pipeline.dissect.broden import convert_broden
 
     report = convert_broden(args.broden, args.out, max_images=args.max_images)
-    print(f"probe: {args.out} ({report['images']} images, {report['concepts']} concepts in "
-          f"{', '.join(report['categories'])})")
+    print(
+        f"probe: {args.out} ({report['images']} images, {report['concepts']} concepts in "
+        f"{', '.join(report['categories'])})"
+    )
     return 0

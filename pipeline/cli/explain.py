@@ -1,4 +1,5 @@
 """`atlas explain` (per-image explanations of image files, or of a data set on Ray) and `atlas dream`."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,9 @@ from pipeline.cli.options import add_decode_options, add_model_options, add_quie
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("explain", help="per-image explanations: saliency, occlusion, CAM, Grad-CAM "
-                                            "(image files, or a data set on Ray)")
+    parser = sub.add_parser(
+        "explain", help="per-image explanations: saliency, occlusion, CAM, Grad-CAM (image files, or a data set on Ray)"
+    )
     add_model_options(parser)
     add_decode_options(parser)
     parser.add_argument("images", nargs="*", help="image files (or use --data)")
@@ -16,26 +18,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="directory to write OUT/explain/ into (a scan run directory works)")
     parser.add_argument("--run", help="a complete scan run: writes RUN/explain/ (shown on the site's class pages)")
     parser.add_argument("--target", default="auto", help="class index, class name, or auto = top-1 per image")
-    parser.add_argument("--methods", default="saliency,occlusion,cam,gradcam",
-                        help="comma list of saliency, occlusion, cam, gradcam")
+    parser.add_argument(
+        "--methods", default="saliency,occlusion,cam,gradcam", help="comma list of saliency, occlusion, cam, gradcam"
+    )
     parser.add_argument("--layer", help="Grad-CAM layer (default: the map CAM uses, else the last conv block)")
     parser.add_argument("--window", type=int, default=32, help="occlusion square side, input pixels (default 32)")
     parser.add_argument("--stride", type=int, default=16, help="occlusion stride, input pixels (default 16)")
-    parser.add_argument("--fill", choices=("dataset_mean", "image_mean"), default="dataset_mean",
-                        help="occlusion fill: the data set's mean colour (0 after normalising) or the image's")
+    parser.add_argument(
+        "--fill",
+        choices=("dataset_mean", "image_mean"),
+        default="dataset_mean",
+        help="occlusion fill: the data set's mean colour (0 after normalising) or the image's",
+    )
     parser.add_argument("--chunk", type=int, help="occluded copies per forward pass (default 128 on GPU, 16 on CPU)")
     parser.add_argument("--smoothgrad", type=int, default=0, help="SmoothGrad samples for saliency (0: off)")
-    parser.add_argument("--percentile", type=float, default=95.0,
-                        help="saliency box: pixels at or above this percentile (default 95; negative: no box)")
-    parser.add_argument("--box", help="x0,y0,x1,y1 ground-truth box in ORIGINAL image pixels (one image): "
-                                      "reports the saliency box's IoU")
-    parser.add_argument("--metrics", default="", help="explanation quality, off by default (costly, see "
-                        "docs/explanations.md): any of deletion,insertion,randomization -> explain/metrics.parquet")
-    parser.add_argument("--metric-steps", type=int, default=50,
-                        help="deletion/insertion steps from none to all pixels (default 50)")
+    parser.add_argument(
+        "--percentile",
+        type=float,
+        default=95.0,
+        help="saliency box: pixels at or above this percentile (default 95; negative: no box)",
+    )
+    parser.add_argument(
+        "--box",
+        help="x0,y0,x1,y1 ground-truth box in ORIGINAL image pixels (one image): reports the saliency box's IoU",
+    )
+    parser.add_argument(
+        "--metrics",
+        default="",
+        help="explanation quality, off by default (costly, see "
+        "docs/explanations.md): any of deletion,insertion,randomization -> explain/metrics.parquet",
+    )
+    parser.add_argument(
+        "--metric-steps", type=int, default=50, help="deletion/insertion steps from none to all pixels (default 50)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
-    add_ray_options(parser, address="Ray cluster address for --data (default: a local Ray)",
-                    actors="model replicas for --data", threads="torch threads per CPU actor for --data")
+    add_ray_options(
+        parser,
+        address="Ray cluster address for --data (default: a local Ray)",
+        actors="model replicas for --data",
+        threads="torch threads per CPU actor for --data",
+    )
     add_quiet_option(parser)
     parser.set_defaults(func=run)
 
@@ -57,11 +79,20 @@ def _explain_config(args: argparse.Namespace):
     from pipeline.explain.explainer import ExplainConfig
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    return ExplainConfig(model=model_config(args), methods=methods, target=args.target, layer=args.layer,
-                         window=args.window, stride=args.stride, fill=args.fill, chunk=args.chunk,
-                         smoothgrad=args.smoothgrad, percentile=None if args.percentile < 0 else args.percentile,
-                         metrics=tuple(m.strip() for m in (args.metrics or "").split(",") if m.strip()),
-                         metric_steps=args.metric_steps)
+    return ExplainConfig(
+        model=model_config(args),
+        methods=methods,
+        target=args.target,
+        layer=args.layer,
+        window=args.window,
+        stride=args.stride,
+        fill=args.fill,
+        chunk=args.chunk,
+        smoothgrad=args.smoothgrad,
+        percentile=None if args.percentile < 0 else args.percentile,
+        metrics=tuple(m.strip() for m in (args.metrics or "").split(",") if m.strip()),
+        metric_steps=args.metric_steps,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,23 +116,37 @@ def _explain(args: argparse.Namespace, config, root: str) -> int:
     from pipeline.explain.localize import parse_box
 
     if args.data:
-        result = run_explain_data(config, args.data, root, batch_size=args.batch_size, address=args.address,
-                                  actors=args.actors, threads=args.threads, progress=not args.quiet)
-        print(f"explain: {result['ok']} images explained ({result['error']} unreadable) in {result['seconds']} s, "
-              f"{result['images_per_second']} img/s\n  {root}/explain/index.parquet, summary.parquet")
+        result = run_explain_data(
+            config,
+            args.data,
+            root,
+            batch_size=args.batch_size,
+            address=args.address,
+            actors=args.actors,
+            threads=args.threads,
+            progress=not args.quiet,
+        )
+        print(
+            f"explain: {result['ok']} images explained ({result['error']} unreadable) in {result['seconds']} s, "
+            f"{result['images_per_second']} img/s\n  {root}/explain/index.parquet, summary.parquet"
+        )
         return 0
     if args.box and len(args.images) != 1:
         raise ValueError("--box applies to one image")
     boxes = [parse_box(args.box)] if args.box else None
     for info in explain_images(config, args.images, root, boxes=boxes, batch_size=args.batch_size):
         top = ", ".join(f"{t['name']} {t['probability']:.3f}" for t in info["top5"])
-        print(f"{info['image']}\n  target {info['target']} ({info['target_name']}): logit {info['score']:.3f}, "
-              f"probability {info['probability']:.3f}; top-5: {top}")
+        print(
+            f"{info['image']}\n  target {info['target']} ({info['target_name']}): logit {info['score']:.3f}, "
+            f"probability {info['probability']:.3f}; top-5: {top}"
+        )
         occlusion = info.get("occlusion")
         if occlusion:
-            print(f"  occlusion: probability {occlusion['base_probability']:.3f} -> {occlusion['min_probability']:.3f}"
-                  f" with the square at {occlusion['min_square']} (input pixels); most likely there: "
-                  f"{occlusion['top_class_name']} {occlusion['top_class_probability']:.3f}")
+            print(
+                f"  occlusion: probability {occlusion['base_probability']:.3f} -> {occlusion['min_probability']:.3f}"
+                f" with the square at {occlusion['min_square']} (input pixels); most likely there: "
+                f"{occlusion['top_class_name']} {occlusion['top_class_probability']:.3f}"
+            )
         located = info.get("localization")
         if located:
             iou = f", IoU {located['iou']:.3f} with --box" if located["iou"] is not None else ""
@@ -115,9 +160,20 @@ def _explain(args: argparse.Namespace, config, root: str) -> int:
 def run_dream(args: argparse.Namespace) -> int:
     from pipeline.explain.images import dream_file
 
-    result = dream_file(model_config(args), args.image, args.layer, args.out, octaves=args.octaves,
-                        octave_scale=args.octave_scale, steps=args.steps, lr=args.lr, jitter=args.jitter,
-                        seed=args.seed)
-    print(f"dream: {result['out']}  (layer {result['layer']}: 0.5||a||^2 {result['objective_before']:.4g} -> "
-          f"{result['objective_after']:.4g}, x{result['ratio']:.2f})")
+    result = dream_file(
+        model_config(args),
+        args.image,
+        args.layer,
+        args.out,
+        octaves=args.octaves,
+        octave_scale=args.octave_scale,
+        steps=args.steps,
+        lr=args.lr,
+        jitter=args.jitter,
+        seed=args.seed,
+    )
+    print(
+        f"dream: {result['out']}  (layer {result['layer']}: 0.5||a||^2 {result['objective_before']:.4g} -> "
+        f"{result['objective_after']:.4g}, x{result['ratio']:.2f})"
+    )
     return 0

@@ -1,4 +1,5 @@
 """`atlas layers`: the selectable layers of a model with shapes and receptive fields."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
         elif field.is_global:
             geometry = f"{'global':<10} {'-':<8} {'-':<10}"
         else:
-            geometry = (f"{field.size[0]}x{field.size[1]:<7} {field.stride[0]}x{field.stride[1]:<6} "
-                        f"{field.offset[0]},{field.offset[1]:<8}")
+            geometry = (
+                f"{field.size[0]}x{field.size[1]:<7} {field.stride[0]}x{field.stride[1]:<6} "
+                f"{field.offset[0]},{field.offset[1]:<8}"
+            )
         print(f"{info.name:<34} {info.type:<22} {shape:<16} {geometry} {'*' if info.name in blocks else ''}")
     print(f"\n{len(infos)} layers at {size}x{size} input; * = selected by --layers all")
     return 0

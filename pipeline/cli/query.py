@@ -1,4 +1,5 @@
 """`atlas query`: SQL over a run's DuckDB views (pipeline.query)."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,9 +7,12 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("query", help="run SQL over a run with DuckDB (views topk, units, images, maxima, "
-                                          "atlas, explain, ...: the same as RUN/views.sql), or over a comparison "
-                                          "(cmp_units, cmp_layers, a_topk, b_topk, ...)")
+    parser = sub.add_parser(
+        "query",
+        help="run SQL over a run with DuckDB (views topk, units, images, maxima, "
+        "atlas, explain, ...: the same as RUN/views.sql), or over a comparison "
+        "(cmp_units, cmp_layers, a_topk, b_topk, ...)",
+    )
     parser.add_argument("run")
     parser.add_argument("sql")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")

@@ -1,4 +1,5 @@
 """`atlas site`: the static website of a run, or a comparison's page."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,9 @@ from pipeline.cli.options import add_quiet_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("site", help="a static website of the run (index, layers, units, classes, search) "
-                                         "that works from disk")
+    parser = sub.add_parser(
+        "site", help="a static website of the run (index, layers, units, classes, search) that works from disk"
+    )
     parser.add_argument("run")
     parser.add_argument("--out", help="site directory (default: RUN/site; elsewhere, images are copied in)")
     add_quiet_option(parser)
@@ -29,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"comparison page: open {build_comparison_site(args.run, out=args.out)}")
         return 0
     report = build_site(args.run, out=args.out, progress=not args.quiet)
-    print(f"site: {report.pages} pages; {report.written} files written, {report.unchanged} unchanged, "
-          f"{report.removed} removed in {report.seconds} s\nopen {report.index}")
+    print(
+        f"site: {report.pages} pages; {report.written} files written, {report.unchanged} unchanged, "
+        f"{report.removed} removed in {report.seconds} s\nopen {report.index}"
+    )
     return 0

@@ -9,6 +9,7 @@ required keys, values out of range), so a typo is an error with the key's full n
 Command-line overrides (``--set render.steps=256``) are applied to the parsed TOML before validation and
 must name an existing key. The resolved configuration is written beside the run's results as TOML.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,9 @@ class ConfigError(ValueError):
     """A job configuration that cannot be used; the message names the key and says why."""
 
 
-def check_scan_settings(k: int, record: str, batch_size: int, device: str, actors: int | None = None,
-                        threads: int | None = None) -> None:
+def check_scan_settings(
+    k: int, record: str, batch_size: int, device: str, actors: int | None = None, threads: int | None = None
+) -> None:
     """The scan's own settings (ValueError naming the setting); shared by job files and `atlas scan`.
     Numeric ranges come from pipeline.ranges, the one table the model and render settings use too."""
     for name, value in (("k", k), ("batch_size", batch_size), ("actors", actors), ("threads", threads)):
@@ -162,8 +164,9 @@ class RenderSection:
         if self.preset not in PRESETS:
             raise ConfigError(f"render.preset must be one of {', '.join(map(repr, PRESETS))}, got {self.preset!r}")
         if self.objective not in UNIT_OBJECTIVES:
-            raise ConfigError(f"render.objective must be one of {', '.join(map(repr, UNIT_OBJECTIVES))}, got "
-                              f"{self.objective!r}")
+            raise ConfigError(
+                f"render.objective must be one of {', '.join(map(repr, UNIT_OBJECTIVES))}, got {self.objective!r}"
+            )
         _check_ranges(self, "render", ("size", "steps", "units_per_task", "actors", "pictures"))
 
 
@@ -220,11 +223,13 @@ class JobConfig:
             getattr(self, section.name).check()
         if "render" in self.job.stages and self.render.classes is None:
             # A job file says what it costs: "all" classes of an ImageNet model is 1,000 visualizations.
-            raise ConfigError('render.classes is required with the render stage: "none", "all" or classes like '
-                              '"0-9,207"')
+            raise ConfigError(
+                'render.classes is required with the render stage: "none", "all" or classes like "0-9,207"'
+            )
 
 
 # ------------------------------------------------------------------------------------------- parsing
+
 
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
@@ -347,6 +352,7 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobCo
 
 
 # ------------------------------------------------------------------------------------------- writing
+
 
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):

@@ -8,6 +8,7 @@ and the stages themselves only do what is missing (a complete identical scan is 
 writes only missing images, the site rewrites only changed files), so a re-run after a failure resumes
 where it stopped. ``RUN/job.toml`` is the resolved configuration, every default written out.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,17 @@ from typing import Callable
 from pipeline.cluster.config import ConfigError, JobConfig, to_toml
 from pipeline.data import DataError, resolve_source
 from pipeline.models import ModelConfig, ModelError, load_model, resolve_layers
-from pipeline.cluster.remote import (OutLease, RunMirror, cache_dir, check_run_id, fetch_file, is_published, is_url, publish,
-                             run_url)
+from pipeline.cluster.remote import (
+    OutLease,
+    RunMirror,
+    cache_dir,
+    check_run_id,
+    fetch_file,
+    is_published,
+    is_url,
+    publish,
+    run_url,
+)
 from pipeline.render.plan import RenderOptions
 from pipeline.scan.runner import ScanConfig
 from pipeline.fileio import atomic_write
@@ -113,27 +123,35 @@ def _resolve_data(config: JobConfig, run_dir: str) -> str:
     return source if is_url(source) else os.path.abspath(source)
 
 
-def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str | None = None,
-                run_id: str | None = None) -> PreparedJob:
+def prepare_job(
+    config: JobConfig, overrides: tuple[str, ...] = (), source: str | None = None, run_id: str | None = None
+) -> PreparedJob:
     """Validate what needs files and the model; ConfigError (naming the key) on any problem. `run_id` names the
     run's prefix under a URL `out` (default: today's UTC date); a local `out` has none."""
     if is_url(config.job.out):
         run_id = check_run_id(run_id or default_run_id())
     elif run_id is not None:
-        raise ConfigError(f"--run-id applies to an object-store job.out (s3://, gs://, file://...); "
-                          f"{config.job.out} is a local folder")
+        raise ConfigError(
+            f"--run-id applies to an object-store job.out (s3://, gs://, file://...); "
+            f"{config.job.out} is a local folder"
+        )
     run_dir = _local_run_dir(config, run_id)
     check_own_files(run_dir)
     try:
         weights = _resolve_weights(config.model.weights)
     except FileNotFoundError as error:
         raise ConfigError(f"model.weights: {error}") from error
-    model = ModelConfig(spec=config.model.spec, weights=weights, image_size=config.model.image_size,
-                        resize=config.model.resize,
-                        mean=tuple(config.model.mean) if config.model.mean else None,
-                        std=tuple(config.model.std) if config.model.std else None,
-                        max_side=config.scan.max_side, max_pixels=config.scan.max_pixels,
-                        max_aspect=config.scan.max_aspect)
+    model = ModelConfig(
+        spec=config.model.spec,
+        weights=weights,
+        image_size=config.model.image_size,
+        resize=config.model.resize,
+        mean=tuple(config.model.mean) if config.model.mean else None,
+        std=tuple(config.model.std) if config.model.std else None,
+        max_side=config.scan.max_side,
+        max_pixels=config.scan.max_pixels,
+        max_aspect=config.scan.max_aspect,
+    )
     try:
         loaded = load_model(model)
     except (ModelError, FileNotFoundError, RuntimeError) as error:
@@ -146,22 +164,45 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
     if render.layers is not None:
         unknown = [name for name in render.layers if name not in layers]
         if unknown:
-            raise ConfigError(f"render.layers: {', '.join(unknown)} not among the scanned layers "
-                              f"({', '.join(layers)})")
+            raise ConfigError(f"render.layers: {', '.join(unknown)} not among the scanned layers ({', '.join(layers)})")
     data = _resolve_data(config, run_dir)
-    scan = ScanConfig(model=model, data=data, out=run_dir, layers=",".join(layers), k=config.scan.k,
-                      record=config.scan.record, batch_size=config.scan.batch_size, address=config.job.address,
-                      actors=config.scan.actors, threads=config.scan.threads, device=config.scan.device,
-                      overwrite=config.job.overwrite, flush_images=config.scan.flush_images,
-                      precision=config.scan.precision, channels_last=config.scan.channels_last,
-                      stall_seconds=config.scan.stall_seconds, decode=config.scan.decode)
+    scan = ScanConfig(
+        model=model,
+        data=data,
+        out=run_dir,
+        layers=",".join(layers),
+        k=config.scan.k,
+        record=config.scan.record,
+        batch_size=config.scan.batch_size,
+        address=config.job.address,
+        actors=config.scan.actors,
+        threads=config.scan.threads,
+        device=config.scan.device,
+        overwrite=config.job.overwrite,
+        flush_images=config.scan.flush_images,
+        precision=config.scan.precision,
+        channels_last=config.scan.channels_last,
+        stall_seconds=config.scan.stall_seconds,
+        decode=config.scan.decode,
+    )
     try:
         options = RenderOptions.from_settings(
-            layers=render.layers, units=render.units, classes=render.classes, pictures=render.pictures,
-            preset=render.preset, steps=render.steps, size=render.size, seed=render.seed,
-            objective=render.objective, featvis=render.featvis, views=render.views,
-            units_per_task=render.units_per_task, address=config.job.address, actors=render.actors,
-            device=render.device)
+            layers=render.layers,
+            units=render.units,
+            classes=render.classes,
+            pictures=render.pictures,
+            preset=render.preset,
+            steps=render.steps,
+            size=render.size,
+            seed=render.seed,
+            objective=render.objective,
+            featvis=render.featvis,
+            views=render.views,
+            units_per_task=render.units_per_task,
+            address=config.job.address,
+            actors=render.actors,
+            device=render.device,
+        )
     except ValueError as error:
         raise ConfigError(f"render.units/classes: {error}") from error
     try:
@@ -181,8 +222,16 @@ def prepare_job(config: JobConfig, overrides: tuple[str, ...] = (), source: str 
         except RunError as error:
             raise ConfigError(f"compare.previous: {error}") from error
     _check_dissect(config, layers)
-    return PreparedJob(config=config, run_dir=run_dir, scan=scan, render=options, site_out=site_out,
-                       overrides=tuple(overrides), source=source, run_id=run_id)
+    return PreparedJob(
+        config=config,
+        run_dir=run_dir,
+        scan=scan,
+        render=options,
+        site_out=site_out,
+        overrides=tuple(overrides),
+        source=source,
+        run_id=run_id,
+    )
 
 
 def _check_dissect(config: JobConfig, layers: list[str]) -> None:
@@ -205,10 +254,18 @@ def _dissect(job: PreparedJob, progress: bool) -> None:
     from pipeline.dissect.runner import DissectConfig, dissect_run
 
     section = job.config.dissect
-    dissect_run(DissectConfig(run=job.run_dir, probe=section.probe,
-                              layers=",".join(section.layers) if section.layers else None,
-                              batch_size=section.batch_size, address=job.config.job.address, actors=section.actors,
-                              device=section.device, progress=progress))
+    dissect_run(
+        DissectConfig(
+            run=job.run_dir,
+            probe=section.probe,
+            layers=",".join(section.layers) if section.layers else None,
+            batch_size=section.batch_size,
+            address=job.config.job.address,
+            actors=section.actors,
+            device=section.device,
+            progress=progress,
+        )
+    )
 
 
 def _check_actors_on_local_machine(config: JobConfig, scan: ScanConfig, render: RenderOptions) -> None:
@@ -224,8 +281,10 @@ def _check_actors_on_local_machine(config: JobConfig, scan: ScanConfig, render: 
     from pipeline.image_stream import plan_actors
 
     shape = ClusterShape(cpus=os.cpu_count() or 1, gpus=torch.cuda.device_count())
-    for key, plan in (("scan.actors", lambda: plan_actors(scan.actors, scan.threads, scan.device, shape)),
-                      ("render.actors", lambda: plan_workers(render, shape.cpus, shape.gpus))):
+    for key, plan in (
+        ("scan.actors", lambda: plan_actors(scan.actors, scan.threads, scan.device, shape)),
+        ("render.actors", lambda: plan_workers(render, shape.cpus, shape.gpus)),
+    ):
         try:
             plan()
         except ValueError as error:
@@ -247,9 +306,13 @@ class _Record:
         return bool(entry) and entry.get("status") == "complete" and entry.get("key") == key
 
     def mark(self, stage: str, key: str, seconds: float, skipped: bool) -> None:
-        self.data["stages"][stage] = {"status": "complete", "key": key, "seconds": round(seconds, 3),
-                                      "skipped": skipped,
-                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.data["stages"][stage] = {
+            "status": "complete",
+            "key": key,
+            "seconds": round(seconds, 3),
+            "skipped": skipped,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         write_json(self.data, self.path)
 
     def forget(self, stages: list[str]) -> None:
@@ -266,8 +329,11 @@ def _is_own_file(path: str) -> bool:
             record = json.load(handle)
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return (isinstance(record, dict) and set(record) <= {"name", "stages", "seconds"}
-            and isinstance(record.get("stages"), dict))
+    return (
+        isinstance(record, dict)
+        and set(record) <= {"name", "stages", "seconds"}
+        and isinstance(record.get("stages"), dict)
+    )
 
 
 def check_own_files(run_dir: str) -> None:
@@ -276,15 +342,19 @@ def check_own_files(run_dir: str) -> None:
     for name in (JOB_TOML, JOB_RECORD):
         path = os.path.join(run_dir, name)
         if os.path.lexists(path) and not _is_own_file(path):
-            raise RunError(f"{path} exists and was not written by `atlas run` (the run writes its {name} "
-                           "there); choose another job.out, or move the file")
+            raise RunError(
+                f"{path} exists and was not written by `atlas run` (the run writes its {name} "
+                "there); choose another job.out, or move the file"
+            )
 
 
 def write_resolved(job: PreparedJob) -> None:
-    header = (f"{RESOLVED_HEADER} {job.config.job.name!r}, written by `atlas run` on "
-              f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
-              f"from {job.source or '(in-memory config)'}"
-              + (f" with overrides: {' '.join(job.overrides)}" if job.overrides else ""))
+    header = (
+        f"{RESOLVED_HEADER} {job.config.job.name!r}, written by `atlas run` on "
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+        f"from {job.source or '(in-memory config)'}"
+        + (f" with overrides: {' '.join(job.overrides)}" if job.overrides else "")
+    )
     atomic_write(os.path.join(job.run_dir, JOB_TOML), to_toml(job.config, header))
 
 
@@ -306,8 +376,9 @@ def run_job(job: PreparedJob, progress: bool = True) -> dict:
     with OutLease(out, job.run_id) as lease:
         if is_published(out, job.run_id):
             # Readers may be reading it: a published run's files never change.
-            raise RunError(f"{mirror.url} is already published; a new run needs another --run-id "
-                           f"(or `atlas submit --date`)")
+            raise RunError(
+                f"{mirror.url} is already published; a new run needs another --run-id (or `atlas submit --date`)"
+            )
 
         def push() -> None:
             lease.check()  # never write beside a writer that took the lease over
@@ -384,21 +455,33 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
         if job.config.dissect.probe is not None:
             from pipeline.dissect.probe import open_probe
 
-            dissect_key = _sha({"scan": scan_fingerprint, "dissect": asdict(job.config.dissect),
-                                "probe": open_probe(job.config.dissect.probe).fingerprint()})
+            dissect_key = _sha(
+                {
+                    "scan": scan_fingerprint,
+                    "dissect": asdict(job.config.dissect),
+                    "probe": open_probe(job.config.dissect.probe).fingerprint(),
+                }
+            )
             _stage(record, "dissect", dissect_key, lambda: _dissect(job, progress), push)
         render_key = _sha({"scan": scan_fingerprint, "render": asdict(job.config.render)})
         if "render" in stages:
-            _stage(record, "render", render_key,
-                   lambda: render_run(job.run_dir, replace(job.render, progress=progress)), push)
+            _stage(
+                record,
+                "render",
+                render_key,
+                lambda: render_run(job.run_dir, replace(job.render, progress=progress)),
+                push,
+            )
     if "site" in stages:
-        site_inputs = {"scan": scan_fingerprint, "render": render_key if "render" in stages else None,
-                       "site": asdict(job.config.site)}
+        site_inputs = {
+            "scan": scan_fingerprint,
+            "render": render_key if "render" in stages else None,
+            "site": asdict(job.config.site),
+        }
         if dissect_key is not None:  # jobs without a dissection keep the key they had
             site_inputs["dissect"] = dissect_key
         site_key = _sha(site_inputs)
-        _stage(record, "site", site_key, lambda: build_site(job.run_dir, out=job.site_out, progress=progress),
-               push)
+        _stage(record, "site", site_key, lambda: build_site(job.run_dir, out=job.site_out, progress=progress), push)
     record.data["seconds"] = round(time.time() - started, 3)
     write_json(record.data, record.path)
     push()

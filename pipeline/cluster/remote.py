@@ -7,6 +7,7 @@ half-uploaded run never looks complete, and downloading what is there before it 
 lost its machine resumes from the last finished stage. Weights given as a URL are downloaded once into a
 cache keyed by the URL.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -123,8 +124,12 @@ class RunMirror:
             return {}
 
     def _in_sync(self, state: dict, relative: str, local: dict, remote: dict) -> bool:
-        return (relative in local and relative in remote and local[relative][0] == remote[relative][0]
-                and state.get(relative) == [*local[relative], remote[relative][1]])
+        return (
+            relative in local
+            and relative in remote
+            and local[relative][0] == remote[relative][0]
+            and state.get(relative) == [*local[relative], remote[relative][1]]
+        )
 
     def pull(self, include: Callable[[str], bool] | None = None, prune: bool = False) -> int:
         """Download the remote run into the local copy (only the relative paths `include` accepts, when given);
@@ -182,8 +187,10 @@ class RunMirror:
         for relative in ordered:
             destination = f"{self.root}/{relative}"
             self.filesystem.create_dir(destination.rsplit("/", 1)[0], recursive=True)
-            with open(os.path.join(self.local, *relative.split("/")), "rb") as source, \
-                    self.filesystem.open_output_stream(destination) as out:
+            with (
+                open(os.path.join(self.local, *relative.split("/")), "rb") as source,
+                self.filesystem.open_output_stream(destination) as out,
+            ):
                 shutil.copyfileobj(source, out, 1 << 20)
         stale = [r for r in remote if r not in local]
         for relative in stale:
@@ -265,8 +272,14 @@ def publish(out: str, run_id: str, record: dict) -> dict:
     filesystem, root = _filesystem(out.rstrip("/"))
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     prefix = f"{RUNS}/{run_id}"
-    pointer = {"run_id": run_id, "run": prefix + "/", "url": f"{out.rstrip('/')}/{prefix}/", "published": now,
-               "job": record.get("name"), "stages": sorted(record.get("stages", {}))}
+    pointer = {
+        "run_id": run_id,
+        "run": prefix + "/",
+        "url": f"{out.rstrip('/')}/{prefix}/",
+        "published": now,
+        "job": record.get("name"),
+        "stages": sorted(record.get("stages", {})),
+    }
     if "site" in record.get("stages", {}):
         pointer["site"] = f"{prefix}/site/index.html"
     # The marker first: if the pointer write fails, a retry finds the run sealed and complete and only re-points.
@@ -274,8 +287,10 @@ def publish(out: str, run_id: str, record: dict) -> dict:
     _write_atomically(filesystem, f"{root}/{LATEST}", json.dumps(pointer, indent=1).encode())
     if "site" in pointer:
         target = html.escape(pointer["site"], quote=True)
-        page = (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0; url={target}">'
-                f'<title>Neuron Atlas: latest run</title><a href="{target}">latest run ({html.escape(run_id)})</a>\n')
+        page = (
+            f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0; url={target}">'
+            f'<title>Neuron Atlas: latest run</title><a href="{target}">latest run ({html.escape(run_id)})</a>\n'
+        )
         _write_atomically(filesystem, f"{root}/index.html", page.encode())
     logger.info("published %s: %s now points at %s", out, LATEST, prefix)
     return pointer
@@ -295,16 +310,27 @@ class OutLease:
     raises RunBusy instead of writing beside the new holder.
     """
 
-    def __init__(self, out: str, run_id: str, ttl_seconds: float = 120.0, renew_seconds: float = 30.0,
-                 settle_seconds: float = 1.0):
+    def __init__(
+        self,
+        out: str,
+        run_id: str,
+        ttl_seconds: float = 120.0,
+        renew_seconds: float = 30.0,
+        settle_seconds: float = 1.0,
+    ):
         self.out = out.rstrip("/")
         self.filesystem, root = _filesystem(self.out)
         self.path = f"{root}/{LEASE}"
         self.ttl, self.renew_every, self.settle = ttl_seconds, renew_seconds, settle_seconds
         self.holder = uuid.uuid4().hex
-        self.info = {"holder": self.holder, "pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
-                     "command": " ".join(sys.argv)[:300],
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.info = {
+            "holder": self.holder,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "run_id": run_id,
+            "command": " ".join(sys.argv)[:300],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -314,8 +340,10 @@ class OutLease:
         _write_atomically(self.filesystem, self.path, json.dumps(body).encode())
 
     def _describe(self, lease: dict) -> str:
-        return (f"pid {lease.get('pid')} on {lease.get('host')} (run {lease.get('run_id')}, since "
-                f"{lease.get('started')}, renewed {time.time() - float(lease.get('renewed', 0)):.0f} s ago)")
+        return (
+            f"pid {lease.get('pid')} on {lease.get('host')} (run {lease.get('run_id')}, since "
+            f"{lease.get('started')}, renewed {time.time() - float(lease.get('renewed', 0)):.0f} s ago)"
+        )
 
     def acquire(self) -> None:
         from pipeline.rundir import RunBusy
@@ -325,24 +353,32 @@ class OutLease:
             seen = current.get("renewed")
             deadline = float(seen or 0) + float(current.get("ttl_seconds", self.ttl))
             if time.time() < deadline:
-                logger.info("%s holds a lease by %s; waiting up to %.0f s to see whether it is alive",
-                            self.out, self._describe(current), deadline - time.time())
+                logger.info(
+                    "%s holds a lease by %s; waiting up to %.0f s to see whether it is alive",
+                    self.out,
+                    self._describe(current),
+                    deadline - time.time(),
+                )
             while time.time() < deadline:
                 time.sleep(min(self.renew_every / 3, max(deadline - time.time(), 0.05)))
                 current = _read_json(self.filesystem, self.path)
                 if current is None:
                     break
                 if current.get("renewed") != seen:
-                    raise RunBusy(f"{self.out} is being written by {self._describe(current)}; one run per output: "
-                                  "wait for it to finish or stop it")
+                    raise RunBusy(
+                        f"{self.out} is being written by {self._describe(current)}; one run per output: "
+                        "wait for it to finish or stop it"
+                    )
             if current is not None:
                 logger.warning("taking over the expired lease on %s (%s)", self.out, self._describe(current))
         self._write()
         time.sleep(self.settle)
         current = _read_json(self.filesystem, self.path)
         if current is None or current.get("holder") != self.holder:
-            raise RunBusy(f"{self.out} was just claimed by "
-                          f"{self._describe(current) if current else 'another writer'}; one run per output")
+            raise RunBusy(
+                f"{self.out} was just claimed by "
+                f"{self._describe(current) if current else 'another writer'}; one run per output"
+            )
         self._thread = threading.Thread(target=self._renew, name="atlas-out-lease", daemon=True)
         self._thread.start()
 
@@ -368,8 +404,10 @@ class OutLease:
         from pipeline.rundir import RunBusy
 
         if self.lost:
-            raise RunBusy(f"{self.out}: the lease was taken over by {self.lost} while this run could not renew it; "
-                          "stopping before writing beside it")
+            raise RunBusy(
+                f"{self.out}: the lease was taken over by {self.lost} while this run could not renew it; "
+                "stopping before writing beside it"
+            )
 
     def release(self) -> None:
         self._stop.set()

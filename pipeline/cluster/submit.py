@@ -18,6 +18,7 @@ the client is built with them out of the way and the log says which address is u
 on the cluster, the token is read where Ray's own tools read it: ``RAY_AUTH_TOKEN``, else the file named by
 ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -59,7 +60,8 @@ def absolute_paths(config: JobConfig) -> JobConfig:
         job=dataclasses.replace(config.job, out=fix(config.job.out), work_dir=fix(config.job.work_dir)),
         model=dataclasses.replace(config.model, weights=fix(config.model.weights)),
         data=dataclasses.replace(config.data, source=fix(config.data.source)),
-        site=dataclasses.replace(config.site, out=fix(config.site.out)))
+        site=dataclasses.replace(config.site, out=fix(config.site.out)),
+    )
 
 
 def _slug(config: JobConfig) -> str:
@@ -125,11 +127,15 @@ def _auth_errors(address: str, sent: bool) -> Iterator[None]:
         yield
     except AuthenticationError as error:
         if sent:
-            raise RunError(f"the Ray cluster at {address} refused the authentication token (wrong token for this "
-                           "cluster: check RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)") from error
-        raise RunError(f"the Ray cluster at {address} requires an authentication token: set RAY_AUTH_TOKEN (or "
-                       "RAY_AUTH_TOKEN_PATH) to its token, e.g. the auth_token key of the Secret KubeRay made "
-                       "for the cluster") from error
+            raise RunError(
+                f"the Ray cluster at {address} refused the authentication token (wrong token for this "
+                "cluster: check RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)"
+            ) from error
+        raise RunError(
+            f"the Ray cluster at {address} requires an authentication token: set RAY_AUTH_TOKEN (or "
+            "RAY_AUTH_TOKEN_PATH) to its token, e.g. the auth_token key of the Secret KubeRay made "
+            "for the cluster"
+        ) from error
 
 
 def _stream_logs(client: Any, job_id: str, out) -> None:
@@ -166,6 +172,7 @@ class _Terminated(BaseException):
 @contextlib.contextmanager
 def _stop_on_sigterm(client: Any, job_id: str) -> Iterator[None]:
     """While following `job_id`: on SIGTERM stop the Ray job, wait briefly for the cluster to confirm, re-raise."""
+
     def handler(signum, frame):
         raise _Terminated()
 
@@ -189,8 +196,14 @@ def _stop_on_sigterm(client: Any, job_id: str) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def submit_job(config: JobConfig, address: str | None, date: str | None = None, runtime_env: dict | None = None,
-               follow: bool = True, out=sys.stdout) -> tuple[str, str]:
+def submit_job(
+    config: JobConfig,
+    address: str | None,
+    date: str | None = None,
+    runtime_env: dict | None = None,
+    follow: bool = True,
+    out=sys.stdout,
+) -> tuple[str, str]:
     """Submit (or attach to) the job's run for `date` (default: today, UTC); returns (submission id, status).
 
     One run per (configuration, date): an attempt that succeeded is not repeated, a pending or running one is
@@ -208,8 +221,9 @@ def submit_job(config: JobConfig, address: str | None, date: str | None = None, 
         return _submit(client, config, address, date, base_id, runtime_env, follow, out)
 
 
-def _submit(client: Any, config: JobConfig, address: str, date: str, base_id: str, runtime_env: dict | None,
-            follow: bool, out) -> tuple[str, str]:
+def _submit(
+    client: Any, config: JobConfig, address: str, date: str, base_id: str, runtime_env: dict | None, follow: bool, out
+) -> tuple[str, str]:
     jobs = client.list_jobs()
     attempts = _attempts(jobs, base_id)
     done = [job_id for job_id, status in attempts if status == "SUCCEEDED"]
@@ -219,29 +233,42 @@ def _submit(client: Any, config: JobConfig, address: str, date: str, base_id: st
     active = [job_id for job_id, status in attempts if status not in TERMINAL]
     if not active:
         pattern = same_job(config)
-        others = [(info.submission_id, _status_text(info)) for info in jobs
-                  if _status_text(info) not in TERMINAL and info.submission_id
-                  and (pattern.fullmatch(info.submission_id)
-                       or (info.metadata or {}).get("out") == config.job.out)]
+        others = [
+            (info.submission_id, _status_text(info))
+            for info in jobs
+            if _status_text(info) not in TERMINAL
+            and info.submission_id
+            and (pattern.fullmatch(info.submission_id) or (info.metadata or {}).get("out") == config.job.out)
+        ]
         if others:
-            raise RunError(f"another run of job {config.job.name} is {others[0][1]} on {address} "
-                           f"({others[0][0]}); one run per output: wait for it to end or stop it "
-                           f"(ray job stop {others[0][0]})")
+            raise RunError(
+                f"another run of job {config.job.name} is {others[0][1]} on {address} "
+                f"({others[0][0]}); one run per output: wait for it to end or stop it "
+                f"(ray job stop {others[0][0]})"
+            )
     if active:
         job_id = active[-1]
         logger.info("%s is already %s; attaching to it", job_id, _status(client, job_id))
     else:
         job_id = base_id if not attempts else f"{base_id}-retry{len(attempts)}"
         if attempts:
-            logger.info("%d earlier attempt(s) ended %s; submitting %s (it resumes from the last finished stage)",
-                        len(attempts), attempts[-1][1], job_id)
+            logger.info(
+                "%d earlier attempt(s) ended %s; submitting %s (it resumes from the last finished stage)",
+                len(attempts),
+                attempts[-1][1],
+                job_id,
+            )
         env = dict(runtime_env or {})
         env["env_vars"] = {**env.get("env_vars", {}), JOB_VARIABLE: to_toml(config, f"submitted as {job_id}")}
         # The schedule date is the run id: every attempt of one date works on, and publishes, one prefix of `out`.
         entrypoint = f"atlas run env:{JOB_VARIABLE}" + (f" --run-id {date}" if is_url(config.job.out) else "")
         try:
-            client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=env,
-                              metadata={"job": config.job.name, "schedule_date": date, "out": config.job.out})
+            client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=job_id,
+                runtime_env=env,
+                metadata={"job": config.job.name, "schedule_date": date, "out": config.job.out},
+            )
             logger.info("submitted %s to %s", job_id, address)
         except RuntimeError as error:
             if "already exists" not in str(error):

@@ -11,6 +11,7 @@ The per-image numbers come from streaming cross-moments (sums, sums of squares a
 chunks of images), so memory is (units_a + units_b)^2 per layer, not images x units; CKA and every correlation
 come from the same centred moments.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,22 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.store import (COMPARE_SCHEMAS, COMPARE_VIEWS, COMPARISON_KIND, MANIFEST, RUN_VIEWS, SCHEMAS, RunError,
-                            create_views, layer_dir, read_manifest, table_views, write_json, write_table, write_views)
+from pipeline.store import (
+    COMPARE_SCHEMAS,
+    COMPARE_VIEWS,
+    COMPARISON_KIND,
+    MANIFEST,
+    RUN_VIEWS,
+    SCHEMAS,
+    RunError,
+    create_views,
+    layer_dir,
+    read_manifest,
+    table_views,
+    write_json,
+    write_table,
+    write_views,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +48,10 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 1024 * 1024
 # Fewer shared top-k keys than this give no rank correlation (two points always correlate +-1).
 MIN_SPEARMAN_KEYS = 3
-MAXIMA_NEEDED = ("correlations, CKA and unit matching need both runs scanned with --record all "
-                 "(or --sample N to recompute maxima on N shared images)")
+MAXIMA_NEEDED = (
+    "correlations, CKA and unit matching need both runs scanned with --record all "
+    "(or --sample N to recompute maxima on N shared images)"
+)
 
 
 class ComparisonIncomplete(RunError):
@@ -42,6 +59,7 @@ class ComparisonIncomplete(RunError):
 
 
 # ---------------------------------------------------------------------------------------------- numerics
+
 
 @dataclass
 class CrossMoments:
@@ -51,6 +69,7 @@ class CrossMoments:
     shifted by the first chunk's mean before accumulating, so the centring subtracts two numbers of similar size
     only when the true mean is far from that estimate (the usual remedy for cancellation in one-pass variance).
     """
+
     n: int = 0
     shift_x: np.ndarray | None = None
     shift_y: np.ndarray | None = None
@@ -83,8 +102,11 @@ class CrossMoments:
         if self.n < 2:
             raise ValueError("CKA and correlations need at least 2 images")
         n = self.n
-        return (self.sxx - np.outer(self.sx, self.sx) / n, self.syy - np.outer(self.sy, self.sy) / n,
-                self.sxy - np.outer(self.sx, self.sy) / n)
+        return (
+            self.sxx - np.outer(self.sx, self.sx) / n,
+            self.syy - np.outer(self.sy, self.sy) / n,
+            self.sxy - np.outer(self.sx, self.sy) / n,
+        )
 
     def cka(self) -> float:
         """Linear CKA = ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) (Kornblith et al. 2019, eq. for linear
@@ -143,11 +165,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---------------------------------------------------------------------------------------------- runs
 
+
 @dataclass
 class RunInfo:
     path: str
     manifest: dict
-    layers: dict[str, int] = field(default_factory=dict)   # name -> units, in recorded order
+    layers: dict[str, int] = field(default_factory=dict)  # name -> units, in recorded order
 
     @property
     def fingerprint(self) -> str:
@@ -159,10 +182,17 @@ class RunInfo:
 
     def describe(self) -> dict:
         model = self.manifest.get("model", {})
-        return {"path": self.path, "fingerprint": self.fingerprint, "created": self.manifest.get("created"),
-                "model": model.get("spec"), "weights": model.get("weights"),
-                "weights_sha256": model.get("weights_sha256"), "data": self.manifest.get("data", {}).get("path"),
-                "record": self.manifest.get("record"), "k": self.manifest.get("k")}
+        return {
+            "path": self.path,
+            "fingerprint": self.fingerprint,
+            "created": self.manifest.get("created"),
+            "model": model.get("spec"),
+            "weights": model.get("weights"),
+            "weights_sha256": model.get("weights_sha256"),
+            "data": self.manifest.get("data", {}).get("path"),
+            "record": self.manifest.get("record"),
+            "k": self.manifest.get("k"),
+        }
 
 
 def load_run(path: str) -> RunInfo:
@@ -178,12 +208,13 @@ def load_run(path: str) -> RunInfo:
 @dataclass
 class Plan:
     """What can be compared, decided before any work."""
-    layers: list[str]                  # recorded in both runs, in A's order
-    per_unit: dict[str, bool]          # same width in both: unit u of A is compared with unit u of B
-    skipped: dict[str, str]            # layer -> why it is not compared
-    images: dict                       # counts: a, b, shared, only_a, only_b, same
-    per_image: bool                    # correlations / CKA / matching computed
-    topk_overlap: bool                 # top-k Jaccard / rank correlation computed (needs the same images)
+
+    layers: list[str]  # recorded in both runs, in A's order
+    per_unit: dict[str, bool]  # same width in both: unit u of A is compared with unit u of B
+    skipped: dict[str, str]  # layer -> why it is not compared
+    images: dict  # counts: a, b, shared, only_a, only_b, same
+    per_image: bool  # correlations / CKA / matching computed
+    topk_overlap: bool  # top-k Jaccard / rank correlation computed (needs the same images)
     notes: list[str]
 
 
@@ -201,8 +232,10 @@ def plan_comparison(a: RunInfo, b: RunInfo, con) -> Plan:
     skipped = {name: "only in A" for name in a.layers if name not in b.layers}
     skipped |= {name: "only in B" for name in b.layers if name not in a.layers}
     if not common:
-        raise RunError(f"{a.path} and {b.path} recorded no layer of the same name (A: {', '.join(a.layers)}; "
-                       f"B: {', '.join(b.layers)})")
+        raise RunError(
+            f"{a.path} and {b.path} recorded no layer of the same name (A: {', '.join(a.layers)}; "
+            f"B: {', '.join(b.layers)})"
+        )
     per_unit = {name: a.layers[name] == b.layers[name] for name in common}
     shared, only_a, only_b, count_a, count_b = con.execute("""
         WITH a AS (SELECT DISTINCT image_key FROM a_images WHERE status = 'ok'),
@@ -222,12 +255,15 @@ def plan_comparison(a: RunInfo, b: RunInfo, con) -> Plan:
 
 
 def _different_images_message(a: RunInfo, b: RunInfo, images: dict) -> str:
-    return (f"{a.path} and {b.path} saw different images ({images['shared']:,} shared, {images['only_a']:,} only "
-            f"in A, {images['only_b']:,} only in B): top-k overlap, correlations, CKA and unit matching need the "
-            f"same images and were not computed; dead units and label drift were")
+    return (
+        f"{a.path} and {b.path} saw different images ({images['shared']:,} shared, {images['only_a']:,} only "
+        f"in A, {images['only_b']:,} only in B): top-k overlap, correlations, CKA and unit matching need the "
+        f"same images and were not computed; dead units and label drift were"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- top-k
+
 
 @dataclass
 class UnitTopK:
@@ -237,8 +273,9 @@ class UnitTopK:
 
 
 def _read_topk(con, prefix: str, layer: str) -> dict[int, UnitTopK]:
-    rows = con.execute(f"SELECT unit, image_key, act, label FROM {prefix}topk WHERE layer = ? ORDER BY unit, rank",
-                       [layer]).fetchall()
+    rows = con.execute(
+        f"SELECT unit, image_key, act, label FROM {prefix}topk WHERE layer = ? ORDER BY unit, rank", [layer]
+    ).fetchall()
     units: dict[int, UnitTopK] = {}
     for unit, key, act, label in rows:
         entry = units.setdefault(unit, UnitTopK([], [], []))
@@ -269,8 +306,9 @@ def strongest_label(topk: UnitTopK | None) -> tuple[str | None, float | None]:
     return best, count[best] / len(topk.keys)
 
 
-def topk_overlap(a: UnitTopK | None, b: UnitTopK | None, dead_a: bool, dead_b: bool
-                 ) -> tuple[float | None, int | None, float | None]:
+def topk_overlap(
+    a: UnitTopK | None, b: UnitTopK | None, dead_a: bool, dead_b: bool
+) -> tuple[float | None, int | None, float | None]:
     """(Jaccard of the top-k keys, shared keys, Spearman of the shared keys' activations).
 
     A dead unit's top-k is no response: every value is the same floor and the key order alone ranks them, so it
@@ -289,6 +327,7 @@ def topk_overlap(a: UnitTopK | None, b: UnitTopK | None, dead_a: bool, dead_b: b
 
 
 # ---------------------------------------------------------------------------------------------- maxima
+
 
 def layer_moments(a: RunInfo, b: RunInfo, layer: str, shared_keys: int, con) -> CrossMoments:
     """Accumulate the cross-moments of the two runs' per-image maxima of `layer` over the shared images, in
@@ -311,14 +350,17 @@ def layer_moments(a: RunInfo, b: RunInfo, layer: str, shared_keys: int, con) -> 
             matrix = np.full((rows, units), np.nan, np.float32)
             matrix[table["row"], table["unit"]] = table["act"]
             if len(table["act"]) != rows * units or np.isnan(matrix).any():
-                raise RunError(f"run {prefix.upper()}'s maxima of {layer} do not cover every image and unit "
-                               f"({len(table['act']):,} values for {rows:,} images x {units} units); rescan it")
+                raise RunError(
+                    f"run {prefix.upper()}'s maxima of {layer} do not cover every image and unit "
+                    f"({len(table['act']):,} values for {rows:,} images x {units} units); rescan it"
+                )
             views.append(matrix)
         moments.add(views[0], views[1])
     return moments
 
 
 # ---------------------------------------------------------------------------------------------- compare
+
 
 def _none(value: float | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
@@ -329,8 +371,15 @@ def _mean(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def compare_runs(run_a: str, run_b: str, out: str, sample: int | None = None, seed: int = 0,
-                 address: str | None = None, progress: bool = False) -> dict:
+def compare_runs(
+    run_a: str,
+    run_b: str,
+    out: str,
+    sample: int | None = None,
+    seed: int = 0,
+    address: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Compare two complete runs into `out`; returns the comparison's manifest. Raises ComparisonIncomplete
     (after writing) when the runs saw different images, so the per-image part is missing.
 
@@ -383,16 +432,22 @@ def compare_runs(run_a: str, run_b: str, out: str, sample: int | None = None, se
             "images": plan.images,
             "layers": {"compared": plan.layers, "per_unit": plan.per_unit, "skipped": plan.skipped},
             # Where the per-image numbers came from, or why there are none.
-            "per_image": {"source": ("sample" if sample_info else "maxima") if plan.per_image else None,
-                          "images": per_image_images, "sample": sample_info,
-                          "reason": None if plan.per_image else (
-                              _different_images_message(a, b, plan.images) if not plan.images["same"]
-                              else MAXIMA_NEEDED)},
+            "per_image": {
+                "source": ("sample" if sample_info else "maxima") if plan.per_image else None,
+                "images": per_image_images,
+                "sample": sample_info,
+                "reason": None
+                if plan.per_image
+                else (_different_images_message(a, b, plan.images) if not plan.images["same"] else MAXIMA_NEEDED),
+            },
             "topk_overlap": plan.topk_overlap,
             "notes": plan.notes,
-            "counts": {"units": len(unit_rows), "died": sum(bool(r["died"]) for r in unit_rows),
-                       "revived": sum(bool(r["revived"]) for r in unit_rows),
-                       "labels_changed": sum(bool(r["label_changed"]) for r in unit_rows)},
+            "counts": {
+                "units": len(unit_rows),
+                "died": sum(bool(r["died"]) for r in unit_rows),
+                "revived": sum(bool(r["revived"]) for r in unit_rows),
+                "labels_changed": sum(bool(r["label_changed"]) for r in unit_rows),
+            },
             "seconds": round(time.time() - started, 3),
         }
         write_views(path, COMPARE_VIEWS)  # cmp_units, cmp_layers for plain DuckDB (each run has its own views.sql)
@@ -403,14 +458,25 @@ def compare_runs(run_a: str, run_b: str, out: str, sample: int | None = None, se
     return manifest
 
 
-def _per_image_source(a: RunInfo, b: RunInfo, plan: Plan, con, path: str, sampling: tuple | None, seed: int,
-                      address: str | None, progress: bool) -> tuple[tuple | None, dict | None]:
+def _per_image_source(
+    a: RunInfo,
+    b: RunInfo,
+    plan: Plan,
+    con,
+    path: str,
+    sampling: tuple | None,
+    seed: int,
+    address: str | None,
+    progress: bool,
+) -> tuple[tuple | None, dict | None]:
     """The runs whose maxima the per-image numbers read, with the temp table `shared` (image_key, i) of the images
     they use: every shared image when both runs recorded all, else (with --sample) the sample, rescanned."""
     if plan.per_image:
-        con.execute("CREATE TEMP TABLE shared AS SELECT image_key, (row_number() OVER (ORDER BY image_key)) - 1 "
-                    "AS i FROM (SELECT image_key FROM a_images WHERE status = 'ok' INTERSECT "
-                    "SELECT image_key FROM b_images WHERE status = 'ok')")
+        con.execute(
+            "CREATE TEMP TABLE shared AS SELECT image_key, (row_number() OVER (ORDER BY image_key)) - 1 "
+            "AS i FROM (SELECT image_key FROM a_images WHERE status = 'ok' INTERSECT "
+            "SELECT image_key FROM b_images WHERE status = 'ok')"
+        )
         return (a, b), None
     if sampling is None:
         return None, None
@@ -419,16 +485,21 @@ def _per_image_source(a: RunInfo, b: RunInfo, plan: Plan, con, path: str, sampli
     keys, rescans = sampling
     maxima_runs = sample_runs(a, b, rescans, plan.layers, keys, path, address=address, progress=progress)
     con.register("sample_keys", pa.table({"image_key": keys}))
-    con.execute("CREATE TEMP TABLE shared AS SELECT image_key, (row_number() OVER (ORDER BY image_key)) - 1 AS i "
-                "FROM sample_keys")
+    con.execute(
+        "CREATE TEMP TABLE shared AS SELECT image_key, (row_number() OVER (ORDER BY image_key)) - 1 AS i "
+        "FROM sample_keys"
+    )
     plan.per_image = True
-    plan.notes = [f"correlations, CKA and unit matching are over a seeded sample of {len(keys)} shared images "
-                  f"(seed {seed}), recomputed by run(s) {', '.join(side.upper() for side in rescans)}"]
+    plan.notes = [
+        f"correlations, CKA and unit matching are over a seeded sample of {len(keys)} shared images "
+        f"(seed {seed}), recomputed by run(s) {', '.join(side.upper() for side in rescans)}"
+    ]
     return maxima_runs, {"images": len(keys), "seed": seed, "rescanned": sorted(rescans)}
 
 
-def _compare_layer(a: RunInfo, b: RunInfo, layer: str, plan: Plan, con, maxima_runs: tuple | None,
-                   images: int) -> tuple[list[dict], dict]:
+def _compare_layer(
+    a: RunInfo, b: RunInfo, layer: str, plan: Plan, con, maxima_runs: tuple | None, images: int
+) -> tuple[list[dict], dict]:
     same_width = plan.per_unit[layer]
     units_a, units_b = a.layers[layer], b.layers[layer]
     topk_a, topk_b = _read_topk(con, "a_", layer), _read_topk(con, "b_", layer)
@@ -453,13 +524,27 @@ def _compare_layer(a: RunInfo, b: RunInfo, layer: str, plan: Plan, con, maxima_r
             label_b, share_b = strongest_label(None if db else topk_b.get(unit))
             if plan.topk_overlap:
                 jaccard, shared, rho = topk_overlap(topk_a.get(unit), topk_b.get(unit), da, db)
-        row = {"layer": layer, "unit": unit, "dead_a": da, "dead_b": db,
-               "died": (not da and db) if same_width else None, "revived": (da and not db) if same_width else None,
-               "topk_jaccard": jaccard, "topk_shared": shared, "topk_spearman": rho,
-               "same_corr": None, "best_unit_b": None, "best_corr": None, "matched_unit_b": None,
-               "matched_corr": None, "label_a": label_a, "label_a_share": share_a, "label_b": label_b,
-               "label_b_share": share_b,
-               "label_changed": (label_a != label_b) if same_width and label_a and label_b else None}
+        row = {
+            "layer": layer,
+            "unit": unit,
+            "dead_a": da,
+            "dead_b": db,
+            "died": (not da and db) if same_width else None,
+            "revived": (da and not db) if same_width else None,
+            "topk_jaccard": jaccard,
+            "topk_shared": shared,
+            "topk_spearman": rho,
+            "same_corr": None,
+            "best_unit_b": None,
+            "best_corr": None,
+            "matched_unit_b": None,
+            "matched_corr": None,
+            "label_a": label_a,
+            "label_a_share": share_a,
+            "label_b": label_b,
+            "label_b_share": share_b,
+            "label_changed": (label_a != label_b) if same_width and label_a and label_b else None,
+        }
         if corr is not None:
             if same_width:
                 row["same_corr"] = _none(float(corr[unit, unit]))
@@ -470,19 +555,26 @@ def _compare_layer(a: RunInfo, b: RunInfo, layer: str, plan: Plan, con, maxima_r
                 row["matched_unit_b"], row["matched_corr"] = partner, float(corr[unit, partner])
         rows.append(row)
     summary = {
-        "layer": layer, "units_a": units_a, "units_b": units_b, "per_unit": same_width,
-        "images": images, "cka": cka,
+        "layer": layer,
+        "units_a": units_a,
+        "units_b": units_b,
+        "per_unit": same_width,
+        "images": images,
+        "cka": cka,
         "matched_mean_corr": _mean([r["matched_corr"] for r in rows]),
         "same_mean_corr": _mean([r["same_corr"] for r in rows]),
         "mean_topk_jaccard": _mean([r["topk_jaccard"] for r in rows]),
-        "dead_a": sum(dead_a.values()), "dead_b": sum(dead_b.values()),
-        "died": sum(bool(r["died"]) for r in rows), "revived": sum(bool(r["revived"]) for r in rows),
+        "dead_a": sum(dead_a.values()),
+        "dead_b": sum(dead_b.values()),
+        "died": sum(bool(r["died"]) for r in rows),
+        "revived": sum(bool(r["revived"]) for r in rows),
         "labels_changed": sum(bool(r["label_changed"]) for r in rows),
     }
     return rows, summary
 
 
 # ---------------------------------------------------------------------------------------------- queries
+
 
 def connect_comparison(cmp_dir: str):
     """DuckDB views over a comparison: cmp_units, cmp_layers, and both runs' tables as a_topk, a_units, a_images,
@@ -498,8 +590,12 @@ def connect_comparison(cmp_dir: str):
         described = manifest["runs"][side]
         run_manifest = read_manifest(described["path"])
         if run_manifest is None or run_manifest.get("fingerprint") != described["fingerprint"]:
-            logger.warning("run %s (%s) is gone or was rescanned since the comparison: no %s_* views",
-                           side.upper(), described["path"], side)
+            logger.warning(
+                "run %s (%s) is gone or was rescanned since the comparison: no %s_* views",
+                side.upper(),
+                described["path"],
+                side,
+            )
             continue
         create_views(con, f"{side}_", RUN_VIEWS, described["path"])
     return con

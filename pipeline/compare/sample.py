@@ -7,6 +7,7 @@ run's own model, weights, preprocessing, precision and batch size (its manifest'
 the scan itself. A run that recorded every image needs no rescan: its maxima are read for the sampled keys.
 The sample runs live in CMP/.sample/<a|b>/ and are reused when the same sample is asked for again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,8 +56,16 @@ def prepare_rescans(a, b) -> dict:
     return configs
 
 
-def sample_runs(a, b, configs: dict, layers: list[str], keys: list[str], cmp_dir: str, address: str | None = None,
-                progress: bool = False) -> tuple:
+def sample_runs(
+    a,
+    b,
+    configs: dict,
+    layers: list[str],
+    keys: list[str],
+    cmp_dir: str,
+    address: str | None = None,
+    progress: bool = False,
+) -> tuple:
     """RunInfo of the runs whose maxima cover `keys`: the run itself where it recorded every image, else (the
     sides in `configs`, from `prepare_rescans`) a scan of the sampled images with its own settings."""
     from pipeline.data import resolve_source
@@ -78,22 +87,31 @@ def sample_runs(a, b, configs: dict, layers: list[str], keys: list[str], cmp_dir
     con = duckdb.connect()
     con.register("wanted", pa.table({"image_key": keys}))
     pattern = os.path.join(a.path, "images", "*.parquet").replace("'", "''")
-    rows = con.execute(f"SELECT i.image_key, i.source, i.label FROM read_parquet('{pattern}') i "
-                       "JOIN wanted USING (image_key) ORDER BY image_key").fetchall()
+    rows = con.execute(
+        f"SELECT i.image_key, i.source, i.label FROM read_parquet('{pattern}') i "
+        "JOIN wanted USING (image_key) ORDER BY image_key"
+    ).fetchall()
     con.close()
     if os.path.isfile(data):
         return _scan_sides(a, b, rescan, configs, data, layers, root, len(keys), address, progress)
     found = fetch_images(resolve_source(a.manifest["config"]["data"]), {key: source for key, source, _ in rows})
     if len(found) != len(keys):
-        raise RunError(f"--sample: {len(keys) - len(found)} of the {len(keys)} sampled images could not be read "
-                       f"back from {a.manifest['config']['data']}")
-    write_table(pa.table({"image_key": [r[0] for r in rows], "image": [found[r[0]] for r in rows],
-                          "label": [r[2] for r in rows]}), data)
+        raise RunError(
+            f"--sample: {len(keys) - len(found)} of the {len(keys)} sampled images could not be read "
+            f"back from {a.manifest['config']['data']}"
+        )
+    write_table(
+        pa.table(
+            {"image_key": [r[0] for r in rows], "image": [found[r[0]] for r in rows], "label": [r[2] for r in rows]}
+        ),
+        data,
+    )
     return _scan_sides(a, b, rescan, configs, data, layers, root, len(keys), address, progress)
 
 
-def _scan_sides(a, b, rescan, configs, data: str, layers: list[str], root: str, images: int, address: str | None,
-                progress: bool) -> tuple:
+def _scan_sides(
+    a, b, rescan, configs, data: str, layers: list[str], root: str, images: int, address: str | None, progress: bool
+) -> tuple:
     from pipeline.compare.runner import load_run
     from pipeline.ray_session import ray_session
     from pipeline.scan.runner import ScanConfig, run_scan
@@ -104,10 +122,21 @@ def _scan_sides(a, b, rescan, configs, data: str, layers: list[str], root: str, 
             settings = run.manifest["config"]
             out = os.path.join(root, side)
             logger.info("--sample: scanning %d images with run %s's model into %s", images, side.upper(), out)
-            run_scan(ScanConfig(model=configs[side], data=data, out=out, layers=",".join(layers), k=1,
-                                record="all", batch_size=settings.get("batch_size", 32), address=address,
-                                precision=settings.get("precision", "fp32"),
-                                channels_last=settings.get("channels_last", False), overwrite=True,
-                                progress=progress))
+            run_scan(
+                ScanConfig(
+                    model=configs[side],
+                    data=data,
+                    out=out,
+                    layers=",".join(layers),
+                    k=1,
+                    record="all",
+                    batch_size=settings.get("batch_size", 32),
+                    address=address,
+                    precision=settings.get("precision", "fp32"),
+                    channels_last=settings.get("channels_last", False),
+                    overwrite=True,
+                    progress=progress,
+                )
+            )
             result[side] = load_run(out)
     return result["a"], result["b"]

@@ -7,6 +7,7 @@ atlas images are relative (works from disk, like the run sites); atlas images ar
 sites' publishing rule (pipeline.site.paths.RunFiles). Every data-derived string goes through Jinja2's
 autoescaping.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,8 @@ from pipeline.store import COMPARISON_KIND, RunError, read_manifest
 
 logger = logging.getLogger(__name__)
 
-CHANGED_UNITS = 30     # rows of the "changed most" table
-CHART_ROW = 22         # px per layer in the chart
+CHANGED_UNITS = 30  # rows of the "changed most" table
+CHART_ROW = 22  # px per layer in the chart
 
 # The unit table of the index and the layer pages (each row: its numbers, its page, its pages in both run sites).
 UNIT_ROWS = """{% macro unit_rows(rows) %}<div class="scroll"><table>
@@ -43,7 +44,9 @@ table.runs td { overflow-wrap: anywhere; } td.n { text-align: right; font-varian
 .warn { background: #fff4d6; padding: .5em .8em; border-left: 4px solid #e0a800; } .scroll { overflow-x: auto; }
 svg text { font: 11px system-ui, sans-serif; }"""
 
-LAYER_TEMPLATE = UNIT_ROWS + """<!doctype html>
+LAYER_TEMPLATE = (
+    UNIT_ROWS
+    + """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{{ layer }}: A vs B</title><style>{{ style }}</style></head><body>
 <p><a href="../index.html">← comparison</a></p>
@@ -51,8 +54,11 @@ LAYER_TEMPLATE = UNIT_ROWS + """<!doctype html>
 {{ unit_rows(rows) }}
 </body></html>
 """
+)
 
-TEMPLATE = UNIT_ROWS + """<!doctype html>
+TEMPLATE = (
+    UNIT_ROWS
+    + """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Comparison: {{ a.model }} vs {{ b.model }}</title>
 <style>{{ style }}</style></head><body>
@@ -105,6 +111,7 @@ Units compared: {{ counts.units }}; <b>{{ counts.died }}</b> died, <b>{{ counts.
 (views cmp_units, cmp_layers, a_topk, b_topk, ...).</p>
 </body></html>
 """
+)
 
 
 UNIT_TEMPLATE = """<!doctype html>
@@ -160,14 +167,16 @@ class _RunImages:
         self.images: dict[tuple[str, int, str, int], str] = {}
         manifest = read_manifest(run_path)
         if manifest is None or manifest.get("fingerprint") != described["fingerprint"]:
-            logger.warning("run %s is gone or was rescanned since the comparison: its unit pages show no top-k",
-                           run_path)
+            logger.warning(
+                "run %s is gone or was rescanned since the comparison: its unit pages show no top-k", run_path
+            )
             return
         topk_glob = os.path.join(run_path, "topk", "**", "*.parquet").replace("'", "''")
         con = duckdb.connect()
         for layer, unit, rank, key, label, act in con.execute(
-                f"SELECT layer, unit, rank, image_key, label, act FROM read_parquet('{topk_glob}', "
-                "hive_partitioning=false) ORDER BY layer, unit, rank").fetchall():
+            f"SELECT layer, unit, rank, image_key, label, act FROM read_parquet('{topk_glob}', "
+            "hive_partitioning=false) ORDER BY layer, unit, rank"
+        ).fetchall():
             self.topk.setdefault((layer, unit), []).append({"rank": rank, "key": key, "label": label, "act": act})
         index = os.path.join(run_path, "atlas", "index.parquet")
         if os.path.isfile(index):
@@ -209,8 +218,12 @@ def build_comparison_site(cmp_dir: str, out: str | None = None) -> str:
     if manifest is None or manifest.get("kind") != COMPARISON_KIND:
         raise RunError(f"{cmp_dir} is not a complete comparison; run `atlas compare` first")
     site_dir = os.path.abspath(out or os.path.join(cmp_dir, "site"))
-    if out and os.path.isdir(site_dir) and os.listdir(site_dir) and not os.path.isfile(
-            os.path.join(site_dir, "index.html")):
+    if (
+        out
+        and os.path.isdir(site_dir)
+        and os.listdir(site_dir)
+        and not os.path.isfile(os.path.join(site_dir, "index.html"))
+    ):
         raise RunError(f"{out} is not empty and holds no comparison page; choose an empty or new folder")
     units = pq.read_table(os.path.join(cmp_dir, "cmp_units")).to_pylist()
     layers = pq.read_table(os.path.join(cmp_dir, "cmp_layers")).to_pylist()
@@ -224,13 +237,22 @@ def build_comparison_site(cmp_dir: str, out: str | None = None) -> str:
             links += _unit_links(run_b["path"], page_dir, "B matched", row["layer"], row["matched_unit_b"])
         return row | {"links": links, "page": ("../" if prefix else "") + unit_page(row)}
 
-    changed = sorted((r for r in units if r["topk_jaccard"] is not None and r["topk_jaccard"] < 1 and not r["died"]),
-                     key=lambda r: (r["topk_jaccard"], r["layer"], r["unit"]))[:CHANGED_UNITS]
+    changed = sorted(
+        (r for r in units if r["topk_jaccard"] is not None and r["topk_jaccard"] < 1 and not r["died"]),
+        key=lambda r: (r["topk_jaccard"], r["layer"], r["unit"]),
+    )[:CHANGED_UNITS]
     label_width, bar_width = 160, 420
-    chart = [{"layer": row["layer"], "y": i * CHART_ROW, "cka": row["cka"], "matched": row["matched_mean_corr"],
-              "cka_w": round(max(row["cka"] or 0.0, 0.0) * bar_width, 1),
-              "matched_w": round(max(row["matched_mean_corr"] or 0.0, 0.0) * bar_width, 1)}
-             for i, row in enumerate(layers)]
+    chart = [
+        {
+            "layer": row["layer"],
+            "y": i * CHART_ROW,
+            "cka": row["cka"],
+            "matched": row["matched_mean_corr"],
+            "cka_w": round(max(row["cka"] or 0.0, 0.0) * bar_width, 1),
+            "matched_w": round(max(row["matched_mean_corr"] or 0.0, 0.0) * bar_width, 1),
+        }
+        for i, row in enumerate(layers)
+    ]
     per_image = any(row["cka"] is not None for row in layers)
     from pipeline.site.paths import layer_slug
 
@@ -239,15 +261,34 @@ def build_comparison_site(cmp_dir: str, out: str | None = None) -> str:
     shutil.rmtree(os.path.join(site_dir, "layers"), ignore_errors=True)  # layers no longer compared
     for summary in layers:
         summary["page"] = f"layers/{layer_slug(summary['layer'])}.html"
-        atomic_write(os.path.join(site_dir, summary["page"]), layer_template.render(
-            layer=summary["layer"], style=STYLE, fmt=_fmt,
-            rows=[with_links(r, "layers") for r in units if r["layer"] == summary["layer"]]))
-    html = environment.from_string(TEMPLATE).render(style=STYLE,
-        a=run_a, b=run_b, images=manifest["images"], counts=manifest["counts"], notes=manifest.get("notes", []),
-        per_image_reason=(manifest.get("per_image") or {}).get("reason"), layers=layers, fmt=_fmt,
-        died=[with_links(r) for r in units if r["died"]], revived=[with_links(r) for r in units if r["revived"]],
-        changed=[with_links(r) for r in changed], chart=chart, label_width=label_width, bar_width=bar_width,
-        chart_width=label_width + bar_width + 20, chart_height=(len(layers) * CHART_ROW + 20) if per_image else 0)
+        atomic_write(
+            os.path.join(site_dir, summary["page"]),
+            layer_template.render(
+                layer=summary["layer"],
+                style=STYLE,
+                fmt=_fmt,
+                rows=[with_links(r, "layers") for r in units if r["layer"] == summary["layer"]],
+            ),
+        )
+    html = environment.from_string(TEMPLATE).render(
+        style=STYLE,
+        a=run_a,
+        b=run_b,
+        images=manifest["images"],
+        counts=manifest["counts"],
+        notes=manifest.get("notes", []),
+        per_image_reason=(manifest.get("per_image") or {}).get("reason"),
+        layers=layers,
+        fmt=_fmt,
+        died=[with_links(r) for r in units if r["died"]],
+        revived=[with_links(r) for r in units if r["revived"]],
+        changed=[with_links(r) for r in changed],
+        chart=chart,
+        label_width=label_width,
+        bar_width=bar_width,
+        chart_width=label_width + bar_width + 20,
+        chart_height=(len(layers) * CHART_ROW + 20) if per_image else 0,
+    )
     index = os.path.join(site_dir, "index.html")
     atomic_write(index, html)
     pages = _unit_pages(units, run_a, run_b, site_dir)
@@ -275,20 +316,34 @@ def _unit_pages(units: list[dict], run_a: dict, run_b: dict, site_dir: str) -> i
         keys_a = set() if row["dead_a"] else {t["key"] for t in images["a"].topk.get((row["layer"], row["unit"]), [])}
         shown = [("a", row["unit"], f"A: unit {row['unit']}", row["dead_a"], row["label_a"], row["label_a_share"])]
         if row["dead_b"] is not None:  # same width: B's unit of the same index
-            shown.append(("b", row["unit"], f"B: unit {row['unit']}", row["dead_b"], row["label_b"],
-                          row["label_b_share"]))
+            shown.append(
+                ("b", row["unit"], f"B: unit {row['unit']}", row["dead_b"], row["label_b"], row["label_b_share"])
+            )
         if row["matched_unit_b"] is not None and row["matched_unit_b"] != row["unit"]:
             shown.append(("b", row["matched_unit_b"], f"B: matched unit {row['matched_unit_b']}", None, None, None))
         columns = []
         for side, unit, title, dead, label, share in shown:
             run, run_path = images[side], (run_a if side == "a" else run_b)["path"]
-            top = [top | {"shared": side == "b" and not dead and top["key"] in keys_a,
-                          "crop": run.href((row["layer"], unit, "crop", top["rank"]), page_dir)}
-                   for top in run.topk.get((row["layer"], unit), [])]
+            top = [
+                top
+                | {
+                    "shared": side == "b" and not dead and top["key"] in keys_a,
+                    "crop": run.href((row["layer"], unit, "crop", top["rank"]), page_dir),
+                }
+                for top in run.topk.get((row["layer"], unit), [])
+            ]
             links = _unit_links(run_path, page_dir, "", row["layer"], unit)
-            columns.append({"title": title, "dead": dead, "label": label, "share": share, "top": top,
-                            "featvis": run.href((row["layer"], unit, "featvis", 0), page_dir),
-                            "page": links[0][1] if links else None})
+            columns.append(
+                {
+                    "title": title,
+                    "dead": dead,
+                    "label": label,
+                    "share": share,
+                    "top": top,
+                    "featvis": run.href((row["layer"], unit, "featvis", 0), page_dir),
+                    "page": links[0][1] if links else None,
+                }
+            )
         home = os.path.relpath(os.path.join(site_dir, "index.html"), page_dir).replace(os.sep, "/")
         atomic_write(page, template.render(row=row, columns=columns, fmt=_fmt, home=home))
     return len(units)

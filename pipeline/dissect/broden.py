@@ -12,6 +12,7 @@ Concept ids are Broden's label numbers. A label listed in several c_*.csv is giv
 frequent (ties: index.csv's column order), as NetDissect's primary category. Masks are copied as they are (their
 RGB encoding is one the probe format reads). Paths in index.csv must stay inside BRODEN/images.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,7 +37,7 @@ def _read_csv(path: str) -> list[dict[str, str]]:
 
 def _categories(broden: str, order: list[str]) -> pa.Table:
     """The concept table from c_<category>.csv files."""
-    best: dict[int, tuple[int, int, str, str]] = {}   # number -> (frequency, -order, category, name)
+    best: dict[int, tuple[int, int, str, str]] = {}  # number -> (frequency, -order, category, name)
     files = sorted(glob.glob(os.path.join(broden, "c_*.csv")))
     if not files:
         raise ProbeError(f"{broden} has no c_<category>.csv files")
@@ -54,8 +55,13 @@ def _categories(broden: str, order: list[str]) -> pa.Table:
             if number not in best or key > best[number][:2]:
                 best[number] = (frequency, -rank, category, row.get("name") or str(number))
     numbers = sorted(best)
-    return pa.table({"concept": pa.array(numbers, pa.int32()), "name": [best[n][3] for n in numbers],
-                     "category": [best[n][2] for n in numbers]})
+    return pa.table(
+        {
+            "concept": pa.array(numbers, pa.int32()),
+            "name": [best[n][3] for n in numbers],
+            "category": [best[n][2] for n in numbers],
+        }
+    )
 
 
 def _inside(root: str, relative: str) -> str:

@@ -10,6 +10,7 @@ match with IoU > 0.5 covers between about 0.3% and 1% of the pixels annotated fo
 covers 2 patches of 64 x 64 = 0.65 images' worth, about 0.6% of the probe). Object and part concepts need a real
 segmentation probe (Broden: ``atlas probe broden``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,10 +27,10 @@ logger = logging.getLogger(__name__)
 
 BUILTIN = ("colors-textures",)
 VERSION = 1
-SIDE = 112            # image and mask side, pixels
-PATCH = 64            # texture patch side
+SIDE = 112  # image and mask side, pixels
+PATCH = 64  # texture patch side
 CROPS_PER_PHOTO = 4
-VARIANTS = 2          # images per texture (phase, polarity and place differ)
+VARIANTS = 2  # images per texture (phase, polarity and place differ)
 SEED = 0
 _MARKER = ".complete"
 
@@ -37,7 +38,8 @@ _MARKER = ".complete"
 def cache_root() -> str:
     """Where built-in probes are kept: $ATLAS_CACHE_DIR, else $XDG_CACHE_HOME/neuron-atlas, else ~/.cache/..."""
     root = os.environ.get("ATLAS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "neuron-atlas")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "neuron-atlas"
+    )
     return os.path.join(root, "probes")
 
 
@@ -74,7 +76,7 @@ def photo_crops(rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
         for i in range(CROPS_PER_PHOTO):
             side = int(rng.uniform(0.35, 1.0) * min(height, width))
             top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
-            crop = Image.fromarray(np.ascontiguousarray(photo[top:top + side, left:left + side]))
+            crop = Image.fromarray(np.ascontiguousarray(photo[top : top + side, left : left + side]))
             crops.append((f"photo/{name}_{i}", np.asarray(crop.resize((SIDE, SIDE), Image.BILINEAR))))
     return crops
 
@@ -93,8 +95,10 @@ def write_colors_textures(directory: str) -> str:
     rng = np.random.default_rng(SEED)
     concepts = concept_table()
     texture_ids = dict(zip(concepts.column("name").to_pylist(), concepts.column("concept").to_pylist()))
-    rows: dict[str, list] = {name: [] for name in ("image_key", "image", "mask_height", "mask_width",
-                                                   "mask_categories", "masks", "image_concepts")}
+    rows: dict[str, list] = {
+        name: []
+        for name in ("image_key", "image", "mask_height", "mask_width", "mask_categories", "masks", "image_concepts")
+    }
 
     def add(key: str, image: np.ndarray, categories: list[str], masks: list[np.ndarray]) -> None:
         rows["image_key"].append(key)
@@ -111,8 +115,9 @@ def write_colors_textures(directory: str) -> str:
     for texture in textures():
         for variant in range(VARIANTS):
             top, left = int(rng.integers(0, places)), int(rng.integers(0, places))
-            image, mask = texture_image(texture, SIDE, PATCH, top, left, phase=float(rng.uniform()),
-                                        invert=bool(variant % 2))
+            image, mask = texture_image(
+                texture, SIDE, PATCH, top, left, phase=float(rng.uniform()), invert=bool(variant % 2)
+            )
             index = np.where(mask, texture_ids[texture.name], 0)
             add(f"texture/{texture.name}_{variant}", image, ["color", "texture"], [color_index(image), index])
     write_probe(directory, concepts, pa.table(rows))

@@ -11,6 +11,7 @@ in order. They are a documented approximation, deterministic and easy to audit, 
   hue in [45, 70):   value < 0.5 brown, else yellow
   hue in [70, 170)   green;  [170, 260) blue;  [260, 290) purple;  [290, 345) pink
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,10 @@ def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     high, low = x.max(-1), x.min(-1)
     chroma = high - low
     safe = np.where(chroma > 0, chroma, 1.0)
-    hue = np.where(high == r, ((g - b) / safe) % 6.0,
-                   np.where(high == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)) * 60.0
+    hue = (
+        np.where(high == r, ((g - b) / safe) % 6.0, np.where(high == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+        * 60.0
+    )
     hue = np.where(chroma > 0, hue, 0.0) % 360.0
     saturation = np.where(high > 0, chroma / np.where(high > 0, high, 1.0), 0.0)
     return hue, saturation, high

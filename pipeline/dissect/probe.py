@@ -5,6 +5,7 @@ A probe is a folder PROBE/ with ``concepts.parquet`` (concept id, name, category
 each one annotates, and the concepts that cover the whole image. The schemas live in pipeline.store.
 ``builtin:NAME`` names a probe made here without any download (pipeline.dissect.builtin).
 """
+
 from __future__ import annotations
 
 import glob
@@ -26,7 +27,7 @@ from pipeline.store import PROBE_CONCEPTS, PROBE_CONCEPTS_SCHEMA, PROBE_IMAGES, 
 logger = logging.getLogger(__name__)
 
 MAX_MASK_SIDE = 4096
-MAX_CONCEPT = 65535   # what a 16-bit grey mask, or Broden's R + 256 G, can hold
+MAX_CONCEPT = 65535  # what a 16-bit grey mask, or Broden's R + 256 G, can hold
 
 
 class ProbeError(DataError):
@@ -37,9 +38,9 @@ class ProbeError(DataError):
 class Concepts:
     """The concept table: ids (>= 1), names and categories, plus the categories in first-seen order."""
 
-    ids: np.ndarray          # (C,) int32
+    ids: np.ndarray  # (C,) int32
     names: list[str]
-    categories: list[str]    # per concept
+    categories: list[str]  # per concept
     category_names: list[str]
 
     @property
@@ -52,16 +53,15 @@ class Concepts:
 @dataclass(frozen=True)
 class Probe:
     path: str
-    name: str                # as given (builtin:... or the folder)
+    name: str  # as given (builtin:... or the folder)
     concepts: Concepts
-    files: tuple[str, ...]   # the images Parquet files
+    files: tuple[str, ...]  # the images Parquet files
     images: int
 
     def batches(self, batch_size: int) -> Iterator[pa.Table]:
         """The image rows in file order, `batch_size` at a time (ids and bytes as stored; decoded by workers)."""
         for path in self.files:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size,
-                                                           columns=PROBE_IMAGES_SCHEMA.names):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=PROBE_IMAGES_SCHEMA.names):
                 yield pa.Table.from_batches([batch])
 
     def fingerprint(self) -> list:
@@ -95,8 +95,10 @@ def open_probe(spec: str) -> Probe:
 
         spec = builtin_probe(spec.split(":", 1)[1])
     if not os.path.isdir(spec):
-        raise ProbeError(f"probe {spec!r} is not a folder (a probe is PROBE/{PROBE_CONCEPTS} + PROBE/{PROBE_IMAGES}; "
-                         "or use builtin:colors-textures)")
+        raise ProbeError(
+            f"probe {spec!r} is not a folder (a probe is PROBE/{PROBE_CONCEPTS} + PROBE/{PROBE_IMAGES}; "
+            "or use builtin:colors-textures)"
+        )
     concepts_path = os.path.join(spec, PROBE_CONCEPTS)
     if not os.path.isfile(concepts_path):
         raise ProbeError(f"probe {spec} has no {PROBE_CONCEPTS}")
@@ -122,8 +124,9 @@ def open_probe(spec: str) -> Probe:
 def write_probe(directory: str, concepts: pa.Table, images: pa.Table) -> str:
     """Write a probe folder (each file atomically); returns the folder."""
     write_table(concepts.cast(PROBE_CONCEPTS_SCHEMA), os.path.join(directory, PROBE_CONCEPTS))
-    write_table(images.select(PROBE_IMAGES_SCHEMA.names).cast(PROBE_IMAGES_SCHEMA),
-                os.path.join(directory, PROBE_IMAGES))
+    write_table(
+        images.select(PROBE_IMAGES_SCHEMA.names).cast(PROBE_IMAGES_SCHEMA), os.path.join(directory, PROBE_IMAGES)
+    )
     return directory
 
 
@@ -173,11 +176,11 @@ class ProbeImage:
     """One decoded probe image: pixels at the model's input size; per concept present, its pixels."""
 
     key: str
-    pixels: np.ndarray                 # (S, S, 3) uint8
-    mask_size: tuple[int, int]         # (H, W)
-    present: np.ndarray                # (P,) int64 positions in the concept table
-    labels: np.ndarray                 # (P, H * W) bool: the pixels of each present concept
-    annotated: np.ndarray              # (G,) bool: categories this image is annotated for
+    pixels: np.ndarray  # (S, S, 3) uint8
+    mask_size: tuple[int, int]  # (H, W)
+    present: np.ndarray  # (P,) int64 positions in the concept table
+    labels: np.ndarray  # (P, H * W) bool: the pixels of each present concept
+    annotated: np.ndarray  # (G,) bool: categories this image is annotated for
 
 
 def decode_probe_row(row: dict, preprocess: Preprocess, concepts: Concepts, position: dict[int, int]) -> ProbeImage:
@@ -198,8 +201,10 @@ def decode_probe_row(row: dict, preprocess: Preprocess, concepts: Concepts, posi
             annotated[concepts.category_names.index(category)] = True
             index = decode_mask(blob)
             if index.shape != (height, width):
-                raise ProbeError(f"a {category} mask is {index.shape[0]} x {index.shape[1]}, not the image's "
-                                 f"mask size {height} x {width}")
+                raise ProbeError(
+                    f"a {category} mask is {index.shape[0]} x {index.shape[1]}, not the image's "
+                    f"mask size {height} x {width}"
+                )
             for value in np.unique(index):
                 if value == 0:
                     continue
@@ -215,8 +220,7 @@ def decode_probe_row(row: dict, preprocess: Preprocess, concepts: Concepts, posi
             labels[where] = np.ones(height * width, dtype=bool)
             annotated[concepts.category_index[where]] = True
         present = np.array(sorted(labels), dtype=np.int64)
-        stacked = (np.stack([labels[p] for p in present]) if len(present)
-                   else np.zeros((0, height * width), dtype=bool))
+        stacked = np.stack([labels[p] for p in present]) if len(present) else np.zeros((0, height * width), dtype=bool)
         return ProbeImage(key, probe_pixels(row["image"], preprocess), (height, width), present, stacked, annotated)
     except (OSError, ValueError) as error:  # ProbeError, DecodeError and PIL's errors
         raise ProbeError(f"probe image {key!r}: {error}") from error

@@ -9,6 +9,7 @@ on how many workers ran. A dissection is not resumable: an interrupted one leave
 (each is replaced atomically) and is run again from the start. Finally RUN/dissect/labels.parquet is rebuilt from
 the files present.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,10 +27,24 @@ from pipeline.dissect.tally import ConceptIoU, TopValues, float32_below, top_val
 from pipeline.dissect.worker import DissectWorker, WorkerConfig
 from pipeline.models import ModelConfig, load_scanned_model
 from pipeline.ranges import check_range
-from pipeline.store import (DISSECT, DISSECT_CONCEPTS, DISSECT_CONCEPTS_SCHEMA, DISSECT_LABELS,
-                            DISSECT_LABELS_SCHEMA, DISSECT_RECORD, DISSECT_SELECTIVITY, DISSECT_THRESHOLDS,
-                            DISSECT_THRESHOLDS_SCHEMA, IOU_LABEL_CUTOFF, TOP_QUANTILE, RunError, read_manifest,
-                            write_json, write_table, write_views)
+from pipeline.store import (
+    DISSECT,
+    DISSECT_CONCEPTS,
+    DISSECT_CONCEPTS_SCHEMA,
+    DISSECT_LABELS,
+    DISSECT_LABELS_SCHEMA,
+    DISSECT_RECORD,
+    DISSECT_SELECTIVITY,
+    DISSECT_THRESHOLDS,
+    DISSECT_THRESHOLDS_SCHEMA,
+    IOU_LABEL_CUTOFF,
+    TOP_QUANTILE,
+    RunError,
+    read_manifest,
+    write_json,
+    write_table,
+    write_views,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +54,13 @@ IN_FLIGHT = 2  # batches queued per worker
 @dataclass(frozen=True)
 class DissectConfig:
     run: str
-    probe: str | None = None        # a probe folder or builtin:NAME; None: label selectivity only
-    layers: str | None = None       # comma list of recorded layers; None: every recorded layer with a spatial map
+    probe: str | None = None  # a probe folder or builtin:NAME; None: label selectivity only
+    layers: str | None = None  # comma list of recorded layers; None: every recorded layer with a spatial map
     batch_size: int = 16
     address: str | None = None
     actors: int | None = None
     threads: int | None = None
-    device: str = "auto"            # auto | cuda | cpu, as the scan's
+    device: str = "auto"  # auto | cuda | cpu, as the scan's
     progress: bool = True
 
     def validate(self) -> None:
@@ -63,12 +78,15 @@ def dissect_layers(manifest: dict, requested: str | None) -> list[dict]:
         names = [n.strip() for n in requested.split(",") if n.strip()]
         unknown = [n for n in names if n not in recorded]
         if unknown or not names:
-            raise ValueError(f"--layers: {', '.join(unknown) or '(none given)'} not recorded in this run; "
-                             f"recorded: {', '.join(recorded)}")
+            raise ValueError(
+                f"--layers: {', '.join(unknown) or '(none given)'} not recorded in this run; "
+                f"recorded: {', '.join(recorded)}"
+            )
         flat = [n for n in names if len(recorded[n]["shape"]) != 3]
         if flat:
-            raise ValueError(f"--layers: {', '.join(flat)} have no spatial map to dissect (shape "
-                             f"{recorded[flat[0]]['shape']})")
+            raise ValueError(
+                f"--layers: {', '.join(flat)} have no spatial map to dissect (shape {recorded[flat[0]]['shape']})"
+            )
         return [recorded[n] for n in names]
     return [info for info in manifest["layers"] if len(info["shape"]) == 3]
 
@@ -88,8 +106,12 @@ def _dissect(config: DissectConfig) -> dict:
     started = time.time()
     manifest = read_manifest(config.run)
     out = os.path.join(config.run, DISSECT)
-    record: dict = {"run_fingerprint": manifest["fingerprint"], "quantile": TOP_QUANTILE,
-                    "iou_cutoff": IOU_LABEL_CUTOFF, "probe": None}
+    record: dict = {
+        "run_fingerprint": manifest["fingerprint"],
+        "quantile": TOP_QUANTILE,
+        "iou_cutoff": IOU_LABEL_CUTOFF,
+        "probe": None,
+    }
     probe, layers = None, []
     if config.probe:  # every check before any work
         probe = open_probe(config.probe)
@@ -105,9 +127,14 @@ def _dissect(config: DissectConfig) -> dict:
         write_table(thresholds_table(layers, thresholds), os.path.join(out, DISSECT_THRESHOLDS))
         concepts = concepts_table(probe, layers, tallies)
         write_table(concepts, os.path.join(out, DISSECT_CONCEPTS))
-        record["probe"] = {"name": probe.name, "path": os.path.abspath(probe.path), "images": probe.images,
-                           "files": probe.fingerprint(), "concepts": len(probe.concepts.ids),
-                           "categories": probe.concepts.category_names}
+        record["probe"] = {
+            "name": probe.name,
+            "path": os.path.abspath(probe.path),
+            "images": probe.images,
+            "files": probe.fingerprint(),
+            "concepts": len(probe.concepts.ids),
+            "categories": probe.concepts.category_names,
+        }
         record["layers"] = [info["name"] for info in layers]
         record["execution"] = execution
     else:  # the concept tables of an earlier dissection stay: so does what made them
@@ -123,8 +150,9 @@ def _dissect(config: DissectConfig) -> dict:
     return record
 
 
-def run_probe(probe: Probe, model: ModelConfig, layers: list[dict],
-              config: DissectConfig) -> tuple[dict[str, ConceptIoU], dict[str, np.ndarray], dict]:
+def run_probe(
+    probe: Probe, model: ModelConfig, layers: list[dict], config: DissectConfig
+) -> tuple[dict[str, ConceptIoU], dict[str, np.ndarray], dict]:
     """Both passes on Ray; returns the merged ConceptIoU and the float32 thresholds per layer."""
     import ray
 
@@ -135,8 +163,7 @@ def run_probe(probe: Probe, model: ModelConfig, layers: list[dict],
         plan = plan_actors(config.actors, config.threads, config.device, cluster)
         settings = worker_config(probe, model, layers, plan["device"], plan["threads"], config.batch_size)
         names, units, m = settings.layers, settings.units, settings.top_values
-        remote = ray.remote(DissectWorker).options(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
-                                                   max_restarts=0)
+        remote = ray.remote(DissectWorker).options(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=0)
         actors = [remote.remote(settings) for _ in range(plan["actors"])]
         try:
             keys: list[str] = []
@@ -160,12 +187,16 @@ def run_probe(probe: Probe, model: ModelConfig, layers: list[dict],
         finally:
             for actor in actors:
                 ray.kill(actor)
-    return tallies, thresholds, {"actors": plan["actors"], "device": plan["device"],
-                                 "batch_size": config.batch_size, **timings}
+    return (
+        tallies,
+        thresholds,
+        {"actors": plan["actors"], "device": plan["device"], "batch_size": config.batch_size, **timings},
+    )
 
 
-def merge_thresholds(states: list[dict], names: tuple[str, ...], units: tuple[int, ...],
-                     m: tuple[int, ...]) -> dict[str, np.ndarray]:
+def merge_thresholds(
+    states: list[dict], names: tuple[str, ...], units: tuple[int, ...], m: tuple[int, ...]
+) -> dict[str, np.ndarray]:
     """Pass 1's worker states merged -> per layer the float32 thresholds (T_k rounded down)."""
     top = {n: TopValues(u, k) for n, u, k in zip(names, units, m)}
     for state in states:
@@ -174,8 +205,9 @@ def merge_thresholds(states: list[dict], names: tuple[str, ...], units: tuple[in
     return {name: float32_below(top[name].threshold(TOP_QUANTILE)) for name in names}
 
 
-def merge_tallies(states: list[dict], probe: Probe, names: tuple[str, ...],
-                  units: tuple[int, ...]) -> dict[str, ConceptIoU]:
+def merge_tallies(
+    states: list[dict], probe: Probe, names: tuple[str, ...], units: tuple[int, ...]
+) -> dict[str, ConceptIoU]:
     """Pass 2's worker states merged."""
     tallies = {n: ConceptIoU(u, len(probe.concepts.ids), probe.concepts.category_index) for n, u in zip(names, units)}
     for state in states:
@@ -184,19 +216,38 @@ def merge_tallies(states: list[dict], probe: Probe, names: tuple[str, ...],
     return tallies
 
 
-def worker_config(probe: Probe, model: ModelConfig, layers: list[dict], device: str = "cpu",
-                  threads: int | None = None, forward_images: int = 16) -> WorkerConfig:
+def worker_config(
+    probe: Probe,
+    model: ModelConfig,
+    layers: list[dict],
+    device: str = "cpu",
+    threads: int | None = None,
+    forward_images: int = 16,
+) -> WorkerConfig:
     """What every worker needs: layers, their widths, the top values each keeps (from the probe's size)."""
     return WorkerConfig(
-        model=model, layers=tuple(info["name"] for info in layers),
+        model=model,
+        layers=tuple(info["name"] for info in layers),
         units=tuple(int(info["shape"][0]) for info in layers),
-        top_values=tuple(top_values_needed(probe.images * int(info["shape"][1]) * int(info["shape"][2]),
-                                           TOP_QUANTILE) for info in layers),
-        concepts=probe.concepts, device=device, threads=threads, forward_images=forward_images)
+        top_values=tuple(
+            top_values_needed(probe.images * int(info["shape"][1]) * int(info["shape"][2]), TOP_QUANTILE)
+            for info in layers
+        ),
+        concepts=probe.concepts,
+        device=device,
+        threads=threads,
+        forward_images=forward_images,
+    )
 
 
-def dissect_in_process(probe: Probe, model: ModelConfig, layers: list[dict], batch_size: int = 16,
-                       workers: int = 1, forward_images: int = 16) -> tuple[dict[str, ConceptIoU], dict[str, np.ndarray]]:
+def dissect_in_process(
+    probe: Probe,
+    model: ModelConfig,
+    layers: list[dict],
+    batch_size: int = 16,
+    workers: int = 1,
+    forward_images: int = 16,
+) -> tuple[dict[str, ConceptIoU], dict[str, np.ndarray]]:
     """The same two passes without Ray: `workers` DissectWorkers in this process, batches dealt round-robin,
     their states merged as the Ray driver merges them (for tests and small probes)."""
     config = worker_config(probe, model, layers, forward_images=forward_images)
@@ -243,11 +294,14 @@ def _run_pass(actors: list, method: str, probe: Probe, config: DissectConfig, on
 
 def thresholds_table(layers: list[dict], thresholds: dict[str, np.ndarray]) -> pa.Table:
     names = [info["name"] for info in layers]
-    return pa.table({
-        "layer": [n for n in names for _ in range(len(thresholds[n]))],
-        "unit": pa.array(np.concatenate([np.arange(len(thresholds[n])) for n in names]), pa.int32()),
-        "threshold": pa.array(np.concatenate([thresholds[n] for n in names]), pa.float32()),
-    }, schema=DISSECT_THRESHOLDS_SCHEMA)
+    return pa.table(
+        {
+            "layer": [n for n in names for _ in range(len(thresholds[n]))],
+            "unit": pa.array(np.concatenate([np.arange(len(thresholds[n])) for n in names]), pa.int32()),
+            "threshold": pa.array(np.concatenate([thresholds[n] for n in names]), pa.float32()),
+        },
+        schema=DISSECT_THRESHOLDS_SCHEMA,
+    )
 
 
 def concepts_table(probe: Probe, layers: list[dict], tallies: dict[str, ConceptIoU]) -> pa.Table:
@@ -283,12 +337,16 @@ def build_labels(run_dir: str) -> pa.Table:
     try:
         out = os.path.join(run_dir, DISSECT)
         paths = {name: os.path.join(out, name) for name in (DISSECT_CONCEPTS, DISSECT_THRESHOLDS)}
-        for view, name, schema in (("c", DISSECT_CONCEPTS, DISSECT_CONCEPTS_SCHEMA),
-                                   ("t", DISSECT_THRESHOLDS, DISSECT_THRESHOLDS_SCHEMA)):
+        for view, name, schema in (
+            ("c", DISSECT_CONCEPTS, DISSECT_CONCEPTS_SCHEMA),
+            ("t", DISSECT_THRESHOLDS, DISSECT_THRESHOLDS_SCHEMA),
+        ):
             table = pq.read_table(paths[name]) if os.path.isfile(paths[name]) else schema.empty_table()
             con.register(view, table)
         con.register("strongest", strongest_labels(con))
-        table = fetch_arrow(con, f"""
+        table = fetch_arrow(
+            con,
+            f"""
             SELECT u.layer, u.unit, t.threshold,
                    CASE WHEN b.iou > {IOU_LABEL_CUTOFF} THEN b.concept END AS concept,
                    CASE WHEN b.iou > {IOU_LABEL_CUTOFF} THEN b.category END AS category,
@@ -303,13 +361,15 @@ def build_labels(run_dir: str) -> pa.Table:
             LEFT JOIN (SELECT * FROM c WHERE rank = 0) b USING (layer, unit)
             LEFT JOIN (SELECT * FROM c WHERE rank = 1) r USING (layer, unit)
             LEFT JOIN strongest s USING (layer, unit)
-            ORDER BY u.layer_index, u.unit""")
+            ORDER BY u.layer_index, u.unit""",
+        )
     except duckdb.Error as error:
         raise RunError(f"cannot build the labels of {run_dir}: {error}") from error
     finally:
         con.close()
-    table = pa.table({f.name: table.column(f.name).cast(f.type) for f in DISSECT_LABELS_SCHEMA},
-                     schema=DISSECT_LABELS_SCHEMA)
+    table = pa.table(
+        {f.name: table.column(f.name).cast(f.type) for f in DISSECT_LABELS_SCHEMA}, schema=DISSECT_LABELS_SCHEMA
+    )
     write_table(table, os.path.join(run_dir, DISSECT, DISSECT_LABELS))
     return table
 

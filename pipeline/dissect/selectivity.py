@@ -10,6 +10,7 @@ Rows: every (unit, label) whose label appears in the unit's top-k, and with maxi
 that some readable image carries. ``rank`` 0 is the unit's strongest label: highest AUROC where there is one,
 then highest precision, ties by label. Computed in DuckDB one layer at a time.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -41,7 +42,9 @@ def _layer_rows(con, layer: str, with_maxima: bool) -> pa.Table:
                  FROM a LEFT JOIN hits USING (unit, label))"""
     else:
         rows = "rows AS (SELECT unit, label, hits, CAST(NULL AS DOUBLE) AS auroc FROM hits)"
-    return fetch_arrow(con, f"""
+    return fetch_arrow(
+        con,
+        f"""
         WITH {precision}, {rows}
         SELECT {name} AS layer, CAST(rows.unit AS INTEGER) AS unit, rows.label,
                rows.hits / k.k AS precision_at_k, CAST(k.k AS INTEGER) AS k, rows.auroc,
@@ -50,7 +53,8 @@ def _layer_rows(con, layer: str, with_maxima: bool) -> pa.Table:
                                        ORDER BY rows.auroc DESC NULLS LAST, rows.hits DESC, rows.label) - 1
                     AS INTEGER) AS rank
         FROM rows JOIN k USING (unit) LEFT JOIN positives USING (label)
-        ORDER BY rows.unit, rank""")
+        ORDER BY rows.unit, rank""",
+    )
 
 
 def label_selectivity(run_dir: str) -> pa.Table:
@@ -62,17 +66,25 @@ def label_selectivity(run_dir: str) -> pa.Table:
         parts = [_layer_rows(con, info["name"], with_maxima) for info in manifest["layers"]]
     finally:
         con.close()
-    tables = [pa.table({f.name: t.column(f.name).cast(f.type) for f in DISSECT_SELECTIVITY_SCHEMA},
-                       schema=DISSECT_SELECTIVITY_SCHEMA) for t in parts]
+    tables = [
+        pa.table(
+            {f.name: t.column(f.name).cast(f.type) for f in DISSECT_SELECTIVITY_SCHEMA},
+            schema=DISSECT_SELECTIVITY_SCHEMA,
+        )
+        for t in parts
+    ]
     return pa.concat_tables(tables) if tables else DISSECT_SELECTIVITY_SCHEMA.empty_table()
 
 
 def strongest_labels(con) -> pa.Table:
     """Per live unit, its rank-0 label (layer, unit, label, precision_at_k, auroc), from the `selectivity` and
     `units` views of a connection (pipeline.store.connect)."""
-    return fetch_arrow(con, """SELECT s.layer, s.unit, s.label, s.precision_at_k, s.auroc
+    return fetch_arrow(
+        con,
+        """SELECT s.layer, s.unit, s.label, s.precision_at_k, s.auroc
                                FROM selectivity s JOIN units u USING (layer, unit)
-                               WHERE s.rank = 0 AND NOT u.dead""")
+                               WHERE s.rank = 0 AND NOT u.dead""",
+    )
 
 
 def fetch_arrow(con, sql: str) -> pa.Table:

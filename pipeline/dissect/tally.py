@@ -6,6 +6,7 @@
 * ``ConceptIoU``: integer counts per unit and concept, |M_k ∩ L_c| summed over the probe, |M_k| summed over the
   images annotated for each category, |L_c| summed over the probe; IoU = inter / (area_cat + label - inter).
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,7 @@ class TopValues:
         return {"count": self._count, "values": self._values.cpu().numpy()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_units": self.num_units, "m": self.m, "count": self._count,
-                "values": self._values.cpu().numpy()}
+        return {"num_units": self.num_units, "m": self.m, "count": self._count, "values": self._values.cpu().numpy()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> TopValues:
@@ -125,9 +125,14 @@ class ConceptIoU:
         return {"intersection": inter, "union": union, "iou": iou}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_units": self.num_units, "num_concepts": self.num_concepts,
-                "concept_category": self.concept_category, "inter": self._inter.numpy(),
-                "unit_area": self._unit_area.numpy(), "label_area": self._label_area.numpy()}
+        return {
+            "num_units": self.num_units,
+            "num_concepts": self.num_concepts,
+            "concept_category": self.concept_category,
+            "inter": self._inter.numpy(),
+            "unit_area": self._unit_area.numpy(),
+            "label_area": self._label_area.numpy(),
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> ConceptIoU:

@@ -4,6 +4,7 @@ Each texture is drawn in black (0) and white (255) inside a square patch on a fl
 its mask is exactly the patch. Stripes run in four orientations at three periods, checkers at three square sizes,
 dots at two spacings, and linear gradients in two directions: one concept each (``TEXTURES``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,16 +25,20 @@ class Texture:
     """One texture concept: its name and how to draw it."""
 
     name: str
-    kind: str       # stripes | checkers | dots | gradient
+    kind: str  # stripes | checkers | dots | gradient
     orientation: str = ""
-    size: int = 0   # stripe period, checker square side or dot spacing, in pixels
+    size: int = 0  # stripe period, checker square side or dot spacing, in pixels
 
     def draw(self, side: int, phase: float, invert: bool) -> np.ndarray:
         """A (side, side) uint8 patch; `phase` in [0, 1) shifts the pattern by that share of its period."""
         y, x = np.mgrid[0:side, 0:side].astype(np.float64)
         if self.kind == "stripes":
-            along = {"horizontal": y, "vertical": x, "diagonal": (x + y) / np.sqrt(2),
-                     "antidiagonal": (x - y) / np.sqrt(2)}[self.orientation]
+            along = {
+                "horizontal": y,
+                "vertical": x,
+                "diagonal": (x + y) / np.sqrt(2),
+                "antidiagonal": (x - y) / np.sqrt(2),
+            }[self.orientation]
             on = ((along / self.size + phase) % 1.0) < 0.5
         elif self.kind == "checkers":
             shift = int(round(phase * 2 * self.size))
@@ -61,11 +66,12 @@ def textures() -> list[Texture]:
     return found
 
 
-def texture_image(texture: Texture, side: int, patch: int, top: int, left: int, phase: float,
-                  invert: bool) -> tuple[np.ndarray, np.ndarray]:
+def texture_image(
+    texture: Texture, side: int, patch: int, top: int, left: int, phase: float, invert: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """A (side, side, 3) uint8 image with the texture in the patch at (top, left), and its (side, side) bool mask."""
     image = np.full((side, side, 3), BACKGROUND, dtype=np.uint8)
-    image[top:top + patch, left:left + patch] = texture.draw(patch, phase, invert)[..., None]
+    image[top : top + patch, left : left + patch] = texture.draw(patch, phase, invert)[..., None]
     mask = np.zeros((side, side), dtype=bool)
-    mask[top:top + patch, left:left + patch] = True
+    mask[top : top + patch, left : left + patch] = True
     return image, mask

@@ -4,6 +4,7 @@ Pass 1 (``quantiles``) folds every spatial position of every layer's map into pe
 merges the workers' states and fixes each unit's threshold T_k. Pass 2 (``tally``) upsamples each image's maps
 bilinearly to its mask size, cuts them at T_k and counts intersections and areas into ``ConceptIoU``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,8 @@ logger = logging.getLogger(__name__)
 class WorkerConfig:
     model: ModelConfig
     layers: tuple[str, ...]
-    units: tuple[int, ...]          # per layer
-    top_values: tuple[int, ...]     # m per layer (pipeline.dissect.tally.top_values_needed)
+    units: tuple[int, ...]  # per layer
+    top_values: tuple[int, ...]  # m per layer (pipeline.dissect.tally.top_values_needed)
     concepts: Concepts
     device: str = "cpu"
     threads: int | None = None
@@ -64,7 +65,9 @@ class DissectWorker:
         self.iou = {name: ConceptIoU(u, len(c.concepts.ids), self.category) for name, u in zip(c.layers, c.units)}
 
     def decode(self, table: pa.Table) -> list[ProbeImage]:
-        return [decode_probe_row(row, self.preprocess, self.config.concepts, self.position) for row in table.to_pylist()]
+        return [
+            decode_probe_row(row, self.preprocess, self.config.concepts, self.position) for row in table.to_pylist()
+        ]
 
     @torch.inference_mode()
     def _maps(self, images: list[ProbeImage]) -> dict[str, torch.Tensor]:
@@ -72,7 +75,7 @@ class DissectWorker:
         size, n = self.config.forward_images, len(pixels)
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.config.layers}
         for start in range(0, n, size):
-            chunk = pixels[start:start + size]
+            chunk = pixels[start : start + size]
             if len(chunk) < size:
                 chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
             out = self.extract(self.normalize(chunk))
@@ -80,7 +83,7 @@ class DissectWorker:
                 value = out[name]
                 if value.ndim != 4:
                     raise ValueError(f"layer {name} has no spatial map (output shape {tuple(value.shape)})")
-                parts[name].append(value[:min(size, n - start)].float())
+                parts[name].append(value[: min(size, n - start)].float())
         return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
     def quantiles(self, table: pa.Table) -> list[str]:
@@ -92,8 +95,9 @@ class DissectWorker:
 
     def set_thresholds(self, thresholds: dict[str, np.ndarray]) -> None:
         """Per layer (U,) float32 thresholds (already rounded down: pipeline.dissect.tally.float32_below)."""
-        self.thresholds = {name: torch.tensor(np.array(t, dtype=np.float32)).to(self.device)
-                           for name, t in thresholds.items()}
+        self.thresholds = {
+            name: torch.tensor(np.array(t, dtype=np.float32)).to(self.device) for name, t in thresholds.items()
+        }
 
     @torch.inference_mode()
     def tally(self, table: pa.Table) -> int:
@@ -104,14 +108,16 @@ class DissectWorker:
         for name, maps in self._maps(images).items():
             threshold = self.thresholds[name].view(-1, 1, 1)
             for i, image in enumerate(images):
-                up = upsample(maps[i:i + 1], image.mask_size)[0]
+                up = upsample(maps[i : i + 1], image.mask_size)[0]
                 unit_mask = (up > threshold).reshape(up.shape[0], -1)
                 self.iou[name].add(unit_mask, image.present, torch.from_numpy(image.labels), image.annotated)
         return len(images)
 
     def state(self) -> dict:
         """Both statistics' state dicts, per layer; the statistics start again empty."""
-        state = {"top": {n: t.state_dict() for n, t in self.top.items()},
-                 "iou": {n: t.state_dict() for n, t in self.iou.items()}}
+        state = {
+            "top": {n: t.state_dict() for n, t in self.top.items()},
+            "iou": {n: t.state_dict() for n, t in self.iou.items()},
+        }
         self.reset()
         return state

@@ -15,6 +15,7 @@ the base class `attribution.Attribution`; `METHODS` is the registry the explaine
 The file-writing side (`explainer`, `outputs`, `images`, `data_runner`) and the benchmark (`bench`) build on
 these. Importing this package imports torch but starts nothing.
 """
+
 from pipeline.explain.attribution import Attribution, SmoothGrad
 from pipeline.explain.cam import CAM, CAMError, find_gap_linear_head
 from pipeline.explain.causal import CausalMetric
@@ -26,5 +27,17 @@ from pipeline.explain.saliency import Saliency
 # The map methods by the name `--methods` and job files use, in the order they are computed and shown.
 METHODS: dict[str, type[Attribution]] = {"saliency": Saliency, "occlusion": Occlusion, "cam": CAM, "gradcam": GradCAM}
 
-__all__ = ["METHODS", "Attribution", "SmoothGrad", "CAM", "CAMError", "CausalMetric", "DeepDream", "GradCAM", "Occlusion", "OcclusionResult", "Saliency",
-           "find_gap_linear_head"]
+__all__ = [
+    "METHODS",
+    "Attribution",
+    "SmoothGrad",
+    "CAM",
+    "CAMError",
+    "CausalMetric",
+    "DeepDream",
+    "GradCAM",
+    "Occlusion",
+    "OcclusionResult",
+    "Saliency",
+    "find_gap_linear_head",
+]

@@ -9,6 +9,7 @@ papers do; the rest get the defaults (one channel: the map itself).
 A subclass whose `attribute` takes other leading parameters fails at import (`__init_subclass__`), so a new
 method cannot drift from the shape the explainer, the site and the metrics rely on.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -31,8 +32,10 @@ class Attribution(ABC):
         names = [p.name for p in parameters[:2]]
         extra = [p.name for p in parameters[2:] if p.default is inspect.Parameter.empty]
         if names != ["inputs", "target"] or parameters[1].default != "auto" or extra:
-            raise TypeError(f"{cls.__name__}.attribute must be attribute(inputs, target='auto', <options with "
-                            f"defaults>), not attribute({', '.join(p.name for p in parameters)})")
+            raise TypeError(
+                f"{cls.__name__}.attribute must be attribute(inputs, target='auto', <options with "
+                f"defaults>), not attribute({', '.join(p.name for p in parameters)})"
+            )
 
     @abstractmethod
     def attribute(self, inputs: torch.Tensor, target: Target = "auto") -> torch.Tensor:

@@ -14,6 +14,7 @@ must feed nothing else. torchvision's ResNets, MobileNetV2 and DenseNets qualify
 VGG and AlexNet (several linear layers, 7x7 pooling) do not, and get an error naming Grad-CAM, which works
 for any layer of any network.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,9 @@ def _is_global_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
         return size in (1, (1, 1), [1, 1])
-    if (node.op == "call_method" and node.target == "mean") or (node.op == "call_function"
-                                                                 and node.target is torch.mean):
+    if (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target is torch.mean
+    ):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return isinstance(dims, (tuple, list)) and sorted(int(d) % 4 for d in dims) == [2, 3]
     return False
@@ -79,9 +81,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
     except Exception as error:
-        raise CAMError(f"cannot trace the model with torch.fx to check that it ends in global average pooling "
-                       f"and one linear layer ({error}); use Grad-CAM (method 'gradcam' with a layer), which "
-                       "works for any network") from error
+        raise CAMError(
+            f"cannot trace the model with torch.fx to check that it ends in global average pooling "
+            f"and one linear layer ({error}); use Grad-CAM (method 'gradcam' with a layer), which "
+            "works for any network"
+        ) from error
 
 
 def find_gap_linear_head(model: nn.Module, graph_module: fx.GraphModule | None = None) -> GapLinearHead:
@@ -91,9 +95,11 @@ def find_gap_linear_head(model: nn.Module, graph_module: fx.GraphModule | None =
     output = next(node for node in graph_module.graph.nodes if node.op == "output")
 
     def refuse(why: str) -> CAMError:
-        return CAMError(f"CAM needs a network that ends in global average pooling followed by one linear "
-                        f"layer (Zhou et al. 2016); this one does not: {why}. Use Grad-CAM (Selvaraju et al. "
-                        "2017: method 'gradcam', any layer), the general alternative")
+        return CAMError(
+            f"CAM needs a network that ends in global average pooling followed by one linear "
+            f"layer (Zhou et al. 2016); this one does not: {why}. Use Grad-CAM (Selvaraju et al. "
+            "2017: method 'gradcam', any layer), the general alternative"
+        )
 
     node = output.args[0]
     if not isinstance(node, fx.Node):
@@ -111,8 +117,9 @@ def find_gap_linear_head(model: nn.Module, graph_module: fx.GraphModule | None =
     if not _is_global_pool(node, modules):
         if node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
             raise refuse(f"it has several linear layers ({node.target!r} before {linear.target!r})")
-        raise refuse(f"the last linear layer {linear.target!r} reads {_describe(node, modules)}, "
-                     "not a global average pool")
+        raise refuse(
+            f"the last linear layer {linear.target!r} reads {_describe(node, modules)}, not a global average pool"
+        )
     if len(node.users) != 1:
         raise refuse("the pooled features also feed other layers")
     feature = node.args[0]
@@ -133,9 +140,11 @@ class CAM(Attribution):
         graph_module = trace(model)
         self.head = find_gap_linear_head(model, graph_module)
         if layer is not None and layer != self.head.feature_module:
-            raise CAMError(f"CAM is defined at the feature map that the global average pool reads "
-                           f"({self.head.feature_module or self.head.feature_node}), not at {layer!r}; use "
-                           "Grad-CAM for other layers")
+            raise CAMError(
+                f"CAM is defined at the feature map that the global average pool reads "
+                f"({self.head.feature_module or self.head.feature_node}), not at {layer!r}; use "
+                "Grad-CAM for other layers"
+            )
         self.linear: nn.Linear = dict(model.named_modules())[self.head.linear]
         # A copy of the traced graph that also returns the feature map; it shares the model's modules.
         graph = copy.deepcopy(graph_module.graph)
@@ -146,18 +155,21 @@ class CAM(Attribution):
         graph.output((nodes[self.head.feature_node], logits))
         self.graph_module = fx.GraphModule(graph_module, graph)
 
-    def layer_attribute(self, inputs: torch.Tensor, target: Target = "auto"
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layer_attribute(
+        self, inputs: torch.Tensor, target: Target = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(maps (N, h, w) at the feature map's resolution, logits (N, classes), targets (N,))."""
         check_inputs(inputs)
         with torch.no_grad():
             features, logits = self.graph_module(inputs)
         if features.ndim != 4 or features.shape[1] != self.linear.in_features:
-            raise CAMError(f"the pooled feature map has shape {tuple(features.shape)}, not (N, "
-                           f"{self.linear.in_features}, h, w); use Grad-CAM")
+            raise CAMError(
+                f"the pooled feature map has shape {tuple(features.shape)}, not (N, "
+                f"{self.linear.in_features}, h, w); use Grad-CAM"
+            )
         targets = resolve_targets(logits, target)
         with torch.no_grad():
-            weights = self.linear.weight[targets].to(features.dtype)        # (N, K)
+            weights = self.linear.weight[targets].to(features.dtype)  # (N, K)
             maps = torch.einsum("nk,nkhw->nhw", weights, features)
         return maps, logits, targets
 

@@ -17,6 +17,7 @@ so callers pass ``-map`` for them (`importance`).
 All copies of all images are batched (`chunk` per forward pass), like occlusion. Cost per image and map:
 ``ceil(H W / step) + 1`` forward passes per metric.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,7 +46,7 @@ def rise_kernel(size: int = BLUR_SIZE, sigma: float = BLUR_SIGMA) -> torch.Tenso
     wider than the 11 x 11 window, so the reflected tails fold back in: not a plain sampled Gaussian."""
     radius = int(4.0 * sigma + 0.5)
     taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    weights = torch.exp(-0.5 * taps ** 2 / sigma ** 2)
+    weights = torch.exp(-0.5 * taps**2 / sigma**2)
     weights = weights / weights.sum()
     kernel_1d = torch.zeros(size, dtype=torch.float64)
     for i in range(size):
@@ -100,16 +101,16 @@ class CausalMetric:
         order = torch.sort(maps.reshape(n, pixels).float(), dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(n, pixels))
-        thresholds = torch.arange(count, device=inputs.device) * step        # pixels replaced after each step
+        thresholds = torch.arange(count, device=inputs.device) * step  # pixels replaced after each step
         chunk = self.chunk or (128 if inputs.is_cuda else 16)
         out = torch.empty(n, count, device=inputs.device)
         targets = torch.as_tensor(targets, device=inputs.device).long().view(n)
         with torch.no_grad():
             for i in range(n):
                 for first in range(0, count, chunk):
-                    done = thresholds[first:first + chunk]
-                    mask = (rank[i][None] < done[:, None]).view(-1, 1, height, width)   # (c, 1, H, W)
-                    copies = torch.where(mask, finish[i:i + 1], start[i:i + 1])
+                    done = thresholds[first : first + chunk]
+                    mask = (rank[i][None] < done[:, None]).view(-1, 1, height, width)  # (c, 1, H, W)
+                    copies = torch.where(mask, finish[i : i + 1], start[i : i + 1])
                     probabilities = self.model(copies).float().softmax(dim=1)
-                    out[i, first:first + len(done)] = probabilities[:, targets[i]]
+                    out[i, first : first + len(done)] = probabilities[:, targets[i]]
         return out

@@ -4,6 +4,7 @@ Conventions (all methods): inputs are (N, 3, H, W) NORMALISED model inputs (the 
 resize, centre crop, ``(pixel / 255 - mean) / std``); maps come back as (N, H, W) at the input's resolution.
 A target is a class index per image; ``"auto"`` (or None) is the model's top-1 class for each image.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +40,9 @@ def resolve_targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
         raise ValueError(f"{targets.numel()} targets for {n} images")
     bad = targets[(targets < 0) | (targets >= classes)]
     if bad.numel():
-        raise ValueError(f"class index {int(bad[0])} is out of range: the model has {classes} classes (0..{classes - 1})")
+        raise ValueError(
+            f"class index {int(bad[0])} is out of range: the model has {classes} classes (0..{classes - 1})"
+        )
     return targets.clone()
 
 
@@ -49,8 +52,9 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
     if not name or name not in modules:
         candidates = [n for n, m in modules.items() if n and any(isinstance(c, nn.Conv2d) for c in m.modules())]
         shown = ", ".join(candidates[-12:])
-        raise ModelError(f"unknown layer {name!r}; layers with convolutions include (last 12): {shown} "
-                         "(`atlas layers` lists all)")
+        raise ModelError(
+            f"unknown layer {name!r}; layers with convolutions include (last 12): {shown} (`atlas layers` lists all)"
+        )
     return modules[name]
 
 

@@ -8,6 +8,7 @@
 Workers render the PNG and .npy bytes (the CPU-heavy part besides the model), so the driver only writes
 bytes. ROOT is the scan run given by --run (or an --out that is a scan run), else --out.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,20 +73,45 @@ class ExplainWorker:
             source = str(batch["source"][i])
             if i not in explanations:
                 error = str(batch["error"][i])
-                results.append({"key": key, "source": source, "directory": directory, "files": {}, "summary": None,
-                                "index": [], "row": summary_row(key, None, None, error=error)})
+                results.append(
+                    {
+                        "key": key,
+                        "source": source,
+                        "directory": directory,
+                        "files": {},
+                        "summary": None,
+                        "index": [],
+                        "row": summary_row(key, None, None, error=error),
+                    }
+                )
                 continue
             explanation = explanations[i]
             located = localization(explanation, self.explainer.preprocess, width, height, self.config.percentile)
             label = batch["label"][i] if "label" in batch else None
-            info = summary(key, explanation, directory, {"width": width, "height": height, "label": label,
-                                                         "localization": located, "model": self.config.model.spec})
-            results.append({"key": key, "source": source, "directory": directory, "summary": info,
-                            "files": render_files(explanation, np.asarray(batch["pixels"][i])),
-                            "index": index_rows(key, explanation, directory),
-                            "row": summary_row(key, explanation, directory,
-                                               located["box_original"] if located else None),
-                            "metrics": metric_rows(key, explanation)})
+            info = summary(
+                key,
+                explanation,
+                directory,
+                {
+                    "width": width,
+                    "height": height,
+                    "label": label,
+                    "localization": located,
+                    "model": self.config.model.spec,
+                },
+            )
+            results.append(
+                {
+                    "key": key,
+                    "source": source,
+                    "directory": directory,
+                    "summary": info,
+                    "files": render_files(explanation, np.asarray(batch["pixels"][i])),
+                    "index": index_rows(key, explanation, directory),
+                    "row": summary_row(key, explanation, directory, located["box_original"] if located else None),
+                    "metrics": metric_rows(key, explanation),
+                }
+            )
         return results
 
 
@@ -102,8 +128,16 @@ def explain_root(out: str | None, run: str | None) -> str:
     return out
 
 
-def run_explain_data(config: ExplainConfig, data: str, root: str, batch_size: int = 8, address: str | None = None,
-                     actors: int | None = None, threads: int | None = None, progress: bool = True) -> dict:
+def run_explain_data(
+    config: ExplainConfig,
+    data: str,
+    root: str,
+    batch_size: int = 8,
+    address: str | None = None,
+    actors: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Explain every image of `data` on Ray into ROOT/explain; return counts and timing."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -123,15 +157,26 @@ def run_explain_data(config: ExplainConfig, data: str, root: str, batch_size: in
             plan = plan_actors(actors, threads, "auto", cluster)
             worker_config = dataclasses.replace(config, device=plan["device"], threads=plan["threads"])
             remote_worker = ray.remote(ExplainWorker)
-            pool = WorkerPool(lambda _: remote_worker.options(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
-                                                               max_restarts=0).remote(worker_config),
-                              plan["actors"], input_cpus=DECODE_CPUS)
+            pool = WorkerPool(
+                lambda _: remote_worker.options(
+                    num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=0
+                ).remote(worker_config),
+                plan["actors"],
+                input_cpus=DECODE_CPUS,
+            )
             bar = tqdm(total=total, unit="img", desc="explain", disable=not progress)
 
             def add(results: list[dict]) -> None:
                 for result in results:
-                    writer.add(result["key"], result["directory"], result["files"], result["summary"],
-                               result["index"], result["row"], result.get("metrics"))
+                    writer.add(
+                        result["key"],
+                        result["directory"],
+                        result["files"],
+                        result["summary"],
+                        result["index"],
+                        result["row"],
+                        result.get("metrics"),
+                    )
                     done.setdefault(source_id(result["source"]), set()).add(result["key"])
                     counts["images"] += 1
                     counts["ok" if result["summary"] is not None else "error"] += 1
@@ -140,14 +185,18 @@ def run_explain_data(config: ExplainConfig, data: str, root: str, batch_size: in
             try:
                 for number in range(MAX_PASSES):
                     skip = {sid: frozenset(keys) for sid, keys in done.items()}
-                    outcome = pool.run(decoded_dataset(source, preprocess, batch_size, skip=skip)
-                                       .iter_internal_ref_bundles(), "process_block", add)
+                    outcome = pool.run(
+                        decoded_dataset(source, preprocess, batch_size, skip=skip).iter_internal_ref_bundles(),
+                        "process_block",
+                        add,
+                    )
                     if outcome.lossless:
                         break
                     logger.warning("explain pass %d lost a worker; explaining the images it held again", number + 1)
                 else:
-                    raise RuntimeError(f"model workers kept being lost: {MAX_PASSES} passes did not explain every "
-                                       "image")
+                    raise RuntimeError(
+                        f"model workers kept being lost: {MAX_PASSES} passes did not explain every image"
+                    )
             finally:
                 bar.close()
                 pool.shutdown()
@@ -161,7 +210,10 @@ def run_explain_data(config: ExplainConfig, data: str, root: str, batch_size: in
         writer.abort()
         raise
     seconds = time.time() - started
-    return counts | {"root": os.path.abspath(root), "seconds": round(seconds, 2),
-                     "images_per_second": round(counts["images"] / max(seconds, 1e-9), 2),
-                     "actors": plan["actors"], "device": plan["device"]}
-
+    return counts | {
+        "root": os.path.abspath(root),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(counts["images"] / max(seconds, 1e-9), 2),
+        "actors": plan["actors"],
+        "device": plan["device"],
+    }

@@ -8,6 +8,7 @@ dreamed from the smallest octave up, and what the dream added at one octave ("de
 carried to the next. Pixels stay in the valid range (0..1 before normalisation) after every step.
 Deterministic for a given `seed` (the jitter is the only randomness).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,7 @@ class DeepDream:
     uses its own objective and gradient scale, so images do not influence each other.
     """
 
-    def __init__(self, model: nn.Module, layer: str, mean: tuple[float, float, float],
-                 std: tuple[float, float, float]):
+    def __init__(self, model: nn.Module, layer: str, mean: tuple[float, float, float], std: tuple[float, float, float]):
         self.model, self.layer = model, layer
         find_module(model, layer)  # a clear error for an unknown layer
         # The network truncated after the layer (torch.fx, as the scan does; hooks on the whole model when it
@@ -46,8 +46,9 @@ class DeepDream:
             raise ValueError(f"layer {self.layer!r} did not run in the forward pass")
         return 0.5 * activation.flatten(1).pow(2).sum(dim=1)
 
-    def _step(self, x: torch.Tensor, lr: float, jitter: int, generator: torch.Generator,
-              low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    def _step(
+        self, x: torch.Tensor, lr: float, jitter: int, generator: torch.Generator, low: torch.Tensor, high: torch.Tensor
+    ) -> torch.Tensor:
         dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator)) if jitter else (0, 0)
         rolled = torch.roll(x, shifts=(dy, dx), dims=(2, 3)).detach().requires_grad_(True)
         with torch.enable_grad():
@@ -56,8 +57,16 @@ class DeepDream:
         grad = grad / (grad.abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-8)
         return torch.maximum(torch.minimum(x + lr * grad, high), low)
 
-    def attribute(self, inputs: torch.Tensor, octaves: int = 4, octave_scale: float = 1.4, steps: int = 10,
-                  lr: float = 0.05, jitter: int = 32, seed: int = 0) -> torch.Tensor:
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        octaves: int = 4,
+        octave_scale: float = 1.4,
+        steps: int = 10,
+        lr: float = 0.05,
+        jitter: int = 32,
+        seed: int = 0,
+    ) -> torch.Tensor:
         """Dream: `steps` ascent steps at each of `octaves` scales (smallest first), step size `lr` in
         normalised units per unit of mean |gradient|, jitter up to `jitter` pixels."""
         check_inputs(inputs)
@@ -67,8 +76,10 @@ class DeepDream:
         low, high = (0 - mean) / std, (1 - mean) / std
         generator = torch.Generator(device="cpu").manual_seed(seed)
         height, width = inputs.shape[-2:]
-        sizes = [(max(1, round(height / octave_scale ** i)), max(1, round(width / octave_scale ** i)))
-                 for i in reversed(range(octaves))]  # smallest first
+        sizes = [
+            (max(1, round(height / octave_scale**i)), max(1, round(width / octave_scale**i)))
+            for i in reversed(range(octaves))
+        ]  # smallest first
         detail = torch.zeros_like(inputs)
         x = inputs.detach()
         for size in sizes:

@@ -4,6 +4,7 @@
 actors) run: the scan's model loading and preprocessing (uint8 crops from `Preprocess.apply`, normalised on
 the model's device), one forward pass to pick the targets, then each method, batched over the images.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,19 +44,19 @@ class ExplainConfig:
 
     model: ModelConfig
     methods: tuple[str, ...] = METHODS
-    target: str | int = "auto"          # 'auto' (top-1 per image), a class index, or a class name
-    layer: str | None = None            # Grad-CAM's layer; None: the map CAM uses, else the last conv block
-    window: int = 32                    # occlusion square, input pixels
+    target: str | int = "auto"  # 'auto' (top-1 per image), a class index, or a class name
+    layer: str | None = None  # Grad-CAM's layer; None: the map CAM uses, else the last conv block
+    window: int = 32  # occlusion square, input pixels
     stride: int = 16
     fill: str = "dataset_mean"
-    chunk: int | None = None            # occluded copies per forward pass (None: 128 on GPU, 16 on CPU)
-    smoothgrad: int = 0                 # SmoothGrad samples for saliency (0: plain gradient)
-    percentile: float | None = 95.0     # saliency localisation threshold; None: no box
-    device: str | None = None           # None: CUDA when visible, else CPU
+    chunk: int | None = None  # occluded copies per forward pass (None: 128 on GPU, 16 on CPU)
+    smoothgrad: int = 0  # SmoothGrad samples for saliency (0: plain gradient)
+    percentile: float | None = 95.0  # saliency localisation threshold; None: no box
+    device: str | None = None  # None: CUDA when visible, else CPU
     threads: int | None = None
-    metrics: tuple[str, ...] = ()       # explanation quality: deletion, insertion, randomization (costly: off)
-    metric_steps: int = 50              # deletion / insertion steps from none to all pixels
-    seed: int = 0                       # randomization's re-initialisation
+    metrics: tuple[str, ...] = ()  # explanation quality: deletion, insertion, randomization (costly: off)
+    metric_steps: int = 50  # deletion / insertion steps from none to all pixels
+    seed: int = 0  # randomization's re-initialisation
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -80,12 +81,12 @@ class Explanation:
 
     target: int
     target_name: str
-    score: float                        # the target's logit
+    score: float  # the target's logit
     probability: float
-    top5: list[dict]                    # [{class, name, probability, logit}]
+    top5: list[dict]  # [{class, name, probability, logit}]
     maps: dict[str, np.ndarray] = field(default_factory=dict)
     occlusion: dict | None = None
-    box: tuple[int, int, int, int] | None = None    # saliency box, input pixels, half-open
+    box: tuple[int, int, int, int] | None = None  # saliency box, input pixels, half-open
     metrics: list[dict] = field(default_factory=list)  # rows of explain/metrics (see outputs.metric_rows)
 
 
@@ -115,10 +116,17 @@ class Explainer:
         self.cam = CAM(self.model) if "cam" in config.methods else None
         self.layer = self._gradcam_layer() if "gradcam" in config.methods else None
         self.gradcam = GradCAM(self.model, self.layer) if self.layer else None
-        self.occlusion = Occlusion(self.model, None, window=config.window, stride=config.stride, fill=config.fill,
-                                   chunk=config.chunk) if "occlusion" in config.methods else None
+        self.occlusion = (
+            Occlusion(
+                self.model, None, window=config.window, stride=config.stride, fill=config.fill, chunk=config.chunk
+            )
+            if "occlusion" in config.methods
+            else None
+        )
         if self.occlusion and config.window > self.preprocess.image_size:
-            raise ValueError(f"occlusion window {config.window} is larger than the {self.preprocess.image_size}-pixel input")
+            raise ValueError(
+                f"occlusion window {config.window} is larger than the {self.preprocess.image_size}-pixel input"
+            )
 
     def class_name(self, index: int) -> str:
         return self.categories[index] if self.categories else f"class {index}"
@@ -127,16 +135,19 @@ class Explainer:
         if isinstance(target, int) or (isinstance(target, str) and target.lstrip("-").isdigit()):
             index = int(target)
             if not 0 <= index < self.classes:
-                raise ValueError(f"class index {index} is out of range: the model has {self.classes} classes "
-                                 f"(0..{self.classes - 1})")
+                raise ValueError(
+                    f"class index {index} is out of range: the model has {self.classes} classes (0..{self.classes - 1})"
+                )
             return index
         if target == "auto":
             return "auto"
         names = [n.lower() for n in self.categories or []]
         if target.lower() in names:
             return names.index(target.lower())
-        raise ValueError(f"unknown target {target!r}: give 'auto', a class index (0..{self.classes - 1})"
-                         + (" or a class name of the weights" if names else " (these weights name no classes)"))
+        raise ValueError(
+            f"unknown target {target!r}: give 'auto', a class index (0..{self.classes - 1})"
+            + (" or a class name of the weights" if names else " (these weights name no classes)")
+        )
 
     def _gradcam_layer(self) -> str:
         """The configured layer, else the module whose output is the map a GAP + linear head pools, else the
@@ -206,19 +217,38 @@ class Explainer:
         for i in range(len(pixels)):
             t = int(targets[i])
             explanation = Explanation(
-                target=t, target_name=self.class_name(t), score=float(logits[i, t]), probability=float(probs[i, t]),
-                top5=[{"class": int(c), "name": self.class_name(int(c)), "probability": float(p),
-                       "logit": float(logits[i, int(c)])} for p, c in zip(top_p[i].tolist(), top_c[i].tolist())],
+                target=t,
+                target_name=self.class_name(t),
+                score=float(logits[i, t]),
+                probability=float(probs[i, t]),
+                top5=[
+                    {
+                        "class": int(c),
+                        "name": self.class_name(int(c)),
+                        "probability": float(p),
+                        "logit": float(logits[i, int(c)]),
+                    }
+                    for p, c in zip(top_p[i].tolist(), top_c[i].tolist())
+                ],
                 maps={name: array[i].astype(np.float32) for name, array in arrays.items()},
-                metrics=[{"method": row["method"], "metric": row["metric"], "steps": row["steps"],
-                          "value": row["values"][i], "curve": row["curves"][i],
-                          "flagged": row["flags"][i] if row["flags"] is not None else None}
-                         for row in metrics.values()])
+                metrics=[
+                    {
+                        "method": row["method"],
+                        "metric": row["metric"],
+                        "steps": row["steps"],
+                        "value": row["values"][i],
+                        "curve": row["curves"][i],
+                        "flagged": row["flags"][i] if row["flags"] is not None else None,
+                    }
+                    for row in metrics.values()
+                ],
+            )
             if occluded is not None:
                 explanation.occlusion = self._occlusion_summary(occluded, i)
             if "saliency" in arrays and self.config.percentile is not None:
-                explanation.box = saliency_box(arrays["saliency"][i], self.config.percentile,
-                                               smooth=max(1, self.preprocess.image_size // 28))
+                explanation.box = saliency_box(
+                    arrays["saliency"][i], self.config.percentile, smooth=max(1, self.preprocess.image_size // 28)
+                )
             out.append(explanation)
         return out
 
@@ -231,8 +261,9 @@ class Explainer:
         """The registry's method `name` built on `model` with this configuration's options; saliency wrapped in
         SmoothGrad when `smoothgrad` samples are asked for."""
         config = self.config
-        options = {"occlusion": {"window": config.window, "stride": config.stride, "fill": config.fill,
-                                 "chunk": config.chunk}}.get(name, {})
+        options = {
+            "occlusion": {"window": config.window, "stride": config.stride, "fill": config.fill, "chunk": config.chunk}
+        }.get(name, {})
         method = METHOD_REGISTRY[name](model, self.layer if name == "gradcam" else None, **options)
         if name == "saliency" and config.smoothgrad:
             method = SmoothGrad(method, samples=config.smoothgrad)
@@ -245,17 +276,35 @@ class Explainer:
         for method, heat in maps.items():
             for mode in (m for m in CAUSAL_MODES if m in config.metrics):
                 curves = CausalMetric(self.model, mode, config.metric_steps, config.chunk).curves(
-                    x, importance(method, heat), targets)
-                out[method, mode] = {"method": method, "metric": mode, "steps": None, "flags": None,
-                                     "values": auc(curves).tolist(), "curves": curves.tolist()}
+                    x, importance(method, heat), targets
+                )
+                out[method, mode] = {
+                    "method": method,
+                    "metric": mode,
+                    "steps": None,
+                    "flags": None,
+                    "values": auc(curves).tolist(),
+                    "curves": curves.tolist(),
+                }
             if "randomization" in config.metrics:
                 blocks, rho = cascading_randomization(
-                    self.model, lambda model, inputs, t, method=method: self._map(model, method, inputs, t),
-                    x, targets, self.preprocess.image_size, seed=config.seed, trained=heat)
+                    self.model,
+                    lambda model, inputs, t, method=method: self._map(model, method, inputs, t),
+                    x,
+                    targets,
+                    self.preprocess.image_size,
+                    seed=config.seed,
+                    trained=heat,
+                )
                 final = rho[:, -1]
                 out[method, "randomization"] = {
-                    "method": method, "metric": "randomization", "steps": blocks, "curves": rho.tolist(),
-                    "values": final.tolist(), "flags": (final.abs() >= FLAG_SPEARMAN).tolist()}
+                    "method": method,
+                    "metric": "randomization",
+                    "steps": blocks,
+                    "curves": rho.tolist(),
+                    "values": final.tolist(),
+                    "flags": (final.abs() >= FLAG_SPEARMAN).tolist(),
+                }
         return out
 
     def _occlusion_summary(self, result, i: int) -> dict:
@@ -264,12 +313,18 @@ class Explainer:
         a, b = divmod(int(grid.argmin()), grid.shape[1])
         top = int(result.top_class[i, a, b])
         size, step, window = self.preprocess.image_size, self.config.stride, self.config.window
-        return {"window": self.config.window, "stride": self.config.stride, "fill": self.config.fill,
-                "grid": list(grid.shape), "base_probability": float(result.base_prob[i]),
-                "min_probability": float(grid[a, b]),
-                # x0, y0, x1, y1 in input pixels (the last squares are cut at the border)
-                "min_square": [b * step, a * step, min(b * step + window, size), min(a * step + window, size)],
-                "top_class_there": top, "top_class_name": self.class_name(top),
-                "top_class_probability": float(result.top_prob[i, a, b]),
-                "grid_probabilities": [[round(float(v), 6) for v in row] for row in grid.tolist()],
-                "grid_top_classes": result.top_class[i].tolist()}
+        return {
+            "window": self.config.window,
+            "stride": self.config.stride,
+            "fill": self.config.fill,
+            "grid": list(grid.shape),
+            "base_probability": float(result.base_prob[i]),
+            "min_probability": float(grid[a, b]),
+            # x0, y0, x1, y1 in input pixels (the last squares are cut at the border)
+            "min_square": [b * step, a * step, min(b * step + window, size), min(a * step + window, size)],
+            "top_class_there": top,
+            "top_class_name": self.class_name(top),
+            "top_class_probability": float(result.top_prob[i, a, b]),
+            "grid_probabilities": [[round(float(v), 6) for v in row] for row in grid.tolist()],
+            "grid_top_classes": result.top_class[i].tolist(),
+        }

@@ -6,6 +6,7 @@ keeps the signed map). At the last conv layer of a GAP + linear network, d logit
 everywhere, so Grad-CAM = CAM / (h w) (before the ReLU; the ReLU of both after), a positive scale.
 The gradient is that of the PRE-softmax score, as in the paper.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,9 @@ class GradCAM(Attribution):
         self.model, self.layer = model, layer
         self.module = find_module(model, layer)
 
-    def layer_attribute(self, inputs: torch.Tensor, target: Target = "auto", relu: bool = True
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layer_attribute(
+        self, inputs: torch.Tensor, target: Target = "auto", relu: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(maps (N, h, w) at the layer's resolution, logits (N, classes), targets (N,))."""
         check_inputs(inputs)
         with torch.enable_grad(), capture_output(self.module) as captured:
@@ -45,7 +47,7 @@ class GradCAM(Attribution):
                 raise ValueError(f"layer {self.layer!r} gives {shape}, not an (N, K, h, w) feature map")
             targets = resolve_targets(logits.detach(), target)
             (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), activation)
-        weights = grad.mean(dim=(2, 3))                                   # (N, K)
+        weights = grad.mean(dim=(2, 3))  # (N, K)
         maps = torch.einsum("nk,nkhw->nhw", weights, activation.detach())
         return (maps.clamp(min=0) if relu else maps), logits.detach(), targets
 

@@ -3,6 +3,7 @@
 `explain_run_images(run, count)` is the one call the demo needs: a few of a scan run's images, explained with
 the scan's own model into RUN/explain/ (see docs/explanations.md).
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,9 +50,14 @@ def _keys(paths: list[str]) -> list[str]:
     return [name if names.count(name) == 1 else path for name, path in zip(names, paths)]
 
 
-def explain_images(config: ExplainConfig, paths: list[str], out: str,
-                   boxes: list[tuple[int, int, int, int] | None] | None = None, batch_size: int = 8,
-                   keys: list[str] | None = None) -> list[dict]:
+def explain_images(
+    config: ExplainConfig,
+    paths: list[str],
+    out: str,
+    boxes: list[tuple[int, int, int, int] | None] | None = None,
+    batch_size: int = 8,
+    keys: list[str] | None = None,
+) -> list[dict]:
     """Explain image files; write OUT/explain/ (layout in outputs.py); return the per-image summaries.
 
     boxes: optional ground-truth box per image, (x0, y0, x1, y1) half-open in ORIGINAL image pixels; the
@@ -63,12 +69,20 @@ def explain_images(config: ExplainConfig, paths: list[str], out: str,
         raise ValueError("no images given")
     explainer = Explainer(config)
     decoded = [read_image(path, explainer.preprocess) for path in paths]
-    return _explain_decoded(explainer, keys or _keys(paths), decoded, out, boxes, batch_size,
-                            [{"image": os.path.abspath(path)} for path in paths])
+    return _explain_decoded(
+        explainer,
+        keys or _keys(paths),
+        decoded,
+        out,
+        boxes,
+        batch_size,
+        [{"image": os.path.abspath(path)} for path in paths],
+    )
 
 
-def explain_run_images(run: str, count: int = 4, keys: list[str] | None = None,
-                       methods: tuple[str, ...] = METHODS, **settings) -> list[dict]:
+def explain_run_images(
+    run: str, count: int = 4, keys: list[str] | None = None, methods: tuple[str, ...] = METHODS, **settings
+) -> list[dict]:
     """Explain `count` images of a complete scan run (the first by key, or the given `keys`) with the scan's
     own model, weights and preprocessing, into RUN/explain/ under the scan's image keys (so the site can join
     them with the run's tables). `settings`: other ExplainConfig fields (target, window, stride, ...)."""
@@ -95,8 +109,15 @@ def explain_run_images(run: str, count: int = 4, keys: list[str] | None = None,
     return _explain_decoded(explainer, found, decoded, run, None, 8, [{"image_key": key} for key in found])
 
 
-def _explain_decoded(explainer: Explainer, keys: list[str], decoded: list[tuple[np.ndarray, int, int]], out: str,
-                     boxes: list | None, batch_size: int, extras: list[dict]) -> list[dict]:
+def _explain_decoded(
+    explainer: Explainer,
+    keys: list[str],
+    decoded: list[tuple[np.ndarray, int, int]],
+    out: str,
+    boxes: list | None,
+    batch_size: int,
+    extras: list[dict],
+) -> list[dict]:
     config = explainer.config
     if boxes is not None and len(boxes) != len(keys):
         raise ValueError(f"{len(boxes)} boxes for {len(keys)} images")
@@ -106,23 +127,43 @@ def _explain_decoded(explainer: Explainer, keys: list[str], decoded: list[tuple[
     summaries = []
     try:
         for start in range(0, len(keys), batch_size):
-            chunk = decoded[start:start + batch_size]
+            chunk = decoded[start : start + batch_size]
             explanations = explainer.explain(np.stack([pixels for pixels, _, _ in chunk]))
             for offset, explanation in enumerate(explanations):
                 i = start + offset
                 pixels, width, height = decoded[i]
                 directory = f"{EXPLAIN}/images/{image_dir(keys[i])}"
-                located = localization(explanation, explainer.preprocess, width, height, config.percentile,
-                                       boxes[i] if boxes else None)
-                info = summary(keys[i], explanation, directory,
-                               extras[i] | {"width": width, "height": height, "localization": located,
-                                            "model": config.model.spec, "preprocess": explainer.preprocess.as_dict()})
-                writer.add(keys[i], directory, render_files(explanation, pixels), info,
-                           index_rows(keys[i], explanation, directory),
-                           summary_row(keys[i], explanation, directory,
-                                       located["box_original"] if located else None,
-                                       located["iou"] if located else None),
-                           metric_rows(keys[i], explanation))
+                located = localization(
+                    explanation, explainer.preprocess, width, height, config.percentile, boxes[i] if boxes else None
+                )
+                info = summary(
+                    keys[i],
+                    explanation,
+                    directory,
+                    extras[i]
+                    | {
+                        "width": width,
+                        "height": height,
+                        "localization": located,
+                        "model": config.model.spec,
+                        "preprocess": explainer.preprocess.as_dict(),
+                    },
+                )
+                writer.add(
+                    keys[i],
+                    directory,
+                    render_files(explanation, pixels),
+                    info,
+                    index_rows(keys[i], explanation, directory),
+                    summary_row(
+                        keys[i],
+                        explanation,
+                        directory,
+                        located["box_original"] if located else None,
+                        located["iou"] if located else None,
+                    ),
+                    metric_rows(keys[i], explanation),
+                )
                 summaries.append(info)
         writer.commit()
     except BaseException:
@@ -131,8 +172,18 @@ def _explain_decoded(explainer: Explainer, keys: list[str], decoded: list[tuple[
     return summaries
 
 
-def dream_file(model: ModelConfig, path: str, layer: str, out: str, octaves: int = 4, octave_scale: float = 1.4,
-               steps: int = 10, lr: float = 0.05, jitter: int = 32, seed: int = 0) -> dict:
+def dream_file(
+    model: ModelConfig,
+    path: str,
+    layer: str,
+    out: str,
+    octaves: int = 4,
+    octave_scale: float = 1.4,
+    steps: int = 10,
+    lr: float = 0.05,
+    jitter: int = 32,
+    seed: int = 0,
+) -> dict:
     """DeepDream an image file (the model's resize + centre crop) into the PNG `out`; report the objective
     0.5 ||activation||^2 of the layer before and after."""
     from pipeline.explain.deepdream import DeepDream
@@ -141,13 +192,19 @@ def dream_file(model: ModelConfig, path: str, layer: str, out: str, octaves: int
     pixels, _, _ = read_image(path, loaded.preprocess)
     dream = DeepDream(loaded.model, layer, loaded.preprocess.mean, loaded.preprocess.std)
     x = loaded.preprocess.normalizer()(pixels[None])
-    result = dream.attribute(x, octaves=octaves, octave_scale=octave_scale, steps=steps, lr=lr, jitter=jitter,
-                             seed=seed)
+    result = dream.attribute(
+        x, octaves=octaves, octave_scale=octave_scale, steps=steps, lr=lr, jitter=jitter, seed=seed
+    )
     with torch.no_grad():
         before, after = float(dream.objective(x)[0]), float(dream.objective(result)[0])
     image = ((result * dream.std + dream.mean).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round()
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     atomic_write(out, writer=lambda tmp: Image.fromarray(image.astype(np.uint8)).save(tmp, format="PNG"))
-    return {"out": out, "layer": layer, "objective_before": before, "objective_after": after,
-            "ratio": after / before if before > 0 else float("inf")}
+    return {
+        "out": out,
+        "layer": layer,
+        "objective_before": before,
+        "objective_after": after,
+        "ratio": after / before if before > 0 else float("inf"),
+    }

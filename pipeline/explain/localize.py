@@ -8,6 +8,7 @@ top 5 % of pixels), take the LARGEST 8-connected component of them (isolated spe
 ignored), and report its bounding box, half-open (x0, y0, x1, y1) in the map's (network-input) pixels.
 `iou` compares two boxes in the same pixels.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -48,7 +49,7 @@ def box_blur(values: np.ndarray, size: int) -> np.ndarray:
     before = size // 2
     padded = np.pad(values, ((before, size - 1 - before), (before, size - 1 - before)), mode="edge")
     table = np.pad(padded.cumsum(axis=0).cumsum(axis=1), ((1, 0), (1, 0)))
-    return (table[size:, size:] - table[:-size, size:] - table[size:, :-size] + table[:-size, :-size]) / size ** 2
+    return (table[size:, size:] - table[:-size, size:] - table[size:, :-size] + table[:-size, :-size]) / size**2
 
 
 def saliency_box(saliency: np.ndarray, percentile: float = 95.0, smooth: int = 1) -> Box | None:

@@ -21,6 +21,7 @@ default chunk is 128 on a GPU and 16 on a CPU: on this project's CPU machine lar
 image (MobileNetV2 at 224: 2.6 s per image with chunk 16, 5-8 s with 64; activations of 64 copies no longer
 fit the caches and every call maps fresh memory), see docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,13 +40,13 @@ FILLS = ("dataset_mean", "image_mean")
 class OcclusionResult:
     """Occlusion maps of N images over a grid of gh x gw square positions."""
 
-    map: torch.Tensor          # (N, H, W) mean target probability of the squares covering each pixel
-    grid: torch.Tensor         # (N, gh, gw) target probability with the square at each position
-    top_class: torch.Tensor    # (N, gh, gw) long: the most likely class with the square there
-    top_prob: torch.Tensor     # (N, gh, gw) its probability
-    base_prob: torch.Tensor    # (N,) target probability of the unoccluded image
-    logits: torch.Tensor       # (N, classes) of the unoccluded image
-    targets: torch.Tensor      # (N,) long
+    map: torch.Tensor  # (N, H, W) mean target probability of the squares covering each pixel
+    grid: torch.Tensor  # (N, gh, gw) target probability with the square at each position
+    top_class: torch.Tensor  # (N, gh, gw) long: the most likely class with the square there
+    top_prob: torch.Tensor  # (N, gh, gw) its probability
+    base_prob: torch.Tensor  # (N,) target probability of the unoccluded image
+    logits: torch.Tensor  # (N, classes) of the unoccluded image
+    targets: torch.Tensor  # (N,) long
 
 
 def axis_positions(size: int, window: int, stride: int) -> list[int]:
@@ -68,8 +69,15 @@ class Occlusion(Attribution):
     the full `OcclusionResult`. Preconditions: 1 <= stride <= window <= min(H, W).
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None, window: int = 32, stride: int = 16,
-                 fill: str = "dataset_mean", chunk: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None = None,
+        window: int = 32,
+        stride: int = 16,
+        fill: str = "dataset_mean",
+        chunk: int | None = None,
+    ):
         if layer is not None:
             raise ValueError("occlusion works on the input pixels; it takes no layer")
         if not 1 <= stride <= window:
@@ -85,8 +93,8 @@ class Occlusion(Attribution):
         height, width = inputs.shape[-2:]
         if self.window > min(height, width):
             raise ValueError(f"occlusion window {self.window} is larger than the {height}x{width} input")
-        rows = _coverage(height, self.window, self.stride, inputs.device)   # (gh, H)
-        cols = _coverage(width, self.window, self.stride, inputs.device)    # (gw, W)
+        rows = _coverage(height, self.window, self.stride, inputs.device)  # (gh, H)
+        cols = _coverage(width, self.window, self.stride, inputs.device)  # (gw, W)
         with torch.no_grad():
             logits = self.model(inputs)
         targets = resolve_targets(logits, target)
@@ -115,8 +123,9 @@ class Occlusion(Attribution):
                 p = self.model(copies).float().softmax(dim=1)
                 probs[flat] = p.gather(1, targets[image][:, None])[:, 0]
                 top_prob[flat], top_class[flat] = p.max(dim=1)
-        return self._result(probs.view(n, gh, gw), top_class.view(n, gh, gw), top_prob.view(n, gh, gw),
-                            rows, cols, logits, targets)
+        return self._result(
+            probs.view(n, gh, gw), top_class.view(n, gh, gw), top_prob.view(n, gh, gw), rows, cols, logits, targets
+        )
 
     def attribute_loop(self, inputs: torch.Tensor, target: Target = "auto") -> OcclusionResult:
         """The same result with one forward pass per image and position (a reference; slow by design)."""
@@ -129,8 +138,8 @@ class Occlusion(Attribution):
             for i in range(n):
                 for a, y in enumerate(axis_positions(inputs.shape[-2], self.window, self.stride)):
                     for b, x in enumerate(axis_positions(inputs.shape[-1], self.window, self.stride)):
-                        copy = inputs[i:i + 1].clone()
-                        copy[..., y:y + self.window, x:x + self.window] = fill[i:i + 1]
+                        copy = inputs[i : i + 1].clone()
+                        copy[..., y : y + self.window, x : x + self.window] = fill[i : i + 1]
                         p = self.model(copy).float().softmax(dim=1)[0]
                         probs[i, a, b] = p[targets[i]]
                         top_prob[i, a, b], top_class[i, a, b] = p.max(dim=0)
@@ -142,8 +151,15 @@ class Occlusion(Attribution):
         summed = torch.einsum("nab,ah,bw->nhw", grid, rows, cols)
         count = torch.einsum("ah,bw->hw", rows, cols)
         base = logits.float().softmax(dim=1).gather(1, targets[:, None])[:, 0]
-        return OcclusionResult(map=summed / count, grid=grid, top_class=top_class, top_prob=top_prob,
-                               base_prob=base, logits=logits, targets=targets)
+        return OcclusionResult(
+            map=summed / count,
+            grid=grid,
+            top_class=top_class,
+            top_prob=top_prob,
+            base_prob=base,
+            logits=logits,
+            targets=targets,
+        )
 
     def attribute(self, inputs: torch.Tensor, target: Target = "auto") -> torch.Tensor:
         """(N, H, W): per pixel, the mean target probability with a square covering it (low = important)."""

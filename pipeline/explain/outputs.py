@@ -14,6 +14,7 @@ are never used as paths as they are). Everything is written into ROOT/.explain-s
 ROOT/explain only when the whole run succeeded (a previous explain/ is replaced), so readers never see a
 half-written explain directory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,15 @@ from PIL import Image
 
 from pipeline.render.crops import overlay
 from pipeline.explain.explainer import Explanation
-from pipeline.store import (EXPLAIN, EXPLAIN_INDEX_SCHEMA, EXPLAIN_METRICS_SCHEMA, EXPLAIN_SUMMARY_SCHEMA, read_manifest,
-                            write_table, write_views)
+from pipeline.store import (
+    EXPLAIN,
+    EXPLAIN_INDEX_SCHEMA,
+    EXPLAIN_METRICS_SCHEMA,
+    EXPLAIN_SUMMARY_SCHEMA,
+    read_manifest,
+    write_table,
+    write_views,
+)
 
 
 def image_dir(key: str) -> str:
@@ -80,41 +88,85 @@ def render_files(explanation: Explanation, pixels: np.ndarray) -> dict[str, byte
 
 def summary(key: str, explanation: Explanation, directory: str, extra: dict | None = None) -> dict:
     """The summary.json of one image (paths relative to ROOT)."""
-    stats = {method: {"npy": f"{directory}/{method}.npy", "png": f"{directory}/{method}.png",
-                      "min": float(heat.min()), "max": float(heat.max()), "mean": float(heat.mean())}
-             for method, heat in explanation.maps.items()}
+    stats = {
+        method: {
+            "npy": f"{directory}/{method}.npy",
+            "png": f"{directory}/{method}.png",
+            "min": float(heat.min()),
+            "max": float(heat.max()),
+            "mean": float(heat.mean()),
+        }
+        for method, heat in explanation.maps.items()
+    }
     for row in explanation.metrics:
         stats[row["method"]][row["metric"]] = {"value": row["value"], "flagged": row["flagged"]}
-    return {"image_key": key, "target": explanation.target, "target_name": explanation.target_name,
-            "score": explanation.score, "probability": explanation.probability, "top5": explanation.top5,
-            "methods": stats, "occlusion": explanation.occlusion} | (extra or {})
+    return {
+        "image_key": key,
+        "target": explanation.target,
+        "target_name": explanation.target_name,
+        "score": explanation.score,
+        "probability": explanation.probability,
+        "top5": explanation.top5,
+        "methods": stats,
+        "occlusion": explanation.occlusion,
+    } | (extra or {})
 
 
 def index_rows(key: str, explanation: Explanation, directory: str) -> list[dict]:
-    return [{"image_key": key, "method": method, "target": explanation.target,
-             "target_name": explanation.target_name, "path": f"{directory}/{method}.png", "score": explanation.score}
-            for method in explanation.maps]
+    return [
+        {
+            "image_key": key,
+            "method": method,
+            "target": explanation.target,
+            "target_name": explanation.target_name,
+            "path": f"{directory}/{method}.png",
+            "score": explanation.score,
+        }
+        for method in explanation.maps
+    ]
 
 
 def metric_rows(key: str, explanation: Explanation) -> list[dict]:
-    return [{"image_key": key, "method": row["method"], "metric": row["metric"], "target": explanation.target,
-             "value": row["value"], "curve": row["curve"], "steps": row["steps"], "flagged": row["flagged"]}
-            for row in explanation.metrics]
+    return [
+        {
+            "image_key": key,
+            "method": row["method"],
+            "metric": row["metric"],
+            "target": explanation.target,
+            "value": row["value"],
+            "curve": row["curve"],
+            "steps": row["steps"],
+            "flagged": row["flagged"],
+        }
+        for row in explanation.metrics
+    ]
 
 
-def summary_row(key: str, explanation: Explanation | None, directory: str | None, box: tuple | None = None,
-                iou: float | None = None, error: str | None = None) -> dict:
+def summary_row(
+    key: str,
+    explanation: Explanation | None,
+    directory: str | None,
+    box: tuple | None = None,
+    iou: float | None = None,
+    error: str | None = None,
+) -> dict:
     row = {name: None for name in EXPLAIN_SUMMARY_SCHEMA.names} | {"image_key": key, "dir": directory}
     if explanation is None:
         return row | {"status": "error", "error": error}
     occlusion = explanation.occlusion or {}
-    row |= {"status": "ok", "target": explanation.target, "target_name": explanation.target_name,
-            "score": explanation.score, "probability": explanation.probability,
-            "top5_classes": [t["class"] for t in explanation.top5],
-            "top5_probabilities": [t["probability"] for t in explanation.top5],
-            "occlusion_base_probability": occlusion.get("base_probability"),
-            "occlusion_min_probability": occlusion.get("min_probability"),
-            "occlusion_top_class": occlusion.get("top_class_there"), "iou": iou}
+    row |= {
+        "status": "ok",
+        "target": explanation.target,
+        "target_name": explanation.target_name,
+        "score": explanation.score,
+        "probability": explanation.probability,
+        "top5_classes": [t["class"] for t in explanation.top5],
+        "top5_probabilities": [t["probability"] for t in explanation.top5],
+        "occlusion_base_probability": occlusion.get("base_probability"),
+        "occlusion_min_probability": occlusion.get("min_probability"),
+        "occlusion_top_class": occlusion.get("top_class_there"),
+        "iou": iou,
+    }
     if box is not None:
         row |= dict(zip(("box_x0", "box_y0", "box_x1", "box_y1"), (int(v) for v in box)))
     return row
@@ -132,8 +184,16 @@ class ExplainWriter:
         self.summaries: list[dict] = []
         self.metrics: list[dict] = []
 
-    def add(self, key: str, directory: str, files: dict[str, bytes], summary_json: dict | None,
-            index: list[dict], summary_table_row: dict, metrics: list[dict] | None = None) -> None:
+    def add(
+        self,
+        key: str,
+        directory: str,
+        files: dict[str, bytes],
+        summary_json: dict | None,
+        index: list[dict],
+        summary_table_row: dict,
+        metrics: list[dict] | None = None,
+    ) -> None:
         """Write one image's files (paths like explain/images/<dir>/<file> relative to ROOT)."""
         target = os.path.join(self.staging, os.path.relpath(directory, EXPLAIN))
         os.makedirs(target, exist_ok=True)
@@ -149,16 +209,22 @@ class ExplainWriter:
 
     def commit(self) -> pa.Table:
         """Write the two tables and move the staged directory into place; return the index table."""
-        index = pa.Table.from_pylist(sorted(self.index, key=lambda r: (r["image_key"], r["method"])),
-                                     schema=EXPLAIN_INDEX_SCHEMA)
+        index = pa.Table.from_pylist(
+            sorted(self.index, key=lambda r: (r["image_key"], r["method"])), schema=EXPLAIN_INDEX_SCHEMA
+        )
         write_table(index, os.path.join(self.staging, "index.parquet"))
-        write_table(pa.Table.from_pylist(sorted(self.summaries, key=lambda r: r["image_key"]), schema=EXPLAIN_SUMMARY_SCHEMA),
-                    os.path.join(self.staging, "summary.parquet"))
+        write_table(
+            pa.Table.from_pylist(sorted(self.summaries, key=lambda r: r["image_key"]), schema=EXPLAIN_SUMMARY_SCHEMA),
+            os.path.join(self.staging, "summary.parquet"),
+        )
         if self.metrics:  # only when asked for (--metrics): its absence says they were not measured
-            write_table(pa.Table.from_pylist(sorted(self.metrics, key=lambda r: (r["image_key"], r["method"],
-                                                                                   r["metric"])),
-                                             schema=EXPLAIN_METRICS_SCHEMA),
-                        os.path.join(self.staging, "metrics.parquet"))
+            write_table(
+                pa.Table.from_pylist(
+                    sorted(self.metrics, key=lambda r: (r["image_key"], r["method"], r["metric"])),
+                    schema=EXPLAIN_METRICS_SCHEMA,
+                ),
+                os.path.join(self.staging, "metrics.parquet"),
+            )
         final = os.path.join(self.root, EXPLAIN)
         old = None
         if os.path.exists(final):
@@ -175,16 +241,27 @@ class ExplainWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def localization(explanation: Explanation, preprocess, width: int, height: int, percentile: float | None,
-                 given_box: tuple[int, int, int, int] | None = None) -> dict | None:
+def localization(
+    explanation: Explanation,
+    preprocess,
+    width: int,
+    height: int,
+    percentile: float | None,
+    given_box: tuple[int, int, int, int] | None = None,
+) -> dict | None:
     """The saliency box in input and ORIGINAL pixels and, with a given box (original pixels), their IoU."""
     from pipeline.explain.localize import iou
 
     if explanation.box is None:
         return None
     original = tuple(int(v) for v in preprocess.to_original_box(np.array(explanation.box), width, height))
-    result = {"percentile": percentile, "box_input": list(explanation.box), "box_original": list(original),
-              "given_box_original": list(given_box) if given_box else None, "iou": None}
+    result = {
+        "percentile": percentile,
+        "box_input": list(explanation.box),
+        "box_original": list(original),
+        "given_box_original": list(given_box) if given_box else None,
+        "iou": None,
+    }
     if given_box is not None:
         result["iou"] = iou(original, given_box)
     return result

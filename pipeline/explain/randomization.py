@@ -14,6 +14,7 @@ their own. Re-initialisation is each module's own ``reset_parameters()`` (PyTorc
 batch norm: scale 1, shift 0, running statistics reset) under a fixed seed, on a copy: the caller's model is
 never modified. Cost: one map per block per method (MobileNetV2: 20 blocks), on top of the trained map.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,7 +48,7 @@ def rank_average(values: torch.Tensor) -> torch.Tensor:
         run = torch.cumsum(new_run.long(), 0) - 1
         starts = torch.nonzero(new_run).flatten()
         ends = torch.cat([starts[1:], torch.tensor([p], device=values.device)])
-        average = (starts + ends - 1).double() / 2 + 1                    # mean of ranks start+1 .. end
+        average = (starts + ends - 1).double() / 2 + 1  # mean of ranks start+1 .. end
         ranks[i, indices[i]] = average[run]
     return ranks
 
@@ -87,7 +88,7 @@ def _rectified_by(model: nn.Module, name: str, blocks: list[str]) -> str | None:
     siblings = [n for n, _ in container.named_children()]
     if child not in siblings or not isinstance(container.get_submodule(child), (nn.Conv2d, *_NORMS)):
         return None
-    for sibling in siblings[siblings.index(child) + 1:]:
+    for sibling in siblings[siblings.index(child) + 1 :]:
         qualified = f"{parent}.{sibling}" if parent else sibling
         if qualified in blocks:
             return qualified
@@ -108,9 +109,15 @@ def reinitialize(model: nn.Module, names: list[str], seed: int) -> None:
                     module.reset_running_stats()
 
 
-def cascading_randomization(model: nn.Module, explain: ExplainFn, inputs: torch.Tensor, targets: torch.Tensor,
-                            image_size: int, seed: int = 0,
-                            trained: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor]:
+def cascading_randomization(
+    model: nn.Module,
+    explain: ExplainFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    image_size: int,
+    seed: int = 0,
+    trained: torch.Tensor | None = None,
+) -> tuple[list[str], torch.Tensor]:
     """(the block re-initialised at each step, (N, steps) Spearman correlation with the trained model's map).
 
     `explain(model, inputs, targets) -> (N, H, W)` must build its method on the model it is given (hooks and

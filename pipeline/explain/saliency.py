@@ -8,6 +8,7 @@ class (softmax couples them), which the paper avoids deliberately.
 SmoothGrad (Smilkov et al. 2017) is a wrapper (pipeline.explain.attribution.SmoothGrad): it averages this
 method's per-channel |gradient| (`channel_maps`) over noisy copies, then takes the channel maximum.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ An Objective maps ``acts`` (a dict ``{layer name: tensor}``, plus ``"input"``: t
 images (one per unit), so the loop maximises ``objective(acts).sum()`` and each image gets its own gradient.
 Objectives compose: ``channel(...) - 0.1 * total_variation()`` is an Objective.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -25,8 +26,9 @@ class Objective:
 
     def __add__(self, other: Objective | float) -> Objective:
         if isinstance(other, Objective):
-            return Objective(lambda acts: self(acts) + other(acts), self.layers + other.layers,
-                             f"({self.name} + {other.name})")
+            return Objective(
+                lambda acts: self(acts) + other(acts), self.layers + other.layers, f"({self.name} + {other.name})"
+            )
         return Objective(lambda acts: self(acts) + other, self.layers, f"({self.name} + {other})")
 
     __radd__ = __add__
@@ -39,8 +41,9 @@ class Objective:
 
     def __mul__(self, other: Objective | float) -> Objective:
         if isinstance(other, Objective):
-            return Objective(lambda acts: self(acts) * other(acts), self.layers + other.layers,
-                             f"{self.name} * {other.name}")
+            return Objective(
+                lambda acts: self(acts) * other(acts), self.layers + other.layers, f"{self.name} * {other.name}"
+            )
         return Objective(lambda acts: other * self(acts), self.layers, f"{other} * {self.name}")
 
     __rmul__ = __mul__
@@ -61,8 +64,7 @@ class _UnitIndex:
         """(B, C, h, w) or (B, C) activations -> (B, h, w) or (B,): batch element i's map of units[i]."""
         index = self.on.get(act.device)
         if index is None:
-            index = self.on[act.device] = (torch.arange(len(self.units), device=act.device),
-                                           self.units.to(act.device))
+            index = self.on[act.device] = (torch.arange(len(self.units), device=act.device), self.units.to(act.device))
         return act[index]
 
 
@@ -96,6 +98,7 @@ def neuron(layer: str, units: Sequence[int] | torch.Tensor, y: int | None = None
 
 def total_variation() -> Objective:
     """Sum of absolute differences between neighbouring pixels of the input image (a smoothness cost)."""
+
     def fn(acts: Acts) -> torch.Tensor:
         image = acts["input"]
         dy = (image[:, :, 1:, :] - image[:, :, :-1, :]).abs().flatten(1).sum(1)

@@ -4,6 +4,7 @@
 the decorrelated colour basis, squashed into [0, 1] by a sigmoid. Initial values come from an explicit
 ``torch.Generator``, so the same seed gives the same image.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,14 +16,13 @@ ImageFn = Callable[[], torch.Tensor]
 
 # Square root of ImageNet's colour covariance (Lucid's constant): mixing three independent channels with it
 # gives colours with natural-image correlations, so the optimiser moves along decorrelated directions.
-COLOR_CORRELATION_SVD_SQRT = torch.tensor([[0.26, 0.09, 0.02],
-                                           [0.27, 0.00, -0.05],
-                                           [0.27, -0.09, 0.03]])
+COLOR_CORRELATION_SVD_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 COLOR_CORRELATION_NORMALIZED = COLOR_CORRELATION_SVD_SQRT / COLOR_CORRELATION_SVD_SQRT.norm(dim=0).max()
 
 
-def pixel_image(shape: tuple[int, int, int, int], sd: float, generator: torch.Generator,
-                device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], ImageFn]:
+def pixel_image(
+    shape: tuple[int, int, int, int], sd: float, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> tuple[list[torch.Tensor], ImageFn]:
     """Free pixels ~ N(0, sd): (B, C, H, W)."""
     pixels = (torch.randn(shape, generator=generator) * sd).to(device).requires_grad_(True)
     return [pixels], lambda: pixels
@@ -35,8 +35,13 @@ def _frequencies(h: int, w: int) -> np.ndarray:
     return np.sqrt(fx * fx + fy * fy)
 
 
-def fourier_image(shape: tuple[int, int, int, int], sd: float, generator: torch.Generator,
-                  decay_power: float = 1.0, device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], ImageFn]:
+def fourier_image(
+    shape: tuple[int, int, int, int],
+    sd: float,
+    generator: torch.Generator,
+    decay_power: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> tuple[list[torch.Tensor], ImageFn]:
     """Spectrum parameterization (Olah et al. 2017): coefficients scaled by 1/|f|^decay_power.
 
     Gradient steps on the spectrum with this scaling have roughly equal energy per frequency in the image,
@@ -63,13 +68,23 @@ def decorrelate_color(image: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bchw,rc->brhw", image, matrix)
 
 
-def rgb_image(size: int, batch: int, seed: int, fourier: bool = True, decorrelate: bool = True,
-              sd: float = 0.01, device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], ImageFn]:
+def rgb_image(
+    size: int,
+    batch: int,
+    seed: int,
+    fourier: bool = True,
+    decorrelate: bool = True,
+    sd: float = 0.01,
+    device: torch.device | str = "cpu",
+) -> tuple[list[torch.Tensor], ImageFn]:
     """A batch of square RGB images in [0, 1]: ``(params, image_fn)`` with image_fn() -> (B, 3, size, size)."""
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, 3, size, size)
-    params, raw = (fourier_image(shape, sd, generator, device=device) if fourier
-                   else pixel_image(shape, sd, generator, device=device))
+    params, raw = (
+        fourier_image(shape, sd, generator, device=device)
+        if fourier
+        else pixel_image(shape, sd, generator, device=device)
+    )
 
     def image_fn() -> torch.Tensor:
         image = raw()

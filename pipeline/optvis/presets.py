@@ -10,6 +10,7 @@ clipping to the valid pixel range. The step is the gradient divided by its mean 
 every unit in a batch advances at the same rate whatever its gradient's scale (a documented departure from
 the paper's fixed learning rate, which was tuned per network in Caffe's 0-255 pixel units).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -25,12 +26,12 @@ class Preset:
     name: str
     steps: int
     lr: float
-    fourier: bool = False        # Fourier-space parameterization (else pixels)
-    decorrelate: bool = False    # decorrelated colour basis + sigmoid (else raw pixels clipped to [0, 1])
-    transforms: bool = False     # Lucid's robustness transforms before each forward pass
-    optimizer: str = "adam"      # adam | normalized_ascent
-    decay: float = 0.0           # L2 decay towards the data mean, per step
-    blur_every: int = 0          # Gaussian blur every N steps (0: never)
+    fourier: bool = False  # Fourier-space parameterization (else pixels)
+    decorrelate: bool = False  # decorrelated colour basis + sigmoid (else raw pixels clipped to [0, 1])
+    transforms: bool = False  # Lucid's robustness transforms before each forward pass
+    optimizer: str = "adam"  # adam | normalized_ascent
+    decay: float = 0.0  # L2 decay towards the data mean, per step
+    blur_every: int = 0  # Gaussian blur every N steps (0: never)
     blur_sigma: float = 0.0
     norm_percentile: float = 0.0  # pixels whose norm is below this percentile are reset to the mean
     init_sd: float = 0.01
@@ -42,8 +43,9 @@ class Preset:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(STEP_RULES)}")
 
     # The preset builds its parts; the render loop (pipeline.optvis.render) only calls them.
-    def parameterization(self, size: int, batch: int, seed: int, data_mean: torch.Tensor, device: torch.device
-                         ) -> tuple[list[torch.Tensor], Callable[[], torch.Tensor]]:
+    def parameterization(
+        self, size: int, batch: int, seed: int, data_mean: torch.Tensor, device: torch.device
+    ) -> tuple[list[torch.Tensor], Callable[[], torch.Tensor]]:
         """(params, image_fn): Lucid's decorrelated (Fourier) image, or Yosinski's raw pixels around the data
         mean, clipped to [0, 1] (and kept there by the step rule)."""
         import torch
@@ -51,8 +53,7 @@ class Preset:
         from pipeline.optvis.param import rgb_image
 
         if self.decorrelate:
-            return rgb_image(size, batch, seed, fourier=self.fourier, decorrelate=True, sd=self.init_sd,
-                             device=device)
+            return rgb_image(size, batch, seed, fourier=self.fourier, decorrelate=True, sd=self.init_sd, device=device)
         generator = torch.Generator().manual_seed(seed)
         start = data_mean.cpu() + self.init_sd * torch.randn((batch, 3, size, size), generator=generator)
         pixels = start.clamp(0, 1).to(device).requires_grad_(True)
@@ -80,8 +81,17 @@ PRESETS = {
     "lucid": Preset(name="lucid", steps=128, lr=0.05, fourier=True, decorrelate=True, transforms=True),
     # The paper's third hyperparameter setting (decay 1e-4, blur 1.0 every 4 steps) with a mild norm clip;
     # decay and lr are per step of the normalised ascent here.
-    "yosinski": Preset(name="yosinski", steps=128, lr=0.02, optimizer="normalized_ascent", decay=1e-3,
-                       blur_every=4, blur_sigma=1.0, norm_percentile=10.0, init_sd=0.02),
+    "yosinski": Preset(
+        name="yosinski",
+        steps=128,
+        lr=0.02,
+        optimizer="normalized_ascent",
+        decay=1e-3,
+        blur_every=4,
+        blur_sigma=1.0,
+        norm_percentile=10.0,
+        init_sd=0.02,
+    ),
 }
 
 

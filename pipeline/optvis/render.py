@@ -7,6 +7,7 @@ a full forward pass. Nothing is upsampled: the network sees the image at ``size`
 padding). Deterministic for a given seed on a given device: the initial image and every transform draw
 come from seeded generators.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,14 @@ class FeatureVisualizer:
     mean, std: the model's input normalisation (RGB); images are optimised in [0, 1] pixel space.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], mean: Sequence[float], std: Sequence[float],
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str = "cpu",
+    ):
         from pipeline.models import feature_extractor
 
         self.device = torch.device(device)
@@ -65,8 +72,15 @@ class FeatureVisualizer:
         acts["input"] = image
         return acts
 
-    def render(self, objective: Objective, batch: int, preset: Preset, size: int = 128, seed: int = 0,
-               on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    def render(
+        self,
+        objective: Objective,
+        batch: int,
+        preset: Preset,
+        size: int = 128,
+        seed: int = 0,
+        on_step: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """Maximise `objective` (one value per batch element) from a seeded start; returns (B, 3, size, size)."""
         missing = [layer for layer in objective.layers if layer not in self.layers]
         if missing:
@@ -75,9 +89,16 @@ class FeatureVisualizer:
         with flush_denormals():
             return self._optimize(objective, batch, preset, params, image_fn, seed, on_step)
 
-    def _optimize(self, objective: Objective, batch: int, preset: Preset, params: list[torch.Tensor],
-                  image_fn: Callable[[], torch.Tensor], seed: int,
-                  on_step: Callable[[int], None] | None) -> torch.Tensor:
+    def _optimize(
+        self,
+        objective: Objective,
+        batch: int,
+        preset: Preset,
+        params: list[torch.Tensor],
+        image_fn: Callable[[], torch.Tensor],
+        seed: int,
+        on_step: Callable[[int], None] | None,
+    ) -> torch.Tensor:
         transform = preset.transform()
         transform_generator = torch.Generator().manual_seed(seed + 1)
         rule = preset.step_rule(params, self.mean)

@@ -3,6 +3,7 @@
 Every step rule is ``Rule(params, preset, data_mean)`` with ``step(score, step_index)``, where `score` is the
 objective's value per batch element (to be maximised). The render loop calls it and knows nothing of the rule.
 """
+
 from __future__ import annotations
 
 import torch

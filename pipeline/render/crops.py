@@ -5,6 +5,7 @@ half-open). A heat overlay lays the unit's feature map over that crop: the map (
 network input (S x S), placed where the centre crop took the input from the resized image, resized to the
 original image's size, then cut at the same box, so both images show the same pixels.
 """
+
 from __future__ import annotations
 
 import io
@@ -40,8 +41,9 @@ def heat_in_original(feature_map: torch.Tensor, preprocess: Preprocess, width: i
     return heat_in_box(feature_map[None], preprocess, width, height, (0, 0, width, height))[0]
 
 
-def heat_in_box(feature_maps: torch.Tensor, preprocess: Preprocess, width: int, height: int,
-                box: tuple[int, int, int, int]) -> np.ndarray:
+def heat_in_box(
+    feature_maps: torch.Tensor, preprocess: Preprocess, width: int, height: int, box: tuple[int, int, int, int]
+) -> np.ndarray:
     """`heat_in_original` of U maps (U, h, w) of one image, only at the half-open box (x0, y0, x1, y1) of the
     original: (U, y1 - y0, x1 - x0), each map scaled to [0, 1] by its own peak.
 
@@ -51,8 +53,9 @@ def heat_in_box(feature_maps: torch.Tensor, preprocess: Preprocess, width: int, 
     is under a quarter of the image, so a small overlay costs the size of its box, not of the whole original."""
     size = preprocess.image_size
     count = feature_maps.shape[0]
-    heat = F.interpolate(feature_maps[:, None].float().cpu(), size=(size, size), mode="bilinear",
-                         align_corners=False)[:, 0].clamp(min=0)
+    heat = F.interpolate(feature_maps[:, None].float().cpu(), size=(size, size), mode="bilinear", align_corners=False)[
+        :, 0
+    ].clamp(min=0)
     peak = heat.reshape(count, -1).amax(dim=1).view(count, 1, 1)
     heat = heat / torch.where(peak > 0, peak, torch.ones_like(peak))
     new_w, new_h = preprocess.resized_size(width, height)
@@ -60,11 +63,11 @@ def heat_in_box(feature_maps: torch.Tensor, preprocess: Preprocess, width: int, 
     x0, y0, x1, y1 = box
     if 4 * (x1 - x0) * (y1 - y0) > width * height:  # a large box: torch's fused resize of the whole image is faster
         canvas = torch.zeros(count, new_h, new_w)
-        canvas[:, top:top + size, left:left + size] = heat
+        canvas[:, top : top + size, left : left + size] = heat
         full = F.interpolate(canvas[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
         return full[:, y0:y1, x0:x1].clamp(0, 1).numpy()
-    heat = bilinear_rows(heat, new_h, height, y0, y1, top)                     # (U, y1 - y0, S)
-    heat = bilinear_rows(heat.transpose(1, 2), new_w, width, x0, x1, left)     # (U, x1 - x0, y1 - y0)
+    heat = bilinear_rows(heat, new_h, height, y0, y1, top)  # (U, y1 - y0, S)
+    heat = bilinear_rows(heat.transpose(1, 2), new_w, width, x0, x1, left)  # (U, x1 - x0, y1 - y0)
     return heat.transpose(1, 2).clamp(0, 1).numpy()
 
 

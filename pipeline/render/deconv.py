@@ -32,6 +32,7 @@ masks it depends on the image at every layer, where the deconvnet depends on it 
 switches: on a network without max-pooling (MobileNetV2, a ResNet after its stem) a deconvnet reconstruction
 of a unit at a position is ONE pattern, times the seed value, for every image (Mahendran & Vedaldi 2016).
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,10 +44,21 @@ from torch import fx, nn
 
 logger = logging.getLogger(__name__)
 
-_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish,
-                       nn.Mish)
-_ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.hardtanh, F.elu, F.silu, F.gelu,
-                         F.hardswish, torch.relu_, F.relu_, F.mish}
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish)
+_ACTIVATION_FUNCTIONS = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.hardtanh,
+    F.elu,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    torch.relu_,
+    F.relu_,
+    F.mish,
+}
 _ACTIVATION_METHODS = {"relu", "relu_"}
 
 
@@ -117,8 +129,9 @@ def _rewrite_activation_functions(graph_module: fx.GraphModule, rule: str) -> in
             else:
                 kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
                 target = {torch.relu_: torch.relu, F.relu_: F.relu}.get(node.target, node.target)
-                original = graph.call_function(target, node.args[:1] if target is not node.target else node.args,
-                                               kwargs)
+                original = graph.call_function(
+                    target, node.args[:1] if target is not node.target else node.args, kwargs
+                )
             with graph.inserting_after(original):
                 replacement = graph.call_function(_RULE_FUNCTIONS[rule], (node.args[0], original))
         node.replace_all_uses_with(replacement)
@@ -133,11 +146,13 @@ def has_max_pooling(graph_module: fx.GraphModule) -> bool:
     """Whether the traced network has a max-pooling step (the deconvnet's only dependence on the image)."""
     modules = dict(graph_module.named_modules())
     for node in graph_module.graph.nodes:
-        if node.op == "call_module" and isinstance(modules.get(str(node.target)), (nn.MaxPool1d, nn.MaxPool2d,
-                                                                                   nn.MaxPool3d, nn.AdaptiveMaxPool2d)):
+        if node.op == "call_module" and isinstance(
+            modules.get(str(node.target)), (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d)
+        ):
             return True
         if node.op == "call_function" and getattr(node.target, "__name__", "").startswith(
-                ("max_pool", "adaptive_max_pool")):
+            ("max_pool", "adaptive_max_pool")
+        ):
             return True
     return False
 
@@ -177,8 +192,9 @@ class Deconvnet:
             out = self.graph_module(inputs)["out"]
         return out[:, :, None, None] if out.ndim == 2 else out
 
-    def attribute(self, inputs: torch.Tensor, units: torch.Tensor | list[int],
-                  positions: torch.Tensor | None = None) -> torch.Tensor:
+    def attribute(
+        self, inputs: torch.Tensor, units: torch.Tensor | list[int], positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Reconstructions of `units` (one per image) projected from their max (or given) positions.
 
         inputs: (N, C_in, H, W) normalised images; units: (N,) unit index per image; positions: optional
@@ -187,9 +203,13 @@ class Deconvnet:
         """
         return self.project(inputs, units, positions)[0]
 
-    def project(self, inputs: torch.Tensor, units: torch.Tensor | list[int],
-                positions: torch.Tensor | None = None,
-                values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(
+        self,
+        inputs: torch.Tensor,
+        units: torch.Tensor | list[int],
+        positions: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `attribute`, also returning each unit's map (N, h, w) from the same forward pass.
 
         values: optional (N,) seed values in place of the activations at the positions (to project another
@@ -213,8 +233,11 @@ class Deconvnet:
                 positions = torch.as_tensor(positions, device=out.device).long().view(n, 2)
                 ys, xs = positions[:, 0], positions[:, 1]
             seed = torch.zeros_like(out)
-            seed[rows, units, ys, xs] = maps[rows, ys, xs] if values is None else \
-                torch.as_tensor(values, device=out.device, dtype=out.dtype).view(n)
+            seed[rows, units, ys, xs] = (
+                maps[rows, ys, xs]
+                if values is None
+                else torch.as_tensor(values, device=out.device, dtype=out.dtype).view(n)
+            )
             (grad,) = torch.autograd.grad(out, x, grad_outputs=seed)
         return grad.detach(), maps
 
@@ -238,6 +261,5 @@ def _copy_tree(module: nn.Module, rule: str) -> nn.Module:
             activation.inplace = False
         return _ModifiedActivation(activation, rule)
     clone = copy.copy(module)  # a new object whose parameter/buffer dicts are the original's
-    clone._modules = {name: _copy_tree(child, rule) for name, child in module._modules.items()
-                      if child is not None}
+    clone._modules = {name: _copy_tree(child, rule) for name, child in module._modules.items() if child is not None}
     return clone

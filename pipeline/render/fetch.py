@@ -4,6 +4,7 @@ hold the needed images (the scan's `images.source` column says which).
 Keys and sources come from data, so they are never trusted as paths: a folder key must resolve inside the
 scan's data root, and a source must be one of the files the scan itself listed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,14 @@ import re
 import tarfile
 from collections import defaultdict
 
-from pipeline.data import (IMAGE_EXTENSIONS, PARQUET_IMAGE_COLUMNS, PARQUET_KEY_COLUMNS, DataError, SourceSpec,
-                           parquet_image_key)
+from pipeline.data import (
+    IMAGE_EXTENSIONS,
+    PARQUET_IMAGE_COLUMNS,
+    PARQUET_KEY_COLUMNS,
+    DataError,
+    SourceSpec,
+    parquet_image_key,
+)
 from pipeline.cluster.remote import is_url
 
 logger = logging.getLogger(__name__)
@@ -55,8 +62,9 @@ def fetch_images(spec: SourceSpec, wanted: dict[str, str]) -> dict[str, bytes]:
             found.update(reader(source, keys))
     missing = set(wanted) - set(found)
     if missing:
-        logger.warning("%d of %d images not found again in the data (e.g. %s)", len(missing), len(wanted),
-                       sorted(missing)[0])
+        logger.warning(
+            "%d of %d images not found again in the data (e.g. %s)", len(missing), len(wanted), sorted(missing)[0]
+        )
     return found
 
 

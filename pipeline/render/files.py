@@ -1,4 +1,5 @@
 """Atlas image files: where each one lives in the run directory, and PNG encoding with text chunks."""
+
 from __future__ import annotations
 
 import io

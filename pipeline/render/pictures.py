@@ -7,6 +7,7 @@ is the unit's map over that crop, the same function the full render uses (pipeli
 whose map is a single value (the logits; a global receptive field) get the crop only: an overlay of a 1x1 map
 is a uniform tint that says nothing. The same (image, box) crop is encoded once per task.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,8 +59,10 @@ def picture_tasks(views: list[PictureView], images_per_task: int = IMAGES_PER_TA
     for view in views:
         by_image.setdefault(view.image_key, []).append(view)
     keys = sorted(by_image)
-    return [PictureTask(views=[v for key in keys[start:start + images_per_task] for v in by_image[key]])
-            for start in range(0, len(keys), images_per_task)]
+    return [
+        PictureTask(views=[v for key in keys[start : start + images_per_task] for v in by_image[key]])
+        for start in range(0, len(keys), images_per_task)
+    ]
 
 
 def render_pictures(task: PictureTask, extract, normalise, preprocess) -> dict[str, bytes]:
@@ -74,7 +77,9 @@ def render_pictures(task: PictureTask, extract, normalise, preprocess) -> dict[s
     maps: dict[str, torch.Tensor] = {}
     if layers and keys:
         with torch.no_grad():
-            maps = {layer: out.cpu() for layer, out in extract(layers, normalise([task.images[k] for k in keys])).items()}
+            maps = {
+                layer: out.cpu() for layer, out in extract(layers, normalise([task.images[k] for k in keys])).items()
+            }
     files: dict[str, bytes] = {}
     by_image: dict[str, list[PictureView]] = {}
     for view in task.views:
@@ -98,5 +103,6 @@ def render_pictures(task: PictureTask, extract, normalise, preprocess) -> dict[s
             heats = heat_in_box(maps[layer][position[key]][units], preprocess, original.width, original.height, box)
             for view, heat in zip(wanted, heats):
                 files[unit_file(view.layer, view.unit, "overlay", view.rank)] = png_bytes(
-                    overlay(crops[view.box], heat), compress_level=PHOTO_PNG_LEVEL)
+                    overlay(crops[view.box], heat), compress_level=PHOTO_PNG_LEVEL
+                )
     return files

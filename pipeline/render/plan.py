@@ -12,6 +12,7 @@ Three scopes, so a request renders what it names and nothing else (docs/renderin
 ``RenderOptions()`` asks for every unit of every recorded layer (the full atlas) and no classes; the CLI and job
 files map "nothing named" to pictures only (``units=frozenset()``, ``pictures=DEFAULT_PICTURES``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,12 +29,12 @@ DEFAULT_PICTURES = 1
 
 @dataclass(frozen=True)
 class RenderOptions:
-    layers: tuple[str, ...] | None = None   # None: every recorded layer
-    units: frozenset[int] | None = None     # of `layers`; None: every live unit; empty: none
+    layers: tuple[str, ...] | None = None  # None: every recorded layer
+    units: frozenset[int] | None = None  # of `layers`; None: every live unit; empty: none
     # Output-layer classes to visualize: ALL, a set (empty: none), or None: the output layer's `units` when
     # `layers` names it, else none.
     classes: frozenset[int] | Literal["all"] | None = None
-    pictures: int = 0                       # top-N crops + overlays of every live unit of every recorded layer
+    pictures: int = 0  # top-N crops + overlays of every live unit of every recorded layer
     vis: VisSettings = VisSettings()
     featvis: bool = True
     views: bool = True
@@ -44,20 +45,42 @@ class RenderOptions:
     progress: bool = True
 
     @classmethod
-    def from_settings(cls, *, layers: str | Sequence[str] | None, units: str | None, classes: str | None,
-                      pictures: int | None, preset: str, steps: int | None, size: int, seed: int, objective: str,
-                      featvis: bool = True, views: bool = True, units_per_task: int = 16,
-                      address: str | None = None, actors: int | None = None, device: str = "auto",
-                      progress: bool = True) -> RenderOptions:
+    def from_settings(
+        cls,
+        *,
+        layers: str | Sequence[str] | None,
+        units: str | None,
+        classes: str | None,
+        pictures: int | None,
+        preset: str,
+        steps: int | None,
+        size: int,
+        seed: int,
+        objective: str,
+        featvis: bool = True,
+        views: bool = True,
+        units_per_task: int = 16,
+        address: str | None = None,
+        actors: int | None = None,
+        device: str = "auto",
+        progress: bool = True,
+    ) -> RenderOptions:
         """The options from settings as users write them, the one place for the CLI's flags and a job file's
         [render] section: layers as a comma list or a list, units and classes as '0-7,12' | 'all' | 'none',
         the selection by `requested`'s rule."""
         if isinstance(layers, str):
             layers = [name.strip() for name in layers.split(",") if name.strip()]
-        return cls(**requested(layers, units, classes, pictures),
-                   vis=VisSettings(preset=preset, steps=steps, size=size, seed=seed, objective=objective),
-                   featvis=featvis, views=views, units_per_task=units_per_task, address=address, actors=actors,
-                   device=device, progress=progress)
+        return cls(
+            **requested(layers, units, classes, pictures),
+            vis=VisSettings(preset=preset, steps=steps, size=size, seed=seed, objective=objective),
+            featvis=featvis,
+            views=views,
+            units_per_task=units_per_task,
+            address=address,
+            actors=actors,
+            device=device,
+            progress=progress,
+        )
 
 
 def parse_units(text: str | None) -> set[int] | None:
@@ -84,8 +107,9 @@ def parse_classes(text: str | None) -> frozenset[int] | Literal["all"] | None:
     return frozenset(parse_units(text) or ())
 
 
-def requested(layers: list[str] | tuple[str, ...] | None, units: str | None, classes: str | None,
-              pictures: int | None) -> dict:
+def requested(
+    layers: list[str] | tuple[str, ...] | None, units: str | None, classes: str | None, pictures: int | None
+) -> dict:
     """RenderOptions' selection from what a user named (`atlas render` flags, a job file's [render] keys), the
     one rule: naming layers, units or classes renders them and nothing else; naming nothing draws the pictures
     of every unit (DEFAULT_PICTURES each). Units not given are every live unit of the named layers, or none
@@ -97,10 +121,12 @@ def requested(layers: list[str] | tuple[str, ...] | None, units: str | None, cla
         chosen_units = parse_units(units)
     else:
         chosen_units = None if layers is not None else set()
-    return {"layers": tuple(layers) if layers is not None else None,
-            "units": frozenset(chosen_units) if chosen_units is not None else None,
-            "classes": chosen_classes,
-            "pictures": pictures if pictures is not None else (0 if named else DEFAULT_PICTURES)}
+    return {
+        "layers": tuple(layers) if layers is not None else None,
+        "units": frozenset(chosen_units) if chosen_units is not None else None,
+        "classes": chosen_classes,
+        "pictures": pictures if pictures is not None else (0 if named else DEFAULT_PICTURES),
+    }
 
 
 @dataclass
@@ -108,15 +134,20 @@ class RenderPlan:
     """Per layer, the units each scope covers (before subtracting what is already on disk)."""
 
     pictures_top: int
-    pictures: dict[str, list[int]] = field(default_factory=dict)   # layer -> live units
-    views: dict[str, list[int]] = field(default_factory=dict)      # layer -> units asked for (every top image)
-    featvis: dict[str, list[int]] = field(default_factory=dict)    # layer -> units asked for
+    pictures: dict[str, list[int]] = field(default_factory=dict)  # layer -> live units
+    views: dict[str, list[int]] = field(default_factory=dict)  # layer -> units asked for (every top image)
+    featvis: dict[str, list[int]] = field(default_factory=dict)  # layer -> units asked for
     classes: list[int] = field(default_factory=list)
     output_layer: str | None = None
 
 
-def resolve_plan(recorded: list[str], live: dict[str, list[int]], output_layer: str | None,
-                 n_classes: int | None, options: RenderOptions) -> RenderPlan:
+def resolve_plan(
+    recorded: list[str],
+    live: dict[str, list[int]],
+    output_layer: str | None,
+    n_classes: int | None,
+    options: RenderOptions,
+) -> RenderPlan:
     """The plan for `options` over a run whose recorded layers are `recorded` (in depth order) with live units
     `live[layer]`; `output_layer` / `n_classes`: the model's logits module and its class count (None if none).
     ValueError for a layer that was not recorded (the output layer may be named without being recorded: it
@@ -129,7 +160,7 @@ def resolve_plan(recorded: list[str], live: dict[str, list[int]], output_layer: 
     plan = RenderPlan(pictures_top=options.pictures, output_layer=output_layer)
     if options.pictures:
         plan.pictures = {layer: list(live.get(layer, [])) for layer in recorded if live.get(layer)}
-    for layer in (named if named is not None else recorded):
+    for layer in named if named is not None else recorded:
         units = [u for u in live.get(layer, []) if options.units is None or u in options.units]
         if not units:
             continue
@@ -145,8 +176,9 @@ def resolve_plan(recorded: list[str], live: dict[str, list[int]], output_layer: 
         wanted = list(range(n_classes)) if classes == ALL else sorted(classes)
         bad = [c for c in wanted if not 0 <= c < n_classes]
         if bad:
-            raise ValueError(f"class(es) {bad[:5]} out of range: the output layer {output_layer} has "
-                             f"{n_classes} classes")
+            raise ValueError(
+                f"class(es) {bad[:5]} out of range: the output layer {output_layer} has {n_classes} classes"
+            )
         plan.classes = wanted
     return plan
 
@@ -154,11 +186,13 @@ def resolve_plan(recorded: list[str], live: dict[str, list[int]], output_layer: 
 def describe(plan: RenderPlan, todo: dict[str, int], present: dict[str, int]) -> list[str]:
     """The plan as lines for the log: per kind, the units (classes) asked for, how many are to draw now and how
     many are already on disk. `todo` / `present`: kind -> unit (class) counts, as the runner found them."""
+
     def units(by_layer: dict[str, list[int]]) -> str:
         total = sum(len(u) for u in by_layer.values())
         layers = ", ".join(f"{layer} {_ranges(u)}" for layer, u in by_layer.items())
-        return f"{total:,} unit(s)" + (f" ({layers})" if layers and len(by_layer) <= 4 else
-                                       f" in {len(by_layer)} layers" if by_layer else "")
+        return f"{total:,} unit(s)" + (
+            f" ({layers})" if layers and len(by_layer) <= 4 else f" in {len(by_layer)} layers" if by_layer else ""
+        )
 
     lines = []
     if plan.pictures:
@@ -168,16 +202,23 @@ def describe(plan: RenderPlan, todo: dict[str, int], present: dict[str, int]) ->
     if plan.featvis:
         lines.append(f"feature visualizations: {units(plan.featvis)}")
     if plan.classes:
-        lines.append(f"class visualizations of {plan.output_layer}: {len(plan.classes):,} class(es) "
-                     f"({_ranges(plan.classes)})")
+        lines.append(
+            f"class visualizations of {plan.output_layer}: {len(plan.classes):,} class(es) ({_ranges(plan.classes)})"
+        )
     if not lines:
         return ["nothing asked for (name --layers, --units or --classes, or --pictures N)"]
-    key = {"pictures": "pictures", "views": "every top image", "featvis": "feature visualizations",
-           "classvis": "class visualizations"}
-    lines.append("to draw now: " + ", ".join(f"{key[kind]} {todo.get(kind, 0):,}" for kind in key
-                                             if kind in todo or kind in present)
-                 + "; already present: " + ", ".join(f"{key[kind]} {present.get(kind, 0):,}" for kind in key
-                                                     if kind in todo or kind in present))
+    key = {
+        "pictures": "pictures",
+        "views": "every top image",
+        "featvis": "feature visualizations",
+        "classvis": "class visualizations",
+    }
+    lines.append(
+        "to draw now: "
+        + ", ".join(f"{key[kind]} {todo.get(kind, 0):,}" for kind in key if kind in todo or kind in present)
+        + "; already present: "
+        + ", ".join(f"{key[kind]} {present.get(kind, 0):,}" for kind in key if kind in todo or kind in present)
+    )
     return lines
 
 
@@ -213,5 +254,6 @@ class Estimate:
     def left(self, remaining: dict[str, int], actors: int) -> tuple[float, list[str]]:
         """(seconds for the measured kinds' remaining work on `actors` actors, kinds not measured yet)."""
         seconds = sum(self.rate[kind] * work for kind, work in remaining.items() if kind in self.rate)
-        return seconds / max(actors, 1), sorted(kind for kind, work in remaining.items()
-                                                if work and kind not in self.rate)
+        return seconds / max(actors, 1), sorted(
+            kind for kind, work in remaining.items() if work and kind not in self.rate
+        )

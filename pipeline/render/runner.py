@@ -16,6 +16,7 @@ renders only what is missing (a visualization whose recorded settings differ fro
 redone). ``atlas/index.parquet`` is rebuilt from the files present at the end, and ``atlas/render.json``
 records the resolved settings.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,23 @@ from pipeline.models import ModelConfig, load_scanned_model, output_layer
 from pipeline.fileio import atomic_write
 from pipeline.ranges import check_range
 from pipeline.render.pictures import PictureTask, PictureView, picture_tasks
-from pipeline.render.plan import (Estimate, RenderOptions, RenderPlan, describe, parse_classes,  # noqa: F401
-                                  parse_units, resolve_plan)
-from pipeline.render.worker import (ATLAS, RECONSTRUCTIONS, RenderConfig, RenderResult, RenderTask, UnitRenderer, View,
-                                    unit_file)
+from pipeline.render.plan import (
+    Estimate,
+    RenderOptions,
+    RenderPlan,
+    describe,
+    resolve_plan,
+)
+from pipeline.render.worker import (
+    ATLAS,
+    RECONSTRUCTIONS,
+    RenderConfig,
+    RenderResult,
+    RenderTask,
+    UnitRenderer,
+    View,
+    unit_file,
+)
 
 from pipeline.worker_pool import PoolStalled
 from pipeline.store import (
@@ -53,7 +67,6 @@ from pipeline.store import (
 )
 
 logger = logging.getLogger(__name__)
-
 
 
 def _save(path: str, data: bytes) -> None:
@@ -99,8 +112,9 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
     logits = output_layer(loaded.model)
     n_classes = getattr(loaded.model.get_submodule(logits), "out_features", None) if logits else None
     live: dict[str, list[int]] = {}
-    for layer, unit in connect(run_dir).execute("SELECT layer, unit FROM units WHERE NOT dead "
-                                                "ORDER BY layer_index, unit").fetchall():
+    for layer, unit in (
+        connect(run_dir).execute("SELECT layer, unit FROM units WHERE NOT dead ORDER BY layer_index, unit").fetchall()
+    ):
         live.setdefault(layer, []).append(unit)
     try:
         plan = resolve_plan(recorded, live, logits, n_classes, options)
@@ -109,9 +123,16 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
     run_dir = os.path.abspath(run_dir)
     os.makedirs(os.path.join(run_dir, ATLAS), exist_ok=True)
     settings = {key: str(value) for key, value in options.vis.resolved().items()}
-    write_json({"vis": options.vis.resolved(), "layers": list(options.layers or recorded), "output_layer": logits,
-                "units_per_task": options.units_per_task, "pictures": options.pictures},
-               os.path.join(run_dir, ATLAS, "render.json"))
+    write_json(
+        {
+            "vis": options.vis.resolved(),
+            "layers": list(options.layers or recorded),
+            "output_layer": logits,
+            "units_per_task": options.units_per_task,
+            "pictures": options.pictures,
+        },
+        os.path.join(run_dir, ATLAS, "render.json"),
+    )
 
     tasks, todo, present = _plan(run_dir, manifest, plan, options, settings)
     for line in describe(plan, todo, present):
@@ -133,8 +154,9 @@ class _Queued:
     work: int
 
 
-def _plan(run_dir: str, manifest: dict, plan: RenderPlan, options: RenderOptions,
-          settings: dict[str, str]) -> tuple[list[_Queued], dict[str, int], dict[str, int]]:
+def _plan(
+    run_dir: str, manifest: dict, plan: RenderPlan, options: RenderOptions, settings: dict[str, str]
+) -> tuple[list[_Queued], dict[str, int], dict[str, int]]:
     """Tasks for everything missing (first one task of each kind, so the estimate covers every kind early; then
     pictures, the units asked for in layer order, classes), and per kind the units to draw and already present."""
     con = connect(run_dir)
@@ -153,15 +175,18 @@ def _plan(run_dir: str, manifest: dict, plan: RenderPlan, options: RenderOptions
         rows = con.execute(
             "SELECT t.layer, t.unit, t.rank, t.image_key, t.box_x0, t.box_y0, t.box_x1, t.box_y1, i.width, i.height "
             "FROM topk t JOIN units u USING (layer, unit) JOIN images i USING (image_key) "
-            "WHERE NOT u.dead AND t.rank < ? ORDER BY u.layer_index, t.unit, t.rank", [plan.pictures_top]).fetchall()
+            "WHERE NOT u.dead AND t.rank < ? ORDER BY u.layer_index, t.unit, t.rank",
+            [plan.pictures_top],
+        ).fetchall()
         wanted = {(layer, unit) for layer, units in plan.pictures.items() for unit in units}
         views, missing_units, units_seen = [], set(), set()
         for layer, unit, rank, key, x0, y0, x1, y1, width, height in rows:
             if (layer, unit) not in wanted or (layer, unit) in detailed:
                 continue
             shape = infos[layer].get("shape") or [0, 2, 2]
-            view = PictureView(layer, unit, rank, key, (x0, y0, x1, y1), width, height,
-                               overlay=int(shape[1]) * int(shape[2]) > 1)
+            view = PictureView(
+                layer, unit, rank, key, (x0, y0, x1, y1), width, height, overlay=int(shape[1]) * int(shape[2]) > 1
+            )
             units_seen.add((layer, unit))
             if not all(exists(path) for path in view.files()):
                 views.append(view)
@@ -176,35 +201,54 @@ def _plan(run_dir: str, manifest: dict, plan: RenderPlan, options: RenderOptions
             rows = con.execute(
                 "SELECT t.unit, t.rank, t.image_key, t.act, t.y, t.x, t.box_x0, t.box_y0, t.box_x1, t.box_y1, "
                 "i.width, i.height FROM topk t JOIN units u USING (layer, unit) JOIN images i USING (image_key) "
-                "WHERE t.layer = ? AND NOT u.dead ORDER BY t.unit, t.rank", [layer]).fetchall()
+                "WHERE t.layer = ? AND NOT u.dead ORDER BY t.unit, t.rank",
+                [layer],
+            ).fetchall()
             for r in rows:
                 if r[0] in view_units and not all(exists(unit_file(layer, r[0], kind, r[1])) for kind in DATASET_KINDS):
-                    views.setdefault(r[0], []).append(View(r[0], r[1], r[2], r[3], r[4], r[5],
-                                                           (r[6], r[7], r[8], r[9]), r[10], r[11]))
+                    views.setdefault(r[0], []).append(
+                        View(r[0], r[1], r[2], r[3], r[4], r[5], (r[6], r[7], r[8], r[9]), r[10], r[11])
+                    )
             count("views", len(views), len(view_units))
-        vis_units = [u for u in plan.featvis.get(layer, [])
-                     if not _vis_done(os.path.join(run_dir, unit_file(layer, u, "featvis")), settings)]
+        vis_units = [
+            u
+            for u in plan.featvis.get(layer, [])
+            if not _vis_done(os.path.join(run_dir, unit_file(layer, u, "featvis")), settings)
+        ]
         if layer in plan.featvis:
             count("featvis", len(vis_units), len(plan.featvis[layer]))
         todo_units = sorted(set(views) | set(vis_units))
         for start in range(0, len(todo_units), options.units_per_task):
-            chunk = todo_units[start:start + options.units_per_task]
-            task = RenderTask(layer=layer, receptive_field=infos[layer]["receptive_field"],
-                              views=[v for u in chunk for v in views.get(u, [])],
-                              vis_units=[u for u in chunk if u in vis_units], vis_kind="featvis")
+            chunk = todo_units[start : start + options.units_per_task]
+            task = RenderTask(
+                layer=layer,
+                receptive_field=infos[layer]["receptive_field"],
+                views=[v for u in chunk for v in views.get(u, [])],
+                vis_units=[u for u in chunk if u in vis_units],
+                vis_kind="featvis",
+            )
             queued.append(_Queued(task, "units", len(chunk)))
 
     if plan.classes:
-        missing = [c for c in plan.classes
-                   if not _vis_done(os.path.join(run_dir, unit_file(plan.output_layer, c, "classvis")), settings)]
+        missing = [
+            c
+            for c in plan.classes
+            if not _vis_done(os.path.join(run_dir, unit_file(plan.output_layer, c, "classvis")), settings)
+        ]
         count("classvis", len(missing), len(plan.classes))
         # Class visualizations run the whole network, so they go in the same chunk size as the units.
         for start in range(0, len(missing), options.units_per_task):
-            chunk = missing[start:start + options.units_per_task]
-            queued.append(_Queued(RenderTask(layer=plan.output_layer, vis_units=chunk, vis_kind="classvis"),
-                                  "classvis", len(chunk)))
-    firsts = [next(q for q in queued if q.kind == kind) for kind in ("units", "classvis", "pictures")
-              if any(q.kind == kind for q in queued)]
+            chunk = missing[start : start + options.units_per_task]
+            queued.append(
+                _Queued(
+                    RenderTask(layer=plan.output_layer, vis_units=chunk, vis_kind="classvis"), "classvis", len(chunk)
+                )
+            )
+    firsts = [
+        next(q for q in queued if q.kind == kind)
+        for kind in ("units", "classvis", "pictures")
+        if any(q.kind == kind for q in queued)
+    ]
     return firsts + [q for q in queued if not any(q is f for f in firsts)], todo, present
 
 
@@ -221,18 +265,25 @@ def plan_workers(options: RenderOptions, cpus: int, gpus: int) -> dict:
         return {"actors": actors, "num_gpus": 1, "num_cpus": 1, "threads": None, "device": "cuda"}
     actors = options.actors or max(1, cpus // 8)
     if actors > 2 * max(cpus, 1):  # each CPU actor asks for at least half a CPU: the rest would never start
-        raise ValueError(f"{actors} render actors do not fit on {cpus} CPUs (each needs at least half a CPU); "
-                         "use fewer actors")
-    return {"actors": actors, "num_gpus": 0, "num_cpus": max(0.5, (cpus - 1) / actors) if cpus > 1 else 0.5,
-            "threads": max(1, cpus // actors), "device": "cpu"}
+        raise ValueError(
+            f"{actors} render actors do not fit on {cpus} CPUs (each needs at least half a CPU); use fewer actors"
+        )
+    return {
+        "actors": actors,
+        "num_gpus": 0,
+        "num_cpus": max(0.5, (cpus - 1) / actors) if cpus > 1 else 0.5,
+        "threads": max(1, cpus // actors),
+        "device": "cpu",
+    }
 
 
 # Images read back at once for picture tasks (the driver holds their bytes until those tasks are sent).
 FETCH_IMAGES = 1024
 
 
-def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: list[_Queued],
-             options: RenderOptions) -> None:
+def _execute(
+    run_dir: str, manifest: dict, model_config: ModelConfig, tasks: list[_Queued], options: RenderOptions
+) -> None:
     import ray
     from ray.exceptions import RayActorError
     from tqdm import tqdm
@@ -277,19 +328,27 @@ def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: lis
                         task.images = {k: picture_images[k] for k in task.image_keys if k in picture_images}
                     elif isinstance(task, RenderTask) and task.views and not task.images:
                         if layer_images[0] != task.layer:  # one pass over the data per layer
-                            wanted = [task] + [q.task for q in queue if isinstance(q.task, RenderTask)
-                                               and q.task.layer == task.layer]
-                            layer_images = (task.layer, _fetch_for(run_dir, source,
-                                                                   [v.image_key for t in wanted for v in t.views]))
-                        task.images = {v.image_key: layer_images[1][v.image_key] for v in task.views
-                                       if v.image_key in layer_images[1]}
+                            wanted = [task] + [
+                                q.task for q in queue if isinstance(q.task, RenderTask) and q.task.layer == task.layer
+                            ]
+                            layer_images = (
+                                task.layer,
+                                _fetch_for(run_dir, source, [v.image_key for t in wanted for v in t.views]),
+                            )
+                        task.images = {
+                            v.image_key: layer_images[1][v.image_key]
+                            for v in task.views
+                            if v.image_key in layer_images[1]
+                        }
                     actor = idle.pop()
                     pending[actor.render.remote(task)] = (actor, queued, time.time())
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
                 if not done:
                     if time.time() - progress > STALL_SECONDS:
-                        raise PoolStalled(f"no render task finished for {STALL_SECONDS} s with {len(actors)} actors "
-                                          f"alive and {len(pending)} tasks in their hands")
+                        raise PoolStalled(
+                            f"no render task finished for {STALL_SECONDS} s with {len(actors)} actors "
+                            f"alive and {len(pending)} tasks in their hands"
+                        )
                     continue
                 actor, queued, started = pending.pop(done[0])
                 try:
@@ -317,14 +376,25 @@ def _execute(run_dir: str, manifest: dict, model_config: ModelConfig, tasks: lis
 def _log_estimate(estimate: Estimate, remaining: dict[str, int], actors: int, first: _Queued) -> None:
     seconds, unmeasured = estimate.left(remaining, actors)
     what = {"pictures": "picture views", "units": "units", "classvis": "classes"}[first.kind]
-    logger.info("render estimate: about %s left (the first %s task: %d %s in %.1f s)%s", _duration(seconds),
-                first.kind, first.work, what, estimate.rate[first.kind] * first.work,
-                f"; not yet measured: {', '.join(unmeasured)}" if unmeasured else "")
+    logger.info(
+        "render estimate: about %s left (the first %s task: %d %s in %.1f s)%s",
+        _duration(seconds),
+        first.kind,
+        first.work,
+        what,
+        estimate.rate[first.kind] * first.work,
+        f"; not yet measured: {', '.join(unmeasured)}" if unmeasured else "",
+    )
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
-        f"{seconds / 3600:.1f} h"
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 class _RenderActor:
@@ -350,8 +420,7 @@ def _fetch_for(run_dir: str, source, image_keys: list[str]) -> dict[str, bytes]:
     return images
 
 
-def _fetch_pictures(run_dir: str, source, task: PictureTask,
-                    queue: list[_Queued]) -> tuple[set[str], dict[str, bytes]]:
+def _fetch_pictures(run_dir: str, source, task: PictureTask, queue: list[_Queued]) -> tuple[set[str], dict[str, bytes]]:
     """The images of `task` and of the picture tasks queued after it, up to FETCH_IMAGES, in one read:
     (the keys asked for, the bytes of those that could be read)."""
     keys = list(task.image_keys)
@@ -373,7 +442,8 @@ def build_index(run_dir: str) -> pa.Table:
     pooling: dict[str, bool] = {}
     exists = lambda relative: os.path.isfile(os.path.join(run_dir, relative))  # noqa: E731
     for layer, unit, rank, key, act in con.execute(
-            "SELECT layer, unit, rank, image_key, act FROM topk ORDER BY layer, unit, rank").fetchall():
+        "SELECT layer, unit, rank, image_key, act FROM topk ORDER BY layer, unit, rank"
+    ).fetchall():
         for kind in DATASET_KINDS:
             relative = unit_file(layer, unit, kind, rank)
             if exists(relative):
@@ -383,12 +453,26 @@ def build_index(run_dir: str) -> pa.Table:
                     similarity = float(text["other_image_similarity"]) if "other_image_similarity" in text else None
                     if "max_pooling" in text:
                         pooling[layer] = text["max_pooling"] == "true"
-                rows.append({"layer": layer, "unit": unit, "kind": kind, "rank": rank, "image_key": key,
-                             "path": relative, "act": act, "featvis_act": None, "top1_act": None,
-                             "other_image_similarity": similarity})
+                rows.append(
+                    {
+                        "layer": layer,
+                        "unit": unit,
+                        "kind": kind,
+                        "rank": rank,
+                        "image_key": key,
+                        "path": relative,
+                        "act": act,
+                        "featvis_act": None,
+                        "top1_act": None,
+                        "other_image_similarity": similarity,
+                    }
+                )
     layer_names = [info["name"] for info in manifest["layers"]]
-    config = json.load(open(os.path.join(run_dir, ATLAS, "render.json"))) if exists(
-        os.path.join(ATLAS, "render.json")) else {}
+    config = (
+        json.load(open(os.path.join(run_dir, ATLAS, "render.json")))
+        if exists(os.path.join(ATLAS, "render.json"))
+        else {}
+    )
     if config.get("output_layer") and config["output_layer"] not in layer_names:
         layer_names.append(config["output_layer"])
     for layer in layer_names:
@@ -405,8 +489,19 @@ def build_index(run_dir: str) -> pa.Table:
                     continue
                 text = _vis_text(os.path.join(run_dir, relative)) or {}
                 act = float(text["act"]) if "act" in text else None
-                rows.append({"layer": layer, "unit": unit, "kind": kind, "rank": 0, "image_key": None,
-                             "path": relative, "act": act, "featvis_act": act, "top1_act": top1.get((layer, unit))})
+                rows.append(
+                    {
+                        "layer": layer,
+                        "unit": unit,
+                        "kind": kind,
+                        "rank": 0,
+                        "image_key": None,
+                        "path": relative,
+                        "act": act,
+                        "featvis_act": act,
+                        "top1_act": top1.get((layer, unit)),
+                    }
+                )
     index = pa.Table.from_pylist(rows, schema=ATLAS_INDEX_SCHEMA)
     write_table(index, os.path.join(run_dir, ATLAS, "index.parquet"))
     write_table(image_dependence(rows, pooling), os.path.join(run_dir, ATLAS, "dependence.parquet"))
@@ -424,16 +519,31 @@ def image_dependence(rows: list[dict], pooling: dict[str, bool]) -> pa.Table:
     table = []
     for (layer, kind), values in sorted(measured.items()):
         mean = sum(values) / len(values)
-        table.append({"layer": layer, "kind": kind, "units": len(values), "mean_similarity": mean,
-                      "min_similarity": min(values), "max_similarity": max(values),
-                      "max_pooling": pooling.get(layer), "image_dependent": mean < IMAGE_INDEPENDENT_SIMILARITY})
+        table.append(
+            {
+                "layer": layer,
+                "kind": kind,
+                "units": len(values),
+                "mean_similarity": mean,
+                "min_similarity": min(values),
+                "max_similarity": max(values),
+                "max_pooling": pooling.get(layer),
+                "image_dependent": mean < IMAGE_INDEPENDENT_SIMILARITY,
+            }
+        )
     return pa.Table.from_pylist(table, schema=ATLAS_DEPENDENCE_SCHEMA)
 
 
-def render_dataset_views(run_dir: str, layers: list[str] | None = None, units: set[int] | None = None,
-                         progress: bool = True) -> pa.Table:
+def render_dataset_views(
+    run_dir: str, layers: list[str] | None = None, units: set[int] | None = None, progress: bool = True
+) -> pa.Table:
     """Crops, overlays and deconvnet reconstructions only (no gradient-ascent visualizations)."""
-    return render_run(run_dir, RenderOptions(layers=tuple(layers) if layers else None,
-                                             units=frozenset(units) if units is not None else None,
-                                             featvis=False, progress=progress))
-
+    return render_run(
+        run_dir,
+        RenderOptions(
+            layers=tuple(layers) if layers else None,
+            units=frozenset(units) if units is not None else None,
+            featvis=False,
+            progress=progress,
+        ),
+    )

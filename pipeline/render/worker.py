@@ -5,6 +5,7 @@ built in ``__init__`` (lazily per layer) and ``__call__(task) -> result`` has no
 testable without Ray; the driver writes the returned files atomically. Feature-visualization PNGs carry
 their settings and the activation they reach as PNG text, so a finished file describes itself.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,19 +83,19 @@ class View:
 @dataclass
 class RenderTask:
     layer: str
-    receptive_field: dict | None = None   # the layer's (ReceptiveField.as_dict()), for dataset views
+    receptive_field: dict | None = None  # the layer's (ReceptiveField.as_dict()), for dataset views
     views: list[View] = field(default_factory=list)
     images: dict[str, bytes] = field(default_factory=dict)
     vis_units: list[int] = field(default_factory=list)
-    vis_kind: str = "featvis"             # featvis | classvis (the output layer)
+    vis_kind: str = "featvis"  # featvis | classvis (the output layer)
 
 
 @dataclass
 class RenderResult:
     layer: str
-    files: dict[str, bytes]               # path relative to RUN -> PNG bytes
-    vis_act: dict[int, float]             # unit -> the visualization's activation (unit max over its map)
-    units: int                            # distinct units this task covered (for progress)
+    files: dict[str, bytes]  # path relative to RUN -> PNG bytes
+    vis_act: dict[int, float]  # unit -> the visualization's activation (unit max over its map)
+    units: int  # distinct units this task covered (for progress)
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,15 +139,16 @@ class UnitRenderer:
     def _dataset_views(self, task: RenderTask) -> dict[str, bytes]:
         pp, size = self.preprocess, self.preprocess.image_size
         if task.layer not in self._projectors:
-            self._projectors[task.layer] = {kind: method(self.model, task.layer)
-                                            for kind, method in RECONSTRUCTIONS.items()}
+            self._projectors[task.layer] = {
+                kind: method(self.model, task.layer) for kind, method in RECONSTRUCTIONS.items()
+            }
         projectors = self._projectors[task.layer]
         receptive = ReceptiveField.from_dict(task.receptive_field)
         views = [v for v in task.views if v.image_key in task.images]
         files: dict[str, bytes] = {}
         firsts: dict[int, tuple[View, dict[str, torch.Tensor], float]] = {}  # unit -> its rank-0 reconstructions
         for start in range(0, len(views), self.config.deconv_batch):
-            chunk = views[start:start + self.config.deconv_batch]
+            chunk = views[start : start + self.config.deconv_batch]
             x = self._normalised([task.images[v.image_key] for v in chunk])
             units = torch.tensor([v.unit for v in chunk])
             positions = torch.tensor([[v.y, v.x] for v in chunk])
@@ -165,11 +167,15 @@ class UnitRenderer:
                 for kind, recon in recons.items():
                     full = reconstruction_image(recon[i])
                     files[path(kind)] = png_bytes(full, compress_level=PHOTO_PNG_LEVEL)
-                    files[path(f"{kind}_crop")] = png_bytes(full.crop((fx0, fy0, fx1, fy1)),
-                                                            compress_level=PHOTO_PNG_LEVEL)
+                    files[path(f"{kind}_crop")] = png_bytes(
+                        full.crop((fx0, fy0, fx1, fy1)), compress_level=PHOTO_PNG_LEVEL
+                    )
                 if view.rank == 0:
-                    firsts[view.unit] = (view, {kind: recon[i] for kind, recon in recons.items()},
-                                         float(maps[i, view.y, view.x]))
+                    firsts[view.unit] = (
+                        view,
+                        {kind: recon[i] for kind, recon in recons.items()},
+                        float(maps[i, view.y, view.x]),
+                    )
         files.update(self._image_dependence(task, views, firsts))
         return files
 
@@ -186,8 +192,9 @@ class UnitRenderer:
         pixels = np.stack([decode_image(blob, self.preprocess)[0] for blob in blobs])
         return self.preprocess.normalizer(self.device)(pixels)
 
-    def _image_dependence(self, task: RenderTask, views: list[View],
-                          firsts: dict[int, tuple[View, dict[str, torch.Tensor], float]]) -> dict[str, bytes]:
+    def _image_dependence(
+        self, task: RenderTask, views: list[View], firsts: dict[int, tuple[View, dict[str, torch.Tensor], float]]
+    ) -> dict[str, bytes]:
         """How much each reconstruction depends on its image, measured once per unit: the unit's next top
         image projected from the top-1 image's position with the top-1's seed value, and the cosine
         similarity of the two reconstructions (1: the same picture whatever the image, as the deconvnet is
@@ -202,7 +209,7 @@ class UnitRenderer:
         files: dict[str, bytes] = {}
         projectors = self._projectors[task.layer]
         for start in range(0, len(pairs), self.config.deconv_batch):
-            chunk = pairs[start:start + self.config.deconv_batch]
+            chunk = pairs[start : start + self.config.deconv_batch]
             x = self._normalised([task.images[partner.image_key] for _, partner in chunk])
             units = torch.tensor([first.unit for (first, _, _), _ in chunk])
             positions = torch.tensor([[first.y, first.x] for (first, _, _), _ in chunk])
@@ -212,11 +219,15 @@ class UnitRenderer:
                 others = others.cpu()
                 for i, ((first, recons, _), partner) in enumerate(chunk):
                     similarity = cosine_similarity(recons[kind], others[i])
-                    text = {"other_image_similarity": repr(similarity), "other_image_rank": str(partner.rank),
-                            "max_pooling": str(projector.max_pooling).lower()}
+                    text = {
+                        "other_image_similarity": repr(similarity),
+                        "other_image_rank": str(partner.rank),
+                        "max_pooling": str(projector.max_pooling).lower(),
+                    }
                     # The rank-0 image again, now with the measurement in its text chunk.
-                    files[unit_file(task.layer, first.unit, kind, 0)] = png_bytes(reconstruction_image(recons[kind]),
-                                                                                  text, PHOTO_PNG_LEVEL)
+                    files[unit_file(task.layer, first.unit, kind, 0)] = png_bytes(
+                        reconstruction_image(recons[kind]), text, PHOTO_PNG_LEVEL
+                    )
         return files
 
     def _visualize(self, layer: str, units: list[int], kind: str) -> tuple[dict[str, bytes], dict[int, float]]:
@@ -234,7 +245,8 @@ class UnitRenderer:
         files, acts = {}, {}
         for unit, image, act in zip(units, images.cpu(), reached):
             array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            files[unit_file(layer, unit, kind)] = png_bytes(Image.fromarray(array),
-                                                            {**settings, "act": repr(float(act))})
+            files[unit_file(layer, unit, kind)] = png_bytes(
+                Image.fromarray(array), {**settings, "act": repr(float(act))}
+            )
             acts[unit] = float(act)
         return files, acts

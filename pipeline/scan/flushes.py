@@ -13,6 +13,7 @@ Keys are checked for uniqueness before the model runs wherever the source can be
 construction; Parquet with a key column: the column; local WebDataset shards: the tar headers), and in committed
 flushes after every pass (any source).
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,10 @@ class SourceIndex:
             else:
                 totals[sid] = None
         if duplicates:
-            raise DataError(f"image keys are not unique (top-k ties and joins need unique keys): "
-                            f"{', '.join(duplicates[:5])}{' ...' if len(duplicates) > 5 else ''}")
+            raise DataError(
+                f"image keys are not unique (top-k ties and joins need unique keys): "
+                f"{', '.join(duplicates[:5])}{' ...' if len(duplicates) > 5 else ''}"
+            )
         seen.clear()
         return cls(totals)
 
@@ -139,12 +142,22 @@ class FlushStore:
         atomic_write(os.path.join(tmp, "images.parquet"), flush.image_rows)
         if flush.maxima_dir:
             if not os.path.isdir(flush.maxima_dir):
-                raise RuntimeError(f"the maxima of flush {flush.flush_id} are missing from {flush.maxima_dir}: "
-                                   "--record all needs a file system shared by every node")
+                raise RuntimeError(
+                    f"the maxima of flush {flush.flush_id} are missing from {flush.maxima_dir}: "
+                    "--record all needs a file system shared by every node"
+                )
             os.replace(flush.maxima_dir, os.path.join(tmp, "maxima"))
-        atomic_write_json(os.path.join(tmp, "meta.json"), {
-            "flush_id": flush.flush_id, "images": flush.images, "images_ok": flush.images_ok, "attempt": attempt,
-            "committed": time.time(), "peak_rss_mb": flush.peak_rss_mb})
+        atomic_write_json(
+            os.path.join(tmp, "meta.json"),
+            {
+                "flush_id": flush.flush_id,
+                "images": flush.images,
+                "images_ok": flush.images_ok,
+                "attempt": attempt,
+                "committed": time.time(),
+                "peak_rss_mb": flush.peak_rss_mb,
+            },
+        )
         os.replace(tmp, final)
 
     def clear_uncommitted(self) -> None:
@@ -156,8 +169,11 @@ class FlushStore:
 
     # ---------------------------------------------------------------------------------------------- reading
     def flush_ids(self) -> list[str]:
-        return sorted(name for name in os.listdir(self.root)
-                      if not name.startswith(".") and os.path.isfile(os.path.join(self.root, name, "meta.json")))
+        return sorted(
+            name
+            for name in os.listdir(self.root)
+            if not name.startswith(".") and os.path.isfile(os.path.join(self.root, name, "meta.json"))
+        )
 
     def meta(self, flush_id: str) -> dict:
         with open(os.path.join(self.root, flush_id, "meta.json")) as handle:
@@ -181,8 +197,9 @@ class FlushStore:
     def drop_overlaps(self) -> list[str]:
         """Exactly once: if an image is in two committed flushes, drop the later flush of each overlapping pair
         (its images become uncovered and are redone). Returns the dropped flush ids."""
-        rows = self._sql("SELECT image_key, list(filename ORDER BY filename) FROM IMAGES "
-                         "GROUP BY image_key HAVING count(*) > 1")
+        rows = self._sql(
+            "SELECT image_key, list(filename ORDER BY filename) FROM IMAGES GROUP BY image_key HAVING count(*) > 1"
+        )
         if not rows:
             return []
         order = {fid: self.meta(fid)["committed"] for fid in self.flush_ids()}
@@ -196,8 +213,13 @@ class FlushStore:
         return sorted(dropped)
 
     def duplicate_keys(self) -> list[tuple[str, int]]:
-        return [(k, n) for k, n in self._sql("SELECT image_key, count(*) FROM IMAGES GROUP BY image_key "
-                                             "HAVING count(*) > 1 ORDER BY image_key LIMIT 5")]
+        return [
+            (k, n)
+            for k, n in self._sql(
+                "SELECT image_key, count(*) FROM IMAGES GROUP BY image_key "
+                "HAVING count(*) > 1 ORDER BY image_key LIMIT 5"
+            )
+        ]
 
     def counts(self) -> tuple[int, int]:
         """(images, decodable images) covered by committed flushes."""
@@ -223,8 +245,9 @@ def plan_pass(spec: SourceSpec, index: SourceIndex, store: FlushStore, read_whol
     if spec.kind == "folder":
         covered = store.covered_keys()
         done = set().union(*covered.values()) if covered else set()
-        files = tuple(f for f in spec.files
-                      if os.path.relpath(os.path.abspath(f), spec.root).replace(os.sep, "/") not in done)
+        files = tuple(
+            f for f in spec.files if os.path.relpath(os.path.abspath(f), spec.root).replace(os.sep, "/") not in done
+        )
         return PassPlan(replace(spec, files=files), images=len(files))
     per_source = store.covered_per_source()
     files, partial, images = [], [], 0

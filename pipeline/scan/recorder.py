@@ -12,6 +12,7 @@ the state over and starts afresh. A ScanState is a typed bundle of mergeable sta
 ``add``/``merge``/``to_bytes``/``from_bytes``; the final result is the merge of every committed flush, which
 equals a brute-force sort of every (image, unit) maximum however images were split among workers and flushes.
 """
+
 from __future__ import annotations
 
 import io
@@ -107,17 +108,25 @@ class ScanState:
             self.sketch[name].merge(other.sketch[name])
 
     def to_bytes(self) -> bytes:
-        arrays: dict[str, np.ndarray] = {"k": np.int64(self.k), "images_ok": np.int64(self.images_ok),
-                                         "layers": np.array(list(self.layer_units), dtype=str),
-                                         "units": np.array(list(self.layer_units.values()), dtype=np.int64)}
+        arrays: dict[str, np.ndarray] = {
+            "k": np.int64(self.k),
+            "images_ok": np.int64(self.images_ok),
+            "layers": np.array(list(self.layer_units), dtype=str),
+            "units": np.array(list(self.layer_units.values()), dtype=np.int64),
+        }
         for i, name in enumerate(self.layer_units):
             topk = self.topk[name].state_dict()
-            arrays |= {f"{i}/topk/values": topk["values"], f"{i}/topk/key_index": topk["key_index"],
-                       f"{i}/topk/key_table": np.asarray(topk["key_table"], dtype=str)}
+            arrays |= {
+                f"{i}/topk/values": topk["values"],
+                f"{i}/topk/key_index": topk["key_index"],
+                f"{i}/topk/key_table": np.asarray(topk["key_table"], dtype=str),
+            }
             arrays |= {f"{i}/topk/payload/{p}": topk["payload"][p] for p in PAYLOAD}
             moments = self.moments[name].state_dict()
-            arrays |= {f"{i}/moments/{key}": np.asarray(moments[key])
-                       for key in ("count", "mean", "m2", "min", "max", "n_active")}
+            arrays |= {
+                f"{i}/moments/{key}": np.asarray(moments[key])
+                for key in ("count", "mean", "m2", "min", "max", "n_active")
+            }
             sketch = self.sketch[name].state_dict()
             arrays |= {f"{i}/sketch/{key}": np.asarray(sketch[key]) for key in ("unit", "bucket", "count")}
         buffer = io.BytesIO()
@@ -132,19 +141,36 @@ class ScanState:
             state.images_ok = int(arrays["images_ok"])
             for i, name in enumerate(layer_units):
                 units = layer_units[name]
-                state.topk[name] = TopK.from_state_dict({
-                    "num_units": units, "k": state.k, "payload_names": list(PAYLOAD),
-                    "values": arrays[f"{i}/topk/values"], "key_index": arrays[f"{i}/topk/key_index"],
-                    "key_table": arrays[f"{i}/topk/key_table"],
-                    "payload": {p: arrays[f"{i}/topk/payload/{p}"] for p in PAYLOAD}})
+                state.topk[name] = TopK.from_state_dict(
+                    {
+                        "num_units": units,
+                        "k": state.k,
+                        "payload_names": list(PAYLOAD),
+                        "values": arrays[f"{i}/topk/values"],
+                        "key_index": arrays[f"{i}/topk/key_index"],
+                        "key_table": arrays[f"{i}/topk/key_table"],
+                        "payload": {p: arrays[f"{i}/topk/payload/{p}"] for p in PAYLOAD},
+                    }
+                )
                 state.moments[name] = RunningMoments.from_state_dict(
-                    {"num_units": units, **{key: arrays[f"{i}/moments/{key}"]
-                                            for key in ("count", "mean", "m2", "min", "max", "n_active")}})
+                    {
+                        "num_units": units,
+                        **{
+                            key: arrays[f"{i}/moments/{key}"]
+                            for key in ("count", "mean", "m2", "min", "max", "n_active")
+                        },
+                    }
+                )
                 sketch = QuantileSketch(units)
                 state.sketch[name] = QuantileSketch.from_state_dict(
-                    {"num_units": units, "relative_accuracy": sketch.relative_accuracy,
-                     "min_value": sketch.min_value, "max_value": sketch.max_value,
-                     **{key: arrays[f"{i}/sketch/{key}"] for key in ("unit", "bucket", "count")}})
+                    {
+                        "num_units": units,
+                        "relative_accuracy": sketch.relative_accuracy,
+                        "min_value": sketch.min_value,
+                        "max_value": sketch.max_value,
+                        **{key: arrays[f"{i}/sketch/{key}"] for key in ("unit", "bucket", "count")},
+                    }
+                )
         return state
 
 
@@ -165,8 +191,10 @@ class Flush:
 
 def _texts(column: np.ndarray) -> list[str | None]:
     """A string column as Python strings; Ray may hand an all-None column over as float NaN."""
-    return [None if value is None or (isinstance(value, float) and value != value) else str(value)
-            for value in np.asarray(column).tolist()]
+    return [
+        None if value is None or (isinstance(value, float) and value != value) else str(value)
+        for value in np.asarray(column).tolist()
+    ]
 
 
 def _autocast_dtype(precision: str) -> torch.dtype | None:
@@ -228,13 +256,13 @@ class Recorder:
         n = len(pixels)
         parts = []
         for start in range(0, n, size):
-            chunk = pixels[start:start + size]
+            chunk = pixels[start : start + size]
             if len(chunk) < size and isinstance(chunk, torch.Tensor):
                 chunk = torch.cat([chunk, chunk.new_zeros((size - len(chunk), *chunk.shape[1:]))])
             elif len(chunk) < size:
                 chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
             outputs = self._forward_fixed(chunk)
-            parts.append({name: value[:min(size, n - start)] for name, value in outputs.items()})
+            parts.append({name: value[: min(size, n - start)] for name, value in outputs.items()})
         if len(parts) == 1:
             return parts[0]
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
@@ -244,8 +272,10 @@ class Recorder:
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = _autocast_dtype(self.config.precision)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=autocast or torch.float32,
-                                                    enabled=autocast is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None),
+        ):
             return self.extractor(x)
 
     def _decode_on_device(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
@@ -261,8 +291,9 @@ class Recorder:
         pixels[torch.as_tensor(rows, device=self.device)] = crops
         failed = [(i, error) for i, error in zip(rows, errors) if error is not None]
         if failed:
-            batch = dict(batch, status=np.array(batch["status"], dtype=object), error=np.array(batch["error"],
-                                                                                                  dtype=object))
+            batch = dict(
+                batch, status=np.array(batch["status"], dtype=object), error=np.array(batch["error"], dtype=object)
+            )
             for i, error in failed:
                 batch["status"][i], batch["error"][i] = "error", error
         return batch, pixels
@@ -277,8 +308,11 @@ class Recorder:
         self.rows.append(pa.table({name: columns[name] for name in IMAGES_SCHEMA.names}, schema=IMAGES_SCHEMA))
         n = len(columns["image_key"])
         if ok.any():
-            pixels = (batch["pixels"][ok] if device_pixels is None
-                      else device_pixels[torch.as_tensor(np.flatnonzero(ok), device=self.device)])
+            pixels = (
+                batch["pixels"][ok]
+                if device_pixels is None
+                else device_pixels[torch.as_tensor(np.flatnonzero(ok), device=self.device)]
+            )
             outputs = self._forward(pixels)
             maxima = {}
             for layer in self.config.layers:
@@ -297,12 +331,17 @@ class Recorder:
         directory = os.path.join(self.config.maxima_dir, self.flush_id)
         for layer, (values, ys, xs) in maxima.items():
             n, units = values.shape
-            table = pa.table({
-                "layer": pa.array([layer] * (n * units), pa.string()),
-                "unit": np.repeat(np.arange(units, dtype=np.int32), n),
-                "image_key": pa.array(np.tile(np.asarray(keys, dtype=object), units), pa.string()),
-                "act": values.T.reshape(-1), "y": ys.T.reshape(-1), "x": xs.T.reshape(-1),
-            }, schema=MAXIMA_SCHEMA)
+            table = pa.table(
+                {
+                    "layer": pa.array([layer] * (n * units), pa.string()),
+                    "unit": np.repeat(np.arange(units, dtype=np.int32), n),
+                    "image_key": pa.array(np.tile(np.asarray(keys, dtype=object), units), pa.string()),
+                    "act": values.T.reshape(-1),
+                    "y": ys.T.reshape(-1),
+                    "x": xs.T.reshape(-1),
+                },
+                schema=MAXIMA_SCHEMA,
+            )
             write_table(table, f"{layer_dir(directory, layer)}/part-{uuid.uuid4().hex}.parquet")
 
     def flush(self) -> Flush | None:
@@ -315,11 +354,19 @@ class Recorder:
         state = self.state
         buffer = io.BytesIO()
         pq.write_table(pa.concat_tables(self.rows), buffer, compression="zstd")
-        flush = Flush(flush_id=self.flush_id, images=self.pending_images, images_ok=state.images_ok,
-                      state=state.to_bytes(), image_rows=buffer.getvalue(),
-                      maxima_dir=(os.path.join(self.config.maxima_dir, self.flush_id)
-                                  if self.config.record_all and state.images_ok else None),
-                      peak_rss_mb=peak_rss_mb())
+        flush = Flush(
+            flush_id=self.flush_id,
+            images=self.pending_images,
+            images_ok=state.images_ok,
+            state=state.to_bytes(),
+            image_rows=buffer.getvalue(),
+            maxima_dir=(
+                os.path.join(self.config.maxima_dir, self.flush_id)
+                if self.config.record_all and state.images_ok
+                else None
+            ),
+            peak_rss_mb=peak_rss_mb(),
+        )
         flush.seconds["serialise"] = time.perf_counter() - started
         self.sequence += 1
         self._reset()
@@ -342,7 +389,7 @@ class Recorder:
         n = len(batch["image_key"]) if "image_key" in batch else 0
         flushes = []
         for i in range(0, n, self.config.batch_size):
-            flush = self({name: column[i:i + self.config.batch_size] for name, column in batch.items()})
+            flush = self({name: column[i : i + self.config.batch_size] for name, column in batch.items()})
             if flush is not None:
                 flushes.append(flush)
         return n, flushes
@@ -353,8 +400,12 @@ class Recorder:
 
 def image_facts(images: pa.Table) -> dict[str, tuple[str | None, int, int]]:
     """image_key -> (label, original width, original height), from rows of the images table."""
-    return {key: (label, width, height) for key, label, width, height in zip(
-        *(images.column(name).to_pylist() for name in ("image_key", "label", "width", "height")))}
+    return {
+        key: (label, width, height)
+        for key, label, width, height in zip(
+            *(images.column(name).to_pylist() for name in ("image_key", "label", "width", "height"))
+        )
+    }
 
 
 class ScanResult:
@@ -370,8 +421,9 @@ class ScanResult:
             needed.update(topk.result()["keys"].reshape(-1).tolist())
         return needed
 
-    def topk_table(self, name: str, field: ReceptiveField, preprocess,
-                   facts: dict[str, tuple[str | None, int, int]]) -> pa.Table:
+    def topk_table(
+        self, name: str, field: ReceptiveField, preprocess, facts: dict[str, tuple[str | None, int, int]]
+    ) -> pa.Table:
         """Rows layer, unit, rank, image_key, label, act, y, x, box_* for one layer (boxes in original pixels);
         `facts`: image_key -> (label, width, height) of at least the top-k images (`image_facts`)."""
         result = self.state.topk[name].result()
@@ -385,44 +437,65 @@ class ScanResult:
         y0, x0, y1, x1 = field.box(y, x, input_hw=(size, size))
         box = preprocess.to_original_box(np.stack([x0, y0, x1, y1], axis=-1), width, height)
         keys = keys_grid.reshape(-1)
-        return pa.table({
-            "layer": pa.array([name] * (units * m), pa.string()),
-            "unit": np.repeat(np.arange(units, dtype=np.int32), m),
-            "rank": np.tile(np.arange(m, dtype=np.int32), units),
-            "image_key": pa.array(keys.tolist(), pa.string()),
-            "label": pa.array([facts[k][0] for k in keys.tolist()], pa.string()),
-            "act": values.reshape(-1).astype(np.float32),
-            "y": y.reshape(-1).astype(np.int32), "x": x.reshape(-1).astype(np.int32),
-            "box_x0": box[..., 0].reshape(-1).astype(np.int32), "box_y0": box[..., 1].reshape(-1).astype(np.int32),
-            "box_x1": box[..., 2].reshape(-1).astype(np.int32), "box_y1": box[..., 3].reshape(-1).astype(np.int32),
-        }, schema=TOPK_SCHEMA)
+        return pa.table(
+            {
+                "layer": pa.array([name] * (units * m), pa.string()),
+                "unit": np.repeat(np.arange(units, dtype=np.int32), m),
+                "rank": np.tile(np.arange(m, dtype=np.int32), units),
+                "image_key": pa.array(keys.tolist(), pa.string()),
+                "label": pa.array([facts[k][0] for k in keys.tolist()], pa.string()),
+                "act": values.reshape(-1).astype(np.float32),
+                "y": y.reshape(-1).astype(np.int32),
+                "x": x.reshape(-1).astype(np.int32),
+                "box_x0": box[..., 0].reshape(-1).astype(np.int32),
+                "box_y0": box[..., 1].reshape(-1).astype(np.int32),
+                "box_x1": box[..., 2].reshape(-1).astype(np.int32),
+                "box_y1": box[..., 3].reshape(-1).astype(np.int32),
+            },
+            schema=TOPK_SCHEMA,
+        )
 
     def units_table(self, name: str) -> pa.Table:
         moments = self.state.moments[name].result()
         quantiles = self.state.sketch[name].quantile(list(QUANTILES))
         sketch = self.state.sketch[name].result()
         units = len(moments["count"])
-        return pa.table({
-            "layer": pa.array([name] * units, pa.string()),
-            "unit": np.arange(units, dtype=np.int32),
-            # Position of the layer in the model's execution order (layer names do not sort by depth).
-            "layer_index": np.full(units, list(self.state.layer_units).index(name), dtype=np.int32),
-            "count": moments["count"].astype(np.int64),
-            "mean": moments["mean"], "std": moments["std"],
-            "min": moments["min"].astype(np.float32), "max": moments["max"].astype(np.float32),
-            "n_active": moments["n_active"].astype(np.int64), "frac_active": moments["frac_active"],
-            "p50": quantiles[:, 0].astype(np.float32), "p90": quantiles[:, 1].astype(np.float32),
-            "p99": quantiles[:, 2].astype(np.float32), "p999": quantiles[:, 3].astype(np.float32),
-            # Dead: never fired (> 0) on any image of the whole data set.
-            "dead": moments["n_active"] == 0,
-            "sketch_buckets": pa.array([list(map(int, b)) for b in sketch["buckets"]], pa.list_(pa.int32())),
-            "sketch_counts": pa.array([list(map(int, c)) for c in sketch["counts"]], pa.list_(pa.int64())),
-        }, schema=UNITS_SCHEMA)
+        return pa.table(
+            {
+                "layer": pa.array([name] * units, pa.string()),
+                "unit": np.arange(units, dtype=np.int32),
+                # Position of the layer in the model's execution order (layer names do not sort by depth).
+                "layer_index": np.full(units, list(self.state.layer_units).index(name), dtype=np.int32),
+                "count": moments["count"].astype(np.int64),
+                "mean": moments["mean"],
+                "std": moments["std"],
+                "min": moments["min"].astype(np.float32),
+                "max": moments["max"].astype(np.float32),
+                "n_active": moments["n_active"].astype(np.int64),
+                "frac_active": moments["frac_active"],
+                "p50": quantiles[:, 0].astype(np.float32),
+                "p90": quantiles[:, 1].astype(np.float32),
+                "p99": quantiles[:, 2].astype(np.float32),
+                "p999": quantiles[:, 3].astype(np.float32),
+                # Dead: never fired (> 0) on any image of the whole data set.
+                "dead": moments["n_active"] == 0,
+                "sketch_buckets": pa.array([list(map(int, b)) for b in sketch["buckets"]], pa.list_(pa.int32())),
+                "sketch_counts": pa.array([list(map(int, c)) for c in sketch["counts"]], pa.list_(pa.int64())),
+            },
+            schema=UNITS_SCHEMA,
+        )
 
-    def write(self, fields: dict[str, ReceptiveField], preprocess, facts: dict[str, tuple[str | None, int, int]],
-              topk_dir: str, units_path: str) -> None:
+    def write(
+        self,
+        fields: dict[str, ReceptiveField],
+        preprocess,
+        facts: dict[str, tuple[str | None, int, int]],
+        topk_dir: str,
+        units_path: str,
+    ) -> None:
         """One top-k file per layer, one units file for all layers."""
         for name, receptive in fields.items():
-            write_table(self.topk_table(name, receptive, preprocess, facts),
-                        f"{layer_dir(topk_dir, name)}/part-0.parquet")
+            write_table(
+                self.topk_table(name, receptive, preprocess, facts), f"{layer_dir(topk_dir, name)}/part-0.parquet"
+            )
         write_table(pa.concat_tables([self.units_table(name) for name in fields]), units_path)

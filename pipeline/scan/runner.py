@@ -1,4 +1,5 @@
 """`atlas scan`: validate everything up front, run the Ray Data pipeline, commit the run directory."""
+
 from __future__ import annotations
 
 import hashlib
@@ -81,8 +82,15 @@ class ScanConfig:
 def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], source: SourceSpec) -> str:
     """What makes two scans the same: model, weights content, preprocessing, layers, k, record, data files."""
     files = [(f, os.path.getsize(f) if os.path.isfile(f) else None) for f in source.files]
-    what = {"spec": config.model.spec, "weights": loaded.weights_sha256, "preprocess": loaded.preprocess.as_dict(),
-            "layers": layers, "k": config.k, "record": config.record, "data": files}
+    what = {
+        "spec": config.model.spec,
+        "weights": loaded.weights_sha256,
+        "preprocess": loaded.preprocess.as_dict(),
+        "layers": layers,
+        "k": config.k,
+        "record": config.record,
+        "data": files,
+    }
     # Only non-default numerics enter the fingerprint, so runs made before these options existed still match.
     if config.precision != "fp32":
         what["precision"] = config.precision
@@ -101,9 +109,16 @@ def _versions() -> dict:
     import torch
     import torchvision
 
-    return {"neuron_atlas": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
-            "duckdb": duckdb.__version__, "numpy": np.__version__}
+    return {
+        "neuron_atlas": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+        "duckdb": duckdb.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def _facts_for(images_dir: str, keys: set[str]) -> dict[str, tuple[str | None, int, int]]:
@@ -111,8 +126,11 @@ def _facts_for(images_dir: str, keys: set[str]) -> dict[str, tuple[str | None, i
     if not keys:
         return {}
     dataset = pads.dataset(images_dir, format="parquet", schema=IMAGES_SCHEMA)
-    return image_facts(dataset.to_table(columns=["image_key", "label", "width", "height"],
-                                        filter=pc.field("image_key").isin(sorted(keys))))
+    return image_facts(
+        dataset.to_table(
+            columns=["image_key", "label", "width", "height"], filter=pc.field("image_key").isin(sorted(keys))
+        )
+    )
 
 
 class _Attempts:
@@ -123,8 +141,14 @@ class _Attempts:
         self.path = path
         with open(path) as handle:
             self.data = json.load(handle)
-        self.data.setdefault("attempts", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                                     "images_processed": 0, "images_committed": 0, "passes": 0})
+        self.data.setdefault("attempts", []).append(
+            {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "images_processed": 0,
+                "images_committed": 0,
+                "passes": 0,
+            }
+        )
         self.number = len(self.data["attempts"])
         self.save()
 
@@ -154,7 +178,7 @@ def _merge_flushes(store: FlushStore) -> ScanState:
 
     refs = [ray.put(store.state_bytes(fid)) for fid in flush_ids]
     while len(refs) > 1:
-        refs = [merge.remote(*refs[i:i + MERGE_FAN_IN]) for i in range(0, len(refs), MERGE_FAN_IN)]
+        refs = [merge.remote(*refs[i : i + MERGE_FAN_IN]) for i in range(0, len(refs), MERGE_FAN_IN)]
     return ScanState.from_bytes(ray.get(refs[0]))
 
 
@@ -170,11 +194,16 @@ def _write_images(store: FlushStore, path: str) -> None:
     import duckdb
 
     pattern = store.images_glob().replace("'", "''")
-    columns = ", ".join(f"CAST({f.name} AS {'INTEGER' if str(f.type) == 'int32' else 'VARCHAR'}) AS {f.name}"
-                        for f in IMAGES_SCHEMA)
-    atomic_write(path, writer=lambda tmp: duckdb.sql(
-        f"COPY (SELECT {columns} FROM read_parquet('{pattern}') ORDER BY image_key) TO '{tmp.replace(chr(39), chr(39) * 2)}' "
-        "(FORMAT parquet, COMPRESSION zstd)"))
+    columns = ", ".join(
+        f"CAST({f.name} AS {'INTEGER' if str(f.type) == 'int32' else 'VARCHAR'}) AS {f.name}" for f in IMAGES_SCHEMA
+    )
+    atomic_write(
+        path,
+        writer=lambda tmp: duckdb.sql(
+            f"COPY (SELECT {columns} FROM read_parquet('{pattern}') ORDER BY image_key) TO '{tmp.replace(chr(39), chr(39) * 2)}' "
+            "(FORMAT parquet, COMPRESSION zstd)"
+        ),
+    )
 
 
 def _move_maxima(store: FlushStore, directory: str) -> None:
@@ -193,8 +222,10 @@ def _describe_cluster() -> str:
     import ray
 
     total, free = ray.cluster_resources(), ray.available_resources()
-    return (f"cluster CPUs free {free.get('CPU', 0):g} of {total.get('CPU', 0):g}, GPUs free {free.get('GPU', 0):g} "
-            f"of {total.get('GPU', 0):g} (read and decode tasks need {DECODE_CPUS} CPU each)")
+    return (
+        f"cluster CPUs free {free.get('CPU', 0):g} of {total.get('CPU', 0):g}, GPUs free {free.get('GPU', 0):g} "
+        f"of {total.get('GPU', 0):g} (read and decode tasks need {DECODE_CPUS} CPU each)"
+    )
 
 
 def run_scan(config: ScanConfig) -> dict:
@@ -225,26 +256,39 @@ def run_scan(config: ScanConfig) -> dict:
             ray_ready = time.time()
             plan = plan_actors(config.actors, config.threads, config.device, cluster)
             if config.decode == "gpu" and plan["device"] != "cuda":
-                raise ValueError("--decode gpu decodes JPEGs on the model workers' GPUs, and this cluster has no "
-                                 "GPU (use --decode cpu, or --device cuda to wait for GPU nodes)")
+                raise ValueError(
+                    "--decode gpu decodes JPEGs on the model workers' GPUs, and this cluster has no "
+                    "GPU (use --decode cpu, or --device cuda to wait for GPU nodes)"
+                )
             # Per-batch costs do not shrink with the batch, and a GPU is idle at CPU-sized batches.
             plan["batch_size"] = config.batch_size or (GPU_BATCH if plan["device"] == "cuda" else CPU_BATCH)
             config = replace(config, batch_size=plan["batch_size"])
             recorder_config = RecorderConfig(
-                model=config.model, layers=tuple(layers), k=config.k, record_all=config.record == "all",
-                device=plan["device"], threads=plan["threads"], flush_images=config.flush_images,
+                model=config.model,
+                layers=tuple(layers),
+                k=config.k,
+                record_all=config.record == "all",
+                device=plan["device"],
+                threads=plan["threads"],
+                flush_images=config.flush_images,
                 batch_size=config.batch_size,
-                precision=config.precision, channels_last=config.channels_last,
-                maxima_dir=store.pending_maxima if config.record == "all" else None, decode=config.decode)
-            timing = _execute(config, source, index, store, loaded.preprocess, recorder_config, layer_units,
-                              plan, attempts)
+                precision=config.precision,
+                channels_last=config.channels_last,
+                maxima_dir=store.pending_maxima if config.record == "all" else None,
+                decode=config.decode,
+            )
+            timing = _execute(
+                config, source, index, store, loaded.preprocess, recorder_config, layer_units, plan, attempts
+            )
             images_total, images_ok = store.counts()
             if images_ok == 0:
                 raise DataError(f"none of the {images_total} images in {config.data} could be decoded")
             duplicates = store.duplicate_keys()
             if duplicates:
-                raise DataError("image keys are not unique (top-k ties and joins need unique keys): "
-                                + ", ".join(f"{k!r} x{n}" for k, n in duplicates))
+                raise DataError(
+                    "image keys are not unique (top-k ties and joins need unique keys): "
+                    + ", ".join(f"{k!r} x{n}" for k, n in duplicates)
+                )
             merge_started = time.time()
             result = ScanResult(_merge_flushes(store))
             merge_seconds = time.time() - merge_started
@@ -252,8 +296,13 @@ def run_scan(config: ScanConfig) -> dict:
         _write_images(store, os.path.join(images_dir, "part-0.parquet"))
         if config.record == "all":
             _move_maxima(store, run.staged("maxima"))
-        result.write(fields, loaded.preprocess, _facts_for(images_dir, result.keys()), run.staged("topk"),
-                     os.path.join(run.staged("units"), "part-0.parquet"))
+        result.write(
+            fields,
+            loaded.preprocess,
+            _facts_for(images_dir, result.keys()),
+            run.staged("topk"),
+            os.path.join(run.staged("units"), "part-0.parquet"),
+        )
         finished = time.time()
         units_total = sum(layer_units.values())
         dead = int(sum(int((result.state.moments[n].result()["n_active"] == 0).sum()) for n in layers))
@@ -262,31 +311,60 @@ def run_scan(config: ScanConfig) -> dict:
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
-            "model": {"spec": config.model.spec, "weights": config.model.weights,
-                      "weights_sha256": loaded.weights_sha256, "categories": loaded.categories,
-                      "weights_match": loaded.weights_match},
+            "model": {
+                "spec": config.model.spec,
+                "weights": config.model.weights,
+                "weights_sha256": loaded.weights_sha256,
+                "categories": loaded.categories,
+                "weights_match": loaded.weights_match,
+            },
             "preprocess": loaded.preprocess.as_dict(),
             "data": source.as_dict() | {"path": config.data},
             "k": config.k,
             "record": config.record,
             "precision": config.precision,
-            "layers": [{"name": info.name, "type": info.type, "shape": list(info.shape), "units": info.shape[0],
-                        "receptive_field": fields[info.name].as_dict()} for info in layer_infos],
-            "counts": {"images": images_total, "images_ok": images_ok, "images_error": images_total - images_ok,
-                       "layers": len(layers), "units": units_total, "dead_units": dead},
-            "timings": {"seconds": round(finished - started, 3), "ray_start_seconds": round(ray_ready - started, 3),
-                        "images_per_second": round(attempts.current["images_processed"]
-                                                   / max(finished - ray_ready, 1e-9), 2),
-                        "first_batch_seconds": round(timing.get("first_batch", ray_ready) - ray_ready, 3),
-                        # After the first batch: the pipeline's rate once actors are up and the model loaded.
-                        "steady_images_per_second": round(
-                            (attempts.current["images_processed"] - timing.get("first_batch_images", 0))
-                            / max(timing.get("last_batch", 0) - timing.get("first_batch", 0), 1e-9), 2),
-                        "merge_seconds": round(merge_seconds, 3)},
-            "memory": {"peak_worker_rss_mb": round(max([m.get("peak_rss_mb", 0.0) for m in metas] or [0.0]), 1),
-                       "peak_driver_rss_mb": round(peak_rss_mb(), 1)},
-            "execution": {"address": config.address or "local", "cluster_cpus": cluster.cpus,
-                          "cluster_gpus": cluster.gpus, "flushes": len(metas)} | plan,
+            "layers": [
+                {
+                    "name": info.name,
+                    "type": info.type,
+                    "shape": list(info.shape),
+                    "units": info.shape[0],
+                    "receptive_field": fields[info.name].as_dict(),
+                }
+                for info in layer_infos
+            ],
+            "counts": {
+                "images": images_total,
+                "images_ok": images_ok,
+                "images_error": images_total - images_ok,
+                "layers": len(layers),
+                "units": units_total,
+                "dead_units": dead,
+            },
+            "timings": {
+                "seconds": round(finished - started, 3),
+                "ray_start_seconds": round(ray_ready - started, 3),
+                "images_per_second": round(attempts.current["images_processed"] / max(finished - ray_ready, 1e-9), 2),
+                "first_batch_seconds": round(timing.get("first_batch", ray_ready) - ray_ready, 3),
+                # After the first batch: the pipeline's rate once actors are up and the model loaded.
+                "steady_images_per_second": round(
+                    (attempts.current["images_processed"] - timing.get("first_batch_images", 0))
+                    / max(timing.get("last_batch", 0) - timing.get("first_batch", 0), 1e-9),
+                    2,
+                ),
+                "merge_seconds": round(merge_seconds, 3),
+            },
+            "memory": {
+                "peak_worker_rss_mb": round(max([m.get("peak_rss_mb", 0.0) for m in metas] or [0.0]), 1),
+                "peak_driver_rss_mb": round(peak_rss_mb(), 1),
+            },
+            "execution": {
+                "address": config.address or "local",
+                "cluster_cpus": cluster.cpus,
+                "cluster_gpus": cluster.gpus,
+                "flushes": len(metas),
+            }
+            | plan,
             # One entry per invocation: a resumed scan lists the interrupted ones before it.
             "attempts": attempts.data["attempts"],
             "versions": _versions(),
@@ -297,8 +375,17 @@ def run_scan(config: ScanConfig) -> dict:
     return manifest
 
 
-def _execute(config: ScanConfig, source: SourceSpec, index: SourceIndex, store: FlushStore, preprocess: Preprocess,
-             recorder_config: RecorderConfig, layer_units: dict[str, int], plan: dict, attempts: _Attempts) -> dict:
+def _execute(
+    config: ScanConfig,
+    source: SourceSpec,
+    index: SourceIndex,
+    store: FlushStore,
+    preprocess: Preprocess,
+    recorder_config: RecorderConfig,
+    layer_units: dict[str, int],
+    plan: dict,
+    attempts: _Attempts,
+) -> dict:
     """Passes over what is still uncovered until everything is, each streamed through the worker pool."""
     import ray
     import ray.data
@@ -307,8 +394,9 @@ def _execute(config: ScanConfig, source: SourceSpec, index: SourceIndex, store: 
     remote_recorder = ray.remote(Recorder)
 
     def make_actor(_: int):
-        return remote_recorder.options(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=0,
-                                       max_concurrency=1).remote(recorder_config, layer_units)
+        return remote_recorder.options(
+            num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=0, max_concurrency=1
+        ).remote(recorder_config, layer_units)
 
     timing: dict = {}
     known = [t for t in index.totals.values()]
@@ -333,8 +421,13 @@ def _execute(config: ScanConfig, source: SourceSpec, index: SourceIndex, store: 
         for flush in flushes:
             commit(flush)
 
-    pool = WorkerPool(make_actor, plan["actors"], stall_seconds=config.stall_seconds,
-                      describe_pending=_describe_cluster, input_cpus=DECODE_CPUS)
+    pool = WorkerPool(
+        make_actor,
+        plan["actors"],
+        stall_seconds=config.stall_seconds,
+        describe_pending=_describe_cluster,
+        input_cpus=DECODE_CPUS,
+    )
     read_whole: set[str] = set()
     try:
         for number in range(MAX_PASSES + 1):
@@ -342,15 +435,22 @@ def _execute(config: ScanConfig, source: SourceSpec, index: SourceIndex, store: 
             if work.empty:
                 break
             if number == MAX_PASSES:
-                raise RuntimeError(f"model workers kept being lost: {MAX_PASSES} passes did not cover every image "
-                                   "(the committed part is kept; run the same command again to resume)")
+                raise RuntimeError(
+                    f"model workers kept being lost: {MAX_PASSES} passes did not cover every image "
+                    "(the committed part is kept; run the same command again to resume)"
+                )
             if number:
-                logger.warning("pass %d: %s image(s) not covered yet (a worker was lost); processing them again",
-                               number + 1, work.images if work.images is not None else "some")
-            dataset = decoded_dataset(work.spec, preprocess, config.batch_size, skip=work.skip,
-                                      defer_jpeg=config.decode == "gpu")
-            outcome: PassOutcome = pool.run(dataset.iter_internal_ref_bundles(), "process_block", on_block,
-                                            flush_method="flush", on_flush=commit)
+                logger.warning(
+                    "pass %d: %s image(s) not covered yet (a worker was lost); processing them again",
+                    number + 1,
+                    work.images if work.images is not None else "some",
+                )
+            dataset = decoded_dataset(
+                work.spec, preprocess, config.batch_size, skip=work.skip, defer_jpeg=config.decode == "gpu"
+            )
+            outcome: PassOutcome = pool.run(
+                dataset.iter_internal_ref_bundles(), "process_block", on_block, flush_method="flush", on_flush=commit
+            )
             pool.call_all("flush", commit, outcome)
             attempts.current["passes"] += 1
             attempts.save()

@@ -10,6 +10,7 @@ says which files may be published).
 Templates are compiled once and every table is read in one query (pipeline/site/data.py), so thousands of
 unit pages take seconds; a file is rewritten only when its bytes change (pipeline/site/writer.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,12 @@ def _build_site(run_dir: str, out: str | None, progress: bool) -> SiteReport:
     writer = SiteWriter(out)
     pages = _Pages(data, out, writer)
     pages.static()
-    work = [("index", None)] + [("layer", layer) for layer in data.layers] + \
-           [("units", layer) for layer in data.layers] + [("classes", None)]
+    work = (
+        [("index", None)]
+        + [("layer", layer) for layer in data.layers]
+        + [("units", layer) for layer in data.layers]
+        + [("classes", None)]
+    )
     total = 1 + len(data.layers) + sum(len(layer.units) for layer in data.layers) + len(data.classes)
     with tqdm(total=total, desc="site", unit="page", disable=not progress) as bar:
         for kind, layer in work:
@@ -80,11 +85,22 @@ def _build_site(run_dir: str, out: str | None, progress: bool) -> SiteReport:
     pages.search_index()
     pages.media()
     writer.finish()
-    report = SiteReport(index=os.path.join(out, "index.html"), pages=total, written=writer.written,
-                        unchanged=writer.unchanged, removed=writer.removed,
-                        seconds=round(time.perf_counter() - started, 3))
-    logger.info("site: %d pages; %d files written, %d unchanged, %d removed in %.2f s", report.pages,
-                report.written, report.unchanged, report.removed, report.seconds)
+    report = SiteReport(
+        index=os.path.join(out, "index.html"),
+        pages=total,
+        written=writer.written,
+        unchanged=writer.unchanged,
+        removed=writer.removed,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    logger.info(
+        "site: %d pages; %d files written, %d unchanged, %d removed in %.2f s",
+        report.pages,
+        report.written,
+        report.unchanged,
+        report.removed,
+        report.seconds,
+    )
     return report
 
 
@@ -99,8 +115,13 @@ def _check_out(run_dir: str, out: str) -> None:
 
 def _environment() -> Environment:
     templates = str(resources.files("pipeline.site") / "templates")
-    env = Environment(loader=FileSystemLoader(templates), autoescape=True, undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(templates),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.globals.update(fmt=fmt, pct=lambda v: "–" if v is None else f"{100 * v:.1f}%")
     return env
 
@@ -108,8 +129,13 @@ def _environment() -> Environment:
 def script_json(value: object) -> str:
     """JSON safe to ship inside JavaScript/HTML: no '<', '>', '&' or line separators left raw."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for raw, escaped in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(raw, escaped)
     return text
 
@@ -123,14 +149,17 @@ def unit_href(layer: LayerData | UnitData | str, unit: int) -> str:
 def unit_query(layer: str, unit: int) -> str:
     """A DuckDB query listing the unit's top images, runnable as is in `duckdb` started in the run directory.
     The path is relative: a page never publishes where the run lives on the machine that built it."""
-    return (f"SELECT rank, image_key, label, act, box_x0, box_y0, box_x1, box_y1\n"
-            f"FROM read_parquet('topk/*/*.parquet', hive_partitioning = false)\n"
-            f"WHERE layer = {sql_string(layer)} AND unit = {int(unit)}\nORDER BY rank;")
+    return (
+        f"SELECT rank, image_key, label, act, box_x0, box_y0, box_x1, box_y1\n"
+        f"FROM read_parquet('topk/*/*.parquet', hive_partitioning = false)\n"
+        f"WHERE layer = {sql_string(layer)} AND unit = {int(unit)}\nORDER BY rank;"
+    )
 
 
 def striking_units(layer: LayerData, count: int = STRIP_UNITS) -> list[UnitData]:
     """Live units whose top activation stands furthest above their typical response (in std units);
     units with images first, so the strip shows pictures when some units were rendered."""
+
     def score(unit: UnitData) -> tuple:
         std = unit.stats.get("std") or 0.0
         mean = unit.stats.get("mean") or 0.0
@@ -143,13 +172,23 @@ def layer_charts(layer: LayerData) -> dict:
     """The index's small charts of one layer: its dead units, the distribution of its units' maxima and, once
     feature visualizations exist, how many reach a higher activation than the unit's top-1 dataset image."""
     name = layer.name
-    charts = {"dead": fraction_svg(layer.dead, len(layer.units), f"Dead units of layer {name}", "units dead"),
-              "maxima": distribution_svg([u.stats.get("max") for u in layer.units],
-                                         f"Distribution of the unit maxima of layer {name}", "units")}
+    charts = {
+        "dead": fraction_svg(layer.dead, len(layer.units), f"Dead units of layer {name}", "units dead"),
+        "maxima": distribution_svg(
+            [u.stats.get("max") for u in layer.units], f"Distribution of the unit maxima of layer {name}", "units"
+        ),
+    }
     rendered = [u for u in layer.units if u.featvis and u.featvis_act is not None and u.stats.get("max") is not None]
-    charts["beats"] = fraction_svg(sum(u.featvis_act > u.stats["max"] for u in rendered), len(rendered),
-                                   f"Feature visualizations of layer {name} above their top-1 image",
-                                   "visualizations above their top-1 image") if rendered else None
+    charts["beats"] = (
+        fraction_svg(
+            sum(u.featvis_act > u.stats["max"] for u in rendered),
+            len(rendered),
+            f"Feature visualizations of layer {name} above their top-1 image",
+            "visualizations above their top-1 image",
+        )
+        if rendered
+        else None
+    )
     return charts
 
 
@@ -159,14 +198,15 @@ class _Pages:
     def __init__(self, data: SiteData, out: str, writer: SiteWriter):
         self.data, self.out, self.writer = data, out, writer
         self.env = _environment()
-        self.templates = {name: self.env.get_template(f"{name}.html.j2")
-                          for name in ("index", "layer", "unit", "class")}
-        inside = os.path.commonpath([os.path.realpath(out), os.path.realpath(data.run)]) == \
-            os.path.realpath(data.run)
+        self.templates = {
+            name: self.env.get_template(f"{name}.html.j2") for name in ("index", "layer", "unit", "class")
+        }
+        inside = os.path.commonpath([os.path.realpath(out), os.path.realpath(data.run)]) == os.path.realpath(data.run)
         # Inside the run (the default RUN/site), link the run's files where they are; elsewhere copy them.
         self.copy_media = not inside
-        self.media_prefix = (COPIED_FILES if self.copy_media
-                             else os.path.relpath(data.run, out).replace(os.sep, "/")) + "/"
+        self.media_prefix = (
+            COPIED_FILES if self.copy_media else os.path.relpath(data.run, out).replace(os.sep, "/")
+        ) + "/"
         self.used_media: set[str] = set()
         self.run_info = _run_info(data.manifest)
         # Previous / next run across layers, in depth order.
@@ -189,11 +229,18 @@ class _Pages:
         def url(path: str) -> str:
             self.used_media.add(path)
             return root + self.media_prefix + url_path(path)
+
         return url
 
     def _render(self, template: str, rel: str, root: str, **context) -> int:
-        html = self.templates[template].render(root=root, media=self._media_url(root), run=self.run_info,
-                                               unit_href=unit_href, classes=self.data.classes, **context)
+        html = self.templates[template].render(
+            root=root,
+            media=self._media_url(root),
+            run=self.run_info,
+            unit_href=unit_href,
+            classes=self.data.classes,
+            **context,
+        )
         self.writer.write(rel, html)
         return 1
 
@@ -204,8 +251,16 @@ class _Pages:
     def index(self, _: object) -> int:
         strips = {layer.name: striking_units(layer) for layer in self.data.layers}
         charts = {layer.name: layer_charts(layer) for layer in self.data.layers}
-        return self._render("index", "index.html", "", layers=self.data.layers, strips=strips, charts=charts,
-                            manifest=self.data.manifest, output_layer=self.data.output_layer)
+        return self._render(
+            "index",
+            "index.html",
+            "",
+            layers=self.data.layers,
+            strips=strips,
+            charts=charts,
+            manifest=self.data.manifest,
+            output_layer=self.data.output_layer,
+        )
 
     def layer(self, layer: LayerData) -> int:
         return self._render("layer", f"layers/{layer.slug}.html", "../", layer=layer)
@@ -216,29 +271,53 @@ class _Pages:
             prev = self.order[i - 1] if i > 0 else None
             nxt = self.order[i + 1] if i + 1 < len(self.order) else None
             title = f"layer {layer.name}, unit {unit.unit}"
-            self._render("unit", unit_href(layer, unit.unit), "../../", layer=layer, unit=unit, prev=prev, next=nxt,
-                         histogram=histogram_svg(unit.sketch_buckets, unit.sketch_counts,
-                                                 f"Histogram of the per-image maxima of {title}"),
-                         stats_plot=stats_svg(unit.stats, f"Statistics of {title}"),
-                         query=unit_query(layer.name, unit.unit))
+            self._render(
+                "unit",
+                unit_href(layer, unit.unit),
+                "../../",
+                layer=layer,
+                unit=unit,
+                prev=prev,
+                next=nxt,
+                histogram=histogram_svg(
+                    unit.sketch_buckets, unit.sketch_counts, f"Histogram of the per-image maxima of {title}"
+                ),
+                stats_plot=stats_svg(unit.stats, f"Statistics of {title}"),
+                query=unit_query(layer.name, unit.unit),
+            )
         return len(layer.units)
 
     def classes(self, _: object) -> int:
         items = self.data.classes
         for i, item in enumerate(items):
-            self._render("class", f"classes/{item.index}.html", "../", item=item,
-                         prev=items[i - 1] if i > 0 else None, next=items[i + 1] if i + 1 < len(items) else None,
-                         output_layer=self.data.output_layer)
+            self._render(
+                "class",
+                f"classes/{item.index}.html",
+                "../",
+                item=item,
+                prev=items[i - 1] if i > 0 else None,
+                next=items[i + 1] if i + 1 < len(items) else None,
+                output_layer=self.data.output_layer,
+            )
         return len(items)
 
     def search_index(self) -> None:
-        entries = [["unit", unit.layer, unit.unit, " ".join([label for label, _ in unit.label_counts()[:3]]
-                                                            + [unit.concept or ""]).strip(),
-                    unit_href(layer, unit.unit)]
-                   for layer in self.data.layers for unit in layer.units]
+        entries = [
+            [
+                "unit",
+                unit.layer,
+                unit.unit,
+                " ".join([label for label, _ in unit.label_counts()[:3]] + [unit.concept or ""]).strip(),
+                unit_href(layer, unit.unit),
+            ]
+            for layer in self.data.layers
+            for unit in layer.units
+        ]
         entries += [["layer", layer.name, None, "", f"layers/{layer.slug}.html"] for layer in self.data.layers]
-        entries += [["class", self.data.output_layer or "output", item.index, item.name,
-                     f"classes/{item.index}.html"] for item in self.data.classes]
+        entries += [
+            ["class", self.data.output_layer or "output", item.index, item.name, f"classes/{item.index}.html"]
+            for item in self.data.classes
+        ]
         self.writer.write("search-index.js", "window.ATLAS_SEARCH = " + script_json(entries) + ";\n")
 
 
@@ -249,14 +328,25 @@ def _run_info(manifest: dict) -> dict:
     counts = manifest.get("counts") or {}
     timings = manifest.get("timings") or {}
     execution = manifest.get("execution") or {}
-    return {"model": model.get("spec", "?"), "weights": model.get("weights"),
-            "weights_sha256": model.get("weights_sha256"), "weights_match": model.get("weights_match"),
-            "data": data.get("path", "?"),
-            "data_kind": data.get("kind"), "created": manifest.get("created", "?"),
-            "images": counts.get("images", "?"), "images_error": counts.get("images_error"),
-            "units": counts.get("units", "?"), "dead_units": counts.get("dead_units", "?"),
-            "k": manifest.get("k"), "record": manifest.get("record"),
-            "seconds": timings.get("seconds"), "images_per_second": timings.get("images_per_second"),
-            "address": execution.get("address", "?"), "actors": execution.get("actors"),
-            "device": execution.get("device"), "torch": (manifest.get("versions") or {}).get("torch"),
-            "image_size": (manifest.get("preprocess") or {}).get("image_size")}
+    return {
+        "model": model.get("spec", "?"),
+        "weights": model.get("weights"),
+        "weights_sha256": model.get("weights_sha256"),
+        "weights_match": model.get("weights_match"),
+        "data": data.get("path", "?"),
+        "data_kind": data.get("kind"),
+        "created": manifest.get("created", "?"),
+        "images": counts.get("images", "?"),
+        "images_error": counts.get("images_error"),
+        "units": counts.get("units", "?"),
+        "dead_units": counts.get("dead_units", "?"),
+        "k": manifest.get("k"),
+        "record": manifest.get("record"),
+        "seconds": timings.get("seconds"),
+        "images_per_second": timings.get("images_per_second"),
+        "address": execution.get("address", "?"),
+        "actors": execution.get("actors"),
+        "device": execution.get("device"),
+        "torch": (manifest.get("versions") or {}).get("torch"),
+        "image_size": (manifest.get("preprocess") or {}).get("image_size"),
+    }

@@ -3,6 +3,7 @@
 Paths from the atlas and explanation indexes are checked (relative, inside the run, regular files that exist)
 before any page links them; rows that fail are dropped with a warning.
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,10 +81,10 @@ class UnitData:
 class View:
     """One picture per top image on a unit page, in display order."""
 
-    kind: str                   # index kind: crop, overlay, deconv_crop, guided_crop
+    kind: str  # index kind: crop, overlay, deconv_crop, guided_crop
     name: str
-    full: str | None = None     # the full-size kind linked from the caption (deconv, guided)
-    independent: bool = False   # measured to be the same picture for every image
+    full: str | None = None  # the full-size kind linked from the caption (deconv, guided)
+    independent: bool = False  # measured to be the same picture for every image
     similarity: float | None = None
     max_pooling: bool | None = None
 
@@ -102,9 +103,16 @@ class LayerData:
         recons = []
         for kind, name in RECONSTRUCTION_NAMES.items():
             row = self.dependence.get(kind) or {}
-            recons.append(View(kind=f"{kind}_crop", name=name, full=kind,
-                               independent=row.get("image_dependent") is False,
-                               similarity=row.get("mean_similarity"), max_pooling=row.get("max_pooling")))
+            recons.append(
+                View(
+                    kind=f"{kind}_crop",
+                    name=name,
+                    full=kind,
+                    independent=row.get("image_dependent") is False,
+                    similarity=row.get("mean_similarity"),
+                    max_pooling=row.get("max_pooling"),
+                )
+            )
         dependent = [v for v in recons if not v.independent]
         independent = [v for v in recons if v.independent]
         return [View("crop", "crop"), *dependent, View("overlay", "heat overlay"), *independent]
@@ -176,11 +184,21 @@ def load_site_data(run_dir: str) -> SiteData:
     output_layer = next(iter(sorted({layer for layer, _ in classvis})), None)
     classes = _classes(manifest, run_dir, units, classvis, output_layer, checker)
     if checker.rejected or checker.missing:
-        logger.warning("site: %d unsafe and %d missing image paths in the run's indexes were left out",
-                       checker.rejected, checker.missing)
-    return SiteData(run=os.path.abspath(run_dir), manifest=manifest, layers=layers, classes=classes,
-                    output_layer=output_layer, rejected_paths=checker.rejected, missing_files=checker.missing,
-                    files=files)
+        logger.warning(
+            "site: %d unsafe and %d missing image paths in the run's indexes were left out",
+            checker.rejected,
+            checker.missing,
+        )
+    return SiteData(
+        run=os.path.abspath(run_dir),
+        manifest=manifest,
+        layers=layers,
+        classes=classes,
+        output_layer=output_layer,
+        rejected_paths=checker.rejected,
+        missing_files=checker.missing,
+        files=files,
+    )
 
 
 class _PathChecker:
@@ -219,18 +237,26 @@ def _read_units(con) -> dict[tuple[str, int], UnitData]:
     units: dict[tuple[str, int], UnitData] = {}
     for i, (layer, unit) in enumerate(zip(cols["layer"], cols["unit"])):
         units[layer, unit] = UnitData(
-            layer=layer, unit=unit, dead=bool(cols["dead"][i]),
+            layer=layer,
+            unit=unit,
+            dead=bool(cols["dead"][i]),
             stats={name: cols[name][i] for name in STAT_COLUMNS},
-            sketch_buckets=cols["sketch_buckets"][i] or [], sketch_counts=cols["sketch_counts"][i] or [])
+            sketch_buckets=cols["sketch_buckets"][i] or [],
+            sketch_counts=cols["sketch_counts"][i] or [],
+        )
     return units
 
 
 def _attach_topk(con, units: dict[tuple[str, int], UnitData]) -> None:
-    cols = _columns(con, "SELECT layer, unit, rank, image_key, label, act, box_x0, box_y0, box_x1, box_y1 "
-                         "FROM topk ORDER BY layer, unit, rank")
+    cols = _columns(
+        con,
+        "SELECT layer, unit, rank, image_key, label, act, box_x0, box_y0, box_x1, box_y1 "
+        "FROM topk ORDER BY layer, unit, rank",
+    )
     boxes = zip(cols["box_x0"], cols["box_y0"], cols["box_x1"], cols["box_y1"])
-    for layer, unit, rank, key, label, act, box in zip(cols["layer"], cols["unit"], cols["rank"],
-                                                      cols["image_key"], cols["label"], cols["act"], boxes):
+    for layer, unit, rank, key, label, act, box in zip(
+        cols["layer"], cols["unit"], cols["rank"], cols["image_key"], cols["label"], cols["act"], boxes
+    ):
         target = units.get((layer, unit))
         if target is not None:
             target.top.append(TopImage(rank=rank, image_key=key, label=label, act=act, box=box))
@@ -238,8 +264,11 @@ def _attach_topk(con, units: dict[tuple[str, int], UnitData]) -> None:
 
 def _attach_labels(con, units: dict[tuple[str, int], UnitData]) -> None:
     """The labels view (`atlas dissect`; empty when the run was not dissected)."""
-    cols = _columns(con, "SELECT layer, unit, threshold, concept, category, iou, runner_up, runner_up_iou, "
-                         "data_label, data_label_precision, data_label_auroc FROM labels")
+    cols = _columns(
+        con,
+        "SELECT layer, unit, threshold, concept, category, iou, runner_up, runner_up_iou, "
+        "data_label, data_label_precision, data_label_auroc FROM labels",
+    )
     names = [n for n in cols if n not in ("layer", "unit")]
     for i, key in enumerate(zip(cols["layer"], cols["unit"])):
         target = units.get(key)
@@ -247,12 +276,17 @@ def _attach_labels(con, units: dict[tuple[str, int], UnitData]) -> None:
             target.labels = {name: cols[name][i] for name in names}
 
 
-def _attach_atlas(atlas: dict[str, list], units: dict[tuple[str, int], UnitData],
-                  classvis: dict[tuple[str, int], str], checker: _PathChecker) -> None:
+def _attach_atlas(
+    atlas: dict[str, list],
+    units: dict[tuple[str, int], UnitData],
+    classvis: dict[tuple[str, int], str],
+    checker: _PathChecker,
+) -> None:
     by_rank = {(u.layer, u.unit, t.rank): t for u in units.values() for t in u.top}
     featvis_act = atlas.get("featvis_act") or [None] * len(atlas["path"])
-    for layer, unit, kind, rank, path, fv_act in zip(atlas["layer"], atlas["unit"], atlas["kind"], atlas["rank"],
-                                                     atlas["path"], featvis_act):
+    for layer, unit, kind, rank, path, fv_act in zip(
+        atlas["layer"], atlas["unit"], atlas["kind"], atlas["rank"], atlas["path"], featvis_act
+    ):
         if kind in DATASET_KINDS:
             top = by_rank.get((layer, unit, rank))
             if top is not None and checker.ok(path):
@@ -280,9 +314,14 @@ def class_names(manifest: dict) -> list[str]:
     return [str(name) for name in names]
 
 
-def _classes(manifest: dict, run_dir: str, units: dict[tuple[str, int], UnitData],
-             classvis: dict[tuple[str, int], str], output_layer: str | None,
-             checker: _PathChecker) -> list[ClassData]:
+def _classes(
+    manifest: dict,
+    run_dir: str,
+    units: dict[tuple[str, int], UnitData],
+    classvis: dict[tuple[str, int], str],
+    output_layer: str | None,
+    checker: _PathChecker,
+) -> list[ClassData]:
     """Class pages: the output layer's class visualizations, its top images if that layer was recorded,
     and per-image explanations (issue 6) targeting the class, when those exist."""
     names = class_names(manifest)
@@ -303,19 +342,27 @@ def _classes(manifest: dict, run_dir: str, units: dict[tuple[str, int], UnitData
     metrics: dict[tuple[str, str, int], dict[str, dict]] = {}
     table = _read_parquet(run_dir, EXPLAIN_METRICS)
     if table is not None:
-        for key, method, target, metric, value, flagged in zip(table["image_key"], table["method"], table["target"],
-                                                              table["metric"], table["value"], table["flagged"]):
+        for key, method, target, metric, value, flagged in zip(
+            table["image_key"], table["method"], table["target"], table["metric"], table["value"], table["flagged"]
+        ):
             metrics.setdefault((key, method, target), {})[metric] = {"value": value, "flagged": flagged}
     if explain is not None:
         names_col = explain.get("target_name") or [None] * len(explain["path"])
         for key, method, target, target_name, path, score in zip(
-                explain["image_key"], explain["method"], explain["target"], names_col, explain["path"],
-                explain["score"]):
+            explain["image_key"], explain["method"], explain["target"], names_col, explain["path"], explain["score"]
+        ):
             if target is not None and checker.ok(path):
                 get(int(target), target_name).explanations.append(
-                    Explanation(image_key=key, method=method, path=path, score=score,
-                                metrics=metrics.get((key, method, target), {})))
+                    Explanation(
+                        image_key=key,
+                        method=method,
+                        path=path,
+                        score=score,
+                        metrics=metrics.get((key, method, target), {}),
+                    )
+                )
     for item in classes.values():
-        item.explanations.sort(key=lambda e: (-(e.score if e.score is not None else float("-inf")),
-                                              e.image_key, e.method))
+        item.explanations.sort(
+            key=lambda e: (-(e.score if e.score is not None else float("-inf")), e.image_key, e.method)
+        )
     return [classes[index] for index in sorted(classes)]

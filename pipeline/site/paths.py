@@ -1,4 +1,5 @@
 """Never trust a path or a name from data: relative paths stay inside the run, layer names become safe slugs."""
+
 from __future__ import annotations
 
 import hashlib
@@ -63,8 +64,9 @@ class RunFiles:
         parent, name = posixpath.split(check_relative_path(path))
         entry = self._listing(parent).get(name)
         if entry is not None and entry[2] != 1:
-            raise UnsafePathError(f"{path!r} has {entry[2]} hard links (a hard link can be a file outside the "
-                                  "run; copy it to publish it)")
+            raise UnsafePathError(
+                f"{path!r} has {entry[2]} hard links (a hard link can be a file outside the run; copy it to publish it)"
+            )
         return entry is not None
 
     def absolute(self, path: str) -> str:

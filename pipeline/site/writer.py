@@ -1,4 +1,5 @@
 """Incremental, atomic output: a file is written only when its bytes change; stale files of earlier builds go."""
+
 from __future__ import annotations
 
 import json
@@ -74,13 +75,15 @@ class SiteWriter:
                 return False
         except OSError:
             pass
-        self._replace(path, lambda handle: shutil.copyfileobj(source, handle),
-                      mtime_ns=(info.st_atime_ns, info.st_mtime_ns))
+        self._replace(
+            path, lambda handle: shutil.copyfileobj(source, handle), mtime_ns=(info.st_atime_ns, info.st_mtime_ns)
+        )
         return True
 
     def _replace(self, path: str, fill: Callable[[BinaryIO], object], mtime_ns: tuple[int, int] | None = None) -> None:
         """Atomically replace `path` by a temporary file that `fill` writes; the one place output files get
         their permissions."""
+
         def write(tmp: str) -> None:
             with open(tmp, "wb") as handle:
                 fill(handle)

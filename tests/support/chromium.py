@@ -1,5 +1,6 @@
 """Headless chromium for the browser tests (marker `browser`): Debian's chromium and chromedriver, driven by
 selenium, which is given the driver's path so it never tries to download a browser (these machines are offline)."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,10 +8,19 @@ import time
 
 import pytest
 
-CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync")
-INSTALL_HINT = ("the browser tests need Debian's chromium and chromedriver: `make test` installs them, or run "
-                "`sudo apt-get install -y chromium chromium-driver`")
+CHROME_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+INSTALL_HINT = (
+    "the browser tests need Debian's chromium and chromedriver: `make test` installs them, or run "
+    "`sudo apt-get install -y chromium chromium-driver`"
+)
 
 
 def start_chromium(profile_dir: str):
@@ -33,11 +43,16 @@ def start_chromium(profile_dir: str):
     # An explicit chromedriver: selenium must not try to download one (these machines are offline).
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
     # Record any alert/confirm/prompt instead of opening it: an XSS that fires leaves a trace to assert on.
-    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+    driver.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {
+            "source": """
         window.__alerts = [];
         ['alert', 'confirm', 'prompt'].forEach(function (name) {
           window[name] = function (message) { window.__alerts.push(name + ':' + message); };
-        });"""})
+        });"""
+        },
+    )
     return driver
 
 
@@ -65,9 +80,11 @@ def console_errors(browser) -> list[dict]:
 def load_all_images(browser) -> list[dict]:
     """Make lazy images load now, wait for them, and return [{src, width}] of every image."""
     browser.execute_script("document.querySelectorAll('img').forEach(function (i) { i.loading = 'eager'; });")
-    wait(lambda: browser.execute_script(
-        "return Array.prototype.every.call(document.images, function (i) { return i.complete; })"))
+    wait(
+        lambda: browser.execute_script(
+            "return Array.prototype.every.call(document.images, function (i) { return i.complete; })"
+        )
+    )
     return browser.execute_script(
-        "return Array.prototype.map.call(document.images, function (i) { return {src: i.src, width: i.naturalWidth}; })")
-
-
+        "return Array.prototype.map.call(document.images, function (i) { return {src: i.src, width: i.naturalWidth}; })"
+    )

@@ -4,6 +4,7 @@ Each node is started with ``ray start --block`` in a new session (its own proces
 is stopped by signalling exactly those groups; any process that left them is found by the cluster's own
 temporary directory in its command line and stopped by pid. Nothing machine-wide (no ``ray stop``).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,20 @@ def free_port() -> int:
 
 def _node_ports() -> list[str]:
     """Ports every node on one machine must not share (the defaults would collide between nodes)."""
-    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())]
+    return [
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+        "--metrics-export-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
+        "--node-manager-port",
+        str(free_port()),
+        "--object-manager-port",
+        str(free_port()),
+    ]
 
 
 @dataclass
@@ -64,27 +76,56 @@ class LocalCluster:
         log = open(os.path.join(self.temp_dir, f"{name}.log"), "w")
         self.logs.append(log)
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
-        node = subprocess.Popen([ray, "start", "--block", "--disable-usage-stats", "--node-ip-address",
-                                 "127.0.0.1", *args, *_node_ports()], env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        node = subprocess.Popen(
+            [ray, "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", *args, *_node_ports()],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.nodes.append(node)
         return node
 
-    def start(self, cpus_per_node: int = 1, workers: int = 1, object_store_bytes: int = 100 * 1024 ** 2) -> None:
+    def start(self, cpus_per_node: int = 1, workers: int = 1, object_store_bytes: int = 100 * 1024**2) -> None:
         common = ["--num-cpus", str(cpus_per_node), "--object-store-memory", str(object_store_bytes)]
-        self._start(["--head", "--port", str(self.gcs_port), "--include-dashboard", "true", "--dashboard-host",
-                     "127.0.0.1", "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port",
-                     str(free_port()), "--temp-dir", self.temp_dir, *common], "head")
+        self._start(
+            [
+                "--head",
+                "--port",
+                str(self.gcs_port),
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dashboard_port),
+                "--ray-client-server-port",
+                str(free_port()),
+                "--temp-dir",
+                self.temp_dir,
+                *common,
+            ],
+            "head",
+        )
         self.wait_for(lambda: self._alive_nodes() >= 1, 90, "the head node")
         for index in range(workers):
             self._start(["--address", f"127.0.0.1:{self.gcs_port}", *common], f"worker{index}")
         self.wait_for(lambda: self._alive_nodes() >= 1 + workers, 90, "the worker node(s)")
 
-    def add_worker(self, cpus: int, object_store_bytes: int = 100 * 1024 ** 2) -> subprocess.Popen:
+    def add_worker(self, cpus: int, object_store_bytes: int = 100 * 1024**2) -> subprocess.Popen:
         """Start one more worker node and wait until the cluster counts it."""
         before = self._alive_nodes()
-        node = self._start(["--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", str(cpus),
-                            "--object-store-memory", str(object_store_bytes)], f"worker{len(self.nodes)}")
+        node = self._start(
+            [
+                "--address",
+                f"127.0.0.1:{self.gcs_port}",
+                "--num-cpus",
+                str(cpus),
+                "--object-store-memory",
+                str(object_store_bytes),
+            ],
+            f"worker{len(self.nodes)}",
+        )
         self.wait_for(lambda: self._alive_nodes() >= before + 1, 90, "the added worker node")
         return node
 
@@ -146,8 +187,11 @@ class LocalCluster:
                 continue
             if state != "Z":  # a zombie has exited and only waits for its parent to reap it
                 table[int(entry)] = (int(ppid), int(pgid), int(sid), cmdline)
-        ours = {pid for pid, (_, pgid, sid, cmd) in table.items()
-                if sid in sessions or pgid in sessions or self.temp_dir in cmd}
+        ours = {
+            pid
+            for pid, (_, pgid, sid, cmd) in table.items()
+            if sid in sessions or pgid in sessions or self.temp_dir in cmd
+        }
         grown = True
         while grown:
             children = {pid for pid, (ppid, *_) in table.items() if ppid in ours} - ours
@@ -189,8 +233,12 @@ def start_cluster(workers: int = 1, auth_token: str | None = None) -> LocalClust
     that token."""
     # Short: Ray's unix sockets live under the temp dir and their paths are limited to 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    )
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     if auth_token is not None:

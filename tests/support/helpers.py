@@ -1,4 +1,5 @@
 """Test helpers: tiny image files, decoded batches, and an independent brute-force top-k."""
+
 from __future__ import annotations
 
 import io
@@ -24,7 +25,7 @@ def write_png(path: str, array: np.ndarray) -> str:
 def square_image(height: int, width: int, top: int, left: int, side: int) -> np.ndarray:
     """Black RGB image with a white side x side square at (top, left)."""
     image = np.zeros((height, width, 3), dtype=np.uint8)
-    image[top:top + side, left:left + side] = 255
+    image[top : top + side, left : left + side] = 255
     return image
 
 

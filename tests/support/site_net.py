@@ -1,4 +1,5 @@
 """SmallNet with one unit that can never fire, so the site tests have a real dead unit (the scan decides)."""
+
 from __future__ import annotations
 
 import torch

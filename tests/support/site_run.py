@@ -1,5 +1,6 @@
 """A small real run for the site tests: a scan on a real local Ray with labels that are XSS payloads, a render,
 and stand-ins for what other branches will add (feature/class visualizations, per-image explanations)."""
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,6 @@ MISSING_IMAGE = f"atlas/layer={RENDERED_LAYER}/unit=1/overlay_001.png"
 # payload, the category one of its own that breaks out of an attribute (the layer grid's data-labels) if unescaped.
 MALICIOUS_CONCEPT = MALICIOUS_FOLDERS["chelsea"]
 MALICIOUS_CATEGORY = '"><svg onload=alert(3)>'
-
 
 
 def malicious_photo_folder(photo_folder: str, destination: str) -> str:
@@ -72,21 +72,33 @@ def _add_dissection(run: str) -> None:
     from pipeline.dissect.runner import DissectConfig, dissect_run
 
     rng = np.random.default_rng(0)
-    rows: dict[str, list] = {n: [] for n in ("image_key", "image", "mask_height", "mask_width", "mask_categories",
-                                             "masks", "image_concepts")}
+    rows: dict[str, list] = {
+        n: [] for n in ("image_key", "image", "mask_height", "mask_width", "mask_categories", "masks", "image_concepts")
+    }
     for i in range(16):
         image = rng.integers(100, 140, (32, 32, 3))
         bright, dark = np.zeros((32, 32), int), np.zeros((32, 32), int)
         y, x = rng.integers(0, 26, 2)
-        image[y:y + 6, x:x + 6], bright[y:y + 6, x:x + 6] = 250, 2
+        image[y : y + 6, x : x + 6], bright[y : y + 6, x : x + 6] = 250, 2
         y, x = rng.integers(0, 26, 2)
-        image[y:y + 6, x:x + 6], dark[y:y + 6, x:x + 6] = 5, 1
-        for name, value in (("image_key", f"p{i}"), ("image", encode_png(image)), ("mask_height", 32),
-                            ("mask_width", 32), ("mask_categories", [MALICIOUS_CATEGORY, "colour"]),
-                            ("masks", [encode_mask(dark), encode_mask(bright)]), ("image_concepts", [])):
+        image[y : y + 6, x : x + 6], dark[y : y + 6, x : x + 6] = 5, 1
+        for name, value in (
+            ("image_key", f"p{i}"),
+            ("image", encode_png(image)),
+            ("mask_height", 32),
+            ("mask_width", 32),
+            ("mask_categories", [MALICIOUS_CATEGORY, "colour"]),
+            ("masks", [encode_mask(dark), encode_mask(bright)]),
+            ("image_concepts", []),
+        ):
             rows[name].append(value)
-    concepts = pa.table({"concept": pa.array([1, 2], pa.int32()), "name": [MALICIOUS_CONCEPT, "cat & dog"],
-                         "category": [MALICIOUS_CATEGORY, "colour"]})
+    concepts = pa.table(
+        {
+            "concept": pa.array([1, 2], pa.int32()),
+            "name": [MALICIOUS_CONCEPT, "cat & dog"],
+            "category": [MALICIOUS_CATEGORY, "colour"],
+        }
+    )
     probe = write_probe(os.path.join(os.path.dirname(run), "probe"), concepts, pa.table(rows))
     dissect_run(DissectConfig(run=run, probe=probe, actors=1, progress=False))
 
@@ -103,8 +115,9 @@ def _add_visualizations(run: str) -> None:
     """featvis rows (one per rendered unit) and classvis rows (one per class), as the lead's render will
     write them; the pictures are placeholders (a pattern per unit): the site only needs real PNG files."""
     con = connect(run)
-    rendered = con.execute("SELECT unit, max(act) FROM topk WHERE layer = ? GROUP BY unit ORDER BY unit",
-                           [RENDERED_LAYER]).fetchall()
+    rendered = con.execute(
+        "SELECT unit, max(act) FROM topk WHERE layer = ? GROUP BY unit ORDER BY unit", [RENDERED_LAYER]
+    ).fetchall()
     index_path = os.path.join(run, "atlas", "index.parquet")
     rows = pq.read_table(index_path).to_pylist()
     live = {r["unit"] for r in rows if r["layer"] == RENDERED_LAYER}
@@ -114,17 +127,50 @@ def _add_visualizations(run: str) -> None:
             continue
         path = f"atlas/layer={RENDERED_LAYER}/unit={unit}/featvis_000.png"
         _png(os.path.join(run, path), np.stack([(grid * (unit + 3) * 7) % 256] * 3, axis=-1))
-        rows.append({"layer": RENDERED_LAYER, "unit": unit, "kind": "featvis", "rank": 0, "image_key": None,
-                     "path": path, "act": None, "featvis_act": 2.0 * top1, "top1_act": top1})
+        rows.append(
+            {
+                "layer": RENDERED_LAYER,
+                "unit": unit,
+                "kind": "featvis",
+                "rank": 0,
+                "image_key": None,
+                "path": path,
+                "act": None,
+                "featvis_act": 2.0 * top1,
+                "top1_act": top1,
+            }
+        )
     for cls in range(len(CLASS_NAMES)):
         path = f"atlas/layer={OUTPUT_LAYER}/unit={cls}/classvis_000.png"
         _png(os.path.join(run, path), np.stack([(grid * (cls + 2) * 11) % 256] * 3, axis=-1))
-        rows.append({"layer": OUTPUT_LAYER, "unit": cls, "kind": "classvis", "rank": 0, "image_key": None,
-                     "path": path, "act": None, "featvis_act": None, "top1_act": None})
+        rows.append(
+            {
+                "layer": OUTPUT_LAYER,
+                "unit": cls,
+                "kind": "classvis",
+                "rank": 0,
+                "image_key": None,
+                "path": path,
+                "act": None,
+                "featvis_act": None,
+                "top1_act": None,
+            }
+        )
     # Paths from data that must never be linked or copied (stem unit 0 has no real images).
     for bad in ("../../../etc/passwd", "/etc/passwd", "atlas/../../outside.png", "atlas\\..\\x.png"):
-        rows.append({"layer": "stem", "unit": 0, "kind": "crop", "rank": 0, "image_key": "k", "path": bad,
-                     "act": 1.0, "featvis_act": None, "top1_act": None})
+        rows.append(
+            {
+                "layer": "stem",
+                "unit": 0,
+                "kind": "crop",
+                "rank": 0,
+                "image_key": "k",
+                "path": bad,
+                "act": 1.0,
+                "featvis_act": None,
+                "top1_act": None,
+            }
+        )
     pq.write_table(pa.Table.from_pylist(rows, schema=ATLAS_INDEX_SCHEMA), index_path)
     # A file the index lists but that is gone: its page must simply do without it.
     os.remove(os.path.join(run, MISSING_IMAGE))
@@ -150,17 +196,47 @@ def _add_explanations(run: str, photos: str) -> None:
         for i in np.argsort(-logits[:, cls], kind="stable")[:3]:
             path = f"explain/gradcam/{cls}/{i}.png"
             _png(os.path.join(run, path), pixels[i])
-            rows.append({"image_key": keys[i], "method": "gradcam", "target": cls, "target_name": None,
-                         "path": path, "score": float(logits[i, cls])})
-    schema = pa.schema([("image_key", pa.string()), ("method", pa.string()), ("target", pa.int32()),
-                        ("target_name", pa.string()), ("path", pa.string()), ("score", pa.float32())])
+            rows.append(
+                {
+                    "image_key": keys[i],
+                    "method": "gradcam",
+                    "target": cls,
+                    "target_name": None,
+                    "path": path,
+                    "score": float(logits[i, cls]),
+                }
+            )
+    schema = pa.schema(
+        [
+            ("image_key", pa.string()),
+            ("method", pa.string()),
+            ("target", pa.int32()),
+            ("target_name", pa.string()),
+            ("path", pa.string()),
+            ("score", pa.float32()),
+        ]
+    )
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), os.path.join(run, "explain", "index.parquet"))
     # Explanation-quality rows (as `atlas explain --metrics` writes them) for the top image of class 2, one
     # flagged by the randomization check; values are stand-ins (tests/test_explain_metrics.py computes real ones).
     key = next(r["image_key"] for r in rows if r["target"] == 2)
-    metrics = [{"image_key": key, "method": "gradcam", "metric": metric, "target": 2, "value": value,
-                "curve": [1.0, value, 0.0], "steps": steps, "flagged": flagged}
-               for metric, value, steps, flagged in (("deletion", 0.123, None, None), ("insertion", 0.789, None, None),
-                                                     ("randomization", 0.91, ["head.2", "down"], True))]
-    pq.write_table(pa.Table.from_pylist(metrics, schema=EXPLAIN_METRICS_SCHEMA),
-                   os.path.join(run, "explain", "metrics.parquet"))
+    metrics = [
+        {
+            "image_key": key,
+            "method": "gradcam",
+            "metric": metric,
+            "target": 2,
+            "value": value,
+            "curve": [1.0, value, 0.0],
+            "steps": steps,
+            "flagged": flagged,
+        }
+        for metric, value, steps, flagged in (
+            ("deletion", 0.123, None, None),
+            ("insertion", 0.789, None, None),
+            ("randomization", 0.91, ["head.2", "down"], True),
+        )
+    ]
+    pq.write_table(
+        pa.Table.from_pylist(metrics, schema=EXPLAIN_METRICS_SCHEMA), os.path.join(run, "explain", "metrics.parquet")
+    )

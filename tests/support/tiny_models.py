@@ -1,4 +1,5 @@
 """Small networks for tests, importable by spec ``module:tiny_models:<factory>`` (in Ray workers too)."""
+
 from __future__ import annotations
 
 import os
