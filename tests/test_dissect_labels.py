@@ -390,6 +390,7 @@ def test_job_file_dissect_section(tmp_path):
         "model": {"spec": "module:tiny_models:dissect_net", "image_size": 16, "resize": 16},
         "data": {"source": str(tmp_path / "data")},
         "scan": {"layers": "relu1,relu2"},
+        "render": {"classes": "none"},
     }
     config = parse_config(base | {"dissect": {"probe": probe, "layers": ["relu2"]}})
     assert config.dissect.layers == ["relu2"] and "[dissect]" in to_toml(config)
