@@ -21,6 +21,7 @@ def config(name: str = "imagenet-resnet50", out: str = "s3://b/atlas"):
             "job": {"name": name, "out": out},
             "model": {"spec": "torchvision:resnet50"},
             "data": {"source": "s3://b/shard-{0..1}.tar"},
+            "render": {"classes": "none"},
         }
     )
 
