@@ -26,6 +26,22 @@ class PoolStalled(RuntimeError):
     """No progress for the stall timeout; the message says what is pending."""
 
 
+class WorkerStartFailed(RuntimeError):
+    """A model worker's constructor raised (a model that cannot be built there, no GPU where one was asked for):
+    starting another would fail the same way, so the run stops at once with the worker's own error."""
+
+
+def _start_failure(error: BaseException) -> WorkerStartFailed | None:
+    """The error of an actor whose constructor raised, as one line; None for any other loss (a killed process,
+    a lost node), which a new worker can recover from."""
+    if not getattr(error, "actor_init_failed", False):
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # Ray's message ends with the constructor's traceback; its last line is "module.Error: message".
+    cause = lines[-1] if lines else type(error).__name__
+    return WorkerStartFailed(f"a model worker could not start: {cause}")
+
+
 @dataclass
 class PassOutcome:
     images: int = 0  # images the workers processed in this pass (whether or not their flush was committed)
@@ -148,6 +164,9 @@ class WorkerPool:
             try:
                 result = ray.get(ref)
             except (ActorDiedError, ActorUnavailableError, RayActorError) as error:
+                failure = _start_failure(error)
+                if failure is not None:
+                    raise failure from error
                 self._drop(actor, outcome, error)
                 continue
             except ObjectLostError as error:  # the block's node died before the actor read it

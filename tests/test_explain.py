@@ -455,12 +455,14 @@ def test_cli_explains_a_real_photo_end_to_end(tmp_path, capsys):
     x = (x - torch.tensor(loaded.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(loaded.preprocess.std).view(
         1, 3, 1, 1
     )
-    expected = Saliency(loaded.model).attribute(x, target=summary["target"])[0].numpy()
+    # On the device the command chose (CUDA where visible: make gpu-check runs this test with the GPU visible).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    expected = Saliency(loaded.model.to(device)).attribute(x.to(device), target=summary["target"])[0].cpu().numpy()
     saved = np.load(png.parent / "saliency.npy")
     assert saved.shape == (96, 96)
     np.testing.assert_allclose(saved, expected, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        logit = float(loaded.model(x)[0, summary["target"]])
+        logit = float(loaded.model(x.to(device))[0, summary["target"]])
     assert row["score"] == pytest.approx(summary["score"]) and summary["score"] == pytest.approx(logit, rel=1e-4)
 
 
@@ -624,7 +626,7 @@ def test_default_gradcam_layer_is_the_module_that_outputs_cams_feature_map():
 
     expected = upsample(cam_maps.clamp(min=0), (64, 64)) / (cam_maps.shape[-1] * cam_maps.shape[-2])
     for i, explanation in enumerate(explanations):
-        np.testing.assert_allclose(explanation.maps["gradcam"], expected[i].numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(explanation.maps["gradcam"], expected[i].cpu().numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_explain_data_survives_a_killed_worker(ray_cluster, photo_folder, tmp_path):

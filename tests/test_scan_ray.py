@@ -306,6 +306,22 @@ def test_restart_after_interruption_and_skip_when_complete(ray_cluster, photo_fo
         run_scan(ScanConfig(**{**config.__dict__, "k": 2}))
 
 
+def test_a_worker_that_cannot_start_fails_the_scan_at_once(ray_cluster, photo_folder, tmp_path, capsys):
+    """A model worker whose constructor raises (here: the model's files missing on the workers' node) would
+    fail the same way on every retry: one line naming the worker's error, status 2, no passes of retries
+    (found on the first GPU run, where the scan retried five times)."""
+    from pipeline.cli import main
+
+    argv = ["scan", "--model", "module:tiny_models:small_net_not_on_workers", "--image-size", "32"]
+    argv += ["--data", photo_folder, "--layers", "down", "--k", "2", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1] == "atlas: error: a model worker could not start: FileNotFoundError: model files missing on this node"
+    )
+    assert not any("pass 2" in line for line in err)
+
+
 def test_query_cli_and_views(ray_cluster, photo_folder, tmp_path, capsys):
     from pipeline.cli import main
 

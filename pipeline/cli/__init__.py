@@ -12,7 +12,7 @@ from pipeline.cli import bench, compare, demo, dissect, explain, jobs, layers, q
 from pipeline.data import DataError
 from pipeline.models import ModelError
 from pipeline.store import RunError
-from pipeline.worker_pool import PoolStalled
+from pipeline.worker_pool import PoolStalled, WorkerStartFailed
 
 logger = logging.getLogger("pipeline")
 
@@ -40,6 +40,7 @@ USER_ERRORS = (
     RunError,
     ValueError,
     PoolStalled,
+    WorkerStartFailed,
     PermissionError,
     FileNotFoundError,
     IsADirectoryError,

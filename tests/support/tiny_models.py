@@ -78,6 +78,15 @@ def small_net() -> nn.Module:
     return SmallNet()
 
 
+def small_net_not_on_workers() -> nn.Module:
+    """SmallNet in the driver; in a Ray actor, the error a node without the model's files would raise."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        raise FileNotFoundError("model files missing on this node")
+    return SmallNet()
+
+
 class TinyVGG(nn.Module):
     """Conv features, then two linear layers: no GAP + one-linear head, so CAM must refuse it."""
 
