@@ -79,10 +79,22 @@ def read_topk(run: str, layer: str) -> list[dict]:
     return [dict(zip(columns, row)) for row in rows]
 
 
-@pytest.mark.parametrize("batch_size,actors,flush_images", [(4, 1, 50_000), (16, 2, 20), (8, 3, 3), (2, 2, 1)])
-def test_topk_equals_brute_force(ray_cluster, tie_folder, tmp_path, batch_size, actors, flush_images):
+@pytest.mark.parametrize(
+    "executor,batch_size,actors,flush_images",
+    [
+        ("ray", 4, 1, 50_000),
+        ("ray", 16, 2, 20),
+        ("ray", 8, 3, 3),
+        ("ray", 2, 2, 1),
+        ("local", 4, 1, 50_000),
+        ("local", 8, 1, 3),
+        ("local", 2, 1, 1),
+    ],
+)
+def test_topk_equals_brute_force(ray_cluster, tie_folder, tmp_path, executor, batch_size, actors, flush_images):
     """1-3 workers; a flush that only happens at the end, one every few batches, one smaller than a batch. Up to
-    MERGE_FAN_IN flushes the driver merges them; the last case's 20 flushes go through the tree of merge tasks."""
+    MERGE_FAN_IN flushes the driver merges them; the 20 flushes of batch 2 go through the tree of merge tasks
+    on Ray. The same with the local executor (this process, no Ray: pipeline.scan.local)."""
     k = 5
     run = str(tmp_path / "run")
     manifest = run_scan(
@@ -97,8 +109,10 @@ def test_topk_equals_brute_force(ray_cluster, tie_folder, tmp_path, batch_size, 
             actors=actors,
             flush_images=flush_images,
             progress=False,
+            executor=executor,
         )
     )
+    assert manifest["execution"]["executor"] == executor
     if flush_images < 40:
         assert manifest["execution"]["flushes"] >= 40 // max(flush_images, batch_size) - actors
     if batch_size == 2:

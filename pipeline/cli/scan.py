@@ -14,6 +14,7 @@ from pipeline.cli.options import (
 )
 from pipeline.device_decode import DECODES
 from pipeline.ranges import PRECISIONS
+from pipeline.scan.local import EXECUTORS, LOCAL_MAX_IMAGES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +66,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=DECODES,
         default="cpu",
         help="where JPEGs are decoded: cpu (default; read tasks, PIL) or gpu (the model workers' "
-        "GPUs, nvJPEG; pixels within 1 level of the CPU's; needs GPU workers)",
+        "GPUs, nvJPEG; pixels 0.15 levels from the CPU's on average; needs GPU workers)",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="auto",
+        help="where the scan runs: local (this process, no Ray: starts in seconds; image folders on one "
+        "machine), ray, or auto (default: local for an image folder of at most "
+        f"{LOCAL_MAX_IMAGES:,} images when no Ray cluster is named or running and at most one GPU is visible)",
     )
     parser.add_argument(
         "--stall-seconds",
@@ -100,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             channels_last=args.channels_last,
             stall_seconds=args.stall_seconds,
             decode=args.decode,
+            executor=args.executor,
         )
     )
     counts = manifest["counts"]

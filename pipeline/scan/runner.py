@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from pipeline.ray_session import ray_session
 from pipeline.receptive_field import receptive_fields
 from pipeline.rundir import RunDirectory, claim, run_lock
 from pipeline.ranges import PRECISIONS, check_range
+from pipeline.scan.local import EXECUTORS, choose_executor, decode_threads, decoded_batches, local_plan, run_local_pass
 from pipeline.scan.recorder import Flush, Recorder, RecorderConfig, ScanResult, ScanState, image_facts, peak_rss_mb
 from pipeline.store import IMAGES_SCHEMA, read_manifest, write_views
 from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
@@ -66,6 +68,8 @@ class ScanConfig:
     channels_last: bool = False
     stall_seconds: float = 600.0  # fail, saying what is pending, when nothing moves for this long
     decode: str = "cpu"  # 'gpu': JPEGs decoded on the model workers' GPUs (pipeline.device_decode)
+    # 'auto': in this process for a small image folder on one machine, else Ray (pipeline.scan.local)
+    executor: str = "auto"
 
     def validate(self) -> None:
         check_scan_settings(self.k, self.record, self.batch_size, self.device, self.actors, self.threads)
@@ -77,6 +81,8 @@ class ScanConfig:
             raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
         if self.decode == "gpu" and self.device == "cpu":
             raise ValueError("--decode gpu decodes on the model workers' GPUs; it cannot go with --device cpu")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
 
 
 def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], source: SourceSpec) -> str:
@@ -103,9 +109,10 @@ def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], sou
 
 
 def _versions() -> dict:
+    from importlib.metadata import version
+
     import duckdb
     import pyarrow
-    import ray
     import torch
     import torchvision
 
@@ -114,7 +121,7 @@ def _versions() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "ray": ray.__version__,
+        "ray": version("ray"),  # without importing it: a local scan never does
         "pyarrow": pyarrow.__version__,
         "duckdb": duckdb.__version__,
         "numpy": np.__version__,
@@ -160,17 +167,21 @@ class _Attempts:
         atomic_write_json(self.path, self.data)
 
 
-def _merge_flushes(store: FlushStore) -> ScanState:
+def _merge_flushes(store: FlushStore, local: bool = False) -> ScanState:
     """The exact result: every committed flush merged. Up to MERGE_FAN_IN flushes (a small scan, or a few
     workers' final flushes) are merged by the driver itself, which holds at most that many states at once: a
     merge task would start a fresh worker that imports torch (1.4 s on 2 cores) to do 10 ms of work. More are
     merged as a tree of Ray tasks (fan-in MERGE_FAN_IN); the driver then only reads the flush files' bytes into
-    the object store."""
-    import ray
-
+    the object store. A local scan (no Ray) merges every flush in this process, one at a time."""
     flush_ids = store.flush_ids()
+    if local:
+        state = ScanState.from_bytes(store.state_bytes(flush_ids[0]))
+        for fid in flush_ids[1:]:
+            state.merge(ScanState.from_bytes(store.state_bytes(fid)))
+        return state
     if len(flush_ids) <= MERGE_FAN_IN:
         return _merge_blobs(*(store.state_bytes(fid) for fid in flush_ids))
+    import ray
 
     @ray.remote(num_cpus=DECODE_CPUS)
     def merge(*blobs: bytes) -> bytes:
@@ -252,9 +263,16 @@ def run_scan(config: ScanConfig) -> dict:
         store.clear_uncommitted()
         store.drop_overlaps()
         attempts = _Attempts(run.staged(RunDirectory.STATE))
-        with ray_session(config.address, num_cpus=config.num_cpus) as cluster:
+        gpus = _visible_gpus()
+        executor = choose_executor(config.executor, source, config.address, config.actors, config.device, gpus)
+        local = executor == "local"
+        session = contextlib.nullcontext() if local else ray_session(config.address, num_cpus=config.num_cpus)
+        with session as cluster:
             ray_ready = time.time()
-            plan = plan_actors(config.actors, config.threads, config.device, cluster)
+            if local:
+                plan, cluster = local_plan(config.device, config.threads, gpus)
+            else:
+                plan = {"executor": "ray"} | plan_actors(config.actors, config.threads, config.device, cluster)
             if config.decode == "gpu" and plan["device"] != "cuda":
                 raise ValueError(
                     "--decode gpu decodes JPEGs on the model workers' GPUs, and this cluster has no "
@@ -277,7 +295,7 @@ def run_scan(config: ScanConfig) -> dict:
                 maxima_dir=store.pending_maxima if config.record == "all" else None,
                 decode=config.decode,
             )
-            timing = _execute(
+            timing = (_execute_local if local else _execute)(
                 config, source, index, store, loaded.preprocess, recorder_config, layer_units, plan, attempts
             )
             images_total, images_ok = store.counts()
@@ -290,7 +308,7 @@ def run_scan(config: ScanConfig) -> dict:
                     + ", ".join(f"{k!r} x{n}" for k, n in duplicates)
                 )
             merge_started = time.time()
-            result = ScanResult(_merge_flushes(store))
+            result = ScanResult(_merge_flushes(store, local=local))
             merge_seconds = time.time() - merge_started
         images_dir = run.staged("images")
         _write_images(store, os.path.join(images_dir, "part-0.parquet"))
@@ -375,6 +393,82 @@ def run_scan(config: ScanConfig) -> dict:
     return manifest
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class _Progress:
+    """What both executors do as results come in: the progress bar, the first/last batch times (the manifest's
+    timings), and committing each flush durably with the attempt's counts."""
+
+    def __init__(self, config: ScanConfig, index: SourceIndex, store: FlushStore, attempts: _Attempts):
+        from tqdm import tqdm
+
+        known = list(index.totals.values())
+        total = sum(known) if all(t is not None for t in known) else None
+        covered, _ = store.counts()
+        self.store, self.attempts, self.timing = store, attempts, {}
+        self.bar = tqdm(
+            total=total, initial=covered, unit="img", desc="scan", disable=not config.progress, smoothing=0.1
+        )
+
+    def commit(self, flush: Flush | None) -> None:
+        if flush is None:
+            return
+        self.store.commit(flush, self.attempts.number)
+        self.attempts.current["images_committed"] += flush.images
+        self.attempts.save()
+
+    def processed(self, count: int, flushes: list[Flush]) -> None:
+        self.attempts.current["images_processed"] += count
+        self.bar.update(count)
+        self.timing["last_batch"] = time.time()
+        if "first_batch" not in self.timing:
+            self.timing["first_batch"], self.timing["first_batch_images"] = self.timing["last_batch"], count
+        for flush in flushes:
+            self.commit(flush)
+
+    def pass_done(self) -> None:
+        self.attempts.current["passes"] += 1
+        self.attempts.save()
+
+
+def _execute_local(
+    config: ScanConfig,
+    source: SourceSpec,
+    index: SourceIndex,
+    store: FlushStore,
+    preprocess: Preprocess,
+    recorder_config: RecorderConfig,
+    layer_units: dict[str, int],
+    plan: dict,
+    attempts: _Attempts,
+) -> dict:
+    """One pass over what is uncovered, in this process (pipeline.scan.local); nothing is lost to a worker, so
+    nothing needs a second pass."""
+    recorder = Recorder(recorder_config, layer_units)
+    progress = _Progress(config, index, store, attempts)
+    try:
+        work: PassPlan = plan_pass(source, index, store, set())
+        if not work.empty:
+            batches = decoded_batches(
+                work.spec,
+                preprocess,
+                config.batch_size,
+                skip=work.skip,
+                defer_jpeg=config.decode == "gpu",
+                threads=decode_threads(plan["num_cpus"]),
+            )
+            run_local_pass(batches, recorder, lambda n, flush: progress.processed(n, [flush] if flush else []))
+            progress.commit(recorder.flush())
+            progress.pass_done()
+    finally:
+        progress.bar.close()
+    return progress.timing
+
+
 def _execute(
     config: ScanConfig,
     source: SourceSpec,
@@ -388,8 +482,6 @@ def _execute(
 ) -> dict:
     """Passes over what is still uncovered until everything is, each streamed through the worker pool."""
     import ray
-    import ray.data
-    from tqdm import tqdm
 
     remote_recorder = ray.remote(Recorder)
 
@@ -398,28 +490,11 @@ def _execute(
             num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=0, max_concurrency=1
         ).remote(recorder_config, layer_units)
 
-    timing: dict = {}
-    known = [t for t in index.totals.values()]
-    total = sum(known) if all(t is not None for t in known) else None
-    covered, _ = store.counts()
-    bar = tqdm(total=total, initial=covered, unit="img", desc="scan", disable=not config.progress, smoothing=0.1)
-
-    def commit(flush: Flush | None) -> None:
-        if flush is None:
-            return
-        store.commit(flush, attempts.number)
-        attempts.current["images_committed"] += flush.images
-        attempts.save()
+    progress = _Progress(config, index, store, attempts)
+    commit = progress.commit
 
     def on_block(result: tuple[int, list[Flush]]) -> None:
-        count, flushes = result
-        attempts.current["images_processed"] += count
-        bar.update(count)
-        timing["last_batch"] = time.time()
-        if "first_batch" not in timing:
-            timing["first_batch"], timing["first_batch_images"] = timing["last_batch"], count
-        for flush in flushes:
-            commit(flush)
+        progress.processed(*result)
 
     pool = WorkerPool(
         make_actor,
@@ -452,12 +527,11 @@ def _execute(
                 dataset.iter_internal_ref_bundles(), "process_block", on_block, flush_method="flush", on_flush=commit
             )
             pool.call_all("flush", commit, outcome)
-            attempts.current["passes"] += 1
-            attempts.save()
+            progress.pass_done()
             if outcome.lossless:
                 read_whole.update(source_id(f) for f in work.spec.files)
             store.drop_overlaps()
     finally:
         pool.shutdown()
-        bar.close()
-    return timing
+        progress.bar.close()
+    return progress.timing
