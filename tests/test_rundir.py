@@ -207,7 +207,9 @@ def test_killed_scan_is_locked_while_alive_then_resumes_exactly(ray_cluster, pho
     reference = str(tmp_path / "reference")
     assert main(scan_args(photo_folder, reference, "--flush-images", "4")) == 0
     run = str(tmp_path / "run")
-    args = [sys.executable, "-m", "pipeline", *scan_args(photo_folder, run, "--flush-images", "4", "--actors", "1")]
+    # On Ray (a small folder would otherwise run in-process): the kill must orphan a local Ray's helpers.
+    ray_args = ("--flush-images", "4", "--actors", "1", "--executor", "ray")
+    args = [sys.executable, "-m", "pipeline", *scan_args(photo_folder, run, *ray_args)]
     # Slow the model down so the kill lands mid-scan (an environment hook read by tiny_models).
     env = dict(_subprocess_env(), ATLAS_TEST_SLOW_FORWARD="0.4")
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -258,7 +260,7 @@ def test_killed_scan_is_locked_while_alive_then_resumes_exactly(ray_cluster, pho
         sys.executable,
         "-m",
         "pipeline",
-        *scan_args(photo_folder, interrupted, "--flush-images", "4", "--actors", "1"),
+        *scan_args(photo_folder, interrupted, *ray_args),
     ]
     third = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:

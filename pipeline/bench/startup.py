@@ -1,9 +1,10 @@
 """`atlas bench startup`: a small scan end to end, start-up included, against a hand-written loop.
 
-Both run as fresh processes on the same image folder, alternately (hand-written, scan, hand-written, scan, ...),
-so the ratio is measured side by side on a noisy machine; each side's best run counts. The wall clock is the
-user's: from the command's start (Python, imports, Ray, actors, model) to its exit. The scan's own phases come
-from its manifest (`timings`): Ray's start, the time to the first batch, the merge, the whole command.
+All run as fresh processes on the same image folder, alternately (hand-written, scan in this process, scan on
+Ray, hand-written, ...), so the ratios are measured side by side on a noisy machine; each side's best run
+counts. The wall clock is the user's: from the command's start (Python, imports, Ray, actors, model) to its
+exit. The scans' own phases come from their manifests (`timings`): Ray's start, the time to the first batch,
+the merge, the whole command. Each scan writes a new run directory (a complete one would be skipped).
 
 The hand-written loop is a script taking ``FOLDER WEIGHTS LAYER1,LAYER2 SIZE K`` (the team's reference loop is
 ``../shared/bench/handwritten_loop.py``: a torch DataLoader with one decode worker, forward hooks, a running
@@ -15,8 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from pipeline.bench import BENCH_LAYERS
@@ -43,6 +46,7 @@ def bench_startup(
     repeats: int = 2,
     out: str = "runs/bench-startup",
     data: str | None = None,
+    executors: tuple[str, ...] = ("local", "ray"),
 ) -> dict:
     """Print and return the JSON report (seconds and images/s of each side, their ratio, the scan's phases)."""
     if not os.path.isfile(handwritten):
@@ -50,7 +54,6 @@ def bench_startup(
     os.makedirs(out, exist_ok=True)
     folder = data or make_photo_folder(os.path.join(out, f"photos-{images}"), images)
     weights = mobilenet_v2_weights()
-    run = os.path.join(out, "scan")
     hand_cmd = [sys.executable, handwritten, folder, weights, layers, str(image_size), str(k)]
     scan_cmd = [
         sys.executable,
@@ -71,24 +74,27 @@ def bench_startup(
         str(image_size),
         "--k",
         str(k),
-        "--out",
-        run,
-        "--overwrite",
         "-q",
     ]
-    hand, scan, phases = [], [], []
+    hand: list[float] = []
+    scans: dict[str, list[float]] = {executor: [] for executor in executors}
+    phases: dict[str, list[dict]] = {executor: [] for executor in executors}
     for attempt in range(repeats):
         seconds, stdout = _timed(hand_cmd)
         hand.append(seconds)
         logger.info("hand-written loop %d: %.1f s (%s)", attempt + 1, seconds, stdout.strip())
-        seconds, _ = _timed(scan_cmd)
-        scan.append(seconds)
-        with open(os.path.join(run, "manifest.json")) as handle:
-            manifest = json.load(handle)
-        phases.append(manifest["timings"] | {"command_seconds": round(seconds, 2)})
-        logger.info("atlas scan %d: %.1f s", attempt + 1, seconds)
+        for executor in executors:
+            run = tempfile.mkdtemp(dir=out, prefix=f"scan-{executor}-")  # new, ours: removed once read
+            try:
+                seconds, _ = _timed(scan_cmd + ["--out", run, "--executor", executor])
+                with open(os.path.join(run, "manifest.json")) as handle:
+                    manifest = json.load(handle)
+            finally:
+                shutil.rmtree(run, ignore_errors=True)
+            scans[executor].append(seconds)
+            phases[executor].append(manifest["timings"] | {"command_seconds": round(seconds, 2)})
+            logger.info("atlas scan --executor %s %d: %.1f s", executor, attempt + 1, seconds)
     count = manifest["counts"]["images"]
-    best = phases[scan.index(min(scan))]
     result = {
         "images": count,
         "image_size": image_size,
@@ -96,11 +102,13 @@ def bench_startup(
         "k": k,
         "cpus": os.cpu_count(),
         "handwritten_seconds": [round(s, 2) for s in hand],
-        "scan_seconds": [round(s, 2) for s in scan],
         "handwritten_images_per_second": round(count / min(hand), 1),
-        "scan_images_per_second": round(count / min(scan), 1),
-        "scan_over_handwritten": round(min(hand) / min(scan), 3),
-        "scan_phases_of_best_run": best,
     }
+    for executor in executors:
+        best = min(scans[executor])
+        result[f"scan_{executor}_seconds"] = [round(s, 2) for s in scans[executor]]
+        result[f"scan_{executor}_images_per_second"] = round(count / best, 1)
+        result[f"scan_{executor}_over_handwritten"] = round(min(hand) / best, 3)
+        result[f"scan_{executor}_phases_of_best_run"] = phases[executor][scans[executor].index(best)]
     print(json.dumps(result, indent=2))
     return result

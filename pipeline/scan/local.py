@@ -116,14 +116,18 @@ def decoded_batches(
         return decoder({"path": np.array(chunk, dtype=object), "bytes": np.array(contents, dtype=object)})
 
     chunks = (files[i : i + batch_size] for i in range(0, len(files), batch_size))
+    pending: deque = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(load, chunk))
-            if len(pending) >= ahead:
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(load, chunk))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        finally:  # stopped early (Ctrl-C, an error): do not decode what nobody will read
+            for future in pending:
+                future.cancel()
 
 
 def run_local_pass(
