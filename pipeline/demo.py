@@ -29,9 +29,9 @@ from pipeline.site import build_site
 logger = logging.getLogger(__name__)
 
 DEMO_RENDER_LAYERS = ("features.7", "features.14")
-DEMO_RENDER_UNITS = 8
+DEMO_RENDER_UNITS = 4
 DEMO_OUTPUT_LAYER = "classifier.1"  # the logits: recorded too, so class pages list the photos that score highest
-DEMO_CLASSES = 6
+DEMO_CLASSES = 4
 DEMO_STEPS = 64
 DEMO_EXPLAIN_IMAGES = 4
 # Network dissection on the built-in probe (colours, textures: early-layer concepts), docs/dissect.md.
@@ -55,12 +55,13 @@ VIS_QUERY = (
 
 def run_demo(out: str = "runs/demo", images: int = 600, overwrite: bool = False, progress: bool = True) -> int:
     """Scan, query, render, explain and build the site on real photos; print where everything is."""
-    # One local Ray for every stage (each stage alone would start and stop its own).
+    _scan(out, images, overwrite, progress)  # in this process (a small folder: pipeline.scan.local), no Ray yet
+    # One local Ray for every later stage (each stage alone would start and stop its own).
     with ray_session():
-        return _run_demo(out, images, overwrite, progress)
+        return _after_scan(out, progress)
 
 
-def _run_demo(out: str, images: int, overwrite: bool, progress: bool) -> int:
+def _scan(out: str, images: int, overwrite: bool, progress: bool) -> None:
     data = make_photo_folder(os.path.join(os.path.dirname(os.path.abspath(out)) or ".", "demo-photos"), images)
     manifest = run_scan(
         ScanConfig(
@@ -85,6 +86,9 @@ def _run_demo(out: str, images: int, overwrite: bool, progress: bool) -> int:
     print("\nUnits per layer (atlas query):\n" + format_result(columns, rows, "table"))
     columns, rows = run_query(out, TOP_QUERY)
     print("Top images of features.14 unit 7:\n" + format_result(columns, rows, "table"))
+
+
+def _after_scan(out: str, progress: bool) -> int:
     # Every unit gets its top photo crop and heat overlay (cheap: one forward pass per photo); the costly kinds
     # (reconstructions of every top image, feature visualizations) go to the first units of two layers, and
     # class visualizations to the classes the photos score highest, with fewer gradient-ascent steps than the
@@ -96,19 +100,18 @@ def _run_demo(out: str, images: int, overwrite: bool, progress: bool) -> int:
         .execute(f"SELECT unit FROM units WHERE layer = '{DEMO_OUTPUT_LAYER}' ORDER BY max DESC LIMIT {DEMO_CLASSES}")
         .fetchall()
     ]
-    render_run(
+    # One render (one set of workers): the classes' own pages show their class visualization and the crop of
+    # every class's top photos (its pictures), without the reconstructions of every top image.
+    index = render_run(
         out,
         RenderOptions(
             layers=DEMO_RENDER_LAYERS,
             units=frozenset(range(DEMO_RENDER_UNITS)),
+            classes=frozenset(top_classes),
             pictures=DEFAULT_PICTURES,
             vis=vis,
             progress=progress,
         ),
-    )
-    # Naming the output layer renders its units' views and their class visualizations.
-    index = render_run(
-        out, RenderOptions(layers=(DEMO_OUTPUT_LAYER,), units=frozenset(top_classes), vis=vis, progress=progress)
     )
     pictures = sum(
         1

@@ -10,8 +10,13 @@ is a uniform tint that says nothing. The same (image, box) crop is encoded once 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -65,6 +70,23 @@ def picture_tasks(views: list[PictureView], images_per_task: int = IMAGES_PER_TA
     ]
 
 
+def _once(job: Callable[[], bytes]) -> Callable[[], bytes]:
+    """`job`, computed on its first call only (a crop shared by many units is encoded once)."""
+    lock, result = threading.Lock(), []
+
+    def run() -> bytes:
+        with lock:
+            if not result:
+                result.append(job())
+            return result[0]
+
+    return run
+
+
+def _overlay_png(crop: Image.Image, heat: np.ndarray) -> bytes:
+    return png_bytes(overlay(crop, heat), compress_level=PHOTO_PNG_LEVEL)
+
+
 def render_pictures(task: PictureTask, extract, normalise, preprocess) -> dict[str, bytes]:
     """PNG bytes of every view of `task` (path relative to the run -> bytes).
 
@@ -80,7 +102,9 @@ def render_pictures(task: PictureTask, extract, normalise, preprocess) -> dict[s
             maps = {
                 layer: out.cpu() for layer, out in extract(layers, normalise([task.images[k] for k in keys])).items()
             }
-    files: dict[str, bytes] = {}
+    # PNG encoding dominates a pictures task (thousands of photo crops): it runs in a thread pool of the
+    # worker's torch threads (PIL's encoder releases the GIL), while cutting and the heat maps stay here.
+    jobs: dict[str, Callable[[], bytes]] = {}
     by_image: dict[str, list[PictureView]] = {}
     for view in task.views:
         if view.image_key in position:
@@ -88,12 +112,12 @@ def render_pictures(task: PictureTask, extract, normalise, preprocess) -> dict[s
     for key, views in by_image.items():
         original = open_rgb(task.images[key])
         crops: dict[tuple[int, int, int, int], Image.Image] = {}
-        encoded: dict[tuple[int, int, int, int], bytes] = {}
+        crop_job: dict[tuple[int, int, int, int], Callable[[], bytes]] = {}
         for view in views:  # the same box (every unit of a global layer) is cut and encoded once
             if view.box not in crops:
                 crops[view.box] = crop_box(original, view.box)
-                encoded[view.box] = png_bytes(crops[view.box], compress_level=PHOTO_PNG_LEVEL)
-            files[unit_file(view.layer, view.unit, "crop", view.rank)] = encoded[view.box]
+                crop_job[view.box] = _once(partial(png_bytes, crops[view.box], compress_level=PHOTO_PNG_LEVEL))
+            jobs[unit_file(view.layer, view.unit, "crop", view.rank)] = crop_job[view.box]
         groups: dict[tuple[str, tuple[int, int, int, int]], list[PictureView]] = {}
         for view in views:  # units of a layer whose boxes coincide share one resize
             if view.overlay:
@@ -102,7 +126,10 @@ def render_pictures(task: PictureTask, extract, normalise, preprocess) -> dict[s
             units = torch.tensor([v.unit for v in wanted])
             heats = heat_in_box(maps[layer][position[key]][units], preprocess, original.width, original.height, box)
             for view, heat in zip(wanted, heats):
-                files[unit_file(view.layer, view.unit, "overlay", view.rank)] = png_bytes(
-                    overlay(crops[view.box], heat), compress_level=PHOTO_PNG_LEVEL
+                jobs[unit_file(view.layer, view.unit, "overlay", view.rank)] = partial(
+                    _overlay_png, crops[view.box], heat
                 )
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="png") as pool:
+        futures = {path: pool.submit(job) for path, job in jobs.items()}
+        files = {path: future.result() for path, future in futures.items()}
     return files
