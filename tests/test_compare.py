@@ -83,6 +83,7 @@ def _scan(data: str, out: str, factory: str, record: str = "all") -> str:
             batch_size=8,
             actors=1,
             progress=False,
+            executor="local",
         )
     )
     return out

@@ -568,6 +568,7 @@ def test_data_mode_on_ray_writes_the_run_index(ray_cluster, photo_folder, tmp_pa
             k=2,
             batch_size=16,
             progress=False,
+            executor="local",
         )
     )
     scan_keys = {row[0] for row in connect(str(run)).execute("SELECT image_key FROM images").fetchall()}

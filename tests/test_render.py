@@ -27,7 +27,11 @@ FAST = VisSettings(steps=8, size=32)
 @pytest.fixture(scope="module")
 def scanned(ray_cluster, photo_folder, tmp_path_factory) -> str:
     run = str(tmp_path_factory.mktemp("render") / "run")
-    run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="relu,down,head.2", k=3, progress=False))
+    run_scan(
+        ScanConfig(
+            model=SMALL, data=photo_folder, out=run, layers="relu,down,head.2", k=3, progress=False, executor="local"
+        )
+    )
     return run
 
 
@@ -192,10 +196,21 @@ def test_bad_render_requests_fail_before_any_work(scanned, tmp_path):
 def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, photo_folder, tmp_path):
     """Atlas images describe one scan: re-scanning with other settings must not leave them to be taken as done."""
     run = str(tmp_path / "run")
-    run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="down", k=2, progress=False))
+    run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="down", k=2, progress=False, executor="local"))
     render_run(run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, progress=False))
     assert os.path.isfile(os.path.join(run, unit_file("down", 0, "crop", 1)))
-    run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="down", k=1, overwrite=True, progress=False))
+    run_scan(
+        ScanConfig(
+            model=SMALL,
+            data=photo_folder,
+            out=run,
+            layers="down",
+            k=1,
+            overwrite=True,
+            progress=False,
+            executor="local",
+        )
+    )
     assert not os.path.exists(os.path.join(run, "atlas"))
     index = render_run(run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, progress=False))
     assert sorted(index.column("rank").to_pylist()) == [0] * 6

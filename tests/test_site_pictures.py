@@ -27,7 +27,9 @@ LAYERS = "stem,relu,down,head.2"
 @pytest.fixture(scope="module")
 def pictures_site(ray_cluster, photo_folder, tmp_path_factory) -> str:
     run = str(tmp_path_factory.mktemp("pictures") / "run")
-    run_scan(ScanConfig(model=SITE_NET, data=photo_folder, out=run, layers=LAYERS, k=4, progress=False))
+    run_scan(
+        ScanConfig(model=SITE_NET, data=photo_folder, out=run, layers=LAYERS, k=4, progress=False, executor="local")
+    )
     assert main(["render", run, "-q"]) == 0  # the default: pictures of every unit
     assert (
         main(["render", run, "--layers", "down", "--units", "0-3", "--no-views", "--steps", "8", "--size", "32", "-q"])

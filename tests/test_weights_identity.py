@@ -67,6 +67,7 @@ def test_scan_manifest_records_the_matched_entry(ray_cluster, photo_folder, demo
             layers="features.1",
             k=1,
             progress=False,
+            executor="local",
         )
     )
     assert manifest["model"]["weights_match"] == {"entry": "MobileNet_V2_Weights.IMAGENET1K_V1", "matched_by": "sha256"}

@@ -34,7 +34,18 @@ def payload_photos(photo_folder: str, destination: str) -> str:
 
 
 def make_analyst_run(photos: str, run: str) -> str:
-    run_scan(ScanConfig(model=MODEL, data=photos, out=run, layers=",".join(LAYERS), k=4, record="all", progress=False))
+    run_scan(
+        ScanConfig(
+            model=MODEL,
+            data=photos,
+            out=run,
+            layers=",".join(LAYERS),
+            k=4,
+            record="all",
+            progress=False,
+            executor="local",
+        )
+    )
     render_run(
         run,
         RenderOptions(

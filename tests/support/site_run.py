@@ -51,7 +51,7 @@ def _png(path: str, array: np.ndarray) -> str:
 
 
 def make_site_run(photos: str, run: str) -> str:
-    run_scan(ScanConfig(model=SITE_NET, data=photos, out=run, layers=LAYERS, k=4, progress=False))
+    run_scan(ScanConfig(model=SITE_NET, data=photos, out=run, layers=LAYERS, k=4, progress=False, executor="local"))
     render_dataset_views(run, layers=[RENDERED_LAYER], progress=False)
     manifest_path = os.path.join(run, "manifest.json")
     with open(manifest_path) as handle:
