@@ -52,6 +52,22 @@ class Skip(Exception):
     """A check that cannot run here; the message says why."""
 
 
+def _time_ms(fn, device: str, repeats: int = 5) -> float:
+    """Milliseconds per call of `fn` after one warm-up, synchronised with the device (CUDA runs asynchronously)."""
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    fn()
+    sync()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - started) / repeats * 1000
+
+
 def _need_cuda(device: str) -> None:
     if device != "cuda":
         raise Skip("needs CUDA (run with a GPU and --device cuda)")
@@ -208,14 +224,8 @@ def check_timing(device: str, batches=(32, 256)) -> dict:
     layers = [i.name for i in resolve_layers(loaded.model, 224, "all,fc")]
     extractor = feature_extractor(loaded.model, layers).cuda().eval()
 
-    def timed(fn, repeats=5) -> float:
-        fn()
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - started) / repeats * 1000
+    def timed(fn) -> float:
+        return _time_ms(fn, device)
 
     report = {}
     for size in batches:
@@ -278,14 +288,8 @@ def check_recorder_phases(device: str) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn, repeats=5) -> float:
-        fn()
-        sync()
-        started = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        return (time.perf_counter() - started) / repeats * 1000
+    def timed(fn) -> float:
+        return _time_ms(fn, device)
 
     counter = iter(range(10**9))
 
