@@ -10,8 +10,11 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # The site's browser tests drive Debian's chromium + chromedriver headless (a browser downloaded by a test tool
 # cannot work offline). Installed with apt when missing: as root directly, otherwise through sudo.
 BROWSER_PACKAGES := chromium chromium-driver
+# The alert rules' unit tests (tests/test_infra_alerts.py) run Prometheus' own `promtool test rules`; Debian's
+# `prometheus` package brings promtool. Installed the same way when missing.
+PROMTOOL_PACKAGES := prometheus
 
-.PHONY: demo test lint test-quick test-unit gpu-check bench browser clean
+.PHONY: demo test lint test-quick test-unit gpu-check bench browser promtool clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +37,16 @@ browser:
 	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES); }; \
 	fi
 
-test: $(STAMP) browser lint
+promtool:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  echo "installing $(PROMTOOL_PACKAGES) for promtool (the alert rules' tests)"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PROMTOOL_PACKAGES) || \
+	  { $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PROMTOOL_PACKAGES); }; \
+	fi
+
+test: $(STAMP) browser promtool lint
 	$(BIN)/python -m pytest
 
 # ruff's checks and its formatter's verdict (pyproject.toml, [tool.ruff]); part of `make test`, so CI runs them.
