@@ -5,6 +5,7 @@ of our manifests, and our manifests pass all of them. Pure Python, well under a 
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,18 @@ KUBERAY = Path(__file__).resolve().parents[1] / "infra" / "kuberay"
 RAY_KINDS = {"RayCluster", "RayJob", "RayCronJob"}
 
 
-def doc(name: str) -> dict:
-    (only,) = [d for d in yaml.safe_load_all((KUBERAY / name).read_text()) if d]
+@functools.cache
+def _parsed(name: str) -> dict:
+    (only,) = [
+        d
+        for d in yaml.load_all((KUBERAY / name).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        if d
+    ]
     return only
+
+
+def doc(name: str) -> dict:
+    return copy.deepcopy(_parsed(name))
 
 
 def job_spec(manifest: dict) -> dict:

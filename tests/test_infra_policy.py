@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import copy
 import datetime as dt
+import functools
 import importlib.util
 import os
 import re
@@ -31,8 +32,14 @@ METRICS_CRONJOB = INFRA / "monitoring" / "publication-metrics-cronjob.yaml"
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # node_provider.py IN_CLUSTER_TOKEN_PATH's folder
 
 
+@functools.cache
+def _parsed(path: Path) -> tuple:
+    return tuple(d for d in yaml.load_all(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d)
+
+
 def docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+    """The YAML documents of `path`, parsed once (libyaml when available), a fresh copy for each caller."""
+    return copy.deepcopy(list(_parsed(path)))
 
 
 def doc(name: str) -> dict:
