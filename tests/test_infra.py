@@ -676,3 +676,11 @@ def test_cluster_launcher_uses_instance_profiles_spot_workers_and_no_usage_stats
         assert spot == (name != config["head_node_type"]), f"{name}: spot only for the GPU workers"
     assert "--env RAY_USAGE_STATS_ENABLED=0" in config["docker"]["run_options"]
     assert "AWS_SECRET_ACCESS_KEY" not in LAUNCHER.read_text()
+
+
+def test_monitoring_cronjob_validates_and_broken_copies_are_rejected():
+    """infra/monitoring/publication-metrics-cronjob.yaml (the dead-man's switch's pusher) is a batch/v1 CronJob."""
+    (manifest,) = load_docs(MONITORING / "publication-metrics-cronjob.yaml")
+    assert errors(manifest) == []
+    for what, broken in _break(manifest):
+        assert errors(broken), f"publication-metrics-cronjob.yaml with {what} was accepted"
