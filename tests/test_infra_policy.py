@@ -461,16 +461,34 @@ def test_cluster_launcher_dashboard_is_not_open_without_token_auth():
 # ------------------------------------------------------------------------------- the scheduled slot, in a shell
 
 
-def _run_shell(script: str, env: dict) -> str:
+def _run_shell(script: str, env: dict, argv: list[str] | None = None) -> str:
+    """`script` under bash with `atlas` and `ray` replaced by shims that print their arguments, one per line
+    (`ray job status` fails, as for a job not yet submitted)."""
     shim = Path(os.environ.get("TMPDIR", "/tmp")) / f"atlas-shim-{os.getpid()}"
     shim.mkdir(exist_ok=True)
     (shim / "atlas").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
-    (shim / "atlas").chmod(0o755)
+    (shim / "ray").write_text(
+        '#!/bin/sh\n[ "$2" = status ] && exit 1\n[ "$2" = submit ] && printf "%s\\n" "$@"\nexit 0\n'
+    )
+    for tool in ("atlas", "ray"):
+        (shim / tool).chmod(0o755)
     try:
         full_env = {"PATH": f"{shim}:{os.environ['PATH']}", **env}
-        return subprocess.run(["bash", "-c", script], env=full_env, capture_output=True, text=True, check=True).stdout
+        # KubeRay runs its submitter command as `/bin/bash -ce -- COMMAND` (utils.GetContainerCommand).
+        argv = argv or ["bash", "-ce", "--", script]
+        return subprocess.run(argv, env=full_env, capture_output=True, text=True, check=True).stdout
     finally:
         shutil.rmtree(shim)
+
+
+def kuberay_submit_command(entrypoint: str, job_id: str) -> str:
+    """The K8sJobMode submitter command of common/job.go BuildJobSubmitCommand (v1.7.0), from `if ! ray job status`
+    on (the wait-for-dashboard loop before it is left out): the entrypoint goes in unquoted, after `--`."""
+    address = "http://neuron-atlas-head-svc:8265"
+    cmd = ["if", "!", "ray", "job", "status", "--address", address, job_id, ">/dev/null", "2>&1", ";", "then"]
+    cmd += ["ray", "job", "submit", "--address", address, "--no-wait", "--submission-id", job_id]
+    cmd += ["--", entrypoint.strip(), ";", "fi", ";", "ray", "job", "logs", "--address", address, "--follow", job_id]
+    return " ".join(cmd)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("date") is None, reason="needs bash and date")
@@ -485,7 +503,8 @@ def test_scheduled_slot_comes_from_the_tick_not_the_clock():
     (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
-    out = _run_shell(container["command"][-1], {"JOB_NAME": f"{cron['metadata']['name']}-{minutes}"}).split()
+    # The container's own command line (/bin/sh -c ...), as the kubelet runs it.
+    out = _run_shell("", {"JOB_NAME": f"{cron['metadata']['name']}-{minutes}"}, argv=container["command"]).split()
     assert out[out.index("--date") + 1] == "2026-12-02"
 
     template = doc("raycronjob.yaml")["spec"]["jobTemplate"]
@@ -495,9 +514,11 @@ def test_scheduled_slot_comes_from_the_tick_not_the_clock():
         "metadata.labels['ray.io/originated-from-cr-name']"
     )
     rayjob = f"{doc('raycronjob.yaml')['metadata']['name']}-{minutes}"
-    # KubeRay runs `bash -ce "... ray job submit ... -- ENTRYPOINT ; ..."`: the submitter's shell expands it.
-    out = _run_shell(template["entrypoint"], {"NEURON_ATLAS_RAYJOB": rayjob}).split()
-    assert out[out.index("--scheduled-slot") + 1] == "2026-12-02T02:00:00Z"
+    # The submitter's shell expands the entrypoint inside KubeRay's command; Ray receives what follows `--`.
+    script = kuberay_submit_command(template["entrypoint"], job_id=f"{rayjob}-x7k2q")
+    out = _run_shell(script, {"NEURON_ATLAS_RAYJOB": rayjob}).split("\n")
+    out = out[out.index("--") + 1 :]
+    assert out[:2] == ["atlas", "run"] and out[out.index("--scheduled-slot") + 1] == "2026-12-02T02:00:00Z"
     window = int(next(a.split("=")[1] for a in out if a.startswith("job.starting_deadline_seconds=")))
     attempt = template["activeDeadlineSeconds"]
     assert attempt * template["backoffLimit"] < window < 24 * 3600, "retries of a tick run, a catch-up burst runs one"
