@@ -77,3 +77,15 @@ def test_kube_state_metrics_config_exports_what_the_cronjob_rule_reads():
     used = set(re.findall(r"kube_customresource_[a-z_]+", rule_text))
     assert used and used <= set(exported), f"rules read {used}, kube-state-metrics exports {set(exported)}"
     assert set(resource["labelsFromPath"]) == {"name", "namespace"}
+
+
+def test_docs_name_every_alert_and_the_dead_mans_switch_metric():
+    """infra/README.md's alert table lists exactly the PrometheusRule's alerts; docs/jobs.md names the metric."""
+    rule = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+    alerts = {r["alert"] for group in rule["spec"]["groups"] for r in group["rules"]}
+    readme = (MONITORING.parent / "README.md").read_text()
+    table = set(re.findall(r"^\| `(NeuronAtlas\w+)`", readme, flags=re.M))
+    assert table == alerts, f"README table {sorted(table)} vs rules {sorted(alerts)}"
+    jobs = (MONITORING.parents[1] / "docs" / "jobs.md").read_text()
+    assert "neuron_atlas_latest_published_timestamp_seconds" in jobs and "Pushgateway" in jobs
+    assert "**Default: `cronjob-submit.yaml`**" in readme and "PreRelease: Alpha" in readme
