@@ -518,10 +518,13 @@ def test_scheduled_slot_comes_from_the_tick_not_the_clock():
     script = kuberay_submit_command(template["entrypoint"], job_id=f"{rayjob}-x7k2q")
     out = _run_shell(script, {"NEURON_ATLAS_RAYJOB": rayjob}).split("\n")
     out = out[out.index("--") + 1 :]
-    assert out[:2] == ["atlas", "run"] and out[out.index("--scheduled-slot") + 1] == "2026-12-02T02:00:00Z"
+    assert out[:2] == ["atlas", "run"] and out[out.index("--scheduled-slot") + 1] == "2026-12-02"
+    # A date slot is its 00:00 UTC: a tick's retry starts at most (time of day + backoffLimit x one attempt) after
+    # it, and must still run; yesterday's tick is at least 24 h old, and must be skipped.
     window = int(next(a.split("=")[1] for a in out if a.startswith("job.starting_deadline_seconds=")))
-    attempt = template["activeDeadlineSeconds"]
-    assert attempt * template["backoffLimit"] < window < 24 * 3600, "retries of a tick run, a catch-up burst runs one"
+    minute, hour = (int(f) for f in doc("raycronjob.yaml")["spec"]["schedule"].split()[:2])
+    latest_retry = hour * 3600 + minute * 60 + template["backoffLimit"] * template["activeDeadlineSeconds"]
+    assert latest_retry < window < 24 * 3600, "retries of a tick run, a catch-up burst runs only the newest"
 
 
 def test_atlas_run_accepts_the_scheduled_slot_option():
