@@ -508,6 +508,8 @@ def test_scheduled_slot_comes_from_the_tick_not_the_clock():
     assert out[out.index("--date") + 1] == "2026-12-02"
 
     template = doc("raycronjob.yaml")["spec"]["jobTemplate"]
+    # Only K8sJobMode runs the entrypoint through the submitter's shell (HTTPMode would send `$(...)` verbatim).
+    assert template["submissionMode"] == "K8sJobMode"
     (submitter,) = template["submitterPodTemplate"]["spec"]["containers"]
     env = {e["name"]: e for e in submitter["env"]}
     assert env["NEURON_ATLAS_RAYJOB"]["valueFrom"]["fieldRef"]["fieldPath"] == (
