@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.data import DataError
-from pipeline.preprocess import Preprocess, to_rgb
+from pipeline.preprocess import Preprocess, open_rgb
 from pipeline.store import PROBE_CONCEPTS, PROBE_CONCEPTS_SCHEMA, PROBE_IMAGES, PROBE_IMAGES_SCHEMA, write_table
 
 logger = logging.getLogger(__name__)
@@ -163,12 +163,9 @@ def decode_mask(data: bytes) -> np.ndarray:
 def probe_pixels(data: bytes, preprocess: Preprocess) -> np.ndarray:
     """A probe image -> (S, S, 3) uint8 at the model's input size S: the WHOLE image resized (bilinear), no crop,
     so its masks cover the whole input. The decoding limits apply as in the scan."""
-    with Image.open(io.BytesIO(data)) as image:
-        preprocess.check_size(*image.size)
-        image.load()
-        rgb = to_rgb(image)
-        size = preprocess.image_size
-        return np.asarray(rgb.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    rgb = open_rgb(data, preprocess)  # the one opener: limits on the header, EXIF orientation, modes
+    size = preprocess.image_size
+    return np.asarray(rgb.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 @dataclass

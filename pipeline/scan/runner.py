@@ -22,7 +22,7 @@ from pipeline.device_decode import DECODES
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.scan.flushes import FlushStore, PassPlan, SourceIndex, plan_pass
 from pipeline.models import LoadedModel, ModelConfig, load_model, resolve_layers
-from pipeline.preprocess import Preprocess
+from pipeline.preprocess import ORIENTATION, Preprocess
 from pipeline.ray_session import ray_session
 from pipeline.receptive_field import receptive_fields
 from pipeline.rundir import RunDirectory, claim, run_lock
@@ -96,6 +96,7 @@ def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], sou
         "k": config.k,
         "record": config.record,
         "data": files,
+        "orientation": ORIENTATION,  # EXIF orientation applied: other pixels and sizes than a run made before
     }
     # Only non-default numerics enter the fingerprint, so runs made before these options existed still match.
     if config.precision != "fp32":
