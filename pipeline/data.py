@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.preprocess import DecodeError, Preprocess, decode_image
-from pipeline.cluster.remote import is_url
+from pipeline.objectstore import is_url
 
 logger = logging.getLogger(__name__)
 

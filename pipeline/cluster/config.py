@@ -22,30 +22,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.device_decode import DECODES
+from pipeline.devices import DEVICES
 from pipeline.ranges import PRECISIONS, check_range
+from pipeline.scan.settings import check_scan_settings
 
 STAGES = ("scan", "render", "site")
 # Order of the stages in a job record: "compare" and "dissect" are not listed in job.stages; they run after the scan
 # whenever [compare] previous / [dissect] probe is set.
 RECORD_ORDER = ("scan", "compare", "dissect", "render", "site")
-DEVICES = ("auto", "cuda", "cpu")
 
 
 class ConfigError(ValueError):
     """A job configuration that cannot be used; the message names the key and says why."""
-
-
-def check_scan_settings(
-    k: int, record: str, batch_size: int, device: str, actors: int | None = None, threads: int | None = None
-) -> None:
-    """The scan's own settings (ValueError naming the setting); shared by job files and `atlas scan`.
-    Numeric ranges come from pipeline.ranges, the one table the model and render settings use too."""
-    for name, value in (("k", k), ("batch_size", batch_size), ("actors", actors), ("threads", threads)):
-        check_range(name, value)
-    if record not in ("topk", "all"):
-        raise ValueError(f"record must be 'topk' or 'all', got {record!r}")
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
 
 
 def _check_ranges(section: object, prefix: str, names: tuple[str, ...]) -> None:

@@ -212,7 +212,7 @@ def prepare_job(
     _check_actors_on_local_machine(config, scan, options)
     site_out = os.path.abspath(config.site.out) if config.site.out else None
     if config.compare.previous is not None:
-        from pipeline.compare.runner import load_run
+        from pipeline.compare.runs import load_run
 
         previous = os.path.abspath(config.compare.previous)
         if previous == run_dir:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from pipeline.data import DataError, SourceSpec, parquet_keys, shard_keys, source_id
 from pipeline.fileio import atomic_write, atomic_write_json
-from pipeline.cluster.remote import is_url
+from pipeline.objectstore import is_url
 from pipeline.scan.recorder import Flush
 from pipeline.store import FLUSHES, PENDING_MAXIMA
 

@@ -16,7 +16,6 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline import __version__
-from pipeline.cluster.config import check_scan_settings
 from pipeline.data import DataError, SourceSpec, resolve_source, source_id
 from pipeline.device_decode import DECODES
 from pipeline.fileio import atomic_write, atomic_write_json
@@ -26,6 +25,7 @@ from pipeline.preprocess import ORIENTATION, Preprocess
 from pipeline.ray_session import ray_session
 from pipeline.receptive_field import receptive_fields
 from pipeline.rundir import RunDirectory, claim, run_lock
+from pipeline.scan.settings import check_scan_settings
 from pipeline.ranges import PRECISIONS, check_range
 from pipeline.scan.local import EXECUTORS, choose_executor, decode_threads, decoded_batches, local_plan, run_local_pass
 from pipeline.scan.recorder import Flush, Recorder, RecorderConfig, ScanResult, ScanState, image_facts, peak_rss_mb
