@@ -21,10 +21,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.device_decode import DECODES
 from pipeline.devices import DEVICES
-from pipeline.ranges import PRECISIONS, check_range
-from pipeline.scan.settings import check_scan_settings
+from pipeline.ranges import check_range
+from pipeline.scan.settings import SCAN, check_scan_settings
 
 STAGES = ("scan", "render", "site")
 # Order of the stages in a job record: "compare" and "dissect" are not listed in job.stages; they run after the scan
@@ -94,20 +93,21 @@ class DataSection:
 
 @dataclass(frozen=True)
 class ScanSection:
-    layers: str = "all"  # comma-separated module names; 'all' = conv-block outputs, e.g. "all,fc"
-    k: int = 16
-    record: str = "topk"  # 'topk' | 'all'
-    batch_size: int | None = None  # images per forward pass; default 256 on a GPU, 32 on CPUs
-    actors: int | None = None  # model replicas; default: one per GPU, else one per 4 CPUs
-    threads: int | None = None
+    # The scan's options: keys, defaults and checks from their one declaration (pipeline/scan/settings.py).
+    layers: str = SCAN["layers"].default  # comma-separated module names; 'all' = conv-block outputs, e.g. "all,fc"
+    k: int = SCAN["k"].default
+    record: str = SCAN["record"].default  # 'topk' | 'all'
+    batch_size: int | None = SCAN["batch_size"].default  # images per forward pass; default 256 on a GPU, 32 on CPUs
+    actors: int | None = SCAN["actors"].default  # model replicas; default: one per GPU, else one per 4 CPUs
+    threads: int | None = SCAN["threads"].default
     # auto: GPUs if the cluster has them now; cuda: `actors` GPU replicas even before an autoscaler has
     # added the GPU nodes (a cluster that scales from zero); cpu: never GPUs.
-    device: str = "auto"
-    flush_images: int = 50_000  # each model worker commits its results after this many images (resumable)
-    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16
-    channels_last: bool = False
-    stall_seconds: float = 600.0  # fail, saying what is pending, when nothing progresses for this long
-    decode: str = "cpu"  # cpu | gpu (JPEGs decoded on the model workers' GPUs)
+    device: str = SCAN["device"].default
+    flush_images: int = SCAN["flush_images"].default  # each model worker commits its results after this many images
+    precision: str = SCAN["precision"].default  # fp32 | tf32 | bf16 | fp16
+    channels_last: bool = SCAN["channels_last"].default
+    stall_seconds: float = SCAN["stall_seconds"].default  # fail, saying what is pending, when nothing progresses
+    decode: str = SCAN["decode"].default  # cpu | gpu (JPEGs decoded on the model workers' GPUs)
     # Decoding limits (None: the defaults, see pipeline.preprocess): an image whose header declares a side,
     # a pixel count or an aspect ratio over them is listed as an error instead of decoded.
     max_side: int | None = None
@@ -115,15 +115,11 @@ class ScanSection:
     max_aspect: float | None = None
 
     def check(self) -> None:
-        _check_ranges(self, "scan", ("max_side", "max_pixels", "max_aspect", "flush_images", "stall_seconds"))
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"scan.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.decode not in DECODES:
-            raise ConfigError(f"scan.decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        _check_ranges(self, "scan", ("max_side", "max_pixels", "max_aspect"))
         try:
-            check_scan_settings(self.k, self.record, self.batch_size, self.device, self.actors, self.threads)
+            check_scan_settings(self, prefix="scan.")
         except ValueError as error:
-            raise ConfigError(f"scan.{error}") from error
+            raise ConfigError(str(error)) from error
 
 
 @dataclass(frozen=True)

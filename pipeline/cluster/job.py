@@ -23,6 +23,8 @@ from typing import Callable
 from pipeline.cluster.config import ConfigError, JobConfig, to_toml
 from pipeline.data import DataError, resolve_source
 from pipeline.models import ModelConfig, ModelError, load_model, resolve_layers
+from pipeline.options import option_values
+from pipeline.scan.settings import SCAN_OPTIONS
 from pipeline.cluster.remote import (
     OutLease,
     RunMirror,
@@ -170,20 +172,10 @@ def prepare_job(
         model=model,
         data=data,
         out=run_dir,
-        layers=",".join(layers),
-        k=config.scan.k,
-        record=config.scan.record,
-        batch_size=config.scan.batch_size,
         address=config.job.address,
-        actors=config.scan.actors,
-        threads=config.scan.threads,
-        device=config.scan.device,
         overwrite=config.job.overwrite,
-        flush_images=config.scan.flush_images,
-        precision=config.scan.precision,
-        channels_last=config.scan.channels_last,
-        stall_seconds=config.scan.stall_seconds,
-        decode=config.scan.decode,
+        # every declared scan option of the job file, as the job file spells it (pipeline/scan/settings.py)
+        **(option_values(SCAN_OPTIONS, config.scan, job_only=True) | {"layers": ",".join(layers)}),
     )
     try:
         options = RenderOptions.from_settings(
