@@ -36,6 +36,7 @@ from pipeline.compare.metrics import (
 )
 from pipeline.compare.runs import RunInfo, connect_comparison, load_run
 from pipeline.store import (
+    table_part,
     COMPARE_SCHEMAS,
     COMPARE_VIEWS,
     COMPARISON_KIND,
@@ -256,7 +257,7 @@ def compare_runs(
         for table, rows in (("cmp_units", unit_rows), ("cmp_layers", layer_rows)):
             schema = COMPARE_SCHEMAS[table]
             shutil.rmtree(os.path.join(path, table), ignore_errors=True)
-            write_table(pa.Table.from_pylist(rows, schema=schema), os.path.join(path, table, "part-0.parquet"))
+            write_table(pa.Table.from_pylist(rows, schema=schema), table_part(os.path.join(path, table)))
         manifest = {
             "kind": COMPARISON_KIND,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -54,6 +54,10 @@ from pipeline.render.worker import (
 
 from pipeline.worker_pool import WorkerPool
 from pipeline.store import (
+    layer_dir,
+    ATLAS_DEPENDENCE,
+    ATLAS_INDEX,
+    ATLAS_RECORD,
     ATLAS_DEPENDENCE_SCHEMA,
     ATLAS_INDEX_SCHEMA,
     DATASET_KINDS,
@@ -131,7 +135,7 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
             "units_per_task": options.units_per_task,
             "pictures": options.pictures,
         },
-        os.path.join(run_dir, ATLAS, "render.json"),
+        os.path.join(run_dir, ATLAS_RECORD),
     )
 
     tasks, todo, present = _plan(run_dir, manifest, plan, options, settings)
@@ -443,15 +447,11 @@ def build_index(run_dir: str) -> pa.Table:
                     }
                 )
     layer_names = [info["name"] for info in manifest["layers"]]
-    config = (
-        json.load(open(os.path.join(run_dir, ATLAS, "render.json")))
-        if exists(os.path.join(ATLAS, "render.json"))
-        else {}
-    )
+    config = json.load(open(os.path.join(run_dir, ATLAS_RECORD))) if exists(ATLAS_RECORD) else {}
     if config.get("output_layer") and config["output_layer"] not in layer_names:
         layer_names.append(config["output_layer"])
     for layer in layer_names:
-        directory = os.path.join(run_dir, ATLAS, f"layer={layer}")
+        directory = layer_dir(os.path.join(run_dir, ATLAS), layer)
         if not os.path.isdir(directory):
             continue
         for entry in sorted(os.listdir(directory)):
@@ -478,8 +478,8 @@ def build_index(run_dir: str) -> pa.Table:
                     }
                 )
     index = pa.Table.from_pylist(rows, schema=ATLAS_INDEX_SCHEMA)
-    write_table(index, os.path.join(run_dir, ATLAS, "index.parquet"))
-    write_table(image_dependence(rows, pooling), os.path.join(run_dir, ATLAS, "dependence.parquet"))
+    write_table(index, os.path.join(run_dir, ATLAS_INDEX))
+    write_table(image_dependence(rows, pooling), os.path.join(run_dir, ATLAS_DEPENDENCE))
     write_views(run_dir)  # RUN/views.sql now reads the atlas tables
     return index
 

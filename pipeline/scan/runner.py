@@ -27,7 +27,7 @@ from pipeline.rundir import RunDirectory, claim, run_lock
 from pipeline.scan.settings import SCAN, check_scan_settings
 from pipeline.scan.local import choose_executor, decode_threads, decoded_batches, local_plan, run_local_pass
 from pipeline.scan.recorder import Flush, Recorder, RecorderConfig, ScanResult, ScanState, image_facts, peak_rss_mb
-from pipeline.store import IMAGES_SCHEMA, read_manifest, write_views
+from pipeline.store import IMAGES, IMAGES_SCHEMA, MAXIMA, TOPK, UNITS, read_manifest, table_part, write_views
 from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
 from pipeline.worker_pool import PassOutcome, WorkerPool
 
@@ -213,7 +213,7 @@ def _write_images(store: FlushStore, path: str) -> None:
 
 def _move_maxima(store: FlushStore, directory: str) -> None:
     for fid in store.flush_ids():
-        root = os.path.join(store.root, fid, "maxima")
+        root = os.path.join(store.root, fid, MAXIMA)
         if not os.path.isdir(root):
             continue
         for part in os.listdir(root):
@@ -304,16 +304,16 @@ def run_scan(config: ScanConfig) -> dict:
             merge_started = time.time()
             result = ScanResult(_merge_flushes(store, local=local))
             merge_seconds = time.time() - merge_started
-        images_dir = run.staged("images")
-        _write_images(store, os.path.join(images_dir, "part-0.parquet"))
+        images_dir = run.staged(IMAGES)
+        _write_images(store, table_part(images_dir))
         if config.record == "all":
-            _move_maxima(store, run.staged("maxima"))
+            _move_maxima(store, run.staged(MAXIMA))
         result.write(
             fields,
             loaded.preprocess,
             _facts_for(images_dir, result.keys()),
-            run.staged("topk"),
-            os.path.join(run.staged("units"), "part-0.parquet"),
+            run.staged(TOPK),
+            table_part(run.staged(UNITS)),
         )
         finished = time.time()
         units_total = sum(layer_units.values())
