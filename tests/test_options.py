@@ -11,7 +11,7 @@ import pytest
 from pipeline.cli import build_parser
 from pipeline.cluster.config import ConfigError, ScanSection
 from pipeline.scan.runner import ScanConfig
-from pipeline.scan.settings import SCAN, SCAN_OPTIONS
+from pipeline.scan.settings import SCAN_OPTION, SCAN_OPTIONS
 
 # The spellings users type, written out by hand (docs/usage.md, docs/jobs.md): a declaration may not rename them.
 FLAGS = {
@@ -47,11 +47,11 @@ def test_every_scan_option_is_declared_once_and_reaches_every_door():
     section_defaults = {f.name: f.default for f in dataclasses.fields(ScanSection)}
     for name, flag in FLAGS.items():
         assert flag in flags, flag
-        assert getattr(args, name) == SCAN[name].default == config_defaults[name], name
+        assert getattr(args, name) == SCAN_OPTION[name].default == config_defaults[name], name
         if name in JOB_KEYS:
-            assert section_defaults[name] == SCAN[name].default, name
+            assert section_defaults[name] == SCAN_OPTION[name].default, name
     assert JOB_KEYS <= set(section_defaults) and "executor" not in section_defaults
-    assert SCAN["flush_images"].default == 50_000 and SCAN["stall_seconds"].default == 600.0
+    assert SCAN_OPTION["flush_images"].default == 50_000 and SCAN_OPTION["stall_seconds"].default == 600.0
 
 
 @pytest.mark.parametrize(
@@ -71,3 +71,30 @@ def test_a_value_out_of_bounds_is_refused_alike_by_config_and_job_file(name, val
     with pytest.raises(ConfigError) as refused:
         ScanSection(**{name: value}).check()
     assert str(refused.value) == f"scan.{words}"
+
+
+def test_every_dissect_option_reaches_every_door():
+    from pipeline.cluster.config import DissectSection
+    from pipeline.dissect.runner import DissectConfig
+    from pipeline.dissect.settings import DISSECT_OPTION, DISSECT_OPTIONS
+
+    flags_by_name = {"probe": "--probe", "batch_size": "--batch-size", "actors": "--actors", "threads": "--threads"}
+    flags_by_name["device"] = "--device"
+    assert {o.name for o in DISSECT_OPTIONS} == set(flags_by_name)
+    parser = build_parser()
+    action = next(a for a in parser._subparsers._group_actions if "dissect" in a.choices)
+    dissect = action.choices["dissect"]
+    flags = {flag for a in dissect._actions for flag in a.option_strings}
+    args = dissect.parse_args(["RUN"])
+    config_defaults = {f.name: f.default for f in dataclasses.fields(DissectConfig)}
+    section_defaults = {f.name: f.default for f in dataclasses.fields(DissectSection)}
+    for name, flag in flags_by_name.items():
+        assert flag in flags
+        assert getattr(args, name) == DISSECT_OPTION[name].default == config_defaults[name], name
+        if name != "threads":  # not a job-file key
+            assert section_defaults[name] == DISSECT_OPTION[name].default, name
+    assert DISSECT_OPTION["batch_size"].default == 16
+    with pytest.raises(ConfigError, match=r"^dissect.device must be one of auto, cuda, cpu, got 'tpu'$"):
+        DissectSection(device="tpu").check()
+    with pytest.raises(ValueError, match=r"^batch_size must be between 1 and 4,096, got 0$"):
+        DissectConfig(run="r", batch_size=0).validate()

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from pool_actors import Counter
+from pipeline.models import ModelConfig
 from pipeline.worker_pool import PoolStalled, WorkerPool
+
+DISSECT_NET = ModelConfig(
+    spec="module:tiny_models:dissect_net", image_size=112, resize=112, mean=(0.5, 0.5, 0.5), std=(1.0, 1.0, 1.0)
+)
+INFO = [{"name": "relu2", "shape": [3, 112, 112]}]
 
 
 @pytest.mark.parametrize("die_at", ["map", "gather", "never"])
@@ -46,30 +52,38 @@ def test_a_call_that_never_returns_fails_saying_so(ray_cluster, tmp_path):
         pool.shutdown()
 
 
+@pytest.fixture(scope="module")
+def small_probe(tmp_path_factory):
+    """24 images of the built-in probe: 12 batches of 2, so a kill lands mid-pass, and quick."""
+    import pyarrow.parquet as pq
+
+    from pipeline.dissect.builtin import write_colors_textures
+    from pipeline.dissect.probe import open_probe, write_probe
+    from pipeline.store import PROBE_CONCEPTS
+
+    root = tmp_path_factory.mktemp("probes")
+    full = open_probe(write_colors_textures(str(root / "builtin")))
+    images = pq.read_table(full.files[0]).slice(0, 24)
+    concepts = pq.read_table(os.path.join(full.path, PROBE_CONCEPTS))
+    return open_probe(write_probe(str(root / "probe"), concepts, images))
+
+
+@pytest.fixture(scope="module")
+def undisturbed(small_probe):
+    """The reference: the in-process dissection (no Ray, one worker) of the same probe."""
+    from pipeline.dissect.runner import dissect_in_process
+
+    return dissect_in_process(small_probe, DISSECT_NET, INFO, batch_size=2)
+
+
 @pytest.mark.parametrize("phase", ["thresholds", "iou"])
-def test_a_dissect_actor_killed_midway_changes_nothing(ray_cluster, tmp_path, phase, monkeypatch):
+def test_a_dissect_actor_killed_midway_changes_nothing(ray_cluster, small_probe, undisturbed, phase, monkeypatch):
     """A DissectWorker SIGKILLed in either pass: its counted batches are redone by the other worker, and the
     thresholds and IoU counts equal those of the undisturbed in-process dissection."""
     from helpers import run_and_kill
     from pipeline.dissect import runner
-    from pipeline.dissect.builtin import write_colors_textures
-    from pipeline.dissect.probe import open_probe
-    from pipeline.models import ModelConfig
 
-    model = ModelConfig(
-        spec="module:tiny_models:dissect_net", image_size=112, resize=112, mean=(0.5, 0.5, 0.5), std=(1.0, 1.0, 1.0)
-    )
-    import pyarrow.parquet as pq
-
-    from pipeline.dissect.probe import write_probe
-    from pipeline.store import PROBE_CONCEPTS
-
-    full = open_probe(write_colors_textures(str(tmp_path / "builtin")))
-    images = pq.read_table(full.files[0]).slice(0, 24)  # 12 batches of 2: a kill lands mid-pass, and it is quick
-    concepts = pq.read_table(os.path.join(full.path, PROBE_CONCEPTS))
-    probe = open_probe(write_probe(str(tmp_path / "probe"), concepts, images))
-    info = [{"name": "relu2", "shape": [3, 112, 112]}]
-    reference, reference_thresholds = runner.dissect_in_process(probe, model, info, batch_size=2)
+    reference, reference_thresholds = undisturbed
 
     results: dict[str, int] = {}
     original = runner._run_pass
@@ -85,7 +99,7 @@ def test_a_dissect_actor_killed_midway_changes_nothing(ray_cluster, tmp_path, ph
     method = {"thresholds": "quantiles", "iou": "tally"}[phase]
     config = runner.DissectConfig(run="unused", batch_size=2, actors=2, device="cpu", progress=False)
     tallies, thresholds, execution = run_and_kill(
-        lambda: runner.run_probe(probe, model, info, config),
+        lambda: runner.run_probe(small_probe, DISSECT_NET, INFO, config),
         "ray::DissectWorker",
         when=lambda: results.get(method, 0) >= 3,
     )

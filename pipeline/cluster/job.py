@@ -24,6 +24,7 @@ from pipeline.cluster.config import ConfigError, JobConfig, to_toml
 from pipeline.data import DataError, resolve_source
 from pipeline.models import ModelConfig, ModelError, load_model, resolve_layers
 from pipeline.options import option_values
+from pipeline.dissect.settings import DISSECT_OPTIONS
 from pipeline.scan.settings import SCAN_OPTIONS
 from pipeline.cluster.remote import (
     OutLease,
@@ -249,13 +250,10 @@ def _dissect(job: PreparedJob, progress: bool) -> None:
     dissect_run(
         DissectConfig(
             run=job.run_dir,
-            probe=section.probe,
             layers=",".join(section.layers) if section.layers else None,
-            batch_size=section.batch_size,
             address=job.config.job.address,
-            actors=section.actors,
-            device=section.device,
             progress=progress,
+            **option_values(DISSECT_OPTIONS, section, job_only=True),
         )
     )
 

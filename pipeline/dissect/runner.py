@@ -26,7 +26,7 @@ from pipeline.dissect.selectivity import fetch_arrow, label_selectivity, stronge
 from pipeline.dissect.tally import ConceptIoU, TopValues, float32_below, top_values_needed
 from pipeline.dissect.worker import DissectWorker, WorkerConfig
 from pipeline.models import ModelConfig, load_scanned_model
-from pipeline.ranges import check_range
+from pipeline.dissect.settings import DISSECT_OPTION, check_dissect_settings
 from pipeline.worker_pool import WorkerPool
 from pipeline.store import (
     DISSECT,
@@ -55,21 +55,18 @@ IN_FLIGHT = 2  # batches queued per worker
 @dataclass(frozen=True)
 class DissectConfig:
     run: str
-    probe: str | None = None  # a probe folder or builtin:NAME; None: label selectivity only
+    # The declared options' defaults (pipeline/dissect/settings.py, shared with the CLI and job files).
+    probe: str | None = DISSECT_OPTION["probe"].default  # a probe folder or builtin:NAME; None: label selectivity only
     layers: str | None = None  # comma list of recorded layers; None: every recorded layer with a spatial map
-    batch_size: int = 16
+    batch_size: int = DISSECT_OPTION["batch_size"].default
     address: str | None = None
-    actors: int | None = None
-    threads: int | None = None
-    device: str = "auto"  # auto | cuda | cpu, as the scan's
+    actors: int | None = DISSECT_OPTION["actors"].default
+    threads: int | None = DISSECT_OPTION["threads"].default
+    device: str = DISSECT_OPTION["device"].default  # auto | cuda | cpu, as the scan's
     progress: bool = True
 
     def validate(self) -> None:
-        check_range("batch_size", self.batch_size)
-        check_range("actors", self.actors)
-        check_range("threads", self.threads)
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        check_dissect_settings(self)
 
 
 def dissect_layers(manifest: dict, requested: str | None) -> list[dict]:

@@ -24,7 +24,7 @@ from pipeline.preprocess import ORIENTATION, Preprocess
 from pipeline.ray_session import ray_session
 from pipeline.receptive_field import receptive_fields
 from pipeline.rundir import RunDirectory, claim, run_lock
-from pipeline.scan.settings import SCAN, check_scan_settings
+from pipeline.scan.settings import SCAN_OPTION, check_scan_settings
 from pipeline.scan.local import choose_executor, decode_threads, decoded_batches, local_plan, run_local_pass
 from pipeline.scan.recorder import Flush, Recorder, RecorderConfig, ScanResult, ScanState, image_facts, peak_rss_mb
 from pipeline.store import IMAGES, IMAGES_SCHEMA, MAXIMA, TOPK, UNITS, read_manifest, table_part, write_views
@@ -50,27 +50,35 @@ class ScanConfig:
     out: str
     # The declared options' defaults (pipeline/scan/settings.py: one declaration each, shared with the CLI and
     # job files).
-    layers: str = SCAN["layers"].default
-    k: int = SCAN["k"].default
-    record: str = SCAN["record"].default  # 'topk' | 'all'
-    batch_size: int | None = SCAN["batch_size"].default  # images per forward pass; None: 256 on a GPU, 32 on CPUs
+    layers: str = SCAN_OPTION["layers"].default
+    k: int = SCAN_OPTION["k"].default
+    record: str = SCAN_OPTION["record"].default  # 'topk' | 'all'
+    batch_size: int | None = SCAN_OPTION[
+        "batch_size"
+    ].default  # images per forward pass; None: 256 on a GPU, 32 on CPUs
     address: str | None = None
-    actors: int | None = SCAN["actors"].default  # model replicas; None: one per GPU, else one per 4 CPUs (at least 2)
-    threads: int | None = SCAN["threads"].default  # torch threads per CPU actor; None: the node's CPUs / actors
+    actors: int | None = SCAN_OPTION[
+        "actors"
+    ].default  # model replicas; None: one per GPU, else one per 4 CPUs (at least 2)
+    threads: int | None = SCAN_OPTION["threads"].default  # torch threads per CPU actor; None: the node's CPUs / actors
     num_cpus: int | None = None  # CPUs of a local Ray started on demand
     # 'auto': GPUs when the cluster has them now; 'cuda': GPU actors even before an autoscaler added the GPU
     # nodes (actors then defaults to 1: set it to the GPUs wanted); 'cpu': never GPUs.
-    device: str = SCAN["device"].default
+    device: str = SCAN_OPTION["device"].default
     overwrite: bool = False
     progress: bool = True
-    flush_images: int = SCAN["flush_images"].default  # each worker hands its state over (durably) after this many
+    flush_images: int = SCAN_OPTION[
+        "flush_images"
+    ].default  # each worker hands its state over (durably) after this many
     # fp32 | tf32 | bf16 | fp16; top-k is exact against a brute force in the same precision
-    precision: str = SCAN["precision"].default
-    channels_last: bool = SCAN["channels_last"].default
-    stall_seconds: float = SCAN["stall_seconds"].default  # fail, saying what is pending, when nothing moves
-    decode: str = SCAN["decode"].default  # 'gpu': JPEGs decoded on the model workers' GPUs (pipeline.device_decode)
+    precision: str = SCAN_OPTION["precision"].default
+    channels_last: bool = SCAN_OPTION["channels_last"].default
+    stall_seconds: float = SCAN_OPTION["stall_seconds"].default  # fail, saying what is pending, when nothing moves
+    decode: str = SCAN_OPTION[
+        "decode"
+    ].default  # 'gpu': JPEGs decoded on the model workers' GPUs (pipeline.device_decode)
     # 'auto': in this process for a small image folder on one machine, else Ray (pipeline.scan.local)
-    executor: str = SCAN["executor"].default
+    executor: str = SCAN_OPTION["executor"].default
 
     def validate(self) -> None:
         check_scan_settings(self)  # every declared option: ranges and choices

@@ -54,7 +54,7 @@ SCAN_OPTIONS: tuple[Option, ...] = (
         "fail (saying what is pending) when nothing progresses for this long (default {default:g})",
     ),
 )
-SCAN = {option.name: option for option in SCAN_OPTIONS}
+SCAN_OPTION = {option.name: option for option in SCAN_OPTIONS}
 
 
 def check_scan_settings(values: Any, prefix: str = "") -> None:
