@@ -52,6 +52,29 @@ def test_a_call_that_never_returns_fails_saying_so(ray_cluster, tmp_path):
         pool.shutdown()
 
 
+def test_ctrl_c_leaves_the_loop_at_once_and_shutdown_ends_every_actor(ray_cluster, tmp_path):
+    """Ctrl-C (KeyboardInterrupt, here raised where a result is handled) is not swallowed by the loop, and the
+    stages' `finally: pool.shutdown()` ends every actor (a call to one then fails as to a dead actor)."""
+    import ray
+
+    actor = ray.remote(num_cpus=0.25, max_restarts=0)(Counter)
+    pool = WorkerPool(lambda _: actor.remote(str(tmp_path / "m"), "never"), 2, in_flight=2, stall_seconds=120)
+    handles = [a.handle for a in pool.actors]
+
+    def interrupted(*_args) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            pool.map(range(40), "add", interrupted)
+        finally:
+            pool.shutdown()
+    assert pool.actors == []
+    for handle in handles:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.state.remote(), timeout=60)
+
+
 @pytest.fixture(scope="module")
 def small_probe(tmp_path_factory):
     """24 images of the built-in probe: 12 batches of 2, so a kill lands mid-pass, and quick."""
