@@ -363,7 +363,8 @@ def open_run(location: str, *, images: str = "embed") -> Run:
     images: "embed" (data URIs: the notebook keeps its pictures) or "link" (src relative to the working directory,
     which in Jupyter is the notebook's folder).
     """
-    from pipeline.cluster.remote import RunMirror, cache_dir, is_url, read_latest
+    from pipeline.cluster.remote import RunMirror, read_latest
+    from pipeline.objectstore import cache_dir, is_url
 
     if not is_url(location):
         if not os.path.isdir(location):

@@ -10,6 +10,12 @@ An image that cannot be decoded keeps its row with status 'error' and the messag
 
 Keys are stable across runs: the relative path for folders, the sample's ``__key__`` for WebDataset,
 the key column (or file name + content hash) for Parquet.
+
+Sources are checked before the model runs wherever that is cheap (`parquet_keys`, `shard_keys`, called by the
+scan's `SourceIndex`): a local Parquet file's column types, null keys and keys of other types than text or
+integers; the keys a Parquet file without a key column derives from its bytes (so duplicates are named before
+the model pass); a local WebDataset shard that ends inside a member (truncated) or is not a tar is refused,
+naming the shard and its last complete sample.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ import hashlib
 import logging
 import os
 import re
+import tarfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from pipeline.preprocess import DecodeError, Preprocess, decode_image
-from pipeline.cluster.remote import is_url
+from pipeline.objectstore import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "gif", "t
 PARQUET_IMAGE_COLUMNS = ("image", "img", "bytes", "jpg", "png")
 PARQUET_KEY_COLUMNS = ("image_key", "key", "__key__", "id", "filename")
 PARQUET_LABEL_COLUMNS = ("label", "cls", "class", "category")
+# WebDataset's sample key: the member's path up to the first dot of its base name (as Ray's reader groups).
+WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_TAR_TAIL_LIMIT = 1 << 20  # end-of-archive padding is 1 KiB to a blocking factor (10 KiB for tar's default)
 
 
 def parquet_image_key(path: str, data: bytes | None) -> str:
@@ -150,6 +160,93 @@ def read_source(spec: SourceSpec, num_cpus: float = 1.0) -> Any:
     return ray.data.read_parquet(list(spec.files), include_paths=True, num_cpus=num_cpus)
 
 
+def _parquet_columns(path: str, schema: Any) -> tuple[str, str | None]:
+    """(image column, key column or None) of a Parquet schema, their types checked (DataError names the file)."""
+    import pyarrow as pa
+
+    name = os.path.basename(path)
+    image_col = next((c for c in PARQUET_IMAGE_COLUMNS if c in schema.names), None)
+    if image_col is None:
+        raise DataError(
+            f"{name} has none of the image columns {', '.join(PARQUET_IMAGE_COLUMNS)}; "
+            f"its columns are {', '.join(schema.names)}"
+        )
+    kind = schema.field(image_col).type
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:  # Hugging Face's {bytes, path}
+        kind = kind.field("bytes").type
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise DataError(
+            f"{name}: column {image_col!r} is {schema.field(image_col).type}; image columns hold the encoded "
+            "file's bytes (binary, or a struct with a binary 'bytes' field)"
+        )
+    key_col = next((c for c in PARQUET_KEY_COLUMNS if c in schema.names), None)
+    if key_col is not None:
+        kind = schema.field(key_col).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)):
+            raise DataError(f"{name}: key column {key_col!r} is {kind}; image keys are text (or integers), one per row")
+    return image_col, key_col
+
+
+def parquet_keys(path: str) -> Iterator[str]:
+    """The image keys of a local Parquet file in row order, as the scan names its rows, checked before the
+    model runs: column types (`_parquet_columns`), no null key. Without a key column the keys are derived
+    from the bytes (`parquet_image_key`), reading the image column once, so duplicate images are named here."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    image_col, key_col = _parquet_columns(path, parquet.schema_arrow)
+    row = 0
+    for batch in parquet.iter_batches(columns=[key_col or image_col], batch_size=4096 if key_col is None else 65536):
+        for value in batch.column(0).to_pylist():
+            if key_col is None:
+                if isinstance(value, dict):
+                    value = value.get("bytes")
+                yield parquet_image_key(path, value)
+            else:
+                key = _as_text(value)
+                if key is None:
+                    raise DataError(
+                        f"{os.path.basename(path)}: row {row} has no image key (column {key_col!r} is null); "
+                        "every row needs one"
+                    )
+                yield key
+            row += 1
+
+
+def shard_keys(path: str) -> list[str]:
+    """The sample keys of a local WebDataset shard, from its headers alone (tarfile seeks over the data).
+    A shard that is not a tar or ends inside a member (truncated) is refused up front: DataError names it
+    and its last complete sample (Ray's reader would fail the whole scan at that shard, after the model ran)."""
+    keys: list[str] = []
+    try:
+        size = os.path.getsize(path)
+        with tarfile.open(path, "r:") as archive:
+            for member in archive:
+                if not member.isreg():
+                    continue
+                if member.offset_data + member.size > size:
+                    raise DataError(
+                        f"WebDataset shard {path} is truncated inside member {member.name!r} ({size:,} bytes of "
+                        f"{member.offset_data + member.size:,}); re-create or remove it, then run the scan again"
+                    )
+                match = WDS_KEY.match(member.name)
+                if match and (not keys or match.group(1) != keys[-1]):
+                    keys.append(match.group(1))
+            # tarfile ends quietly at a header it cannot read past the first: what follows the last member must
+            # be the end-of-archive padding (zeros; a blocking factor's worth), or members were lost.
+            archive.fileobj.seek(archive.offset)
+            tail = archive.fileobj.read(_TAR_TAIL_LIMIT + 1)
+            if len(tail) > _TAR_TAIL_LIMIT or tail.count(0) != len(tail):
+                raise tarfile.ReadError(f"unreadable data at byte {archive.offset:,}")
+    except tarfile.TarError as error:
+        where = f"after sample {keys[-1]!r}" if keys else "before its first sample"
+        raise DataError(
+            f"WebDataset shard {path} is damaged or truncated {where} ({error}); re-create or remove it, "
+            "then run the scan again"
+        ) from error
+    return keys
+
+
 def _as_text(value: Any) -> str | None:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
@@ -209,6 +306,8 @@ class Decoder:
         key_col = next((c for c in PARQUET_KEY_COLUMNS if c in batch), None)
         if key_col is not None:
             key = _as_text(batch[key_col][i])
+            if key is None:  # remote files are not listed up front (parquet_keys): named here instead
+                raise DataError(f"{os.path.basename(path)}: a row has no image key (column {key_col!r} is null)")
         else:
             key = parquet_image_key(path, data)
         label_col = next((c for c in PARQUET_LABEL_COLUMNS if c in batch), None)

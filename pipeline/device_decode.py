@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.preprocess import DecodeError, Preprocess
+from pipeline.preprocess import DecodeError, Preprocess, decode_image, is_device_jpeg
 
 if TYPE_CHECKING:  # torch is imported where it runs: the decode stage imports this module without it
     import torch
@@ -25,13 +25,7 @@ if TYPE_CHECKING:  # torch is imported where it runs: the decode stage imports t
 logger = logging.getLogger(__name__)
 
 DECODES = ("cpu", "gpu")
-JPEG_MAGIC = b"\xff\xd8\xff"
-DEVICE_MODES = ("RGB", "L")  # what decode_jpeg turns into RGB as PIL does; CMYK/YCCK JPEGs stay on the CPU
-
-
-def is_device_jpeg(data: bytes, image_format: str | None, mode: str) -> bool:
-    """Whether the device path takes this image (else the decode stage decodes it on the CPU as usual)."""
-    return image_format == "JPEG" and mode in DEVICE_MODES and bytes(data[:3]) == JPEG_MAGIC
+__all__ = ["DECODES", "DeviceDecoder", "cpu_reference", "is_device_jpeg"]  # is_device_jpeg: pipeline.preprocess
 
 
 class DeviceDecoder:
@@ -92,6 +86,4 @@ class DeviceDecoder:
 
 def cpu_reference(blob: bytes, preprocess: Preprocess) -> np.ndarray:
     """The CPU path's crop of the same bytes (PIL), for comparisons."""
-    from pipeline.preprocess import decode_image
-
     return decode_image(blob, preprocess)[0]

@@ -9,8 +9,13 @@ and the image refused (`DecodeError`) when a side, its pixel count, its aspect r
 resize exceeds the limits, before any pixel is allocated. Image modes are converted by their real value
 range (`to_rgb`): 16-bit grayscale to its nearest 8-bit value, modes without a defined range refused.
 
+Every stage opens images here (`decode_image` for the model's input, `open_rgb` for crops and probe images),
+and both apply the EXIF orientation (`ImageOps.exif_transpose`): a phone photo stored sideways with
+orientation 6 is scanned, cropped and shown upright, its width and height are the ORIENTED ones (the size
+limits, the `images` table and the boxes all use them), and `ORIENTATION` is part of the scan's fingerprint.
+
 The same numbers map a box in network-input pixels back to ORIGINAL image pixels (`to_original_box`),
-so the scan can store boxes that later stages cut from the untouched source images.
+so the scan can store boxes that later stages cut from the (oriented) source images.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.ranges import check_range
 
@@ -50,6 +55,19 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Formats whose mode-I images hold 16-bit values (PIL scales a PGM's maxval to 65535; older Pillow read
 # 16-bit PNG as I). A mode-I TIFF holds 32-bit integers of unknown range.
 _SIXTEEN_BIT_I_FORMATS = frozenset({"PNG", "PPM"})
+
+
+# How images are oriented: EXIF orientation applied. Recorded in the scan's fingerprint (a run made before
+# orientation was applied holds sideways pixels and stored sizes for such photos, so it is never resumed).
+ORIENTATION = "exif"
+EXIF_ORIENTATION_TAG = 0x0112
+# Orientations that swap width and height (5: transpose, 6: rotate 90 clockwise, 7: transverse, 8: 90 anticlockwise).
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+# The JPEGs `atlas scan --decode gpu` decodes on the device (pipeline.device_decode); here, beside the decode
+# that defers them, so the two modules do not import each other.
+JPEG_MAGIC = b"\xff\xd8\xff"
+DEVICE_MODES = ("RGB", "L")  # what decode_jpeg turns into RGB as PIL does; CMYK/YCCK JPEGs stay on the CPU
 
 
 class DecodeError(ValueError):
@@ -241,33 +259,73 @@ def to_rgb(image: Image.Image) -> Image.Image:
     raise DecodeError(f"image mode {mode} is not supported; save the image as 8- or 16-bit RGB or grayscale")
 
 
+def is_device_jpeg(data: bytes, image_format: str | None, mode: str) -> bool:
+    """Whether the device path takes this image (else the decode stage decodes it on the CPU as usual)."""
+    return image_format == "JPEG" and mode in DEVICE_MODES and bytes(data[:3]) == JPEG_MAGIC
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image, read from its header; 1 when absent or malformed
+    (as browsers show such a file: as stored)."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block (PIL raises several kinds) orients nothing
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def oriented_size(image: Image.Image, orientation: int) -> tuple[int, int]:
+    """(width, height) as shown, after the EXIF `orientation`."""
+    width, height = image.size
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+def _open(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():
+        # Our own limits decide (check_size); PIL's warning would only repeat them in the logs.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def _load_oriented(image: Image.Image, orientation: int) -> Image.Image:
+    """Decode fully (lazy PIL would hide truncation until later) and turn the pixels as EXIF says."""
+    image.load()
+    if orientation != 1:
+        ImageOps.exif_transpose(image, in_place=True)
+    return image
+
+
 def decode_image(data: bytes, preprocess: Preprocess, defer_jpeg: bool = False) -> tuple[np.ndarray | None, int, int]:
-    """Decode encoded image bytes fully (truncated files raise) -> (pixels, width, height).
+    """Decode encoded image bytes fully (truncated files raise) -> (pixels, width, height), oriented by EXIF.
 
     The size limits are checked on the header (PIL's open reads only that) before any pixel is decoded.
     JPEG's draft mode (decoding at 1/2-1/8 scale) is not used: it would change the pixels the model sees
     against torchvision's full decode + resize, and max_pixels already bounds a full decode's memory.
-    With `defer_jpeg` (`atlas scan --decode gpu`), a JPEG the model's device can decode
-    (pipeline.device_decode.is_device_jpeg) is only checked: pixels None, decoded later on the device.
+    With `defer_jpeg` (`atlas scan --decode gpu`), a JPEG the model's device can decode (`is_device_jpeg`)
+    is only checked: pixels None, decoded later on the device. A JPEG with an EXIF orientation other than 1
+    stays on the CPU path, which orients it.
     """
-    with warnings.catch_warnings():
-        # Our own limits decide, below; PIL's warning would only repeat them in the logs.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
-    with image:
-        width, height = image.size
+    with _open(data) as image:
+        orientation = exif_orientation(image)
+        width, height = oriented_size(image, orientation)
         try:
             preprocess.check_size(width, height)
-            if defer_jpeg:
-                from pipeline.device_decode import is_device_jpeg
-
-                if is_device_jpeg(data, image.format, image.mode):
-                    return None, width, height
-            image.load()  # force a full decode now: lazy PIL would hide truncation until later
-            return preprocess.apply(image), width, height
+            if defer_jpeg and orientation == 1 and is_device_jpeg(data, image.format, image.mode):
+                return None, width, height
+            return preprocess.apply(_load_oriented(image, orientation)), width, height
         except DecodeError as error:
             error.size = (width, height)
             raise
+
+
+def open_rgb(data: bytes, preprocess: Preprocess | None = None) -> Image.Image:
+    """An original image as 8-bit RGB, oriented and converted as the scan decoded it (crops, probe images);
+    with `preprocess`, its size limits are checked on the header first."""
+    with _open(data) as image:
+        orientation = exif_orientation(image)
+        if preprocess is not None:
+            preprocess.check_size(*oriented_size(image, orientation))
+        return to_rgb(_load_oriented(image, orientation))
 
 
 def default_resize(image_size: int, crop_ratio: float = 1.0) -> int:

@@ -21,7 +21,7 @@ def open_connection(run_dir: str):
     anything else is a run (pipeline.store.connect)."""
     manifest = read_manifest(run_dir)
     if manifest is not None and manifest.get("kind") == COMPARISON_KIND:
-        from pipeline.compare.runner import connect_comparison
+        from pipeline.compare.runs import connect_comparison
 
         return connect_comparison(run_dir)
     return connect(run_dir)

@@ -37,6 +37,7 @@ PREVIOUS = ".previous"  # the old run, only while a new one is swapped in
 FLUSHES = "flushes"  # RUN/.staging/flushes/<worker>-<seq>/: committed scan progress (pipeline.scan.flushes)
 PENDING_MAXIMA = "pending-maxima"  # RUN/.staging/pending-maxima/<flush>/: maxima of flushes not yet committed
 TABLES = ("topk", "units", "images", "maxima")
+TOPK, UNITS, IMAGES, MAXIMA = TABLES  # RUN/<table>/: the names every module uses for them
 COMPRESSION = "zstd"
 
 TOPK_SCHEMA = pa.schema(
@@ -301,6 +302,14 @@ def read_manifest(run_dir: str) -> dict | None:
         return json.load(handle)
 
 
+PART = "part-0.parquet"  # the one file of a table written whole (units, images; each layer=<L>/ of topk)
+
+
+def table_part(table_dir: str) -> str:
+    """The single Parquet file of a table (or of one of its layer folders) written whole."""
+    return os.path.join(table_dir, PART)
+
+
 def layer_dir(table_dir: str, layer: str) -> str:
     # Layer names are validated to [A-Za-z0-9_.-] (models.resolve_layers), so they are safe path parts.
     return os.path.join(table_dir, f"layer={layer}")
@@ -343,6 +352,7 @@ ATLAS = "atlas"
 EXPLAIN = "explain"
 ATLAS_INDEX = f"{ATLAS}/index.parquet"
 ATLAS_DEPENDENCE = f"{ATLAS}/dependence.parquet"
+ATLAS_RECORD = f"{ATLAS}/render.json"  # the last render's resolved settings
 EXPLAIN_INDEX = f"{EXPLAIN}/index.parquet"
 EXPLAIN_SUMMARY = f"{EXPLAIN}/summary.parquet"
 EXPLAIN_METRICS = f"{EXPLAIN}/metrics.parquet"

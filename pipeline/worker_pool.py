@@ -8,6 +8,14 @@ or its node) is dropped, not restarted in place: the pool shrinks, so the CPUs l
 free for reading and decoding, and whatever the dead actor held since its last flush is redone by the next pass
 (pipeline.scan.flushes). A replacement is started only when no actor is left. When nothing moves for `stall_seconds`
 (no block arrives, no call returns), the pass fails with a message saying what is pending instead of hanging.
+
+The same pool runs work that is not a Ray Data stream (`map`): render tasks, dissect's probe batches. The lost
+actor, replacement and stall rules are the ones above; a lost actor's calls go back to the front of the queue.
+Stateless work (render: files are written by the driver) needs no more. Stateful workers (dissect: statistics
+accumulated in the actor until `gather` collects them) are mapped with `replay=True`: the pool remembers which
+items each actor finished since its state was last gathered, and redoes them on another actor when it is lost,
+so a lost actor changes nothing in the result. Ctrl-C (KeyboardInterrupt) leaves `map` and `run` at once; the
+caller's `shutdown` (in a finally) ends every actor.
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +66,8 @@ class PassOutcome:
 class _Actor:
     handle: Any
     name: str
-    calls: dict = field(default_factory=dict)  # ObjectRef -> description
+    calls: dict = field(default_factory=dict)  # ObjectRef -> description (`map`: the item and when it was sent)
+    done: list = field(default_factory=list)  # `map(replay=True)`: items finished since the last `gather`
 
 
 _END = object()
@@ -80,6 +90,13 @@ def _feed(bundles: Iterator, out: queue.Queue, stop: threading.Event) -> None:
         out.put(_END)
     except BaseException as error:  # noqa: BLE001 - handed to the driver's loop, which re-raises it
         out.put(error)
+
+
+def _LOST_ACTOR_ERRORS() -> tuple:  # noqa: N802 - a constant that needs Ray, imported only when used
+    """Ray's errors for a call whose actor died or cannot be reached."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
 def _is_system_failure(error: BaseException) -> bool:
@@ -176,12 +193,12 @@ class WorkerPool:
             on_result(result)
         return bool(ready)
 
-    def _stalled(self, since: float) -> None:
+    def _stalled(self, since: float, what: str = "batches") -> None:
         if time.time() - since > self.stall_seconds:
             calls = sum(len(a.calls) for a in self.actors)
             raise PoolStalled(
                 f"no progress for {self.stall_seconds:.0f} s: {len(self.actors)} model workers alive, "
-                f"{calls} batches in their hands; {self.describe_pending()}"
+                f"{calls} {what} in their hands; {self.describe_pending()}"
             )
 
     def _starving(self, idle_since: float) -> bool:
@@ -269,6 +286,100 @@ class WorkerPool:
                 self._stalled(progress)
         finally:
             stop.set()
+
+    def map(
+        self,
+        items: Iterable,
+        method: str,
+        on_result: Callable[[Any, Any, float], None],
+        prepare: Callable[[Any, deque], Any] | None = None,
+        replay: bool = False,
+        what: str = "tasks",
+    ) -> PassOutcome:
+        """Call `actor.<method>(prepare(item, queue))` for every item (at most `in_flight` calls per actor);
+        `on_result(item, result, seconds)` gets each result in completion order. `prepare` (default: the item
+        itself) sees the queue still to send, so it may read ahead (render fetches a layer's images at once).
+        A lost actor is dropped and its calls (with `replay`, also the items it finished since the last
+        `gather`) are sent again; a new actor is started when none is left; PoolStalled when no call returns
+        for `stall_seconds`. A task's own error (RayTaskError) is raised as it is."""
+        import ray
+
+        outcome = PassOutcome()
+        # A deque given is the queue itself, so `prepare` sees everything still to send.
+        queue: deque = items if isinstance(items, deque) else deque()
+        source = iter(()) if queue is items else iter(items)
+        progress = time.time()
+
+        def next_item() -> tuple[bool, Any]:
+            if queue:
+                return True, queue.popleft()
+            for item in source:
+                return True, item
+            return False, None
+
+        while True:
+            if not self.actors:
+                logger.warning("every worker was lost; starting a new one")
+                self.actors.append(self._new_actor())
+            for actor in sorted(self.actors, key=lambda a: len(a.calls)):
+                while len(actor.calls) < self.in_flight:
+                    found, item = next_item()
+                    if not found:
+                        break
+                    argument = prepare(item, queue) if prepare is not None else item
+                    actor.calls[getattr(actor.handle, method).remote(argument)] = (item, time.time())
+            pending = {ref: actor for actor in self.actors for ref in actor.calls}
+            if not pending:
+                return outcome
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(5.0, self.stall_seconds))
+            if not ready:
+                self._stalled(progress, what)
+                continue
+            actor = pending[ready[0]]
+            item, sent = actor.calls.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except _LOST_ACTOR_ERRORS() as error:
+                failure = _start_failure(error)
+                if failure is not None:
+                    raise failure from error
+                again = [item] + [call[0] for call in actor.calls.values()] + (actor.done if replay else [])
+                self._drop(actor, outcome, error)
+                queue.extendleft(reversed(again))
+                continue
+            progress = time.time()
+            if replay:
+                actor.done.append(item)
+            on_result(item, result, progress - sent)
+
+    def gather(
+        self, method: str, redo: str | None = None, on_redo: Callable[[Any, Any, float], None] | None = None
+    ) -> list:
+        """`method()` of every actor (their accumulated state). An actor lost before answering has its finished
+        items (`map(replay=True)`) redone by the others through `redo`, and the gathering starts again: every
+        item counted exactly once."""
+        import ray
+
+        results: list = []
+        while True:
+            lost: list = []
+            refs = [(getattr(actor.handle, method).remote(), actor) for actor in self.actors]
+            for ref, actor in refs:
+                try:
+                    results.append(ray.get(ref, timeout=self.stall_seconds))
+                    actor.done.clear()
+                except _LOST_ACTOR_ERRORS() as error:
+                    lost.extend(actor.done)
+                    self._drop(actor, PassOutcome(), error)
+                except ray.exceptions.GetTimeoutError:
+                    raise PoolStalled(f"no answer to {method} for {self.stall_seconds:.0f} s") from None
+            if not lost:
+                return results
+            if redo is None:
+                raise RuntimeError(f"a worker was lost before {method} and nothing can redo its work")
+            # The answers so far hold their actors' own items (and reset them): only the lost actor's items are
+            # redone, and the next round gathers just those.
+            self.map(lost, redo, on_redo or (lambda *_: None), replay=True)
 
     def call_all(self, method: str, on_result: Callable[[Any], None], outcome: PassOutcome) -> None:
         """Call `method()` on every live actor (the end-of-pass flush) and collect the results."""

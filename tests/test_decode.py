@@ -290,3 +290,119 @@ def test_crops_read_back_originals_with_the_same_conversion():
     """`atlas render` cuts crops from the original: a 16-bit image must not turn white there either."""
     image = open_rgb(encode(Image.fromarray(WIDE)))
     np.testing.assert_array_equal(np.asarray(image), sixteen_to_eight(WIDE))
+
+
+# EXIF orientation (issue 26 item 6). The expectation is written from the EXIF specification's words with numpy,
+# not with PIL's transpose: "the 0th row is the visual <side>, the 0th column is the visual <side>".
+EXIF_AS_SHOWN = {
+    1: lambda a: a,  # top, left: as stored
+    2: lambda a: a[:, ::-1],  # top, right: mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # bottom, right: turned 180 degrees
+    4: lambda a: a[::-1],  # bottom, left: mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # left, top: transposed
+    6: lambda a: np.rot90(a, -1),  # right, top: turned 90 degrees clockwise (a phone held upright)
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # right, bottom: transverse
+    8: lambda a: np.rot90(a, 1),  # left, bottom: turned 90 degrees anticlockwise
+}
+
+
+def _pattern(height: int, width: int) -> np.ndarray:
+    """No symmetry: every flip or turn changes it (a gradient per channel and a block in one corner)."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    pixels = np.stack([rows * 255 // height, cols * 255 // width, (rows * 7 + cols * 3) % 256], axis=-1)
+    pixels[: height // 3, : width // 4] = (255, 255, 0)
+    return pixels.astype(np.uint8)
+
+
+def exif_jpeg(stored: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def stored_pixels(data: bytes) -> np.ndarray:
+    """The JPEG's pixels as stored, read without any orientation."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_applied_by_the_one_opener(orientation):
+    data = exif_jpeg(_pattern(30, 48), orientation)
+    expected = EXIF_AS_SHOWN[orientation](stored_pixels(data))
+    np.testing.assert_array_equal(np.asarray(open_rgb(data)), expected)
+    preprocess = Preprocess(16, 20)
+    pixels, width, height = decode_image(data, preprocess)
+    assert (width, height) == (expected.shape[1], expected.shape[0])
+    np.testing.assert_array_equal(pixels, preprocess.apply(Image.fromarray(np.ascontiguousarray(expected))))
+    # The probe images of `atlas dissect` go through the same opener.
+    from pipeline.dissect.probe import probe_pixels
+
+    shown = Image.fromarray(np.ascontiguousarray(expected)).resize((16, 16), Image.BILINEAR)
+    np.testing.assert_array_equal(probe_pixels(data, preprocess), np.asarray(shown))
+
+
+def test_the_size_limits_apply_to_the_oriented_size():
+    """A 10 x 40 photo shown 40 x 10: max_side is about the shown image, and the refusal names that size."""
+    data = exif_jpeg(_pattern(40, 10), 6)
+    with pytest.raises(DecodeError) as refused:
+        decode_image(data, Preprocess(5, 5, max_aspect=3.0))
+    assert refused.value.size == (40, 10) and "40 x 10" in str(refused.value)
+
+
+def test_a_sideways_photo_is_scanned_and_cropped_upright(tmp_path):
+    """End to end (a local scan, then the crop `atlas render` cuts): a JPEG stored sideways with orientation 6
+    and a lossless PNG of the same pixels turned by numpy are the same image to the scan: the same activations,
+    the oriented size in `images`, and the crop at the recorded box is the turned pixels at that box."""
+    from pipeline.data import SourceSpec as Spec
+    from pipeline.models import ModelConfig
+    from pipeline.render.crops import crop_box
+    from pipeline.render.fetch import fetch_images
+    from pipeline.scan.runner import ScanConfig, run_scan
+    from pipeline.store import connect
+
+    data_dir = tmp_path / "photos"
+    data_dir.mkdir()
+    sideways = exif_jpeg(_pattern(36, 60), 6)
+    upright = np.ascontiguousarray(EXIF_AS_SHOWN[6](stored_pixels(sideways)))  # 60 x 36 as shown
+    (data_dir / "phone.jpg").write_bytes(sideways)
+    Image.fromarray(upright).save(data_dir / "twin.png")
+    run = str(tmp_path / "run")
+    config = ScanConfig(
+        model=ModelConfig(spec="module:tiny_models:small_net", image_size=32),
+        data=str(data_dir),
+        out=run,
+        layers="relu",
+        k=2,
+        record="all",
+        progress=False,
+        executor="local",
+    )
+    run_scan(config)
+    with connect(run) as con:
+        sizes = {key: (w, h) for key, w, h in con.execute("SELECT image_key, width, height FROM images").fetchall()}
+        acts = con.execute(
+            "SELECT unit, list(act ORDER BY image_key) FROM topk WHERE layer = 'relu' GROUP BY unit"
+        ).fetchall()
+        boxes = con.execute(
+            "SELECT box_x0, box_y0, box_x1, box_y1 FROM topk WHERE layer = 'relu' AND image_key = 'phone.jpg'"
+        ).fetchall()
+    assert sizes == {"phone.jpg": (36, 60), "twin.png": (36, 60)}
+    assert len(acts) > 1
+    for _unit, (phone, twin) in acts:
+        assert phone == twin
+    spec = Spec("folder", str(data_dir), (str(data_dir / "phone.jpg"),))
+    original = open_rgb(fetch_images(spec, {"phone.jpg": "phone.jpg"})["phone.jpg"])
+    assert boxes
+    for x0, y0, x1, y1 in boxes:
+        np.testing.assert_array_equal(np.asarray(crop_box(original, (x0, y0, x1, y1))), upright[y0:y1, x0:x1])
+
+
+def test_a_turned_jpeg_stays_on_the_cpu_path_under_decode_gpu():
+    """`--decode gpu` defers JPEGs to the device, which does not orient: a turned one is decoded (and turned) here."""
+    preprocess = Preprocess(16, 20)
+    assert decode_image(exif_jpeg(_pattern(30, 48), 1), preprocess, defer_jpeg=True)[0] is None
+    pixels, width, height = decode_image(exif_jpeg(_pattern(30, 48), 6), preprocess, defer_jpeg=True)
+    assert pixels is not None and (width, height) == (30, 48)

@@ -19,6 +19,7 @@ import torch
 from pipeline.demo_data import load_photos, mobilenet_v2_weights
 from pipeline.explain.occlusion import Occlusion, axis_positions
 from pipeline.models import ModelConfig, load_model
+from pipeline.devices import choose_device
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def bench_occlusion(
     loaded = load_model(
         ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights(), image_size=image_size)
     )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_device()
     model = loaded.model.to(device)
     x = _inputs(images, loaded.preprocess).to(device)
     variants = {

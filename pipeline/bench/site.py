@@ -21,6 +21,11 @@ import pyarrow as pa
 
 from pipeline.store import ATLAS_INDEX_SCHEMA, DATASET_KINDS
 from pipeline.store import (
+    ATLAS,
+    ATLAS_INDEX,
+    TOPK,
+    UNITS,
+    table_part,
     MANIFEST,
     TOPK_SCHEMA,
     UNITS_SCHEMA,
@@ -47,7 +52,7 @@ def synthesize_run(run_dir: str, layer_sizes: tuple[int, ...] = LAYER_SIZES, k: 
     os.makedirs(run_dir)
     png = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(png, format="PNG")
-    source_png = os.path.join(run_dir, "atlas", "source.png")
+    source_png = os.path.join(run_dir, ATLAS, "source.png")
     os.makedirs(os.path.dirname(source_png))
     with open(source_png, "wb") as handle:
         handle.write(png.getvalue())
@@ -102,7 +107,7 @@ def synthesize_run(run_dir: str, layer_sizes: tuple[int, ...] = LAYER_SIZES, k: 
                 },
                 schema=TOPK_SCHEMA,
             ),
-            os.path.join(layer_dir(os.path.join(run_dir, "topk"), layer), "part-0.parquet"),
+            table_part(layer_dir(os.path.join(run_dir, TOPK), layer)),
         )
         dead = acts.max(0) <= 0
         for unit in np.flatnonzero(~dead):
@@ -127,10 +132,8 @@ def synthesize_run(run_dir: str, layer_sizes: tuple[int, ...] = LAYER_SIZES, k: 
                         "top1_act": None,
                     }
                 )
-    write_table(pa.table(unit_rows, schema=UNITS_SCHEMA), os.path.join(run_dir, "units", "part-0.parquet"))
-    write_table(
-        pa.Table.from_pylist(atlas_rows, schema=ATLAS_INDEX_SCHEMA), os.path.join(run_dir, "atlas", "index.parquet")
-    )
+    write_table(pa.table(unit_rows, schema=UNITS_SCHEMA), table_part(os.path.join(run_dir, UNITS)))
+    write_table(pa.Table.from_pylist(atlas_rows, schema=ATLAS_INDEX_SCHEMA), os.path.join(run_dir, ATLAS_INDEX))
     total = int(sum(layer_sizes))
     write_json(
         {

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.options import add_quiet_option, add_ray_options
+from pipeline.dissect.settings import DISSECT_OPTIONS
+from pipeline.options import add_arguments, option_values
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,14 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     dissect.add_argument("run")
     dissect.add_argument(
-        "--probe",
-        help="a probe folder (docs/dissect.md) or builtin:colors-textures; without it, "
-        "only the label selectivity is computed",
-    )
-    dissect.add_argument(
         "--layers", help="comma-separated recorded layers (default: every recorded layer with a spatial map)"
     )
-    dissect.add_argument("--batch-size", type=int, default=16, help="probe images per forward pass (default 16)")
+    add_arguments(dissect, DISSECT_OPTIONS)  # --probe, --batch-size: one declaration each (dissect/settings.py)
     add_ray_options(
         dissect,
         actors="model replicas (default: as atlas scan)",
@@ -48,14 +45,10 @@ def run(args: argparse.Namespace) -> int:
     record = dissect_run(
         DissectConfig(
             run=args.run,
-            probe=args.probe,
             layers=args.layers,
-            batch_size=args.batch_size,
             address=args.address,
-            actors=args.actors,
-            threads=args.threads,
-            device=args.device,
             progress=not args.quiet,
+            **option_values(DISSECT_OPTIONS, args),
         )
     )
     print(f"dissect: {args.run}/dissect/ (query the views labels, concepts, selectivity)")

@@ -21,31 +21,19 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.device_decode import DECODES
-from pipeline.ranges import PRECISIONS, check_range
+from pipeline.devices import DEVICES
+from pipeline.ranges import check_range
+from pipeline.dissect.settings import DISSECT_OPTION, check_dissect_settings
+from pipeline.scan.settings import SCAN_OPTION, check_scan_settings
 
 STAGES = ("scan", "render", "site")
 # Order of the stages in a job record: "compare" and "dissect" are not listed in job.stages; they run after the scan
 # whenever [compare] previous / [dissect] probe is set.
 RECORD_ORDER = ("scan", "compare", "dissect", "render", "site")
-DEVICES = ("auto", "cuda", "cpu")
 
 
 class ConfigError(ValueError):
     """A job configuration that cannot be used; the message names the key and says why."""
-
-
-def check_scan_settings(
-    k: int, record: str, batch_size: int, device: str, actors: int | None = None, threads: int | None = None
-) -> None:
-    """The scan's own settings (ValueError naming the setting); shared by job files and `atlas scan`.
-    Numeric ranges come from pipeline.ranges, the one table the model and render settings use too."""
-    for name, value in (("k", k), ("batch_size", batch_size), ("actors", actors), ("threads", threads)):
-        check_range(name, value)
-    if record not in ("topk", "all"):
-        raise ValueError(f"record must be 'topk' or 'all', got {record!r}")
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
 
 
 def _check_ranges(section: object, prefix: str, names: tuple[str, ...]) -> None:
@@ -106,20 +94,27 @@ class DataSection:
 
 @dataclass(frozen=True)
 class ScanSection:
-    layers: str = "all"  # comma-separated module names; 'all' = conv-block outputs, e.g. "all,fc"
-    k: int = 16
-    record: str = "topk"  # 'topk' | 'all'
-    batch_size: int | None = None  # images per forward pass; default 256 on a GPU, 32 on CPUs
-    actors: int | None = None  # model replicas; default: one per GPU, else one per 4 CPUs
-    threads: int | None = None
+    # The scan's options: keys, defaults and checks from their one declaration (pipeline/scan/settings.py).
+    layers: str = SCAN_OPTION[
+        "layers"
+    ].default  # comma-separated module names; 'all' = conv-block outputs, e.g. "all,fc"
+    k: int = SCAN_OPTION["k"].default
+    record: str = SCAN_OPTION["record"].default  # 'topk' | 'all'
+    batch_size: int | None = SCAN_OPTION[
+        "batch_size"
+    ].default  # images per forward pass; default 256 on a GPU, 32 on CPUs
+    actors: int | None = SCAN_OPTION["actors"].default  # model replicas; default: one per GPU, else one per 4 CPUs
+    threads: int | None = SCAN_OPTION["threads"].default
     # auto: GPUs if the cluster has them now; cuda: `actors` GPU replicas even before an autoscaler has
     # added the GPU nodes (a cluster that scales from zero); cpu: never GPUs.
-    device: str = "auto"
-    flush_images: int = 50_000  # each model worker commits its results after this many images (resumable)
-    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16
-    channels_last: bool = False
-    stall_seconds: float = 600.0  # fail, saying what is pending, when nothing progresses for this long
-    decode: str = "cpu"  # cpu | gpu (JPEGs decoded on the model workers' GPUs)
+    device: str = SCAN_OPTION["device"].default
+    flush_images: int = SCAN_OPTION[
+        "flush_images"
+    ].default  # each model worker commits its results after this many images
+    precision: str = SCAN_OPTION["precision"].default  # fp32 | tf32 | bf16 | fp16
+    channels_last: bool = SCAN_OPTION["channels_last"].default
+    stall_seconds: float = SCAN_OPTION["stall_seconds"].default  # fail, saying what is pending, when nothing progresses
+    decode: str = SCAN_OPTION["decode"].default  # cpu | gpu (JPEGs decoded on the model workers' GPUs)
     # Decoding limits (None: the defaults, see pipeline.preprocess): an image whose header declares a side,
     # a pixel count or an aspect ratio over them is listed as an error instead of decoded.
     max_side: int | None = None
@@ -127,15 +122,11 @@ class ScanSection:
     max_aspect: float | None = None
 
     def check(self) -> None:
-        _check_ranges(self, "scan", ("max_side", "max_pixels", "max_aspect", "flush_images", "stall_seconds"))
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"scan.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.decode not in DECODES:
-            raise ConfigError(f"scan.decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        _check_ranges(self, "scan", ("max_side", "max_pixels", "max_aspect"))
         try:
-            check_scan_settings(self.k, self.record, self.batch_size, self.device, self.actors, self.threads)
+            check_scan_settings(self, prefix="scan.")
         except ValueError as error:
-            raise ConfigError(f"scan.{error}") from error
+            raise ConfigError(str(error)) from error
 
 
 @dataclass(frozen=True)
@@ -193,18 +184,20 @@ class CompareSection:
 class DissectSection:
     # A probe folder or builtin:colors-textures: after the scan the job runs `atlas dissect RUN --probe PROBE`
     # (unit labels: network dissection and the data labels' selectivity, docs/dissect.md). Unset: no dissection.
-    probe: str | None = None
+    # Keys, defaults and checks from their one declaration (pipeline/dissect/settings.py).
+    probe: str | None = DISSECT_OPTION["probe"].default
     layers: list[str] | None = None  # default: every scanned layer with a spatial map
-    batch_size: int = 16
-    actors: int | None = None
-    device: str = "auto"
+    batch_size: int = DISSECT_OPTION["batch_size"].default
+    actors: int | None = DISSECT_OPTION["actors"].default
+    device: str = DISSECT_OPTION["device"].default
 
     def check(self) -> None:
-        if self.device not in DEVICES:
-            raise ConfigError(f"dissect.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        try:
+            check_dissect_settings(self, prefix="dissect.")
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         if self.probe is not None and "://" in self.probe:
             raise ConfigError(f"dissect.probe must be a local probe folder or builtin:NAME, got {self.probe!r}")
-        _check_ranges(self, "dissect", ("batch_size", "actors"))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,9 @@ from typing import Callable
 from pipeline.cluster.config import ConfigError, JobConfig, to_toml
 from pipeline.data import DataError, resolve_source
 from pipeline.models import ModelConfig, ModelError, load_model, resolve_layers
+from pipeline.options import option_values
+from pipeline.dissect.settings import DISSECT_OPTIONS
+from pipeline.scan.settings import SCAN_OPTIONS
 from pipeline.cluster.remote import (
     OutLease,
     RunMirror,
@@ -170,20 +173,10 @@ def prepare_job(
         model=model,
         data=data,
         out=run_dir,
-        layers=",".join(layers),
-        k=config.scan.k,
-        record=config.scan.record,
-        batch_size=config.scan.batch_size,
         address=config.job.address,
-        actors=config.scan.actors,
-        threads=config.scan.threads,
-        device=config.scan.device,
         overwrite=config.job.overwrite,
-        flush_images=config.scan.flush_images,
-        precision=config.scan.precision,
-        channels_last=config.scan.channels_last,
-        stall_seconds=config.scan.stall_seconds,
-        decode=config.scan.decode,
+        # every declared scan option of the job file, as the job file spells it (pipeline/scan/settings.py)
+        **(option_values(SCAN_OPTIONS, config.scan, job_only=True) | {"layers": ",".join(layers)}),
     )
     try:
         options = RenderOptions.from_settings(
@@ -212,7 +205,7 @@ def prepare_job(
     _check_actors_on_local_machine(config, scan, options)
     site_out = os.path.abspath(config.site.out) if config.site.out else None
     if config.compare.previous is not None:
-        from pipeline.compare.runner import load_run
+        from pipeline.compare.runs import load_run
 
         previous = os.path.abspath(config.compare.previous)
         if previous == run_dir:
@@ -257,13 +250,10 @@ def _dissect(job: PreparedJob, progress: bool) -> None:
     dissect_run(
         DissectConfig(
             run=job.run_dir,
-            probe=section.probe,
             layers=",".join(section.layers) if section.layers else None,
-            batch_size=section.batch_size,
             address=job.config.job.address,
-            actors=section.actors,
-            device=section.device,
             progress=progress,
+            **option_values(DISSECT_OPTIONS, section, job_only=True),
         )
     )
 

@@ -10,7 +10,6 @@ cache keyed by the URL.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import logging
@@ -19,62 +18,20 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from typing import Callable
 
+from pipeline.objectstore import _download, _filesystem, cache_dir, fetch_file, is_url
 from pipeline.store import JOB_RECORD, MANIFEST, write_json
+
+__all__ = ["RunMirror", "cache_dir", "fetch_file", "is_url"]  # the last three: pipeline.objectstore
 
 logger = logging.getLogger(__name__)
 
 # Written last on upload: while they are absent or old, the remote copy is not (newly) complete.
 COMMIT_FILES = (MANIFEST, JOB_RECORD)
-
-
-def is_url(path: str | None) -> bool:
-    return bool(path) and "://" in path
-
-
-def _filesystem(url: str):
-    """(pyarrow filesystem, path inside it) for a URL; a clear error for an unknown or unavailable scheme."""
-    import pyarrow.fs as pafs
-
-    try:
-        return pafs.FileSystem.from_uri(url)
-    except Exception as error:  # noqa: BLE001 - pyarrow raises ArrowInvalid/ArrowNotImplementedError/OSError
-        raise ValueError(f"cannot open {url}: {error}") from error
-
-
-def cache_dir() -> str:
-    return os.environ.get("NEURON_ATLAS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "neuron-atlas"))
-
-
-def _download(filesystem, path: str, target: str) -> None:
-    """Copy `path` of `filesystem` to the local file `target` through a temporary name (never half-written)."""
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".part")
-    with os.fdopen(handle, "wb") as out, filesystem.open_input_stream(path) as source:
-        shutil.copyfileobj(source, out, 1 << 20)
-    os.replace(partial, target)
-
-
-def fetch_file(url: str) -> str:
-    """A local copy of the file at `url` (downloaded once; a partial download never counts)."""
-    import pyarrow.fs as pafs
-
-    filesystem, path = _filesystem(url)
-    info = filesystem.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"{url} does not exist")
-    digest = hashlib.sha256(f"{url}\0{info.size}\0{info.mtime_ns}".encode()).hexdigest()[:16]
-    local = os.path.join(cache_dir(), "files", digest, os.path.basename(path))
-    if os.path.isfile(local) and os.path.getsize(local) == info.size:
-        return local
-    _download(filesystem, path, local)
-    logger.info("downloaded %s (%d bytes)", url, info.size)
-    return local
 
 
 class RunMirror:

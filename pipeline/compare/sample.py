@@ -112,7 +112,7 @@ def sample_runs(
 def _scan_sides(
     a, b, rescan, configs, data: str, layers: list[str], root: str, images: int, address: str | None, progress: bool
 ) -> tuple:
-    from pipeline.compare.runner import load_run
+    from pipeline.compare.runs import load_run
     from pipeline.ray_session import ray_session
     from pipeline.scan.runner import ScanConfig, run_scan
 

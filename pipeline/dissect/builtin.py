@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.dissect.colors import COLOR_NAMES, color_index
-from pipeline.dissect.probe import encode_mask, write_probe
+from pipeline.dissect.masks import encode_mask, write_probe
 from pipeline.dissect.textures import texture_image, textures
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ from pipeline.dissect.selectivity import fetch_arrow, label_selectivity, stronge
 from pipeline.dissect.tally import ConceptIoU, TopValues, float32_below, top_values_needed
 from pipeline.dissect.worker import DissectWorker, WorkerConfig
 from pipeline.models import ModelConfig, load_scanned_model
-from pipeline.ranges import check_range
+from pipeline.dissect.settings import DISSECT_OPTION, check_dissect_settings
+from pipeline.worker_pool import WorkerPool
 from pipeline.store import (
     DISSECT,
     DISSECT_CONCEPTS,
@@ -54,21 +55,18 @@ IN_FLIGHT = 2  # batches queued per worker
 @dataclass(frozen=True)
 class DissectConfig:
     run: str
-    probe: str | None = None  # a probe folder or builtin:NAME; None: label selectivity only
+    # The declared options' defaults (pipeline/dissect/settings.py, shared with the CLI and job files).
+    probe: str | None = DISSECT_OPTION["probe"].default  # a probe folder or builtin:NAME; None: label selectivity only
     layers: str | None = None  # comma list of recorded layers; None: every recorded layer with a spatial map
-    batch_size: int = 16
+    batch_size: int = DISSECT_OPTION["batch_size"].default
     address: str | None = None
-    actors: int | None = None
-    threads: int | None = None
-    device: str = "auto"  # auto | cuda | cpu, as the scan's
+    actors: int | None = DISSECT_OPTION["actors"].default
+    threads: int | None = DISSECT_OPTION["threads"].default
+    device: str = DISSECT_OPTION["device"].default  # auto | cuda | cpu, as the scan's
     progress: bool = True
 
     def validate(self) -> None:
-        check_range("batch_size", self.batch_size)
-        check_range("actors", self.actors)
-        check_range("threads", self.threads)
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        check_dissect_settings(self)
 
 
 def dissect_layers(manifest: dict, requested: str | None) -> list[dict]:
@@ -164,29 +162,45 @@ def run_probe(
         settings = worker_config(probe, model, layers, plan["device"], plan["threads"], config.batch_size)
         names, units, m = settings.layers, settings.units, settings.top_values
         remote = ray.remote(DissectWorker).options(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=0)
-        actors = [remote.remote(settings) for _ in range(plan["actors"])]
+        thresholds: dict[str, np.ndarray] | None = None
+
+        def make_actor(_index: int):
+            actor = remote.remote(settings)
+            if thresholds is not None:  # a replacement in pass 2 (calls to an actor run in order)
+                actor.set_thresholds.remote(thresholds)
+            return actor
+
+        # The worker pool's rules (pipeline.worker_pool): a lost dissect actor is dropped and the batches it had
+        # counted are redone by the others (replay), so the tables are those of an undisturbed run.
+        pool = WorkerPool(make_actor, plan["actors"], in_flight=IN_FLIGHT)
         try:
-            keys: list[str] = []
+            keys: dict[int, list[str]] = {}
             timings = {}
             started = time.time()
-            _run_pass(actors, "quantiles", probe, config, keys.extend, "dissect: thresholds")
-            duplicates = len(keys) - len(set(keys))
+
+            def record_keys(item: tuple, batch_keys: list[str], _seconds: float) -> None:
+                keys[item[0]] = batch_keys  # by batch: a batch redone after a lost actor is not counted twice
+
+            _run_pass(pool, "quantiles", probe, config, record_keys, "dissect: thresholds")
+            all_keys = [key for index in sorted(keys) for key in keys[index]]
+            duplicates = len(all_keys) - len(set(all_keys))
             if duplicates:
                 raise ValueError(f"the probe has {duplicates} repeated image_key(s); keys must be unique")
-            thresholds = merge_thresholds(ray.get([a.state.remote() for a in actors]), names, units, m)
+            states = pool.gather("state", redo="quantiles", on_redo=record_keys)
+            thresholds = merge_thresholds(states, names, units, m)
             timings["thresholds_seconds"] = round(time.time() - started, 3)
-            ray.get([a.set_thresholds.remote(thresholds) for a in actors])
+            for actor in pool.actors:
+                actor.handle.set_thresholds.remote(thresholds)
             started = time.time()
-            _run_pass(actors, "tally", probe, config, lambda _: None, "dissect: IoU")
-            tallies = merge_tallies(ray.get([a.state.remote() for a in actors]), probe, names, units)
+            _run_pass(pool, "tally", probe, config, lambda *_: None, "dissect: IoU")
+            tallies = merge_tallies(pool.gather("state", redo="tally"), probe, names, units)
             timings["iou_seconds"] = round(time.time() - started, 3)
         except ray.exceptions.RayTaskError as error:
             if isinstance(error.cause, ValueError):  # a bad probe image, named: one line for the user
                 raise error.cause from None
             raise
         finally:
-            for actor in actors:
-                ray.kill(actor)
+            pool.shutdown()
     return (
         tallies,
         thresholds,
@@ -262,32 +276,22 @@ def dissect_in_process(
     return merge_tallies([w.state() for w in pool], probe, config.layers, config.units), thresholds
 
 
-def _run_pass(actors: list, method: str, probe: Probe, config: DissectConfig, on_result, desc: str) -> None:
-    """Send every probe batch to the least busy worker (at most IN_FLIGHT each); results in completion order."""
+def _run_pass(pool: WorkerPool, method: str, probe: Probe, config: DissectConfig, on_result, desc: str) -> None:
+    """Send every probe batch (index, its table in the object store) to the pool; results in completion order."""
     import ray
     from tqdm import tqdm
 
-    pending: dict = {}
-    load = {i: 0 for i in range(len(actors))}
     bar = tqdm(total=probe.images, unit="img", desc=desc, disable=not config.progress)
 
-    def collect(block: bool) -> None:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
-        for ref in ready:
-            worker, count = pending.pop(ref)
-            load[worker] -= 1
-            on_result(ray.get(ref))
-            bar.update(count)
+    def done(item: tuple, result, seconds: float) -> None:
+        on_result(item, result, seconds)
+        bar.update(item[2])
 
     try:
-        for table in probe.batches(config.batch_size):
-            while len(pending) >= IN_FLIGHT * len(actors):
-                collect(block=True)
-            worker = min(load, key=lambda i: (load[i], i))
-            load[worker] += 1
-            pending[getattr(actors[worker], method).remote(ray.put(table))] = (worker, table.num_rows)
-        while pending:
-            collect(block=True)
+        batches = ((i, ray.put(table), table.num_rows) for i, table in enumerate(probe.batches(config.batch_size)))
+        # The batches a worker counted stay in the object store until its state is gathered (to redo them if
+        # the worker is lost): at most one pass of the probe.
+        pool.map(batches, method, done, prepare=lambda item, _queue: item[1], replay=True, what="probe batches")
     finally:
         bar.close()
 

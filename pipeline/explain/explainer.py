@@ -31,6 +31,7 @@ from pipeline.models import (
     layer_shapes,
     load_model,
 )
+from pipeline.devices import choose_device
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class Explainer:
             torch.set_num_threads(config.threads)
         self.config = config
         loaded = load_model(config.model)
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = choose_device(config.device)
         deterministic_on(self.device)
         self.model = loaded.model.to(self.device).eval()
         self.preprocess = loaded.preprocess

@@ -8,21 +8,14 @@ original image's size, then cut at the same box, so both images show the same pi
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.preprocess import Preprocess, to_rgb
+from pipeline.preprocess import Preprocess, open_rgb
 
-
-def open_rgb(data: bytes) -> Image.Image:
-    """An original image (read back by key) as RGB, converted as the scan converted it."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return to_rgb(image)
+__all__ = ["crop_box", "heat_in_box", "heat_in_original", "open_rgb", "overlay", "reconstruction_image"]
 
 
 def crop_box(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:

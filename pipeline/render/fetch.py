@@ -21,7 +21,7 @@ from pipeline.data import (
     SourceSpec,
     parquet_image_key,
 )
-from pipeline.cluster.remote import is_url
+from pipeline.objectstore import is_url
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import os
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from pipeline.store import layer_dir
+from pipeline.store import ATLAS, layer_dir
 
-ATLAS = "atlas"
+__all__ = ["ATLAS", "PHOTO_PNG_LEVEL", "VIS_KINDS", "png_bytes", "unit_file"]  # ATLAS: pipeline.store
 VIS_KINDS = ("featvis", "classvis")
 # zlib level for photographs (crops, overlays, reconstructions): level 1 encodes a 150 px crop in a third of the
 # time of PIL's default 6 for about 10 % more bytes (photos compress poorly either way); visualizations keep 6.

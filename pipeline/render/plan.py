@@ -15,16 +15,43 @@ files map "nothing named" to pictures only (``units=frozenset()``, ``pictures=DE
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Sequence
 
 from pipeline.ranges import check_range
-from pipeline.render.worker import VisSettings
 
 ALL = "all"
 # Top images per unit drawn as pictures by default: the thumbnail (rank 0) and a few more for the unit page.
 # Measured in docs/rendering.md ("A picture for every unit").
 DEFAULT_PICTURES = 1
+
+
+@dataclass(frozen=True)
+class VisSettings:
+    """What determines a feature visualization; a finished PNG records these and is redone if they change."""
+
+    preset: str = "lucid"
+    steps: int | None = None  # None: the preset's
+    size: int = 128
+    seed: int = 0
+    objective: str = "channel"
+
+    def validate(self) -> None:
+        # torch comes with these (the presets build their step rules): only when settings are checked, so the plan
+        # itself imports without it (tests/test_render_plan.py).
+        from pipeline.optvis.objectives import UNIT_OBJECTIVES
+        from pipeline.optvis.presets import get_preset
+
+        check_range("steps", self.steps)
+        check_range("size", self.size, "feature-visualization size")
+        get_preset(self.preset, self.steps)
+        if self.objective not in UNIT_OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(UNIT_OBJECTIVES)}, got {self.objective!r}")
+
+    def resolved(self) -> dict:
+        from pipeline.optvis.presets import get_preset
+
+        return {**asdict(self), "steps": get_preset(self.preset, self.steps).steps}
 
 
 @dataclass(frozen=True)

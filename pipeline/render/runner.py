@@ -19,10 +19,10 @@ records the resolved settings.
 
 from __future__ import annotations
 
+from collections import deque
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -52,8 +52,12 @@ from pipeline.render.worker import (
     unit_file,
 )
 
-from pipeline.worker_pool import PoolStalled
+from pipeline.worker_pool import WorkerPool
 from pipeline.store import (
+    layer_dir,
+    ATLAS_DEPENDENCE,
+    ATLAS_INDEX,
+    ATLAS_RECORD,
     ATLAS_DEPENDENCE_SCHEMA,
     ATLAS_INDEX_SCHEMA,
     DATASET_KINDS,
@@ -131,7 +135,7 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
             "units_per_task": options.units_per_task,
             "pictures": options.pictures,
         },
-        os.path.join(run_dir, ATLAS, "render.json"),
+        os.path.join(run_dir, ATLAS_RECORD),
     )
 
     tasks, todo, present = _plan(run_dir, manifest, plan, options, settings)
@@ -285,7 +289,6 @@ def _execute(
     run_dir: str, manifest: dict, model_config: ModelConfig, tasks: list[_Queued], options: RenderOptions
 ) -> None:
     import ray
-    from ray.exceptions import RayActorError
     from tqdm import tqdm
 
     from pipeline.ray_session import ray_session
@@ -294,83 +297,59 @@ def _execute(
     with ray_session(options.address) as cluster:
         plan = plan_workers(options, cluster.cpus, cluster.gpus)
         config = RenderConfig(model=model_config, vis=options.vis, device=plan["device"], threads=plan["threads"])
-        # Rendering is a pure function of the task (files are written here, by the driver): a lost actor is
-        # dropped and its task given to another (not restarted in place, where the CPUs left after a lost node
-        # may never fit it); when none is left a new one is started, and a render where nothing completes for
-        # STALL_SECONDS fails saying so instead of waiting forever.
+        # Rendering is a pure function of the task (files are written here, by the driver): the worker pool's
+        # rules apply as they are (pipeline.worker_pool.WorkerPool.map): a lost actor is dropped and its task
+        # given to another, a new one started when none is left, no task finishing for STALL_SECONDS fails.
         actor_class = ray.remote(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"], max_restarts=0)(_RenderActor)
-        actors = [actor_class.remote(config) for _ in range(plan["actors"])]
-        logger.info("rendering %d tasks on %d actor(s) (%s)", len(tasks), len(actors), plan["device"])
+        pool = WorkerPool(
+            lambda _: actor_class.remote(config), plan["actors"], in_flight=1, stall_seconds=STALL_SECONDS
+        )
+        logger.info("rendering %d tasks on %d actor(s) (%s)", len(tasks), plan["actors"], plan["device"])
         bar = tqdm(total=len(tasks), desc="render", unit="task", disable=not options.progress)
-        pending: dict = {}
-        idle = list(actors)
         layer_images: tuple[str | None, dict[str, bytes]] = (None, {})
         picture_images: dict[str, bytes] = {}
         picture_keys: set[str] = set()  # asked for in the current read (a key that could not be read stays missing)
-        queue = list(tasks)
         remaining: dict[str, int] = {}
         for queued in tasks:
             remaining[queued.kind] = remaining.get(queued.kind, 0) + queued.work
         estimate = Estimate()
-        progress = time.time()
+
+        def prepare(queued: _Queued, queue: deque) -> RenderTask | PictureTask:
+            """The task with the original images it needs, read ahead for the tasks queued after it."""
+            nonlocal layer_images, picture_images, picture_keys
+            task = queued.task
+            if isinstance(task, PictureTask) and not task.images:
+                if any(key not in picture_keys for key in task.image_keys):
+                    picture_keys, picture_images = _fetch_pictures(run_dir, source, task, list(queue))
+                task.images = {k: picture_images[k] for k in task.image_keys if k in picture_images}
+            elif isinstance(task, RenderTask) and task.views and not task.images:
+                if layer_images[0] != task.layer:  # one pass over the data per layer
+                    wanted = [task] + [
+                        q.task for q in queue if isinstance(q.task, RenderTask) and q.task.layer == task.layer
+                    ]
+                    layer_images = (
+                        task.layer,
+                        _fetch_for(run_dir, source, [v.image_key for t in wanted for v in t.views]),
+                    )
+                task.images = {
+                    v.image_key: layer_images[1][v.image_key] for v in task.views if v.image_key in layer_images[1]
+                }
+            return task
+
+        def finished(queued: _Queued, result: RenderResult, seconds: float) -> None:
+            for relative, data in result.files.items():
+                _save(os.path.join(run_dir, relative), data)
+            queued.task.images = {}  # sent and done: free the bytes
+            remaining[queued.kind] -= queued.work
+            if estimate.add(queued.kind, queued.work, seconds) and any(remaining.values()):
+                _log_estimate(estimate, remaining, len(pool.actors), queued)
+            bar.update(1)
+
         try:
-            while queue or pending:
-                if not actors:
-                    logger.warning("every render actor was lost; starting a new one")
-                    actors.append(actor_class.remote(config))
-                    idle.append(actors[-1])
-                while queue and idle:
-                    queued = queue.pop(0)
-                    task = queued.task
-                    if isinstance(task, PictureTask) and not task.images:
-                        if any(key not in picture_keys for key in task.image_keys):
-                            picture_keys, picture_images = _fetch_pictures(run_dir, source, task, queue)
-                        task.images = {k: picture_images[k] for k in task.image_keys if k in picture_images}
-                    elif isinstance(task, RenderTask) and task.views and not task.images:
-                        if layer_images[0] != task.layer:  # one pass over the data per layer
-                            wanted = [task] + [
-                                q.task for q in queue if isinstance(q.task, RenderTask) and q.task.layer == task.layer
-                            ]
-                            layer_images = (
-                                task.layer,
-                                _fetch_for(run_dir, source, [v.image_key for t in wanted for v in t.views]),
-                            )
-                        task.images = {
-                            v.image_key: layer_images[1][v.image_key]
-                            for v in task.views
-                            if v.image_key in layer_images[1]
-                        }
-                    actor = idle.pop()
-                    pending[actor.render.remote(task)] = (actor, queued, time.time())
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
-                if not done:
-                    if time.time() - progress > STALL_SECONDS:
-                        raise PoolStalled(
-                            f"no render task finished for {STALL_SECONDS} s with {len(actors)} actors "
-                            f"alive and {len(pending)} tasks in their hands"
-                        )
-                    continue
-                actor, queued, started = pending.pop(done[0])
-                try:
-                    result: RenderResult = ray.get(done[0])
-                except RayActorError as error:
-                    logger.warning("a render actor was lost (%s); its task goes to another", type(error).__name__)
-                    actors.remove(actor)
-                    queue.insert(0, queued)
-                    continue
-                idle.append(actor)
-                progress = time.time()
-                for relative, data in result.files.items():
-                    _save(os.path.join(run_dir, relative), data)
-                queued.task.images = {}  # sent and done: free the bytes
-                remaining[queued.kind] -= queued.work
-                if estimate.add(queued.kind, queued.work, progress - started) and any(remaining.values()):
-                    _log_estimate(estimate, remaining, len(actors), queued)
-                bar.update(1)
+            pool.map(deque(tasks), "render", finished, prepare=prepare, what="render tasks")
         finally:
             bar.close()
-            for actor in actors:
-                ray.kill(actor)
+            pool.shutdown()
 
 
 def _log_estimate(estimate: Estimate, remaining: dict[str, int], actors: int, first: _Queued) -> None:
@@ -468,15 +447,11 @@ def build_index(run_dir: str) -> pa.Table:
                     }
                 )
     layer_names = [info["name"] for info in manifest["layers"]]
-    config = (
-        json.load(open(os.path.join(run_dir, ATLAS, "render.json")))
-        if exists(os.path.join(ATLAS, "render.json"))
-        else {}
-    )
+    config = json.load(open(os.path.join(run_dir, ATLAS_RECORD))) if exists(ATLAS_RECORD) else {}
     if config.get("output_layer") and config["output_layer"] not in layer_names:
         layer_names.append(config["output_layer"])
     for layer in layer_names:
-        directory = os.path.join(run_dir, ATLAS, f"layer={layer}")
+        directory = layer_dir(os.path.join(run_dir, ATLAS), layer)
         if not os.path.isdir(directory):
             continue
         for entry in sorted(os.listdir(directory)):
@@ -503,8 +478,8 @@ def build_index(run_dir: str) -> pa.Table:
                     }
                 )
     index = pa.Table.from_pylist(rows, schema=ATLAS_INDEX_SCHEMA)
-    write_table(index, os.path.join(run_dir, ATLAS, "index.parquet"))
-    write_table(image_dependence(rows, pooling), os.path.join(run_dir, ATLAS, "dependence.parquet"))
+    write_table(index, os.path.join(run_dir, ATLAS_INDEX))
+    write_table(image_dependence(rows, pooling), os.path.join(run_dir, ATLAS_DEPENDENCE))
     write_views(run_dir)  # RUN/views.sql now reads the atlas tables
     return index
 

@@ -9,7 +9,7 @@ their settings and the activation they reach as PNG text, so a finished file des
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,37 +23,17 @@ from pipeline.optvis.objectives import UNIT_OBJECTIVES
 from pipeline.optvis.presets import get_preset
 from pipeline.optvis.render import FeatureVisualizer, unit_max
 from pipeline.preprocess import decode_image
-from pipeline.ranges import check_range
 from pipeline.receptive_field import ReceptiveField
 from pipeline.render.files import ATLAS, PHOTO_PNG_LEVEL, VIS_KINDS, png_bytes, unit_file  # noqa: F401 - re-exported
 from pipeline.render.pictures import PictureTask, render_pictures
+from pipeline.render.plan import VisSettings  # noqa: F401 - re-exported: a task's settings
+from pipeline.devices import choose_device
 
 logger = logging.getLogger(__name__)
 
 # Reconstruction kinds and how they are computed; each also has a `<kind>_crop` cut at the receptive field.
 RECONSTRUCTIONS = {"deconv": Deconvnet, "guided": GuidedBackprop}
-OBJECTIVES = tuple(UNIT_OBJECTIVES)
-
-
-@dataclass(frozen=True)
-class VisSettings:
-    """What determines a feature visualization; a finished PNG records these and is redone if they change."""
-
-    preset: str = "lucid"
-    steps: int | None = None  # None: the preset's
-    size: int = 128
-    seed: int = 0
-    objective: str = "channel"
-
-    def validate(self) -> None:
-        check_range("steps", self.steps)
-        check_range("size", self.size, "feature-visualization size")
-        get_preset(self.preset, self.steps)
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-
-    def resolved(self) -> dict:
-        return {**asdict(self), "steps": get_preset(self.preset, self.steps).steps}
+OBJECTIVES = tuple(UNIT_OBJECTIVES)  # noqa: F401 - the names `--objective` accepts
 
 
 @dataclass(frozen=True)
@@ -115,7 +95,7 @@ class UnitRenderer:
         self.config = config
         loaded = load_model(config.model)
         self.model, self.preprocess = loaded.model, loaded.preprocess
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = choose_device(config.device)
         deterministic_on(self.device)
         self.model.to(self.device)
         self._projectors: dict[str, dict[str, Deconvnet]] = {}

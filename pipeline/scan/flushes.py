@@ -19,22 +19,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
-import tarfile
 import time
 from dataclasses import dataclass, field, replace
 
-from pipeline.data import PARQUET_KEY_COLUMNS, DataError, SourceSpec, source_id
+from pipeline.data import DataError, SourceSpec, parquet_keys, shard_keys, source_id
 from pipeline.fileio import atomic_write, atomic_write_json
-from pipeline.cluster.remote import is_url
+from pipeline.objectstore import is_url
 from pipeline.scan.recorder import Flush
 from pipeline.store import FLUSHES, PENDING_MAXIMA
 
 logger = logging.getLogger(__name__)
-
-# WebDataset's sample key: the member's path up to the first dot of its base name (as Ray's reader groups).
-_WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 @dataclass
@@ -76,36 +71,23 @@ class SourceIndex:
 
 
 def _parquet_keys(path: str, note) -> int:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    key_column = next((c for c in PARQUET_KEY_COLUMNS if c in names), None)
-    if key_column is not None:  # without one, keys hash the image bytes: checked after the pass instead
-        for batch in parquet.iter_batches(columns=[key_column], batch_size=65536):
-            for key in batch.column(0).to_pylist():
-                note(str(key).strip() if key is not None else "None", os.path.basename(path))
-    return parquet.metadata.num_rows
+    rows = 0
+    for key in parquet_keys(path):  # DataError on a null key or a wrong column type
+        note(key, f"{os.path.basename(path)} row {rows}")
+        rows += 1
+    return rows
 
 
 def _tar_keys(path: str, note) -> int | None:
-    """Samples in a local tar shard, from its headers alone (tarfile seeks over the data)."""
-    count, current = 0, None
+    """Samples in a local tar shard, from its headers (DataError for a truncated or damaged shard)."""
     try:
-        with tarfile.open(path, "r:") as archive:
-            for member in archive:
-                if not member.isreg():
-                    continue
-                match = _WDS_KEY.match(member.name)
-                if not match or match.group(1) == current:
-                    continue
-                current = match.group(1)
-                count += 1
-                note(current, os.path.basename(path))
-    except (OSError, tarfile.TarError) as error:
+        keys = shard_keys(path)
+    except OSError as error:
         logger.info("cannot list %s ahead of the scan (%s): its size is learnt while reading it", path, error)
         return None
-    return count
+    for key in keys:
+        note(key, os.path.basename(path))
+    return len(keys)
 
 
 @dataclass

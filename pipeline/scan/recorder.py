@@ -33,6 +33,7 @@ from pipeline.ranges import PRECISIONS
 from pipeline.receptive_field import ReceptiveField
 from pipeline.stats import QuantileSketch, RunningMoments, TopK
 from pipeline.store import IMAGES_SCHEMA, MAXIMA_SCHEMA, TOPK_SCHEMA, UNITS_SCHEMA, layer_dir, write_table
+from pipeline.devices import choose_device
 
 # What the top-k carries per entry besides value and key: the argmax position (int32). Image sizes, needed only
 # to map boxes to original pixels, are joined from the images table at the end instead of carried per unit.
@@ -225,9 +226,7 @@ class Recorder:
         configure_precision(config.precision)
         self.config = config
         loaded = load_model(config.model)
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("this worker was asked for CUDA but sees no GPU")
+        self.device = choose_device(config.device)
         extractor = feature_extractor(loaded.model, list(config.layers)).to(self.device).eval()
         if config.channels_last:
             extractor = extractor.to(memory_format=torch.channels_last)

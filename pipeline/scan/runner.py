@@ -16,20 +16,18 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline import __version__
-from pipeline.cluster.config import check_scan_settings
 from pipeline.data import DataError, SourceSpec, resolve_source, source_id
-from pipeline.device_decode import DECODES
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.scan.flushes import FlushStore, PassPlan, SourceIndex, plan_pass
 from pipeline.models import LoadedModel, ModelConfig, load_model, resolve_layers
-from pipeline.preprocess import Preprocess
+from pipeline.preprocess import ORIENTATION, Preprocess
 from pipeline.ray_session import ray_session
 from pipeline.receptive_field import receptive_fields
 from pipeline.rundir import RunDirectory, claim, run_lock
-from pipeline.ranges import PRECISIONS, check_range
-from pipeline.scan.local import EXECUTORS, choose_executor, decode_threads, decoded_batches, local_plan, run_local_pass
+from pipeline.scan.settings import SCAN_OPTION, check_scan_settings
+from pipeline.scan.local import choose_executor, decode_threads, decoded_batches, local_plan, run_local_pass
 from pipeline.scan.recorder import Flush, Recorder, RecorderConfig, ScanResult, ScanState, image_facts, peak_rss_mb
-from pipeline.store import IMAGES_SCHEMA, read_manifest, write_views
+from pipeline.store import IMAGES, IMAGES_SCHEMA, MAXIMA, TOPK, UNITS, read_manifest, table_part, write_views
 from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
 from pipeline.worker_pool import PassOutcome, WorkerPool
 
@@ -50,39 +48,42 @@ class ScanConfig:
     model: ModelConfig
     data: str
     out: str
-    layers: str = "all"
-    k: int = 16
-    record: str = "topk"  # 'topk' | 'all'
-    batch_size: int | None = None  # images per forward pass; None: 256 on a GPU, 32 on CPUs
+    # The declared options' defaults (pipeline/scan/settings.py: one declaration each, shared with the CLI and
+    # job files).
+    layers: str = SCAN_OPTION["layers"].default
+    k: int = SCAN_OPTION["k"].default
+    record: str = SCAN_OPTION["record"].default  # 'topk' | 'all'
+    batch_size: int | None = SCAN_OPTION[
+        "batch_size"
+    ].default  # images per forward pass; None: 256 on a GPU, 32 on CPUs
     address: str | None = None
-    actors: int | None = None  # model replicas; None: one per GPU, else one per 4 CPUs (at least 2)
-    threads: int | None = None  # torch threads per CPU actor; None: the node's CPUs / actors
+    actors: int | None = SCAN_OPTION[
+        "actors"
+    ].default  # model replicas; None: one per GPU, else one per 4 CPUs (at least 2)
+    threads: int | None = SCAN_OPTION["threads"].default  # torch threads per CPU actor; None: the node's CPUs / actors
     num_cpus: int | None = None  # CPUs of a local Ray started on demand
     # 'auto': GPUs when the cluster has them now; 'cuda': GPU actors even before an autoscaler added the GPU
     # nodes (actors then defaults to 1: set it to the GPUs wanted); 'cpu': never GPUs.
-    device: str = "auto"
+    device: str = SCAN_OPTION["device"].default
     overwrite: bool = False
     progress: bool = True
-    flush_images: int = 50_000  # each worker hands its state over (durably) after this many images
-    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16; top-k is exact against a brute force in the same precision
-    channels_last: bool = False
-    stall_seconds: float = 600.0  # fail, saying what is pending, when nothing moves for this long
-    decode: str = "cpu"  # 'gpu': JPEGs decoded on the model workers' GPUs (pipeline.device_decode)
+    flush_images: int = SCAN_OPTION[
+        "flush_images"
+    ].default  # each worker hands its state over (durably) after this many
+    # fp32 | tf32 | bf16 | fp16; top-k is exact against a brute force in the same precision
+    precision: str = SCAN_OPTION["precision"].default
+    channels_last: bool = SCAN_OPTION["channels_last"].default
+    stall_seconds: float = SCAN_OPTION["stall_seconds"].default  # fail, saying what is pending, when nothing moves
+    decode: str = SCAN_OPTION[
+        "decode"
+    ].default  # 'gpu': JPEGs decoded on the model workers' GPUs (pipeline.device_decode)
     # 'auto': in this process for a small image folder on one machine, else Ray (pipeline.scan.local)
-    executor: str = "auto"
+    executor: str = SCAN_OPTION["executor"].default
 
     def validate(self) -> None:
-        check_scan_settings(self.k, self.record, self.batch_size, self.device, self.actors, self.threads)
-        check_range("flush_images", self.flush_images)
-        check_range("stall_seconds", self.stall_seconds)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.decode not in DECODES:
-            raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        check_scan_settings(self)  # every declared option: ranges and choices
         if self.decode == "gpu" and self.device == "cpu":
             raise ValueError("--decode gpu decodes on the model workers' GPUs; it cannot go with --device cpu")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
 
 
 def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], source: SourceSpec) -> str:
@@ -96,6 +97,7 @@ def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], sou
         "k": config.k,
         "record": config.record,
         "data": files,
+        "orientation": ORIENTATION,  # EXIF orientation applied: other pixels and sizes than a run made before
     }
     # Only non-default numerics enter the fingerprint, so runs made before these options existed still match.
     if config.precision != "fp32":
@@ -219,7 +221,7 @@ def _write_images(store: FlushStore, path: str) -> None:
 
 def _move_maxima(store: FlushStore, directory: str) -> None:
     for fid in store.flush_ids():
-        root = os.path.join(store.root, fid, "maxima")
+        root = os.path.join(store.root, fid, MAXIMA)
         if not os.path.isdir(root):
             continue
         for part in os.listdir(root):
@@ -310,16 +312,16 @@ def run_scan(config: ScanConfig) -> dict:
             merge_started = time.time()
             result = ScanResult(_merge_flushes(store, local=local))
             merge_seconds = time.time() - merge_started
-        images_dir = run.staged("images")
-        _write_images(store, os.path.join(images_dir, "part-0.parquet"))
+        images_dir = run.staged(IMAGES)
+        _write_images(store, table_part(images_dir))
         if config.record == "all":
-            _move_maxima(store, run.staged("maxima"))
+            _move_maxima(store, run.staged(MAXIMA))
         result.write(
             fields,
             loaded.preprocess,
             _facts_for(images_dir, result.keys()),
-            run.staged("topk"),
-            os.path.join(run.staged("units"), "part-0.parquet"),
+            run.staged(TOPK),
+            table_part(run.staged(UNITS)),
         )
         finished = time.time()
         units_total = sum(layer_units.values())

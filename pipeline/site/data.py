@@ -15,13 +15,10 @@ import pyarrow.parquet as pq
 
 from pipeline.site.paths import RunFiles, UnsafePathError, layer_slug
 from pipeline.store import DATASET_KINDS, RunError, connect, read_manifest
+from pipeline.store import ATLAS_DEPENDENCE, ATLAS_INDEX, EXPLAIN_INDEX, EXPLAIN_METRICS  # run file names
 
 logger = logging.getLogger(__name__)
 
-ATLAS_INDEX = os.path.join("atlas", "index.parquet")
-ATLAS_DEPENDENCE = os.path.join("atlas", "dependence.parquet")
-EXPLAIN_INDEX = os.path.join("explain", "index.parquet")
-EXPLAIN_METRICS = os.path.join("explain", "metrics.parquet")
 # Reconstructions a unit page shows (cut at the receptive field), with their names; the full-size image is
 # the kind without `_crop`.
 RECONSTRUCTION_NAMES = {"deconv": "deconvnet reconstruction", "guided": "guided backpropagation"}

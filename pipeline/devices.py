@@ -1,0 +1,24 @@
+"""The one device choice (scan, render, explain workers and benchmarks): what `--device` means in a process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a device is chosen: job files and the CLI check DEVICES without it
+    import torch
+
+DEVICES = ("auto", "cuda", "cpu")  # what `--device` and the job files' `device` accept
+
+
+def choose_device(requested: str | None = None) -> "torch.device":
+    """The torch device for `requested` ('cuda', 'cpu', 'cuda:1', ...); None or 'auto': CUDA where this process
+    sees a GPU, else the CPU. RuntimeError when CUDA is asked for and this process sees no GPU (a worker placed
+    on a node without one), rather than a failure deep inside the first batch."""
+    import torch
+
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("this worker was asked for CUDA but sees no GPU")
+    return device
