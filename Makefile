@@ -35,7 +35,7 @@ browser:
 	fi
 
 test: $(STAMP) browser lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # ruff's checks and its formatter's verdict (pyproject.toml, [tool.ruff]); part of `make test`, so CI runs them.
 # `.venv/bin/ruff format pipeline tests scripts` formats.

@@ -302,11 +302,16 @@ def test_lock_is_reentrant_in_one_process_and_names_the_holder(tmp_path):
 
 
 def test_user_errors_are_one_line(tmp_path, photo_folder, capsys):
-    """Issue 11 case 9: no traceback for a bad --out; --debug shows it."""
-    for out in (str(tmp_path / "file.txt"), "/proc/atlas-cannot-be-here/run"):
-        (tmp_path / "file.txt").write_text("x")
+    """Issue 11 case 9: no traceback for a bad --out; --debug shows it. Each refusal is checked for its own
+    reason, so three refusals for one wrong reason (a bad model, a missing folder) cannot pass."""
+    (tmp_path / "file.txt").write_text("x")
+    for out, reason in (
+        (str(tmp_path / "file.txt"), f"{tmp_path / 'file.txt'} exists and is not a directory"),
+        ("/proc/atlas-cannot-be-here/run", "cannot write the run directory /proc/atlas-cannot-be-here/run: "),
+    ):
         assert main(scan_args(photo_folder, out)) == 2
         err = capsys.readouterr().err
-        assert err.startswith("atlas: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    with pytest.raises(RunError):
+        assert err.startswith(f"atlas: error: {reason}") and err.count("\n") == 1 and "Traceback" not in err
+    assert (tmp_path / "file.txt").read_text() == "x"
+    with pytest.raises(RunError, match="file.txt exists and is not a directory"):
         main(["--debug", *scan_args(photo_folder, str(tmp_path / "file.txt"))])
