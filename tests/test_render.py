@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import scanned_data, topk_by_unit_rank
 from pipeline.cli import main
 from pipeline.models import ModelConfig
 from pipeline.render.plan import RenderOptions
@@ -37,13 +38,6 @@ def scanned(ray_cluster, photo_folder, tmp_path_factory) -> str:
 
 def index_rows(run: str) -> list[dict]:
     return pq.read_table(os.path.join(run, "atlas", "index.parquet")).to_pylist()
-
-
-def read_topk(run: str, layer: str) -> dict[tuple[int, int], dict]:
-    con = connect(run)
-    rows = con.execute("SELECT * FROM topk WHERE layer = ?", [layer]).fetchall()
-    columns = [d[0] for d in con.description]
-    return {(r[1], r[2]): dict(zip(columns, r)) for r in rows}
 
 
 def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder):
@@ -73,7 +67,7 @@ def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder
         {("down", u, k) for u in (0, 1, 5) for k in VIEW_KINDS | {"featvis"}}
         | {("head.2", c, "classvis") for c in (0, 3)}
     )
-    top = read_topk(run, "down")
+    top = topk_by_unit_rank(run, "down")
     maxima = dict(connect(run).execute("SELECT unit, max FROM units WHERE layer = 'down'").fetchall())
     for r in rows:
         path = os.path.join(run, r["path"])
@@ -326,10 +320,10 @@ def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
     crops = drawn("crop")
     assert crops == {(layer, unit, rank) for layer, unit in live for rank in range(3)}
     assert drawn("overlay") == {c for c in crops if c[0] != "head.2"}  # the logits' 1x1 maps: a crop only
-    photo = read_topk(run, "relu")
+    photo = topk_by_unit_rank(run, "relu")
     for r in (r for r in index_rows(run) if r["kind"] == "crop" and r["layer"] == "relu"):
         t = photo[r["unit"], r["rank"]]
-        original = np.asarray(Image.open(os.path.join(_photos(run), t["image_key"])).convert("RGB"))
+        original = np.asarray(Image.open(os.path.join(scanned_data(run), t["image_key"])).convert("RGB"))
         np.testing.assert_array_equal(
             np.asarray(Image.open(os.path.join(run, r["path"]))),
             original[t["box_y0"] : t["box_y1"], t["box_x0"] : t["box_x1"]],
@@ -345,13 +339,6 @@ def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
                 ), path
 
 
-def _photos(run: str) -> str:
-    import json
-
-    with open(os.path.join(run, "manifest.json")) as handle:
-        return json.load(handle)["config"]["data"]
-
-
 def test_a_picture_whose_photo_is_gone_is_skipped(scanned, tmp_path, caplog):
     """A top image that can no longer be read back costs its own pictures (one warning), not the render."""
     import json
@@ -361,12 +348,12 @@ def test_a_picture_whose_photo_is_gone_is_skipped(scanned, tmp_path, caplog):
     from pipeline.store import write_json
 
     run = _fresh_copy(scanned, tmp_path / "run")
-    photos = shutil.copytree(_photos(run), str(tmp_path / "photos"))
+    photos = shutil.copytree(scanned_data(run), str(tmp_path / "photos"))
     with open(os.path.join(run, "manifest.json")) as handle:
         manifest = json.load(handle)
     manifest["config"]["data"] = photos
     write_json(manifest, os.path.join(run, "manifest.json"))
-    gone = read_topk(run, "relu")[0, 0]["image_key"]
+    gone = topk_by_unit_rank(run, "relu")[0, 0]["image_key"]
     os.remove(os.path.join(photos, gone))
     caplog.set_level(logging.WARNING, logger="pipeline")
     render_run(run, RenderOptions(units=frozenset(), pictures=1, progress=False))

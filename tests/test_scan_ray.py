@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import brute_force_topk
+from helpers import brute_force_topk, read_topk
 from pipeline.data import DataError
 from pipeline.models import ModelConfig, ModelError, load_model
 from pipeline.preprocess import decode_image
@@ -70,13 +70,6 @@ def tie_folder(photo_folder, tmp_path_factory):
         for copy in ("aaa_copy.jpg", "zzz_copy.jpg"):
             shutil.copy(os.path.join(photo_folder, name, src), os.path.join(folder, name, copy))
     return folder
-
-
-def read_topk(run: str, layer: str) -> list[dict]:
-    con = connect(run)
-    rows = con.execute("SELECT * FROM topk WHERE layer = ? ORDER BY unit, rank", [layer]).fetchall()
-    columns = [d[0] for d in con.description]
-    return [dict(zip(columns, row)) for row in rows]
 
 
 @pytest.mark.parametrize(
