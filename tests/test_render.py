@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from helpers import scanned_data, topk_by_unit_rank
+from tiny_runs import copy_run
 from pipeline.cli import main
 from pipeline.models import ModelConfig
 from pipeline.render.plan import RenderOptions
@@ -187,10 +188,9 @@ def test_bad_render_requests_fail_before_any_work(scanned, tmp_path):
     assert main(["render", scanned, "--units", "x-3"]) == 2
 
 
-def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, photo_folder, tmp_path):
+def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, photo_folder, small_down_run, tmp_path):
     """Atlas images describe one scan: re-scanning with other settings must not leave them to be taken as done."""
-    run = str(tmp_path / "run")
-    run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="down", k=2, progress=False, executor="local"))
+    run = copy_run(small_down_run, tmp_path / "run")  # layer down, k=2 (tests/support/tiny_runs.py)
     render_run(run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, progress=False))
     assert os.path.isfile(os.path.join(run, unit_file("down", 0, "crop", 1)))
     run_scan(
@@ -242,19 +242,12 @@ def test_a_render_actor_killed_midway_changes_nothing(scanned, tmp_path):
         assert np.abs(pa - pb).max() <= 4, a["path"]
 
 
-def _fresh_copy(scanned: str, path) -> str:
-    import shutil
-
-    shutil.copytree(scanned, str(path), ignore=shutil.ignore_patterns("atlas", ".atlas-lock"))
-    return str(path)
-
-
 def test_cli_renders_what_it_names_and_says_its_plan_first(scanned, tmp_path, caplog):
     """Issue 15: `--layers L --units U` renders those units and no class visualization; `--classes` adds
     them; the plan (per kind) is logged before the work and an estimate after the first task."""
     import logging
 
-    run = _fresh_copy(scanned, tmp_path / "run")
+    run = copy_run(scanned, tmp_path / "run")
     caplog.set_level(logging.INFO, logger="pipeline")
     assert (
         main(
@@ -304,7 +297,7 @@ def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
     map comes from the deconvnet's forward pass of that image alone)."""
     from pipeline.render.plan import DEFAULT_PICTURES
 
-    run = _fresh_copy(scanned, tmp_path / "pictures")
+    run = copy_run(scanned, tmp_path / "pictures")
     con = connect(run)
     live = con.execute("SELECT layer, unit FROM units WHERE NOT dead").fetchall()
 
@@ -328,7 +321,7 @@ def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
             np.asarray(Image.open(os.path.join(run, r["path"]))),
             original[t["box_y0"] : t["box_y1"], t["box_x0"] : t["box_x1"]],
         )
-    full = _fresh_copy(scanned, tmp_path / "full")
+    full = copy_run(scanned, tmp_path / "full")
     render_run(full, RenderOptions(layers=("down", "relu"), units=frozenset({0, 3}), featvis=False, progress=False))
     for layer in ("down", "relu"):
         for unit in (0, 3):
@@ -347,7 +340,7 @@ def test_a_picture_whose_photo_is_gone_is_skipped(scanned, tmp_path, caplog):
 
     from pipeline.store import write_json
 
-    run = _fresh_copy(scanned, tmp_path / "run")
+    run = copy_run(scanned, tmp_path / "run")
     photos = shutil.copytree(scanned_data(run), str(tmp_path / "photos"))
     with open(os.path.join(run, "manifest.json")) as handle:
         manifest = json.load(handle)
