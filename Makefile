@@ -43,13 +43,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests scripts
 	$(BIN)/ruff format --check pipeline tests scripts
 
-# The inner loop: everything but the real multi-node cluster and the browser (about half the suite's time).
+# The inner loop: everything but the real multi-node cluster, the browser and the README's tour run end to end.
 test-quick: $(STAMP) lint
-	$(BIN)/python -m pytest -m "not cluster and not browser" -x -q
+	$(BIN)/python -m pytest -m "not cluster and not browser and not tour" -x -q
 
 # The quickest loop: no Ray started by the session's fixture, no cluster, no browser.
 test-unit: $(STAMP) lint
-	$(BIN)/python -m pytest -m "not ray and not cluster and not browser" -x -q
+	$(BIN)/python -m pytest -m "not ray and not cluster and not browser and not tour" -x -q
 
 # Every GPU check and benchmark in one command (scripts/gpu_checks.py), for a machine with a GPU: one JSON report,
 # exit 1 on any exactness failure.

@@ -89,7 +89,8 @@ def tour_script(lines: list[tuple[int, str]]) -> tuple[str, set[str]]:
         elif line in SMALLER:
             used.add(line)
             line = f"{line} {SMALLER[line]}"
-        body.append(f"echo '>>> README.md:{number}' >&2\n{line}")
+        body.append(f'echo ">>> README.md:{number} $SECONDS" >&2\n{line}')
+    body.append('echo ">>> end $SECONDS" >&2')
     prelude = (
         "set -euo pipefail\n"
         f'atlas() {{ {shlex.quote(sys.executable)} -m pipeline "$@"; }}\n'
@@ -114,11 +115,14 @@ def test_the_readme_tour_runs_as_written(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    marks = [line[4:].rsplit(" ", 1) for line in done.stderr.splitlines() if line.startswith(">>> ")]
     if done.returncode != 0:
-        where = [line for line in done.stderr.splitlines() if line.startswith(">>> ")]
         pytest.fail(
-            f"the tour failed at {where[-1][4:] if where else '?'} (exit {done.returncode}):\n{done.stderr[-3000:]}"
+            f"the tour failed at {marks[-1][0] if marks else '?'} (exit {done.returncode}):\n{done.stderr[-3000:]}"
         )
+    # Where the time goes (shown with pytest -rP), so a slow line is found without timing the test by hand.
+    for (where, start), (_, end) in zip(marks, marks[1:]):
+        print(f"{where}: {int(end) - int(start)} s")
     out = done.stdout
     # What the lines promise: the queries' tables, the rendered units, the site, the explanation.
     assert "features.14" in out and "image_key" in out
