@@ -11,10 +11,7 @@ import shutil
 
 import pytest
 
-from pipeline.models import ModelConfig
-from pipeline.scan.runner import ScanConfig, run_scan
-
-SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32)
+SMALL_NET = "module:tiny_models:small_net"
 
 
 def copy_run(run: str, destination) -> str:
@@ -26,6 +23,10 @@ def copy_run(run: str, destination) -> str:
 @pytest.fixture(scope="session")
 def small_down_run(photo_folder, tmp_path_factory) -> str:
     """small_net over the session's 36 photos: layer `down`, k=2, top-k only; read-only (copy_run to write)."""
+    from pipeline.models import ModelConfig  # here, not at import: conftest imports this module for every test
+    from pipeline.scan.runner import ScanConfig, run_scan
+
     run = str(tmp_path_factory.mktemp("small-down") / "run")
-    run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="down", k=2, progress=False, executor="local"))
+    model = ModelConfig(spec=SMALL_NET, image_size=32)
+    run_scan(ScanConfig(model=model, data=photo_folder, out=run, layers="down", k=2, progress=False, executor="local"))
     return run
