@@ -3,8 +3,9 @@
 The tour's code block is read from README.md and its lines are run in order by bash, in a scratch folder (so
 `runs/demo` and `runs/demo-photos` are the tour's own relative paths), with `atlas` and `python` standing for
 this environment's (what `. .venv/bin/activate` gives a reader). Only the slow lines are changed, each by
-adding smaller arguments and nothing else: `make demo` runs the Makefile's own `atlas demo` command on fewer
-photos, and the render draws smaller, shorter feature visualizations. A line added to the tour runs too; a
+adding smaller arguments and nothing else: `make demo` runs the Makefile's own `atlas demo` command on 8
+photos (top-k lists of 8, so the render reconstructs fewer) and stops after the scan, the render draws smaller,
+shorter feature visualizations, and the explanation occludes at a coarser stride. A line added to the tour runs too; a
 change that leaves a substitution unused fails the test, so the doc cannot drift from what is run here.
 """
 
@@ -23,12 +24,14 @@ README = os.path.join(ROOT, "README.md")
 TOUR_HEADING = "## A five-minute tour"
 # The tour's demo here: fewer photos (the README's `make demo`: 600), and only the scan: the later stages of the
 # demo are not what the tour's lines use (render, site and explain are run by the tour itself).
-DEMO_SMALLER = ["--images", "40", "--scan-only"]
+DEMO_SMALLER = ["--images", "8", "--scan-only"]
 
 # README line (after comments are stripped) -> what runs instead. Each only adds smaller arguments.
 ACTIVATE = ". .venv/bin/activate"
 SMALLER = {
     "atlas render runs/demo --layers features.14 --units 8-11": "--steps 8 --size 48",
+    'atlas explain --model torchvision:mobilenet_v2 --weights "$W" runs/demo-photos/chelsea/chelsea_00004.jpg '
+    "--out why": "--stride 32",
 }
 
 
