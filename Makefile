@@ -28,26 +28,26 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/atlas demo --overwrite
 
-browser:
-	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+# $(call apt_install,COMMANDS,PACKAGES,WHY): installs Debian PACKAGES when one of COMMANDS is missing, as root
+# directly, otherwise through sudo; `apt-get update` only when the first try fails.
+define apt_install
+	@if ! { $(foreach c,$(1),command -v $(c) >/dev/null 2>&1 &&) true; }; then \
 	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-	  echo "installing $(BROWSER_PACKAGES) for the browser tests"; \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES) || \
+	  echo "installing $(2) for $(3)"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(2) || \
 	  { $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BROWSER_PACKAGES); }; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(2); }; \
 	fi
+endef
+
+browser:
+	$(call apt_install,chromium chromedriver,$(BROWSER_PACKAGES),the browser tests)
 
 promtool:
-	@if ! command -v promtool >/dev/null 2>&1; then \
-	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-	  echo "installing $(PROMTOOL_PACKAGES) for promtool (the alert rules' tests)"; \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PROMTOOL_PACKAGES) || \
-	  { $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(PROMTOOL_PACKAGES); }; \
-	fi
+	$(call apt_install,promtool,$(PROMTOOL_PACKAGES),the alert rules' tests)
 
 test: $(STAMP) browser promtool lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # ruff's checks and its formatter's verdict (pyproject.toml, [tool.ruff]); part of `make test`, so CI runs them.
 # `.venv/bin/ruff format pipeline tests scripts` formats.
@@ -55,13 +55,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests scripts
 	$(BIN)/ruff format --check pipeline tests scripts
 
-# The inner loop: everything but the real multi-node cluster and the browser (about half the suite's time).
+# The inner loop: everything but the real multi-node cluster, the browser and the README's tour run end to end.
 test-quick: $(STAMP) lint
-	$(BIN)/python -m pytest -m "not cluster and not browser" -x -q
+	$(BIN)/python -m pytest -m "not cluster and not browser and not tour" -x -q
 
 # The quickest loop: no Ray started by the session's fixture, no cluster, no browser.
 test-unit: $(STAMP) lint
-	$(BIN)/python -m pytest -m "not ray and not cluster and not browser" -x -q
+	$(BIN)/python -m pytest -m "not ray and not cluster and not browser and not tour" -x -q
 
 # Every GPU check and benchmark in one command (scripts/gpu_checks.py), for a machine with a GPU: one JSON report,
 # exit 1 on any exactness failure.

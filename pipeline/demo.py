@@ -53,9 +53,16 @@ VIS_QUERY = (
 )
 
 
-def run_demo(out: str = "runs/demo", images: int = 600, overwrite: bool = False, progress: bool = True) -> int:
-    """Scan, query, render, explain and build the site on real photos; print where everything is."""
+def run_demo(
+    out: str = "runs/demo", images: int = 600, overwrite: bool = False, progress: bool = True, scan_only: bool = False
+) -> int:
+    """Scan, query, render, explain and build the site on real photos; print where everything is. `scan_only`
+    stops after the scan and its queries: the run that `atlas render`, `site` and `query` work on, in seconds
+    (the README's tour is tested on it, tests/test_readme_tour.py)."""
     _scan(out, images, overwrite, progress)  # in this process (a small folder: pipeline.scan.local), no Ray yet
+    if scan_only:
+        print(f"Run directory: {os.path.abspath(out)}")
+        return 0
     # One local Ray for every later stage (each stage alone would start and stop its own).
     with ray_session():
         return _after_scan(out, progress)

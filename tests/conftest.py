@@ -12,9 +12,11 @@ import pytest
 SUPPORT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
 sys.path.insert(0, SUPPORT_DIR)
 
+from tiny_runs import small_down_run  # noqa: E402,F401 - session-scoped tiny runs, shared by the test files
+
 
 # Markers by module, so `make test-quick` can leave out the minutes-long cluster and browser tests.
-MODULE_MARKERS = {"test_cluster.py": "cluster", "test_site.py": "browser"}
+MODULE_MARKERS = {"test_cluster.py": "cluster", "test_site.py": "browser", "test_readme_tour.py": "tour"}
 
 
 def pytest_collection_modifyitems(items):

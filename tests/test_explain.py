@@ -546,7 +546,7 @@ def test_worker_without_ray_keeps_unreadable_rows(tmp_path):
     np.testing.assert_allclose(np.load(io.BytesIO(results[0]["files"]["gradcam.npy"])), expected.maps["gradcam"])
 
 
-def test_data_mode_on_ray_writes_the_run_index(ray_cluster, photo_folder, tmp_path):
+def test_data_mode_on_ray_writes_the_run_index(ray_cluster, photo_folder, small_down_run, tmp_path):
     import os
 
     import pyarrow.parquet as pq
@@ -554,23 +554,11 @@ def test_data_mode_on_ray_writes_the_run_index(ray_cluster, photo_folder, tmp_pa
     from pipeline.cli import main
     from pipeline.explain.images import explain_run_images
     from pipeline.store import EXPLAIN_INDEX_SCHEMA as INDEX_SCHEMA
-    from pipeline.models import ModelConfig
-    from pipeline.scan.runner import ScanConfig, run_scan
     from pipeline.store import connect
+    from tiny_runs import copy_run
 
     run = tmp_path / "run"
-    run_scan(
-        ScanConfig(
-            model=ModelConfig("module:tiny_models:small_net", image_size=32),
-            data=photo_folder,
-            out=str(run),
-            layers="down",
-            k=2,
-            batch_size=16,
-            progress=False,
-            executor="local",
-        )
-    )
+    copy_run(small_down_run, run)  # small_net over the photos (the session's tiny run), explained into
     scan_keys = {row[0] for row in connect(str(run)).execute("SELECT image_key FROM images").fetchall()}
     # The demo's call: a few of the run's images, under the scan's keys, with the scan's model.
     summaries = explain_run_images(str(run), count=3, methods=("cam", "occlusion"), window=8, stride=8)

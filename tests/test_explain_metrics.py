@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import photo_batch
 from pipeline.explain.causal import CausalMetric, auc, gaussian_blur, rise_kernel
 from pipeline.explain.randomization import FLAG_SPEARMAN, cascade_blocks, cascading_randomization, spearman
 
@@ -151,18 +152,6 @@ def _mobilenet():
     return load_model(ModelConfig("torchvision:mobilenet_v2", mobilenet_v2_weights(), image_size=64))
 
 
-def _photos(loaded) -> torch.Tensor:
-    from PIL import Image
-
-    from pipeline.demo_data import load_photos
-
-    photos = load_photos()
-    pp = loaded.preprocess
-    arrays = [np.asarray(Image.fromarray(photos[n]).resize((pp.image_size,) * 2)) for n in ("chelsea", "coffee")]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-    return (x - torch.tensor(pp.mean).view(1, 3, 1, 1)) / torch.tensor(pp.std).view(1, 3, 1, 1)
-
-
 def test_the_cascade_reinitializes_every_parameter_top_first_and_leaves_the_model_alone():
     loaded = _mobilenet()
     model = loaded.model
@@ -188,7 +177,7 @@ def test_randomization_changes_saliency_but_not_an_edge_detector_which_is_flagge
     from pipeline.explain.saliency import Saliency
 
     loaded = _mobilenet()
-    x = _photos(loaded)
+    x = photo_batch(loaded.preprocess.image_size, loaded.preprocess.mean, loaded.preprocess.std)
     with torch.no_grad():
         targets = loaded.model(x).argmax(1)
 

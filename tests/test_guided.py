@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 from torch import nn
 
+from helpers import photo_batch
 from pipeline.render.deconv import Deconvnet, GuidedBackprop
 
 captum = pytest.importorskip("captum.attr")
@@ -74,7 +73,9 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def test_guided_backprop_equals_captum_batched_and_one_at_a_time(name, layer):
     model = _model(name)
     images = (
-        _photos(64) if name == "mobilenet_v2" else torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        photo_batch(64)
+        if name == "mobilenet_v2"
+        else torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     )
     images = torch.cat([images, images.flip(-1)])  # 4 images
     guided = GuidedBackprop(model, layer)
@@ -135,17 +136,6 @@ def test_relu6_cap_is_ignored_as_by_the_deconvnet():
     torch.testing.assert_close(got, expected)
 
 
-def _photos(size: int) -> torch.Tensor:
-    from pipeline.demo_data import load_photos
-
-    photos = load_photos()
-    arrays = [np.asarray(Image.fromarray(photos[name]).resize((size, size))) for name in ("chelsea", "coffee")]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.reshape(1, -1).double(), b.reshape(1, -1).double())[0])
 
@@ -164,7 +154,7 @@ def test_finding_mobilenet_deconvnet_is_the_same_for_every_image_guided_backprop
     from pipeline.models import ModelConfig, load_model
 
     model = load_model(ModelConfig("torchvision:mobilenet_v2", mobilenet_v2_weights())).model
-    images = _photos(96)
+    images = photo_batch(96)
     layer = "features.7"
     maps = Deconvnet(model, layer).forward_layer(images)
     # A unit that fires on both photos at the first one's peak.
@@ -192,7 +182,7 @@ def test_finding_with_max_pooling_the_deconvnet_depends_on_the_image():
         nn.Conv2d(8, 8, 3, padding=1),
         nn.ReLU(),
     ).eval()
-    images = _photos(64)
+    images = photo_batch(64)
     deconv = Deconvnet(net, "7")
     assert deconv.max_pooling
     maps = deconv.forward_layer(images)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import scanned_data, topk_by_unit_rank
+from tiny_runs import copy_run
 from pipeline.cli import main
 from pipeline.models import ModelConfig
 from pipeline.render.plan import RenderOptions
@@ -37,13 +39,6 @@ def scanned(ray_cluster, photo_folder, tmp_path_factory) -> str:
 
 def index_rows(run: str) -> list[dict]:
     return pq.read_table(os.path.join(run, "atlas", "index.parquet")).to_pylist()
-
-
-def read_topk(run: str, layer: str) -> dict[tuple[int, int], dict]:
-    con = connect(run)
-    rows = con.execute("SELECT * FROM topk WHERE layer = ?", [layer]).fetchall()
-    columns = [d[0] for d in con.description]
-    return {(r[1], r[2]): dict(zip(columns, r)) for r in rows}
 
 
 def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder):
@@ -73,7 +68,7 @@ def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder
         {("down", u, k) for u in (0, 1, 5) for k in VIEW_KINDS | {"featvis"}}
         | {("head.2", c, "classvis") for c in (0, 3)}
     )
-    top = read_topk(run, "down")
+    top = topk_by_unit_rank(run, "down")
     maxima = dict(connect(run).execute("SELECT unit, max FROM units WHERE layer = 'down'").fetchall())
     for r in rows:
         path = os.path.join(run, r["path"])
@@ -193,10 +188,9 @@ def test_bad_render_requests_fail_before_any_work(scanned, tmp_path):
     assert main(["render", scanned, "--units", "x-3"]) == 2
 
 
-def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, photo_folder, tmp_path):
+def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, photo_folder, small_down_run, tmp_path):
     """Atlas images describe one scan: re-scanning with other settings must not leave them to be taken as done."""
-    run = str(tmp_path / "run")
-    run_scan(ScanConfig(model=SMALL, data=photo_folder, out=run, layers="down", k=2, progress=False, executor="local"))
+    run = copy_run(small_down_run, tmp_path / "run")  # layer down, k=2 (tests/support/tiny_runs.py)
     render_run(run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, progress=False))
     assert os.path.isfile(os.path.join(run, unit_file("down", 0, "crop", 1)))
     run_scan(
@@ -248,19 +242,12 @@ def test_a_render_actor_killed_midway_changes_nothing(scanned, tmp_path):
         assert np.abs(pa - pb).max() <= 4, a["path"]
 
 
-def _fresh_copy(scanned: str, path) -> str:
-    import shutil
-
-    shutil.copytree(scanned, str(path), ignore=shutil.ignore_patterns("atlas", ".atlas-lock"))
-    return str(path)
-
-
 def test_cli_renders_what_it_names_and_says_its_plan_first(scanned, tmp_path, caplog):
     """Issue 15: `--layers L --units U` renders those units and no class visualization; `--classes` adds
     them; the plan (per kind) is logged before the work and an estimate after the first task."""
     import logging
 
-    run = _fresh_copy(scanned, tmp_path / "run")
+    run = copy_run(scanned, tmp_path / "run")
     caplog.set_level(logging.INFO, logger="pipeline")
     assert (
         main(
@@ -310,7 +297,7 @@ def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
     map comes from the deconvnet's forward pass of that image alone)."""
     from pipeline.render.plan import DEFAULT_PICTURES
 
-    run = _fresh_copy(scanned, tmp_path / "pictures")
+    run = copy_run(scanned, tmp_path / "pictures")
     con = connect(run)
     live = con.execute("SELECT layer, unit FROM units WHERE NOT dead").fetchall()
 
@@ -326,15 +313,15 @@ def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
     crops = drawn("crop")
     assert crops == {(layer, unit, rank) for layer, unit in live for rank in range(3)}
     assert drawn("overlay") == {c for c in crops if c[0] != "head.2"}  # the logits' 1x1 maps: a crop only
-    photo = read_topk(run, "relu")
+    photo = topk_by_unit_rank(run, "relu")
     for r in (r for r in index_rows(run) if r["kind"] == "crop" and r["layer"] == "relu"):
         t = photo[r["unit"], r["rank"]]
-        original = np.asarray(Image.open(os.path.join(_photos(run), t["image_key"])).convert("RGB"))
+        original = np.asarray(Image.open(os.path.join(scanned_data(run), t["image_key"])).convert("RGB"))
         np.testing.assert_array_equal(
             np.asarray(Image.open(os.path.join(run, r["path"]))),
             original[t["box_y0"] : t["box_y1"], t["box_x0"] : t["box_x1"]],
         )
-    full = _fresh_copy(scanned, tmp_path / "full")
+    full = copy_run(scanned, tmp_path / "full")
     render_run(full, RenderOptions(layers=("down", "relu"), units=frozenset({0, 3}), featvis=False, progress=False))
     for layer in ("down", "relu"):
         for unit in (0, 3):
@@ -345,13 +332,6 @@ def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
                 ), path
 
 
-def _photos(run: str) -> str:
-    import json
-
-    with open(os.path.join(run, "manifest.json")) as handle:
-        return json.load(handle)["config"]["data"]
-
-
 def test_a_picture_whose_photo_is_gone_is_skipped(scanned, tmp_path, caplog):
     """A top image that can no longer be read back costs its own pictures (one warning), not the render."""
     import json
@@ -360,13 +340,13 @@ def test_a_picture_whose_photo_is_gone_is_skipped(scanned, tmp_path, caplog):
 
     from pipeline.store import write_json
 
-    run = _fresh_copy(scanned, tmp_path / "run")
-    photos = shutil.copytree(_photos(run), str(tmp_path / "photos"))
+    run = copy_run(scanned, tmp_path / "run")
+    photos = shutil.copytree(scanned_data(run), str(tmp_path / "photos"))
     with open(os.path.join(run, "manifest.json")) as handle:
         manifest = json.load(handle)
     manifest["config"]["data"] = photos
     write_json(manifest, os.path.join(run, "manifest.json"))
-    gone = read_topk(run, "relu")[0, 0]["image_key"]
+    gone = topk_by_unit_rank(run, "relu")[0, 0]["image_key"]
     os.remove(os.path.join(photos, gone))
     caplog.set_level(logging.WARNING, logger="pipeline")
     render_run(run, RenderOptions(units=frozenset(), pictures=1, progress=False))

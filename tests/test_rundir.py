@@ -111,14 +111,13 @@ def test_interrupted_swaps_roll_forward_or_back(tmp_path):
     assert read_manifest(str(run))["fingerprint"] == "new" and not (run / PREVIOUS).exists()
 
 
-def test_failed_overwrite_keeps_the_previous_run_and_files_follow_the_umask(
-    ray_cluster, photo_folder, tmp_path, capsys
-):
-    """Issue 11 cases 2 and 3."""
+def test_failed_overwrite_keeps_the_previous_run_and_files_follow_the_umask(photo_folder, tmp_path, capsys):
+    """Issue 11 cases 2 and 3. The scans run in this process (`--executor local`): the run directory's promises
+    are the same on either executor (the run lock, the staging swap), and a killed scan on Ray is tried below."""
     run = str(tmp_path / "run")
     old_mask = os.umask(0o027)
     try:
-        assert main(scan_args(photo_folder, run)) == 0
+        assert main(scan_args(photo_folder, run, "--executor", "local")) == 0
     finally:
         os.umask(old_mask)
     for name in (MANIFEST, "units/part-0.parquet", "images/part-0.parquet", "topk/layer=down/part-0.parquet"):
@@ -136,14 +135,14 @@ def test_failed_overwrite_keeps_the_previous_run_and_files_follow_the_umask(
     bad.mkdir()
     (bad / "a.jpg").write_bytes(b"not an image")
     capsys.readouterr()
-    assert main(scan_args(str(bad), run, "--overwrite")) == 2
+    assert main(scan_args(str(bad), run, "--overwrite", "--executor", "local")) == 2
     assert "could be decoded" in capsys.readouterr().err
     after = tree(run)
     assert {k: v for k, v in after.items() if not k.startswith(".")} == {
         k: v for k, v in before.items() if not k.startswith(".")
     }
     # An --overwrite that succeeds replaces the tables and removes what was made from the old scan, nothing else.
-    assert main(scan_args(photo_folder, run, "--overwrite", "--k", "2")) == 0
+    assert main(scan_args(photo_folder, run, "--overwrite", "--k", "2", "--executor", "local")) == 0
     assert read_manifest(run)["k"] == 2 and not os.path.exists(os.path.join(run, "atlas"))
     assert open(os.path.join(run, "notes.txt")).read() == "mine"
     assert not os.path.exists(os.path.join(run, PREVIOUS)) and not os.path.exists(os.path.join(run, STAGING))
@@ -200,81 +199,101 @@ def _flushes(run: str) -> int:
     return len([n for n in os.listdir(root) if not n.startswith(".")]) if os.path.isdir(root) else 0
 
 
-def test_killed_scan_is_locked_while_alive_then_resumes_exactly(ray_cluster, photo_folder, tmp_path, capsys):
+@pytest.mark.ray  # each scan command below starts a local Ray of its own
+def test_killed_scan_is_locked_while_alive_then_resumes_exactly(photo_folder, tmp_path, capsys):
     """Issue 13: a scan killed (SIGKILL) midway resumes from its committed flushes and ends identical to an
     undisturbed run; a second scan refuses while the first lives (naming it), takes the lock once it is dead.
-    Issue 11: Ctrl-C (SIGINT) stops a scan with one line, status 130, and leaves no Ray process behind."""
-    reference = str(tmp_path / "reference")
-    assert main(scan_args(photo_folder, reference, "--flush-images", "4")) == 0
-    run = str(tmp_path / "run")
-    # On Ray (a small folder would otherwise run in-process): the kill must orphan a local Ray's helpers.
-    ray_args = ("--flush-images", "4", "--actors", "1", "--executor", "ray")
-    args = [sys.executable, "-m", "pipeline", *scan_args(photo_folder, run, *ray_args)]
-    # Slow the model down so the kill lands mid-scan (an environment hook read by tiny_models).
-    env = dict(_subprocess_env(), ATLAS_TEST_SLOW_FORWARD="0.4")
-    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _wait(lambda: _flushes(run) >= 2, 120, "two committed flushes")
-        capsys.readouterr()
-        assert main(scan_args(photo_folder, run, "--flush-images", "4")) == 2
-        err = capsys.readouterr().err
-        assert f"is being written by pid {first.pid}" in err and err.count("\n") == 1
-        os.kill(first.pid, signal.SIGKILL)  # the command alone: its local Ray's helpers are orphaned
-        first.wait(timeout=30)
-        # The next command that starts a local Ray ends what the killed one left (and nothing else).
-        _wait(
-            lambda: reap_orphans() == 0 and not _session_processes(first.pid),
-            120,
-            lambda: f"the orphans to be ended: {[_command(p) for p in _session_processes(first.pid)]}",
-        )
-    finally:
-        for pid in _session_processes(first.pid):
-            os.kill(pid, signal.SIGKILL)
-    committed = _flushes(run)
-    assert read_manifest(run) is None and committed >= 2
-    manifest = run_scan(
-        ScanConfig(
-            model=SMALL, data=photo_folder, out=run, layers="down", k=3, batch_size=4, flush_images=4, progress=False
-        )
-    )
-    with open(os.path.join(reference, MANIFEST)) as handle:
-        images = json.load(handle)["counts"]["images"]
-    second = manifest["attempts"][-1]
-    assert manifest["attempts"][0]["images_committed"] >= 8
-    # The resumed attempt processed only what the killed one had not committed.
-    assert second["images_processed"] == images - manifest["attempts"][0]["images_committed"]
-    ref, got = connect(reference), connect(run)
-    for query in (
-        "SELECT layer, unit, rank, image_key, act, y, x, box_x0, box_y0, box_x1, box_y1 FROM topk ORDER BY ALL",
-        "SELECT layer, unit, count, n_active, max, min, p50, p99, dead FROM units ORDER BY ALL",
-        "SELECT * FROM images ORDER BY image_key",
-    ):
-        assert got.execute(query).fetchall() == ref.execute(query).fetchall(), query
-    mean_ref = ref.execute("SELECT mean, std FROM units ORDER BY unit").fetchall()
-    mean_got = got.execute("SELECT mean, std FROM units ORDER BY unit").fetchall()
-    assert [v for row in mean_got for v in row] == pytest.approx([v for row in mean_ref for v in row], rel=1e-9)
+    Issue 11: Ctrl-C (SIGINT) stops a scan with one line, status 130, and leaves no Ray process behind.
 
-    # Ctrl-C: one line, status 130, how to resume, and no process of its local Ray left behind.
-    interrupted = str(tmp_path / "interrupted")
-    args = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        *scan_args(photo_folder, interrupted, *ray_args),
-    ]
-    third = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    Both scan commands run on a local Ray of their own (a small folder would otherwise run in-process: the kill
+    must orphan a Ray's helpers) and start together, so their Rays start side by side. Neither can finish: the
+    tiny model holds its forward passes once the run has N durable flushes (an environment hook read by
+    tiny_models), so each signal lands mid-scan however slow the machine, and no time goes into a slowed model.
+    """
+    reference = str(tmp_path / "reference")  # the undisturbed run: in this process (its subject is not Ray)
+    assert main(scan_args(photo_folder, reference, "--flush-images", "4", "--executor", "local")) == 0
+    run, interrupted = str(tmp_path / "run"), str(tmp_path / "interrupted")
+    ray_args = ("--flush-images", "4", "--actors", "1", "--executor", "ray")
+
+    def start(out: str, hold_at: int) -> subprocess.Popen:
+        args = [sys.executable, "-m", "pipeline", *scan_args(photo_folder, out, *ray_args)]
+        env = dict(_subprocess_env(), ATLAS_TEST_HOLD_WHEN_FLUSHED=f"{hold_at}:{os.path.join(out, STAGING, 'flushes')}")
+        # stderr to a file, not a pipe: a held command's log must not fill a pipe nobody reads yet.
+        with open(f"{out}.stderr", "wb") as log:
+            return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+
+    first = start(run, 2)  # killed once two flushes are durable
+    third = start(interrupted, 1)  # interrupted once one flush is durable
     try:
-        _wait(lambda: _flushes(interrupted) >= 1, 120, "a committed flush")
+        try:
+            _wait(lambda: _flushes(run) >= 2, 300, "two committed flushes")
+            capsys.readouterr()
+            assert main(scan_args(photo_folder, run, "--flush-images", "4")) == 2
+            err = capsys.readouterr().err
+            assert f"is being written by pid {first.pid}" in err and err.count("\n") == 1
+            os.kill(first.pid, signal.SIGKILL)  # the command alone: its local Ray's helpers are orphaned
+            first.wait(timeout=30)
+            # The next command that starts a local Ray ends what the killed one left, and nothing else: the
+            # other scan's Ray, whose command lives, is left alone (checked below: it still answers Ctrl-C).
+            _wait(
+                lambda: reap_orphans() == 0 and not _session_processes(first.pid),
+                120,
+                lambda: f"the orphans to be ended: {[_command(p) for p in _session_processes(first.pid)]}",
+            )
+            assert third.poll() is None and _session_processes(third.pid)
+        finally:
+            for pid in _session_processes(first.pid):
+                os.kill(pid, signal.SIGKILL)
+        committed = _flushes(run)
+        assert read_manifest(run) is None and committed >= 2
+        # Resumed in this process: the flushes a killed Ray scan committed are taken up by the local executor
+        # (tests/test_scan_local.py resumes a local scan on Ray).
+        manifest = run_scan(
+            ScanConfig(
+                model=SMALL,
+                data=photo_folder,
+                out=run,
+                layers="down",
+                k=3,
+                batch_size=4,
+                flush_images=4,
+                progress=False,
+                executor="local",
+            )
+        )
+        with open(os.path.join(reference, MANIFEST)) as handle:
+            images = json.load(handle)["counts"]["images"]
+        second = manifest["attempts"][-1]
+        assert manifest["attempts"][0]["images_committed"] >= 8
+        # The resumed attempt processed only what the killed one had not committed.
+        assert second["images_processed"] == images - manifest["attempts"][0]["images_committed"]
+        ref, got = connect(reference), connect(run)
+        for query in (
+            "SELECT layer, unit, rank, image_key, act, y, x, box_x0, box_y0, box_x1, box_y1 FROM topk ORDER BY ALL",
+            "SELECT layer, unit, count, n_active, max, min, p50, p99, dead FROM units ORDER BY ALL",
+            "SELECT * FROM images ORDER BY image_key",
+        ):
+            assert got.execute(query).fetchall() == ref.execute(query).fetchall(), query
+        mean_ref = ref.execute("SELECT mean, std FROM units ORDER BY unit").fetchall()
+        mean_got = got.execute("SELECT mean, std FROM units ORDER BY unit").fetchall()
+        assert [v for row in mean_got for v in row] == pytest.approx([v for row in mean_ref for v in row], rel=1e-9)
+
+        # Ctrl-C: one line, status 130, how to resume, and no process of its local Ray left behind.
+        _wait(lambda: _flushes(interrupted) >= 1, 300, "a committed flush")
         os.kill(third.pid, signal.SIGINT)
-        _, err = third.communicate(timeout=60)
+        third.wait(timeout=120)
+        err = open(f"{interrupted}.stderr").read()
         assert third.returncode == 130, err
-        lines = [line for line in err.decode().splitlines() if line.startswith("atlas:")]
+        lines = [line for line in err.splitlines() if line.startswith("atlas:")]
         assert lines == ["atlas: interrupted; what was committed is kept: run the same command again to resume"]
-        assert "Traceback" not in err.decode()
-        _wait(lambda: not _session_processes(third.pid), 30, "the interrupted scan's Ray processes to exit")
+        assert "Traceback" not in err
+        _wait(lambda: not _session_processes(third.pid), 60, "the interrupted scan's Ray processes to exit")
     finally:
-        for pid in _session_processes(third.pid):
-            os.kill(pid, signal.SIGKILL)
+        for process in (first, third):
+            if process.poll() is None:
+                process.kill()
+            for pid in _session_processes(process.pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_lock_is_reentrant_in_one_process_and_names_the_holder(tmp_path):
@@ -302,11 +321,16 @@ def test_lock_is_reentrant_in_one_process_and_names_the_holder(tmp_path):
 
 
 def test_user_errors_are_one_line(tmp_path, photo_folder, capsys):
-    """Issue 11 case 9: no traceback for a bad --out; --debug shows it."""
-    for out in (str(tmp_path / "file.txt"), "/proc/atlas-cannot-be-here/run"):
-        (tmp_path / "file.txt").write_text("x")
+    """Issue 11 case 9: no traceback for a bad --out; --debug shows it. Each refusal is checked for its own
+    reason, so three refusals for one wrong reason (a bad model, a missing folder) cannot pass."""
+    (tmp_path / "file.txt").write_text("x")
+    for out, reason in (
+        (str(tmp_path / "file.txt"), f"{tmp_path / 'file.txt'} exists and is not a directory"),
+        ("/proc/atlas-cannot-be-here/run", "cannot write the run directory /proc/atlas-cannot-be-here/run: "),
+    ):
         assert main(scan_args(photo_folder, out)) == 2
         err = capsys.readouterr().err
-        assert err.startswith("atlas: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    with pytest.raises(RunError):
+        assert err.startswith(f"atlas: error: {reason}") and err.count("\n") == 1 and "Traceback" not in err
+    assert (tmp_path / "file.txt").read_text() == "x"
+    with pytest.raises(RunError, match="file.txt exists and is not a directory"):
         main(["--debug", *scan_args(photo_folder, str(tmp_path / "file.txt"))])

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import brute_force_topk
+from helpers import brute_force_topk, read_topk
 from pipeline.data import DataError
 from pipeline.models import ModelConfig, ModelError, load_model
 from pipeline.preprocess import decode_image
@@ -70,13 +70,6 @@ def tie_folder(photo_folder, tmp_path_factory):
         for copy in ("aaa_copy.jpg", "zzz_copy.jpg"):
             shutil.copy(os.path.join(photo_folder, name, src), os.path.join(folder, name, copy))
     return folder
-
-
-def read_topk(run: str, layer: str) -> list[dict]:
-    con = connect(run)
-    rows = con.execute("SELECT * FROM topk WHERE layer = ? ORDER BY unit, rank", [layer]).fetchall()
-    columns = [d[0] for d in con.description]
-    return [dict(zip(columns, row)) for row in rows]
 
 
 @pytest.mark.parametrize(
@@ -176,15 +169,28 @@ def test_webdataset_and_parquet_sources_match_the_folder(ray_cluster, photo_fold
     pq.write_table(pa.table(rows), str(tmp_path / "pq" / "images.parquet"))
 
     results = {}
-    for name, data in (
-        ("folder", photo_folder),
-        ("wds", str(shards / "part-{000..001}.tar")),
-        ("parquet", str(tmp_path / "pq")),
+    # The shards and the Parquet are read by Ray Data (one model actor is enough for 36 images); the folder they
+    # must match is scanned in this process (its executor is checked against Ray in test_topk_equals_brute_force).
+    for name, data, executor in (
+        ("folder", photo_folder, "local"),
+        ("wds", str(shards / "part-{000..001}.tar"), "ray"),
+        ("parquet", str(tmp_path / "pq"), "ray"),
     ):
         run = str(tmp_path / name)
         manifest = run_scan(
-            ScanConfig(model=SMALL, data=data, out=run, layers="down", k=3, batch_size=8, progress=False)
+            ScanConfig(
+                model=SMALL,
+                data=data,
+                out=run,
+                layers="down",
+                k=3,
+                batch_size=8,
+                actors=1 if executor == "ray" else None,
+                progress=False,
+                executor=executor,
+            )
         )
+        assert manifest["execution"]["executor"] == executor, name
         assert manifest["counts"]["images_ok"] == len(files), name
         results[name] = read_topk(run, "down")
     acts = {name: [r["act"] for r in rows] for name, rows in results.items()}
@@ -207,7 +213,7 @@ def test_bad_images_are_recorded_and_the_run_goes_on(ray_cluster, photo_folder, 
     (data / "bad" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     run = str(tmp_path / "run")
     manifest = run_scan(
-        ScanConfig(model=SMALL, data=str(data), out=run, layers="down", k=3, batch_size=8, progress=False)
+        ScanConfig(model=SMALL, data=str(data), out=run, layers="down", k=3, batch_size=8, actors=1, progress=False)
     )
     assert (manifest["counts"]["images"], manifest["counts"]["images_ok"], manifest["counts"]["images_error"]) == (
         38,
@@ -306,9 +312,10 @@ def test_restart_after_interruption_and_skip_when_complete(ray_cluster, photo_fo
     assert con.execute("SELECT count(*), count(DISTINCT image_key) FROM images").fetchone() == (36, 36)
     assert not os.path.exists(os.path.join(run, ".staging"))
 
-    # A clean run elsewhere gives identical tables.
+    # A clean run elsewhere gives identical tables (in this process: the local executor's tables equal Ray's,
+    # test_topk_equals_brute_force).
     clean = str(tmp_path / "clean")
-    run_scan(ScanConfig(**{**config.__dict__, "out": clean}))
+    run_scan(ScanConfig(**{**config.__dict__, "out": clean, "executor": "local"}))
     assert read_topk(clean, "down") == topk_after_restart
 
     # Complete with the same settings: nothing is recomputed.
@@ -336,32 +343,11 @@ def test_a_worker_that_cannot_start_fails_the_scan_at_once(ray_cluster, photo_fo
     assert not any("pass 2" in line for line in err)
 
 
-def test_query_cli_and_views(ray_cluster, photo_folder, tmp_path, capsys):
+def test_query_cli_and_views(small_down_run, capsys):
+    """On the session's tiny run (small_net over the photos, layer down, k=2; tests/support/tiny_runs.py)."""
     from pipeline.cli import main
 
-    run = str(tmp_path / "run")
-    assert (
-        main(
-            [
-                "scan",
-                "--model",
-                "module:tiny_models:small_net",
-                "--image-size",
-                "32",
-                "--data",
-                photo_folder,
-                "--layers",
-                "down",
-                "--k",
-                "2",
-                "--out",
-                run,
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    capsys.readouterr()
+    run = small_down_run
     assert (
         main(
             [

@@ -14,10 +14,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace a run in --out made with other settings (e.g. by an older version of the demo)",
     )
+    parser.add_argument(
+        "--scan-only",
+        action="store_true",
+        help="stop after the scan and its queries (no render, explanations, dissection or site): seconds, not minutes",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(out=args.out, images=args.images, overwrite=args.overwrite)
+    return run_demo(out=args.out, images=args.images, overwrite=args.overwrite, scan_only=args.scan_only)

@@ -118,3 +118,43 @@ def run_and_kill(work, fragment: str, after: float = 0.0, timeout: float = 300.0
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def photo_batch(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, names=("chelsea", "coffee")):
+    """Real photos (scikit-image's bundled ones, by name) resized to size x size, normalised: an (N, 3, size,
+    size) float tensor, the input of a model's forward."""
+    import torch
+
+    from pipeline.demo_data import load_photos
+
+    photos = load_photos()
+    arrays = [np.asarray(Image.fromarray(photos[name]).resize((size, size))) for name in names]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def read_topk(run: str, layer: str) -> list[dict]:
+    """A run's top-k rows of one layer as dicts (column -> value), by unit then rank."""
+    from pipeline.store import connect
+
+    con = connect(run)
+    rows = con.execute("SELECT * FROM topk WHERE layer = ? ORDER BY unit, rank", [layer]).fetchall()
+    columns = [d[0] for d in con.description]
+    return [dict(zip(columns, row)) for row in rows]
+
+
+def topk_by_unit_rank(run: str, layer: str) -> dict[tuple[int, int], dict]:
+    """read_topk keyed by (unit, rank)."""
+    return {(row["unit"], row["rank"]): row for row in read_topk(run, layer)}
+
+
+def scanned_data(run: str) -> str:
+    """The data a run was scanned from (its manifest's config.data)."""
+    import json
+
+    with open(os.path.join(run, "manifest.json")) as handle:
+        return json.load(handle)["config"]["data"]

@@ -9,12 +9,30 @@ import torch
 from torch import nn
 
 
+def _durable_flushes(folder: str) -> int:
+    """Committed flushes in a run's staging folder (pipeline.scan.flushes: one folder each; '.tmp-' ones are not)."""
+    try:
+        return len([name for name in os.listdir(folder) if not name.startswith(".")])
+    except FileNotFoundError:
+        return 0
+
+
 def test_delay(x: torch.Tensor) -> torch.Tensor:
-    """Sleep ATLAS_TEST_SLOW_FORWARD seconds per forward pass (unset: none), so fault tests can land a kill or a
-    Ctrl-C mid-scan. Wrapped for torch.fx, so the traced feature extractor keeps the call."""
+    """Fault tests' hooks, read from the environment (unset: nothing happens). Wrapped for torch.fx, so the
+    traced feature extractor keeps the call.
+
+    ATLAS_TEST_SLOW_FORWARD=S sleeps S seconds per forward pass. ATLAS_TEST_HOLD_WHEN_FLUSHED=N:FOLDER holds
+    every forward pass once N flushes are durable in FOLDER (a run's `.staging/flushes`) until the process is
+    ended: a kill or a Ctrl-C then lands mid-scan whatever the machine's speed, not on a timer. (The driver
+    hands an actor at most two blocks beyond what it has committed, so the scan cannot run to its end first.)"""
     delay = float(os.environ.get("ATLAS_TEST_SLOW_FORWARD", "0") or 0)
     if delay > 0:
         time.sleep(delay)
+    hold = os.environ.get("ATLAS_TEST_HOLD_WHEN_FLUSHED")
+    if hold:
+        count, _, folder = hold.partition(":")
+        while _durable_flushes(folder) >= int(count):
+            time.sleep(0.5)
     return x
 
 
