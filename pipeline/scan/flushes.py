@@ -29,7 +29,7 @@ from pipeline.data import PARQUET_KEY_COLUMNS, DataError, SourceSpec, source_id
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.cluster.remote import is_url
 from pipeline.scan.recorder import Flush
-from pipeline.store import FLUSHES, PENDING_MAXIMA
+from pipeline.store import FLUSHES, PENDING_MAXIMA, glob_literal
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,8 @@ class FlushStore:
             return handle.read()
 
     def images_glob(self) -> str:
-        return os.path.join(self.root, "*", "images.parquet")
+        """Every flush's images as one DuckDB glob: the run's own path is escaped, never a pattern."""
+        return os.path.join(glob_literal(self.root), "*", "images.parquet")
 
     def _sql(self, query: str) -> list[tuple]:
         import duckdb
