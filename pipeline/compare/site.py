@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from jinja2 import Environment
 
 from pipeline.fileio import atomic_write
-from pipeline.store import COMPARISON_KIND, RunError, read_manifest
+from pipeline.store import COMPARISON_KIND, RunError, connect, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +158,6 @@ class _RunImages:
     run sites' publishing rule (pipeline.site.paths.RunFiles: relative, inside the run, one hard link)."""
 
     def __init__(self, described: dict):
-        import duckdb
-
         from pipeline.site.paths import RunFiles, UnsafePathError
 
         self.root = run_path = described["path"]
@@ -171,11 +169,9 @@ class _RunImages:
                 "run %s is gone or was rescanned since the comparison: its unit pages show no top-k", run_path
             )
             return
-        topk_glob = os.path.join(run_path, "topk", "**", "*.parquet").replace("'", "''")
-        con = duckdb.connect()
+        con = connect(run_path)  # the run's own views: its path is never a DuckDB pattern
         for layer, unit, rank, key, label, act in con.execute(
-            f"SELECT layer, unit, rank, image_key, label, act FROM read_parquet('{topk_glob}', "
-            "hive_partitioning=false) ORDER BY layer, unit, rank"
+            "SELECT layer, unit, rank, image_key, label, act FROM topk ORDER BY layer, unit, rank"
         ).fetchall():
             self.topk.setdefault((layer, unit), []).append({"rank": rank, "key": key, "label": label, "act": act})
         index = os.path.join(run_path, "atlas", "index.parquet")
