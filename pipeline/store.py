@@ -347,6 +347,9 @@ ATLAS_DEPENDENCE = f"{ATLAS}/dependence.parquet"
 EXPLAIN_INDEX = f"{EXPLAIN}/index.parquet"
 EXPLAIN_SUMMARY = f"{EXPLAIN}/summary.parquet"
 EXPLAIN_METRICS = f"{EXPLAIN}/metrics.parquet"
+EXPLAIN_MARKER = ".atlas-explain.json"  # in explain/: the folder is the tool's (pipeline.rundir.claim_folder)
+# What `atlas explain` writes in explain/ (replaced as a whole); anything else there is the user's and stays.
+EXPLAIN_OWNED = ("index.parquet", "summary.parquet", "metrics.parquet", "images", EXPLAIN_MARKER)
 # views.sql resolves its paths against this DuckDB variable when it is set (another working directory, or a run
 # on an object store: SET VARIABLE atlas_run = 's3://bucket/runs/x'), else against the working directory.
 RUN_VARIABLE = "atlas_run"
