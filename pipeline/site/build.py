@@ -228,7 +228,7 @@ class _Pages:
             COPIED_FILES if self.copy_media else os.path.relpath(data.run, out).replace(os.sep, "/")
         ) + "/"
         self.used_media: set[str] = set()
-        self.run_info = _run_info(data.manifest)
+        self.run_info = _run_info(data.manifest, data.run)
         # Previous / next run across layers, in depth order.
         self.order = [unit for layer in data.layers for unit in layer.units]
         self.position = {(u.layer, u.unit): i for i, u in enumerate(self.order)}
@@ -341,19 +341,42 @@ class _Pages:
         self.writer.write("search-index.js", "window.ATLAS_SEARCH = " + script_json(entries) + ";\n")
 
 
-def _run_info(manifest: dict) -> dict:
-    """The manifest's facts the index shows, with defaults: older or partial manifests still render."""
+def published_path(path: object, run_dir: str) -> object:
+    """A path as a published page may show it: relative to the run when inside it, a URL or a relative path as
+    the user gave it, else only its last name. A site copied to a static host must not tell where the user keeps
+    their files (the weights under their environment, the data folder, their home)."""
+    if not isinstance(path, str) or not path or "://" in path:
+        return path
+    if not os.path.isabs(path):
+        return path
+    run = os.path.abspath(run_dir)
+    if os.path.commonpath([os.path.abspath(path), run]) == run:
+        return os.path.relpath(path, run).replace(os.sep, "/")
+    return os.path.basename(path.rstrip("/\\")) or path
+
+
+def published_spec(spec: object, run_dir: str) -> object:
+    """A model spec (`module:/path/file.py:factory`, `torchvision:name`) with any absolute path in it published
+    as `published_path` does."""
+    if not isinstance(spec, str):
+        return spec
+    return ":".join(str(published_path(part, run_dir)) for part in spec.split(":"))
+
+
+def _run_info(manifest: dict, run_dir: str) -> dict:
+    """The manifest's facts the index shows, with defaults: older or partial manifests still render. Paths are
+    published relative to the run or by their last name (`published_path`)."""
     model = manifest.get("model") or {}
     data = manifest.get("data") or {}
     counts = manifest.get("counts") or {}
     timings = manifest.get("timings") or {}
     execution = manifest.get("execution") or {}
     return {
-        "model": model.get("spec", "?"),
-        "weights": model.get("weights"),
+        "model": published_spec(model.get("spec", "?"), run_dir),
+        "weights": published_path(model.get("weights"), run_dir),
         "weights_sha256": model.get("weights_sha256"),
         "weights_match": model.get("weights_match"),
-        "data": data.get("path", "?"),
+        "data": published_path(data.get("path", "?"), run_dir),
         "data_kind": data.get("kind"),
         "created": manifest.get("created", "?"),
         "images": counts.get("images", "?"),
