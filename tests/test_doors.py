@@ -53,17 +53,28 @@ def _one_line_error(capsys) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def odd(tmp_path_factory) -> dict:
-    """`<tmp>/runs é {a,b} *?/g[1]` (6 images, 3 hostile labels) and its sibling `g1` (the same images, k=1): a
-    path used as a DuckDB glob reads g1's tables instead, silently."""
-    root = tmp_path_factory.mktemp("doors")
+def _two_runs(root, base: str, run: str, sibling: str) -> dict:
+    """`base/run` (k=2) and `base/sibling` (k=1) over the same 6 images, 3 of them with hostile labels."""
     data = _photos(str(root / "data"), ["cat", HOSTILE["osc"], HOSTILE["newline"]])
-    base = root / ODD_BASE
-    run, sibling = str(base / "g[1]"), str(base / "g1")
+    run, sibling = os.path.join(base, run), os.path.join(base, sibling)
     assert _scan(data, run, "--k", "2") == 0
     assert _scan(data, sibling, "--k", "1") == 0
-    return {"root": str(root), "base": str(base), "run": run, "sibling": sibling, "data": data}
+    return {"root": str(root), "base": base, "run": run, "sibling": sibling, "data": data}
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory) -> dict:
+    """`<tmp>/runs é {a,b} *?/g[1]` and its sibling `g1` (k=1): a path used as a DuckDB glob reads g1's tables
+    instead, silently."""
+    root = tmp_path_factory.mktemp("doors")
+    return _two_runs(root, str(root / ODD_BASE), "g[1]", "g1")
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> dict:
+    """The same two runs at plain paths: the other doors' cases, each failing on its own (not on the path)."""
+    root = tmp_path_factory.mktemp("plain")
+    return _two_runs(root, str(root / "runs"), "run", "sibling")
 
 
 def _query(capsys, run: str, sql: str, *extra: str) -> tuple[int, str]:
@@ -161,10 +172,10 @@ def test_render_and_dissect_on_an_odd_path(odd, tmp_path, ray_cluster):
         "SET enable_external_access = true",
     ],
 )
-def test_query_cannot_change_the_run_or_write_anywhere(odd, tmp_path, capsys, sql):
+def test_query_cannot_change_the_run_or_write_anywhere(plain, tmp_path, capsys, sql):
     """Each is one line and status 2; the run's file and the outside folder are untouched. On main the first
     emptied a layer with status 0 (the manifest still said complete), the second and third wrote outside the run."""
-    run = odd["run"]
+    run = plain["run"]
     victim = next(
         os.path.join(d, n) for d, _, names in os.walk(os.path.join(run, "topk")) for n in names if n.endswith(".parquet")
     )
@@ -180,16 +191,16 @@ def test_query_cannot_change_the_run_or_write_anywhere(odd, tmp_path, capsys, sq
     assert os.listdir(tmp_path) == []
 
 
-def test_query_allow_files_is_the_analysts_opt_in(odd, tmp_path, capsys):
+def test_query_allow_files_is_the_analysts_opt_in(plain, tmp_path, capsys):
     outside = str(tmp_path / "mine.csv")
-    code, _ = _query(capsys, odd["run"], f"COPY (SELECT count(*) AS n FROM images) TO '{outside}'", "--allow-files")
+    code, _ = _query(capsys, plain["run"], f"COPY (SELECT count(*) AS n FROM images) TO '{outside}'", "--allow-files")
     assert code == 0 and open(outside).read().split() == ["n", "6"]
 
 
-def test_the_notebook_api_keeps_working(odd):
+def test_the_notebook_api_keeps_working(plain):
     from pipeline.api import open_run
 
-    with open_run(odd["run"]) as run:
+    with open_run(plain["run"]) as run:
         assert len(run.df("SELECT * FROM images")) == 6
 
 
@@ -197,13 +208,13 @@ def test_the_notebook_api_keeps_working(odd):
 
 
 @pytest.mark.parametrize("fmt", ["table", "csv"])
-def test_query_output_escapes_control_and_bidi_characters(odd, capsys, fmt):
+def test_query_output_escapes_control_and_bidi_characters(plain, capsys, fmt):
     """Labels from folder names holding OSC 52, ANSI, a newline and U+202E: shown escaped, one line per row."""
     sql = (
         "SELECT DISTINCT label, label || chr(8238) || chr(27) || '[2J' AS loud FROM images "
         "WHERE label <> 'cat' ORDER BY label"
     )
-    code, out = _query(capsys, odd["run"], sql, "--format", fmt)
+    code, out = _query(capsys, plain["run"], sql, "--format", fmt)
     assert code == 0
     for raw in ("\x1b", "\x07", "\u202e"):
         assert raw not in out
@@ -214,10 +225,10 @@ def test_query_output_escapes_control_and_bidi_characters(odd, capsys, fmt):
 # ---------------------------------------------------------- items 1, 2, 5, 12: one guard for every folder written
 
 
-def test_explain_out_keeps_the_users_files_in_explain(odd, tmp_path, capsys):
+def test_explain_out_keeps_the_users_files_in_explain(plain, tmp_path, capsys):
     """A second `atlas explain --out DIR` replaces the tool's files in DIR/explain and keeps the user's notes
     (on main the whole folder was renamed aside and removed: notes.txt gone, status 0)."""
-    image = os.path.join(odd["data"], "cat", "0.png")
+    image = os.path.join(plain["data"], "cat", "0.png")
     out = str(tmp_path / "out")
     assert main(["explain", *MODEL, image, "--out", out, "--methods", "saliency", "-q"]) == 0
     with open(os.path.join(out, "explain", "notes.txt"), "w") as handle:
@@ -228,8 +239,8 @@ def test_explain_out_keeps_the_users_files_in_explain(odd, tmp_path, capsys):
     assert sorted(n for n in os.listdir(out) if n.startswith(".explain")) == []
 
 
-def test_explain_out_refuses_a_users_explain_folder(odd, tmp_path, capsys):
-    image = os.path.join(odd["data"], "cat", "0.png")
+def test_explain_out_refuses_a_users_explain_folder(plain, tmp_path, capsys):
+    image = os.path.join(plain["data"], "cat", "0.png")
     out = tmp_path / "out"
     (out / "explain").mkdir(parents=True)
     (out / "explain" / "notes.txt").write_text("mine")
@@ -239,12 +250,12 @@ def test_explain_out_refuses_a_users_explain_folder(odd, tmp_path, capsys):
     assert sorted(os.listdir(out / "explain")) == ["notes.txt"]
 
 
-def test_comparison_site_out_keeps_the_users_folders(odd, tmp_path, capsys):
+def test_comparison_site_out_keeps_the_users_folders(plain, tmp_path, capsys):
     """`atlas site CMP --out DIR` into a folder of the user's holding an index.html, layers/ and units/: refused,
     nothing touched (on main layers/ and units/ were deleted). Into its own earlier output: a user's file in
     layers/ stays, and only pages the tool wrote are replaced."""
     comparison = str(tmp_path / "cmp")
-    assert main(["compare", odd["run"], odd["sibling"], "--out", comparison]) == 0
+    assert main(["compare", plain["run"], plain["sibling"], "--out", comparison]) == 0
     theirs = tmp_path / "theirs"
     for rel in ("index.html", "layers/mine.html", "units/x/0.html"):
         (theirs / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -262,12 +273,12 @@ def test_comparison_site_out_keeps_the_users_folders(odd, tmp_path, capsys):
     assert (ours / "index.html").read_text() != "mine"
 
 
-def test_a_tampered_site_cannot_lead_writes_or_deletes_outside_the_run(odd, tmp_path, capsys):
+def test_a_tampered_site_cannot_lead_writes_or_deletes_outside_the_run(plain, tmp_path, capsys):
     """RUN/site/static a symbolic link to a folder outside the run, and .atlas-site.json listing a file there: `atlas
     site RUN` refuses in one line; the outside file is still there and nothing was written into that folder (on
     main it was deleted and site.css / site.js written there)."""
     run = str(tmp_path / "run")
-    shutil.copytree(odd["run"], run)
+    shutil.copytree(plain["run"], run)
     assert main(["site", run, "-q"]) == 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -287,9 +298,9 @@ def test_a_tampered_site_cannot_lead_writes_or_deletes_outside_the_run(odd, tmp_
     assert sorted(os.listdir(elsewhere)) == ["victim.txt"] and (elsewhere / "victim.txt").read_text() == "keep me"
 
 
-def test_a_site_folder_that_is_a_link_out_of_the_run_is_refused(odd, tmp_path, capsys):
+def test_a_site_folder_that_is_a_link_out_of_the_run_is_refused(plain, tmp_path, capsys):
     run = str(tmp_path / "run")
-    shutil.copytree(odd["run"], run)
+    shutil.copytree(plain["run"], run)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     shutil.rmtree(os.path.join(run, "site"), ignore_errors=True)
@@ -315,7 +326,7 @@ def test_demo_claims_its_photo_folder(tmp_path, capsys):
 # ------------------------------------------------- item 13: published pages show no absolute local paths
 
 
-def test_published_pages_show_no_absolute_local_paths(odd, tmp_path):
+def test_published_pages_show_no_absolute_local_paths(plain, tmp_path):
     """Every page of a site built from a run whose weights and data live under absolute paths: none of the run's
     path, the data's, the weights', the home directory or the virtual environment appears (the index showed the
     weights file and the data folder)."""
@@ -327,13 +338,13 @@ def test_published_pages_show_no_absolute_local_paths(odd, tmp_path):
     os.makedirs(os.path.dirname(weights))
     torch.save(hand_net().state_dict(), weights)
     run = str(tmp_path / "published run")
-    assert _scan(odd["data"], run, "--weights", weights) == 0
+    assert _scan(plain["data"], run, "--weights", weights) == 0
     assert main(["site", run, "-q"]) == 0
     out = str(tmp_path / "elsewhere site")
     assert main(["site", run, "--out", out, "-q"]) == 0
     private = {
         "run": os.path.abspath(run),
-        "data": os.path.abspath(odd["data"]),
+        "data": os.path.abspath(plain["data"]),
         "weights": os.path.dirname(weights),
         "home": os.path.expanduser("~"),
         "venv": sys.prefix,
@@ -355,7 +366,7 @@ def test_published_pages_show_no_absolute_local_paths(odd, tmp_path):
 # -------------------------------------------------------------- item 10: readers see a whole run or none
 
 
-def test_readers_see_a_whole_run_or_none_during_repeated_swaps(odd, tmp_path):
+def test_readers_see_a_whole_run_or_none_during_repeated_swaps(plain, tmp_path):
     """A reader loops over `atlas query`'s connection while another thread swaps the run between two complete
     runs (the scan's own commit) for a few seconds: every answer is one whole run's (k and image count agree with
     one of the two), never a mix, never an empty answer, never an error (on main: empty answers, old topk with
@@ -365,9 +376,9 @@ def test_readers_see_a_whole_run_or_none_during_repeated_swaps(odd, tmp_path):
     from pipeline.store import MANIFEST, STAGING, TABLES, read_manifest
 
     run = str(tmp_path / "run")
-    shutil.copytree(odd["run"], run)  # k=2, 6 images
+    shutil.copytree(plain["run"], run)  # k=2, 6 images
     other = str(tmp_path / "other")
-    assert _scan(os.path.join(odd["data"], "cat"), other, "--k", "1") == 0  # k=1, 2 images
+    assert _scan(os.path.join(plain["data"], "cat"), other, "--k", "1") == 0  # k=1, 2 images
     expected = {(2, 6), (1, 2)}
     manifests = [read_manifest(run), read_manifest(other)]
     sources = [str(tmp_path / "src-a"), str(tmp_path / "src-b")]
@@ -435,19 +446,19 @@ def _fill(path: str, leave: int) -> None:
         handle.write(b"\0" * max(0, free - leave))
 
 
-def test_a_full_disk_during_scan_is_one_line(odd, tmp_path, capsys):
+def test_a_full_disk_during_scan_is_one_line(plain, tmp_path, capsys):
     with _tmpfs(str(tmp_path / "disk"), "256k") as disk:
         _fill(disk, 32 * 1024)
         capsys.readouterr()
-        code = main(["scan", *MODEL, "--data", odd["data"], "--out", os.path.join(disk, "run"), "--executor", "local"])
+        code = main(["scan", *MODEL, "--data", plain["data"], "--out", os.path.join(disk, "run"), "--executor", "local"])
         line = _one_line_error(capsys)
         assert code == 2 and "free space" in line, line
 
 
-def test_render_on_a_full_disk_and_on_a_read_only_run_is_one_line(odd, tmp_path, capsys, ray_cluster):
+def test_render_on_a_full_disk_and_on_a_read_only_run_is_one_line(plain, tmp_path, capsys, ray_cluster):
     with _tmpfs(str(tmp_path / "disk"), "4m") as disk:
         run = os.path.join(disk, "run")
-        shutil.copytree(odd["run"], run)
+        shutil.copytree(plain["run"], run)
         _fill(disk, 8 * 1024)
         capsys.readouterr()
         code = main(["render", run, "--layers", "conv2", "--no-featvis", "--pictures", "1", "-q"])
@@ -461,12 +472,12 @@ def test_render_on_a_full_disk_and_on_a_read_only_run_is_one_line(odd, tmp_path,
         assert code == 2 and "read-only" in line, line
 
 
-def test_site_elsewhere_and_query_work_on_a_read_only_run(odd, tmp_path, capsys):
+def test_site_elsewhere_and_query_work_on_a_read_only_run(plain, tmp_path, capsys):
     """Readers take no writer lock: on main `site --out ELSEWHERE` of a read-only run was a traceback (it opened
     the run's lock file for writing)."""
     with _tmpfs(str(tmp_path / "disk"), "4m") as disk:
         run = os.path.join(disk, "run")
-        shutil.copytree(odd["run"], run)
+        shutil.copytree(plain["run"], run)
         os.remove(os.path.join(run, ".atlas-lock")) if os.path.exists(os.path.join(run, ".atlas-lock")) else None
         _remount_read_only(disk)
         assert main(["site", run, "--out", str(tmp_path / "site"), "-q"]) == 0
