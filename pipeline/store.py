@@ -469,8 +469,12 @@ SNAPSHOT_WAIT = 0.02
 class _OpenFiles(pafs.FileSystemHandler):
     """A read-only pyarrow filesystem handler over files opened once (name -> descriptor); closed with it."""
 
-    def __init__(self, files: dict[str, int]):
+    def __init__(self, files: dict[str, int], root: str):
         self.files = files
+        self.root = root
+        # Linux reopens a descriptor's own file through /proc, even after a swap removed its name; elsewhere the
+        # name is read again (no whole-run guarantee there: docs/run-directory.md).
+        self.by_descriptor = os.path.isdir("/proc/self/fd")
 
     def __del__(self) -> None:
         for fd in self.files.values():
@@ -480,9 +484,10 @@ class _OpenFiles(pafs.FileSystemHandler):
                 pass
 
     def _source(self, path: str) -> str:
-        fd = self.files[path.lstrip("/")]
-        # Linux: the descriptor's own file, even after a swap removed its name.
-        return f"/proc/self/fd/{fd}"
+        rel = path.lstrip("/")
+        if self.by_descriptor:
+            return f"/proc/self/fd/{self.files[rel]}"
+        return os.path.join(self.root, *rel.split("/"))
 
     # pyarrow.fs.FileSystemHandler
     def get_type_name(self) -> str:
@@ -565,7 +570,7 @@ def snapshot_datasets(root: str, views: dict[str, ViewSource]) -> dict[str, Any]
         time.sleep(SNAPSHOT_WAIT)
     else:
         raise RunError(f"{root} kept changing while it was opened (a scan swapping it in?); try again")
-    handler = _OpenFiles(found["opened"])
+    handler = _OpenFiles(found["opened"], root)
     filesystem = pafs.PyFileSystem(handler)
     datasets: dict[str, Any] = {}
     for name, files in found["listed"].items():

@@ -177,7 +177,10 @@ def test_query_cannot_change_the_run_or_write_anywhere(plain, tmp_path, capsys, 
     emptied a layer with status 0 (the manifest still said complete), the second and third wrote outside the run."""
     run = plain["run"]
     victim = next(
-        os.path.join(d, n) for d, _, names in os.walk(os.path.join(run, "topk")) for n in names if n.endswith(".parquet")
+        os.path.join(d, n)
+        for d, _, names in os.walk(os.path.join(run, "topk"))
+        for n in names
+        if n.endswith(".parquet")
     )
     with open(victim, "rb") as handle:
         before = handle.read()
@@ -450,7 +453,9 @@ def test_a_full_disk_during_scan_is_one_line(plain, tmp_path, capsys):
     with _tmpfs(str(tmp_path / "disk"), "256k") as disk:
         _fill(disk, 32 * 1024)
         capsys.readouterr()
-        code = main(["scan", *MODEL, "--data", plain["data"], "--out", os.path.join(disk, "run"), "--executor", "local"])
+        code = main(
+            ["scan", *MODEL, "--data", plain["data"], "--out", os.path.join(disk, "run"), "--executor", "local"]
+        )
         line = _one_line_error(capsys)
         assert code == 2 and "free space" in line, line
 
