@@ -558,8 +558,10 @@ def snapshot_datasets(root: str, views: dict[str, ViewSource]) -> dict[str, Any]
     root = os.path.abspath(root)
     for _ in range(SNAPSHOT_TRIES):
         before = _manifest_identity(root)
-        if before is None and os.path.isdir(os.path.join(root, PREVIOUS)):  # a swap in progress
-            time.sleep(SNAPSHOT_WAIT)
+        if before is None:
+            if not os.path.isdir(os.path.join(root, PREVIOUS)):
+                raise RunError(f"{root} is not a complete run (no {MANIFEST}); run `atlas scan` first")
+            time.sleep(SNAPSHOT_WAIT)  # a swap in progress: the new manifest comes last
             continue
         found = _open_view_files(root, views)
         if found is not None and _manifest_identity(root) == before:
