@@ -115,6 +115,11 @@ def run_lock(run_dir: str) -> Iterator[None]:
             }
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            try:
+                _refuse_owned_links(os.path.dirname(path))
+            except RunError:
+                os.close(fd)
+                raise
             _LOCKS.held[path] = _Held(fd, 1)
     try:
         yield
@@ -127,6 +132,19 @@ def run_lock(run_dir: str) -> Iterator[None]:
                 # The file stays: unlinking it while another process waits on the old inode would let two
                 # holders lock two different files.
                 os.close(held.fd)
+
+
+def _refuse_owned_links(path: str) -> None:
+    """Every writer passes here (the lock): none of the run's own names may be a symbolic link, or a run received
+    from someone else (`atlas -> /home/me/...`) would make render, explain or dissect write or delete outside
+    it. Deeper links are refused by each writer's own path check (pipeline.fileio.check_inside)."""
+    for name in sorted(OWNED - {LOCK}):
+        candidate = os.path.join(path, name)
+        if os.path.islink(candidate):
+            raise RunError(
+                f"{candidate} is a symbolic link (to {os.readlink(candidate)}); the tool writes only inside the run: "
+                "remove the link (or copy the run without it)"
+            )
 
 
 def is_run_dir(path: str) -> bool:

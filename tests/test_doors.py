@@ -492,3 +492,24 @@ def test_site_elsewhere_and_query_work_on_a_read_only_run(plain, tmp_path, capsy
         capsys.readouterr()
         assert main(["site", run, "-q"]) == 2  # the default site is inside the run: one line, what to do
         assert "read-only" in _one_line_error(capsys)
+
+
+def test_a_run_whose_own_folders_are_links_is_refused_by_every_writer(plain, tmp_path, capsys):
+    """RUN/atlas a symbolic link out of the run (a run received from someone else): every command that writes
+    into the run takes the lock, and the lock refuses it before anything is written (render, explain --run and
+    dissect would have written through it)."""
+    from pipeline.rundir import run_lock
+    from pipeline.store import RunError
+
+    run = str(tmp_path / "run")
+    shutil.copytree(plain["run"], run, ignore=shutil.ignore_patterns("site", "atlas"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(str(elsewhere), os.path.join(run, "atlas"))
+    with pytest.raises(RunError, match="symbolic link"):
+        with run_lock(run):
+            pass
+    capsys.readouterr()
+    assert main(["site", run, "-q"]) == 2
+    assert "symbolic link" in _one_line_error(capsys)
+    assert os.listdir(elsewhere) == []
