@@ -590,9 +590,8 @@ def create_views(con, prefix: str, views: dict[str, ViewSource], root: str) -> N
     for name, dataset in snapshot_datasets(root, views).items():
         if dataset is None:
             con.execute(f"CREATE OR REPLACE VIEW {prefix}{name} AS {_empty_view(views[name])}")
-        else:
-            con.register(f"_atlas_{prefix}{name}", dataset)
-            con.execute(f"CREATE OR REPLACE VIEW {prefix}{name} AS SELECT * FROM _atlas_{prefix}{name}")
+        else:  # a view over the open files, no other name in the catalog
+            con.from_arrow(dataset).create_view(f"{prefix}{name}", replace=True)
 
 
 def connect(run_dir: str):
