@@ -68,8 +68,24 @@ def run_demo(
         return _after_scan(out, progress)
 
 
+DEMO_PHOTOS = "demo-photos"  # beside the run: dirname(--out)/demo-photos/, claimed like every folder the tool writes
+DEMO_PHOTOS_MARKER = ".atlas-demo-photos"
+
+
+def demo_photos(out: str) -> str:
+    """Claim dirname(out)/demo-photos/ for the demo's photos (pipeline.rundir.claim_folder): a user's folder of
+    that name is refused, never written into; one the demo made (before the marker: its .complete) is reused."""
+    from pipeline.demo_data import _MARKER as COMPLETE
+    from pipeline.rundir import claim_folder
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(out)), DEMO_PHOTOS)
+    return claim_folder(
+        folder, DEMO_PHOTOS_MARKER, "`atlas demo`", legacy=lambda path: os.path.isfile(os.path.join(path, COMPLETE))
+    )
+
+
 def _scan(out: str, images: int, overwrite: bool, progress: bool) -> None:
-    data = make_photo_folder(os.path.join(os.path.dirname(os.path.abspath(out)) or ".", "demo-photos"), images)
+    data = make_photo_folder(demo_photos(out), images)
     manifest = run_scan(
         ScanConfig(
             model=ModelConfig(spec="torchvision:mobilenet_v2", weights=mobilenet_v2_weights()),

@@ -10,8 +10,58 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from typing import Any, Callable
+
+
+class OutsideFolderError(ValueError):
+    """A write or delete that would leave the folder the tool claimed (a symbolic link on the way, '..')."""
+
+
+def check_inside(root: str, path: str) -> str:
+    """`path`, after checking that it lies under `root` and that no folder between `root` and it is a symbolic
+    link: the one rule for every write and delete into a folder the tool claimed (a run, a site, an explain or
+    comparison folder). The path's text is not enough: `RUN/site/static -> /elsewhere` makes
+    `RUN/site/static/x` a file of /elsewhere. Folders not there yet are fine (they are made as real folders).
+    The last component may be a link: replacing or unlinking a name never follows it."""
+    root = os.path.abspath(root)
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path, root)
+    if rel == os.curdir:
+        return path
+    parts = rel.split(os.sep)
+    if parts[0] == os.pardir:
+        raise OutsideFolderError(f"{path} is outside {root}")
+    current = root
+    for part in parts[:-1]:
+        current = os.path.join(current, part)
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            break
+        if stat.S_ISLNK(info.st_mode):
+            raise OutsideFolderError(
+                f"{current} is a symbolic link (to {os.readlink(current)}); the tool writes only inside {root}: "
+                "remove the link"
+            )
+        if not stat.S_ISDIR(info.st_mode):
+            raise OutsideFolderError(f"{current} is not a folder")
+    return path
+
+
+def remove_inside(root: str, path: str) -> bool:
+    """Unlink the regular file `path` under `root` (see `check_inside`); a link is unlinked itself, never
+    followed; anything else is left. True if removed."""
+    check_inside(root, path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(info.st_mode):
+        return False
+    os.unlink(path)
+    return True
 
 
 def current_umask() -> int:
@@ -37,10 +87,18 @@ def dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
-def atomic_write(path: str, data: bytes | str | None = None, writer: Callable[[str], None] | None = None) -> None:
-    """Commit `path` atomically: either `data` (bytes or text) or whatever `writer(temp_path)` writes."""
+def atomic_write(
+    path: str,
+    data: bytes | str | None = None,
+    writer: Callable[[str], None] | None = None,
+    root: str | None = None,
+) -> None:
+    """Commit `path` atomically: either `data` (bytes or text) or whatever `writer(temp_path)` writes. With
+    `root` (the folder the tool claimed), the path must stay inside it (`check_inside`)."""
     if (data is None) == (writer is None):
         raise ValueError("atomic_write needs exactly one of data and writer")
+    if root is not None:
+        check_inside(root, path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path)[-40:])

@@ -26,10 +26,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pipeline import __version__
-from pipeline.fileio import atomic_write_json
+from pipeline.fileio import atomic_write_json, check_inside
 from pipeline.store import (
     DERIVED,
     JOB_RECORD,
@@ -115,6 +115,11 @@ def run_lock(run_dir: str) -> Iterator[None]:
             }
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            try:
+                _refuse_owned_links(os.path.dirname(path))
+            except RunError:
+                os.close(fd)
+                raise
             _LOCKS.held[path] = _Held(fd, 1)
     try:
         yield
@@ -127,6 +132,19 @@ def run_lock(run_dir: str) -> Iterator[None]:
                 # The file stays: unlinking it while another process waits on the old inode would let two
                 # holders lock two different files.
                 os.close(held.fd)
+
+
+def _refuse_owned_links(path: str) -> None:
+    """Every writer passes here (the lock): none of the run's own names may be a symbolic link, or a run received
+    from someone else (`atlas -> /home/me/...`) would make render, explain or dissect write or delete outside
+    it. Deeper links are refused by each writer's own path check (pipeline.fileio.check_inside)."""
+    for name in sorted(OWNED - {LOCK}):
+        candidate = os.path.join(path, name)
+        if os.path.islink(candidate):
+            raise RunError(
+                f"{candidate} is a symbolic link (to {os.readlink(candidate)}); the tool writes only inside the run: "
+                "remove the link (or copy the run without it)"
+            )
 
 
 def is_run_dir(path: str) -> bool:
@@ -164,6 +182,48 @@ def claim(run_dir: str) -> str:
     except OSError as error:  # read-only, no permission, a parent that is a file or cannot exist
         raise RunError(f"cannot write the run directory {run_dir}: {error.strerror}") from None
     recover(path)
+    return path
+
+
+def _is_file(path: str) -> bool:
+    """A regular file, not a link to one (a marker must be the tool's own file, not a link planted there)."""
+    try:
+        return os.path.isfile(path) and not os.path.islink(path)
+    except OSError:
+        return False
+
+
+def claim_folder(
+    folder: str, marker: str, what: str, legacy: Callable[[str], bool] | None = None, inside: str | None = None
+) -> str:
+    """The one guard for every folder the tool writes besides a run (a site, `--out DIR/explain`, a comparison's
+    site, the demo's photos): missing or empty -> created and marked with `marker` (a file the tool wrote, saying
+    the folder is its own); marked (or `legacy(folder)`: made by a version before the marker) -> the tool's;
+    anything else -> refused, and nothing is written. `inside`: the folder the claimed one must stay in (no
+    symbolic link on the way: pipeline.fileio.check_inside). Returns the absolute path.
+
+    Inside a claimed folder the tool still deletes only what it wrote (each writer's own list or names)."""
+    path = os.path.abspath(folder)
+    if inside is not None:
+        check_inside(inside, os.path.join(path, marker))
+    if os.path.islink(path) and inside is not None:
+        raise RunError(f"{folder} is a symbolic link; the tool writes only inside {inside}: remove the link")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise RunError(f"{folder} exists and is not a directory")
+    marker_path = os.path.join(path, marker)
+    if os.path.isdir(path) and not _is_file(marker_path) and not (legacy is not None and legacy(path)):
+        entries = sorted(os.listdir(path))
+        if entries:
+            raise RunError(
+                f"{folder} is not empty and was not made by {what} (it holds {', '.join(entries[:5])}"
+                f"{', ...' if len(entries) > 5 else ''}); choose an empty or new folder"
+            )
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not _is_file(marker_path):
+            atomic_write_json(marker_path, {"neuron_atlas": __version__, "made_by": what})
+    except OSError as error:
+        raise RunError(f"cannot write {folder}: {error.strerror}; check its permissions and free space") from None
     return path
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.fileio import atomic_write, atomic_write_json
@@ -356,10 +357,17 @@ ATLAS_RECORD = f"{ATLAS}/render.json"  # the last render's resolved settings
 EXPLAIN_INDEX = f"{EXPLAIN}/index.parquet"
 EXPLAIN_SUMMARY = f"{EXPLAIN}/summary.parquet"
 EXPLAIN_METRICS = f"{EXPLAIN}/metrics.parquet"
+EXPLAIN_MARKER = ".atlas-explain.json"  # in explain/: the folder is the tool's (pipeline.rundir.claim_folder)
+# What `atlas explain` writes in explain/ (replaced as a whole); anything else there is the user's and stays.
+EXPLAIN_OWNED = ("index.parquet", "summary.parquet", "metrics.parquet", "images", EXPLAIN_MARKER)
 # views.sql resolves its paths against this DuckDB variable when it is set (another working directory, or a run
 # on an object store: SET VARIABLE atlas_run = 's3://bucket/runs/x'), else against the working directory.
 RUN_VARIABLE = "atlas_run"
-RELATIVE_BASE = f"coalesce(rtrim(getvariable('{RUN_VARIABLE}'), '/') || '/', '')"
+# Glob-escaped in SQL: the run's own path is never a pattern (see glob_literal).
+RELATIVE_BASE = (
+    f"coalesce(rtrim(replace(replace(replace(getvariable('{RUN_VARIABLE}'), '[', '[[]'), '*', '[*]'), '?', '[?]'), "
+    "'/') || '/', '')"
+)
 
 
 @dataclass(frozen=True)
@@ -393,57 +401,222 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def glob_literal(path: str) -> str:
+    """`path` as a DuckDB glob that matches only itself. DuckDB reads every path it is given as a pattern
+    ('[...]', '*', '?'), so a run at `runs/g[1]` would silently read `runs/g1`'s files; each such character
+    becomes a one-character class ('[' -> '[[]'). Every path that reaches read_parquet goes through here."""
+    return path.replace("[", "[[]").replace("*", "[*]").replace("?", "[?]")
+
+
+def parquet_files(paths: Iterable[str]) -> str:
+    """read_parquet's argument for an explicit list of files: each glob-escaped and quoted."""
+    return "[" + ", ".join(sql_string(glob_literal(path)) for path in paths) + "]"
+
+
+def glob_literal_sql(expression: str) -> str:
+    """The SQL of `glob_literal` applied to a SQL string expression (a DuckDB variable the user sets)."""
+    return f"replace(replace(replace({expression}, '[', '[[]'), '*', '[*]'), '?', '[?]')"
+
+
 def local_base(root: str) -> str:
-    """The SQL prefix for files under a local directory: its absolute path, as a literal."""
-    return sql_string(os.path.abspath(root).rstrip(os.sep) + "/")
+    """The SQL prefix for files under a local directory: its absolute path, glob-escaped, as a literal."""
+    return sql_string(glob_literal(os.path.abspath(root).rstrip(os.sep) + "/"))
 
 
-def _has_files(root: str, source: ViewSource) -> bool:
+def view_files(root: str, source: ViewSource) -> list[str]:
+    """The files behind a view now, relative to `root` ('/'-separated, sorted): the file itself, or every
+    .parquet under the glob's folder. Listed here, never globbed by DuckDB (see `glob_literal`)."""
     if "*" not in source.path:
-        return os.path.isfile(os.path.join(root, *source.path.split("/")))
-    base = os.path.join(root, *source.path.split("*", 1)[0].rstrip("/").split("/"))
-    return os.path.isdir(base) and any(name.endswith(".parquet") for _, _, names in os.walk(base) for name in names)
+        return [source.path] if os.path.isfile(os.path.join(root, *source.path.split("/"))) else []
+    folder = source.path.split("*", 1)[0].rstrip("/")
+    base = os.path.join(root, *folder.split("/"))
+    found = []
+    for directory, dirs, names in os.walk(base):
+        dirs.sort()
+        rel = os.path.relpath(directory, root).replace(os.sep, "/")
+        found += [f"{rel}/{name}" for name in sorted(names) if name.endswith(".parquet") and not name.startswith(".")]
+    return found
+
+
+def _empty_view(source: ViewSource) -> str:
+    columns = ", ".join(f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in source.schema)
+    return f"SELECT {columns} WHERE false"
 
 
 def view_statements(root: str, base: str, views: dict[str, ViewSource] | None = None, prefix: str = "") -> list[str]:
-    """The SQL that defines each view (`<prefix><name>`) over the files under the local directory `root`.
+    """The SQL that defines each view (`<prefix><name>`) over the files under the local directory `root`, as
+    plain DuckDB SQL (RUN/views.sql).
 
-    `base` is a SQL expression for the directory the paths are relative to: `local_base(root)` for a connection
-    of this process, `RELATIVE_BASE` for RUN/views.sql. Which views read files and which are empty (typed, no rows)
-    depends on the files present now, so RUN/views.sql is rewritten by every stage that adds a table.
+    `base` is a SQL expression for the directory the paths are relative to (`RELATIVE_BASE` for RUN/views.sql),
+    already glob-escaped. Each view names its files explicitly (listed now), so RUN/views.sql is rewritten by
+    every stage that adds a table.
     """
     statements = []
     for name, source in (RUN_VIEWS if views is None else views).items():
-        if _has_files(root, source):
+        files = view_files(root, source)
+        if files:
             # Layer is stored inside the files too, so hive partition inference (which would turn a layer named
             # '3' into an integer) is switched off.
-            query = (
-                f"SELECT * FROM read_parquet({base} || {sql_string(source.path)}, hive_partitioning = false, "
-                "union_by_name = true)"
-            )
+            listed = ", ".join(f"{base} || {sql_string(glob_literal(f))}" for f in files)
+            query = f"SELECT * FROM read_parquet([{listed}], hive_partitioning = false, union_by_name = true)"
         else:
-            columns = ", ".join(f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in source.schema)
-            query = f"SELECT {columns} WHERE false"
+            query = _empty_view(source)
         statements.append(f"CREATE OR REPLACE VIEW {prefix}{name} AS {query};")
     return statements
 
 
+# ------------------------------------------------------------------ in-process readers: a whole run or none
+# A reader of this process (`atlas query`, the notebook API, the site, `atlas compare`) opens every file of every
+# view ONCE, between two looks at the manifest: a scan's swap moves the manifest away first and puts the new one
+# in last, so the same manifest (inode and change time) before and after means every file opened belongs to that
+# run. DuckDB then reads the open files (pyarrow datasets over the descriptors, registered on the connection), so
+# a swap afterwards changes nothing for this reader: it sees the whole old run until it reconnects. No path is
+# ever handed to DuckDB, so no path is read as a pattern, and the connection needs no file access at all.
+SNAPSHOT_TRIES = 200  # x SNAPSHOT_WAIT: how long a reader waits for a swap in progress to finish
+SNAPSHOT_WAIT = 0.02
+
+
+class _OpenFiles(pafs.FileSystemHandler):
+    """A read-only pyarrow filesystem handler over files opened once (name -> descriptor); closed with it."""
+
+    def __init__(self, files: dict[str, int], root: str):
+        self.files = files
+        self.root = root
+        # Linux reopens a descriptor's own file through /proc, even after a swap removed its name; elsewhere the
+        # name is read again (no whole-run guarantee there: docs/run-directory.md).
+        self.by_descriptor = os.path.isdir("/proc/self/fd")
+
+    def __del__(self) -> None:
+        for fd in self.files.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _source(self, path: str) -> str:
+        rel = path.lstrip("/")
+        if self.by_descriptor:
+            return f"/proc/self/fd/{self.files[rel]}"
+        return os.path.join(self.root, *rel.split("/"))
+
+    # pyarrow.fs.FileSystemHandler
+    def get_type_name(self) -> str:
+        return "atlas-open-files"
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def equals(self, other) -> bool:
+        return other is self
+
+    def get_file_info(self, paths):
+        infos = []
+        for path in paths:
+            fd = self.files.get(path.lstrip("/"))
+            if fd is None:
+                infos.append(pafs.FileInfo(path, pafs.FileType.NotFound))
+            else:
+                infos.append(pafs.FileInfo(path, pafs.FileType.File, size=os.fstat(fd).st_size))
+        return infos
+
+    def open_input_file(self, path: str):
+        return pa.OSFile(self._source(path))
+
+    def open_input_stream(self, path: str):
+        return pa.OSFile(self._source(path))
+
+    def _read_only(self, *args, **kwargs):
+        raise OSError("a run snapshot is read-only")
+
+    get_file_info_selector = create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _read_only
+    delete_file = move = copy_file = open_output_stream = open_append_stream = _read_only
+
+
+def _manifest_identity(root: str) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(os.path.join(root, MANIFEST))
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_ctime_ns, info.st_mtime_ns)
+
+
+def _open_view_files(root: str, views: dict[str, ViewSource]) -> dict[str, list[str]] | None:
+    """Open every file of `views` under `root`; None if the run changed meanwhile (the caller retries)."""
+    listed: dict[str, list[str]] = {}
+    opened: dict[str, int] = {}
+    try:
+        for name, source in views.items():
+            listed[name] = view_files(root, source)
+            for rel in listed[name]:
+                if rel not in opened:
+                    fd = os.open(os.path.join(root, *rel.split("/")), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                    opened[rel] = fd
+    except FileNotFoundError:
+        for fd in opened.values():
+            os.close(fd)
+        return None
+    return {"listed": listed, "opened": opened}  # type: ignore[return-value]
+
+
+def snapshot_datasets(root: str, views: dict[str, ViewSource]) -> dict[str, Any]:
+    """{view name: a pyarrow dataset over files opened once (or None: no files)} for `root`, all of one run (see
+    above). Waits for a swap in progress; refuses a run that keeps changing."""
+    import time
+
+    import pyarrow.dataset as ds
+
+    root = os.path.abspath(root)
+    for _ in range(SNAPSHOT_TRIES):
+        before = _manifest_identity(root)
+        if before is None:
+            if not os.path.isdir(os.path.join(root, PREVIOUS)):
+                raise RunError(f"{root} is not a complete run (no {MANIFEST}); run `atlas scan` first")
+            time.sleep(SNAPSHOT_WAIT)  # a swap in progress: the new manifest comes last
+            continue
+        found = _open_view_files(root, views)
+        if found is not None and _manifest_identity(root) == before:
+            break
+        if found is not None:
+            for fd in found["opened"].values():
+                os.close(fd)
+        time.sleep(SNAPSHOT_WAIT)
+    else:
+        raise RunError(f"{root} kept changing while it was opened (a scan swapping it in?); try again")
+    handler = _OpenFiles(found["opened"], root)
+    filesystem = pafs.PyFileSystem(handler)
+    datasets: dict[str, Any] = {}
+    for name, files in found["listed"].items():
+        if not files:
+            datasets[name] = None
+            continue
+        schemas = [pq.read_schema(handler.open_input_file(f)) for f in files]
+        datasets[name] = ds.dataset(files, schema=pa.unify_schemas(schemas), format="parquet", filesystem=filesystem)
+    return datasets
+
+
 def create_views(con, prefix: str, views: dict[str, ViewSource], root: str) -> None:
-    """Create the views `<prefix><name>` over root's files in a DuckDB connection. `atlas compare`'s connection
-    puts two runs and the comparison side by side with it (a_topk, b_topk, cmp_units, ...)."""
-    for statement in view_statements(root, local_base(root), views, prefix):
-        con.execute(statement)
+    """Create the views `<prefix><name>` over root's files in a DuckDB connection (a snapshot: see above). `atlas
+    compare`'s connection puts two runs and the comparison side by side with it (a_topk, b_topk, cmp_units, ...)."""
+    for name, dataset in snapshot_datasets(root, views).items():
+        if dataset is None:
+            con.execute(f"CREATE OR REPLACE VIEW {prefix}{name} AS {_empty_view(views[name])}")
+        else:  # a view over the open files, no other name in the catalog
+            con.from_arrow(dataset).create_view(f"{prefix}{name}", replace=True)
 
 
 def connect(run_dir: str):
     """A DuckDB connection with the views of RUN_VIEWS (topk, units, images, maxima, atlas, explain, `atlas
-    dissect`'s labels, concepts, selectivity and thresholds, ...) over a complete run's Parquet."""
+    dissect`'s labels, concepts, selectivity and thresholds, ...) over a complete run's Parquet, all of one run."""
     import duckdb
 
-    if read_manifest(run_dir) is None:
+    if read_manifest(run_dir) is None and not os.path.isdir(os.path.join(run_dir, PREVIOUS)):
         raise RunError(f"{run_dir} is not a complete run (no {MANIFEST}); run `atlas scan` first")
     con = duckdb.connect()
-    create_views(con, "", RUN_VIEWS, run_dir)
+    try:
+        create_views(con, "", RUN_VIEWS, run_dir)
+    except BaseException:
+        con.close()
+        raise
     return con
 
 

@@ -4,6 +4,7 @@ it (calling the library, printing results); options several commands share are i
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -48,6 +49,39 @@ USER_ERRORS = (
 )
 
 
+# What the user can do about an OS error, by its errno.
+OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space there (or choose another --out) and run the same command again",
+    errno.EDQUOT: "the disk quota is used up: free space there and run the same command again",
+    errno.EROFS: "it is on a read-only file system: copy the run somewhere writable or choose another --out",
+    errno.EACCES: "permission denied: check the folder's permissions (or choose another --out)",
+    errno.EPERM: "not permitted: check the folder's permissions (or choose another --out)",
+}
+
+
+def os_error_message(error: OSError) -> str:
+    """One line for an OS error at the user-facing boundary: what failed, on which path, and what to do."""
+    path = error.filename if error.filename is not None else None
+    reason = error.strerror or _first_line(error)
+    hint = OS_HINTS.get(error.errno) if error.errno is not None else None
+    if hint is None:  # pyarrow and Ray carry the errno only in their text
+        text = str(error)
+        hint = next(
+            (OS_HINTS[code] for code in OS_HINTS if os.strerror(code) in text and code not in (errno.EPERM,)), None
+        )
+    where = f": {path}" if path else ""
+    return f"{reason}{where}" + (f" ({hint})" if hint else "")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _is_duckdb_error(error: BaseException) -> bool:
+    return any(cls.__module__.split(".")[0] in ("duckdb", "_duckdb") for cls in type(error).__mro__)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -65,7 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
-        if isinstance(error, OSError) and error.filename:
-            message = f"{error.strerror}: {error.filename}"
+        if isinstance(error, OSError):
+            message = os_error_message(error)
         print(f"atlas: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        # Every OS error (a full disk, a read-only run) and DuckDB error at the boundary: one line, status 2.
+        if debug or not (isinstance(error, OSError) or _is_duckdb_error(error)):
+            raise
+        message = os_error_message(error) if isinstance(error, OSError) else _first_line(error)
+        print(f"atlas: error: {' '.join(message.split())}", file=sys.stderr)
         return 2

@@ -16,12 +16,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("run")
     parser.add_argument("sql")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    parser.add_argument(
+        "--allow-files",
+        action="store_true",
+        help="let the SQL read and write files beyond the run's views (COPY, read_csv, ATTACH, ...); by default "
+        "atlas query is read-only and reads only the run",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.query import format_result, run_query
 
-    columns, rows = run_query(args.run, args.sql)
+    columns, rows = run_query(args.run, args.sql, allow_files=args.allow_files)
     sys.stdout.write(format_result(columns, rows, args.format))
     return 0

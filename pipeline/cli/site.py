@@ -24,10 +24,15 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.run) if os.path.isdir(args.run) else None
     if manifest is not None and manifest.get("kind") == COMPARISON_KIND:  # `atlas compare`'s output
+        import contextlib
+
         from pipeline.compare.site import build_comparison_site
         from pipeline.rundir import run_lock
+        from pipeline.site.build import inside_run
 
-        with run_lock(args.run):
+        # Written into the comparison: under its lock; elsewhere it only reads it (no lock, read-only works).
+        inside = args.out is None or inside_run(args.out, args.run)
+        with run_lock(args.run) if inside else contextlib.nullcontext():
             print(f"comparison page: open {build_comparison_site(args.run, out=args.out)}")
         return 0
     report = build_site(args.run, out=args.out, progress=not args.quiet)

@@ -44,8 +44,10 @@ from pipeline.store import (
     SCHEMAS,
     RunError,
     create_views,
+    glob_literal,
     layer_dir,
     read_manifest,
+    sql_string,
     table_views,
     write_json,
     write_table,
@@ -171,8 +173,8 @@ def layer_moments(a: RunInfo, b: RunInfo, layer: str, shared_keys: int, con) -> 
     moments = CrossMoments()
     paths = {}
     for prefix, run in (("a", a), ("b", b)):
-        pattern = os.path.join(layer_dir(os.path.join(run.path, "maxima"), layer), "*.parquet")
-        paths[prefix] = "'" + pattern.replace("'", "''") + "'"
+        folder = layer_dir(os.path.join(run.path, "maxima"), layer)
+        paths[prefix] = sql_string(glob_literal(folder) + "/*.parquet")  # the run's path is never a pattern
     for chunk in range(chunks):
         rows = (shared_keys - chunk + chunks - 1) // chunks  # images i with i % chunks == chunk
         views = []

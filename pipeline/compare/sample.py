@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from pipeline.store import RunError, write_table
+from pipeline.store import RunError, glob_literal, sql_string, write_table
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,9 @@ def sample_runs(
 
     con = duckdb.connect()
     con.register("wanted", pa.table({"image_key": keys}))
-    pattern = os.path.join(a.path, "images", "*.parquet").replace("'", "''")
+    pattern = sql_string(os.path.join(glob_literal(a.path), "images", "*.parquet"))  # the path is no pattern
     rows = con.execute(
-        f"SELECT i.image_key, i.source, i.label FROM read_parquet('{pattern}') i "
+        f"SELECT i.image_key, i.source, i.label FROM read_parquet({pattern}) i "
         "JOIN wanted USING (image_key) ORDER BY image_key"
     ).fetchall()
     con.close()

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 
 import pyarrow.parquet as pq
 from jinja2 import Environment
 
-from pipeline.fileio import atomic_write
-from pipeline.store import COMPARISON_KIND, RunError, read_manifest
+from pipeline.store import COMPARISON_KIND, RunError, connect, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +156,6 @@ class _RunImages:
     run sites' publishing rule (pipeline.site.paths.RunFiles: relative, inside the run, one hard link)."""
 
     def __init__(self, described: dict):
-        import duckdb
-
         from pipeline.site.paths import RunFiles, UnsafePathError
 
         self.root = run_path = described["path"]
@@ -171,11 +167,9 @@ class _RunImages:
                 "run %s is gone or was rescanned since the comparison: its unit pages show no top-k", run_path
             )
             return
-        topk_glob = os.path.join(run_path, "topk", "**", "*.parquet").replace("'", "''")
-        con = duckdb.connect()
+        con = connect(run_path)  # the run's own views: its path is never a DuckDB pattern
         for layer, unit, rank, key, label, act in con.execute(
-            f"SELECT layer, unit, rank, image_key, label, act FROM read_parquet('{topk_glob}', "
-            "hive_partitioning=false) ORDER BY layer, unit, rank"
+            "SELECT layer, unit, rank, image_key, label, act FROM topk ORDER BY layer, unit, rank"
         ).fetchall():
             self.topk.setdefault((layer, unit), []).append({"rank": rank, "key": key, "label": label, "act": act})
         index = os.path.join(run_path, "atlas", "index.parquet")
@@ -217,14 +211,22 @@ def build_comparison_site(cmp_dir: str, out: str | None = None) -> str:
     manifest = read_manifest(cmp_dir)
     if manifest is None or manifest.get("kind") != COMPARISON_KIND:
         raise RunError(f"{cmp_dir} is not a complete comparison; run `atlas compare` first")
-    site_dir = os.path.abspath(out or os.path.join(cmp_dir, "site"))
-    if (
-        out
-        and os.path.isdir(site_dir)
-        and os.listdir(site_dir)
-        and not os.path.isfile(os.path.join(site_dir, "index.html"))
-    ):
-        raise RunError(f"{out} is not empty and holds no comparison page; choose an empty or new folder")
+    from pipeline.rundir import claim_folder
+    from pipeline.site.writer import MARKER, SiteWriter
+
+    default = os.path.join(os.path.abspath(cmp_dir), "site")
+    site_dir = os.path.abspath(out or default)
+    # The one guard (pipeline.rundir.claim_folder): --out must be new, empty or a site the tool made; the
+    # comparison's own site/ made before the marker existed is the tool's too. Only files the tool wrote are
+    # ever replaced or removed (SiteWriter's list): a user's DIR/layers/ beside an index.html stays.
+    claim_folder(
+        site_dir,
+        MARKER,
+        "`atlas site`",
+        legacy=lambda path: path == default and os.path.isfile(os.path.join(path, "index.html")),
+        inside=os.path.abspath(cmp_dir) if site_dir == default else None,
+    )
+    writer = SiteWriter(site_dir)
     units = pq.read_table(os.path.join(cmp_dir, "cmp_units")).to_pylist()
     layers = pq.read_table(os.path.join(cmp_dir, "cmp_layers")).to_pylist()
     run_a, run_b = manifest["runs"]["a"], manifest["runs"]["b"]
@@ -258,11 +260,10 @@ def build_comparison_site(cmp_dir: str, out: str | None = None) -> str:
 
     environment = Environment(autoescape=True)
     layer_template = environment.from_string(LAYER_TEMPLATE)
-    shutil.rmtree(os.path.join(site_dir, "layers"), ignore_errors=True)  # layers no longer compared
-    for summary in layers:
+    for summary in layers:  # pages of layers no longer compared go with writer.finish()
         summary["page"] = f"layers/{layer_slug(summary['layer'])}.html"
-        atomic_write(
-            os.path.join(site_dir, summary["page"]),
+        writer.write(
+            summary["page"],
             layer_template.render(
                 layer=summary["layer"],
                 style=STYLE,
@@ -290,8 +291,9 @@ def build_comparison_site(cmp_dir: str, out: str | None = None) -> str:
         chart_height=(len(layers) * CHART_ROW + 20) if per_image else 0,
     )
     index = os.path.join(site_dir, "index.html")
-    atomic_write(index, html)
-    pages = _unit_pages(units, run_a, run_b, site_dir)
+    writer.write("index.html", html)
+    pages = _unit_pages(units, run_a, run_b, site_dir, writer)
+    writer.finish()
     logger.info("comparison page: %s (+ %d unit pages)", index, pages)
     return index
 
@@ -303,10 +305,10 @@ def unit_page(row: dict) -> str:
     return f"units/{layer_slug(row['layer'])}/{row['unit']}.html"
 
 
-def _unit_pages(units: list[dict], run_a: dict, run_b: dict, site_dir: str) -> int:
+def _unit_pages(units: list[dict], run_a: dict, run_b: dict, site_dir: str, writer) -> int:
     """One page per unit of A: A's unit, B's unit of the same index and B's matched unit side by side (top-k
     with crops where the runs were rendered, feature visualizations, shared keys marked)."""
-    shutil.rmtree(os.path.join(site_dir, "units"), ignore_errors=True)  # pages of units no longer compared
+    # pages of units no longer compared go with writer.finish() (only files the writer listed as its own)
     images = {"a": _RunImages(run_a), "b": _RunImages(run_b)}
     template = Environment(autoescape=True).from_string(UNIT_TEMPLATE)
     for row in units:
@@ -345,5 +347,5 @@ def _unit_pages(units: list[dict], run_a: dict, run_b: dict, site_dir: str) -> i
                 }
             )
         home = os.path.relpath(os.path.join(site_dir, "index.html"), page_dir).replace(os.sep, "/")
-        atomic_write(page, template.render(row=row, columns=columns, fmt=_fmt, home=home))
+        writer.write(unit_page(row), template.render(row=row, columns=columns, fmt=_fmt, home=home))
     return len(units)

@@ -31,8 +31,11 @@ from PIL import Image
 
 from pipeline.render.crops import overlay
 from pipeline.explain.explainer import Explanation
+from pipeline.fileio import check_inside
 from pipeline.store import (
     EXPLAIN,
+    EXPLAIN_MARKER,
+    EXPLAIN_OWNED,
     EXPLAIN_INDEX_SCHEMA,
     EXPLAIN_METRICS_SCHEMA,
     EXPLAIN_SUMMARY_SCHEMA,
@@ -176,9 +179,14 @@ class ExplainWriter:
     """Stage files and tables under ROOT/.explain-staging-<id>/, then `commit` them to ROOT/explain."""
 
     def __init__(self, root: str):
+        from pipeline.rundir import claim_folder
+
         self.root = os.path.abspath(root)
+        self.final = os.path.join(self.root, EXPLAIN)
+        if os.path.lexists(self.final):  # the one guard: refused, before any work, unless the tool made it
+            claim_folder(self.final, EXPLAIN_MARKER, "`atlas explain`", legacy=_legacy_explain, inside=self.root)
         os.makedirs(self.root, exist_ok=True)
-        self.staging = os.path.join(self.root, f".explain-staging-{uuid.uuid4().hex[:12]}")
+        self.staging = check_inside(self.root, os.path.join(self.root, f".explain-staging-{uuid.uuid4().hex[:12]}"))
         os.makedirs(self.staging)
         self.index: list[dict] = []
         self.summaries: list[dict] = []
@@ -225,20 +233,46 @@ class ExplainWriter:
                 ),
                 os.path.join(self.staging, "metrics.parquet"),
             )
-        final = os.path.join(self.root, EXPLAIN)
+        with open(os.path.join(self.staging, EXPLAIN_MARKER), "w") as handle:
+            json.dump({"made_by": "`atlas explain`"}, handle)
+        final = self.final
         old = None
-        if os.path.exists(final):
+        if os.path.lexists(final):
+            # Checked again at the swap: explain/ must still be the tool's folder (claimed in __init__).
+            from pipeline.rundir import claim_folder
+
+            claim_folder(final, EXPLAIN_MARKER, "`atlas explain`", legacy=_legacy_explain, inside=self.root)
+            # What the user put into explain/ (notes.txt) goes into the new folder: only the tool's names are
+            # replaced.
+            for name in os.listdir(final):
+                if name not in EXPLAIN_OWNED and not os.path.lexists(os.path.join(self.staging, name)):
+                    os.replace(os.path.join(final, name), os.path.join(self.staging, name))
             old = os.path.join(self.root, f".explain-old-{uuid.uuid4().hex[:12]}")
             os.replace(final, old)
         os.replace(self.staging, final)
         if old:
-            shutil.rmtree(old, ignore_errors=True)
+            for name in os.listdir(old):
+                if name in EXPLAIN_OWNED:
+                    target = os.path.join(old, name)
+                    if os.path.isdir(target) and not os.path.islink(target):
+                        shutil.rmtree(target, ignore_errors=True)
+                    else:
+                        os.unlink(target)
+            try:
+                os.rmdir(old)
+            except OSError:
+                pass
         if read_manifest(self.root) is not None:  # a scan's run: its views.sql now reads the explain tables
             write_views(self.root)
         return index
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _legacy_explain(path: str) -> bool:
+    """An explain/ folder made before the marker existed: it holds the tables `atlas explain` writes."""
+    return os.path.isfile(os.path.join(path, "index.parquet")) and os.path.isfile(os.path.join(path, "summary.parquet"))
 
 
 def localization(

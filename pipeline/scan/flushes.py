@@ -27,7 +27,7 @@ from pipeline.data import DataError, SourceSpec, parquet_keys, shard_keys, sourc
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.objectstore import is_url
 from pipeline.scan.recorder import Flush
-from pipeline.store import FLUSHES, PENDING_MAXIMA
+from pipeline.store import FLUSHES, PENDING_MAXIMA, glob_literal
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ class FlushStore:
             return handle.read()
 
     def images_glob(self) -> str:
-        return os.path.join(self.root, "*", "images.parquet")
+        """Every flush's images as one DuckDB glob: the run's own path is escaped, never a pattern."""
+        return os.path.join(glob_literal(self.root), "*", "images.parquet")
 
     def _sql(self, query: str) -> list[tuple]:
         import duckdb

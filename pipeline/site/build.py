@@ -49,14 +49,30 @@ class SiteReport:
 
 
 def build_site(run_dir: str, out: str | None = None, progress: bool = True) -> SiteReport:
-    """Generate (or update) the static site of `run_dir` in `out` (default RUN/site); see the module doc. Holds
-    the run's writer lock, so no scan swaps the run while its pages are made."""
+    """Generate (or update) the static site of `run_dir` in `out` (default RUN/site); see the module doc.
+
+    A site inside the run is written under the run's writer lock (no scan swaps the run while its pages are
+    made). A site elsewhere only reads the run: no lock, nothing written into the run (a read-only run works),
+    and the run's tables are read from files opened once (pipeline.store.snapshot_datasets), so a swap meanwhile
+    gives pages of the old run or the new one, never a mix."""
     from pipeline.rundir import run_lock
 
     if not os.path.isdir(run_dir):
         raise RunError(f"{run_dir} does not exist")
+    target = os.path.abspath(out or os.path.join(run_dir, SITE))
+    if not inside_run(target, run_dir):
+        return _build_site(run_dir, out, progress)
     with run_lock(run_dir):
         return _build_site(run_dir, out, progress)
+
+
+def inside_run(path: str, run_dir: str) -> bool:
+    """`path` is the run or lies under it, by its text or where its existing part resolves to."""
+    run_real = os.path.realpath(run_dir)
+    for candidate, root in ((os.path.abspath(path), os.path.abspath(run_dir)), (os.path.realpath(path), run_real)):
+        if os.path.commonpath([candidate, root]) == root:
+            return True
+    return False
 
 
 def _build_site(run_dir: str, out: str | None, progress: bool) -> SiteReport:
@@ -105,12 +121,16 @@ def _build_site(run_dir: str, out: str | None, progress: bool) -> SiteReport:
 
 
 def _check_out(run_dir: str, out: str) -> None:
+    """The site folder is claimed by the one guard (pipeline.rundir.claim_folder): new, empty or made by `atlas
+    site`; inside the run, no symbolic link on the way may lead out of it."""
+    from pipeline.rundir import claim_folder
+
     if os.path.realpath(out) == os.path.realpath(run_dir):
         raise RunError("--out must not be the run directory itself (default: RUN/site)")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise RunError(f"{out} exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MARKER)):
-        raise RunError(f"{out} is not empty and was not made by `atlas site`; choose an empty or new --out")
+    inside = inside_run(out, run_dir)
+    if inside and os.path.commonpath([os.path.abspath(out), run_dir]) != run_dir:
+        raise RunError(f"{out} leads into the run {run_dir} through a symbolic link; choose a folder outside it")
+    claim_folder(out, MARKER, "`atlas site`", inside=run_dir if inside else None)
 
 
 def _environment() -> Environment:
@@ -208,7 +228,7 @@ class _Pages:
             COPIED_FILES if self.copy_media else os.path.relpath(data.run, out).replace(os.sep, "/")
         ) + "/"
         self.used_media: set[str] = set()
-        self.run_info = _run_info(data.manifest)
+        self.run_info = _run_info(data.manifest, data.run)
         # Previous / next run across layers, in depth order.
         self.order = [unit for layer in data.layers for unit in layer.units]
         self.position = {(u.layer, u.unit): i for i, u in enumerate(self.order)}
@@ -321,19 +341,42 @@ class _Pages:
         self.writer.write("search-index.js", "window.ATLAS_SEARCH = " + script_json(entries) + ";\n")
 
 
-def _run_info(manifest: dict) -> dict:
-    """The manifest's facts the index shows, with defaults: older or partial manifests still render."""
+def published_path(path: object, run_dir: str) -> object:
+    """A path as a published page may show it: relative to the run when inside it, a URL or a relative path as
+    the user gave it, else only its last name. A site copied to a static host must not tell where the user keeps
+    their files (the weights under their environment, the data folder, their home)."""
+    if not isinstance(path, str) or not path or "://" in path:
+        return path
+    if not os.path.isabs(path):
+        return path
+    run = os.path.abspath(run_dir)
+    if os.path.commonpath([os.path.abspath(path), run]) == run:
+        return os.path.relpath(path, run).replace(os.sep, "/")
+    return os.path.basename(path.rstrip("/\\")) or path
+
+
+def published_spec(spec: object, run_dir: str) -> object:
+    """A model spec (`module:/path/file.py:factory`, `torchvision:name`) with any absolute path in it published
+    as `published_path` does."""
+    if not isinstance(spec, str):
+        return spec
+    return ":".join(str(published_path(part, run_dir)) for part in spec.split(":"))
+
+
+def _run_info(manifest: dict, run_dir: str) -> dict:
+    """The manifest's facts the index shows, with defaults: older or partial manifests still render. Paths are
+    published relative to the run or by their last name (`published_path`)."""
     model = manifest.get("model") or {}
     data = manifest.get("data") or {}
     counts = manifest.get("counts") or {}
     timings = manifest.get("timings") or {}
     execution = manifest.get("execution") or {}
     return {
-        "model": model.get("spec", "?"),
-        "weights": model.get("weights"),
+        "model": published_spec(model.get("spec", "?"), run_dir),
+        "weights": published_path(model.get("weights"), run_dir),
         "weights_sha256": model.get("weights_sha256"),
         "weights_match": model.get("weights_match"),
-        "data": data.get("path", "?"),
+        "data": published_path(data.get("path", "?"), run_dir),
         "data_kind": data.get("kind"),
         "created": manifest.get("created", "?"),
         "images": counts.get("images", "?"),

@@ -8,7 +8,7 @@ import os
 import shutil
 from typing import BinaryIO, Callable
 
-from pipeline.fileio import atomic_write
+from pipeline.fileio import OutsideFolderError, atomic_write, check_inside, remove_inside
 from pipeline.site.paths import UnsafePathError, check_relative_path
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ class SiteWriter:
 
     def _target(self, rel: str) -> str:
         self._produced.add(rel)
-        path = os.path.join(self.out, rel)
+        # Every write stays inside `out`: a symbolic link on the way (a tampered site/static) is refused.
+        path = check_inside(self.out, os.path.join(self.out, check_relative_path(rel)))
         parent = os.path.dirname(path)
         if parent not in self._dirs:
             os.makedirs(parent, exist_ok=True)
@@ -91,7 +92,7 @@ class SiteWriter:
                 os.utime(tmp, ns=mtime_ns)
 
         # With the user's umask (pipeline.fileio): a static host must be able to read what the site publishes.
-        atomic_write(path, writer=write)
+        atomic_write(path, writer=write, root=self.out)
         self.written += 1
 
     def finish(self) -> None:
@@ -101,8 +102,9 @@ class SiteWriter:
                 check_relative_path(rel)  # the marker is ours, but a tampered one must not delete elsewhere
             except UnsafePathError:
                 continue
-            path = os.path.join(self.out, rel)
-            if os.path.isfile(path) and not os.path.islink(path):
-                os.unlink(path)
-                self.removed += 1
+            try:  # resolved along the whole path: a link on the way (site/static -> elsewhere) is never followed
+                if remove_inside(self.out, os.path.join(self.out, rel)):
+                    self.removed += 1
+            except OutsideFolderError as error:
+                logger.warning("site: not removed: %s", error)
         self.write(MARKER, json.dumps({"files": sorted(self._produced | {MARKER})}, indent=0) + "\n")
