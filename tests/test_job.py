@@ -492,3 +492,241 @@ def test_atlas_run_refuses_an_out_whose_lease_is_live(tmp_path, resnet8_weights,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is being written by" in err[0] and "run 2026-12-01" in err[0]
     assert not (bucket / "runs").exists(), "nothing was written"
+
+
+# ------------------------------------------------- issue 24: forward-only publication, repair, lease, prune, metrics
+
+
+def _fake_run(out: str, run_id: str, stages=("scan", "render", "site")) -> dict:
+    """A run's files pushed to out/runs/<run_id>/ as a job would (no stages run: publication is what is tested)."""
+    import pyarrow.fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(out)
+    record = {"name": "tiny", "stages": {s: {"status": "complete", "skipped": False, "seconds": 1.0} for s in stages}}
+    for name, body in (("manifest.json", "{}"), ("job.json", json.dumps(record))):
+        filesystem.create_dir(f"{root}/runs/{run_id}", recursive=True)
+        with filesystem.open_output_stream(f"{root}/runs/{run_id}/{name}") as handle:
+            handle.write(body.encode())
+    return record
+
+
+@pytest.fixture(params=["file", "s3"])
+def out_url(request, tmp_path):
+    """An object-store `out` on a local file system (file://) and on the S3-protocol server (s3://)."""
+    if request.param == "file":
+        return f"file://{tmp_path / 'bucket' / 'nightly'}"
+    request.getfixturevalue("s3_server")
+    return f"s3://atlas-test/{request.node.name.replace('[', '-').rstrip(']')}-{time.time_ns()}"
+
+
+def test_latest_only_moves_forward(out_url, caplog):
+    """Issue 24, Why 4: publishing an older run id after a newer one seals the older run (readable by its URL) but
+    leaves latest.json on the newer one, with a log line."""
+    from pipeline.cluster.remote import is_published, publish, read_latest
+
+    publish(out_url, "2026-12-02", _fake_run(out_url, "2026-12-02"))
+    assert read_latest(out_url)["run_id"] == "2026-12-02"
+    publish(out_url, "2026-12-01", _fake_run(out_url, "2026-12-01"))
+    assert read_latest(out_url)["run_id"] == "2026-12-02", "latest.json moved back to an older run"
+    assert is_published(out_url, "2026-12-01")
+    assert "only moves forward" in caplog.text
+    publish(out_url, "2026-12-03", _fake_run(out_url, "2026-12-03"))
+    assert read_latest(out_url)["run_id"] == "2026-12-03"
+
+
+def test_a_crash_between_seal_and_pointer_is_repaired_by_the_next_attempt(
+    out_url, tmp_path, resnet8_weights, photo_folder, monkeypatch
+):
+    """Issue 24, Why 5: an attempt that sealed its run and died before moving latest.json; the retry (same run id)
+    finishes the publication instead of stopping at "already published" for good. No stage runs again."""
+    import pipeline.cluster.remote as remote
+    from pipeline.cluster.remote import is_published, publish, read_latest
+
+    publish(out_url, "2026-12-01", _fake_run(out_url, "2026-12-01"))
+
+    def crash(*args, **kwargs):
+        raise OSError("the pod was killed")
+
+    monkeypatch.setattr(remote, "_point_latest", crash)
+    with pytest.raises(OSError, match="killed"):
+        publish(out_url, "2026-12-02", _fake_run(out_url, "2026-12-02"))
+    monkeypatch.undo()
+    assert is_published(out_url, "2026-12-02") and read_latest(out_url)["run_id"] == "2026-12-01"
+
+    data = job_dict(out_url, resnet8_weights, photo_folder)
+    job = prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "w"}"']), run_id="2026-12-02")
+    record = run_job(job, progress=False)  # no Ray: nothing is left to run
+    assert read_latest(out_url)["run_id"] == "2026-12-02"
+    assert all(info["skipped"] for info in record["stages"].values()) and sorted(record["stages"]) == [
+        "render",
+        "scan",
+        "site",
+    ]
+    # Once repaired, the same run id is refused as before: a published run never changes.
+    with pytest.raises(RunError, match="already published"):
+        run_job(job, progress=False)
+
+
+def test_lease_is_a_conditional_write_where_the_store_has_one(out_url):
+    """Issue 24, Why 6: on S3 (If-None-Match / If-Match, served by a real S3-protocol server) and on a local file
+    system the lease is compare-and-swap: of many writers racing for a free lease, or for one expired lease, exactly
+    one wins, with no settling pause at all."""
+    import threading
+
+    from pipeline.cluster.remote import OutLease
+    from pipeline.rundir import RunBusy
+
+    def race(run_ids: list[str]) -> list[OutLease]:
+        leases = [OutLease(out_url, r, ttl_seconds=3, renew_seconds=0.3, settle_seconds=0) for r in run_ids]
+        barrier, won = threading.Barrier(len(leases)), []
+
+        def take(lease: OutLease) -> None:
+            barrier.wait()
+            try:
+                lease.acquire()
+                won.append(lease)
+            except RunBusy:
+                pass
+
+        threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        return won
+
+    assert OutLease(out_url, "x").conditional
+    winners = race([f"free-{i}" for i in range(6)])
+    assert len(winners) == 1, f"{len(winners)} writers hold the lease"
+    first = winners[0]
+    first._stop.set()  # it stops renewing (a dead holder): its lease expires 3 s after its last renewal
+    first._thread.join(timeout=10)
+    successors = race([f"next-{i}" for i in range(6)])
+    assert len(successors) == 1, f"{len(successors)} writers took over the expired lease"
+    assert first.renew_once() is False and first.lost, "the old holder learns it lost the lease"
+    successors[0].release()
+
+
+def test_prune_keeps_the_newest_and_never_the_published_or_the_leased_run(out_url, capsys):
+    """Issue 24, Why 9 (retention): `atlas runs prune OUT --keep N` removes older sealed runs and abandoned unsealed
+    ones, but never the run latest.json names (here a sealed newer run exists whose pointer never moved) nor the
+    run whose writer holds the lease."""
+    import pipeline.cluster.remote as remote
+    from pipeline.cli import main
+    from pipeline.cluster.remote import OutLease, list_runs, publish, read_latest
+
+    for run_id in ("2026-11-28", "2026-11-29", "2026-11-30", "2026-12-01"):
+        publish(out_url, run_id, _fake_run(out_url, run_id))
+    _fake_run(out_url, "2026-11-27")  # an abandoned attempt, never sealed
+    _fake_run(out_url, "2026-11-26")  # unsealed, but its writer holds the lease: in progress
+    original = remote._point_latest
+    remote._point_latest = lambda *args: False  # 2026-12-02 sealed, its pointer never moved
+    try:
+        publish(out_url, "2026-12-02", _fake_run(out_url, "2026-12-02"))
+    finally:
+        remote._point_latest = original
+    assert read_latest(out_url)["run_id"] == "2026-12-01"
+    holder = OutLease(out_url, "2026-11-26", ttl_seconds=30, renew_seconds=60, settle_seconds=0)
+    holder.acquire()
+    try:
+        assert main(["runs", "prune", out_url, "--keep", "1", "--dry-run"]) == 0
+        assert "would remove 4 run(s)" in capsys.readouterr().out
+        assert len(list_runs(out_url)) == 7
+        assert main(["runs", "prune", out_url, "--keep", "1"]) == 0
+    finally:
+        holder.release()
+    assert list_runs(out_url) == {"2026-12-02": True, "2026-12-01": True, "2026-11-26": False}
+    assert "removed 4 run(s): 2026-11-27, 2026-11-28, 2026-11-29, 2026-11-30" in capsys.readouterr().out
+    assert main(["runs", "prune", out_url, "--keep", "0"]) == 2
+
+
+def test_dead_mans_switch_metric_is_prometheus_text(out_url, capsys):
+    """Issue 24, Why 7 (the metric the alert reads): `atlas runs metrics OUT...` prints the publication time of each
+    OUT's latest run in Prometheus' text format, parsed here by prometheus_client's own parser; an OUT never
+    published has no sample (the alert's absent() catches it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipeline.cli import main
+    from pipeline.cluster.remote import publish
+
+    never = out_url + "-never"
+    before = time.time()
+    publish(out_url, "2026-12-01", _fake_run(out_url, "2026-12-01"))
+    after = time.time()
+    assert main(["runs", "metrics", out_url, never]) == 0
+    (family,) = list(text_string_to_metric_families(capsys.readouterr().out))
+    assert family.name == "neuron_atlas_latest_published_timestamp_seconds" and family.type == "gauge"
+    (sample,) = family.samples
+    assert sample.labels == {"output": out_url}
+    assert before - 0.01 <= sample.value <= after + 0.01
+
+
+# ------------------------------------------------------------------ issue 24: the scheduled slot is the run id
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def test_scheduled_slot_names_the_run_and_a_stale_tick_is_skipped(tmp_path, resnet8_weights, photo_folder, capsys):
+    """Issue 24, Why 3: the run id comes from the scheduler's slot, not from the clock of the pod that runs it; a
+    tick older than job.starting_deadline_seconds (what a catch-up fires after a pause) is skipped with one line,
+    exit 0, before the model is loaded or anything is written; a slot in the future is a configuration error."""
+    from pipeline.cli import main
+    from pipeline.cluster.job import parse_slot
+
+    assert parse_slot("2026-12-02") == (1796169600.0, "2026-12-02")
+    assert parse_slot("2026-12-02T02:00:00Z") == (1796169600.0 + 7200, "2026-12-02T0200Z")
+    assert parse_slot("2026-12-02T03:00:00+01:00")[1] == "2026-12-02T0200Z"
+    now = time.time()
+    slot = _iso(now - 600)
+    bucket = tmp_path / "bucket"
+    data = job_dict(f"file://{bucket}", resnet8_weights, photo_folder)
+    job = prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "w"}"']), slot=slot)
+    assert job.run_id == time.strftime("%Y-%m-%dT%H%MZ", time.gmtime(now - 600)) and job.run_id != time.strftime(
+        "%Y-%m-%d"
+    )
+    path = write_toml(tmp_path / "job.toml", {**data, "job": {**data["job"], "work_dir": str(tmp_path / "w")}})
+    capsys.readouterr()
+    for days in (3, 2, 1):  # a catch-up burst after a three-day pause
+        assert main(["run", path, "--scheduled-slot", _iso(now - days * 86400)]) == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "skipped: scheduled slot" in err[0] and "starting_deadline_seconds=3600" in err[0]
+    assert not bucket.exists() and not (tmp_path / "w").exists(), "a skipped tick writes nothing"
+    assert main(["run", path, "--scheduled-slot", _iso(now + 86400)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in the future" in err[0]
+    # The variable a scheduler sets works like the option.
+    os.environ["NEURON_ATLAS_SCHEDULED_SLOT"] = _iso(now - 2 * 86400)
+    try:
+        assert main(["run", path, "--set", "job.starting_deadline_seconds=7200"]) == 0
+    finally:
+        del os.environ["NEURON_ATLAS_SCHEDULED_SLOT"]
+    assert "starting_deadline_seconds=7200" in capsys.readouterr().err
+
+
+def test_a_catch_up_burst_starts_one_run_per_output(tmp_path, resnet8_weights, photo_folder, ray_cluster, capsys):
+    """Issue 24, What 2: several past ticks fired at once (KubeRay's RayCronJob creates one RayJob per missed tick,
+    back to back). Stale ticks are skipped; of the recent ones the newest runs and publishes, and an older tick fired
+    after it, or the same tick fired twice, is skipped without running anything or moving latest.json back."""
+    from pipeline.cli import main
+    from pipeline.cluster.remote import list_runs, read_latest
+
+    bucket = tmp_path / "bucket"
+    out = f"file://{bucket}"
+    data = job_dict(out, resnet8_weights, photo_folder)
+    data["render"]["featvis"] = False
+    data["job"]["work_dir"] = str(tmp_path / "w")
+    path = write_toml(tmp_path / "job.toml", data)
+    now = time.time()
+    ticks = [_iso(now - hours * 3600 - 60) for hours in (30, 6, 2)] + [_iso(now - 1200), _iso(now - 2400)]
+    ticks.append(ticks[3])  # a scheduler that fires one tick twice
+    capsys.readouterr()
+    statuses = [main(["run", path, "--scheduled-slot", tick, "--quiet"]) for tick in ticks]
+    assert statuses == [0] * len(ticks)
+    newest = time.strftime("%Y-%m-%dT%H%MZ", time.gmtime(now - 1200))
+    assert list_runs(out) == {newest: True}, "one run, the newest tick's"
+    assert read_latest(out)["run_id"] == newest
+    err = capsys.readouterr().err
+    assert err.count("starting_deadline_seconds") == 3
+    assert "already names newer" in err and "is already published" in err
