@@ -369,81 +369,6 @@ def test_mirror_sees_same_size_rewrites_on_both_sides(tmp_path):
 # ------------------------------------------------------------------------- publication to an object store
 
 
-def _check_published_run(bucket, latest: dict, seen: dict) -> str | None:
-    """What a reader following latest.json may rely on, checked on the files as they are now; a problem or None."""
-    import pyarrow.parquet as pq
-
-    run_id = latest["run_id"]
-    root = bucket / latest["run"]
-    files = _files(root)
-    if run_id in seen and seen[run_id] != files:
-        return f"{run_id} changed after it was published"
-    seen.setdefault(run_id, files)
-    if not (bucket / "runs" / f"{run_id}.published").is_file():
-        return f"{run_id} is not sealed"
-    for needed in ("manifest.json", "job.json", "job.toml", "site/index.html", "atlas/index.parquet"):
-        if needed not in files:
-            return f"{run_id} lacks {needed}"
-    stages = json.loads((root / "job.json").read_text())["stages"]
-    if sorted(stages) != ["render", "scan", "site"]:
-        return f"{run_id} job.json lists {sorted(stages)}"
-    missing = [
-        p
-        for p in pq.read_table(root / "atlas" / "index.parquet").column("path").to_pylist()
-        if not (root / p).is_file()
-    ]
-    return f"{run_id}: the atlas index names missing files {missing[:3]}" if missing else None
-
-
-def test_a_reader_polling_latest_never_sees_a_half_written_run(tmp_path, resnet8_weights, photo_folder, ray_cluster):
-    """Two nightly runs published to a file:// out while a reader polls latest.json in a loop: every run the pointer
-    names is complete (manifest, record of all three stages, site, every atlas file) and never changes afterwards,
-    including while the next run is being written beside it."""
-    import threading
-
-    bucket = tmp_path / "bucket" / "nightly"
-    data = job_dict(f"file://{bucket}", resnet8_weights, photo_folder)
-    data["render"]["featvis"] = False
-    problems, seen, polls, stop = [], {}, [0], threading.Event()
-
-    def reader() -> None:
-        while not stop.is_set():
-            try:
-                latest = json.loads((bucket / "latest.json").read_text())
-            except FileNotFoundError:
-                time.sleep(0.05)
-                continue
-            except ValueError as error:  # a torn pointer would be a failure too
-                problems.append(f"latest.json unreadable: {error}")
-                continue
-            problem = _check_published_run(bucket, latest, seen)
-            if problem:
-                problems.append(problem)
-            polls[0] += 1
-            time.sleep(0.05)  # a reader that polls, not one that takes a core from the run it watches
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    try:
-        for run_id in ("2026-12-01", "2026-12-02"):
-            run_job(
-                prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "work"}"']), run_id=run_id), progress=False
-            )
-            deadline = time.time() + 30
-            while time.time() < deadline and run_id not in seen:
-                time.sleep(0.05)
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-    assert problems == []
-    assert sorted(seen) == ["2026-12-01", "2026-12-02"] and polls[0] > 10
-    assert json.loads((bucket / "latest.json").read_text())["run_id"] == "2026-12-02"
-    # The first run was published and is left whole for readers who resolved the older pointer.
-    assert _files(bucket / "runs" / "2026-12-01") == seen["2026-12-01"]
-    # Only the newest local working copy is kept (the others are in the store).
-    assert sorted(os.listdir(tmp_path / "work" / "runs")) == ["2026-12-02", "2026-12-02.mirror.json"]
-
-
 def test_out_lease_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path):
     from pipeline.cluster.remote import LEASE, OutLease
     from pipeline.rundir import RunBusy
@@ -730,3 +655,105 @@ def test_a_catch_up_burst_starts_one_run_per_output(tmp_path, resnet8_weights, p
     err = capsys.readouterr().err
     assert err.count("starting_deadline_seconds") == 3
     assert "already names newer" in err and "is already published" in err
+
+
+# ------------------------------------------------- issue 24: a job on a real S3-protocol server, read back by URL
+
+
+def _check_published_s3(filesystem, root: str, latest: dict, seen: dict) -> str | None:
+    """As _check_published_run, through pyarrow's S3 filesystem: what a reader following latest.json relies on."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    run_id, prefix = latest["run_id"], f"{root}/{latest['run']}".rstrip("/")
+    selector = pafs.FileSelector(prefix, recursive=True, allow_not_found=True)
+    files = sorted(
+        os.path.relpath(i.path, prefix) for i in filesystem.get_file_info(selector) if i.type == pafs.FileType.File
+    )
+    if run_id in seen and seen[run_id] != files:
+        return f"{run_id} changed after it was published"
+    seen.setdefault(run_id, files)
+    if filesystem.get_file_info(f"{root}/runs/{run_id}.published").type != pafs.FileType.File:
+        return f"{run_id} is not sealed"
+    for needed in ("manifest.json", "job.json", "job.toml", "site/index.html", "atlas/index.parquet"):
+        if needed not in files:
+            return f"{run_id} lacks {needed}"
+    with filesystem.open_input_stream(f"{prefix}/job.json") as handle:
+        stages = json.loads(handle.read())["stages"]
+    if sorted(stages) != ["render", "scan", "site"]:
+        return f"{run_id} job.json lists {sorted(stages)}"
+    paths = pq.read_table(f"{prefix}/atlas/index.parquet", filesystem=filesystem).column("path").to_pylist()
+    missing = [p for p in paths if p not in files]
+    return f"{run_id}: the atlas index names missing files {missing[:3]}" if missing else None
+
+
+def test_job_on_s3_publishes_whole_runs_that_every_reader_opens_by_url(
+    tmp_path, resnet8_weights, photo_folder, ray_cluster, s3_server, capsys, monkeypatch
+):
+    """Issue 24, Why 10 / What 3: out = s3://bucket/prefix on an S3-protocol server process (moto), through pyarrow's
+    S3 filesystem. Two nightly runs while a reader polls latest.json over S3: every run it names is sealed, whole and
+    never changes. Then `atlas query` (the run's URL and out/latest.json), `atlas site`, `atlas compare` and
+    open_run all read the published runs by URL."""
+    import threading
+
+    import pyarrow.fs as pafs
+
+    from pipeline.api import open_run
+    from pipeline.cli import main
+    from pipeline.cluster.remote import OutLease, read_latest
+
+    monkeypatch.setenv("NEURON_ATLAS_CACHE", str(tmp_path / "cache"))
+    out = "s3://atlas-test/nightly"
+    assert OutLease(out, "x").conditional, "the lease uses S3's conditional writes here"
+    filesystem, root = pafs.FileSystem.from_uri(out)
+    data = job_dict(out, resnet8_weights, photo_folder)
+    data["render"]["featvis"] = False
+    problems, seen, polls, stop = [], {}, [0], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                with filesystem.open_input_stream(f"{root}/latest.json") as handle:
+                    latest = json.loads(handle.read())
+            except FileNotFoundError:
+                time.sleep(0.1)
+                continue
+            except (OSError, ValueError) as error:
+                problems.append(f"latest.json unreadable: {error}")
+                continue
+            problem = _check_published_s3(filesystem, root, latest, seen)
+            if problem:
+                problems.append(problem)
+            polls[0] += 1
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        for run_id in ("2026-12-01", "2026-12-02"):
+            run_job(
+                prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "work"}"']), run_id=run_id), progress=False
+            )
+            deadline = time.time() + 30
+            while time.time() < deadline and run_id not in seen:
+                time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert problems == [] and sorted(seen) == ["2026-12-01", "2026-12-02"] and polls[0] > 5
+    assert read_latest(out)["url"] == f"{out}/runs/2026-12-02/"
+
+    sql = "SELECT count(*) AS n FROM images WHERE status = 'ok'"
+    capsys.readouterr()
+    for location in (f"{out}/runs/2026-12-01", out):  # a run's URL, and the output's latest.json
+        assert main(["query", location, sql, "--format", "csv"]) == 0
+        assert capsys.readouterr().out.split() == ["n", str(36)], location
+    assert main(["site", out, "--out", str(tmp_path / "site")]) == 0
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert main(["site", out]) == 2 and "pass --out" in capsys.readouterr().err
+    assert main(["compare", f"{out}/runs/2026-12-01", out, "--out", str(tmp_path / "cmp")]) == 0
+    assert main(["query", str(tmp_path / "cmp"), "SELECT count(*) FROM cmp_units", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.split()[-1] == str(16 + 64 + 10)  # ResNet-8's layer1, layer3 and linear units
+    with open_run(out) as run:
+        assert run.url == f"{out}/runs/2026-12-02"
+        assert run.sql(sql).fetchall() == [(36,)]

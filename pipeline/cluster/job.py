@@ -148,7 +148,8 @@ def _resolve_weights(weights: str | None) -> str | None:
     if weights == "DEFAULT":
         return weights
     if is_url(weights):
-        return fetch_file(weights)
+        fetch_file(weights)  # fails here, before any work, if it cannot be read; each node fetches its own copy
+        return weights
     if not os.path.isfile(weights):
         raise ConfigError(f"model.weights: file {weights} does not exist")
     return os.path.abspath(weights)
