@@ -400,6 +400,9 @@ def test_node_holding_a_model_actor_lost_mid_scan_on_s3(cluster, inputs, ray_clu
 
     local = str(tmp_path / "local")
     data["job"] = {"name": "node-lost-local", "out": local, "stages": ["scan"]}
+    # The same shards and weights from local disk: the session's local Ray may have started before the S3 server (its
+    # workers would not know the endpoint), and the reference should not share the path under test anyway.
+    data["data"]["source"], data["model"]["weights"] = str(inputs["root"] / "shard-{0..3}.tar"), inputs["weights"]
     run_job(prepare_job(parse_config(data)), progress=False)
     assert_same_scan(local, published)
     assert sum(status == "error" for _, status, _ in tables(published)["images"]) == len(BAD_FILES) + 2
