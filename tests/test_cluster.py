@@ -349,8 +349,9 @@ def _s3_inputs(inputs: dict) -> dict:
 @pytest.mark.xfail(
     strict=True,
     reason="found by this test (2026-12-07): after the node loss the scan of WebDataset shards given by URL ended "
-    "'complete' with 139 of 164 images (shard-1 20 of 41, shard-2 37 of 41); shards of unknown size are marked read "
-    "whole after a pass the worker pool saw as lossless, so images lost inside Ray Data are never redone",
+    "'complete' with 139 of 164 images (shard-1 20 of 41, shard-2 37 of 41). Likely: shards of unknown size (URLs are "
+    "not listed ahead) count as read whole after a pass the worker pool saw as lossless, so blocks lost inside Ray "
+    "Data are never redone; not yet confirmed",
 )
 def test_node_holding_a_model_actor_lost_mid_scan_on_s3(cluster, inputs, ray_cluster, tmp_path, capsys):
     """Issue 24, Why 11 / What 4 (and issue 11 case 4 / issue 13), in the deployment's shape: the images are read from
