@@ -19,7 +19,6 @@ HTML is escaped.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import operator
 import os
@@ -37,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_MODES = ("embed", "link")
 # The tables a notebook needs from a run on an object store; images are fetched when first shown.
-_TABLE_SUFFIXES = (".parquet", ".json", ".sql")
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 STAT_COLUMNS = ("count", "mean", "std", "min", "max", "n_active", "frac_active", "p50", "p90", "p99", "p999", "dead")
 # Inline charts use the site's SVG (pipeline.site.svg), whose classes are styled here, scoped to these outputs.
@@ -349,11 +347,6 @@ def _figure(
     )
 
 
-def _wanted(relative: str) -> bool:
-    """The files a notebook reads up front from a remote run: the manifest, tables and views, not pictures."""
-    return relative.endswith(_TABLE_SUFFIXES) and not relative.startswith(("site/", ".staging/"))
-
-
 def open_run(location: str, *, images: str = "embed") -> Run:
     """Open a complete run: a local directory, or an object-store URL (s3://, gs://, file://, anything pyarrow's
     file systems open). A URL's tables are downloaded into a local cache ($NEURON_ATLAS_CACHE, default
@@ -363,25 +356,13 @@ def open_run(location: str, *, images: str = "embed") -> Run:
     images: "embed" (data URIs: the notebook keeps its pictures) or "link" (src relative to the working directory,
     which in Jupyter is the notebook's folder).
     """
-    from pipeline.cluster.remote import RunMirror, read_latest
-    from pipeline.objectstore import cache_dir, is_url
+    from pipeline.cluster.remote import is_table_file, resolve_run
+    from pipeline.objectstore import is_url
 
     if not is_url(location):
         if not os.path.isdir(location):
             raise RunError(f"{location} is not a directory")
         return Run(location, images=images)
-    url = location.rstrip("/")
-    try:
-        mirror = RunMirror(url, os.path.join(cache_dir(), "runs", hashlib.sha256(url.encode()).hexdigest()[:16]))
-    except ValueError as error:  # an unknown scheme, or a file system pyarrow cannot open here
-        raise RunError(str(error)) from None
-    if not mirror.has(MANIFEST):
-        pointer = read_latest(url)
-        if pointer is None or not pointer.get("url"):
-            raise RunError(f"{url} holds no complete run ({MANIFEST}) and no published {url}/latest.json")
-        return open_run(pointer["url"], images=images)
-    # prune: tables of an older run at the same URL (a rescan without maxima) must not linger in the cache
-    mirror.pull(include=_wanted, prune=True)
-    local = mirror.local
-    logger.info("opened %s through the local copy %s", url, local)
+    local, mirror = resolve_run(location, include=is_table_file)  # follows out/latest.json; one reader path for URLs
+    url = mirror.url
     return Run(local, url=url, mirror=mirror, images=images)

@@ -202,6 +202,15 @@ def load_model(config: ModelConfig) -> LoadedModel:
     weights whose keys/shapes do not match.
     """
     spec, weights = config.spec, config.weights
+    if weights and "://" in weights:
+        # A URL is fetched where the model is built (the driver, and each node's model workers into that node's own
+        # cache): a path on the driver's disk would not exist on a cluster's other nodes.
+        from pipeline.cluster.remote import fetch_file
+
+        try:
+            weights = fetch_file(weights)
+        except (FileNotFoundError, ValueError) as error:
+            raise ModelError(f"weights {config.weights}: {error}") from error
     categories = None
     mean, std, crop_ratio, default_size = IMAGENET_MEAN, IMAGENET_STD, 1.0, 224
     meta: dict[str, Any] = {"spec": spec}

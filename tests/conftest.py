@@ -54,3 +54,24 @@ def photo_folder(tmp_path_factory) -> str:
     from pipeline.demo_data import make_photo_folder
 
     return make_photo_folder(str(tmp_path_factory.mktemp("photos")), 36, seed=1)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-protocol server process (moto's, tests/support/s3_server.py) for the session, with one bucket
+    ``atlas-test``; the AWS variables that point clients at it are set while it runs (and restored after)."""
+    from s3_server import start_s3_server
+
+    server = start_s3_server(str(tmp_path_factory.mktemp("s3-server")))
+    saved = {name: os.environ.get(name) for name in server.environment()}
+    os.environ.update(server.environment())
+    try:
+        server.create_bucket("atlas-test")
+        yield server
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -369,81 +369,6 @@ def test_mirror_sees_same_size_rewrites_on_both_sides(tmp_path):
 # ------------------------------------------------------------------------- publication to an object store
 
 
-def _check_published_run(bucket, latest: dict, seen: dict) -> str | None:
-    """What a reader following latest.json may rely on, checked on the files as they are now; a problem or None."""
-    import pyarrow.parquet as pq
-
-    run_id = latest["run_id"]
-    root = bucket / latest["run"]
-    files = _files(root)
-    if run_id in seen and seen[run_id] != files:
-        return f"{run_id} changed after it was published"
-    seen.setdefault(run_id, files)
-    if not (bucket / "runs" / f"{run_id}.published").is_file():
-        return f"{run_id} is not sealed"
-    for needed in ("manifest.json", "job.json", "job.toml", "site/index.html", "atlas/index.parquet"):
-        if needed not in files:
-            return f"{run_id} lacks {needed}"
-    stages = json.loads((root / "job.json").read_text())["stages"]
-    if sorted(stages) != ["render", "scan", "site"]:
-        return f"{run_id} job.json lists {sorted(stages)}"
-    missing = [
-        p
-        for p in pq.read_table(root / "atlas" / "index.parquet").column("path").to_pylist()
-        if not (root / p).is_file()
-    ]
-    return f"{run_id}: the atlas index names missing files {missing[:3]}" if missing else None
-
-
-def test_a_reader_polling_latest_never_sees_a_half_written_run(tmp_path, resnet8_weights, photo_folder, ray_cluster):
-    """Two nightly runs published to a file:// out while a reader polls latest.json in a loop: every run the pointer
-    names is complete (manifest, record of all three stages, site, every atlas file) and never changes afterwards,
-    including while the next run is being written beside it."""
-    import threading
-
-    bucket = tmp_path / "bucket" / "nightly"
-    data = job_dict(f"file://{bucket}", resnet8_weights, photo_folder)
-    data["render"]["featvis"] = False
-    problems, seen, polls, stop = [], {}, [0], threading.Event()
-
-    def reader() -> None:
-        while not stop.is_set():
-            try:
-                latest = json.loads((bucket / "latest.json").read_text())
-            except FileNotFoundError:
-                time.sleep(0.05)
-                continue
-            except ValueError as error:  # a torn pointer would be a failure too
-                problems.append(f"latest.json unreadable: {error}")
-                continue
-            problem = _check_published_run(bucket, latest, seen)
-            if problem:
-                problems.append(problem)
-            polls[0] += 1
-            time.sleep(0.05)  # a reader that polls, not one that takes a core from the run it watches
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    try:
-        for run_id in ("2026-12-01", "2026-12-02"):
-            run_job(
-                prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "work"}"']), run_id=run_id), progress=False
-            )
-            deadline = time.time() + 30
-            while time.time() < deadline and run_id not in seen:
-                time.sleep(0.05)
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-    assert problems == []
-    assert sorted(seen) == ["2026-12-01", "2026-12-02"] and polls[0] > 10
-    assert json.loads((bucket / "latest.json").read_text())["run_id"] == "2026-12-02"
-    # The first run was published and is left whole for readers who resolved the older pointer.
-    assert _files(bucket / "runs" / "2026-12-01") == seen["2026-12-01"]
-    # Only the newest local working copy is kept (the others are in the store).
-    assert sorted(os.listdir(tmp_path / "work" / "runs")) == ["2026-12-02", "2026-12-02.mirror.json"]
-
-
 def test_out_lease_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path):
     from pipeline.cluster.remote import LEASE, OutLease
     from pipeline.rundir import RunBusy
@@ -492,3 +417,343 @@ def test_atlas_run_refuses_an_out_whose_lease_is_live(tmp_path, resnet8_weights,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is being written by" in err[0] and "run 2026-12-01" in err[0]
     assert not (bucket / "runs").exists(), "nothing was written"
+
+
+# ------------------------------------------------- issue 24: forward-only publication, repair, lease, prune, metrics
+
+
+def _fake_run(out: str, run_id: str, stages=("scan", "render", "site")) -> dict:
+    """A run's files pushed to out/runs/<run_id>/ as a job would (no stages run: publication is what is tested)."""
+    import pyarrow.fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(out)
+    record = {"name": "tiny", "stages": {s: {"status": "complete", "skipped": False, "seconds": 1.0} for s in stages}}
+    for name, body in (("manifest.json", "{}"), ("job.json", json.dumps(record))):
+        filesystem.create_dir(f"{root}/runs/{run_id}", recursive=True)
+        with filesystem.open_output_stream(f"{root}/runs/{run_id}/{name}") as handle:
+            handle.write(body.encode())
+    return record
+
+
+@pytest.fixture(params=["file", "s3"])
+def out_url(request, tmp_path):
+    """An object-store `out` on a local file system (file://) and on the S3-protocol server (s3://)."""
+    if request.param == "file":
+        return f"file://{tmp_path / 'bucket' / 'nightly'}"
+    request.getfixturevalue("s3_server")
+    return f"s3://atlas-test/{request.node.name.replace('[', '-').rstrip(']')}-{time.time_ns()}"
+
+
+def test_latest_only_moves_forward(out_url, caplog):
+    """Issue 24, Why 4: publishing an older run id after a newer one seals the older run (readable by its URL) but
+    leaves latest.json on the newer one, with a log line."""
+    from pipeline.cluster.remote import is_published, publish, read_latest
+
+    publish(out_url, "2026-12-02", _fake_run(out_url, "2026-12-02"))
+    assert read_latest(out_url)["run_id"] == "2026-12-02"
+    publish(out_url, "2026-12-01", _fake_run(out_url, "2026-12-01"))
+    assert read_latest(out_url)["run_id"] == "2026-12-02", "latest.json moved back to an older run"
+    assert is_published(out_url, "2026-12-01")
+    assert "only moves forward" in caplog.text
+    publish(out_url, "2026-12-03", _fake_run(out_url, "2026-12-03"))
+    assert read_latest(out_url)["run_id"] == "2026-12-03"
+
+
+def test_a_crash_between_seal_and_pointer_is_repaired_by_the_next_attempt(
+    out_url, tmp_path, resnet8_weights, photo_folder, monkeypatch
+):
+    """Issue 24, Why 5: an attempt that sealed its run and died before moving latest.json; the retry (same run id)
+    finishes the publication instead of stopping at "already published" for good. No stage runs again."""
+    import pipeline.cluster.remote as remote
+    from pipeline.cluster.remote import is_published, publish, read_latest
+
+    publish(out_url, "2026-12-01", _fake_run(out_url, "2026-12-01"))
+
+    def crash(*args, **kwargs):
+        raise OSError("the pod was killed")
+
+    monkeypatch.setattr(remote, "_point_latest", crash)
+    with pytest.raises(OSError, match="killed"):
+        publish(out_url, "2026-12-02", _fake_run(out_url, "2026-12-02"))
+    monkeypatch.undo()
+    assert is_published(out_url, "2026-12-02") and read_latest(out_url)["run_id"] == "2026-12-01"
+
+    data = job_dict(out_url, resnet8_weights, photo_folder)
+    job = prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "w"}"']), run_id="2026-12-02")
+    record = run_job(job, progress=False)  # no Ray: nothing is left to run
+    assert read_latest(out_url)["run_id"] == "2026-12-02"
+    assert all(info["skipped"] for info in record["stages"].values()) and sorted(record["stages"]) == [
+        "render",
+        "scan",
+        "site",
+    ]
+    # Once repaired, the same run id is refused as before: a published run never changes.
+    with pytest.raises(RunError, match="already published"):
+        run_job(job, progress=False)
+
+
+def test_lease_is_a_conditional_write_where_the_store_has_one(out_url):
+    """Issue 24, Why 6: on S3 (If-None-Match / If-Match, served by a real S3-protocol server) and on a local file
+    system the lease is compare-and-swap: of many writers racing for a free lease, or for one expired lease, exactly
+    one wins, with no settling pause at all."""
+    import threading
+
+    from pipeline.cluster.remote import OutLease
+    from pipeline.rundir import RunBusy
+
+    def race(run_ids: list[str]) -> list[OutLease]:
+        leases = [OutLease(out_url, r, ttl_seconds=3, renew_seconds=0.3, settle_seconds=0) for r in run_ids]
+        barrier, won = threading.Barrier(len(leases)), []
+
+        def take(lease: OutLease) -> None:
+            barrier.wait()
+            try:
+                lease.acquire()
+                won.append(lease)
+            except RunBusy:
+                pass
+
+        threads = [threading.Thread(target=take, args=(lease,)) for lease in leases]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        return won
+
+    assert OutLease(out_url, "x").conditional
+    winners = race([f"free-{i}" for i in range(6)])
+    assert len(winners) == 1, f"{len(winners)} writers hold the lease"
+    first = winners[0]
+    first._stop.set()  # it stops renewing (a dead holder): its lease expires 3 s after its last renewal
+    first._thread.join(timeout=10)
+    successors = race([f"next-{i}" for i in range(6)])
+    assert len(successors) == 1, f"{len(successors)} writers took over the expired lease"
+    assert first.renew_once() is False and first.lost, "the old holder learns it lost the lease"
+    successors[0].release()
+
+
+def test_prune_keeps_the_newest_and_never_the_published_or_the_leased_run(out_url, capsys):
+    """Issue 24, Why 9 (retention): `atlas runs prune OUT --keep N` removes older sealed runs and abandoned unsealed
+    ones, but never the run latest.json names (here a sealed newer run exists whose pointer never moved) nor the
+    run whose writer holds the lease."""
+    import pipeline.cluster.remote as remote
+    from pipeline.cli import main
+    from pipeline.cluster.remote import OutLease, list_runs, publish, read_latest
+
+    for run_id in ("2026-11-28", "2026-11-29", "2026-11-30", "2026-12-01"):
+        publish(out_url, run_id, _fake_run(out_url, run_id))
+    _fake_run(out_url, "2026-11-27")  # an abandoned attempt, never sealed
+    _fake_run(out_url, "2026-11-26")  # unsealed, but its writer holds the lease: in progress
+    original = remote._point_latest
+    remote._point_latest = lambda *args: False  # 2026-12-02 sealed, its pointer never moved
+    try:
+        publish(out_url, "2026-12-02", _fake_run(out_url, "2026-12-02"))
+    finally:
+        remote._point_latest = original
+    assert read_latest(out_url)["run_id"] == "2026-12-01"
+    holder = OutLease(out_url, "2026-11-26", ttl_seconds=30, renew_seconds=60, settle_seconds=0)
+    holder.acquire()
+    try:
+        assert main(["runs", "prune", out_url, "--keep", "1", "--dry-run"]) == 0
+        assert "would remove 4 run(s)" in capsys.readouterr().out
+        assert len(list_runs(out_url)) == 7
+        assert main(["runs", "prune", out_url, "--keep", "1"]) == 0
+    finally:
+        holder.release()
+    assert list_runs(out_url) == {"2026-12-02": True, "2026-12-01": True, "2026-11-26": False}
+    assert "removed 4 run(s): 2026-11-27, 2026-11-28, 2026-11-29, 2026-11-30" in capsys.readouterr().out
+    assert main(["runs", "prune", out_url, "--keep", "0"]) == 2
+
+
+def test_dead_mans_switch_metric_is_prometheus_text(out_url, capsys):
+    """Issue 24, Why 7 (the metric the alert reads): `atlas runs metrics OUT...` prints the publication time of each
+    OUT's latest run in Prometheus' text format, parsed here by prometheus_client's own parser; an OUT never
+    published has no sample (the alert's absent() catches it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipeline.cli import main
+    from pipeline.cluster.remote import publish
+
+    never = out_url + "-never"
+    before = time.time()
+    publish(out_url, "2026-12-01", _fake_run(out_url, "2026-12-01"))
+    after = time.time()
+    assert main(["runs", "metrics", out_url, never]) == 0
+    (family,) = list(text_string_to_metric_families(capsys.readouterr().out))
+    assert family.name == "neuron_atlas_latest_published_timestamp_seconds" and family.type == "gauge"
+    (sample,) = family.samples
+    assert sample.labels == {"output": out_url}
+    assert before - 0.01 <= sample.value <= after + 0.01
+
+
+# ------------------------------------------------------------------ issue 24: the scheduled slot is the run id
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def test_scheduled_slot_names_the_run_and_a_stale_tick_is_skipped(tmp_path, resnet8_weights, photo_folder, capsys):
+    """Issue 24, Why 3: the run id comes from the scheduler's slot, not from the clock of the pod that runs it; a
+    tick older than job.starting_deadline_seconds (what a catch-up fires after a pause) is skipped with one line,
+    exit 0, before the model is loaded or anything is written; a slot in the future is a configuration error."""
+    from pipeline.cli import main
+    from pipeline.cluster.job import parse_slot
+
+    assert parse_slot("2026-12-02") == (1796169600.0, "2026-12-02")
+    assert parse_slot("2026-12-02T02:00:00Z") == (1796169600.0 + 7200, "2026-12-02T0200Z")
+    assert parse_slot("2026-12-02T03:00:00+01:00")[1] == "2026-12-02T0200Z"
+    now = time.time()
+    slot = _iso(now - 600)
+    bucket = tmp_path / "bucket"
+    data = job_dict(f"file://{bucket}", resnet8_weights, photo_folder)
+    job = prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "w"}"']), slot=slot)
+    assert job.run_id == time.strftime("%Y-%m-%dT%H%MZ", time.gmtime(now - 600)) and job.run_id != time.strftime(
+        "%Y-%m-%d"
+    )
+    path = write_toml(tmp_path / "job.toml", {**data, "job": {**data["job"], "work_dir": str(tmp_path / "w")}})
+    capsys.readouterr()
+    for days in (3, 2, 1):  # a catch-up burst after a three-day pause
+        assert main(["run", path, "--scheduled-slot", _iso(now - days * 86400)]) == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "skipped: scheduled slot" in err[0] and "starting_deadline_seconds=3600" in err[0]
+    assert not bucket.exists() and not (tmp_path / "w").exists(), "a skipped tick writes nothing"
+    assert main(["run", path, "--scheduled-slot", _iso(now + 86400)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in the future" in err[0]
+    # The variable a scheduler sets works like the option.
+    os.environ["NEURON_ATLAS_SCHEDULED_SLOT"] = _iso(now - 2 * 86400)
+    try:
+        assert main(["run", path, "--set", "job.starting_deadline_seconds=7200"]) == 0
+    finally:
+        del os.environ["NEURON_ATLAS_SCHEDULED_SLOT"]
+    assert "starting_deadline_seconds=7200" in capsys.readouterr().err
+
+
+def test_a_catch_up_burst_starts_one_run_per_output(tmp_path, resnet8_weights, photo_folder, ray_cluster, capsys):
+    """Issue 24, What 2: several past ticks fired at once (KubeRay's RayCronJob creates one RayJob per missed tick,
+    back to back). Stale ticks are skipped; of the recent ones the newest runs and publishes, and an older tick fired
+    after it, or the same tick fired twice, is skipped without running anything or moving latest.json back."""
+    from pipeline.cli import main
+    from pipeline.cluster.remote import list_runs, read_latest
+
+    bucket = tmp_path / "bucket"
+    out = f"file://{bucket}"
+    data = job_dict(out, resnet8_weights, photo_folder)
+    data["render"]["featvis"] = False
+    data["job"]["work_dir"] = str(tmp_path / "w")
+    path = write_toml(tmp_path / "job.toml", data)
+    now = time.time()
+    ticks = [_iso(now - hours * 3600 - 60) for hours in (30, 6, 2)] + [_iso(now - 1200), _iso(now - 2400)]
+    ticks.append(ticks[3])  # a scheduler that fires one tick twice
+    capsys.readouterr()
+    statuses = [main(["run", path, "--scheduled-slot", tick, "--quiet"]) for tick in ticks]
+    assert statuses == [0] * len(ticks)
+    newest = time.strftime("%Y-%m-%dT%H%MZ", time.gmtime(now - 1200))
+    assert list_runs(out) == {newest: True}, "one run, the newest tick's"
+    assert read_latest(out)["run_id"] == newest
+    err = capsys.readouterr().err
+    assert err.count("starting_deadline_seconds") == 3
+    assert "already names newer" in err and "is already published" in err
+
+
+# ------------------------------------------------- issue 24: a job on a real S3-protocol server, read back by URL
+
+
+def _check_published_s3(filesystem, root: str, latest: dict, seen: dict) -> str | None:
+    """As _check_published_run, through pyarrow's S3 filesystem: what a reader following latest.json relies on."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    run_id, prefix = latest["run_id"], f"{root}/{latest['run']}".rstrip("/")
+    selector = pafs.FileSelector(prefix, recursive=True, allow_not_found=True)
+    files = sorted(
+        os.path.relpath(i.path, prefix) for i in filesystem.get_file_info(selector) if i.type == pafs.FileType.File
+    )
+    if run_id in seen and seen[run_id] != files:
+        return f"{run_id} changed after it was published"
+    seen.setdefault(run_id, files)
+    if filesystem.get_file_info(f"{root}/runs/{run_id}.published").type != pafs.FileType.File:
+        return f"{run_id} is not sealed"
+    for needed in ("manifest.json", "job.json", "job.toml", "site/index.html", "atlas/index.parquet"):
+        if needed not in files:
+            return f"{run_id} lacks {needed}"
+    with filesystem.open_input_stream(f"{prefix}/job.json") as handle:
+        stages = json.loads(handle.read())["stages"]
+    if sorted(stages) != ["render", "scan", "site"]:
+        return f"{run_id} job.json lists {sorted(stages)}"
+    paths = pq.read_table(f"{prefix}/atlas/index.parquet", filesystem=filesystem).column("path").to_pylist()
+    missing = [p for p in paths if p not in files]
+    return f"{run_id}: the atlas index names missing files {missing[:3]}" if missing else None
+
+
+def test_job_on_s3_publishes_whole_runs_that_every_reader_opens_by_url(
+    tmp_path, resnet8_weights, photo_folder, ray_cluster, s3_server, capsys, monkeypatch
+):
+    """Issue 24, Why 10 / What 3: out = s3://bucket/prefix on an S3-protocol server process (moto), through pyarrow's
+    S3 filesystem. Two nightly runs while a reader polls latest.json over S3: every run it names is sealed, whole and
+    never changes. Then `atlas query` (the run's URL and out/latest.json), `atlas site`, `atlas compare` and
+    open_run all read the published runs by URL."""
+    import threading
+
+    import pyarrow.fs as pafs
+
+    from pipeline.api import open_run
+    from pipeline.cli import main
+    from pipeline.cluster.remote import OutLease, read_latest
+
+    monkeypatch.setenv("NEURON_ATLAS_CACHE", str(tmp_path / "cache"))
+    out = "s3://atlas-test/nightly"
+    assert OutLease(out, "x").conditional, "the lease uses S3's conditional writes here"
+    filesystem, root = pafs.FileSystem.from_uri(out)
+    data = job_dict(out, resnet8_weights, photo_folder)
+    data["render"]["featvis"] = False
+    problems, seen, polls, stop = [], {}, [0], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                with filesystem.open_input_stream(f"{root}/latest.json") as handle:
+                    latest = json.loads(handle.read())
+            except FileNotFoundError:
+                time.sleep(0.1)
+                continue
+            except (OSError, ValueError) as error:
+                problems.append(f"latest.json unreadable: {error}")
+                continue
+            problem = _check_published_s3(filesystem, root, latest, seen)
+            if problem:
+                problems.append(problem)
+            polls[0] += 1
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        for run_id in ("2026-12-01", "2026-12-02"):
+            run_job(
+                prepare_job(parse_config(data, [f'job.work_dir="{tmp_path / "work"}"']), run_id=run_id), progress=False
+            )
+            deadline = time.time() + 30
+            while time.time() < deadline and run_id not in seen:
+                time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert problems == [] and sorted(seen) == ["2026-12-01", "2026-12-02"] and polls[0] > 5
+    assert read_latest(out)["url"] == f"{out}/runs/2026-12-02/"
+
+    sql = "SELECT count(*) AS n FROM images WHERE status = 'ok'"
+    capsys.readouterr()
+    for location in (f"{out}/runs/2026-12-01", out):  # a run's URL, and the output's latest.json
+        assert main(["query", location, sql, "--format", "csv"]) == 0
+        assert capsys.readouterr().out.split() == ["n", str(36)], location
+    assert main(["site", out, "--out", str(tmp_path / "site")]) == 0
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert main(["site", out]) == 2 and "pass --out" in capsys.readouterr().err
+    assert main(["compare", f"{out}/runs/2026-12-01", out, "--out", str(tmp_path / "cmp")]) == 0
+    assert main(["query", str(tmp_path / "cmp"), "SELECT count(*) FROM cmp_units", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.split()[-1] == str(16 + 64 + 10)  # ResNet-8's layer1, layer3 and linear units
+    with open_run(out) as run:
+        assert run.url == f"{out}/runs/2026-12-02"
+        assert run.sql(sql).fetchall() == [(36,)]

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -106,3 +107,52 @@ def test_local_ray_session_runs_with_token_authentication(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "RESULT 1 token 64" in done.stdout
     assert not (tmp_path / ".ray").exists(), "no token file written into the user's home"
+
+
+def test_submit_gives_up_with_one_line_when_its_job_disappears(monkeypatch, capsys):
+    """Issue 24, Why 8: a standing head restarted without GCS fault tolerance forgets its jobs; the Jobs API then
+    answers 404 ("does not exist") for the id `atlas submit` follows. It must fail with one line after a bounded
+    wait, not poll forever. The fake client answers as Ray's JobSubmissionClient does for an unknown id."""
+    import threading
+
+    import pipeline.cluster.submit as submit
+    from pipeline.cli import main
+
+    class VanishingJobs:
+        def __init__(self):
+            self.submitted, self.status_calls = [], 0
+
+        def list_jobs(self):
+            return []
+
+        def submit_job(self, submission_id, **kwargs):
+            self.submitted.append(submission_id)
+            return submission_id
+
+        def get_job_status(self, job_id):
+            self.status_calls += 1
+            if self.submitted and self.status_calls > 2:  # running for a moment, then the head forgot it
+                raise RuntimeError(f"Request failed with status code 404: Job {job_id} does not exist.")
+            return "RUNNING"
+
+        async def tail_job_logs(self, job_id):
+            raise RuntimeError("the log stream broke")
+            yield ""  # an async generator, as Ray's is
+
+    fake = VanishingJobs()
+    monkeypatch.setattr(submit, "connect", lambda address: fake)
+    monkeypatch.setattr(submit, "VANISHED_SECONDS", 1.5)
+    monkeypatch.setattr(submit, "auth_token", lambda: None)
+    path = os.path.join(REPO, "jobs", "demo.toml")
+    result = []
+    thread = threading.Thread(
+        target=lambda: result.append(main(["submit", path, "--address", "http://head:8265", "--date", "2026-12-01"])),
+        daemon=True,
+    )
+    t0 = time.time()
+    thread.start()
+    thread.join(timeout=60)
+    assert result == [2], "atlas submit kept waiting for a job the cluster no longer knows"
+    assert time.time() - t0 < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disappeared from http://head:8265" in err[-1] and fake.submitted[0] in err[-1], err

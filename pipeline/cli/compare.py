@@ -29,11 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.cluster.remote import is_run_file, resolve_run
     from pipeline.compare.runner import compare_runs
 
     manifest = compare_runs(
-        args.run_a,
-        args.run_b,
+        resolve_run(args.run_a, include=is_run_file)[0],  # a URL (or out/latest.json): a cached copy
+        resolve_run(args.run_b, include=is_run_file)[0],
         args.out,
         sample=args.sample,
         seed=args.seed,

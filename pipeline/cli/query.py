@@ -26,8 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.cluster.remote import is_table_file, resolve_run
     from pipeline.query import format_result, run_query
 
-    columns, rows = run_query(args.run, args.sql, allow_files=args.allow_files)
+    run_dir, _ = resolve_run(args.run, include=is_table_file)  # a URL: a cached copy of its tables (or latest.json's)
+    columns, rows = run_query(run_dir, args.sql, allow_files=args.allow_files)
     sys.stdout.write(format_result(columns, rows, args.format))
     return 0

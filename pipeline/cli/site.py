@@ -19,8 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.cluster.remote import is_run_file, is_url, resolve_run
     from pipeline.site import build_site
-    from pipeline.store import COMPARISON_KIND, read_manifest
+    from pipeline.store import COMPARISON_KIND, RunError, read_manifest
+
+    if is_url(args.run):
+        if not args.out:
+            raise RunError(f"{args.run} is read through a cached copy: pass --out DIR for the site")
+        args.run, _ = resolve_run(args.run, include=is_run_file)
 
     manifest = read_manifest(args.run) if os.path.isdir(args.run) else None
     if manifest is not None and manifest.get("kind") == COMPARISON_KIND:  # `atlas compare`'s output

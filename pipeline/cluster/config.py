@@ -54,8 +54,17 @@ class JobSection:
     work_dir: str | None = None
     address: str | None = None  # Ray cluster; default: RAY_ADDRESS (set under the Jobs API) or a local Ray
     overwrite: bool = False  # replace a complete run at `out` made with other settings
+    # A scheduled run (`atlas run --scheduled-slot`) whose slot is older than this is skipped, not run: after a
+    # paused schedule or an operator outage, only ticks this recent run (Kubernetes' startingDeadlineSeconds).
+    starting_deadline_seconds: int = 3600
+    # Object-store out: after publishing, delete all but the newest `keep_runs` published runs (unset: keep all).
+    keep_runs: int | None = None
 
     def check(self) -> None:
+        if self.starting_deadline_seconds < 1:
+            raise ConfigError(f"job.starting_deadline_seconds must be at least 1, got {self.starting_deadline_seconds}")
+        if self.keep_runs is not None and self.keep_runs < 1:
+            raise ConfigError(f"job.keep_runs must be at least 1, got {self.keep_runs}")
         if not self.name.strip():
             raise ConfigError("job.name must not be empty")
         unknown = [stage for stage in self.stages if stage not in STAGES]

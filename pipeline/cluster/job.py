@@ -34,7 +34,11 @@ from pipeline.cluster.remote import (
     fetch_file,
     is_published,
     is_url,
+    prune,
     publish,
+    read_latest,
+    read_run_record,
+    repoint,
     run_url,
 )
 from pipeline.render.plan import RenderOptions
@@ -48,6 +52,15 @@ BUILTIN_WEIGHTS = "builtin:mobilenet_v2"
 BUILTIN_PHOTOS = "builtin:photos"
 # The first line of RUN/job.toml (after "# "): how a run's own resolved configuration is recognised.
 RESOLVED_HEADER = "Resolved configuration of job"
+# The scheduler's tick, when `atlas run` gets no --scheduled-slot (infra/kuberay sets it in the RayJob's entrypoint).
+SLOT_VARIABLE = "NEURON_ATLAS_SCHEDULED_SLOT"
+# A slot this far in the future is refused: latest.json only moves forward, so a mistyped year would pin it.
+SLOT_SKEW_SECONDS = 300
+
+
+class SkippedTick(RunError):
+    """A scheduled tick that must not run (too old, or a newer or the same run is already published): not a
+    failure, so `atlas run` says why in one line and exits 0 (a catch-up burst pages nobody)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,7 @@ class PreparedJob:
     overrides: tuple[str, ...] = ()
     source: str | None = None  # the job file, for the record
     run_id: str | None = None  # URL out only: the run's own prefix out/runs/<run_id>/ (see pipeline.cluster.remote)
+    slot: str | None = None  # the scheduled slot this run is (--scheduled-slot), if a scheduler started it
 
     @property
     def mirror(self) -> RunMirror | None:
@@ -78,6 +92,38 @@ def default_run_id() -> str:
     """A URL `out`'s run id when none is given: today's date (UTC), so a nightly schedule gets one run a day and
     a retry on the same day resumes it."""
     return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def parse_slot(text: str) -> tuple[float, str]:
+    """A scheduled slot (``2026-12-02`` or an ISO 8601 time such as ``2026-12-02T02:00:00Z``; no zone: UTC) as
+    (unix seconds, run id). The run id is the slot, not the clock of the pod that runs it: the slot's UTC date for a
+    date, ``YYYY-MM-DDTHHMMZ`` for a time, so every attempt at one tick works on one prefix and ids sort by time."""
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError as error:
+        raise ConfigError(f"--scheduled-slot: {text!r} is not a date or an ISO 8601 time ({error})") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    when = when.astimezone(dt.timezone.utc)
+    date_only = len(text.strip()) == 10
+    return when.timestamp(), when.strftime("%Y-%m-%d" if date_only else "%Y-%m-%dT%H%MZ")
+
+
+def check_slot(config: JobConfig, slot: str, now: float | None = None) -> str:
+    """The run id of scheduled slot `slot`; SkippedTick when the slot is older than job.starting_deadline_seconds
+    (a missed tick that a catch-up fired late), ConfigError when it lies in the future."""
+    seconds, run_id = parse_slot(slot)
+    age = (time.time() if now is None else now) - seconds
+    if age < -SLOT_SKEW_SECONDS:
+        raise ConfigError(f"--scheduled-slot {slot} lies {-age:.0f} s in the future")
+    if age > config.job.starting_deadline_seconds:
+        raise SkippedTick(
+            f"skipped: scheduled slot {slot} is {age:.0f} s old, past job.starting_deadline_seconds="
+            f"{config.job.starting_deadline_seconds} (a missed tick; the next one runs)"
+        )
+    return run_id
 
 
 def _local_work_dir(config: JobConfig) -> str:
@@ -105,7 +151,8 @@ def _resolve_weights(weights: str | None) -> str | None:
     if weights == "DEFAULT":
         return weights
     if is_url(weights):
-        return fetch_file(weights)
+        fetch_file(weights)  # fails here, before any work, if it cannot be read; each node fetches its own copy
+        return weights
     if not os.path.isfile(weights):
         raise ConfigError(f"model.weights: file {weights} does not exist")
     return os.path.abspath(weights)
@@ -127,10 +174,20 @@ def _resolve_data(config: JobConfig, run_dir: str) -> str:
 
 
 def prepare_job(
-    config: JobConfig, overrides: tuple[str, ...] = (), source: str | None = None, run_id: str | None = None
+    config: JobConfig,
+    overrides: tuple[str, ...] = (),
+    source: str | None = None,
+    run_id: str | None = None,
+    slot: str | None = None,
 ) -> PreparedJob:
     """Validate what needs files and the model; ConfigError (naming the key) on any problem. `run_id` names the
-    run's prefix under a URL `out` (default: today's UTC date); a local `out` has none."""
+    run's prefix under a URL `out` (default: the scheduled `slot`'s id, else today's UTC date); a local `out` has
+    none. A `slot` older than job.starting_deadline_seconds is SkippedTick, before anything is loaded."""
+    if slot is not None:
+        slot_id = check_slot(config, slot)
+        if run_id is not None and run_id != slot_id:
+            raise ConfigError(f"--run-id {run_id} and --scheduled-slot {slot} (run id {slot_id}) disagree")
+        run_id = slot_id if is_url(config.job.out) else None
     if is_url(config.job.out):
         run_id = check_run_id(run_id or default_run_id())
     elif run_id is not None:
@@ -224,6 +281,7 @@ def prepare_job(
         overrides=tuple(overrides),
         source=source,
         run_id=run_id,
+        slot=slot,
     )
 
 
@@ -364,11 +422,20 @@ def run_job(job: PreparedJob, progress: bool = True) -> dict:
             return _run_stages(job, progress, push=lambda: None)
     out = job.config.job.out
     with OutLease(out, job.run_id) as lease:
+        latest = (read_latest(out) or {}).get("run_id")
         if is_published(out, job.run_id):
-            # Readers may be reading it: a published run's files never change.
+            # Readers may be reading it: a published run's files never change. But an attempt that sealed it and
+            # died before moving latest.json left its publication half done: finish it.
+            if repoint(out, job.run_id):
+                return _published_record(out, job.run_id)
+            if job.slot is not None:
+                raise SkippedTick(f"skipped: scheduled slot {job.slot} ({mirror.url}) is already published")
             raise RunError(
                 f"{mirror.url} is already published; a new run needs another --run-id (or `atlas submit --date`)"
             )
+        if job.slot is not None and latest is not None and str(latest) > job.run_id:
+            # A catch-up tick fired after a newer one: its run could never become latest.
+            raise SkippedTick(f"skipped: scheduled slot {job.slot}: {out}/latest.json already names newer {latest}")
 
         def push() -> None:
             lease.check()  # never write beside a writer that took the lease over
@@ -381,7 +448,17 @@ def run_job(job: PreparedJob, progress: bool = True) -> dict:
             record = _run_stages(job, progress, push)
             lease.check()
             publish(out, job.run_id, record)
+        if job.config.job.keep_runs is not None:
+            prune(out, job.config.job.keep_runs)  # under the lease: no other writer publishes meanwhile
         _drop_old_local_copies(job)
+    return record
+
+
+def _published_record(out: str, run_id: str) -> dict:
+    """The job record of a sealed run whose publication was just finished, every stage marked skipped."""
+    record = read_run_record(out, run_id) or {"stages": {}}
+    for info in record.get("stages", {}).values():
+        info["skipped"] = True
     return record
 
 

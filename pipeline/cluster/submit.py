@@ -147,11 +147,27 @@ def _stream_logs(client: Any, job_id: str, out) -> None:
     asyncio.run(tail())
 
 
-def _wait(client: Any, job_id: str, poll_seconds: float = 1.0) -> str:
+# How long a followed job may be unknown to the cluster before `submit` gives up on it: a standing head restarted
+# without GCS fault tolerance forgets every job, and polling its id would go on forever.
+VANISHED_SECONDS = 60.0
+
+
+def _wait(client: Any, job_id: str, address: str = "the cluster", poll_seconds: float = 1.0) -> str:
+    """The job's terminal status; RunError when the cluster has not known `job_id` for VANISHED_SECONDS."""
+    missing_since = None
     while True:
         status = _status(client, job_id)
         if status in TERMINAL:
             return status
+        if status is None:
+            missing_since = missing_since or time.monotonic()
+            if time.monotonic() - missing_since >= VANISHED_SECONDS:
+                raise RunError(
+                    f"{job_id} disappeared from {address} (unknown for {VANISHED_SECONDS:.0f} s: a head restarted "
+                    "without GCS fault tolerance loses its jobs); its run did not finish: submit again to resume it"
+                )
+        else:
+            missing_since = None
         time.sleep(poll_seconds)
 
 
@@ -282,7 +298,7 @@ def _submit(
                 _stream_logs(client, job_id, out)
             except Exception as error:  # noqa: BLE001 - logs are a convenience; the status is what counts
                 logger.warning("log streaming stopped (%s); waiting for the job to end", error)
-            status = _wait(client, job_id)
+            status = _wait(client, job_id, address)
     except _Terminated:
         return job_id, "STOPPED"
     if status != "SUCCEEDED":

@@ -1,5 +1,10 @@
 """A real multi-process Ray cluster on loopback for tests: `ray start --head` plus one worker node.
 
+Shaped like a deployment's pods, as far as one machine allows: every node has its own Ray temporary directory
+(`--temp-dir`, which Ray allows per node) and its own home, cache ($NEURON_ATLAS_CACHE) and TMPDIR, so nothing a
+node downloads or writes for itself is seen by another. (On one machine a node could still open another's files by
+absolute path; the deployment-shaped test passes only URLs between nodes.)
+
 Each node is started with ``ray start --block`` in a new session (its own process group), so the cluster
 is stopped by signalling exactly those groups; any process that left them is found by the cluster's own
 temporary directory in its command line and stopped by pid. Nothing machine-wide (no ``ray stop``).
@@ -61,6 +66,8 @@ class LocalCluster:
     nodes: list[subprocess.Popen] = field(default_factory=list)
     killed: list[subprocess.Popen] = field(default_factory=list)  # nodes a test lost on purpose
     logs: list = field(default_factory=list)
+    node_dirs: dict[int, str] = field(default_factory=dict)  # node pid -> its own folder (temp dir, home, cache)
+    node_ports: dict[int, int] = field(default_factory=dict)  # node pid -> its raylet's node manager port
 
     @property
     def address(self) -> str:
@@ -76,15 +83,48 @@ class LocalCluster:
         log = open(os.path.join(self.temp_dir, f"{name}.log"), "w")
         self.logs.append(log)
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        if "--head" in args:
+            own = self.temp_dir
+        else:  # short: Ray's unix sockets live under the temp dir and their paths are limited to 107 bytes
+            own = tempfile.mkdtemp(prefix="rn-", dir="/tmp")
+            args = [*args, "--temp-dir", own]
+        env = dict(self.env)
+        for variable, folder in (("HOME", "home"), ("NEURON_ATLAS_CACHE", "cache"), ("TMPDIR", "tmp")):
+            env[variable] = os.path.join(own, "node", folder)
+            os.makedirs(env[variable], exist_ok=True)
+        ports = _node_ports()
         node = subprocess.Popen(
-            [ray, "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", *args, *_node_ports()],
-            env=self.env,
+            [ray, "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", *args, *ports],
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.nodes.append(node)
+        self.node_dirs[node.pid] = own
+        self.node_ports[node.pid] = int(ports[ports.index("--node-manager-port") + 1])
         return node
+
+    def node_by_id(self, node_id: str) -> subprocess.Popen | None:
+        """The node process of a Ray node id (as the state API reports it), through its node manager port."""
+        request = urllib.request.Request(f"{self.address}/nodes?view=summary", headers=self.headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            summary = json.load(response)["data"]["summary"]
+        for entry in summary:
+            raylet = entry.get("raylet", {})
+            if raylet.get("nodeId") == node_id:
+                port = int(raylet.get("nodeManagerPort", -1))
+                return next((n for n in self.nodes if self.node_ports.get(n.pid) == port), None)
+        return None
+
+    def actors(self, class_name: str) -> list[dict]:
+        """Live actors of `class_name` from Ray's state API (the dashboard's /api/v0/actors): node_id, pid, ..."""
+        query = "filter_keys=class_name&filter_predicates=%3D&filter_values=" + class_name
+        query += "&filter_keys=state&filter_predicates=%3D&filter_values=ALIVE&detail=true&limit=1000"
+        request = urllib.request.Request(f"{self.address}/api/v0/actors?{query}", headers=self.headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.load(response)
+        return answer["data"]["result"]["result"]
 
     def start(self, cpus_per_node: int = 1, workers: int = 1, object_store_bytes: int = 100 * 1024**2) -> None:
         common = ["--num-cpus", str(cpus_per_node), "--object-store-memory", str(object_store_bytes)]
@@ -187,10 +227,11 @@ class LocalCluster:
                 continue
             if state != "Z":  # a zombie has exited and only waits for its parent to reap it
                 table[int(entry)] = (int(ppid), int(pgid), int(sid), cmdline)
+        folders = [self.temp_dir, *self.node_dirs.values()]
         ours = {
             pid
             for pid, (_, pgid, sid, cmd) in table.items()
-            if sid in sessions or pgid in sessions or self.temp_dir in cmd
+            if sid in sessions or pgid in sessions or any(folder in cmd for folder in folders)
         }
         grown = True
         while grown:
@@ -224,7 +265,8 @@ class LocalCluster:
         for log in self.logs:
             log.close()
         if not self.processes():
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            for folder in {self.temp_dir, *self.node_dirs.values()}:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def start_cluster(workers: int = 1, auth_token: str | None = None) -> LocalCluster:
