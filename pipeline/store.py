@@ -8,6 +8,9 @@ Layout (the contract between stages; documented in docs/run-directory.md):
                                             p50, p90, p99, p999, dead, sketch_buckets, sketch_counts
     RUN/images/part-<n>.parquet             image_key, source, label, width, height, status, error
     RUN/maxima/layer=<L>/part-*.parquet     layer, unit, image_key, act, y, x           (--record all)
+    RUN/bottomk/layer=<L>/part-0.parquet    the columns of topk; rank 0 = lowest maximum  (--bottom-k N)
+    RUN/scores/scores.parquet               layer, unit, kind, similarity, mis, accuracy, tasks, references,
+                                            status  (`atlas score`; RUN/scores/score.json says how)
     RUN/views.sql                           the DuckDB views (RUN_VIEWS) as plain SQL, paths relative to RUN
 
 Every table is written into RUN/.staging/ first and moved into place only when the whole scan succeeded,
@@ -36,7 +39,7 @@ LOCK = ".atlas-lock"  # flock of the process writing the run
 PREVIOUS = ".previous"  # the old run, only while a new one is swapped in
 FLUSHES = "flushes"  # RUN/.staging/flushes/<worker>-<seq>/: committed scan progress (pipeline.scan.flushes)
 PENDING_MAXIMA = "pending-maxima"  # RUN/.staging/pending-maxima/<flush>/: maxima of flushes not yet committed
-TABLES = ("topk", "units", "images", "maxima")
+TABLES = ("topk", "units", "images", "maxima", "bottomk")
 COMPRESSION = "zstd"
 
 TOPK_SCHEMA = pa.schema(
@@ -97,7 +100,16 @@ MAXIMA_SCHEMA = pa.schema(
         ("x", pa.int32()),
     ]
 )
-SCHEMAS = {"topk": TOPK_SCHEMA, "units": UNITS_SCHEMA, "images": IMAGES_SCHEMA, "maxima": MAXIMA_SCHEMA}
+# The bottom-k (`atlas scan --bottom-k N`): each unit's images with the lowest per-image maximum, rank 0 lowest
+# (ties by image_key ascending), laid out like the top-k (y, x and the box: where that weak maximum is).
+BOTTOMK_SCHEMA = TOPK_SCHEMA
+SCHEMAS = {
+    "topk": TOPK_SCHEMA,
+    "units": UNITS_SCHEMA,
+    "images": IMAGES_SCHEMA,
+    "maxima": MAXIMA_SCHEMA,
+    "bottomk": BOTTOMK_SCHEMA,
+}
 # RUN/atlas/index.parquet, written by `atlas render`: one row per image file.
 # The dataset views `atlas render` draws per top-k image (RUN/atlas/layer=<L>/unit=<u>/<kind>_<rank>.png).
 DATASET_KINDS = ("crop", "overlay", "deconv", "deconv_crop", "guided", "guided_crop")

@@ -30,6 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="run directory to write")
     parser.add_argument("--k", type=int, default=16, help="top images kept per unit (default 16)")
     parser.add_argument(
+        "--bottom-k",
+        type=int,
+        default=0,
+        help="also keep each unit's N least activating images (lowest per-image maximum; RUN/bottomk; "
+        "needed by `atlas score`); default 0: none",
+    )
+    parser.add_argument(
         "--record",
         choices=("topk", "all"),
         default="topk",
@@ -96,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             out=args.out,
             layers=args.layers,
             k=args.k,
+            bottom_k=args.bottom_k,
             record=args.record,
             batch_size=args.batch_size,
             address=args.address,

@@ -70,9 +70,12 @@ class ScanConfig:
     decode: str = "cpu"  # 'gpu': JPEGs decoded on the model workers' GPUs (pipeline.device_decode)
     # 'auto': in this process for a small image folder on one machine, else Ray (pipeline.scan.local)
     executor: str = "auto"
+    bottom_k: int = 0  # also keep each unit's bottom_k images (lowest per-image maximum); 0: none
 
     def validate(self) -> None:
         check_scan_settings(self.k, self.record, self.batch_size, self.device, self.actors, self.threads)
+        if self.bottom_k:
+            check_range("bottom_k", self.bottom_k)
         check_range("flush_images", self.flush_images)
         check_range("stall_seconds", self.stall_seconds)
         if self.precision not in PRECISIONS:
@@ -102,6 +105,8 @@ def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], sou
         what["precision"] = config.precision
     if config.channels_last:
         what["channels_last"] = True
+    if config.bottom_k:  # another table; runs made without it keep their fingerprint
+        what["bottom_k"] = config.bottom_k
     if config.decode != "cpu":  # other pixels (device JPEG decoding and resampling): never mixed with the CPU's
         what["decode"] = config.decode
     blob = json.dumps(what, sort_keys=True)
@@ -294,6 +299,7 @@ def run_scan(config: ScanConfig) -> dict:
                 channels_last=config.channels_last,
                 maxima_dir=store.pending_maxima if config.record == "all" else None,
                 decode=config.decode,
+                bottom_k=config.bottom_k,
             )
             timing = (_execute_local if local else _execute)(
                 config, source, index, store, loaded.preprocess, recorder_config, layer_units, plan, attempts
@@ -320,6 +326,7 @@ def run_scan(config: ScanConfig) -> dict:
             _facts_for(images_dir, result.keys()),
             run.staged("topk"),
             os.path.join(run.staged("units"), "part-0.parquet"),
+            bottomk_dir=run.staged("bottomk") if config.bottom_k else None,
         )
         finished = time.time()
         units_total = sum(layer_units.values())
@@ -339,6 +346,7 @@ def run_scan(config: ScanConfig) -> dict:
             "preprocess": loaded.preprocess.as_dict(),
             "data": source.as_dict() | {"path": config.data},
             "k": config.k,
+            "bottom_k": config.bottom_k,
             "record": config.record,
             "precision": config.precision,
             "layers": [
