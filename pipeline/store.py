@@ -278,6 +278,27 @@ DISSECT_LABELS_SCHEMA = pa.schema(
 )
 
 
+# RUN/scores/, written by `atlas score` (pipeline.score.runner): one row per scored layer, unit and kind, all from
+# one similarity model (a new model's scores replace the file as a whole, never mix with it).
+SCORES = "scores"
+SCORES_FILE = "scores.parquet"
+SCORES_RECORD = "score.json"  # the similarity model, task sizes, temperature, counts, timings
+SCORE_KINDS = ("whole", "crop")  # whole images (the paper's setting) or the unit's receptive-field crops
+SCORES_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("unit", pa.int32()),
+        ("kind", pa.string()),  # whole | crop
+        ("similarity", pa.string()),  # the similarity model's name (pipeline.score.similarity)
+        ("mis", pa.float64()),  # Machine Interpretability Score; null when not scored (status says why)
+        ("accuracy", pa.float64()),  # share of tasks the task model answers correctly (no temperature)
+        ("tasks", pa.int32()),
+        ("references", pa.int32()),  # reference images per side in each task
+        ("status", pa.string()),  # scored | dead | too few images | images missing
+    ]
+)
+
+
 # Directories later stages write into a run (render, explain, site): removed when the scan is redone.
 DERIVED = (
     "atlas",
@@ -285,6 +306,7 @@ DERIVED = (
     "site",
     "compare",
     "dissect",
+    SCORES,
 )  # compare: `[compare] previous` of a job (pipeline.cluster.job)
 # Written by `atlas run`: the resolved job configuration and the record of finished stages.
 JOB_TOML = "job.toml"
@@ -387,6 +409,8 @@ RUN_VIEWS: dict[str, ViewSource] = {
     "concepts": ViewSource(f"{DISSECT}/{DISSECT_CONCEPTS}", DISSECT_CONCEPTS_SCHEMA),
     "selectivity": ViewSource(f"{DISSECT}/{DISSECT_SELECTIVITY}", DISSECT_SELECTIVITY_SCHEMA),
     "thresholds": ViewSource(f"{DISSECT}/{DISSECT_THRESHOLDS}", DISSECT_THRESHOLDS_SCHEMA),
+    # `atlas score`'s table; empty with its columns until it has run.
+    "scores": ViewSource(f"{SCORES}/{SCORES_FILE}", SCORES_SCHEMA),
 }
 
 
