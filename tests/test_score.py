@@ -212,3 +212,53 @@ def test_the_dreamsim_adapter_with_a_stand_in(monkeypatch, scanned):
     monkeypatch.setitem(sys.modules, "dreamsim", None)
     with pytest.raises(ValueError, match="dreamsim package"):
         load_similarity(SimilarityConfig(kind="dreamsim"))
+
+
+def test_the_site_and_the_notebook_api_show_the_scores(scanned, tmp_path):
+    import re
+
+    from pipeline.api import open_run
+    from pipeline.site.build import build_site, unit_href
+
+    _score(scanned, batch_size=8)
+    con = connect(scanned)
+    expected = {
+        (layer, unit, kind): mis
+        for layer, unit, kind, mis in con.execute("SELECT layer, unit, kind, mis FROM scores").fetchall()
+    }
+    out = str(tmp_path / "site")
+    build_site(scanned, out, progress=False)
+    for (layer, unit, kind), mis in expected.items():
+        with open(os.path.join(out, unit_href(layer, unit)), encoding="utf-8") as handle:
+            page = handle.read()
+        row = re.search(rf'<tr data-kind="{kind}">.*?<td class="mis">(.*?)</td>', page, re.S)
+        assert row, (layer, unit, kind)
+        assert (mis is None and "dead" in row.group(1)) or row.group(1) == f"{mis:.3f}"
+        bottom = con.execute(
+            "SELECT image_key FROM bottomk WHERE layer = ? AND unit = ? ORDER BY rank", [layer, unit]
+        ).fetchall()
+        assert "Least activating 10 images" in page and all(key in page for (key,) in bottom)
+    with open(os.path.join(out, "layers", "red.html"), encoding="utf-8") as handle:
+        layer_page = handle.read()
+    cards = dict(re.findall(r'data-unit="(\d+)"[^>]*data-mis-crop="([-0-9.e]+)"', layer_page))
+    assert float(cards["0"]) == pytest.approx(expected[("red", 0, "crop")]) and cards["2"] == "-1"
+    assert 'value="mis-crop"' in layer_page
+    run = open_run(scanned)
+    units = run.layer("red").units
+    assert units["mis_crop"].iloc[0] == pytest.approx(expected[("red", 0, "crop")])
+    assert units["mis_whole"].isna().iloc[2]  # the dead unit
+    assert list(run.unit("red", 0).scores["kind"]) == ["crop", "whole"]
+    assert len(run.unit("red", 0).bottomk) == 10
+
+
+def test_job_files_have_a_score_section():
+    from pipeline.cluster.config import ConfigError, parse_config
+
+    base = {"job": {"name": "x", "out": "/tmp/x", "stages": ["scan"]}, "model": {"spec": "m"}, "data": {"source": "d"}}
+    config = parse_config({**base, "scan": {"bottom_k": 29}, "score": {"enabled": True, "kinds": ["crop"]}})
+    assert config.score.enabled and config.scan.bottom_k == 29 and config.score.kinds == ["crop"]
+    assert not parse_config(base).score.enabled
+    with pytest.raises(ConfigError, match="scan.bottom_k = 29"):
+        parse_config({**base, "score": {"enabled": True}})
+    with pytest.raises(ConfigError, match="score.similarity"):
+        parse_config({**base, "score": {"similarity": "lpips"}})
