@@ -113,6 +113,9 @@ SCHEMAS = {
 # RUN/atlas/index.parquet, written by `atlas render`: one row per image file.
 # The dataset views `atlas render` draws per top-k image (RUN/atlas/layer=<L>/unit=<u>/<kind>_<rank>.png).
 DATASET_KINDS = ("crop", "overlay", "deconv", "deconv_crop", "guided", "guided_crop")
+# The crops of a unit's least activating images (`atlas render --pictures N` on a scan with --bottom-k):
+# RUN/atlas/layer=<L>/unit=<u>/bottom_crop_<rank>.png, index kind "bottom_crop", rank as in the bottomk table.
+BOTTOM_CROP = "bottom_crop"
 ATLAS_INDEX_SCHEMA = pa.schema(
     [
         ("layer", pa.string()),

@@ -214,13 +214,30 @@ def test_the_dreamsim_adapter_with_a_stand_in(monkeypatch, scanned):
         load_similarity(SimilarityConfig(kind="dreamsim"))
 
 
-def test_the_site_and_the_notebook_api_show_the_scores(scanned, tmp_path):
+def test_the_site_and_the_notebook_api_show_the_scores(ray_cluster, scanned, tmp_path):
     import re
 
     from pipeline.api import open_run
+    from pipeline.render.plan import RenderOptions
+    from pipeline.render.runner import render_run
     from pipeline.site.build import build_site, unit_href
 
     _score(scanned, batch_size=8)
+    render_run(scanned, RenderOptions(pictures=2, actors=1, progress=False))
+    drawn = (
+        connect(scanned)
+        .execute("SELECT layer, unit, rank, image_key FROM atlas WHERE kind = 'bottom_crop' ORDER BY ALL")
+        .fetchall()
+    )
+    expected_drawn = (
+        connect(scanned)
+        .execute(
+            "SELECT b.layer, b.unit, b.rank, b.image_key FROM bottomk b JOIN units u USING (layer, unit) "
+            "WHERE NOT u.dead AND b.rank < 2 ORDER BY ALL"
+        )
+        .fetchall()
+    )
+    assert drawn == expected_drawn and drawn
     con = connect(scanned)
     expected = {
         (layer, unit, kind): mis
@@ -238,6 +255,8 @@ def test_the_site_and_the_notebook_api_show_the_scores(scanned, tmp_path):
             "SELECT image_key FROM bottomk WHERE layer = ? AND unit = ? ORDER BY rank", [layer, unit]
         ).fetchall()
         assert "Least activating 10 images" in page and all(key in page for (key,) in bottom)
+        if mis is not None:  # the two rendered least activating crops are on the page
+            assert page.count("bottom_crop_00") == 2, (layer, unit)
     with open(os.path.join(out, "layers", "red.html"), encoding="utf-8") as handle:
         layer_page = handle.read()
     cards = dict(re.findall(r'data-unit="(\d+)"[^>]*data-mis-crop="([-0-9.e]+)"', layer_page))

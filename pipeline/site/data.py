@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipeline.site.paths import RunFiles, UnsafePathError, layer_slug
-from pipeline.store import DATASET_KINDS, RunError, connect, read_manifest
+from pipeline.store import BOTTOM_CROP, DATASET_KINDS, RunError, connect, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -305,11 +305,16 @@ def _attach_atlas(
     checker: _PathChecker,
 ) -> None:
     by_rank = {(u.layer, u.unit, t.rank): t for u in units.values() for t in u.top}
+    bottom_by_rank = {(u.layer, u.unit, t.rank): t for u in units.values() for t in u.bottom}
     featvis_act = atlas.get("featvis_act") or [None] * len(atlas["path"])
     for layer, unit, kind, rank, path, fv_act in zip(
         atlas["layer"], atlas["unit"], atlas["kind"], atlas["rank"], atlas["path"], featvis_act
     ):
-        if kind in DATASET_KINDS:
+        if kind == BOTTOM_CROP:  # a least activating image's crop, shown as its "crop"
+            bottom = bottom_by_rank.get((layer, unit, rank))
+            if bottom is not None and checker.ok(path):
+                bottom.images["crop"] = path
+        elif kind in DATASET_KINDS:
             top = by_rank.get((layer, unit, rank))
             if top is not None and checker.ok(path):
                 top.images[kind] = path
