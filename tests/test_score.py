@@ -262,6 +262,9 @@ def test_the_site_and_the_notebook_api_show_the_scores(ray_cluster, scanned, tmp
     cards = dict(re.findall(r'data-unit="(\d+)"[^>]*data-mis-crop="([-0-9.e]+)"', layer_page))
     assert float(cards["0"]) == pytest.approx(expected[("red", 0, "crop")]) and cards["2"] == "-1"
     assert 'value="mis-crop"' in layer_page
+    with open(os.path.join(out, "index.html"), encoding="utf-8") as handle:
+        index = handle.read()
+    assert index.count("interpretability scores (crops)") == 2  # one chart per scored layer
     run = open_run(scanned)
     units = run.layer("red").units
     assert units["mis_crop"].iloc[0] == pytest.approx(expected[("red", 0, "crop")])
