@@ -221,9 +221,10 @@ def test_the_site_and_the_notebook_api_show_the_scores(ray_cluster, scanned, tmp
     from pipeline.render.plan import RenderOptions
     from pipeline.render.runner import render_run
     from pipeline.site.build import build_site, unit_href
+    from pipeline.site.paths import layer_slug
 
     _score(scanned, batch_size=8)
-    render_run(scanned, RenderOptions(pictures=2, actors=1, progress=False))
+    render_run(scanned, RenderOptions(units=frozenset(), pictures=2, actors=1, progress=False))  # pictures only
     drawn = (
         connect(scanned)
         .execute("SELECT layer, unit, rank, image_key FROM atlas WHERE kind = 'bottom_crop' ORDER BY ALL")
@@ -257,7 +258,7 @@ def test_the_site_and_the_notebook_api_show_the_scores(ray_cluster, scanned, tmp
         assert "Least activating 10 images" in page and all(key in page for (key,) in bottom)
         if mis is not None:  # the two rendered least activating crops are on the page
             assert page.count("bottom_crop_00") == 2, (layer, unit)
-    with open(os.path.join(out, "layers", "red.html"), encoding="utf-8") as handle:
+    with open(os.path.join(out, "layers", f"{layer_slug('red')}.html"), encoding="utf-8") as handle:
         layer_page = handle.read()
     cards = dict(re.findall(r'data-unit="(\d+)"[^>]*data-mis-crop="([-0-9.e]+)"', layer_page))
     assert float(cards["0"]) == pytest.approx(expected[("red", 0, "crop")]) and cards["2"] == "-1"
