@@ -200,9 +200,16 @@ class Layer:
 
     @property
     def units(self):
-        """One row per unit: the scan's statistics (the units view without its sketch columns)."""
-        columns = ", ".join(f'"{name}"' for name in ("layer", "unit", "layer_index", *STAT_COLUMNS))
-        return self.run.df(f"SELECT {columns} FROM units WHERE layer = ? ORDER BY unit", [self.name])
+        """One row per unit: the scan's statistics (the units view without its sketch columns) and, once `atlas
+        score` has run, the unit's machine interpretability scores (mis_whole, mis_crop; null when unscored)."""
+        columns = ", ".join(f'u."{name}"' for name in ("layer", "unit", "layer_index", *STAT_COLUMNS))
+        return self.run.df(
+            f"SELECT {columns}, s.mis_whole, s.mis_crop FROM units u LEFT JOIN ("
+            "SELECT layer, unit, max(mis) FILTER (WHERE kind = 'whole') AS mis_whole, "
+            "max(mis) FILTER (WHERE kind = 'crop') AS mis_crop FROM scores GROUP BY layer, unit"
+            ") s USING (layer, unit) WHERE u.layer = ? ORDER BY u.unit",
+            [self.name],
+        )
 
     def __len__(self) -> int:
         return self.run.con.execute("SELECT count(*) FROM units WHERE layer = ?", [self.name]).fetchone()[0]
@@ -268,6 +275,16 @@ class Unit:
     def topk(self):
         """The unit's top-k images (rank 0 = highest activation) with their labels and boxes, as a DataFrame."""
         return self.run.df("SELECT * FROM topk WHERE layer = ? AND unit = ? ORDER BY rank", [self.layer, self.unit])
+
+    @property
+    def bottomk(self):
+        """The unit's least activating images (`atlas scan --bottom-k`; rank 0 = lowest maximum), as a DataFrame."""
+        return self.run.df("SELECT * FROM bottomk WHERE layer = ? AND unit = ? ORDER BY rank", [self.layer, self.unit])
+
+    @property
+    def scores(self):
+        """The unit's machine interpretability scores (`atlas score`: one row per kind, whole and crop)."""
+        return self.run.df("SELECT * FROM scores WHERE layer = ? AND unit = ? ORDER BY kind", [self.layer, self.unit])
 
     @property
     def pictures(self):

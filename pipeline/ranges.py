@@ -24,6 +24,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "max_pixels": (1, PIL_REFUSED_PIXELS),
     "max_aspect": (1.0, 1_000_000.0),
     "k": (1, 10_000),
+    "bottom_k": (0, 10_000),  # `atlas scan --bottom-k` (0, the default, keeps none)
     "batch_size": (1, 4096),
     # Model or render replicas when the cluster is not known yet (a remote address at `atlas run --check`);
     # where it is known (a local Ray), the actor plan checks the count against its CPUs and GPUs.

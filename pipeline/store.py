@@ -8,6 +8,9 @@ Layout (the contract between stages; documented in docs/run-directory.md):
                                             p50, p90, p99, p999, dead, sketch_buckets, sketch_counts
     RUN/images/part-<n>.parquet             image_key, source, label, width, height, status, error
     RUN/maxima/layer=<L>/part-*.parquet     layer, unit, image_key, act, y, x           (--record all)
+    RUN/bottomk/layer=<L>/part-0.parquet    the columns of topk; rank 0 = lowest maximum  (--bottom-k N)
+    RUN/scores/scores.parquet               layer, unit, kind, similarity, mis, accuracy, tasks, references,
+                                            status  (`atlas score`; RUN/scores/score.json says how)
     RUN/views.sql                           the DuckDB views (RUN_VIEWS) as plain SQL, paths relative to RUN
 
 Every table is written into RUN/.staging/ first and moved into place only when the whole scan succeeded,
@@ -37,8 +40,8 @@ LOCK = ".atlas-lock"  # flock of the process writing the run
 PREVIOUS = ".previous"  # the old run, only while a new one is swapped in
 FLUSHES = "flushes"  # RUN/.staging/flushes/<worker>-<seq>/: committed scan progress (pipeline.scan.flushes)
 PENDING_MAXIMA = "pending-maxima"  # RUN/.staging/pending-maxima/<flush>/: maxima of flushes not yet committed
-TABLES = ("topk", "units", "images", "maxima")
-TOPK, UNITS, IMAGES, MAXIMA = TABLES  # RUN/<table>/: the names every module uses for them
+TABLES = ("topk", "units", "images", "maxima", "bottomk")
+TOPK, UNITS, IMAGES, MAXIMA, BOTTOMK = TABLES  # RUN/<table>/: the names every module uses for them
 COMPRESSION = "zstd"
 
 TOPK_SCHEMA = pa.schema(
@@ -99,10 +102,22 @@ MAXIMA_SCHEMA = pa.schema(
         ("x", pa.int32()),
     ]
 )
-SCHEMAS = {"topk": TOPK_SCHEMA, "units": UNITS_SCHEMA, "images": IMAGES_SCHEMA, "maxima": MAXIMA_SCHEMA}
+# The bottom-k (`atlas scan --bottom-k N`): each unit's images with the lowest per-image maximum, rank 0 lowest
+# (ties by image_key ascending), laid out like the top-k (y, x and the box: where that weak maximum is).
+BOTTOMK_SCHEMA = TOPK_SCHEMA
+SCHEMAS = {
+    "topk": TOPK_SCHEMA,
+    "units": UNITS_SCHEMA,
+    "images": IMAGES_SCHEMA,
+    "maxima": MAXIMA_SCHEMA,
+    "bottomk": BOTTOMK_SCHEMA,
+}
 # RUN/atlas/index.parquet, written by `atlas render`: one row per image file.
 # The dataset views `atlas render` draws per top-k image (RUN/atlas/layer=<L>/unit=<u>/<kind>_<rank>.png).
 DATASET_KINDS = ("crop", "overlay", "deconv", "deconv_crop", "guided", "guided_crop")
+# The crops of a unit's least activating images (`atlas render --pictures N` on a scan with --bottom-k):
+# RUN/atlas/layer=<L>/unit=<u>/bottom_crop_<rank>.png, index kind "bottom_crop", rank as in the bottomk table.
+BOTTOM_CROP = "bottom_crop"
 ATLAS_INDEX_SCHEMA = pa.schema(
     [
         ("layer", pa.string()),
@@ -268,6 +283,27 @@ DISSECT_LABELS_SCHEMA = pa.schema(
 )
 
 
+# RUN/scores/, written by `atlas score` (pipeline.score.runner): one row per scored layer, unit and kind, all from
+# one similarity model (a new model's scores replace the file as a whole, never mix with it).
+SCORES = "scores"
+SCORES_FILE = "scores.parquet"
+SCORES_RECORD = "score.json"  # the similarity model, task sizes, temperature, counts, timings
+SCORE_KINDS = ("whole", "crop")  # whole images (the paper's setting) or the unit's receptive-field crops
+SCORES_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("unit", pa.int32()),
+        ("kind", pa.string()),  # whole | crop
+        ("similarity", pa.string()),  # the similarity model's name (pipeline.score.similarity)
+        ("mis", pa.float64()),  # Machine Interpretability Score; null when not scored (status says why)
+        ("accuracy", pa.float64()),  # share of tasks the task model answers correctly (no temperature)
+        ("tasks", pa.int32()),
+        ("references", pa.int32()),  # reference images per side in each task
+        ("status", pa.string()),  # scored | dead | too few images | images missing
+    ]
+)
+
+
 # Directories later stages write into a run (render, explain, site): removed when the scan is redone.
 DERIVED = (
     "atlas",
@@ -275,6 +311,7 @@ DERIVED = (
     "site",
     "compare",
     "dissect",
+    SCORES,
 )  # compare: `[compare] previous` of a job (pipeline.cluster.job)
 # Written by `atlas run`: the resolved job configuration and the record of finished stages.
 JOB_TOML = "job.toml"
@@ -393,6 +430,8 @@ RUN_VIEWS: dict[str, ViewSource] = {
     "concepts": ViewSource(f"{DISSECT}/{DISSECT_CONCEPTS}", DISSECT_CONCEPTS_SCHEMA),
     "selectivity": ViewSource(f"{DISSECT}/{DISSECT_SELECTIVITY}", DISSECT_SELECTIVITY_SCHEMA),
     "thresholds": ViewSource(f"{DISSECT}/{DISSECT_THRESHOLDS}", DISSECT_THRESHOLDS_SCHEMA),
+    # `atlas score`'s table; empty with its columns until it has run.
+    "scores": ViewSource(f"{SCORES}/{SCORES_FILE}", SCORES_SCHEMA),
 }
 
 

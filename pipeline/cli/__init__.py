@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from pipeline.cli import bench, compare, demo, dissect, explain, jobs, layers, query, render, scan, site
+from pipeline.cli import bench, compare, demo, dissect, explain, jobs, layers, query, render, scan, score, site
 from pipeline.data import DataError
 from pipeline.models import ModelError
 from pipeline.store import RunError
@@ -18,7 +18,7 @@ from pipeline.worker_pool import PoolStalled, WorkerStartFailed
 logger = logging.getLogger("pipeline")
 
 # In the order `atlas --help` lists them.
-COMMANDS = (layers, scan, render, site, query, compare, explain, dissect, demo, jobs, bench)
+COMMANDS = (layers, scan, render, site, query, compare, explain, dissect, score, demo, jobs, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

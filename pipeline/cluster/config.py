@@ -29,7 +29,7 @@ from pipeline.scan.settings import SCAN_OPTION, check_scan_settings
 STAGES = ("scan", "render", "site")
 # Order of the stages in a job record: "compare" and "dissect" are not listed in job.stages; they run after the scan
 # whenever [compare] previous / [dissect] probe is set.
-RECORD_ORDER = ("scan", "compare", "dissect", "render", "site")
+RECORD_ORDER = ("scan", "compare", "dissect", "score", "render", "site")
 
 
 class ConfigError(ValueError):
@@ -108,6 +108,8 @@ class ScanSection:
         "layers"
     ].default  # comma-separated module names; 'all' = conv-block outputs, e.g. "all,fc"
     k: int = SCAN_OPTION["k"].default
+    # also keep each unit's least activating images (`atlas scan --bottom-k`; [score] needs them)
+    bottom_k: int = SCAN_OPTION["bottom_k"].default
     record: str = SCAN_OPTION["record"].default  # 'topk' | 'all'
     batch_size: int | None = SCAN_OPTION[
         "batch_size"
@@ -210,6 +212,33 @@ class DissectSection:
 
 
 @dataclass(frozen=True)
+class ScoreSection:
+    # enabled: after the scan the job runs `atlas score RUN` (the machine interpretability score of every unit,
+    # docs/score.md); it needs scan.bottom_k > references (29 for the defaults: references + tasks).
+    enabled: bool = False
+    similarity: str = "pooled"  # pooled | dreamsim
+    references: int = 9
+    tasks: int = 20
+    kinds: list[str] = field(default_factory=lambda: ["whole", "crop"])
+    actors: int | None = None
+    device: str = "auto"
+
+    def check(self) -> None:
+        from pipeline.score import SIMILARITIES
+
+        if self.similarity not in SIMILARITIES:
+            raise ConfigError(f"score.similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"score.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not self.kinds or set(self.kinds) - {"whole", "crop"}:
+            raise ConfigError(f"score.kinds must be among whole, crop; got {self.kinds!r}")
+        for name in ("references", "tasks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"score.{name} must be >= 1, got {getattr(self, name)}")
+        _check_ranges(self, "score", ("actors",))
+
+
+@dataclass(frozen=True)
 class JobConfig:
     job: JobSection
     model: ModelSection
@@ -219,10 +248,16 @@ class JobConfig:
     site: SiteSection = field(default_factory=SiteSection)
     compare: CompareSection = field(default_factory=CompareSection)
     dissect: DissectSection = field(default_factory=DissectSection)
+    score: ScoreSection = field(default_factory=ScoreSection)
 
     def check(self) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).check()
+        if self.score.enabled and self.scan.bottom_k <= self.score.references:
+            raise ConfigError(
+                f"score.enabled needs scan.bottom_k above score.references ({self.score.references}); "
+                f"set scan.bottom_k = {self.score.references + self.score.tasks}"
+            )
         if "render" in self.job.stages and self.render.classes is None:
             # A job file says what it costs: "all" classes of an ImageNet model is 1,000 visualizations.
             raise ConfigError(

@@ -316,6 +316,25 @@ def _dissect(job: PreparedJob, progress: bool) -> None:
     )
 
 
+def _score(job: PreparedJob, progress: bool) -> None:
+    from pipeline.score.runner import ScoreConfig, score_run
+
+    section = job.config.score
+    score_run(
+        ScoreConfig(
+            run=job.run_dir,
+            similarity=section.similarity,
+            references=section.references,
+            tasks=section.tasks,
+            kinds=tuple(section.kinds),
+            address=job.config.job.address,
+            actors=section.actors,
+            device=section.device,
+            progress=progress,
+        )
+    )
+
+
 def _check_actors_on_local_machine(config: JobConfig, scan: ScanConfig, render: RenderOptions) -> None:
     """Without an address the job starts a local Ray on this machine, whose CPUs and GPUs are known now: check
     the actor counts with the stages' own plans (a remote cluster's shape is only known when the job runs;
@@ -502,7 +521,7 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
             skipped = before is not None and before.get("created") == manifest.get("created")
             if not skipped:
                 # a new scan invalidates what was made from the old one
-                record.forget(["compare", "dissect", "render", "site"])
+                record.forget(["compare", "dissect", "score", "render", "site"])
             scan_fingerprint = manifest["fingerprint"]
             write_resolved(job)
             record.mark("scan", scan_fingerprint, time.time() - t0, skipped)
@@ -530,6 +549,10 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
                 }
             )
             _stage(record, "dissect", dissect_key, lambda: _dissect(job, progress), push)
+        score_key = None
+        if job.config.score.enabled:
+            score_key = _sha({"scan": scan_fingerprint, "score": asdict(job.config.score)})
+            _stage(record, "score", score_key, lambda: _score(job, progress), push)
         render_key = _sha({"scan": scan_fingerprint, "render": asdict(job.config.render)})
         if "render" in stages:
             _stage(
@@ -547,6 +570,8 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
         }
         if dissect_key is not None:  # jobs without a dissection keep the key they had
             site_inputs["dissect"] = dissect_key
+        if score_key is not None:  # likewise without a score
+            site_inputs["score"] = score_key
         site_key = _sha(site_inputs)
         _stage(record, "site", site_key, lambda: build_site(job.run_dir, out=job.site_out, progress=progress), push)
     record.data["seconds"] = round(time.time() - started, 3)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipeline.render.crops import crop_box, heat_in_box, open_rgb, overlay
 from pipeline.render.files import PHOTO_PNG_LEVEL, png_bytes, unit_file
+from pipeline.store import BOTTOM_CROP
 
 # Distinct images per picture task: a forward pass of this batch through the network up to the deepest
 # recorded layer (every layer's map of 32 MobileNetV2 images at 224 px: about 130 MB of float32).
@@ -41,9 +42,16 @@ class PictureView:
     width: int
     height: int
     overlay: bool  # False for a layer whose map is one value (crop only)
+    bottom: bool = False  # one of the unit's least activating images (the bottomk table): a crop only
+
+    @property
+    def crop_kind(self) -> str:
+        return BOTTOM_CROP if self.bottom else "crop"
 
     def files(self) -> list[str]:
         """The files this view writes, relative to the run directory."""
+        if self.bottom:
+            return [unit_file(self.layer, self.unit, BOTTOM_CROP, self.rank)]
         kinds = PICTURE_KINDS if self.overlay else PICTURE_KINDS[:1]
         return [unit_file(self.layer, self.unit, kind, self.rank) for kind in kinds]
 
@@ -117,10 +125,10 @@ def render_pictures(task: PictureTask, extract, normalise, preprocess) -> dict[s
             if view.box not in crops:
                 crops[view.box] = crop_box(original, view.box)
                 crop_job[view.box] = _once(partial(png_bytes, crops[view.box], compress_level=PHOTO_PNG_LEVEL))
-            jobs[unit_file(view.layer, view.unit, "crop", view.rank)] = crop_job[view.box]
+            jobs[unit_file(view.layer, view.unit, view.crop_kind, view.rank)] = crop_job[view.box]
         groups: dict[tuple[str, tuple[int, int, int, int]], list[PictureView]] = {}
         for view in views:  # units of a layer whose boxes coincide share one resize
-            if view.overlay:
+            if view.overlay and not view.bottom:
                 groups.setdefault((view.layer, view.box), []).append(view)
         for (layer, box), wanted in groups.items():
             units = torch.tensor([v.unit for v in wanted])

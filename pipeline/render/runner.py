@@ -60,6 +60,7 @@ from pipeline.store import (
     ATLAS_RECORD,
     ATLAS_DEPENDENCE_SCHEMA,
     ATLAS_INDEX_SCHEMA,
+    BOTTOM_CROP,
     DATASET_KINDS,
     IMAGE_INDEPENDENT_SIMILARITY,
     RunError,
@@ -192,6 +193,19 @@ def _plan(
                 layer, unit, rank, key, (x0, y0, x1, y1), width, height, overlay=int(shape[1]) * int(shape[2]) > 1
             )
             units_seen.add((layer, unit))
+            if not all(exists(path) for path in view.files()):
+                views.append(view)
+                missing_units.add((layer, unit))
+        # The least activating images of the same units (a scan with --bottom-k): crops only.
+        for layer, unit, rank, key, x0, y0, x1, y1, width, height in con.execute(
+            "SELECT t.layer, t.unit, t.rank, t.image_key, t.box_x0, t.box_y0, t.box_x1, t.box_y1, i.width, "
+            "i.height FROM bottomk t JOIN units u USING (layer, unit) JOIN images i USING (image_key) "
+            "WHERE NOT u.dead AND t.rank < ? ORDER BY u.layer_index, t.unit, t.rank",
+            [plan.pictures_top],
+        ).fetchall():
+            if (layer, unit) not in wanted or (layer, unit) in detailed:
+                continue
+            view = PictureView(layer, unit, rank, key, (x0, y0, x1, y1), width, height, overlay=False, bottom=True)
             if not all(exists(path) for path in view.files()):
                 views.append(view)
                 missing_units.add((layer, unit))
@@ -420,10 +434,11 @@ def build_index(run_dir: str) -> pa.Table:
     rows: list[dict] = []
     pooling: dict[str, bool] = {}
     exists = lambda relative: os.path.isfile(os.path.join(run_dir, relative))  # noqa: E731
-    for layer, unit, rank, key, act in con.execute(
-        "SELECT layer, unit, rank, image_key, act FROM topk ORDER BY layer, unit, rank"
+    for layer, unit, rank, key, act, kinds in con.execute(
+        "SELECT layer, unit, rank, image_key, act, 'top' FROM topk UNION ALL "
+        "SELECT layer, unit, rank, image_key, act, 'bottom' FROM bottomk ORDER BY 1, 2, 6 DESC, 3"
     ).fetchall():
-        for kind in DATASET_KINDS:
+        for kind in DATASET_KINDS if kinds == "top" else (BOTTOM_CROP,):
             relative = unit_file(layer, unit, kind, rank)
             if exists(relative):
                 similarity = None

@@ -57,6 +57,7 @@ class RecorderConfig:
     channels_last: bool = False
     maxima_dir: str | None = None  # with record_all: where pending maxima files go (a shared file system)
     decode: str = "cpu"  # 'gpu': JPEGs arrive encoded and are decoded on this worker's device (device_decode)
+    bottom_k: int = 0  # also keep each unit's bottom_k images by per-image maximum (0: none)
 
 
 def layer_maxima(activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,38 +80,51 @@ def peak_rss_mb() -> float:
 
 
 class ScanState:
-    """Exact top-k (ties by key), moments and quantile sketch per layer over a set of images.
+    """Exact top-k (ties by key), moments and quantile sketch per layer over a set of images; with ``bottom_k``
+    also the exact bottom-k: a TopK over the negated per-image maxima, so the order is value ascending with ties
+    by key ascending (the same key rule as the top-k), and NaN ranks last (like +inf).
 
     The streaming-statistic pattern (add / merge / result / state): ``add`` one layer's batch maxima, ``merge``
     another state over disjoint images, ``to_bytes``/``from_bytes`` for flushes (NumPy's npz, no pickle: a
     staged flush can never run code when it is read back).
     """
 
-    def __init__(self, layer_units: dict[str, int], k: int):
+    def __init__(self, layer_units: dict[str, int], k: int, bottom_k: int = 0):
         self.k = k
+        self.bottom_k = bottom_k
         self.layer_units = dict(layer_units)
         self.topk = {name: TopK(units, k, PAYLOAD, payload_dtype=torch.int32) for name, units in layer_units.items()}
+        self.bottomk = (
+            {name: TopK(units, bottom_k, PAYLOAD, payload_dtype=torch.int32) for name, units in layer_units.items()}
+            if bottom_k
+            else {}
+        )
         self.moments = {name: RunningMoments(units) for name, units in layer_units.items()}
         self.sketch = {name: QuantileSketch(units) for name, units in layer_units.items()}
         self.images_ok = 0
 
     def add(self, layer: str, values: torch.Tensor, keys: list[str], **payload: torch.Tensor) -> None:
         self.topk[layer].add(values, keys, **payload)
+        if self.bottom_k:
+            self.bottomk[layer].add(-values, keys, **payload)  # negation is exact: -(-v) == v bit for bit
         self.moments[layer].add(values)
         self.sketch[layer].add(values)
 
     def merge(self, other: ScanState) -> None:
-        if other.layer_units != self.layer_units or other.k != self.k:
-            raise ValueError("cannot merge scan states of different layers or k")
+        if other.layer_units != self.layer_units or other.k != self.k or other.bottom_k != self.bottom_k:
+            raise ValueError("cannot merge scan states of different layers, k or bottom_k")
         self.images_ok += other.images_ok
         for name in self.layer_units:
             self.topk[name].merge(other.topk[name])
+            if self.bottom_k:
+                self.bottomk[name].merge(other.bottomk[name])
             self.moments[name].merge(other.moments[name])
             self.sketch[name].merge(other.sketch[name])
 
     def to_bytes(self) -> bytes:
         arrays: dict[str, np.ndarray] = {
             "k": np.int64(self.k),
+            "bottom_k": np.int64(self.bottom_k),
             "images_ok": np.int64(self.images_ok),
             "layers": np.array(list(self.layer_units), dtype=str),
             "units": np.array(list(self.layer_units.values()), dtype=np.int64),
@@ -123,6 +137,14 @@ class ScanState:
                 f"{i}/topk/key_table": np.asarray(topk["key_table"], dtype=str),
             }
             arrays |= {f"{i}/topk/payload/{p}": topk["payload"][p] for p in PAYLOAD}
+            if self.bottom_k:
+                bottom = self.bottomk[name].state_dict()
+                arrays |= {
+                    f"{i}/bottomk/values": bottom["values"],
+                    f"{i}/bottomk/key_index": bottom["key_index"],
+                    f"{i}/bottomk/key_table": np.asarray(bottom["key_table"], dtype=str),
+                }
+                arrays |= {f"{i}/bottomk/payload/{p}": bottom["payload"][p] for p in PAYLOAD}
             moments = self.moments[name].state_dict()
             arrays |= {
                 f"{i}/moments/{key}": np.asarray(moments[key])
@@ -138,21 +160,26 @@ class ScanState:
     def from_bytes(cls, data: bytes) -> ScanState:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             layer_units = dict(zip(arrays["layers"].tolist(), arrays["units"].tolist()))
-            state = cls(layer_units, int(arrays["k"]))
+            # Flushes staged before bottom-k existed have no "bottom_k": none was kept.
+            bottom_k = int(arrays["bottom_k"]) if "bottom_k" in arrays.files else 0
+            state = cls(layer_units, int(arrays["k"]), bottom_k)
             state.images_ok = int(arrays["images_ok"])
             for i, name in enumerate(layer_units):
                 units = layer_units[name]
-                state.topk[name] = TopK.from_state_dict(
-                    {
-                        "num_units": units,
-                        "k": state.k,
-                        "payload_names": list(PAYLOAD),
-                        "values": arrays[f"{i}/topk/values"],
-                        "key_index": arrays[f"{i}/topk/key_index"],
-                        "key_table": arrays[f"{i}/topk/key_table"],
-                        "payload": {p: arrays[f"{i}/topk/payload/{p}"] for p in PAYLOAD},
-                    }
-                )
+                for table, k, target in (("topk", state.k, state.topk), ("bottomk", bottom_k, state.bottomk)):
+                    if not k:
+                        continue
+                    target[name] = TopK.from_state_dict(
+                        {
+                            "num_units": units,
+                            "k": k,
+                            "payload_names": list(PAYLOAD),
+                            "values": arrays[f"{i}/{table}/values"],
+                            "key_index": arrays[f"{i}/{table}/key_index"],
+                            "key_table": arrays[f"{i}/{table}/key_table"],
+                            "payload": {p: arrays[f"{i}/{table}/payload/{p}"] for p in PAYLOAD},
+                        }
+                    )
                 state.moments[name] = RunningMoments.from_state_dict(
                     {
                         "num_units": units,
@@ -240,7 +267,7 @@ class Recorder:
         self._reset()
 
     def _reset(self) -> None:
-        self.state = ScanState(self.layer_units, self.config.k)
+        self.state = ScanState(self.layer_units, self.config.k, self.config.bottom_k)
         self.rows: list[pa.Table] = []
         self.pending_images = 0
         self.flush_id = f"{self.worker_id}-{self.sequence:06d}"
@@ -414,9 +441,9 @@ class ScanResult:
         self.state = state
 
     def keys(self) -> set[str]:
-        """Every image key some top-k holds (the images whose facts the tables need)."""
+        """Every image key some top-k or bottom-k holds (the images whose facts the tables need)."""
         needed: set[str] = set()
-        for topk in self.state.topk.values():
+        for topk in [*self.state.topk.values(), *self.state.bottomk.values()]:
             needed.update(topk.result()["keys"].reshape(-1).tolist())
         return needed
 
@@ -425,7 +452,21 @@ class ScanResult:
     ) -> pa.Table:
         """Rows layer, unit, rank, image_key, label, act, y, x, box_* for one layer (boxes in original pixels);
         `facts`: image_key -> (label, width, height) of at least the top-k images (`image_facts`)."""
-        result = self.state.topk[name].result()
+        return self._ranked_table(name, self.state.topk[name].result(), field, preprocess, facts)
+
+    def bottomk_table(
+        self, name: str, field: ReceptiveField, preprocess, facts: dict[str, tuple[str | None, int, int]]
+    ) -> pa.Table:
+        """The bottom-k of one layer, laid out like the top-k: rank 0 is the image whose maximum is lowest; the
+        box is where the unit's (weak) maximum is in that image."""
+        result = dict(self.state.bottomk[name].result())
+        result["values"] = -result["values"]  # kept negated (see ScanState); exact
+        return self._ranked_table(name, result, field, preprocess, facts)
+
+    @staticmethod
+    def _ranked_table(
+        name: str, result: dict, field: ReceptiveField, preprocess, facts: dict[str, tuple[str | None, int, int]]
+    ) -> pa.Table:
         values = result["values"]
         units, m = values.shape
         y, x = result["y"].astype(np.int64), result["x"].astype(np.int64)
@@ -491,10 +532,16 @@ class ScanResult:
         facts: dict[str, tuple[str | None, int, int]],
         topk_dir: str,
         units_path: str,
+        bottomk_dir: str | None = None,
     ) -> None:
-        """One top-k file per layer, one units file for all layers."""
+        """One top-k file per layer (and one bottom-k file, where kept), one units file for all layers."""
         for name, receptive in fields.items():
             write_table(
                 self.topk_table(name, receptive, preprocess, facts), f"{layer_dir(topk_dir, name)}/part-0.parquet"
             )
+            if bottomk_dir is not None and self.state.bottom_k:
+                write_table(
+                    self.bottomk_table(name, receptive, preprocess, facts),
+                    f"{layer_dir(bottomk_dir, name)}/part-0.parquet",
+                )
         write_table(pa.concat_tables([self.units_table(name) for name in fields]), units_path)

@@ -27,7 +27,7 @@ from pipeline.rundir import RunDirectory, claim, run_lock
 from pipeline.scan.settings import SCAN_OPTION, check_scan_settings
 from pipeline.scan.local import choose_executor, decode_threads, decoded_batches, local_plan, run_local_pass
 from pipeline.scan.recorder import Flush, Recorder, RecorderConfig, ScanResult, ScanState, image_facts, peak_rss_mb
-from pipeline.store import IMAGES, IMAGES_SCHEMA, MAXIMA, TOPK, UNITS, read_manifest, table_part, write_views
+from pipeline.store import BOTTOMK, IMAGES, IMAGES_SCHEMA, MAXIMA, TOPK, UNITS, read_manifest, table_part, write_views
 from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
 from pipeline.worker_pool import PassOutcome, WorkerPool
 
@@ -79,6 +79,7 @@ class ScanConfig:
     ].default  # 'gpu': JPEGs decoded on the model workers' GPUs (pipeline.device_decode)
     # 'auto': in this process for a small image folder on one machine, else Ray (pipeline.scan.local)
     executor: str = SCAN_OPTION["executor"].default
+    bottom_k: int = SCAN_OPTION["bottom_k"].default  # also keep each unit's bottom_k images; 0: none
 
     def validate(self) -> None:
         check_scan_settings(self)  # every declared option: ranges and choices
@@ -104,6 +105,8 @@ def _fingerprint(config: ScanConfig, loaded: LoadedModel, layers: list[str], sou
         what["precision"] = config.precision
     if config.channels_last:
         what["channels_last"] = True
+    if config.bottom_k:  # another table; runs made without it keep their fingerprint
+        what["bottom_k"] = config.bottom_k
     if config.decode != "cpu":  # other pixels (device JPEG decoding and resampling): never mixed with the CPU's
         what["decode"] = config.decode
     blob = json.dumps(what, sort_keys=True)
@@ -296,6 +299,7 @@ def run_scan(config: ScanConfig) -> dict:
                 channels_last=config.channels_last,
                 maxima_dir=store.pending_maxima if config.record == "all" else None,
                 decode=config.decode,
+                bottom_k=config.bottom_k,
             )
             timing = (_execute_local if local else _execute)(
                 config, source, index, store, loaded.preprocess, recorder_config, layer_units, plan, attempts
@@ -322,6 +326,7 @@ def run_scan(config: ScanConfig) -> dict:
             _facts_for(images_dir, result.keys()),
             run.staged(TOPK),
             table_part(run.staged(UNITS)),
+            bottomk_dir=run.staged(BOTTOMK) if config.bottom_k else None,
         )
         finished = time.time()
         units_total = sum(layer_units.values())
@@ -341,6 +346,7 @@ def run_scan(config: ScanConfig) -> dict:
             "preprocess": loaded.preprocess.as_dict(),
             "data": source.as_dict() | {"path": config.data},
             "k": config.k,
+            "bottom_k": config.bottom_k,
             "record": config.record,
             "precision": config.precision,
             "layers": [

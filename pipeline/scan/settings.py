@@ -14,6 +14,13 @@ from pipeline.scan.local import EXECUTORS, LOCAL_MAX_IMAGES
 SCAN_OPTIONS: tuple[Option, ...] = (
     Option("layers", str, "all", "comma-separated module names, or 'all' (conv-block outputs)"),
     Option("k", int, 16, "top images kept per unit (default {default})"),
+    Option(
+        "bottom_k",
+        int,
+        0,
+        "also keep each unit's N least activating images (lowest per-image maximum; RUN/bottomk; needed by "
+        "`atlas score`); default {default}: none",
+    ),
     Option("record", str, "topk", "'all' also writes every (image, unit) maximum to RUN/maxima", ("topk", "all")),
     Option("batch_size", int, None, "images per forward pass (default 256 on a GPU, 32 on CPUs)"),
     # Where the model runs: the flags are the shared Ray group's (pipeline/cli/options.py).

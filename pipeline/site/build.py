@@ -209,6 +209,12 @@ def layer_charts(layer: LayerData) -> dict:
         if rendered
         else None
     )
+    # `atlas score`: the distribution of the layer's interpretability scores on crops and on whole images.
+    for kind in ("crop", "whole"):
+        scores = [u.mis(kind) for u in layer.units if u.mis(kind) is not None]
+        charts[f"mis_{kind}"] = (
+            distribution_svg(scores, f"Interpretability scores ({kind}) of layer {name}", "units") if scores else None
+        )
     return charts
 
 

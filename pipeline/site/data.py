@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipeline.site.paths import RunFiles, UnsafePathError, layer_slug
-from pipeline.store import DATASET_KINDS, RunError, connect, read_manifest
+from pipeline.store import BOTTOM_CROP, DATASET_KINDS, RunError, connect, read_manifest
 from pipeline.store import ATLAS_DEPENDENCE, ATLAS_INDEX, EXPLAIN_INDEX, EXPLAIN_METRICS  # run file names
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,13 @@ class UnitData:
     # `atlas dissect`'s row of the labels view (threshold, concept, category, iou, runner_up, runner_up_iou,
     # data_label, data_label_precision, data_label_auroc), or None when the run was not dissected
     labels: dict | None = None
+    bottom: list[TopImage] = field(default_factory=list)  # least activating images (`atlas scan --bottom-k`)
+    # `atlas score`: kind (whole, crop) -> its row of the scores view (mis, accuracy, tasks, similarity, status)
+    scores: dict[str, dict] = field(default_factory=dict)
+
+    def mis(self, kind: str) -> float | None:
+        """The unit's machine interpretability score of `kind` (None: not scored)."""
+        return (self.scores.get(kind) or {}).get("mis")
 
     @property
     def concept(self) -> str | None:
@@ -167,7 +174,9 @@ def load_site_data(run_dir: str) -> SiteData:
     con = connect(run_dir)
     units = _read_units(con)
     _attach_topk(con, units)
+    _attach_topk(con, units, "bottomk")
     _attach_labels(con, units)
+    _attach_scores(con, units)
     atlas = _read_parquet(run_dir, ATLAS_INDEX)
     classvis: dict[tuple[str, int], str] = {}
     if atlas is not None:
@@ -244,11 +253,12 @@ def _read_units(con) -> dict[tuple[str, int], UnitData]:
     return units
 
 
-def _attach_topk(con, units: dict[tuple[str, int], UnitData]) -> None:
+def _attach_topk(con, units: dict[tuple[str, int], UnitData], table: str = "topk") -> None:
+    """The top-k rows (or the bottom-k: `table='bottomk'`, empty unless the scan kept them) of every unit."""
     cols = _columns(
         con,
         "SELECT layer, unit, rank, image_key, label, act, box_x0, box_y0, box_x1, box_y1 "
-        "FROM topk ORDER BY layer, unit, rank",
+        f"FROM {'bottomk' if table == 'bottomk' else 'topk'} ORDER BY layer, unit, rank",
     )
     boxes = zip(cols["box_x0"], cols["box_y0"], cols["box_x1"], cols["box_y1"])
     for layer, unit, rank, key, label, act, box in zip(
@@ -256,7 +266,19 @@ def _attach_topk(con, units: dict[tuple[str, int], UnitData]) -> None:
     ):
         target = units.get((layer, unit))
         if target is not None:
-            target.top.append(TopImage(rank=rank, image_key=key, label=label, act=act, box=box))
+            (target.bottom if table == "bottomk" else target.top).append(
+                TopImage(rank=rank, image_key=key, label=label, act=act, box=box)
+            )
+
+
+def _attach_scores(con, units: dict[tuple[str, int], UnitData]) -> None:
+    """The scores view (`atlas score`; empty when the run was not scored)."""
+    cols = _columns(con, "SELECT layer, unit, kind, similarity, mis, accuracy, tasks, status FROM scores")
+    names = ("similarity", "mis", "accuracy", "tasks", "status")
+    for i, key in enumerate(zip(cols["layer"], cols["unit"])):
+        target = units.get(key)
+        if target is not None:
+            target.scores[cols["kind"][i]] = {name: cols[name][i] for name in names}
 
 
 def _attach_labels(con, units: dict[tuple[str, int], UnitData]) -> None:
@@ -280,11 +302,16 @@ def _attach_atlas(
     checker: _PathChecker,
 ) -> None:
     by_rank = {(u.layer, u.unit, t.rank): t for u in units.values() for t in u.top}
+    bottom_by_rank = {(u.layer, u.unit, t.rank): t for u in units.values() for t in u.bottom}
     featvis_act = atlas.get("featvis_act") or [None] * len(atlas["path"])
     for layer, unit, kind, rank, path, fv_act in zip(
         atlas["layer"], atlas["unit"], atlas["kind"], atlas["rank"], atlas["path"], featvis_act
     ):
-        if kind in DATASET_KINDS:
+        if kind == BOTTOM_CROP:  # a least activating image's crop, shown as its "crop"
+            bottom = bottom_by_rank.get((layer, unit, rank))
+            if bottom is not None and checker.ok(path):
+                bottom.images["crop"] = path
+        elif kind in DATASET_KINDS:
             top = by_rank.get((layer, unit, rank))
             if top is not None and checker.ok(path):
                 top.images[kind] = path

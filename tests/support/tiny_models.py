@@ -170,3 +170,53 @@ class DissectNet(nn.Module):
 
 def dissect_net() -> nn.Module:
     return DissectNet()
+
+
+class Frac(nn.Module):
+    """A hash with a fixed random salt per position: frac(97 x + salt[y, x]). The salt keeps the values spread
+    even where an image is flat (identical windows), so an image's maximum over positions is the maximum of as many
+    pseudo-random values in every image: no visual regularity decides the ranking. (97, and few positions: float32
+    keeps the maxima distinct; a large factor or thousands of positions crowd them at 1 - 2**-10, and then the
+    key breaks the ties, which is a regularity.)"""
+
+    def __init__(self, channels: int, size: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(11)
+        self.register_buffer("salt", torch.rand((1, channels, size, size), generator=generator))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * 97.0 + self.salt
+        return h - h // 1.0
+
+
+class ScoreNet(nn.Module):
+    """Two hand-set layers for `atlas score` (tests/test_score.py), on [0, 1] pixels (mean 0, std 1):
+
+    - ``red`` (conv 7x7, pad 3, then ReLU): unit 0 = mean over the window of R - (G + B) / 2, a red-spot detector;
+      unit 1 = minus that unit before the ReLU, a green/blue-spot detector; unit 2 = 0 everywhere (dead).
+    - ``hash`` (conv 3x3 with fixed random weights, 16x16 average pooling, then ``Frac``): values with no visual
+      regularity (a hash of the pixels) on a 4x4 map; inputs must be 64x64.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 7, padding=3, bias=False)
+        self.red = nn.ReLU()
+        self.mix = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.pool = nn.AvgPool2d(16)
+        self.hash = Frac(4, 4)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0] = 1.0 / 49
+            self.conv.weight[0, 1:] = -0.5 / 49
+            self.conv.weight[1] = -self.conv.weight[0]
+            generator = torch.Generator().manual_seed(7)
+            self.mix.weight.copy_(torch.randn(self.mix.weight.shape, generator=generator))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        red = self.red(self.conv(x))
+        return red.mean() + self.hash(self.pool(self.mix(x))).mean()
+
+
+def score_net() -> nn.Module:
+    return ScoreNet()
