@@ -187,6 +187,7 @@ class Flush:
     maxima_dir: str | None = None  # pending maxima files of these images (record_all)
     peak_rss_mb: float = 0.0
     seconds: dict = field(default_factory=dict)
+    first_key: str | None = None  # the smallest key it covers: flushes merge in this order (deterministic)
 
 
 def _texts(column: np.ndarray) -> list[str | None]:
@@ -419,6 +420,7 @@ class Recorder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         state = self.state()
+        keys = [key for key in self.columns["image_key"] if key is not None]
         buffer = io.BytesIO()
         pq.write_table(pa.table(self.columns, schema=IMAGES_SCHEMA), buffer, compression="zstd")
         flush = Flush(
@@ -433,6 +435,7 @@ class Recorder:
                 else None
             ),
             peak_rss_mb=peak_rss_mb(),
+            first_key=min(keys) if keys else None,
         )
         flush.seconds["serialise"] = time.perf_counter() - started
         self.sequence += 1
