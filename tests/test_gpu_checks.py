@@ -22,7 +22,7 @@ def test_gpu_checks_run_on_cpu_and_say_what_they_skipped(tmp_path):
             "--out",
             str(out),
             "--only",
-            "environment,layer_maxima,batch,decode,render,timing",
+            "environment,layer_maxima,batch,decode,render,timing,ratios",
         ],
         capture_output=True,
         text=True,
@@ -39,13 +39,20 @@ def test_gpu_checks_run_on_cpu_and_say_what_they_skipped(tmp_path):
     assert report["checks"]["render"]["bytes_equal"]
     # --decode gpu's decoder runs on the CPU device too: within a grey level of PIL's path on real photos.
     assert report["checks"]["decode"]["ok"] and report["checks"]["decode"]["max_level_diff"] <= 1
+    # Issue 25's ratios run in their reduced mode on CPU: each one measured (numbers, not judged here).
+    ratios = report["checks"]["ratios"]
+    assert ratios["reduced"] and ratios["resnet50_all_layers"]["units"] > 15_000
+    for name in ("resnet50_all_layers", "mobilenet_v2_3_layers"):
+        assert ratios[name]["recorder_over_forward"] > 0
+    assert ratios["scan"]["scan_steady_over_bottleneck"] > 0 and ratios["scan"]["bottleneck"] in ("forward", "decode")
 
 
 def test_asking_for_cuda_without_a_gpu_is_one_line(tmp_path):
+    import pytest
     import torch
 
     if torch.cuda.is_available():
-        return
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
     done = subprocess.run(
         [
             sys.executable,
