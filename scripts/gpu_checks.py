@@ -603,14 +603,14 @@ def check_ratios(device: str) -> dict:
     no decoding) against the bare forward on device-resident batches, for ResNet-50 all layers (goal 0.9) and
     MobileNetV2's 3 benchmark layers (goal 0.8) at batch 256; and `atlas bench scan`'s scan against its
     bottleneck, min(bare forward, decoding with the scan's own workers) (goal 0.85). On CPU a reduced mode
-    (small images and batches) checks that the measurement runs; its numbers mean nothing for a GPU."""
+    (32 px, batch 4, 16 photos) checks that the measurement runs; its numbers mean nothing for a GPU."""
     from pipeline.bench import BENCH_LAYERS
     from pipeline.bench.scan import bench_scan
     from pipeline.models import ModelConfig, feature_extractor, load_model, resolve_layers
     from pipeline.scan.recorder import Recorder, RecorderConfig
 
     reduced = device != "cuda"
-    size, batch_size = (64, 8) if reduced else (224, 256)
+    size, batch_size = (32, 4) if reduced else (224, 256)
     report: dict = {"reduced": reduced, "image_size": size, "batch": batch_size}
     counter = iter(range(10**9))
     for name, spec, layers, goal in (
@@ -648,7 +648,7 @@ def check_ratios(device: str) -> dict:
         }
     work = tempfile.mkdtemp(prefix="gpu-check-ratios-")
     scan = bench_scan(
-        images=64 if reduced else 4000,
+        images=16 if reduced else 4000,
         image_size=size,
         batch_size=batch_size,
         out=work,
