@@ -654,6 +654,7 @@ def check_ratios(device: str) -> dict:
         out=work,
         memory=False,
         device=device,
+        executor="local" if reduced else "ray",  # the toy run needs no Ray (its start-up is most of it)
     )
     report["scan"] = {
         key: scan[key]

@@ -22,6 +22,7 @@ images, so the ratios are meaningful on a noisy machine:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -118,9 +119,12 @@ def bench_scan(
     layers: str = BENCH_LAYERS,
     memory: bool = True,
     device: str = "cpu",
+    executor: str = "ray",
 ) -> dict:
     """Run the benchmark and print its JSON (also returned). Every ratio compares measurements on one device:
-    `device` for the forward pass, the Recorder and the scan's model actors alike."""
+    `device` for the forward pass, the Recorder and the scan's model actors alike. `executor`: where the scans
+    run, on a local Ray started once for all of them (its start-up outside the timings), or `local` (in this
+    process, no Ray)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no GPU on this machine")
     os.makedirs(out, exist_ok=True)
@@ -164,12 +168,13 @@ def bench_scan(
                 overwrite=True,
                 progress=False,
                 device=device,
+                executor=executor,
             )
         )
 
     layer_names = [name.strip() for name in layers.split(",")]
     extractor = feature_extractor(loaded.model, layer_names).eval()
-    with ray_session(None):
+    with ray_session(None) if executor == "ray" else contextlib.nullcontext():
         forward_before = forward_throughput(extractor, pixels, loaded.preprocess, batch_size, device=device)
         full_model = forward_throughput(loaded.model, pixels, loaded.preprocess, batch_size, device=device)
         manifest = scan(small, "scan-n")
