@@ -298,6 +298,21 @@ class RunningMoments:
             "n_active": self._n_active.cpu().numpy(),
         }
 
+    def split(self, sizes: Sequence[int]) -> list[RunningMoments]:
+        """Consecutive groups of units as separate objects (copies): a worker folds all its layers' units as one
+        object (a few kernel launches per batch however many layers) and hands them over per layer."""
+        if sum(sizes) != self.num_units:
+            raise ValueError(f"sizes {list(sizes)} do not add up to {self.num_units} units")
+        parts, start = [], 0
+        for size in sizes:
+            part = RunningMoments(size)
+            part._count = self._count
+            for name in ("_mean", "_m2", "_min", "_max", "_n_active"):
+                setattr(part, name, getattr(self, name)[start : start + size].clone())
+            parts.append(part)
+            start += size
+        return parts
+
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> RunningMoments:
         """Rebuild (on the CPU) an object saved by ``state_dict``."""
@@ -351,13 +366,12 @@ class QuantileSketch:
         log_index = torch.ceil(values.abs().log() / self._log_gamma)
         offset = log_index.clamp(self._lowest, self._lowest + p - 1).long() - self._lowest
         bucket = torch.where(values > 0, p + 1 + offset, torch.where(values < 0, p - 1 - offset, p))
-        flat = bucket + torch.arange(self.num_units, device=values.device) * self.num_buckets
-        # NaNs go to one extra bin that is dropped: no boolean indexing (a device synchronisation) in the hot path.
-        size = self.num_units * self.num_buckets
-        flat = torch.where(values.isnan(), size, flat).reshape(-1)
-        counts = torch.zeros(size + 1, dtype=torch.int64, device=values.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        self._counts = self._counts.to(values.device) + counts[:size].view(self.num_units, self.num_buckets)
+        flat = (bucket + torch.arange(self.num_units, device=values.device) * self.num_buckets).reshape(-1)
+        # NaNs are added with weight 0 (no boolean indexing: a device synchronisation in the hot path), straight
+        # into the state: no (U, buckets) temporary per batch, whose churn kept a worker's heap growing.
+        weight = (~values.isnan()).reshape(-1).to(torch.int64)
+        self._counts = self._counts.to(values.device)
+        self._counts.view(-1).scatter_add_(0, torch.where(weight > 0, flat, 0), weight)
 
     def merge(self, other: QuantileSketch) -> None:
         """Merge another sketch with the same parameters into this one."""
@@ -437,6 +451,18 @@ class QuantileSketch:
             "count": count,
         }
 
+    def split(self, sizes: Sequence[int]) -> list[QuantileSketch]:
+        """Consecutive groups of units as separate sketches (copies, same parameters); see RunningMoments.split."""
+        if sum(sizes) != self.num_units:
+            raise ValueError(f"sizes {list(sizes)} do not add up to {self.num_units} units")
+        parts, start = [], 0
+        for size in sizes:
+            part = QuantileSketch(size, self.relative_accuracy, self.min_value, self.max_value)
+            part._counts = self._counts[start : start + size].clone()
+            parts.append(part)
+            start += size
+        return parts
+
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> QuantileSketch:
         """Rebuild (on the CPU) a sketch saved by ``state_dict``."""
@@ -445,3 +471,170 @@ class QuantileSketch:
         bucket = torch.as_tensor(state["bucket"]).long()
         sketch._counts[unit, bucket] = torch.as_tensor(state["count"]).long()
         return sketch
+
+
+LABEL_SPACE = 2**32  # labels fit the low half of TopK's int64 composite
+
+
+class KeyLabels:
+    """Order-preserving integer labels for image keys that arrive in batches, so that a device can break ties
+    by key without ever seeing a string: ``labels[ordinal]`` (a device tensor, one int64 per image) compares
+    like the keys do. Images are named by their ordinal, the position in arrival order (``keys[ordinal]``).
+
+    A new key gets a label inside the gap between its sorted neighbours' labels (keys that arrive in order are
+    spaced ``step`` apart, so sorted data never fills a gap); only when a gap has no room left are all labels
+    reassigned, evenly spread, and the device table rewritten once. Every other batch uploads only its own
+    labels. What the host keeps is a few pointers and integers per key besides the key itself.
+
+    Raises ``ValueError`` for a key added twice.
+    """
+
+    def __init__(self, capacity: int, device: torch.device | str = "cpu", space: int = LABEL_SPACE) -> None:
+        if not 2 <= space <= LABEL_SPACE:
+            raise ValueError(f"label space must be in [2, 2**32], got {space}")
+        self.device = torch.device(device)
+        self.capacity = max(int(capacity), 1)  # images expected before the next reset (a flush)
+        self.space = space  # labels are in [0, space); smaller only in tests, to exercise reassignment
+        self.step = max(space // (self.capacity + 1), 1)
+        self.keys: list[str] = []  # by ordinal
+        self._sorted = np.empty(0, dtype=object)  # keys in key order
+        self._sorted_labels = np.empty(0, dtype=np.int64)
+        self._sorted_ordinals = np.empty(0, dtype=np.int64)
+        self.labels = torch.empty(0, dtype=torch.int64, device=self.device)  # by ordinal
+        self.relabels = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, keys: Sequence[str]) -> torch.Tensor:
+        """Label a batch of new keys; returns their ordinals, a (N,) int64 tensor on the device."""
+        n, b = len(self.keys), len(keys)
+        batch = np.empty(b, dtype=object)
+        batch[:] = list(keys)
+        order = np.argsort(batch, kind="stable")
+        sorted_batch = batch[order]
+        if b > 1 and np.any(sorted_batch[1:] == sorted_batch[:-1]):
+            raise ValueError("an image key was added twice")
+        pos = np.searchsorted(self._sorted, sorted_batch)
+        inside = pos < n
+        if np.any(self._sorted[pos[inside]] == sorted_batch[inside]):
+            raise ValueError("an image key was added twice")
+        labels = self._gap_labels(pos)
+        ordinals = np.arange(n, n + b, dtype=np.int64)
+        self.keys.extend(batch.tolist())
+        if labels is None:  # a gap is full: spread every label again
+            self._sorted = np.insert(self._sorted, pos, sorted_batch)
+            self._sorted_ordinals = np.insert(self._sorted_ordinals, pos, ordinals[order])
+            # `step` apart where that fits (room left above for keys still to come in order), else evenly spread
+            spacing = max(min(self.step, self.space // (n + b + 1)), 1)
+            if spacing * (n + b) >= self.space:
+                raise ValueError(f"more than {self.space - 1} keys in one flush")
+            self._sorted_labels = np.arange(1, n + b + 1, dtype=np.int64) * spacing
+            by_ordinal = np.empty(n + b, dtype=np.int64)
+            by_ordinal[self._sorted_ordinals] = self._sorted_labels
+            self.labels = self._upload(by_ordinal)
+            self.relabels += 1
+        else:
+            self._sorted = np.insert(self._sorted, pos, sorted_batch)
+            self._sorted_ordinals = np.insert(self._sorted_ordinals, pos, ordinals[order])
+            self._sorted_labels = np.insert(self._sorted_labels, pos, labels)
+            new = np.empty(b, dtype=np.int64)
+            new[order] = labels
+            self._append(self._upload(new))
+        return torch.arange(n, n + b, dtype=torch.int64, device=self.device)
+
+    def _gap_labels(self, pos: np.ndarray) -> np.ndarray | None:
+        """Labels for sorted new keys that go before positions `pos` of the sorted keys, or None if some gap is
+        too narrow. The m keys of one gap (lo, hi) get lo + (hi - lo) * (j + 1) // (m + 1), j = 0..m-1."""
+        n, b = len(self._sorted), len(pos)
+        if b == 0:
+            return np.empty(0, dtype=np.int64)
+        lo = np.where(pos > 0, self._sorted_labels[np.maximum(pos - 1, 0)] if n else -1, -1)
+        hi = np.where(pos < n, self._sorted_labels[np.minimum(pos, n - 1)] if n else self.space, self.space)
+        starts = np.r_[True, pos[1:] != pos[:-1]]
+        group = np.cumsum(starts) - 1
+        first = np.flatnonzero(starts)
+        j = np.arange(b) - first[group]
+        m = np.bincount(group)[group]
+        # Keys after every other key (in-order data): `step` apart, leaving room for as many more.
+        hi = np.where(pos == n, np.minimum(hi, lo + self.step * (m + 1)), hi)
+        gap = hi - lo
+        if np.any(gap <= m):
+            return None
+        return lo + gap * (j + 1) // (m + 1)
+
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":  # pinned and asynchronous: no wait for the work queued before it
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _append(self, labels: torch.Tensor) -> None:
+        n, b = len(self.keys) - len(labels), len(labels)
+        if self.labels.shape[0] < n + b:  # grow geometrically: few reallocations per flush
+            grown = torch.empty(max(2 * (n + b), 1024), dtype=torch.int64, device=self.device)
+            grown[:n] = self.labels[:n]
+            self.labels = grown
+        self.labels[n : n + b] = labels
+
+    def sorted_keys(self, ordinals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(table, index): the sorted distinct keys of `ordinals` (any shape) and each one's position in it."""
+        used, inverse = np.unique(ordinals, return_inverse=True)
+        keys = np.array([self.keys[o] for o in used.tolist()], dtype=str)
+        order = np.argsort(keys, kind="stable")
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        return keys[order], rank[inverse].reshape(np.shape(ordinals))
+
+
+class OrdinalTopK:
+    """TopK's exact selection (value descending, ties by key ascending, NaN like -inf) for a worker's running
+    state, with images named by ordinals into a KeyLabels and everything kept on the device: a batch costs a
+    handful of kernel launches for all units together (of many layers, concatenated) and no host
+    synchronisation. ``to_topk`` resolves the ordinals to keys once, at a flush.
+
+    State, ``m = min(k, images seen)`` per unit: values (U, m) float32, ordinals (U, m) int64, index (U, m) int64
+    (a payload: the argmax's flat position).
+    """
+
+    def __init__(self, num_units: int, k: int, device: torch.device | str = "cpu") -> None:
+        self.num_units, self.k = num_units, k
+        device = torch.device(device)
+        self.values = torch.empty(num_units, 0, dtype=torch.float32, device=device)
+        self.ordinals = torch.empty(num_units, 0, dtype=torch.int64, device=device)
+        self.index = torch.empty(num_units, 0, dtype=torch.int64, device=device)
+
+    def add(self, values: torch.Tensor, index: torch.Tensor, ordinals: torch.Tensor, labels: KeyLabels) -> None:
+        """values, index: (N, U) on the device; ordinals: (N,) from ``labels.add``."""
+        n = values.shape[0]
+        candidates = torch.cat([self.values, values.T.to(torch.float32)], dim=1)
+        names = torch.cat([self.ordinals, ordinals.expand(self.num_units, n)], dim=1)
+        composite = _ordered_int(candidates).to(torch.int64) * LABEL_SPACE + (LABEL_SPACE - 1 - labels.labels[names])
+        best = composite.topk(min(self.k, composite.shape[1]), dim=1).indices
+        self.values = candidates.gather(1, best)
+        self.ordinals = names.gather(1, best)
+        self.index = torch.cat([self.index, index.T.to(torch.int64)], dim=1).gather(1, best)
+
+    def to_topk(
+        self, labels: KeyLabels, sizes: Sequence[int], widths: Sequence[int], payload_dtype: torch.dtype = torch.int32
+    ) -> list[TopK]:
+        """One TopK (payload y, x: the argmax's row and column for maps `widths` wide) per group of `sizes`
+        consecutive units, with the keys the ordinals stand for (one device-to-host copy)."""
+        values = self.values.cpu().numpy()
+        ordinals = self.ordinals.cpu().numpy()
+        index = self.index.cpu().numpy()
+        parts, start = [], 0
+        for size, width in zip(sizes, widths):
+            rows = slice(start, start + size)
+            table, key_index = labels.sorted_keys(ordinals[rows])
+            topk = TopK(size, self.k, ("y", "x"), payload_dtype=payload_dtype)
+            topk._values = torch.from_numpy(values[rows].copy())
+            topk._key_table = table
+            topk._key_index = torch.from_numpy(key_index.astype(np.int64))
+            topk._payload = {
+                "y": torch.from_numpy(index[rows] // width).to(payload_dtype),
+                "x": torch.from_numpy(index[rows] % width).to(payload_dtype),
+            }
+            parts.append(topk)
+            start += size
+        return parts

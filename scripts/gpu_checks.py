@@ -22,6 +22,8 @@ Checks (issue 18):
   decode           `--decode gpu`'s JPEG decoder on the device against the CPU path (pixel levels) and both rates
   render           feature visualization bytes equal for one seed, twice
   pytest           the deconvnet and explanation tests with the GPU visible
+  ratios           issue 25: Recorder / bare forward (ResNet-50 all layers, MobileNetV2 3 layers, batch 256),
+                   the scan / its bottleneck min(forward, decoding); a reduced mode on CPU
 """
 
 from __future__ import annotations
@@ -195,6 +197,58 @@ def _compare(a, b) -> dict:
     return out
 
 
+def _all_maxima(outputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, all units) maxima and flat argmax positions of every layer, side by side (as the Recorder folds)."""
+    values, index = [], []
+    for o in outputs.values():
+        if o.ndim == 2:
+            values.append(o.float())
+            index.append(torch.zeros(o.shape, dtype=torch.int64, device=o.device))
+        else:
+            v, i = o.reshape(o.shape[0], o.shape[1], -1).max(dim=2)
+            values.append(v.float())
+            index.append(i)
+    return torch.cat(values, dim=1), torch.cat(index, dim=1)
+
+
+def _folder(units: int, k: int, batch: int):
+    """A callable folding (values, index) batches with fresh keys into one all-units running state, as the
+    Recorder does between flushes; `.state_bytes()` serialises it (the hand-over)."""
+    from pipeline.stats import KeyLabels, OrdinalTopK, QuantileSketch, RunningMoments
+
+    device = None
+    state: dict = {}
+    counter = iter(range(10**9))
+
+    def fold(values: torch.Tensor, index: torch.Tensor) -> None:
+        nonlocal device
+        if device is None:
+            device = values.device
+            state.update(
+                labels=KeyLabels(10**6, device),
+                topk=OrdinalTopK(units, k, device),
+                moments=RunningMoments(units),
+                sketch=QuantileSketch(units),
+            )
+        suffix = next(counter)
+        ordinals = state["labels"].add([f"k{suffix:06d}-{i:05d}" for i in range(values.shape[0])])
+        state["topk"].add(values, index, ordinals, state["labels"])
+        state["moments"].add(values)
+        state["sketch"].add(values)
+
+    def state_bytes() -> bytes:
+        import io
+
+        (topk,) = state["topk"].to_topk(state["labels"], [units], [1])
+        buffer = io.BytesIO()
+        arrays = {"values": topk.state_dict()["values"], **state["moments"].state_dict()}
+        np.savez(buffer, **{key: np.asarray(value) for key, value in arrays.items()})
+        return buffer.getvalue()
+
+    fold.state_bytes = state_bytes
+    return fold
+
+
 def check_recorder(device: str) -> dict:
     _need_cuda(device)
     batch = _images(96, 64)
@@ -217,7 +271,7 @@ def check_batch(device: str) -> dict:
 
 def check_timing(device: str, batches=(32, 256)) -> dict:
     from pipeline.models import ModelConfig, feature_extractor, load_model, resolve_layers
-    from pipeline.scan.recorder import ScanState, layer_maxima
+    from pipeline.scan.recorder import layer_maxima
 
     _need_cuda(device)
     loaded = load_model(ModelConfig("torchvision:resnet50", image_size=224))
@@ -241,20 +295,16 @@ def check_timing(device: str, batches=(32, 256)) -> dict:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 row["forward_bf16_ms"] = timed(lambda: cl(xc))
             extractor.to(memory_format=torch.contiguous_format)
-            units = {name: o.shape[1] for name, o in outputs.items()}
-            maxima = {name: layer_maxima(o.float()) for name, o in outputs.items()}
-            state = ScanState(units, 32)
-            keys = [[f"k{b}-{i}" for i in range(size)] for b in range(6)]
-            counter = iter(range(10**6))
+            # The Recorder's fold: every layer's maxima side by side, one top-k, moments and sketch for all units.
+            values, index = _all_maxima(outputs)
+            fold = _folder(values.shape[1], 32, size)
 
-            def fold():
-                batch_keys = keys[next(counter) % 6]
-                for name, (v, yy, xx) in maxima.items():
-                    state.add(name, v, [f"{k}-{next(counter)}" for k in batch_keys], y=yy.int(), x=xx.int())
+            def fold_batch():
+                fold(values, index)
 
-            row["statistics_ms"] = timed(fold)
+            row["statistics_ms"] = timed(fold_batch)
             started = time.perf_counter()
-            flushed = state.to_bytes()
+            flushed = fold.state_bytes()
             row["flush_ms"] = (time.perf_counter() - started) * 1000
             row["flush_bytes"] = len(flushed)
             row["forward_images_per_second"] = size / row["forward_fp32_ms"] * 1000
@@ -271,7 +321,7 @@ def check_recorder_phases(device: str) -> dict:
     batch 256 on CUDA (16 on CPU), against `record` end to end. The scan's steady rate is bounded by this."""
     from pipeline.bench import BENCH_LAYERS
     from pipeline.models import ModelConfig, load_model, resolve_layers
-    from pipeline.scan.recorder import Recorder, RecorderConfig, layer_maxima
+    from pipeline.scan.recorder import Recorder, RecorderConfig
 
     size, batch_size = 224, (256 if device == "cuda" else 16)
     model = ModelConfig("torchvision:mobilenet_v2", image_size=size)
@@ -304,13 +354,15 @@ def check_recorder_phases(device: str) -> dict:
     with torch.inference_mode():
         report["forward_ms"] = timed(lambda: recorder.extractor(x))
         outputs = recorder.extractor(x)
-    report["maxima_ms"] = timed(lambda: [layer_maxima(outputs[name].float()) for name in layers])
-    maxima = {name: layer_maxima(outputs[name].float()) for name in layers}
+    report["maxima_ms"] = timed(lambda: recorder._maxima(outputs))
+    values, index = recorder._maxima(outputs)
 
     def fold() -> None:
         suffix = next(counter)
-        for name, (values, y, x_) in maxima.items():
-            recorder.state.add(name, values, [f"{k}-{suffix}" for k in keys], y=y.int(), x=x_.int())
+        ordinals = recorder.labels.add([f"{k}-{suffix}" for k in keys])
+        recorder.topk.add(values, index, ordinals, recorder.labels)
+        recorder.moments.add(values)
+        recorder.sketch.add(values)
 
     report["fold_ms"] = timed(fold)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -546,6 +598,81 @@ def check_pytest(device: str) -> dict:
     }
 
 
+def check_ratios(device: str) -> dict:
+    """Issue 25's ratios, measured side by side on this machine: the Recorder (upload, forward, maxima, fold;
+    no decoding) against the bare forward on device-resident batches, for ResNet-50 all layers (goal 0.9) and
+    MobileNetV2's 3 benchmark layers (goal 0.8) at batch 256; and `atlas bench scan`'s scan against its
+    bottleneck, min(bare forward, decoding with the scan's own workers) (goal 0.85). On CPU a reduced mode
+    (32 px, batch 4, 16 photos) checks that the measurement runs; its numbers mean nothing for a GPU."""
+    from pipeline.bench import BENCH_LAYERS
+    from pipeline.bench.scan import bench_scan
+    from pipeline.models import ModelConfig, feature_extractor, load_model, resolve_layers
+    from pipeline.scan.recorder import Recorder, RecorderConfig
+
+    reduced = device != "cuda"
+    size, batch_size = (32, 4) if reduced else (224, 256)
+    report: dict = {"reduced": reduced, "image_size": size, "batch": batch_size}
+    counter = iter(range(10**9))
+    for name, spec, layers, goal in (
+        ("resnet50_all_layers", "torchvision:resnet50", "all,fc", 0.9),
+        ("mobilenet_v2_3_layers", "torchvision:mobilenet_v2", BENCH_LAYERS, 0.8),
+    ):
+        model = ModelConfig(spec, image_size=size)
+        loaded = load_model(model)
+        infos = resolve_layers(loaded.model, size, layers)
+        names = tuple(i.name for i in infos)
+        recorder = Recorder(
+            RecorderConfig(model=model, layers=names, k=16, device=device, batch_size=batch_size),
+            {i.name: i.shape[0] for i in infos},
+        )
+        batch = _images(batch_size, size)
+
+        def record(batch=batch, recorder=recorder) -> None:
+            suffix = next(counter)
+            keys = np.array([f"{k}-{suffix}" for k in batch["image_key"]], dtype=object)
+            recorder.record(dict(batch, image_key=keys))
+
+        extractor = feature_extractor(loaded.model, list(names)).to(device).eval()
+        normalize = loaded.preprocess.normalizer(device)
+        resident = torch.from_numpy(batch["pixels"]).to(device)
+        with torch.inference_mode():
+            forward_ms = _time_ms(lambda: extractor(normalize(resident)), device)
+        record_ms = _time_ms(record, device)
+        report[name] = {
+            "layers": len(names),
+            "units": sum(i.shape[0] for i in infos),
+            "forward_ms": round(forward_ms, 3),
+            "record_ms": round(record_ms, 3),
+            "recorder_over_forward": round(forward_ms / record_ms, 3),
+            "goal": goal,
+        }
+    work = tempfile.mkdtemp(prefix="gpu-check-ratios-")
+    scan = bench_scan(
+        images=16 if reduced else 4000,
+        image_size=size,
+        batch_size=batch_size,
+        out=work,
+        memory=False,
+        device=device,
+        executor="local" if reduced else "ray",  # the toy run needs no Ray (its start-up is most of it)
+    )
+    report["scan"] = {
+        key: scan[key]
+        for key in (
+            "forward_images_per_second",
+            "decode_scan_workers",
+            "bottleneck",
+            "bottleneck_images_per_second",
+            "scan_steady_images_per_second",
+            "scan_steady_over_bottleneck",
+            "recorder_over_forward",
+            "execution",
+        )
+    } | {"goal": 0.85}
+    report["render_vs_lucent"] = "not measured here: `atlas bench render` has no --device yet"
+    return report
+
+
 CHECKS = {
     "environment": check_environment,
     "layer_maxima": check_layer_maxima,
@@ -558,6 +685,7 @@ CHECKS = {
     "scan_rates": check_scan_rates,
     "render": check_render,
     "pytest": check_pytest,
+    "ratios": check_ratios,
 }
 
 

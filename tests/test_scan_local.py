@@ -123,3 +123,45 @@ def test_an_interrupted_local_scan_resumes_on_ray_identically(ray_cluster, photo
     sums = "SELECT mean, std FROM units ORDER BY layer, unit"
     flat = [v for row in got.execute(sums).fetchall() for v in row]
     assert flat == pytest.approx([v for row in ref.execute(sums).fetchall() for v in row], rel=1e-9)
+
+
+def test_a_resumed_local_scan_is_bit_identical_to_an_undisturbed_one(photo_folder, tmp_path, monkeypatch):
+    """Issue 26, item 11: flushes merge in a fixed order (by the smallest key each covers), not in the order of
+    random worker ids; a local scan resumed with the same --flush-images has the same flushes as an undisturbed
+    one, so even the float sums (mean, std) agree to the last bit."""
+    from pipeline.scan.flushes import FlushStore
+
+    config = ScanConfig(
+        model=SMALL,
+        data=photo_folder,
+        out=str(tmp_path / "run"),
+        layers="relu,down",
+        k=4,
+        batch_size=4,
+        flush_images=4,
+        progress=False,
+        executor="local",
+    )
+    original_commit = FlushStore.commit
+    calls = {"n": 0}
+
+    def interrupted_commit(self, flush, attempt):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated Ctrl-C in the middle of the scan")
+        original_commit(self, flush, attempt)
+
+    monkeypatch.setattr(FlushStore, "commit", interrupted_commit)
+    with pytest.raises(KeyboardInterrupt):
+        run_scan(config)
+    monkeypatch.setattr(FlushStore, "commit", original_commit)
+    # The resumed attempt's worker id is new and random: make it sort before the first attempt's, which
+    # merged the flushes in another order than the undisturbed run's.
+    monkeypatch.setattr("pipeline.scan.recorder.uuid.uuid4", lambda: type("U", (), {"hex": "0" * 32})())
+    resumed = run_scan(config)
+    assert [a["images_committed"] for a in resumed["attempts"]][0] == 12
+    clean = str(tmp_path / "clean")
+    run_scan(ScanConfig(**{**config.__dict__, "out": clean}))
+    got, ref = connect(config.out), connect(clean)
+    query = "SELECT layer, unit, mean, std FROM units ORDER BY layer, unit"
+    assert got.execute(query).fetchall() == ref.execute(query).fetchall()

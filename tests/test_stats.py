@@ -287,3 +287,84 @@ def test_quantile_sketch_buckets_and_result_layout() -> None:
     in_range = (np.abs(values) >= 1e-4) & (np.abs(values) <= 1e4)
     error = np.abs(sketch.quantile(0.5) - values)[in_range]
     assert np.all(error <= 0.02 * np.abs(values[in_range]) * (1 + 1e-9))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("space", [2**10, 2**32])
+@pytest.mark.parametrize("arrival", ["random", "sorted", "reversed", "blocks"])
+def test_ordinal_topk_equals_brute_force_with_ties_and_relabels(device, space, arrival):
+    """The worker's device-side top-k (images named by ordinals, ties broken by labels that stand for keys)
+    equals sorting every (image, unit) value by (-value, key), whatever order the keys arrive in; a small
+    label space forces the labels to be reassigned mid-way, which must not change the answer."""
+    from pipeline.stats import KeyLabels, OrdinalTopK
+
+    from support.helpers import brute_force_topk
+
+    rng = np.random.default_rng(7)
+    keys = random_keys(rng, 300)
+    if arrival == "sorted":
+        keys = sorted(keys)
+    elif arrival == "reversed":
+        keys = sorted(keys, reverse=True)
+    elif arrival == "blocks":  # sorted runs arriving out of order, as Ray blocks do
+        runs = [sorted(keys)[i : i + 25] for i in range(0, 300, 25)]
+        keys = [key for i in rng.permutation(len(runs)) for key in runs[i]]
+    values = rng.integers(-3, 4, size=(300, 6)).astype(np.float32)  # a handful of levels: many ties
+    values[:, 5] = 0.0  # a dead unit: all ties, the smallest keys win
+    values[rng.random(300) < 0.05, 2] = np.nan  # NaN ranks like -inf
+    index = rng.integers(0, 50, size=(300, 6))
+    labels = KeyLabels(capacity=300, device=device, space=space)
+    topk = OrdinalTopK(6, 5, device=device)
+    for batch in split(rng, 300):
+        ordinals = labels.add([keys[i] for i in batch])
+        topk.add(
+            torch.as_tensor(values[batch], device=device),
+            torch.as_tensor(index[batch], device=device),
+            ordinals,
+            labels,
+        )
+    # The reassignment path ran where the space is small, and sorted keys never need it.
+    if arrival == "sorted":
+        assert labels.relabels == 0
+    elif space < 2**12:
+        assert labels.relabels > 0
+    (a,) = topk.to_topk(labels, [6], [10])
+    got = a.result()
+    want_keys, want_values = brute_force_topk(keys, np.where(np.isnan(values), -np.inf, values), 5)
+    assert (got["keys"] == want_keys).all()
+    np.testing.assert_array_equal(np.where(np.isnan(got["values"]), -np.inf, got["values"]), want_values)
+    # The payload travels with its image: y, x of the flat argmax position, maps 10 wide.
+    position = {key: i for i, key in enumerate(keys)}
+    rows = np.vectorize(position.get)(got["keys"])
+    units = np.arange(6)[:, None]
+    assert (got["y"] * 10 + got["x"] == index[rows, units]).all()
+
+
+def test_key_labels_refuse_a_repeated_key():
+    from pipeline.stats import KeyLabels
+
+    labels = KeyLabels(capacity=4)
+    labels.add(["b", "a"])
+    with pytest.raises(ValueError, match="twice"):
+        labels.add(["c", "a"])
+    with pytest.raises(ValueError, match="twice"):
+        KeyLabels(capacity=4).add(["x", "x"])
+
+
+def test_split_moments_and_sketch_equal_per_group_objects():
+    """Folding all layers' units as one object and splitting per layer gives each layer's own numbers."""
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(40, 7))
+    whole_m, whole_s = RunningMoments(7), QuantileSketch(7)
+    parts_m, parts_s = [RunningMoments(3), RunningMoments(4)], [QuantileSketch(3), QuantileSketch(4)]
+    for batch in np.split(values, [9, 30]):
+        whole_m.add(batch)
+        whole_s.add(batch)
+        for obj_m, obj_s, cols in zip(parts_m, parts_s, (slice(0, 3), slice(3, 7))):
+            obj_m.add(batch[:, cols])
+            obj_s.add(batch[:, cols])
+    for got_m, got_s, want_m, want_s in zip(whole_m.split([3, 4]), whole_s.split([3, 4]), parts_m, parts_s):
+        for key in ("count", "min", "max", "n_active"):
+            np.testing.assert_array_equal(got_m.result()[key], want_m.result()[key])
+        np.testing.assert_allclose(got_m.result()["mean"], want_m.result()["mean"], rtol=1e-12)
+        assert torch.equal(got_s._counts, want_s._counts)

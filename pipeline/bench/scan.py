@@ -10,14 +10,19 @@ images, so the ratios are meaningful on a noisy machine:
   counting Ray's start-up; ``scan_steady`` leaves out the time to the first batch (actor start, model load).
 * ``recorder``: the model actor's work alone (forward + per-unit max/argmax + top-k + statistics) on the
   same decoded images, in this process: what recording costs on top of the forward pass.
-* ``decode``: reading + decoding + resizing in one process; on a CPU-only machine decoding and the forward
+* ``decode``: reading + decoding + resizing in one process, and with the scan's own decoding workers (the
+  local executor's threads: images/s in total and per core); on a CPU-only machine decoding and the forward
   pass share the cores, so the scan's rate is bounded by about 1 / (1/forward + 1/(decode x cores)).
-* memory: the peak resident memory of the model workers for N and for 4N images (bounded by units x k, so
-  the ratio should stay near 1).
+* ``bottleneck``: the smaller of the forward pass (device-resident batches) and decoding with the scan's
+  workers; ``scan_steady_over_bottleneck`` is how close the scan comes to it (issue 25: 0.85 on a GPU).
+* memory: the peak resident memory of the model workers for N and for 4N images (bounded by units x k and
+  the batch, plus a few hundred bytes per image until a flush: docs/scan.md), ``worker_ratio_4n_over_n`` at
+  most 1.2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -68,10 +73,12 @@ def recorder_throughput(config: RecorderConfig, layer_units: dict[str, int], dec
 def forward_throughput(
     model: torch.nn.Module, pixels: np.ndarray, preprocess, batch_size: int, repeats: int = 2, device: str = "cpu"
 ) -> float:
-    """Images/s of the bare forward pass over uint8 (N, S, S, 3) images on `device` (the upload included, the
-    device synchronised before the clock stops), best of `repeats` passes."""
+    """Images/s of the bare forward pass over uint8 (N, S, S, 3) images already on `device` (device-resident
+    batches: no upload; the normalisation included, the device synchronised before the clock stops), best of
+    `repeats` passes."""
     model = model.to(device)
     normalize = preprocess.normalizer(device)
+    resident = torch.from_numpy(np.array(pixels, dtype=np.uint8)).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best = 0.0
     with torch.inference_mode():
@@ -79,12 +86,28 @@ def forward_throughput(
         for _ in range(repeats):
             sync()
             start = time.perf_counter()
-            for i in range(0, len(pixels), batch_size):
-                model(normalize(pixels[i : i + batch_size]))
+            for i in range(0, len(resident), batch_size):
+                model(normalize(resident[i : i + batch_size]))
             sync()
-            best = max(best, len(pixels) / (time.perf_counter() - start))
+            best = max(best, len(resident) / (time.perf_counter() - start))
     model.to("cpu")
     return best
+
+
+def decode_throughput(folder: str, preprocess, batch_size: int, limit: int) -> dict:
+    """Reading + decoding + resizing the first `limit` images with the scan's own decoding workers (the local
+    executor's thread pool, pipeline.scan.local), in total and per worker thread (= per core it uses)."""
+    from dataclasses import replace
+
+    from pipeline.scan.local import decode_threads, decoded_batches
+
+    source = resolve_source(folder)
+    spec = replace(source, files=tuple(list(source.files)[:limit]))
+    threads = decode_threads(os.cpu_count() or 1)
+    start = time.perf_counter()
+    count = sum(len(b["image_key"]) for b in decoded_batches(spec, preprocess, batch_size, threads=threads))
+    total = count / (time.perf_counter() - start)
+    return {"images_per_second": round(total, 1), "threads": threads, "per_core": round(total / threads, 1)}
 
 
 def bench_scan(
@@ -96,9 +119,12 @@ def bench_scan(
     layers: str = BENCH_LAYERS,
     memory: bool = True,
     device: str = "cpu",
+    executor: str = "ray",
 ) -> dict:
     """Run the benchmark and print its JSON (also returned). Every ratio compares measurements on one device:
-    `device` for the forward pass, the Recorder and the scan's model actors alike."""
+    `device` for the forward pass, the Recorder and the scan's model actors alike. `executor`: where the scans
+    run, on a local Ray started once for all of them (its start-up outside the timings), or `local` (in this
+    process, no Ray)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no GPU on this machine")
     os.makedirs(out, exist_ok=True)
@@ -142,12 +168,13 @@ def bench_scan(
                 overwrite=True,
                 progress=False,
                 device=device,
+                executor=executor,
             )
         )
 
     layer_names = [name.strip() for name in layers.split(",")]
     extractor = feature_extractor(loaded.model, layer_names).eval()
-    with ray_session(None):
+    with ray_session(None) if executor == "ray" else contextlib.nullcontext():
         forward_before = forward_throughput(extractor, pixels, loaded.preprocess, batch_size, device=device)
         full_model = forward_throughput(loaded.model, pixels, loaded.preprocess, batch_size, device=device)
         manifest = scan(small, "scan-n")
@@ -168,6 +195,7 @@ def bench_scan(
         )
         if memory:
             manifest_4n = scan(folder, "scan-4n")
+        decode = decode_throughput(small, loaded.preprocess, batch_size, images)
     forward = (forward_before + forward_after) / 2
     timings = manifest["timings"]
     result["forward_images_per_second"] = round(forward, 1)
@@ -179,6 +207,12 @@ def bench_scan(
     result["scan_images_per_second"] = timings["images_per_second"]
     result["scan_steady_images_per_second"] = timings["steady_images_per_second"]
     result["scan_first_batch_seconds"] = timings["first_batch_seconds"]
+    result["decode_scan_workers"] = decode
+    # The scan can go no faster than the slower of its two stages (measured apart, same machine and data).
+    bottleneck = min(forward, decode["images_per_second"])
+    result["bottleneck"] = "forward" if forward <= decode["images_per_second"] else "decode"
+    result["bottleneck_images_per_second"] = round(bottleneck, 1)
+    result["scan_steady_over_bottleneck"] = round(timings["steady_images_per_second"] / bottleneck, 3)
     result["scan_over_forward"] = round(timings["images_per_second"] / forward, 3)
     result["scan_steady_over_forward"] = round(timings["steady_images_per_second"] / forward, 3)
     result["execution"] = {k: manifest["execution"][k] for k in ("actors", "num_cpus", "threads", "device")}

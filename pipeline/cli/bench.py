@@ -32,6 +32,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     scan.set_defaults(func=run_scan)
 
+    host = bench_sub.add_parser(
+        "host",
+        help="the Recorder's host time per batch outside the forward pass, this checkout vs a git revision",
+    )
+    host.add_argument("--baseline", default="main", help="git revision to compare against (default: %(default)s)")
+    host.add_argument("--batches", type=int, default=10)
+    host.add_argument("--batch-size", type=int, default=256)
+    host.add_argument("--layers", type=int, default=60, help="recorded layers of the near-free model")
+    host.add_argument("--units", type=int, default=16, help="units per layer")
+    host.add_argument("--repeats", type=int, default=2, help="runs of each, alternating; the best counts")
+    host.set_defaults(func=run_host)
+
+    scale = bench_sub.add_parser(
+        "scale",
+        help="scale rehearsal: many small images, local and Ray executors, memory and rate every --every images",
+    )
+    scale.add_argument("--images", type=int, default=200_000)
+    scale.add_argument("--every", type=int, default=20_000)
+    scale.add_argument("--flush-images", type=int, help="default: --every / 4")
+    scale.add_argument("--executors", default="local,ray")
+    scale.add_argument("--out", default="runs/bench-scale")
+    scale.set_defaults(func=run_scale)
+
     startup = bench_sub.add_parser(
         "startup",
         help="a small scan end to end, start-up included, against a "
@@ -105,6 +128,33 @@ def run_scan(args: argparse.Namespace) -> int:
         layers=args.layers,
         memory=not args.no_memory,
         device=args.device,
+    )
+    return 0
+
+
+def run_host(args: argparse.Namespace) -> int:
+    from pipeline.bench.scale import bench_host
+
+    bench_host(
+        baseline=args.baseline,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        depth=args.layers,
+        width=args.units,
+        repeats=args.repeats,
+    )
+    return 0
+
+
+def run_scale(args: argparse.Namespace) -> int:
+    from pipeline.bench.scale import bench_scale
+
+    bench_scale(
+        images=args.images,
+        every=args.every,
+        flush_images=args.flush_images,
+        out=args.out,
+        executors=tuple(e.strip() for e in args.executors.split(",") if e.strip()),
     )
     return 0
 

@@ -138,6 +138,7 @@ class FlushStore:
                 "attempt": attempt,
                 "committed": time.time(),
                 "peak_rss_mb": flush.peak_rss_mb,
+                "first_key": flush.first_key,
             },
         )
         os.replace(tmp, final)
@@ -156,6 +157,28 @@ class FlushStore:
             for name in os.listdir(self.root)
             if not name.startswith(".") and os.path.isfile(os.path.join(self.root, name, "meta.json"))
         )
+
+    def merge_order(self) -> list[str]:
+        """The committed flushes in the order they are merged: by the smallest image key each covers (a flush's
+        images are disjoint from every other's), not by worker ids, which are random. The same flushes then
+        merge to the same bits, so a resumed scan whose flushes cover the same images as an undisturbed one's
+        (a local scan with the same --flush-images) gives bit-identical means and deviations."""
+        first: dict[str, str] = {}
+        missing = []
+        for fid in self.flush_ids():
+            key = self.meta(fid).get("first_key")
+            if key is None:
+                missing.append(fid)
+            else:
+                first[fid] = key
+        if missing:  # flushes committed before first_key was recorded (or with no key at all)
+            import pyarrow.parquet as pq
+
+            for fid in missing:
+                keys = pq.read_table(os.path.join(self.root, fid, "images.parquet"), columns=["image_key"])
+                values = [k for k in keys.column("image_key").to_pylist() if k is not None]
+                first[fid] = min(values) if values else ""
+        return sorted(first, key=lambda fid: (first[fid], fid))
 
     def meta(self, flush_id: str) -> dict:
         with open(os.path.join(self.root, flush_id, "meta.json")) as handle:

@@ -31,7 +31,7 @@ from pipeline.device_decode import DeviceDecoder
 from pipeline.models import ModelConfig, feature_extractor, load_model
 from pipeline.ranges import PRECISIONS
 from pipeline.receptive_field import ReceptiveField
-from pipeline.stats import QuantileSketch, RunningMoments, TopK
+from pipeline.stats import KeyLabels, OrdinalTopK, QuantileSketch, RunningMoments, TopK
 from pipeline.store import IMAGES_SCHEMA, MAXIMA_SCHEMA, TOPK_SCHEMA, UNITS_SCHEMA, layer_dir, write_table
 from pipeline.devices import choose_device
 
@@ -215,6 +215,7 @@ class Flush:
     maxima_dir: str | None = None  # pending maxima files of these images (record_all)
     peak_rss_mb: float = 0.0
     seconds: dict = field(default_factory=dict)
+    first_key: str | None = None  # the smallest key it covers: flushes merge in this order (deterministic)
 
 
 def _texts(column: np.ndarray) -> list[str | None]:
@@ -262,13 +263,27 @@ class Recorder:
         self.normalize = preprocess.normalizer(self.device)
         self.device_decoder = DeviceDecoder(preprocess, self.device) if config.decode == "gpu" else None
         self.layer_units = layer_units
+        self.widths: dict[str, int] = {}  # each recorded map's width (for the argmax's row and column)
         self.worker_id = uuid.uuid4().hex[:12]
         self.sequence = 0
         self._reset()
 
     def _reset(self) -> None:
-        self.state = ScanState(self.layer_units, self.config.k, self.config.bottom_k)
-        self.rows: list[pa.Table] = []
+        """A fresh running state. Between flushes a worker keeps, per image, its key and its images-table row as
+        Python objects (a few hundred bytes; docs/scan.md, Memory), and on the device one int64 label; the
+        statistics are fixed-size tensors over all recorded units together (units x k for the top-k, units x
+        buckets for the sketch)."""
+        units = sum(self.layer_units.values())
+        capacity = self.config.flush_images + self.config.batch_size
+        self.labels = KeyLabels(capacity, self.device)
+        self.topk = OrdinalTopK(units, self.config.k, self.device)
+        # --bottom-k: the same exact selection over the negated maxima (negation is exact), so the order is value
+        # ascending with ties by key ascending, and NaN ranks last (ScanState's bottom-k rule)
+        self.bottomk = OrdinalTopK(units, self.config.bottom_k, self.device) if self.config.bottom_k else None
+        self.moments = RunningMoments(units)
+        self.sketch = QuantileSketch(units)
+        self.images_ok = 0
+        self.columns: dict[str, list] = {name: [] for name in IMAGES_SCHEMA.names}
         self.pending_images = 0
         self.flush_id = f"{self.worker_id}-{self.sequence:06d}"
 
@@ -325,32 +340,93 @@ class Recorder:
         return batch, pixels
 
     def record(self, batch: dict[str, np.ndarray]) -> int:
-        """Fold one decoded batch into the running state; return the number of images (decodable or not)."""
+        """Fold one decoded batch into the running state; return the number of images (decodable or not).
+
+        Nothing here waits for the device: the batch's keys get order-preserving labels on the host
+        (KeyLabels), the maxima of every layer are concatenated and folded as one (units, k) top-k, one set of
+        moments and one sketch, and the images' rows wait as Python values until the flush builds the table."""
         batch, device_pixels = self._decode_on_device(batch)
         ok = np.asarray(batch["status"]) == "ok"
-        keys = [str(k) for k in np.asarray(batch["image_key"])[ok].tolist()]
-        columns = {name: _texts(batch[name]) for name in ("image_key", "source", "label", "status", "error")}
-        columns |= {name: np.asarray(batch[name]).astype(np.int32) for name in ("width", "height")}
-        self.rows.append(pa.table({name: columns[name] for name in IMAGES_SCHEMA.names}, schema=IMAGES_SCHEMA))
-        n = len(columns["image_key"])
+        for name in ("image_key", "source", "label", "status", "error"):
+            self.columns[name].extend(_texts(batch[name]))
+        for name in ("width", "height"):
+            self.columns[name].extend(np.asarray(batch[name]).astype(np.int64).tolist())
+        n = len(ok)
         if ok.any():
+            keys = [str(k) for k in np.asarray(batch["image_key"])[ok].tolist()]
             pixels = (
                 batch["pixels"][ok]
                 if device_pixels is None
                 else device_pixels[torch.as_tensor(np.flatnonzero(ok), device=self.device)]
             )
-            outputs = self._forward(pixels)
-            maxima = {}
-            for layer in self.config.layers:
-                values, y, x = layer_maxima(outputs[layer].float())
-                self.state.add(layer, values, keys, y=y.int(), x=x.int())
-                if self.config.record_all:
-                    maxima[layer] = (values.cpu().numpy(), y.int().cpu().numpy(), x.int().cpu().numpy())
-            self.state.images_ok += len(keys)
-            if maxima:
-                self._write_maxima(keys, maxima)
+            values, index = self._maxima(self._forward(pixels))
+            ordinals = self.labels.add(keys)
+            self.topk.add(values, index, ordinals, self.labels)
+            if self.bottomk is not None:
+                self.bottomk.add(-values, index, ordinals, self.labels)
+            self.moments.add(values)
+            self.sketch.add(values)
+            self.images_ok += len(keys)
+            if self.config.record_all:
+                self._write_maxima(keys, self._split_maxima(values, index))
         self.pending_images += n
         return n
+
+    def _maxima(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, all units) maxima over positions and the flat position of each (first on ties), every recorded
+        layer's units side by side in layer order: one reduction per layer, then two concatenations."""
+        values, index = [], []
+        for layer in self.config.layers:
+            activation = outputs[layer]
+            if activation.ndim == 2:
+                values.append(activation.float())
+                index.append(torch.zeros(activation.shape, dtype=torch.int64, device=activation.device))
+                self.widths.setdefault(layer, 1)
+                continue
+            n, c = activation.shape[:2]
+            self.widths.setdefault(layer, activation.shape[-1])
+            # max then cast: exact (the cast is monotone and injective), and no full-size float copy of the map
+            value, position = activation.reshape(n, c, -1).max(dim=2)
+            values.append(value.float())
+            index.append(position)
+        return torch.cat(values, dim=1), torch.cat(index, dim=1)
+
+    def _split_maxima(
+        self, values: torch.Tensor, index: torch.Tensor
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`--record all`: each layer's (values, y, x) on the host (this mode writes every maximum anyway)."""
+        values, index = values.cpu().numpy(), index.cpu().numpy()
+        out, start = {}, 0
+        for layer in self.config.layers:
+            units, width = self.layer_units[layer], self.widths[layer]
+            part = index[:, start : start + units]
+            out[layer] = (
+                values[:, start : start + units],
+                (part // width).astype(np.int32),
+                (part % width).astype(np.int32),
+            )
+            start += units
+        return out
+
+    def state(self) -> ScanState:
+        """The running state as a ScanState per layer (the flush's format), the ordinals resolved to keys."""
+        names = list(self.layer_units)
+        sizes = [self.layer_units[name] for name in names]
+        state = ScanState(self.layer_units, self.config.k, self.config.bottom_k)
+        state.images_ok = self.images_ok
+        if self.images_ok:
+            widths = [self.widths[name] for name in names]
+            if self.bottomk is not None:
+                for name, bottom in zip(names, self.bottomk.to_topk(self.labels, sizes, widths)):
+                    state.bottomk[name] = bottom
+            for name, topk, moments, sketch in zip(
+                names,
+                self.topk.to_topk(self.labels, sizes, widths),
+                self.moments.split(sizes),
+                self.sketch.split(sizes),
+            ):
+                state.topk[name], state.moments[name], state.sketch[name] = topk, moments, sketch
+        return state
 
     def _write_maxima(self, keys: list[str], maxima: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
         """The batch's (image, unit) maxima, unit-major, to this flush's pending folder (committed with it)."""
@@ -377,9 +453,10 @@ class Recorder:
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        state = self.state
+        state = self.state()
+        keys = [key for key in self.columns["image_key"] if key is not None]
         buffer = io.BytesIO()
-        pq.write_table(pa.concat_tables(self.rows), buffer, compression="zstd")
+        pq.write_table(pa.table(self.columns, schema=IMAGES_SCHEMA), buffer, compression="zstd")
         flush = Flush(
             flush_id=self.flush_id,
             images=self.pending_images,
@@ -392,6 +469,7 @@ class Recorder:
                 else None
             ),
             peak_rss_mb=peak_rss_mb(),
+            first_key=min(keys) if keys else None,
         )
         flush.seconds["serialise"] = time.perf_counter() - started
         self.sequence += 1

@@ -177,8 +177,9 @@ def _merge_flushes(store: FlushStore, local: bool = False) -> ScanState:
     workers' final flushes) are merged by the driver itself, which holds at most that many states at once: a
     merge task would start a fresh worker that imports torch (1.4 s on 2 cores) to do 10 ms of work. More are
     merged as a tree of Ray tasks (fan-in MERGE_FAN_IN); the driver then only reads the flush files' bytes into
-    the object store. A local scan (no Ray) merges every flush in this process, one at a time."""
-    flush_ids = store.flush_ids()
+    the object store. A local scan (no Ray) merges every flush in this process, one at a time. Either way in
+    the store's fixed merge order (FlushStore.merge_order), so the same flushes give the same bits."""
+    flush_ids = store.merge_order()
     if local:
         state = ScanState.from_bytes(store.state_bytes(flush_ids[0]))
         for fid in flush_ids[1:]:
