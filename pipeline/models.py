@@ -205,7 +205,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     if weights and "://" in weights:
         # A URL is fetched where the model is built (the driver, and each node's model workers into that node's own
         # cache): a path on the driver's disk would not exist on a cluster's other nodes.
-        from pipeline.cluster.remote import fetch_file
+        from pipeline.objectstore import fetch_file
 
         try:
             weights = fetch_file(weights)

@@ -14,7 +14,7 @@ import pipeline
 
 ROOT = os.path.dirname(os.path.abspath(pipeline.__file__))
 TOP = {"cli", "cluster", "bench", "api", "query", "demo", "__main__"}  # entry points and the jobs wing
-STAGES = {"scan", "render", "explain", "dissect", "compare", "site", "optvis"}
+STAGES = {"scan", "render", "explain", "dissect", "compare", "site", "optvis", "score"}
 LAZY_ENTRY = ("pipeline", "pipeline.api")  # pipeline/__init__.py's __getattr__
 
 

@@ -17,6 +17,7 @@ from pipeline.scan.settings import SCAN_OPTION, SCAN_OPTIONS
 FLAGS = {
     "layers": "--layers",
     "k": "--k",
+    "bottom_k": "--bottom-k",
     "record": "--record",
     "batch_size": "--batch-size",
     "actors": "--actors",
