@@ -66,6 +66,9 @@ def check_options(options: Iterable[Option], values: Any, prefix: str = "") -> N
         option.check(value, prefix + option.name)
 
 
-def option_values(options: Iterable[Option], source: Any, job_only: bool = False) -> dict[str, Any]:
-    """{name: value} of the declared options, read from an argparse namespace or a config section."""
-    return {o.name: getattr(source, o.name) for o in options if o.job or not job_only}
+def option_values(
+    options: Iterable[Option], source: Any, job_only: bool = False, cli_only: bool = False
+) -> dict[str, Any]:
+    """{name: value} of the declared options, read from an argparse namespace or a config section; `job_only`:
+    only the job file's keys, `cli_only`: only the options with a flag of their own."""
+    return {o.name: getattr(source, o.name) for o in options if (o.job or not job_only) and (o.cli or not cli_only)}

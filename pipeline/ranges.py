@@ -42,6 +42,10 @@ RANGES: dict[str, tuple[float, float]] = {
     "flush_images": (1, 1_000_000_000),
     # Seconds without any progress before a scan fails saying what is pending.
     "stall_seconds": (1, 1_000_000),
+    # `atlas score`: reference images per side and tasks per unit; both come from the scan's bottom_k ranks,
+    # so they can never exceed its own bound.
+    "references": (1, 10_000),
+    "tasks": (1, 10_000),
 }
 
 

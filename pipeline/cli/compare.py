@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.options import add_quiet_option, add_ray_options
+from pipeline.compare.settings import COMPARE_OPTIONS
+from pipeline.options import add_arguments, option_values
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,13 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("run_a", metavar="RUN_A")
     parser.add_argument("run_b", metavar="RUN_B")
     parser.add_argument("--out", required=True, help="comparison directory to write (query it with atlas query)")
-    parser.add_argument(
-        "--sample",
-        type=int,
-        help="when a run was scanned without --record all: recompute "
-        "per-image maxima on this many shared images with each run's own model (on Ray)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --sample draw (default 0)")
+    add_arguments(parser, COMPARE_OPTIONS)  # --sample, --seed: one declaration each (compare/settings.py)
     add_ray_options(parser, address="Ray cluster address for --sample (default: start a local Ray)")
     add_quiet_option(parser)
     parser.set_defaults(func=run)
@@ -36,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_run(args.run_a, include=is_run_file)[0],  # a URL (or out/latest.json): a cached copy
         resolve_run(args.run_b, include=is_run_file)[0],
         args.out,
-        sample=args.sample,
-        seed=args.seed,
+        **option_values(COMPARE_OPTIONS, args, cli_only=True),
         address=args.address,
         progress=not args.quiet,
     )

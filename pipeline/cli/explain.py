@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.options import add_decode_options, add_model_options, add_quiet_option, add_ray_options, model_config
+from pipeline.explain.settings import EXPLAIN_OPTIONS
+from pipeline.options import add_arguments, option_values
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,39 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", help="a data set as for `atlas scan` (folder, shards, Parquet), run on Ray")
     parser.add_argument("--out", help="directory to write OUT/explain/ into (a scan run directory works)")
     parser.add_argument("--run", help="a complete scan run: writes RUN/explain/ (shown on the site's class pages)")
-    parser.add_argument("--target", default="auto", help="class index, class name, or auto = top-1 per image")
-    parser.add_argument(
-        "--methods", default="saliency,occlusion,cam,gradcam", help="comma list of saliency, occlusion, cam, gradcam"
-    )
-    parser.add_argument("--layer", help="Grad-CAM layer (default: the map CAM uses, else the last conv block)")
-    parser.add_argument("--window", type=int, default=32, help="occlusion square side, input pixels (default 32)")
-    parser.add_argument("--stride", type=int, default=16, help="occlusion stride, input pixels (default 16)")
-    parser.add_argument(
-        "--fill",
-        choices=("dataset_mean", "image_mean"),
-        default="dataset_mean",
-        help="occlusion fill: the data set's mean colour (0 after normalising) or the image's",
-    )
-    parser.add_argument("--chunk", type=int, help="occluded copies per forward pass (default 128 on GPU, 16 on CPU)")
-    parser.add_argument("--smoothgrad", type=int, default=0, help="SmoothGrad samples for saliency (0: off)")
-    parser.add_argument(
-        "--percentile",
-        type=float,
-        default=95.0,
-        help="saliency box: pixels at or above this percentile (default 95; negative: no box)",
-    )
+    # --target, --methods, --window, ...: one declaration each (pipeline/explain/settings.py)
+    add_arguments(parser, EXPLAIN_OPTIONS)
     parser.add_argument(
         "--box",
         help="x0,y0,x1,y1 ground-truth box in ORIGINAL image pixels (one image): reports the saliency box's IoU",
-    )
-    parser.add_argument(
-        "--metrics",
-        default="",
-        help="explanation quality, off by default (costly, see "
-        "docs/explanations.md): any of deletion,insertion,randomization -> explain/metrics.parquet",
-    )
-    parser.add_argument(
-        "--metric-steps", type=int, default=50, help="deletion/insertion steps from none to all pixels (default 50)"
     )
     parser.add_argument("--batch-size", type=int, default=8)
     add_ray_options(
@@ -77,22 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _explain_config(args: argparse.Namespace):
     from pipeline.explain.explainer import ExplainConfig
+    from pipeline.explain.settings import EXPLAIN_OPTIONS, comma_list
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    return ExplainConfig(
-        model=model_config(args),
-        methods=methods,
-        target=args.target,
-        layer=args.layer,
-        window=args.window,
-        stride=args.stride,
-        fill=args.fill,
-        chunk=args.chunk,
-        smoothgrad=args.smoothgrad,
-        percentile=None if args.percentile < 0 else args.percentile,
-        metrics=tuple(m.strip() for m in (args.metrics or "").split(",") if m.strip()),
-        metric_steps=args.metric_steps,
-    )
+    values = option_values(EXPLAIN_OPTIONS, args)
+    values["methods"], values["metrics"] = comma_list(values["methods"]), comma_list(values["metrics"])
+    if values["percentile"] < 0:  # a negative percentile: no box
+        values["percentile"] = None
+    return ExplainConfig(model=model_config(args), **values)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,8 +23,10 @@ from typing import Any
 
 from pipeline.devices import DEVICES
 from pipeline.ranges import check_range
+from pipeline.compare.settings import COMPARE_OPTION, check_compare_settings
 from pipeline.dissect.settings import DISSECT_OPTION, check_dissect_settings
 from pipeline.scan.settings import SCAN_OPTION, check_scan_settings
+from pipeline.score.settings import SCORE_OPTION, check_score_settings
 
 STAGES = ("scan", "render", "site")
 # Order of the stages in a job record: "compare" and "dissect" are not listed in job.stages; they run after the scan
@@ -184,11 +186,14 @@ class SiteSection:
 class CompareSection:
     # A complete earlier run (local path) to compare this job's scan with (`atlas compare PREVIOUS RUN`), into
     # RUN/compare/ with its summary page RUN/compare/site/index.html: a nightly job says what moved since the last.
-    previous: str | None = None
+    # Keys, defaults and checks from their one declaration (pipeline/compare/settings.py).
+    previous: str | None = COMPARE_OPTION["previous"].default
 
     def check(self) -> None:
-        if self.previous is not None and "://" in self.previous:
-            raise ConfigError(f"compare.previous must be a local run directory, got {self.previous!r}")
+        try:
+            check_compare_settings(self, prefix="compare.")
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
 
 @dataclass(frozen=True)
@@ -211,31 +216,33 @@ class DissectSection:
             raise ConfigError(f"dissect.probe must be a local probe folder or builtin:NAME, got {self.probe!r}")
 
 
+def _score_kinds() -> list[str]:
+    # Imported here: the store loads pyarrow, and reading a job file should not.
+    from pipeline.store import SCORE_KINDS
+
+    return list(SCORE_KINDS)
+
+
 @dataclass(frozen=True)
 class ScoreSection:
     # enabled: after the scan the job runs `atlas score RUN` (the machine interpretability score of every unit,
     # docs/score.md); it needs scan.bottom_k > references (29 for the defaults: references + tasks).
     enabled: bool = False
-    similarity: str = "pooled"  # pooled | dreamsim
-    references: int = 9
-    tasks: int = 20
-    kinds: list[str] = field(default_factory=lambda: ["whole", "crop"])
-    actors: int | None = None
-    device: str = "auto"
+    # Keys, defaults and checks from their one declaration (pipeline/score/settings.py).
+    similarity: str = SCORE_OPTION["similarity"].default  # pooled | dreamsim
+    references: int = SCORE_OPTION["references"].default
+    tasks: int = SCORE_OPTION["tasks"].default
+    kinds: list[str] = field(default_factory=lambda: _score_kinds())  # whole | crop
+    actors: int | None = SCORE_OPTION["actors"].default
+    device: str = SCORE_OPTION["device"].default
 
     def check(self) -> None:
-        from pipeline.score import SIMILARITIES
-
-        if self.similarity not in SIMILARITIES:
-            raise ConfigError(f"score.similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"score.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if not self.kinds or set(self.kinds) - {"whole", "crop"}:
-            raise ConfigError(f"score.kinds must be among whole, crop; got {self.kinds!r}")
-        for name in ("references", "tasks"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"score.{name} must be >= 1, got {getattr(self, name)}")
-        _check_ranges(self, "score", ("actors",))
+        try:
+            check_score_settings(self, prefix="score.")
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        if not self.kinds or set(self.kinds) - set(_score_kinds()):
+            raise ConfigError(f"score.kinds must be among {', '.join(_score_kinds())}; got {self.kinds!r}")
 
 
 @dataclass(frozen=True)

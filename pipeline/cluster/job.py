@@ -26,6 +26,7 @@ from pipeline.models import ModelConfig, ModelError, load_model, resolve_layers
 from pipeline.options import option_values
 from pipeline.dissect.settings import DISSECT_OPTIONS
 from pipeline.scan.settings import SCAN_OPTIONS
+from pipeline.score.settings import SCORE_OPTIONS
 from pipeline.cluster.remote import (
     OutLease,
     RunMirror,
@@ -323,13 +324,10 @@ def _score(job: PreparedJob, progress: bool) -> None:
     score_run(
         ScoreConfig(
             run=job.run_dir,
-            similarity=section.similarity,
-            references=section.references,
-            tasks=section.tasks,
             kinds=tuple(section.kinds),
             address=job.config.job.address,
-            actors=section.actors,
-            device=section.device,
+            # every declared score option of the job file, as the job file spells it (pipeline/score/settings.py)
+            **option_values(SCORE_OPTIONS, section, job_only=True),
             progress=progress,
         )
     )

@@ -35,6 +35,7 @@ from pipeline.compare.metrics import (
     topk_overlap,
 )
 from pipeline.compare.runs import RunInfo, connect_comparison, load_run
+from pipeline.compare.settings import COMPARE_OPTION
 from pipeline.store import (
     table_part,
     COMPARE_SCHEMAS,
@@ -211,8 +212,8 @@ def compare_runs(
     run_a: str,
     run_b: str,
     out: str,
-    sample: int | None = None,
-    seed: int = 0,
+    sample: int | None = COMPARE_OPTION["sample"].default,
+    seed: int = COMPARE_OPTION["seed"].default,
     address: str | None = None,
     progress: bool = False,
 ) -> dict:

@@ -35,8 +35,7 @@ from pipeline.devices import choose_device
 
 logger = logging.getLogger(__name__)
 
-METHODS = tuple(METHOD_REGISTRY)  # names, in the order they are computed and shown
-METRICS = (*CAUSAL_MODES, "randomization")
+from pipeline.explain.settings import EXPLAIN_OPTION, METHODS, METRICS, comma_list  # noqa: E402  (after the registry)
 
 
 @dataclass(frozen=True)
@@ -44,19 +43,20 @@ class ExplainConfig:
     """Settings of one explain run (picklable: sent to Ray actors)."""
 
     model: ModelConfig
-    methods: tuple[str, ...] = METHODS
-    target: str | int = "auto"  # 'auto' (top-1 per image), a class index, or a class name
-    layer: str | None = None  # Grad-CAM's layer; None: the map CAM uses, else the last conv block
-    window: int = 32  # occlusion square, input pixels
-    stride: int = 16
-    fill: str = "dataset_mean"
-    chunk: int | None = None  # occluded copies per forward pass (None: 128 on GPU, 16 on CPU)
-    smoothgrad: int = 0  # SmoothGrad samples for saliency (0: plain gradient)
-    percentile: float | None = 95.0  # saliency localisation threshold; None: no box
+    # Defaults from the declared options (pipeline/explain/settings.py); the comma lists as tuples here.
+    methods: tuple[str, ...] = comma_list(EXPLAIN_OPTION["methods"].default)
+    target: str | int = EXPLAIN_OPTION["target"].default  # 'auto' (top-1 per image), a class index, or a name
+    layer: str | None = EXPLAIN_OPTION["layer"].default  # Grad-CAM's layer; None: CAM's map, else last conv block
+    window: int = EXPLAIN_OPTION["window"].default  # occlusion square, input pixels
+    stride: int = EXPLAIN_OPTION["stride"].default
+    fill: str = EXPLAIN_OPTION["fill"].default
+    chunk: int | None = EXPLAIN_OPTION["chunk"].default  # occluded copies per forward pass (None: 128 GPU, 16 CPU)
+    smoothgrad: int = EXPLAIN_OPTION["smoothgrad"].default  # SmoothGrad samples for saliency (0: plain gradient)
+    percentile: float | None = EXPLAIN_OPTION["percentile"].default  # saliency box threshold; None: no box
     device: str | None = None  # None: CUDA when visible, else CPU
     threads: int | None = None
-    metrics: tuple[str, ...] = ()  # explanation quality: deletion, insertion, randomization (costly: off)
-    metric_steps: int = 50  # deletion / insertion steps from none to all pixels
+    metrics: tuple[str, ...] = comma_list(EXPLAIN_OPTION["metrics"].default)  # deletion, insertion, randomization
+    metric_steps: int = EXPLAIN_OPTION["metric_steps"].default  # deletion / insertion steps, none to all pixels
     seed: int = 0  # randomization's re-initialisation
 
     def validate(self) -> None:

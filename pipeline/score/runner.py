@@ -27,8 +27,8 @@ import pyarrow as pa
 from pipeline.fileio import atomic_write
 from pipeline.models import file_sha256
 from pipeline.rundir import run_lock
-from pipeline.score.mis import REFERENCES, TASKS, TEMPERATURE, tasks_available, unit_score
-from pipeline.score import EXECUTORS, SIMILARITIES
+from pipeline.score.mis import tasks_available, unit_score
+from pipeline.score.settings import SCORE_OPTION, check_score_settings
 from pipeline.score.similarity import SimilarityConfig
 from pipeline.score.worker import Embedder, EmbedResult, EmbedTask
 from pipeline.store import (
@@ -55,35 +55,32 @@ MAX_PASSES = 3
 class ScoreConfig:
     run: str
     layers: str | None = None  # comma-separated; None: every scanned layer
-    similarity: str = "pooled"
-    similarity_weights: str | None = None  # pooled: the backbone's weights (None: bundled MobileNetV2 ImageNet)
-    image_size: int = 224  # the similarity model's input (pooled; DreamSim fixes its own)
-    references: int = REFERENCES
-    tasks: int = TASKS
-    temperature: float = TEMPERATURE
+    # The declared options (pipeline/score/settings.py): defaults and checks from their one declaration.
+    similarity: str = SCORE_OPTION["similarity"].default
+    similarity_weights: str | None = SCORE_OPTION["similarity_weights"].default  # None: bundled MobileNetV2
+    image_size: int = SCORE_OPTION["image_size"].default  # the similarity model's input (pooled only)
+    references: int = SCORE_OPTION["references"].default
+    tasks: int = SCORE_OPTION["tasks"].default
+    temperature: float = SCORE_OPTION["temperature"].default
     kinds: tuple[str, ...] = SCORE_KINDS
-    batch_size: int = 32
+    batch_size: int = SCORE_OPTION["batch_size"].default
     items_per_task: int = 256
-    executor: str = "ray"
+    executor: str = SCORE_OPTION["executor"].default
     address: str | None = None
-    actors: int | None = None
-    threads: int | None = None
-    device: str = "auto"
+    actors: int | None = SCORE_OPTION["actors"].default
+    threads: int | None = SCORE_OPTION["threads"].default
+    device: str = SCORE_OPTION["device"].default
     progress: bool = True
     cache_dir: str | None = None  # DreamSim's weights folder
 
     def validate(self) -> None:
-        if self.similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
+        check_score_settings(self)
         if not self.kinds or set(self.kinds) - set(SCORE_KINDS):
             raise ValueError(f"kinds must be among {', '.join(SCORE_KINDS)}, got {','.join(self.kinds)!r}")
-        for name in ("references", "tasks", "batch_size", "items_per_task", "image_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.items_per_task) < 1:
+            raise ValueError(f"items_per_task must be >= 1, got {self.items_per_task}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         if self.similarity_weights and not os.path.isfile(self.similarity_weights):
             raise ValueError(f"similarity weights file {self.similarity_weights} does not exist")
 
