@@ -23,7 +23,7 @@ from pipeline.render.plan import RenderOptions
 from pipeline.render.runner import render_run
 from pipeline.render.worker import VisSettings
 from pipeline.scan.runner import ScanConfig, run_scan
-from pipeline.store import connect
+from pipeline.store import EXPLAIN, connect
 from pipeline.site import build_site
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def _after_scan(out: str, progress: bool) -> int:
     explained = explain_run_images(out, count=DEMO_EXPLAIN_IMAGES, keys=keys, stride=32)
     print(
         f"Explained {len(explained)} photos (saliency, occlusion, CAM, Grad-CAM): "
-        f"{os.path.join(os.path.abspath(out), 'explain')}"
+        f"{os.path.join(os.path.abspath(out), EXPLAIN)}"
     )
     record = dissect_run(
         DissectConfig(run=out, probe=DEMO_PROBE, layers=",".join(DEMO_DISSECT_LAYERS), progress=progress)

@@ -387,16 +387,24 @@ class RollingParquetWriter:
 # empty view has them while the files are absent: maxima of a --record topk scan, atlas before `atlas render`).
 VIEWS_SQL = "views.sql"  # RUN/views.sql: the same views as plain DuckDB SQL, paths relative to the run
 ATLAS = "atlas"
+UNIT_PREFIX = "unit="  # RUN/atlas/layer=<L>/unit=<u>/: one unit's images
+SITE = "site"  # RUN/site/: the static site (pipeline.site)
+SITE_UNITS = "units"  # RUN/site/units/<layer slug>/<unit>.html: one page per unit
+COMPARE = "compare"  # RUN/compare/: a job's comparison with [compare] previous
 EXPLAIN = "explain"
 ATLAS_INDEX = f"{ATLAS}/index.parquet"
 ATLAS_DEPENDENCE = f"{ATLAS}/dependence.parquet"
 ATLAS_RECORD = f"{ATLAS}/render.json"  # the last render's resolved settings
-EXPLAIN_INDEX = f"{EXPLAIN}/index.parquet"
-EXPLAIN_SUMMARY = f"{EXPLAIN}/summary.parquet"
-EXPLAIN_METRICS = f"{EXPLAIN}/metrics.parquet"
+EXPLAIN_INDEX_FILE = "index.parquet"  # the files of explain/ (an --out folder holds them too)
+EXPLAIN_SUMMARY_FILE = "summary.parquet"
+EXPLAIN_METRICS_FILE = "metrics.parquet"
+EXPLAIN_IMAGES = "images"  # explain/images/<image dir>/<method>.png, .npy
+EXPLAIN_INDEX = f"{EXPLAIN}/{EXPLAIN_INDEX_FILE}"
+EXPLAIN_SUMMARY = f"{EXPLAIN}/{EXPLAIN_SUMMARY_FILE}"
+EXPLAIN_METRICS = f"{EXPLAIN}/{EXPLAIN_METRICS_FILE}"
 EXPLAIN_MARKER = ".atlas-explain.json"  # in explain/: the folder is the tool's (pipeline.rundir.claim_folder)
 # What `atlas explain` writes in explain/ (replaced as a whole); anything else there is the user's and stays.
-EXPLAIN_OWNED = ("index.parquet", "summary.parquet", "metrics.parquet", "images", EXPLAIN_MARKER)
+EXPLAIN_OWNED = (EXPLAIN_INDEX_FILE, EXPLAIN_SUMMARY_FILE, EXPLAIN_METRICS_FILE, EXPLAIN_IMAGES, EXPLAIN_MARKER)
 # views.sql resolves its paths against this DuckDB variable when it is set (another working directory, or a run
 # on an object store: SET VARIABLE atlas_run = 's3://bucket/runs/x'), else against the working directory.
 RUN_VARIABLE = "atlas_run"

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from pipeline.render.files import unit_file
 from pipeline.store import ATLAS_INDEX_SCHEMA, DATASET_KINDS
 from pipeline.store import (
     ATLAS,
@@ -115,7 +116,7 @@ def synthesize_run(run_dir: str, layer_sizes: tuple[int, ...] = LAYER_SIZES, k: 
                 [(kind, rank) for rank in range(k) for kind in DATASET_KINDS] if layer_index == 0 else []
             )
             for kind, rank in kinds:
-                rel = f"atlas/layer={layer}/unit={unit}/{kind}_{rank:03d}.png"
+                rel = unit_file(layer, unit, kind, rank)
                 path = os.path.join(run_dir, rel)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 shutil.copyfile(source_png, path)  # not a hard link: the site publishes single-link files only

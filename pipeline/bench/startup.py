@@ -24,6 +24,7 @@ import time
 
 from pipeline.bench import BENCH_LAYERS
 from pipeline.demo_data import make_photo_folder, mobilenet_v2_weights
+from pipeline.store import MANIFEST
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def bench_startup(
             run = tempfile.mkdtemp(dir=out, prefix=f"scan-{executor}-")  # new, ours: removed once read
             try:
                 seconds, _ = _timed(scan_cmd + ["--out", run, "--executor", executor])
-                with open(os.path.join(run, "manifest.json")) as handle:
+                with open(os.path.join(run, MANIFEST)) as handle:
                     manifest = json.load(handle)
             finally:
                 shutil.rmtree(run, ignore_errors=True)

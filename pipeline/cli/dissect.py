@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
             **option_values(DISSECT_OPTIONS, args),
         )
     )
-    print(f"dissect: {args.run}/dissect/ (query the views labels, concepts, selectivity)")
+    from pipeline.store import DISSECT
+
+    print(f"dissect: {args.run}/{DISSECT}/ (query the views labels, concepts, selectivity)")
     if record["probe"]:
         print(
             f"  probe {record['probe']['name']}: {record['probe']['images']} images, "

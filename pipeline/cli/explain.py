@@ -79,6 +79,7 @@ def _explain(args: argparse.Namespace, config, root: str) -> int:
     from pipeline.explain.data_runner import run_explain_data
     from pipeline.explain.images import explain_images
     from pipeline.explain.localize import parse_box
+    from pipeline.store import EXPLAIN_INDEX, EXPLAIN_SUMMARY_FILE
 
     if args.data:
         result = run_explain_data(
@@ -93,7 +94,7 @@ def _explain(args: argparse.Namespace, config, root: str) -> int:
         )
         print(
             f"explain: {result['ok']} images explained ({result['error']} unreadable) in {result['seconds']} s, "
-            f"{result['images_per_second']} img/s\n  {root}/explain/index.parquet, summary.parquet"
+            f"{result['images_per_second']} img/s\n  {root}/{EXPLAIN_INDEX}, {EXPLAIN_SUMMARY_FILE}"
         )
         return 0
     if args.box and len(args.images) != 1:
@@ -118,7 +119,7 @@ def _explain(args: argparse.Namespace, config, root: str) -> int:
             print(f"  saliency box {located['box_original']} (original pixels){iou}")
         for method, stats in info["methods"].items():
             print(f"  {method:<9} {root}/{stats['png']} (+ .npy)")
-    print(f"index: {root}/explain/index.parquet")
+    print(f"index: {root}/{EXPLAIN_INDEX}")
     return 0
 
 

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.render.plan import RenderOptions
     from pipeline.render.runner import render_run
+    from pipeline.store import ATLAS_INDEX
 
     index = render_run(
         args.run,
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     )
     kinds = Counter(index.column("kind").to_pylist())
     print(
-        f"atlas: {index.num_rows} images listed in {args.run}/atlas/index.parquet "
+        f"atlas: {index.num_rows} images listed in {args.run}/{ATLAS_INDEX} "
         f"({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items())) or 'none'})"
     )
     return 0

@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.score.runner import ScoreConfig, score_run
+    from pipeline.store import SCORES
 
     record = score_run(
         ScoreConfig(
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     counts = record["counts"]
-    print(f"score: {args.run}/scores/ (query the view scores) with {record['similarity']}")
+    print(f"score: {args.run}/{SCORES}/ (query the view scores) with {record['similarity']}")
     print(
         "  "
         + ", ".join(f"{counts[s]} {s}" for s in ("scored", "dead", "too few images", "images missing") if s in counts)

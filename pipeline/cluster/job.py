@@ -45,7 +45,7 @@ from pipeline.cluster.remote import (
 from pipeline.render.plan import RenderOptions
 from pipeline.scan.runner import ScanConfig
 from pipeline.fileio import atomic_write
-from pipeline.store import JOB_RECORD, JOB_TOML, RunError, read_manifest, write_json
+from pipeline.store import COMPARE, JOB_RECORD, JOB_TOML, RunError, read_manifest, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -584,7 +584,7 @@ def _compare_previous(previous: str, run_dir: str) -> None:
     from pipeline.compare.runner import ComparisonIncomplete, compare_runs
     from pipeline.compare.site import build_comparison_site
 
-    out = os.path.join(run_dir, "compare")
+    out = os.path.join(run_dir, COMPARE)
     try:
         compare_runs(previous, run_dir, out)
     except ComparisonIncomplete as error:

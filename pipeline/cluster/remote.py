@@ -27,7 +27,7 @@ import uuid
 from typing import Callable
 
 from pipeline.objectstore import _download, _filesystem, cache_dir, fetch_file, is_url
-from pipeline.store import JOB_RECORD, MANIFEST, write_json
+from pipeline.store import JOB_RECORD, MANIFEST, SITE, STAGING, write_json
 
 __all__ = ["RunMirror", "cache_dir", "fetch_file", "is_url"]  # the last three: pipeline.objectstore
 
@@ -71,7 +71,7 @@ class RunMirror:
             for name in names:
                 full = os.path.join(directory, name)
                 relative = os.path.relpath(full, self.local).replace(os.sep, "/")
-                if not relative.startswith(".staging/"):
+                if not relative.startswith(STAGING + "/"):
                     stat = os.stat(full)
                     files[relative] = (stat.st_size, stat.st_mtime_ns)
         return files
@@ -103,7 +103,7 @@ class RunMirror:
                     os.remove(os.path.join(self.local, *relative.split("/")))
                     state.pop(relative, None)
         for relative in sorted(remote):
-            if relative.startswith(".staging/") or self._in_sync(state, relative, local, remote):
+            if relative.startswith(STAGING + "/") or self._in_sync(state, relative, local, remote):
                 continue
             if include is not None and not include(relative):
                 continue
@@ -274,7 +274,7 @@ def publish(out: str, run_id: str, record: dict) -> dict:
         "stages": sorted(record.get("stages", {})),
     }
     if "site" in record.get("stages", {}):
-        pointer["site"] = f"{prefix}/site/index.html"
+        pointer["site"] = f"{prefix}/{SITE}/index.html"
     # The seal first: a crash before the pointer moves leaves a sealed run that `repoint` (the next attempt at this
     # run id) points latest.json at; never a pointer to an unsealed run.
     _write_atomically(filesystem, f"{root}/{prefix}{PUBLISHED}", json.dumps(pointer, indent=1).encode())
@@ -378,12 +378,12 @@ TABLE_SUFFIXES = (".parquet", ".json", ".sql")
 
 def is_table_file(relative: str) -> bool:
     """The files a reader of a remote run needs for SQL: the manifest, tables and views, not pictures or the site."""
-    return relative.endswith(TABLE_SUFFIXES) and not relative.startswith(("site/", ".staging/"))
+    return relative.endswith(TABLE_SUFFIXES) and not relative.startswith((SITE + "/", STAGING + "/"))
 
 
 def is_run_file(relative: str) -> bool:
     """Everything of a remote run but its built site (what `atlas site` and `atlas compare` read)."""
-    return not relative.startswith(("site/", ".staging/"))
+    return not relative.startswith((SITE + "/", STAGING + "/"))
 
 
 def resolve_run(location: str, include: Callable[[str], bool] | None = None) -> tuple[str, "RunMirror | None"]:

@@ -37,6 +37,7 @@ from pipeline.compare.metrics import (
 from pipeline.compare.runs import RunInfo, connect_comparison, load_run
 from pipeline.compare.settings import COMPARE_OPTION
 from pipeline.store import (
+    MAXIMA,
     table_part,
     COMPARE_SCHEMAS,
     COMPARE_VIEWS,
@@ -174,7 +175,7 @@ def layer_moments(a: RunInfo, b: RunInfo, layer: str, shared_keys: int, con) -> 
     moments = CrossMoments()
     paths = {}
     for prefix, run in (("a", a), ("b", b)):
-        folder = layer_dir(os.path.join(run.path, "maxima"), layer)
+        folder = layer_dir(os.path.join(run.path, MAXIMA), layer)
         paths[prefix] = sql_string(glob_literal(folder) + "/*.parquet")  # the run's path is never a pattern
     for chunk in range(chunks):
         rows = (shared_keys - chunk + chunks - 1) // chunks  # images i with i % chunks == chunk

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from pipeline.store import RunError, glob_literal, sql_string, write_table
+from pipeline.store import IMAGES, RunError, glob_literal, sql_string, write_table
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def sample_runs(
     # Named by the sampled keys: a scan's fingerprint knows its data files by name and size only, so another
     # sample must be another file (and the same sample finds its complete scans again).
     digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
-    data = os.path.join(root, "images", f"sample-{digest}.parquet")
+    data = os.path.join(root, IMAGES, f"sample-{digest}.parquet")
     if os.path.isdir(os.path.dirname(data)):
         for name in os.listdir(os.path.dirname(data)):
             if name != os.path.basename(data):
@@ -86,7 +86,7 @@ def sample_runs(
 
     con = duckdb.connect()
     con.register("wanted", pa.table({"image_key": keys}))
-    pattern = sql_string(os.path.join(glob_literal(a.path), "images", "*.parquet"))  # the path is no pattern
+    pattern = sql_string(os.path.join(glob_literal(a.path), IMAGES, "*.parquet"))  # the path is no pattern
     rows = con.execute(
         f"SELECT i.image_key, i.source, i.label FROM read_parquet({pattern}) i "
         "JOIN wanted USING (image_key) ORDER BY image_key"

@@ -16,7 +16,7 @@ import os
 import pyarrow.parquet as pq
 from jinja2 import Environment
 
-from pipeline.store import COMPARISON_KIND, RunError, connect, read_manifest
+from pipeline.store import ATLAS_INDEX, COMPARISON_KIND, SITE, SITE_UNITS, RunError, connect, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class _RunImages:
             "SELECT layer, unit, rank, image_key, label, act FROM topk ORDER BY layer, unit, rank"
         ).fetchall():
             self.topk.setdefault((layer, unit), []).append({"rank": rank, "key": key, "label": label, "act": act})
-        index = os.path.join(run_path, "atlas", "index.parquet")
+        index = os.path.join(run_path, ATLAS_INDEX)
         if os.path.isfile(index):
             files = RunFiles(run_path)
             for row in pq.read_table(index, columns=["layer", "unit", "kind", "rank", "path"]).to_pylist():
@@ -200,7 +200,7 @@ def _unit_links(run_path: str, site_dir: str, side: str, layer: str, unit: int |
 
     if unit is None:
         return []
-    page = os.path.join(run_path, "site", unit_href(layer, unit))
+    page = os.path.join(run_path, SITE, unit_href(layer, unit))
     if not os.path.isfile(page):
         return []
     return [(f"{side} {unit}", os.path.relpath(page, site_dir).replace(os.sep, "/"))]
@@ -214,7 +214,7 @@ def build_comparison_site(cmp_dir: str, out: str | None = None) -> str:
     from pipeline.rundir import claim_folder
     from pipeline.site.writer import MARKER, SiteWriter
 
-    default = os.path.join(os.path.abspath(cmp_dir), "site")
+    default = os.path.join(os.path.abspath(cmp_dir), SITE)
     site_dir = os.path.abspath(out or default)
     # The one guard (pipeline.rundir.claim_folder): --out must be new, empty or a site the tool made; the
     # comparison's own site/ made before the marker existed is the tool's too. Only files the tool wrote are
@@ -302,7 +302,7 @@ def unit_page(row: dict) -> str:
     """A unit's side-by-side page, relative to the comparison site's root."""
     from pipeline.site.paths import layer_slug
 
-    return f"units/{layer_slug(row['layer'])}/{row['unit']}.html"
+    return f"{SITE_UNITS}/{layer_slug(row['layer'])}/{row['unit']}.html"
 
 
 def _unit_pages(units: list[dict], run_a: dict, run_b: dict, site_dir: str, writer) -> int:

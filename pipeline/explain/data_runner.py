@@ -22,6 +22,7 @@ from pipeline.data import DataError, count_images, resolve_source, source_id
 from pipeline.explain.explainer import ExplainConfig, Explainer
 from pipeline.explain.outputs import (
     EXPLAIN,
+    EXPLAIN_IMAGES,
     ExplainWriter,
     image_dir,
     index_rows,
@@ -69,7 +70,7 @@ class ExplainWorker:
         results = []
         for i, key in enumerate(str(k) for k in np.asarray(batch["image_key"]).tolist()):
             width, height = int(batch["width"][i]), int(batch["height"][i])
-            directory = f"{EXPLAIN}/images/{image_dir(key)}"
+            directory = f"{EXPLAIN}/{EXPLAIN_IMAGES}/{image_dir(key)}"
             source = str(batch["source"][i])
             if i not in explanations:
                 error = str(batch["error"][i])

@@ -18,6 +18,7 @@ from pipeline.fileio import atomic_write
 from pipeline.explain.explainer import METHODS, ExplainConfig, Explainer
 from pipeline.explain.outputs import (
     EXPLAIN,
+    EXPLAIN_IMAGES,
     ExplainWriter,
     image_dir,
     index_rows,
@@ -132,7 +133,7 @@ def _explain_decoded(
             for offset, explanation in enumerate(explanations):
                 i = start + offset
                 pixels, width, height = decoded[i]
-                directory = f"{EXPLAIN}/images/{image_dir(keys[i])}"
+                directory = f"{EXPLAIN}/{EXPLAIN_IMAGES}/{image_dir(keys[i])}"
                 located = localization(
                     explanation, explainer.preprocess, width, height, config.percentile, boxes[i] if boxes else None
                 )

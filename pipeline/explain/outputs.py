@@ -33,6 +33,9 @@ from pipeline.render.crops import overlay
 from pipeline.explain.explainer import Explanation
 from pipeline.fileio import check_inside
 from pipeline.store import (
+    EXPLAIN_INDEX_FILE,
+    EXPLAIN_METRICS_FILE,
+    EXPLAIN_SUMMARY_FILE,
     EXPLAIN,
     EXPLAIN_MARKER,
     EXPLAIN_OWNED,
@@ -220,10 +223,10 @@ class ExplainWriter:
         index = pa.Table.from_pylist(
             sorted(self.index, key=lambda r: (r["image_key"], r["method"])), schema=EXPLAIN_INDEX_SCHEMA
         )
-        write_table(index, os.path.join(self.staging, "index.parquet"))
+        write_table(index, os.path.join(self.staging, EXPLAIN_INDEX_FILE))
         write_table(
             pa.Table.from_pylist(sorted(self.summaries, key=lambda r: r["image_key"]), schema=EXPLAIN_SUMMARY_SCHEMA),
-            os.path.join(self.staging, "summary.parquet"),
+            os.path.join(self.staging, EXPLAIN_SUMMARY_FILE),
         )
         if self.metrics:  # only when asked for (--metrics): its absence says they were not measured
             write_table(
@@ -231,7 +234,7 @@ class ExplainWriter:
                     sorted(self.metrics, key=lambda r: (r["image_key"], r["method"], r["metric"])),
                     schema=EXPLAIN_METRICS_SCHEMA,
                 ),
-                os.path.join(self.staging, "metrics.parquet"),
+                os.path.join(self.staging, EXPLAIN_METRICS_FILE),
             )
         with open(os.path.join(self.staging, EXPLAIN_MARKER), "w") as handle:
             json.dump({"made_by": "`atlas explain`"}, handle)
@@ -272,7 +275,9 @@ class ExplainWriter:
 
 def _legacy_explain(path: str) -> bool:
     """An explain/ folder made before the marker existed: it holds the tables `atlas explain` writes."""
-    return os.path.isfile(os.path.join(path, "index.parquet")) and os.path.isfile(os.path.join(path, "summary.parquet"))
+    return os.path.isfile(os.path.join(path, EXPLAIN_INDEX_FILE)) and os.path.isfile(
+        os.path.join(path, EXPLAIN_SUMMARY_FILE)
+    )
 
 
 def localization(

@@ -8,7 +8,7 @@ import os
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from pipeline.store import ATLAS, layer_dir
+from pipeline.store import ATLAS, UNIT_PREFIX, layer_dir
 
 __all__ = ["ATLAS", "PHOTO_PNG_LEVEL", "VIS_KINDS", "png_bytes", "unit_file"]  # ATLAS: pipeline.store
 VIS_KINDS = ("featvis", "classvis")
@@ -20,7 +20,7 @@ PHOTO_PNG_LEVEL = 1
 def unit_file(layer: str, unit: int, kind: str, rank: int = 0) -> str:
     """Path of one atlas image relative to the run directory."""
     name = f"{kind}.png" if kind in VIS_KINDS else f"{kind}_{rank:03d}.png"
-    return os.path.join(layer_dir(ATLAS, layer), f"unit={unit}", name)
+    return os.path.join(layer_dir(ATLAS, layer), f"{UNIT_PREFIX}{unit}", name)
 
 
 def png_bytes(image: Image.Image, text: dict[str, str] | None = None, compress_level: int = 6) -> bytes:

@@ -54,6 +54,7 @@ from pipeline.render.worker import (
 
 from pipeline.worker_pool import WorkerPool
 from pipeline.store import (
+    UNIT_PREFIX,
     layer_dir,
     ATLAS_DEPENDENCE,
     ATLAS_INDEX,
@@ -470,9 +471,9 @@ def build_index(run_dir: str) -> pa.Table:
         if not os.path.isdir(directory):
             continue
         for entry in sorted(os.listdir(directory)):
-            if not entry.startswith("unit=") or not entry[5:].isdigit():
+            if not entry.startswith(UNIT_PREFIX) or not entry[len(UNIT_PREFIX) :].isdigit():
                 continue
-            unit = int(entry[5:])
+            unit = int(entry[len(UNIT_PREFIX) :])
             for kind in ("featvis", "classvis"):
                 relative = unit_file(layer, unit, kind)
                 if not exists(relative):

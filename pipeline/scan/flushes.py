@@ -27,7 +27,7 @@ from pipeline.data import DataError, SourceSpec, parquet_keys, shard_keys, sourc
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.objectstore import is_url
 from pipeline.scan.recorder import Flush
-from pipeline.store import FLUSHES, PENDING_MAXIMA, glob_literal
+from pipeline.store import FLUSHES, MAXIMA, PENDING_MAXIMA, glob_literal
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class FlushStore:
                     f"the maxima of flush {flush.flush_id} are missing from {flush.maxima_dir}: "
                     "--record all needs a file system shared by every node"
                 )
-            os.replace(flush.maxima_dir, os.path.join(tmp, "maxima"))
+            os.replace(flush.maxima_dir, os.path.join(tmp, MAXIMA))
         atomic_write_json(
             os.path.join(tmp, "meta.json"),
             {

@@ -32,7 +32,7 @@ from pipeline.models import ModelConfig, feature_extractor, load_model
 from pipeline.ranges import PRECISIONS
 from pipeline.receptive_field import ReceptiveField
 from pipeline.stats import KeyLabels, OrdinalTopK, QuantileSketch, RunningMoments, TopK
-from pipeline.store import IMAGES_SCHEMA, MAXIMA_SCHEMA, TOPK_SCHEMA, UNITS_SCHEMA, layer_dir, write_table
+from pipeline.store import IMAGES_SCHEMA, MAXIMA_SCHEMA, TOPK_SCHEMA, UNITS_SCHEMA, layer_dir, table_part, write_table
 from pipeline.devices import choose_device
 
 # What the top-k carries per entry besides value and key: the argmax position (int32). Image sizes, needed only
@@ -614,12 +614,10 @@ class ScanResult:
     ) -> None:
         """One top-k file per layer (and one bottom-k file, where kept), one units file for all layers."""
         for name, receptive in fields.items():
-            write_table(
-                self.topk_table(name, receptive, preprocess, facts), f"{layer_dir(topk_dir, name)}/part-0.parquet"
-            )
+            write_table(self.topk_table(name, receptive, preprocess, facts), table_part(layer_dir(topk_dir, name)))
             if bottomk_dir is not None and self.state.bottom_k:
                 write_table(
                     self.bottomk_table(name, receptive, preprocess, facts),
-                    f"{layer_dir(bottomk_dir, name)}/part-0.parquet",
+                    table_part(layer_dir(bottomk_dir, name)),
                 )
         write_table(pa.concat_tables([self.units_table(name) for name in fields]), units_path)

@@ -32,6 +32,8 @@ from pipeline.score.settings import SCORE_OPTION, check_score_settings
 from pipeline.score.similarity import SimilarityConfig
 from pipeline.score.worker import Embedder, EmbedResult, EmbedTask
 from pipeline.store import (
+    BOTTOMK,
+    TOPK,
     SCORE_KINDS,
     SCORES,
     SCORES_FILE,
@@ -130,7 +132,7 @@ def _read_units(run: str, manifest: dict, config: ScoreConfig) -> list[_Unit]:
         ).fetchall()
     }
     need = config.references + config.tasks
-    for side, table in (("top", "topk"), ("bottom", "bottomk")):
+    for side, table in (("top", TOPK), ("bottom", BOTTOMK)):
         for layer, unit, rank, key, x0, y0, x1, y1 in con.execute(
             f"SELECT layer, unit, rank, image_key, box_x0, box_y0, box_x1, box_y1 FROM {table} "
             "JOIN wanted USING (layer) WHERE rank < ? ORDER BY layer, unit, rank",

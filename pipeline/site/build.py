@@ -26,11 +26,10 @@ from pipeline.site.data import LayerData, SiteData, UnitData, load_site_data
 from pipeline.site.paths import UnsafePathError, layer_slug, url_path
 from pipeline.site.svg import distribution_svg, fmt, fraction_svg, histogram_svg, stats_svg
 from pipeline.site.writer import MARKER, SiteWriter
-from pipeline.store import RunError, sql_string
+from pipeline.store import SITE, SITE_UNITS, RunError, sql_string
 
 logger = logging.getLogger(__name__)
 
-SITE = "site"
 COPIED_FILES = "files"  # where run images go when the site is outside the run
 STATIC_FILES = ("site.css", "site.js")
 STRIP_UNITS = 8
@@ -163,7 +162,7 @@ def script_json(value: object) -> str:
 def unit_href(layer: LayerData | UnitData | str, unit: int) -> str:
     """The unit page's path relative to the site root."""
     name = layer if isinstance(layer, str) else (layer.name if isinstance(layer, LayerData) else layer.layer)
-    return f"units/{layer_slug(name)}/{unit}.html"
+    return f"{SITE_UNITS}/{layer_slug(name)}/{unit}.html"
 
 
 def unit_query(layer: str, unit: int) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipeline.site.paths import RunFiles, UnsafePathError, layer_slug
-from pipeline.store import BOTTOM_CROP, DATASET_KINDS, RunError, connect, read_manifest
+from pipeline.store import BOTTOM_CROP, BOTTOMK, DATASET_KINDS, TOPK, RunError, connect, read_manifest
 from pipeline.store import ATLAS_DEPENDENCE, ATLAS_INDEX, EXPLAIN_INDEX, EXPLAIN_METRICS  # run file names
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def load_site_data(run_dir: str) -> SiteData:
     con = connect(run_dir)
     units = _read_units(con)
     _attach_topk(con, units)
-    _attach_topk(con, units, "bottomk")
+    _attach_topk(con, units, BOTTOMK)
     _attach_labels(con, units)
     _attach_scores(con, units)
     atlas = _read_parquet(run_dir, ATLAS_INDEX)
@@ -253,12 +253,12 @@ def _read_units(con) -> dict[tuple[str, int], UnitData]:
     return units
 
 
-def _attach_topk(con, units: dict[tuple[str, int], UnitData], table: str = "topk") -> None:
+def _attach_topk(con, units: dict[tuple[str, int], UnitData], table: str = TOPK) -> None:
     """The top-k rows (or the bottom-k: `table='bottomk'`, empty unless the scan kept them) of every unit."""
     cols = _columns(
         con,
         "SELECT layer, unit, rank, image_key, label, act, box_x0, box_y0, box_x1, box_y1 "
-        f"FROM {'bottomk' if table == 'bottomk' else 'topk'} ORDER BY layer, unit, rank",
+        f"FROM {BOTTOMK if table == BOTTOMK else TOPK} ORDER BY layer, unit, rank",
     )
     boxes = zip(cols["box_x0"], cols["box_y0"], cols["box_x1"], cols["box_y1"])
     for layer, unit, rank, key, label, act, box in zip(
@@ -266,7 +266,7 @@ def _attach_topk(con, units: dict[tuple[str, int], UnitData], table: str = "topk
     ):
         target = units.get((layer, unit))
         if target is not None:
-            (target.bottom if table == "bottomk" else target.top).append(
+            (target.bottom if table == BOTTOMK else target.top).append(
                 TopImage(rank=rank, image_key=key, label=label, act=act, box=box)
             )
 
