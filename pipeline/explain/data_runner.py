@@ -20,9 +20,9 @@ import numpy as np
 
 from pipeline.data import DataError, count_images, resolve_source, source_id
 from pipeline.explain.explainer import ExplainConfig, Explainer
+from pipeline.store import EXPLAIN_IMAGES
 from pipeline.explain.outputs import (
     EXPLAIN,
-    EXPLAIN_IMAGES,
     ExplainWriter,
     image_dir,
     index_rows,

@@ -16,9 +16,9 @@ from PIL import Image
 from pipeline.data import DataError
 from pipeline.fileio import atomic_write
 from pipeline.explain.explainer import METHODS, ExplainConfig, Explainer
+from pipeline.store import EXPLAIN_IMAGES
 from pipeline.explain.outputs import (
     EXPLAIN,
-    EXPLAIN_IMAGES,
     ExplainWriter,
     image_dir,
     index_rows,
