@@ -1,6 +1,7 @@
 """The scored site in a real headless browser (marker `browser`, issue 27): on a small scored MobileNetV2 run
 (this process only: scan and score with the local executor, no Ray), sorting a layer page by score orders the
-units as the `scores` view does, and every score a unit page or a layer card shows is the view's."""
+units as the `scores` view does, and every score a unit page or a layer card shows is the view's. And the
+demo's table of the most and least interpretable units against a selection written out in Python."""
 
 from __future__ import annotations
 
@@ -18,10 +19,8 @@ from pipeline.site.build import unit_href
 from pipeline.site.paths import layer_slug
 from pipeline.store import connect
 
-pytestmark = pytest.mark.browser
-
 LAYER = "features.2"  # 24 units: enough for an order to mean something, cheap to crop
-REFS, TASKS = 4, 6
+REFS, TASKS = 3, 4
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +60,7 @@ def view(run: str) -> dict[tuple[int, str], float | None]:
     }
 
 
+@pytest.mark.browser
 def test_sorting_a_layer_by_score_orders_units_as_the_scores_view(browser, scored_site):
     from selenium.webdriver.support.ui import Select
 
@@ -89,6 +89,7 @@ def test_sorting_a_layer_by_score_orders_units_as_the_scores_view(browser, score
     assert console_errors(browser) == [] and browser.execute_script("return window.__alerts") == []
 
 
+@pytest.mark.browser
 def test_every_score_shown_is_the_scores_view(browser, scored_site):
     run, site = scored_site
     scores = view(run)
@@ -110,3 +111,24 @@ def test_every_score_shown_is_the_scores_view(browser, scored_site):
         expected = {kind: f"{mis:.3f}" if mis is not None else "dead" for (u, kind), mis in scores.items() if u == unit}
         assert rows == expected, unit
     assert console_errors(browser) == [] and browser.execute_script("return window.__alerts") == []
+
+
+def test_the_demos_most_and_least_interpretable_units(scored_site):
+    from pipeline.demo import score_query
+    from pipeline.query import run_query
+
+    run, _ = scored_site
+    con = connect(run)
+    best_photo = dict(con.execute("SELECT unit, label FROM topk WHERE layer = ? AND rank = 0", [LAYER]).fetchall())
+    for kind in ("crop", "whole"):
+        scored = [(unit, mis) for (unit, k), mis in view(run).items() if k == kind and mis is not None]
+        most = sorted(scored, key=lambda s: (-s[1], s[0]))[:3]
+        least = sorted(scored, key=lambda s: (s[1], s[0]))[:3]
+        expected = [("most", u, m) for u, m in most] + [
+            ("least", u, m) for u, m in sorted(least, key=lambda s: (-s[1], s[0]))
+        ]
+        columns, rows = run_query(run, score_query(kind, 3))
+        assert columns == ["layer", "interpretable", "unit", "mis", "accuracy", "best_photo"]
+        assert [(r[1], r[2]) for r in rows] == [(e[0], e[1]) for e in expected], kind
+        for row, (_, unit, mis) in zip(rows, expected):
+            assert row[0] == LAYER and row[3] == pytest.approx(round(mis, 3)) and row[5] == best_photo[unit]
