@@ -132,3 +132,24 @@ def test_the_demos_most_and_least_interpretable_units(scored_site):
         assert [(r[1], r[2]) for r in rows] == [(e[0], e[1]) for e in expected], kind
         for row, (_, unit, mis) in zip(rows, expected):
             assert row[0] == LAYER and row[3] == pytest.approx(round(mis, 3)) and row[5] == best_photo[unit]
+
+
+def test_a_run_scored_on_whole_images_only_offers_that_sort_and_shows_it(scored_site, tmp_path):
+    """As `atlas demo` scores: no crop sort that would order every unit as unscored, whole scores on the cards.
+    Last in this file: it re-scores the module's run."""
+    import re
+
+    run, _ = scored_site
+    score_run(
+        ScoreConfig(
+            run=run, references=REFS, tasks=TASKS, image_size=64, kinds=("whole",), executor="local", progress=False
+        )
+    )
+    scores = view(run)
+    assert {kind for _, kind in scores} == {"whole"}
+    build_site(run, str(tmp_path / "site"), progress=False)
+    with open(tmp_path / "site" / "layers" / f"{layer_slug(LAYER)}.html", encoding="utf-8") as handle:
+        page = handle.read()
+    assert re.findall(r'<option value="(mis-[a-z]+)"', page) == ["mis-whole"]
+    cards = dict(re.findall(r'data-unit="(\d+)".*?<span class="mis"[^>]*>MIS ([0-9.]+)</span>', page, re.S))
+    assert cards == {str(unit): f"{mis:.3f}" for (unit, _), mis in scores.items() if mis is not None}
