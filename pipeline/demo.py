@@ -27,7 +27,7 @@ from pipeline.render.worker import VisSettings
 from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.score.mis import REFERENCES, TASKS
 from pipeline.score.runner import ScoreConfig, score_run
-from pipeline.store import connect
+from pipeline.store import SCORE_KINDS, connect
 from pipeline.site import build_site
 
 logger = logging.getLogger(__name__)
@@ -203,6 +203,8 @@ def _after_scan(out: str, progress: bool) -> int:
 def score_query(kind: str, shown: int = DEMO_SCORE_SHOWN) -> str:
     """The `shown` most and least interpretable scored units of each scored layer, on `kind` images, with the
     label of each unit's best photo (most first, then least; within each, highest score first)."""
+    if kind not in SCORE_KINDS:  # it goes into the SQL text
+        raise ValueError(f"kind must be one of {', '.join(SCORE_KINDS)}, got {kind!r}")
     return (
         "WITH s AS (SELECT layer, unit, mis, accuracy, "
         "row_number() OVER (PARTITION BY layer ORDER BY mis DESC, unit) AS best, "
