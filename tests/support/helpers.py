@@ -22,6 +22,13 @@ def write_png(path: str, array: np.ndarray) -> str:
     return path
 
 
+def two_png_folder(tmp_path) -> str:
+    """TMP/data with two 8x8 PNGs (black and grey): the smallest image folder a command accepts."""
+    for i in range(2):
+        write_png(str(tmp_path / "data" / f"{i}.png"), np.full((8, 8, 3), 60 * i))
+    return str(tmp_path / "data")
+
+
 def square_image(height: int, width: int, top: int, left: int, side: int) -> np.ndarray:
     """Black RGB image with a white side x side square at (top, left)."""
     image = np.zeros((height, width, 3), dtype=np.uint8)

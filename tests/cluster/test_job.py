@@ -12,11 +12,12 @@ import tomllib
 import pytest
 import torch
 
+from repo_paths import REPO_ROOT
 from pipeline.cluster.config import ConfigError, load_config, parse_config, to_toml
 from pipeline.cluster.job import prepare_job, run_job
 from pipeline.store import RunError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 
 
 @pytest.fixture(scope="module")

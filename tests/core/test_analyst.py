@@ -17,6 +17,7 @@ from urllib.parse import unquote
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from repo_paths import REPO_ROOT
 from analyst_run import (
     DEMO_LAYER,
     LAYERS,
@@ -32,7 +33,7 @@ from pipeline import open_run
 from pipeline.query import run_query
 from pipeline.store import RunError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 ESCAPED_PAYLOAD = "&lt;img src=x onerror=alert(1)&gt;"
 
 
