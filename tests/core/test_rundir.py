@@ -247,7 +247,7 @@ def test_killed_scan_is_locked_while_alive_then_resumes_exactly(photo_folder, tm
         committed = _flushes(run)
         assert read_manifest(run) is None and committed >= 2
         # Resumed in this process: the flushes a killed Ray scan committed are taken up by the local executor
-        # (tests/test_scan_local.py resumes a local scan on Ray).
+        # (tests/scan/test_scan_local.py resumes a local scan on Ray).
         manifest = run_scan(
             ScanConfig(
                 model=SMALL,

@@ -1,7 +1,7 @@
 """Exact bottom-k (`atlas scan --bottom-k`): each unit's images with the lowest per-image maximum, against a brute
 force over every image (an independent forward pass), with exact ties broken by key, through flushes, merges and
 a resume. In-process (--executor local): the bottom-k rides on the same ScanState flushes as the top-k, whose Ray
-paths tests/test_scan_ray.py covers."""
+paths tests/scan/test_scan_ray.py covers."""
 
 from __future__ import annotations
 

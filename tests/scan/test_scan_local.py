@@ -1,5 +1,5 @@
 """The local executor (pipeline.scan.local): a small scan in this process, no Ray. Its top-k against brute
-force is in tests/test_scan_ray.py (test_topk_equals_brute_force, the 'local' cases); here: it never starts or
+force is in tests/scan/test_scan_ray.py (test_topk_equals_brute_force, the 'local' cases); here: it never starts or
 imports Ray, `auto` picks it only where it fits, and an interrupted local scan resumes on Ray with tables
 identical to an undisturbed scan."""
 
