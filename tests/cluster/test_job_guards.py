@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from helpers import two_png_folder as _folder
+from helpers import two_png_folder as _folder, write_toml
 from pipeline.cluster.config import ConfigError, parse_config
 from pipeline.ranges import RANGES
 
@@ -49,7 +49,6 @@ def test_job_files_are_range_checked_like_the_cli(tmp_path, section, key, value)
 
 def test_run_check_reports_a_range_error_in_one_line(tmp_path, capsys):
     from pipeline.cli import main
-    from test_job import write_toml
 
     path = write_toml(tmp_path / "job.toml", _job(tmp_path, render={"steps": 10**9}))
     assert main(["run", path, "--check"]) == 2
@@ -98,7 +97,6 @@ def test_decode_limits_travel_from_the_job_file_to_the_preprocessing(tmp_path):
 def test_run_never_overwrites_the_users_job_file(tmp_path, monkeypatch, capsys):
     """`out = "."` next to a job file named job.toml: the run would write its resolved config over it."""
     from pipeline.cli import main
-    from test_job import write_toml
 
     work = tmp_path / "work"
     work.mkdir()

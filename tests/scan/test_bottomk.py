@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from helpers import brute_force_topk
+from scan_reference import LAYERS, SMALL, reference_maxima
 from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import connect, read_manifest
-from test_scan_ray import LAYERS, SMALL, reference_maxima
 
 
 @pytest.fixture(scope="module")

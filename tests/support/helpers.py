@@ -165,3 +165,15 @@ def scanned_data(run: str) -> str:
 
     with open(os.path.join(run, "manifest.json")) as handle:
         return json.load(handle)["config"]["data"]
+
+
+def write_toml(path, data: dict) -> str:
+    """A job file (TOML) from {section: {key: value}}, values spelt as the config writes them."""
+    from pipeline.cluster.config import toml_value
+
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
