@@ -10,7 +10,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # The site's browser tests drive Debian's chromium + chromedriver headless (a browser downloaded by a test tool
 # cannot work offline). Installed with apt when missing: as root directly, otherwise through sudo.
 BROWSER_PACKAGES := chromium chromium-driver
-# The alert rules' unit tests (tests/test_infra_alerts.py) run Prometheus' own `promtool test rules`; Debian's
+# The alert rules' unit tests (tests/infra/test_infra_alerts.py) run Prometheus' own `promtool test rules`; Debian's
 # `prometheus` package brings promtool. Installed the same way when missing.
 PROMTOOL_PACKAGES := prometheus
 

@@ -72,7 +72,7 @@ def run_demo(
 ) -> int:
     """Scan, query, render, explain and build the site on real photos; print where everything is. `scan_only`
     stops after the scan and its queries: the run that `atlas render`, `site` and `query` work on, in seconds
-    (the README's tour is tested on it, tests/test_readme_tour.py)."""
+    (the README's tour is tested on it, tests/core/test_readme_tour.py)."""
     _scan(out, images, overwrite, progress)  # in this process (a small folder: pipeline.scan.local), no Ray yet
     if scan_only:
         print(f"Run directory: {os.path.abspath(out)}")

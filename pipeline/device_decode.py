@@ -5,7 +5,7 @@ resize) and centre-crops on the device, with the same sizes and crop origin as t
 (`Preprocess.resized_size`, `crop_origin`), so receptive-field boxes map to original pixels exactly as there.
 
 Why: CPU decoding runs at about 480 ImageNet images/s per core, which cannot feed several GPUs. The pixels are
-not bit-identical to the CPU path's (a different IDCT and resampling implementation: tests/test_device_decode.py
+not bit-identical to the CPU path's (a different IDCT and resampling implementation: tests/core/test_device_decode.py
 measures the difference on real photos), so `decode` is part of a scan's fingerprint: top-k is exact for the
 pixels the model saw, and a scan never mixes the two.
 """

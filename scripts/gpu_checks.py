@@ -3,7 +3,7 @@
 Run it the day a GPU is there (`make gpu-check`). It writes one JSON report and exits 1 if any EXACTNESS check
 fails (the numbers it measures are reported, never judged). With `--device cpu` (or without a GPU) it runs
 every check that does not need CUDA and lists the skipped ones with the reason, so the script itself is tested
-here (tests/test_gpu_checks.py).
+here (tests/core/test_gpu_checks.py).
 
 Checks (issue 18):
   environment      torch, CUDA, cuDNN, TF32 flags; inside a Ray actor with num_gpus=1: CUDA_VISIBLE_DEVICES,
@@ -413,7 +413,7 @@ def check_scan(device: str) -> dict:
     ]
     diff = float(np.abs(acts[0] - acts[1]).max())
     # --decode gpu end to end (its pixels differ from PIL's by up to a level or two, so its top-k is reported
-    # against the CPU-decoded run, not judged; exactness for its own pixels is tests/test_device_decode.py's).
+    # against the CPU-decoded run, not judged; exactness for its own pixels is tests/core/test_device_decode.py's).
     runs["decode_gpu"] = os.path.join(work, "decode_gpu")
     manifest = run_scan(
         ScanConfig(
@@ -483,7 +483,7 @@ def check_scan_rates(device: str, images: int = 4000) -> dict:
 
 def check_decode(device: str) -> dict:
     """`--decode gpu`'s decoder on the device against the CPU path (PIL) on real photos at 224/256: the pixel
-    difference (exactness: at most 2 levels; 1 on the CPU device, tests/test_device_decode.py) and both rates."""
+    difference (exactness: at most 2 levels; 1 on the CPU device, tests/core/test_device_decode.py) and both rates."""
     import glob
     import io
 
@@ -579,9 +579,9 @@ def check_pytest(device: str) -> dict:
         "pytest",
         "-q",
         "-x",
-        "tests/test_deconv.py",
-        "tests/test_guided.py",
-        "tests/test_explain.py",
+        "tests/render/test_deconv.py",
+        "tests/render/test_guided.py",
+        "tests/explain/test_explain.py",
         "-k",
         "not data_survives",
         "-rf",

@@ -9,19 +9,25 @@ import pytest
 
 # The tests' own modules (tiny models, run builders, the local cluster): importable here and, through PYTHONPATH,
 # in Ray workers (a model spec such as module:tiny_models:make_small names one).
-SUPPORT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+SUPPORT_DIR = os.path.join(TESTS_DIR, "support")
 sys.path.insert(0, SUPPORT_DIR)
 
 from tiny_runs import small_down_run  # noqa: E402,F401 - session-scoped tiny runs, shared by the test files
 
 
-# Markers by module, so `make test-quick` can leave out the minutes-long cluster and browser tests.
-MODULE_MARKERS = {"test_cluster.py": "cluster", "test_site.py": "browser", "test_readme_tour.py": "tour"}
+# Markers by module (its path under tests/), so `make test-quick` can leave out the minutes-long cluster and
+# browser tests.
+MODULE_MARKERS = {
+    "cluster/test_cluster.py": "cluster",
+    "site/test_site.py": "browser",
+    "core/test_readme_tour.py": "tour",
+}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        marker = MODULE_MARKERS.get(os.path.basename(str(item.fspath)))
+        marker = MODULE_MARKERS.get(os.path.relpath(str(item.path), TESTS_DIR).replace(os.sep, "/"))
         if marker:
             item.add_marker(getattr(pytest.mark, marker))
         if "ray_cluster" in getattr(item, "fixturenames", ()):

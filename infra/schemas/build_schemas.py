@@ -50,7 +50,7 @@ def crd_to_json_schema(node):
     """One CRD openAPIV3Schema node as JSON Schema, as strict as the API server with strict field validation
     (kubectl's default since 1.27): an object that lists its properties rejects any other field unless it says
     x-kubernetes-preserve-unknown-fields; x-kubernetes-int-or-string is integer or string; nullable allows null.
-    x-kubernetes-validations (CEL) are kept as annotations only: jsonschema ignores them, tests/test_infra*.py
+    x-kubernetes-validations (CEL) are kept as annotations only: jsonschema ignores them, tests/infra/
     port the ones our fields meet."""
     if isinstance(node, list):
         return [crd_to_json_schema(x) for x in node]

@@ -38,7 +38,7 @@ class VisSettings:
 
     def validate(self) -> None:
         # torch comes with these (the presets build their step rules): only when settings are checked, so the plan
-        # itself imports without it (tests/test_render_plan.py).
+        # itself imports without it (tests/render/test_render_plan.py).
         from pipeline.optvis.objectives import UNIT_OBJECTIVES
         from pipeline.optvis.presets import get_preset
 

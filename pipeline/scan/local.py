@@ -9,7 +9,7 @@ imports and model load.
 
 What stays the same as on Ray: the flushes and their atomic commit (pipeline.scan.flushes), resume from what
 is committed, the run lock, the merge, the tables, the manifest. So a scan interrupted here resumes on Ray and
-the other way round, and the results are identical (tests/test_scan_local.py).
+the other way round, and the results are identical (tests/scan/test_scan_local.py).
 
 `--executor auto` takes this path for an image folder of at most LOCAL_MAX_IMAGES images when no Ray cluster is
 named or running and at most one GPU is visible; `--executor ray` or `local` forces either.

@@ -292,7 +292,7 @@ class Recorder:
         padded with black images, dropped after): convolution kernels choose their blocking by the batch's
         shape, and an image's activations changed in the last bits with the batch size it happened to be in
         (measured here on CPU, 1 to 10 ulps), which would turn "ties broken by key" into ties broken by
-        batching. With one shape, an image's values do not depend on its batch (tests/test_recorder_device.py)."""
+        batching. With one shape, an image's values do not depend on its batch (tests/scan/test_recorder_device.py)."""
         size = self.config.batch_size
         n = len(pixels)
         parts = []

@@ -1,4 +1,4 @@
-"""Networks for tests/test_compare.py, importable as ``module:compare_models:<factory>`` (in Ray workers too):
+"""Networks for tests/compare/test_compare.py, importable as ``module:compare_models:<factory>`` (in Ray workers too):
 one small random CNN, the same network with relu2's channels permuted consistently, and with one filter zeroed."""
 
 from __future__ import annotations

@@ -22,6 +22,13 @@ def write_png(path: str, array: np.ndarray) -> str:
     return path
 
 
+def two_png_folder(tmp_path) -> str:
+    """TMP/data with two 8x8 PNGs (black and grey): the smallest image folder a command accepts."""
+    for i in range(2):
+        write_png(str(tmp_path / "data" / f"{i}.png"), np.full((8, 8, 3), 60 * i))
+    return str(tmp_path / "data")
+
+
 def square_image(height: int, width: int, top: int, left: int, side: int) -> np.ndarray:
     """Black RGB image with a white side x side square at (top, left)."""
     image = np.zeros((height, width, 3), dtype=np.uint8)
@@ -158,3 +165,15 @@ def scanned_data(run: str) -> str:
 
     with open(os.path.join(run, "manifest.json")) as handle:
         return json.load(handle)["config"]["data"]
+
+
+def write_toml(path, data: dict) -> str:
+    """A job file (TOML) from {section: {key: value}}, values spelt as the config writes them."""
+    from pipeline.cluster.config import toml_value
+
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)

@@ -1,4 +1,4 @@
-"""Ray actors for tests/test_worker_pool.py: here, on the workers' PYTHONPATH, so Ray can import them there."""
+"""Ray actors for tests/core/test_worker_pool.py: here, on the workers' PYTHONPATH, so Ray can import them there."""
 
 from __future__ import annotations
 

@@ -218,7 +218,7 @@ def _add_explanations(run: str, photos: str) -> None:
     )
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), os.path.join(run, "explain", "index.parquet"))
     # Explanation-quality rows (as `atlas explain --metrics` writes them) for the top image of class 2, one
-    # flagged by the randomization check; values are stand-ins (tests/test_explain_metrics.py computes real ones).
+    # flagged by the randomization check; values are stand-ins (tests/explain/test_explain_metrics.py computes real ones).
     key = next(r["image_key"] for r in rows if r["target"] == 2)
     metrics = [
         {

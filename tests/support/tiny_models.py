@@ -128,7 +128,7 @@ STRIPE_PERIOD = 12  # pixels: the period DissectNet's stripe unit is tuned to
 
 
 class DissectNet(nn.Module):
-    """Hand-weighted detectors for tests/test_dissect.py (inputs centred on mid-grey: mean 0.5, std 1, so the
+    """Hand-weighted detectors for tests/dissect/test_dissect.py (inputs centred on mid-grey: mean 0.5, std 1, so the
     zero padding is grey and flat grey gives 0).
 
     conv1 (25 x 13, zero padding): unit 0 = R - (G + B) / 2 at the centre pixel (a 1 x 1 "red" detector);
@@ -190,7 +190,7 @@ class Frac(nn.Module):
 
 
 class ScoreNet(nn.Module):
-    """Two hand-set layers for `atlas score` (tests/test_score.py), on [0, 1] pixels (mean 0, std 1):
+    """Two hand-set layers for `atlas score` (tests/score/test_score.py), on [0, 1] pixels (mean 0, std 1):
 
     - ``red`` (conv 7x7, pad 3, then ReLU): unit 0 = mean over the window of R - (G + B) / 2, a red-spot detector;
       unit 1 = minus that unit before the ReLU, a green/blue-spot detector; unit 2 = 0 everywhere (dead).

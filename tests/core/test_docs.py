@@ -12,9 +12,10 @@ import shlex
 
 import pytest
 
+from repo_paths import REPO_ROOT
 from pipeline.cli import build_parser
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 

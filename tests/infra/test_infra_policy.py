@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from repo_paths import REPO_PATH
 from pod_security import CHECKS, restricted_violations
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_PATH
 INFRA = ROOT / "infra"
 KUBERAY = INFRA / "kuberay"
 LAUNCHER = INFRA / "cluster-launcher" / "gpu-cluster.yaml"

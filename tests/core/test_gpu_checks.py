@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_paths import REPO_ROOT
+
+ROOT = REPO_ROOT
 
 
 def test_gpu_checks_run_on_cpu_and_say_what_they_skipped(tmp_path):

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from repo_paths import SUPPORT_DIR
 from pipeline.cli import main
 from pipeline.models import ModelConfig
 from pipeline.ray_session import reap_orphans
@@ -22,7 +23,6 @@ from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import MANIFEST, MARKER, PREVIOUS, STAGING, RunError, connect, read_manifest
 
 SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32)
-SUPPORT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
 
 
 def tree(path: str) -> dict[str, str]:
@@ -247,7 +247,7 @@ def test_killed_scan_is_locked_while_alive_then_resumes_exactly(photo_folder, tm
         committed = _flushes(run)
         assert read_manifest(run) is None and committed >= 2
         # Resumed in this process: the flushes a killed Ray scan committed are taken up by the local executor
-        # (tests/test_scan_local.py resumes a local scan on Ray).
+        # (tests/scan/test_scan_local.py resumes a local scan on Ray).
         manifest = run_scan(
             ScanConfig(
                 model=SMALL,

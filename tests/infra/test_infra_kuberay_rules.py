@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import copy
 import functools
-from pathlib import Path
 
 import pytest
 import yaml
+from repo_paths import REPO_PATH
 from kuberay_rules import kuberay_errors, parse_standard_cron
 
-KUBERAY = Path(__file__).resolve().parents[1] / "infra" / "kuberay"
+KUBERAY = REPO_PATH / "infra" / "kuberay"
 RAY_KINDS = {"RayCluster", "RayJob", "RayCronJob"}
 
 

@@ -19,7 +19,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_paths import REPO_ROOT
+
+ROOT = REPO_ROOT
 README = os.path.join(ROOT, "README.md")
 TOUR_HEADING = "## A five-minute tour"
 # The tour's demo here: fewer photos (the README's `make demo`: 600), and only the scan: the later stages of the

@@ -1,20 +1,14 @@
-"""Preprocessing geometry against torchvision, source resolution, the actor plan, and the `atlas` CLI."""
+"""Preprocessing (pipeline.preprocess): geometry against torchvision, original boxes, decoding errors, the
+normaliser against torchvision's, and the round trip through the manifest."""
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import png_bytes, write_png
-from pipeline.data import DataError, Decoder, SourceSpec, resolve_source
+from helpers import png_bytes
 from pipeline.preprocess import Preprocess, decode_image
-from pipeline.ray_session import ClusterShape
-from pipeline.image_stream import plan_actors
-from pipeline.scan.runner import ScanConfig
-from pipeline.models import ModelConfig
 
 
 @pytest.mark.parametrize("size", [(400, 300), (300, 400), (224, 224), (513, 257), (97, 1000)])
@@ -83,67 +77,6 @@ def test_decode_errors_and_sizes():
     data = png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64, 3)))
     with pytest.raises(OSError):
         decode_image(data[: len(data) // 2], pp)
-
-
-def test_resolve_source_kinds_and_errors(tmp_path):
-    write_png(str(tmp_path / "imgs" / "cat" / "a.png"), np.zeros((4, 4, 3)))
-    spec = resolve_source(str(tmp_path / "imgs"))
-    assert spec.kind == "folder" and len(spec.files) == 1
-    decoded = Decoder(spec, Preprocess(4, 4))(
-        {
-            "path": np.array(list(spec.files), dtype=object),
-            "bytes": np.array([open(spec.files[0], "rb").read()], dtype=object),
-        }
-    )
-    assert decoded["image_key"].tolist() == ["cat/a.png"] and decoded["label"].tolist() == ["cat"]
-    for name in ("s-000.tar", "s-001.tar", "s-002.tar"):
-        (tmp_path / name).write_bytes(b"")
-    assert len(resolve_source(str(tmp_path / "s-{000..001}.tar")).files) == 2
-    assert resolve_source(str(tmp_path / "s-*.tar")).kind == "webdataset"
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="holds no images"):
-        resolve_source(str(tmp_path / "empty"))
-    (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match="expected an image folder"):
-        resolve_source(str(tmp_path / "notes.txt"))
-
-
-def test_parquet_without_image_column_is_a_clear_error():
-    decoder = Decoder(SourceSpec("parquet", "/x", ("/x/a.parquet",)), Preprocess(4, 4))
-    with pytest.raises(DataError, match="none of the image columns"):
-        decoder({"caption": np.array(["a"], dtype=object)})
-
-
-def test_actor_plan_never_reserves_every_cpu_or_a_missing_gpu():
-    config = ScanConfig(model=ModelConfig("torchvision:resnet18"), data="d", out="o")
-    cpu2 = plan_actors(config.actors, config.threads, config.device, ClusterShape(cpus=2, gpus=0))
-    assert cpu2["num_gpus"] == 0 and cpu2["actors"] * cpu2["num_cpus"] <= 1.0
-    cpu16 = plan_actors(config.actors, config.threads, config.device, ClusterShape(cpus=16, gpus=0))
-    assert cpu16["actors"] == 4 and cpu16["threads"] == 4 and cpu16["actors"] * cpu16["num_cpus"] <= 15
-    gpu = plan_actors(config.actors, config.threads, config.device, ClusterShape(cpus=16, gpus=4))
-    assert gpu["actors"] == 4 and gpu["num_gpus"] == 1 and gpu["device"] == "cuda"
-    with pytest.raises(ValueError, match="more GPU model replicas"):
-        plan_actors(5, None, "auto", ClusterShape(16, 4))
-    with pytest.raises(ValueError, match="do not fit"):
-        plan_actors(50, None, "auto", ClusterShape(2, 0))
-
-
-def test_cli_layers_lists_shapes_and_receptive_fields(capsys):
-    from pipeline.cli import main
-
-    assert main(["layers", "--model", "module:tiny_models:hand_net", "--image-size", "16"]) == 0
-    out = capsys.readouterr().out
-    relu1 = next(line for line in out.splitlines() if line.startswith("relu1 "))
-    assert "2x16x16" in relu1 and "3x3" in relu1 and "1x1" in relu1 and "-1,-1" in relu1
-    conv2 = next(line for line in out.splitlines() if line.startswith("conv2 "))
-    assert "6x6" in conv2 and "4x4" in conv2
-    assert (
-        main(["scan", "--model", "module:tiny_models:hand_net", "--data", ".", "--out", "x", "--layers", "nope"]) == 2
-    )
-    assert "valid layers" in capsys.readouterr().err
-    assert main(["layers", "--model", "torchvision:no_such_net"]) == 2
-    assert "unknown torchvision model" in capsys.readouterr().err
-    assert not os.path.exists("x")
 
 
 def test_normalizer_equals_torchvisions_to_tensor_and_normalize():

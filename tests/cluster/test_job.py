@@ -12,11 +12,13 @@ import tomllib
 import pytest
 import torch
 
+from helpers import write_toml
+from repo_paths import REPO_ROOT
 from pipeline.cluster.config import ConfigError, load_config, parse_config, to_toml
 from pipeline.cluster.job import prepare_job, run_job
 from pipeline.store import RunError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +40,6 @@ def job_dict(out: str, weights: str, photos: str) -> dict:
         "render": {"layers": ["layer1", "linear"], "units": "0-1", "classes": "0-1", "steps": 4, "size": 32},
         "site": {},
     }
-
-
-def write_toml(path, data: dict) -> str:
-    from pipeline.cluster.config import toml_value
-
-    lines = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 # --------------------------------------------------------------------------------------- shape checks

@@ -15,6 +15,7 @@ from html.parser import HTMLParser
 from urllib.parse import unquote, urlparse
 
 import pytest
+from repo_paths import REPO_ROOT
 from chromium import console_errors, load_all_images, open_page, page_url, start_chromium, wait
 from site_net import DEAD_STEM_UNIT
 from site_run import (
@@ -287,9 +288,7 @@ def test_bad_input_gives_clear_errors(site_run, tmp_path, capsys):
 
 
 def artifacts_dir() -> str:
-    path = os.environ.get("ATLAS_TEST_ARTIFACTS") or os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts", "site-tests"
-    )
+    path = os.environ.get("ATLAS_TEST_ARTIFACTS") or os.path.join(REPO_ROOT, "artifacts", "site-tests")
     os.makedirs(path, exist_ok=True)
     return path
 

@@ -17,7 +17,9 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_paths import REPO_PATH
+
+ROOT = REPO_PATH
 INFRA = ROOT / "infra"
 KUBERAY = INFRA / "kuberay"
 SCHEMAS = INFRA / "schemas"

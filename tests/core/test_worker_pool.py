@@ -2,7 +2,7 @@
 dissect's probe batches) and `gather` on a real local Ray, with actors that die at chosen points: every item is
 counted exactly once (the reference: the items themselves), a stalled call fails saying so; and `atlas dissect`
 with one of its actors SIGKILLed midway gives the very tables of an undisturbed dissection (render's own case:
-tests/test_render.py::test_a_render_actor_killed_midway_changes_nothing)."""
+tests/render/test_render.py::test_a_render_actor_killed_midway_changes_nothing)."""
 
 from __future__ import annotations
 

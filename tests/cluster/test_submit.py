@@ -11,9 +11,10 @@ import time
 
 import pytest
 
+from repo_paths import REPO_ROOT
 from pipeline.cluster.config import parse_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 
 
 def config(name: str = "imagenet-resnet50", out: str = "s3://b/atlas"):

@@ -1,5 +1,5 @@
 """The local executor (pipeline.scan.local): a small scan in this process, no Ray. Its top-k against brute
-force is in tests/test_scan_ray.py (test_topk_equals_brute_force, the 'local' cases); here: it never starts or
+force is in tests/scan/test_scan_ray.py (test_topk_equals_brute_force, the 'local' cases); here: it never starts or
 imports Ray, `auto` picks it only where it fits, and an interrupted local scan resumes on Ray with tables
 identical to an undisturbed scan."""
 
@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from repo_paths import SUPPORT_DIR
 from pipeline.data import SourceSpec
 from pipeline.models import ModelConfig
 from pipeline.scan.local import LOCAL_MAX_IMAGES, choose_executor
@@ -33,7 +34,7 @@ def test_a_small_folder_scan_runs_without_ray(photo_folder, tmp_path):
     argv += ["--layers", "relu,down", "--k", "3", "--out", str(run), "--quiet"]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    support = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
+    support = SUPPORT_DIR
     env["PYTHONPATH"] = os.pathsep.join(p for p in (support, env.get("PYTHONPATH")) if p)
     done = subprocess.run([sys.executable, "-c", SCRIPT, *argv], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr

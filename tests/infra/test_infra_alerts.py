@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-MONITORING = Path(__file__).resolve().parents[1] / "infra" / "monitoring"
+from repo_paths import REPO_PATH
+
+MONITORING = REPO_PATH / "infra" / "monitoring"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not installed (Debian package `prometheus`; `make test` installs it)"

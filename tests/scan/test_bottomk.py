@@ -1,7 +1,7 @@
 """Exact bottom-k (`atlas scan --bottom-k`): each unit's images with the lowest per-image maximum, against a brute
 force over every image (an independent forward pass), with exact ties broken by key, through flushes, merges and
 a resume. In-process (--executor local): the bottom-k rides on the same ScanState flushes as the top-k, whose Ray
-paths tests/test_scan_ray.py covers."""
+paths tests/scan/test_scan_ray.py covers."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from helpers import brute_force_topk
+from scan_reference import LAYERS, SMALL, reference_maxima
 from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import connect, read_manifest
-from test_scan_ray import LAYERS, SMALL, reference_maxima
 
 
 @pytest.fixture(scope="module")

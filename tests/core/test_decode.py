@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from repo_paths import REPO_ROOT
 from helpers import folder_batch
 from pipeline.render.crops import open_rgb
 from pipeline.data import Decoder, SourceSpec
 from pipeline.preprocess import DecodeError, Preprocess, decode_image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:

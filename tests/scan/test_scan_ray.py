@@ -12,52 +12,11 @@ import pytest
 import torch
 
 from helpers import brute_force_topk, read_topk
+from scan_reference import LAYERS, SMALL, reference_maxima
 from pipeline.data import DataError
-from pipeline.models import ModelConfig, ModelError, load_model
-from pipeline.preprocess import decode_image
+from pipeline.models import ModelConfig, ModelError
 from pipeline.scan.runner import MERGE_FAN_IN, ScanConfig, run_scan
 from pipeline.store import RunError, connect, read_manifest
-
-SMALL = ModelConfig(spec="module:tiny_models:small_net", image_size=32)
-LAYERS = ["stem", "relu", "down"]
-
-
-def reference_maxima(folder: str) -> tuple[list[str], dict[str, np.ndarray], dict[str, tuple]]:
-    """Independent of the scan: decode each file, plain forward with hooks, max over positions per unit."""
-    loaded = load_model(SMALL)
-    pp = loaded.preprocess
-    keys, pixels = [], []
-    for directory, _, names in sorted(os.walk(folder)):
-        for name in sorted(names):
-            if name.endswith(".jpg"):
-                path = os.path.join(directory, name)
-                try:
-                    with open(path, "rb") as handle:
-                        array, _, _ = decode_image(handle.read(), pp)
-                except Exception:  # noqa: BLE001 - unreadable files are not part of the reference
-                    continue
-                keys.append(os.path.relpath(path, folder))
-                pixels.append(array)
-    x = torch.tensor(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - torch.tensor(pp.mean).view(1, 3, 1, 1)) / torch.tensor(pp.std).view(1, 3, 1, 1)
-    captured = {}
-
-    def keep(name: str):
-        return lambda _module, _inputs, out: captured.setdefault(name, out)
-
-    hooks = [loaded.model.get_submodule(name).register_forward_hook(keep(name)) for name in LAYERS]
-    with torch.no_grad():
-        loaded.model(x)
-    for hook in hooks:
-        hook.remove()
-    values, where = {}, {}
-    for name in LAYERS:
-        out = captured[name].numpy()
-        flat = out.reshape(out.shape[0], out.shape[1], -1)
-        values[name] = flat.max(axis=2)
-        index = flat.argmax(axis=2)
-        where[name] = (index // out.shape[3], index % out.shape[3])
-    return keys, values, where
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The analyst's ways into a run, on one small real run (tests/analyst_run.py: scan with every per-image maximum,
+"""The analyst's ways into a run, on one small real run (tests/support/analyst_run.py: scan with every per-image maximum,
 render, explain): the notebook API (pipeline.api) against `atlas query`, the plain-DuckDB views file RUN/views.sql
 read by the DuckDB shell as a separate process, and docs/analyst.ipynb executed headless."""
 
@@ -17,6 +17,7 @@ from urllib.parse import unquote
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from repo_paths import REPO_ROOT
 from analyst_run import (
     DEMO_LAYER,
     LAYERS,
@@ -32,7 +33,7 @@ from pipeline import open_run
 from pipeline.query import run_query
 from pipeline.store import RunError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 ESCAPED_PAYLOAD = "&lt;img src=x onerror=alert(1)&gt;"
 
 
@@ -110,7 +111,7 @@ def test_dataframes_equal_atlas_query(run, run_dir):
         answered += bool(expected)
     # not vacuous: the analyst questions have answers on this run (maxima, labels, atlas, explain views); the
     # ones about `atlas dissect`'s labels view are compared too, but this run has no dissection to answer them
-    # (tests/test_dissect_labels.py runs those views on one that has)
+    # (tests/dissect/test_dissect_labels.py runs those views on one that has)
     dissect_questions = sum(" labels " in f" {sql} ".replace("\n", " ") for _, sql in queries)
     assert answered >= len(queries) - dissect_questions - 3
     counts = dict(
