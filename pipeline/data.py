@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.preprocess import DecodeError, Preprocess, decode_image
-from pipeline.objectstore import is_url
+from pipeline.objectstore import is_url, open_file
 
 logger = logging.getLogger(__name__)
 
@@ -214,13 +214,18 @@ def parquet_keys(path: str) -> Iterator[str]:
 
 
 def shard_keys(path: str) -> list[str]:
-    """The sample keys of a local WebDataset shard, from its headers alone (tarfile seeks over the data).
-    A shard that is not a tar or ends inside a member (truncated) is refused up front: DataError names it
-    and its last complete sample (Ray's reader would fail the whole scan at that shard, after the model ran)."""
+    """The sample keys of a WebDataset shard (a local file or a URL), from its headers alone (tarfile seeks over
+    the data; by URL each header is one ranged read). A shard that is not a tar or ends inside a member
+    (truncated) is refused: DataError names it and its last complete sample (Ray's reader would fail the whole
+    scan at that shard, after the model ran, or end the shard quietly at a damaged header)."""
     keys: list[str] = []
+    handle = None
     try:
-        size = os.path.getsize(path)
-        with tarfile.open(path, "r:") as archive:
+        if is_url(path):
+            handle, size = open_file(path)
+        else:
+            size = os.path.getsize(path)
+        with tarfile.open(path if handle is None else None, "r:", fileobj=handle) as archive:
             for member in archive:
                 if not member.isreg():
                     continue
@@ -244,6 +249,9 @@ def shard_keys(path: str) -> list[str]:
             f"WebDataset shard {path} is damaged or truncated {where} ({error}); re-create or remove it, "
             "then run the scan again"
         ) from error
+    finally:
+        if handle is not None:
+            handle.close()
     return keys
 
 
