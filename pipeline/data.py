@@ -68,12 +68,15 @@ class SourceSpec:
         return {"kind": self.kind, "root": self.root, "files": len(self.files)}
 
 
-def source_id(path: str) -> str:
-    """One spelling of a source file, to match the images table's `source` column with a file list: Ray
-    reports local files by absolute path and object-store URLs without their scheme."""
+def source_id(path: str, reported: bool = False) -> str:
+    """One spelling of a source file, to match the images table's `source` column with a file list. `path` is
+    a file as the user gave it (a relative local path is made absolute), or, with `reported`, as Ray Data reports
+    a row's file: local files by absolute path, object-store files as 'bucket/key' without their scheme, which
+    must stay as they are (made absolute, they never matched their URL: every image of a shard given by URL
+    looked uncovered to the next pass, was read again, and the overlapping flushes were dropped)."""
     if is_url(path):
         return path.split("://", 1)[1]
-    return os.path.abspath(path)
+    return path if reported else os.path.abspath(path)
 
 
 def _expand(pattern: str) -> list[str]:
@@ -367,7 +370,7 @@ class Decoder:
         keep = np.ones(n, dtype=bool)
         for i in range(n):
             key, source, _, _ = self._identify(batch, i)
-            keep[i] = key not in self.skip.get(source_id(source), ())
+            keep[i] = key not in self.skip.get(source_id(source, reported=True), ())
         return {name: np.asarray(column)[keep] for name, column in batch.items()}
 
 

@@ -158,3 +158,28 @@ def test_files_of_unknown_size_are_done_only_when_every_image_is_covered(tmp_pat
     cut = resolve_source(f"file://{tmp_path}/cut.tar")
     with pytest.raises(DataError, match="cut.tar is (damaged or )?truncated"):
         SourceIndex.build(cut).learn(cut)
+
+
+def test_shards_by_url_match_the_files_ray_reports(tmp_path):
+    """Ray Data reports an object-store file as 'bucket/key' (no scheme): the covered keys of a shard given as
+    s3://bucket/key must be found under that spelling, by the plan and by the decoder's skip (found by the
+    cluster test: made absolute, they never matched, every pass re-read everything and the flushes overlapped)."""
+    from pipeline.data import Decoder, SourceSpec
+    from pipeline.preprocess import Preprocess
+
+    url = "s3://atlas/shards/s0.tar"
+    spec = SourceSpec("webdataset", "s3://atlas/shards", (url,))
+    index = SourceIndex({"atlas/shards/s0.tar": 3})  # as if learnt from the shard
+    store = FlushStore(str(tmp_path / "staging"))
+    store.commit(flush("w1-000000", ["k1", "k3"], "atlas/shards/s0.tar"), attempt=1)  # Ray's spelling
+    work = plan_pass(spec, index, store)
+    assert work.images == 1 and work.skip == {"atlas/shards/s0.tar": frozenset({"k1", "k3"})}
+    batch = {
+        "__key__": np.array(["k1", "k2", "k3"], dtype=object),
+        "__url__": np.array(["atlas/shards/s0.tar"] * 3, dtype=object),
+        "jpg": np.array([b"x"] * 3, dtype=object),
+    }
+    decoder = Decoder(spec, Preprocess(image_size=32, resize=32), skip=work.skip)
+    assert list(decoder(batch)["image_key"]) == ["k2"]
+    store.commit(flush("w1-000001", ["k2"], "atlas/shards/s0.tar"), attempt=2)
+    assert plan_pass(spec, index, store).empty

@@ -252,13 +252,16 @@ class FlushStore:
         return sum(m["images"] for m in metas), sum(m["images_ok"] for m in metas)
 
     def covered_per_source(self) -> dict[str, int]:
-        return {source_id(source): n for source, n in self._sql("SELECT source, count(*) FROM IMAGES GROUP BY source")}
+        return {
+            source_id(source, reported=True): n
+            for source, n in self._sql("SELECT source, count(*) FROM IMAGES GROUP BY source")
+        }
 
     def covered_keys(self, sources: list[str] | None = None) -> dict[str, set[str]]:
         """source_id -> covered keys, for the given sources (all when None)."""
         out: dict[str, set[str]] = {}
         for source, key in self._sql("SELECT source, image_key FROM IMAGES"):
-            sid = source_id(source)
+            sid = source_id(source, reported=True)
             if sources is None or sid in sources:
                 out.setdefault(sid, set()).add(key)
         return out
