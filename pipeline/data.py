@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.preprocess import DecodeError, Preprocess, decode_image
-from pipeline.objectstore import is_url
+from pipeline.objectstore import is_url, open_file
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +68,15 @@ class SourceSpec:
         return {"kind": self.kind, "root": self.root, "files": len(self.files)}
 
 
-def source_id(path: str) -> str:
-    """One spelling of a source file, to match the images table's `source` column with a file list: Ray
-    reports local files by absolute path and object-store URLs without their scheme."""
+def source_id(path: str, reported: bool = False) -> str:
+    """One spelling of a source file, to match the images table's `source` column with a file list. `path` is
+    a file as the user gave it (a relative local path is made absolute), or, with `reported`, as Ray Data reports
+    a row's file: local files by absolute path, object-store files as 'bucket/key' without their scheme, which
+    must stay as they are (made absolute, they never matched their URL: every image of a shard given by URL
+    looked uncovered to the next pass, was read again, and the overlapping flushes were dropped)."""
     if is_url(path):
         return path.split("://", 1)[1]
-    return os.path.abspath(path)
+    return path if reported else os.path.abspath(path)
 
 
 def _expand(pattern: str) -> list[str]:
@@ -214,13 +217,18 @@ def parquet_keys(path: str) -> Iterator[str]:
 
 
 def shard_keys(path: str) -> list[str]:
-    """The sample keys of a local WebDataset shard, from its headers alone (tarfile seeks over the data).
-    A shard that is not a tar or ends inside a member (truncated) is refused up front: DataError names it
-    and its last complete sample (Ray's reader would fail the whole scan at that shard, after the model ran)."""
+    """The sample keys of a WebDataset shard (a local file or a URL), from its headers alone (tarfile seeks over
+    the data; by URL each header is one ranged read). A shard that is not a tar or ends inside a member
+    (truncated) is refused: DataError names it and its last complete sample (Ray's reader would fail the whole
+    scan at that shard, after the model ran, or end the shard quietly at a damaged header)."""
     keys: list[str] = []
+    handle = None
     try:
-        size = os.path.getsize(path)
-        with tarfile.open(path, "r:") as archive:
+        if is_url(path):
+            handle, size = open_file(path)
+        else:
+            size = os.path.getsize(path)
+        with tarfile.open(path if handle is None else None, "r:", fileobj=handle) as archive:
             for member in archive:
                 if not member.isreg():
                     continue
@@ -244,6 +252,9 @@ def shard_keys(path: str) -> list[str]:
             f"WebDataset shard {path} is damaged or truncated {where} ({error}); re-create or remove it, "
             "then run the scan again"
         ) from error
+    finally:
+        if handle is not None:
+            handle.close()
     return keys
 
 
@@ -359,7 +370,7 @@ class Decoder:
         keep = np.ones(n, dtype=bool)
         for i in range(n):
             key, source, _, _ = self._identify(batch, i)
-            keep[i] = key not in self.skip.get(source_id(source), ())
+            keep[i] = key not in self.skip.get(source_id(source, reported=True), ())
         return {name: np.asarray(column)[keep] for name, column in batch.items()}
 
 

@@ -41,6 +41,18 @@ def _download(filesystem, path: str, target: str) -> None:
     os.replace(partial, target)
 
 
+def open_file(url: str):
+    """(seekable file, size in bytes) for the file at `url`: reads are ranged requests, so a reader that seeks
+    (tarfile over a shard's headers, a Parquet footer) fetches only what it reads."""
+    import pyarrow.fs as pafs
+
+    filesystem, path = _filesystem(url)
+    info = filesystem.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{url} does not exist")
+    return filesystem.open_input_file(path), info.size
+
+
 def fetch_file(url: str) -> str:
     """A local copy of the file at `url` (downloaded once; a partial download never counts)."""
     import pyarrow.fs as pafs

@@ -178,7 +178,7 @@ def run_explain_data(
                         result["row"],
                         result.get("metrics"),
                     )
-                    done.setdefault(source_id(result["source"]), set()).add(result["key"])
+                    done.setdefault(source_id(result["source"], reported=True), set()).add(result["key"])
                     counts["images"] += 1
                     counts["ok" if result["summary"] is not None else "error"] += 1
                     bar.update(1)

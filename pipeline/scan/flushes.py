@@ -7,7 +7,11 @@ committed flush lists it; a scan is done when every image of the source is cover
 
 Planning a pass (`plan_pass`) is the same for a fresh scan, a resumed one (the driver or the cluster died) and a
 reconcile after a worker was lost: files whose images are all covered are skipped whole; files partly covered
-are read again with their covered keys skipped before decoding; the rest are read as they are.
+are read again with their covered keys skipped before decoding; the rest are read as they are. Whether a file
+is covered is decided by its image count and the committed flushes alone, never by whether a pass saw a loss:
+images can go missing without any error reaching the driver (blocks lost inside Ray Data with a node, a tar
+stream that ends quietly at a header). Files whose size is not listed ahead (remote shards) have it learnt
+from the file itself once a pass has read them (`SourceIndex.learn`).
 
 Keys are checked for uniqueness before the model runs wherever the source can be listed cheaply (folders: by
 construction; Parquet with a key column: the column; local WebDataset shards: the tar headers), and in committed
@@ -20,12 +24,14 @@ import json
 import logging
 import os
 import shutil
+import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from pipeline.data import DataError, SourceSpec, parquet_keys, shard_keys, source_id
+from pipeline.data import WDS_KEY, DataError, SourceSpec, parquet_keys, shard_keys, source_id
 from pipeline.fileio import atomic_write, atomic_write_json
-from pipeline.objectstore import is_url
+from pipeline.objectstore import is_url, open_file
 from pipeline.scan.recorder import Flush
 from pipeline.store import FLUSHES, MAXIMA, PENDING_MAXIMA, glob_literal
 
@@ -68,6 +74,42 @@ class SourceIndex:
             )
         seen.clear()
         return cls(totals)
+
+    def learn(self, spec: SourceSpec) -> None:
+        """Fill in the image count of every file not listed ahead, from the file itself: a remote tar shard's
+        headers (ranged reads that seek over the data), a compressed shard streamed once, a remote Parquet
+        file's footer. A few files at a time, as the reads wait on the network."""
+        unknown = [path for path in spec.files if self.totals.get(source_id(path)) is None]
+        if not unknown:
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(unknown))) as pool:
+            for path, total in zip(unknown, pool.map(lambda p: _count(spec.kind, p), unknown)):
+                logger.info("%s holds %d image(s)", path, total)
+                self.totals[source_id(path)] = total
+
+
+def _count(kind: str, path: str) -> int:
+    """Images in one source file, read from the file (see `SourceIndex.learn`)."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        handle, _ = open_file(path) if is_url(path) else (open(path, "rb"), 0)
+        with handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+    if path.endswith(".tar"):
+        return len(shard_keys(path))
+    # A compressed shard cannot be seeked: stream it once, counting samples as Ray's reader groups members.
+    keys: list[str] = []
+    handle, _ = open_file(path) if is_url(path) else (open(path, "rb"), 0)
+    try:
+        with handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
+            for member in archive:
+                match = WDS_KEY.match(member.name) if member.isreg() else None
+                if match and (not keys or match.group(1) != keys[-1]):
+                    keys.append(match.group(1))
+    except (tarfile.TarError, EOFError) as error:
+        raise DataError(f"WebDataset shard {path} is damaged or truncated ({error})") from error
+    return len(keys)
 
 
 def _parquet_keys(path: str, note) -> int:
@@ -233,21 +275,25 @@ class FlushStore:
         return sum(m["images"] for m in metas), sum(m["images_ok"] for m in metas)
 
     def covered_per_source(self) -> dict[str, int]:
-        return {source_id(source): n for source, n in self._sql("SELECT source, count(*) FROM IMAGES GROUP BY source")}
+        return {
+            source_id(source, reported=True): n
+            for source, n in self._sql("SELECT source, count(*) FROM IMAGES GROUP BY source")
+        }
 
     def covered_keys(self, sources: list[str] | None = None) -> dict[str, set[str]]:
         """source_id -> covered keys, for the given sources (all when None)."""
         out: dict[str, set[str]] = {}
         for source, key in self._sql("SELECT source, image_key FROM IMAGES"):
-            sid = source_id(source)
+            sid = source_id(source, reported=True)
             if sources is None or sid in sources:
                 out.setdefault(sid, set()).add(key)
         return out
 
 
-def plan_pass(spec: SourceSpec, index: SourceIndex, store: FlushStore, read_whole: set[str]) -> PassPlan:
-    """The files (and keys) still to process. `read_whole`: files of unknown size already read in full by a
-    lossless pass of this run, hence covered."""
+def plan_pass(spec: SourceSpec, index: SourceIndex, store: FlushStore) -> PassPlan:
+    """The files (and keys) still to process: a file is done when the committed flushes cover as many of its
+    images as it holds. Before the first pass nothing needs the size of a file that was not listed ahead (it is
+    read whole); once any flush is committed, `index` learns those sizes from the files."""
     if spec.kind == "folder":
         covered = store.covered_keys()
         done = set().union(*covered.values()) if covered else set()
@@ -256,11 +302,13 @@ def plan_pass(spec: SourceSpec, index: SourceIndex, store: FlushStore, read_whol
         )
         return PassPlan(replace(spec, files=files), images=len(files))
     per_source = store.covered_per_source()
+    if per_source:
+        index.learn(spec)
     files, partial, images = [], [], 0
     for path in spec.files:
         sid = source_id(path)
         total, covered = index.totals.get(sid), per_source.get(sid, 0)
-        if (total is not None and covered >= total) or (total is None and sid in read_whole):
+        if total is not None and covered >= total:
             continue
         files.append(path)
         if covered:

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline import __version__
-from pipeline.data import DataError, SourceSpec, resolve_source, source_id
+from pipeline.data import DataError, SourceSpec, resolve_source
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.scan.flushes import FlushStore, PassPlan, SourceIndex, plan_pass
 from pipeline.models import LoadedModel, ModelConfig, load_model, resolve_layers
@@ -461,7 +461,7 @@ def _execute_local(
     recorder = Recorder(recorder_config, layer_units)
     progress = _Progress(config, index, store, attempts)
     try:
-        work: PassPlan = plan_pass(source, index, store, set())
+        work: PassPlan = plan_pass(source, index, store)
         if not work.empty:
             batches = decoded_batches(
                 work.spec,
@@ -513,10 +513,11 @@ def _execute(
         describe_pending=_describe_cluster,
         input_cpus=DECODE_CPUS,
     )
-    read_whole: set[str] = set()
     try:
         for number in range(MAX_PASSES + 1):
-            work: PassPlan = plan_pass(source, index, store, read_whole)
+            # What is left is decided by the committed flushes alone, not by whether the last pass saw a loss:
+            # images lost inside Ray Data (a dead node's blocks) may raise nothing here (pipeline.scan.flushes).
+            work: PassPlan = plan_pass(source, index, store)
             if work.empty:
                 break
             if number == MAX_PASSES:
@@ -526,7 +527,7 @@ def _execute(
                 )
             if number:
                 logger.warning(
-                    "pass %d: %s image(s) not covered yet (a worker was lost); processing them again",
+                    "pass %d: %s image(s) not covered yet (lost with a worker or a node); processing them again",
                     number + 1,
                     work.images if work.images is not None else "some",
                 )
@@ -538,8 +539,6 @@ def _execute(
             )
             pool.call_all("flush", commit, outcome)
             progress.pass_done()
-            if outcome.lossless:
-                read_whole.update(source_id(f) for f in work.spec.files)
             store.drop_overlaps()
     finally:
         pool.shutdown()
