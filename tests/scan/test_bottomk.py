@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import brute_force_topk
+from helpers import brute_force_topk, interrupt_scan_at_commit
 from scan_reference import LAYERS, SMALL, reference_maxima
 from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import connect, read_manifest
@@ -99,7 +99,6 @@ def test_bottomk_equals_brute_force(dark_ties, tmp_path, batch_size, flush_image
 
 
 def test_bottomk_enters_the_fingerprint_and_resumes_exactly(dark_ties, tmp_path, monkeypatch):
-    from pipeline.scan.flushes import FlushStore
     from pipeline.store import RunError
 
     config = ScanConfig(
@@ -114,20 +113,11 @@ def test_bottomk_enters_the_fingerprint_and_resumes_exactly(dark_ties, tmp_path,
         progress=False,
         executor="local",
     )
-    calls = {"n": 0}
-    original_commit = FlushStore.commit
-
-    def interrupted_commit(self, flush, attempt):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated Ctrl-C in the middle of the scan")
-        original_commit(self, flush, attempt)
-
-    monkeypatch.setattr(FlushStore, "commit", interrupted_commit)
+    resume_commits = interrupt_scan_at_commit(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run_scan(config)
     assert read_manifest(config.out) is None
-    monkeypatch.setattr(FlushStore, "commit", original_commit)
+    resume_commits()
     resumed = run_scan(config)
     assert [a["images_committed"] for a in resumed["attempts"]][0] == 12
     check_against_brute_force(config.out, dark_ties, 5)

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from helpers import interrupt_scan_at_commit
 from repo_paths import SUPPORT_DIR
 from pipeline.data import SourceSpec
 from pipeline.models import ModelConfig
@@ -77,7 +78,6 @@ def test_forcing_local_where_it_cannot_be_is_one_line(photo_folder, tmp_path, ca
 
 
 def test_an_interrupted_local_scan_resumes_on_ray_identically(ray_cluster, photo_folder, tmp_path, monkeypatch):
-    from pipeline.scan.flushes import FlushStore
 
     config = ScanConfig(
         model=SMALL,
@@ -91,20 +91,11 @@ def test_an_interrupted_local_scan_resumes_on_ray_identically(ray_cluster, photo
         progress=False,
         executor="local",
     )
-    calls = {"n": 0}
-    original_commit = FlushStore.commit
-
-    def interrupted_commit(self, flush, attempt):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated Ctrl-C in the middle of the scan")
-        original_commit(self, flush, attempt)
-
-    monkeypatch.setattr(FlushStore, "commit", interrupted_commit)
+    resume_commits = interrupt_scan_at_commit(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run_scan(config)
     assert read_manifest(config.out) is None
-    monkeypatch.setattr(FlushStore, "commit", original_commit)
+    resume_commits()
 
     resumed = run_scan(ScanConfig(**{**config.__dict__, "executor": "ray", "actors": 1}))
     committed = [a["images_committed"] for a in resumed["attempts"]]
@@ -130,7 +121,6 @@ def test_a_resumed_local_scan_is_bit_identical_to_an_undisturbed_one(photo_folde
     """Issue 26, item 11: flushes merge in a fixed order (by the smallest key each covers), not in the order of
     random worker ids; a local scan resumed with the same --flush-images has the same flushes as an undisturbed
     one, so even the float sums (mean, std) agree to the last bit."""
-    from pipeline.scan.flushes import FlushStore
 
     config = ScanConfig(
         model=SMALL,
@@ -143,19 +133,10 @@ def test_a_resumed_local_scan_is_bit_identical_to_an_undisturbed_one(photo_folde
         progress=False,
         executor="local",
     )
-    original_commit = FlushStore.commit
-    calls = {"n": 0}
-
-    def interrupted_commit(self, flush, attempt):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated Ctrl-C in the middle of the scan")
-        original_commit(self, flush, attempt)
-
-    monkeypatch.setattr(FlushStore, "commit", interrupted_commit)
+    resume_commits = interrupt_scan_at_commit(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run_scan(config)
-    monkeypatch.setattr(FlushStore, "commit", original_commit)
+    resume_commits()
     # The resumed attempt's worker id is new and random: make it sort before the first attempt's, which
     # merged the flushes in another order than the undisturbed run's.
     monkeypatch.setattr("pipeline.scan.recorder.uuid.uuid4", lambda: type("U", (), {"hex": "0" * 32})())

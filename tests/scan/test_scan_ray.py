@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import brute_force_topk, read_topk
+from helpers import brute_force_topk, interrupt_scan_at_commit, read_topk
 from scan_reference import LAYERS, SMALL, reference_maxima
 from pipeline.data import DataError
 from pipeline.models import ModelConfig, ModelError
@@ -232,7 +232,6 @@ def test_bad_model_inputs_fail_before_any_work(tmp_path, photo_folder):
 
 def test_restart_after_interruption_and_skip_when_complete(ray_cluster, photo_folder, tmp_path, monkeypatch):
     from pipeline.scan import runner as scan_runner
-    from pipeline.scan.flushes import FlushStore
 
     run = str(tmp_path / "run")
     config = ScanConfig(
@@ -246,20 +245,11 @@ def test_restart_after_interruption_and_skip_when_complete(ray_cluster, photo_fo
         actors=1,
         progress=False,
     )
-    calls = {"n": 0}
-    original_commit = FlushStore.commit
-
-    def interrupted_commit(self, flush, attempt):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated Ctrl-C in the middle of the scan")
-        original_commit(self, flush, attempt)
-
-    monkeypatch.setattr(FlushStore, "commit", interrupted_commit)
+    resume_commits = interrupt_scan_at_commit(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run_scan(config)
     assert read_manifest(run) is None and not os.path.isdir(os.path.join(run, "topk"))
-    monkeypatch.setattr(FlushStore, "commit", original_commit)
+    resume_commits()
 
     first = run_scan(config)
     # The second attempt resumed from the two flushes the first one committed and processed only the rest.

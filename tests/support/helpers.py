@@ -177,3 +177,21 @@ def write_toml(path, data: dict) -> str:
         lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+def interrupt_scan_at_commit(monkeypatch, n: int):
+    """Make the n-th flush commit of the next scan raise KeyboardInterrupt (a Ctrl-C between two durable
+    commits; the commits before it are durable). Returns a function that puts the real commit back."""
+    from pipeline.scan.flushes import FlushStore
+
+    original = FlushStore.commit
+    calls = {"n": 0}
+
+    def interrupted_commit(self, flush, attempt):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("simulated Ctrl-C in the middle of the scan")
+        original(self, flush, attempt)
+
+    monkeypatch.setattr(FlushStore, "commit", interrupted_commit)
+    return lambda: monkeypatch.setattr(FlushStore, "commit", original)
