@@ -647,8 +647,11 @@ def create_views(con, prefix: str, views: dict[str, ViewSource], root: str) -> N
     for name, dataset in snapshot_datasets(root, views).items():
         if dataset is None:
             con.execute(f"CREATE OR REPLACE VIEW {prefix}{name} AS {_empty_view(views[name])}")
-        else:  # a view over the open files, no other name in the catalog
+        elif name == MAXIMA:  # every (image, unit) maximum: too large to hold, read lazily when queried
             con.from_arrow(dataset).create_view(f"{prefix}{name}", replace=True)
+        else:  # read now, in this thread: DuckDB streaming a dataset over the Python file handler (which needs
+            # the GIL from Arrow's threads) was seen to deadlock; the tables other than maxima are small
+            con.from_arrow(dataset.to_table(use_threads=False)).create_view(f"{prefix}{name}", replace=True)
 
 
 def connect(run_dir: str):
