@@ -19,7 +19,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.devices import DEVICES
 from pipeline.ranges import check_range
@@ -45,6 +45,15 @@ def _check_ranges(section: object, prefix: str, names: tuple[str, ...]) -> None:
             check_range(name, getattr(section, name), f"{prefix}.{name}")
         except ValueError as error:
             raise ConfigError(str(error)) from error
+
+
+def _check_stage(check: Callable[..., None], section: object, prefix: str) -> None:
+    """Run a stage's own settings check (it lives beside the stage) on its job-file section, naming the job
+    file's keys (``scan.k``); its ValueError becomes the ConfigError a job file's mistakes are reported as."""
+    try:
+        check(section, prefix=f"{prefix}.")
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
 
 @dataclass(frozen=True)
@@ -136,10 +145,7 @@ class ScanSection:
 
     def check(self) -> None:
         _check_ranges(self, "scan", ("max_side", "max_pixels", "max_aspect"))
-        try:
-            check_scan_settings(self, prefix="scan.")
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
+        _check_stage(check_scan_settings, self, "scan")
 
 
 @dataclass(frozen=True)
@@ -190,10 +196,7 @@ class CompareSection:
     previous: str | None = COMPARE_OPTION["previous"].default
 
     def check(self) -> None:
-        try:
-            check_compare_settings(self, prefix="compare.")
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
+        _check_stage(check_compare_settings, self, "compare")
 
 
 @dataclass(frozen=True)
@@ -208,10 +211,7 @@ class DissectSection:
     device: str = DISSECT_OPTION["device"].default
 
     def check(self) -> None:
-        try:
-            check_dissect_settings(self, prefix="dissect.")
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
+        _check_stage(check_dissect_settings, self, "dissect")
         if self.probe is not None and "://" in self.probe:
             raise ConfigError(f"dissect.probe must be a local probe folder or builtin:NAME, got {self.probe!r}")
 
@@ -237,10 +237,7 @@ class ScoreSection:
     device: str = SCORE_OPTION["device"].default
 
     def check(self) -> None:
-        try:
-            check_score_settings(self, prefix="score.")
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
+        _check_stage(check_score_settings, self, "score")
         if not self.kinds or set(self.kinds) - set(_score_kinds()):
             raise ConfigError(f"score.kinds must be among {', '.join(_score_kinds())}; got {self.kinds!r}")
 
