@@ -46,24 +46,26 @@ CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.
              "RayCronJob": "ray.io_raycronjobs.yaml"}
 
 
-def crd_to_json_schema(node):
-    """One CRD openAPIV3Schema node as JSON Schema, as strict as the API server with strict field validation
-    (kubectl's default since 1.27): an object that lists its properties rejects any other field unless it says
-    x-kubernetes-preserve-unknown-fields; x-kubernetes-int-or-string is integer or string; nullable allows null.
-    x-kubernetes-validations (CEL) are kept as annotations only: jsonschema ignores them, tests/infra/
-    port the ones our fields meet."""
+def without_descriptions(node, maps=("properties", "$defs", "patternProperties"), finish=None):
+    """node rebuilt without its documentation strings ("description" keywords), never a property that happens to
+    be named description: `maps` are the keywords whose values map names to schemas. `finish(object)`, when
+    given, rewrites each rebuilt object, innermost first."""
     if isinstance(node, list):
-        return [crd_to_json_schema(x) for x in node]
+        return [without_descriptions(x, maps, finish) for x in node]
     if not isinstance(node, dict):
         return node
     out = {}
     for key, value in node.items():
         if key == "description" and isinstance(value, str):
             continue
-        if key in ("properties", "patternProperties"):
-            out[key] = {k: crd_to_json_schema(v) for k, v in value.items()}
+        if key in maps:
+            out[key] = {k: without_descriptions(v, maps, finish) for k, v in value.items()}
         else:
-            out[key] = crd_to_json_schema(value)
+            out[key] = without_descriptions(value, maps, finish)
+    return finish(out) if finish else out
+
+
+def _strict_crd_object(out: dict) -> dict:
     if out.pop("x-kubernetes-int-or-string", False):
         out.pop("type", None)
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
@@ -72,6 +74,15 @@ def crd_to_json_schema(node):
     if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
         out["additionalProperties"] = False
     return out
+
+
+def crd_to_json_schema(node):
+    """One CRD openAPIV3Schema node as JSON Schema, as strict as the API server with strict field validation
+    (kubectl's default since 1.27): an object that lists its properties rejects any other field unless it says
+    x-kubernetes-preserve-unknown-fields; x-kubernetes-int-or-string is integer or string; nullable allows null.
+    x-kubernetes-validations (CEL) are kept as annotations only: jsonschema ignores them, tests/infra/
+    port the ones our fields meet."""
+    return without_descriptions(node, ("properties", "patternProperties"), _strict_crd_object)
 
 
 def load_crd(crd_dir: Path, kind: str) -> dict:
@@ -105,19 +116,7 @@ K8S_KINDS = {
 
 def strip_descriptions(node):
     """Drop documentation strings ("description" keywords), never a property that happens to be named description."""
-    if isinstance(node, list):
-        return [strip_descriptions(x) for x in node]
-    if not isinstance(node, dict):
-        return node
-    out = {}
-    for key, value in node.items():
-        if key == "description" and isinstance(value, str):
-            continue
-        if key in ("properties", "$defs", "patternProperties"):
-            out[key] = {k: strip_descriptions(v) for k, v in value.items()}
-        else:
-            out[key] = strip_descriptions(value)
-    return out
+    return without_descriptions(node)
 
 
 def refs(node):
