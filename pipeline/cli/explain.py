@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.options import add_decode_options, add_model_options, add_quiet_option, add_ray_options, model_config
+from pipeline.explain.deepdream import DREAM_OPTIONS
 from pipeline.explain.settings import EXPLAIN_OPTIONS
 from pipeline.options import add_arguments, option_values
 
@@ -40,12 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     dream.add_argument("image")
     dream.add_argument("--layer", required=True, help="module name as `atlas layers` lists it")
     dream.add_argument("--out", required=True, help="PNG file to write")
-    dream.add_argument("--octaves", type=int, default=4)
-    dream.add_argument("--octave-scale", type=float, default=1.4)
-    dream.add_argument("--steps", type=int, default=10, help="ascent steps per octave")
-    dream.add_argument("--lr", type=float, default=0.05, help="step size (normalised units per mean |gradient|)")
-    dream.add_argument("--jitter", type=int, default=32, help="random roll of up to this many pixels per step")
-    dream.add_argument("--seed", type=int, default=0)
+    add_arguments(dream, DREAM_OPTIONS)  # --octaves, --steps, ...: one declaration each (explain/deepdream.py)
     dream.set_defaults(func=run_dream)
 
 
@@ -131,12 +127,7 @@ def run_dream(args: argparse.Namespace) -> int:
         args.image,
         args.layer,
         args.out,
-        octaves=args.octaves,
-        octave_scale=args.octave_scale,
-        steps=args.steps,
-        lr=args.lr,
-        jitter=args.jitter,
-        seed=args.seed,
+        **option_values(DREAM_OPTIONS, args),
     )
     print(
         f"dream: {result['out']}  (layer {result['layer']}: 0.5||a||^2 {result['objective_before']:.4g} -> "

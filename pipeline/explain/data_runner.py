@@ -21,17 +21,7 @@ import numpy as np
 from pipeline.data import DataError, count_images, resolve_source, source_id
 from pipeline.explain.explainer import ExplainConfig, Explainer
 from pipeline.store import EXPLAIN_IMAGES
-from pipeline.explain.outputs import (
-    EXPLAIN,
-    ExplainWriter,
-    image_dir,
-    index_rows,
-    localization,
-    metric_rows,
-    render_files,
-    summary,
-    summary_row,
-)
+from pipeline.explain.outputs import EXPLAIN, ExplainWriter, explained_image, image_dir, summary_row
 from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
 from pipeline.ray_session import ray_session
 from pipeline.worker_pool import WorkerPool
@@ -70,7 +60,6 @@ class ExplainWorker:
         results = []
         for i, key in enumerate(str(k) for k in np.asarray(batch["image_key"]).tolist()):
             width, height = int(batch["width"][i]), int(batch["height"][i])
-            directory = f"{EXPLAIN}/{EXPLAIN_IMAGES}/{image_dir(key)}"
             source = str(batch["source"][i])
             if i not in explanations:
                 error = str(batch["error"][i])
@@ -78,7 +67,7 @@ class ExplainWorker:
                     {
                         "key": key,
                         "source": source,
-                        "directory": directory,
+                        "directory": f"{EXPLAIN}/{EXPLAIN_IMAGES}/{image_dir(key)}",
                         "files": {},
                         "summary": None,
                         "index": [],
@@ -86,33 +75,17 @@ class ExplainWorker:
                     }
                 )
                 continue
-            explanation = explanations[i]
-            located = localization(explanation, self.explainer.preprocess, width, height, self.config.percentile)
-            label = batch["label"][i] if "label" in batch else None
-            info = summary(
+            result = explained_image(
                 key,
-                explanation,
-                directory,
-                {
-                    "width": width,
-                    "height": height,
-                    "label": label,
-                    "localization": located,
-                    "model": self.config.model.spec,
-                },
+                explanations[i],
+                np.asarray(batch["pixels"][i]),
+                self.explainer.preprocess,
+                width,
+                height,
+                self.config.percentile,
+                {"label": batch["label"][i] if "label" in batch else None, "model": self.config.model.spec},
             )
-            results.append(
-                {
-                    "key": key,
-                    "source": source,
-                    "directory": directory,
-                    "summary": info,
-                    "files": render_files(explanation, np.asarray(batch["pixels"][i])),
-                    "index": index_rows(key, explanation, directory),
-                    "row": summary_row(key, explanation, directory, located["box_original"] if located else None),
-                    "metrics": metric_rows(key, explanation),
-                }
-            )
+            results.append(result | {"source": source})
         return results
 
 
@@ -169,15 +142,7 @@ def run_explain_data(
 
             def add(results: list[dict]) -> None:
                 for result in results:
-                    writer.add(
-                        result["key"],
-                        result["directory"],
-                        result["files"],
-                        result["summary"],
-                        result["index"],
-                        result["row"],
-                        result.get("metrics"),
-                    )
+                    writer.add_result(result)
                     done.setdefault(source_id(result["source"], reported=True), set()).add(result["key"])
                     counts["images"] += 1
                     counts["ok" if result["summary"] is not None else "error"] += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,18 +17,7 @@ from PIL import Image
 from pipeline.data import DataError
 from pipeline.fileio import atomic_write
 from pipeline.explain.explainer import METHODS, ExplainConfig, Explainer
-from pipeline.store import EXPLAIN_IMAGES
-from pipeline.explain.outputs import (
-    EXPLAIN,
-    ExplainWriter,
-    image_dir,
-    index_rows,
-    localization,
-    metric_rows,
-    render_files,
-    summary,
-    summary_row,
-)
+from pipeline.explain.outputs import ExplainWriter, explained_image
 from pipeline.models import ModelConfig, load_model
 from pipeline.preprocess import Preprocess, decode_image
 
@@ -133,39 +123,19 @@ def _explain_decoded(
             for offset, explanation in enumerate(explanations):
                 i = start + offset
                 pixels, width, height = decoded[i]
-                directory = f"{EXPLAIN}/{EXPLAIN_IMAGES}/{image_dir(keys[i])}"
-                located = localization(
-                    explanation, explainer.preprocess, width, height, config.percentile, boxes[i] if boxes else None
-                )
-                info = summary(
+                result = explained_image(
                     keys[i],
                     explanation,
-                    directory,
-                    extras[i]
-                    | {
-                        "width": width,
-                        "height": height,
-                        "localization": located,
-                        "model": config.model.spec,
-                        "preprocess": explainer.preprocess.as_dict(),
-                    },
+                    pixels,
+                    explainer.preprocess,
+                    width,
+                    height,
+                    config.percentile,
+                    extras[i] | {"model": config.model.spec, "preprocess": explainer.preprocess.as_dict()},
+                    boxes[i] if boxes else None,
                 )
-                writer.add(
-                    keys[i],
-                    directory,
-                    render_files(explanation, pixels),
-                    info,
-                    index_rows(keys[i], explanation, directory),
-                    summary_row(
-                        keys[i],
-                        explanation,
-                        directory,
-                        located["box_original"] if located else None,
-                        located["iou"] if located else None,
-                    ),
-                    metric_rows(keys[i], explanation),
-                )
-                summaries.append(info)
+                writer.add_result(result)
+                summaries.append(result["summary"])
         writer.commit()
     except BaseException:
         writer.abort()
@@ -173,29 +143,17 @@ def _explain_decoded(
     return summaries
 
 
-def dream_file(
-    model: ModelConfig,
-    path: str,
-    layer: str,
-    out: str,
-    octaves: int = 4,
-    octave_scale: float = 1.4,
-    steps: int = 10,
-    lr: float = 0.05,
-    jitter: int = 32,
-    seed: int = 0,
-) -> dict:
+def dream_file(model: ModelConfig, path: str, layer: str, out: str, **settings: Any) -> dict:
     """DeepDream an image file (the model's resize + centre crop) into the PNG `out`; report the objective
-    0.5 ||activation||^2 of the layer before and after."""
+    0.5 ||activation||^2 of the layer before and after. `settings`: DeepDream.attribute's keywords (octaves,
+    octave_scale, steps, lr, jitter, seed; declared in deepdream.DREAM_OPTIONS)."""
     from pipeline.explain.deepdream import DeepDream
 
     loaded = load_model(model)
     pixels, _, _ = read_image(path, loaded.preprocess)
     dream = DeepDream(loaded.model, layer, loaded.preprocess.mean, loaded.preprocess.std)
     x = loaded.preprocess.normalizer()(pixels[None])
-    result = dream.attribute(
-        x, octaves=octaves, octave_scale=octave_scale, steps=steps, lr=lr, jitter=jitter, seed=seed
-    )
+    result = dream.attribute(x, **settings)
     with torch.no_grad():
         before, after = float(dream.objective(x)[0]), float(dream.objective(result)[0])
     image = ((result * dream.std + dream.mean).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round()

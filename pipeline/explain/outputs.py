@@ -37,6 +37,7 @@ from pipeline.store import (
     EXPLAIN_METRICS_FILE,
     EXPLAIN_SUMMARY_FILE,
     EXPLAIN,
+    EXPLAIN_IMAGES,
     EXPLAIN_MARKER,
     EXPLAIN_OWNED,
     EXPLAIN_INDEX_SCHEMA,
@@ -178,6 +179,41 @@ def summary_row(
     return row
 
 
+def explained_image(
+    key: str,
+    explanation: Explanation,
+    pixels: np.ndarray,
+    preprocess,
+    width: int,
+    height: int,
+    percentile: float | None,
+    extra: dict,
+    given_box: tuple[int, int, int, int] | None = None,
+) -> dict:
+    """Everything ExplainWriter.add_result writes for one explained image: its directory, summary.json (with
+    `extra` after the size and localization), overlay files and its rows of the three tables. The one home of
+    this assembly for `atlas explain IMAGE...` (images.py) and `--data` (data_runner.py)."""
+    directory = f"{EXPLAIN}/{EXPLAIN_IMAGES}/{image_dir(key)}"
+    located = localization(explanation, preprocess, width, height, percentile, given_box)
+    return {
+        "key": key,
+        "directory": directory,
+        "summary": summary(
+            key, explanation, directory, {"width": width, "height": height, "localization": located} | extra
+        ),
+        "files": render_files(explanation, pixels),
+        "index": index_rows(key, explanation, directory),
+        "row": summary_row(
+            key,
+            explanation,
+            directory,
+            located["box_original"] if located else None,
+            located["iou"] if located else None,
+        ),
+        "metrics": metric_rows(key, explanation),
+    }
+
+
 class ExplainWriter:
     """Stage files and tables under ROOT/.explain-staging-<id>/, then `commit` them to ROOT/explain."""
 
@@ -217,6 +253,18 @@ class ExplainWriter:
         self.index.extend(index)
         self.summaries.append(summary_table_row)
         self.metrics.extend(metrics or [])
+
+    def add_result(self, result: dict) -> None:
+        """Write one image as explained_image (or a worker's error result) describes it."""
+        self.add(
+            result["key"],
+            result["directory"],
+            result["files"],
+            result["summary"],
+            result["index"],
+            result["row"],
+            result.get("metrics"),
+        )
 
     def commit(self) -> pa.Table:
         """Write the two tables and move the staged directory into place; return the index table."""
