@@ -13,24 +13,21 @@ from repo_paths import REPO_ROOT
 ROOT = REPO_ROOT
 
 
-def test_gpu_checks_run_on_cpu_and_say_what_they_skipped(tmp_path):
-    out = tmp_path / "report.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "scripts", "gpu_checks.py"),
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-            "--only",
-            "environment,layer_maxima,batch,decode,render,timing",
-        ],
+def gpu_checks(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """scripts/gpu_checks.py ARGS in a child Python, run from the repository root; its output captured."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "gpu_checks.py"), *args],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         cwd=ROOT,
     )
+
+
+def test_gpu_checks_run_on_cpu_and_say_what_they_skipped(tmp_path):
+    out = tmp_path / "report.json"
+    only = "environment,layer_maxima,batch,decode,render,timing"
+    done = gpu_checks("--device", "cpu", "--out", str(out), "--only", only, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert report["failed"] == []
@@ -47,14 +44,7 @@ def test_the_ratios_run_in_a_reduced_mode_on_cpu(tmp_path):
     """Issue 25's ratios (Recorder / bare forward, scan / its bottleneck) are measured on CPU too, at toy sizes:
     the measurement code runs before a GPU is there to run it (numbers reported, not judged)."""
     out = tmp_path / "report.json"
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "gpu_checks.py"), "--device", "cpu", "--out", str(out)]
-        + ["--only", "ratios"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    done = gpu_checks("--device", "cpu", "--out", str(out), "--only", "ratios", timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     ratios = json.loads(out.read_text())["checks"]["ratios"]
     assert ratios["reduced"] and ratios["resnet50_all_layers"]["units"] > 15_000
@@ -69,17 +59,5 @@ def test_asking_for_cuda_without_a_gpu_is_one_line(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: --device cuda is valid here")
-    done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "scripts", "gpu_checks.py"),
-            "--device",
-            "cuda",
-            "--out",
-            str(tmp_path / "r.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = gpu_checks("--device", "cuda", "--out", str(tmp_path / "r.json"), timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "sees no GPU" in done.stderr
