@@ -208,26 +208,14 @@ def test_explain_cli_writes_metrics_for_every_method(tmp_path):
     from importlib import resources
 
     image = str(resources.files("skimage") / "data" / "coffee.png")
+
+    def explain(*options: str) -> int:  # `atlas explain` of the photo with the tiny model into tmp_path
+        argv = ["explain", "--model", "module:tiny_models:small_net", "--image-size", "32", "--out", str(tmp_path)]
+        return main([*argv, *options, image])
+
     assert (
-        main(
-            [
-                "explain",
-                "--model",
-                "module:tiny_models:small_net",
-                "--image-size",
-                "32",
-                "--out",
-                str(tmp_path),
-                "--window",
-                "8",
-                "--stride",
-                "8",
-                "--metrics",
-                "deletion,insertion,randomization",
-                "--metric-steps",
-                "8",
-                image,
-            ]
+        explain(
+            "--window", "8", "--stride", "8", "--metrics", "deletion,insertion,randomization", "--metric-steps", "8"
         )
         == 0
     )
@@ -243,23 +231,7 @@ def test_explain_cli_writes_metrics_for_every_method(tmp_path):
             assert r["value"] == pytest.approx(r["curve"][-1]) and r["flagged"] == (abs(r["value"]) >= FLAG_SPEARMAN)
         else:
             assert len(r["curve"]) == 9 and 0 <= r["value"] <= 1 and r["steps"] is None and r["flagged"] is None
-    assert (
-        main(
-            [
-                "explain",
-                "--model",
-                "module:tiny_models:small_net",
-                "--image-size",
-                "32",
-                "--out",
-                str(tmp_path),
-                "--metrics",
-                "fidelity",
-                image,
-            ]
-        )
-        == 2
-    )
+    assert explain("--metrics", "fidelity") == 2
 
 
 def test_the_ray_worker_carries_the_metric_rows_of_each_image(tmp_path):

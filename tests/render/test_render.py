@@ -41,28 +41,14 @@ def index_rows(run: str) -> list[dict]:
     return pq.read_table(os.path.join(run, "atlas", "index.parquet")).to_pylist()
 
 
+def render_fast(run: str, *options: str) -> int:
+    """`atlas render RUN OPTIONS` with FAST's visualization settings (8 steps, 32 pixels), no progress bar."""
+    return main(["render", run, *options, "--steps", str(FAST.steps), "--size", str(FAST.size), "-q"])
+
+
 def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder):
     run = scanned
-    assert (
-        main(
-            [
-                "render",
-                run,
-                "--layers",
-                "down",
-                "--units",
-                "0-1,5",
-                "--classes",
-                "0,3",
-                "--steps",
-                "8",
-                "--size",
-                "32",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert render_fast(run, "--layers", "down", "--units", "0-1,5", "--classes", "0,3") == 0
     rows = index_rows(run)
     assert {(r["layer"], r["unit"], r["kind"]) for r in rows} == (
         {("down", u, k) for u in (0, 1, 5) for k in VIEW_KINDS | {"featvis"}}
@@ -249,26 +235,7 @@ def test_cli_renders_what_it_names_and_says_its_plan_first(scanned, tmp_path, ca
 
     run = copy_run(scanned, tmp_path / "run")
     caplog.set_level(logging.INFO, logger="pipeline")
-    assert (
-        main(
-            [
-                "render",
-                run,
-                "--layers",
-                "down",
-                "--units",
-                "0-1",
-                "--steps",
-                "8",
-                "--size",
-                "32",
-                "--units-per-task",
-                "1",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert render_fast(run, "--layers", "down", "--units", "0-1", "--units-per-task", "1") == 0
     rows = index_rows(run)
     assert {(r["layer"], r["unit"]) for r in rows} == {("down", 0), ("down", 1)}
     assert {r["kind"] for r in rows} == VIEW_KINDS | {"featvis"}
@@ -284,7 +251,7 @@ def test_cli_renders_what_it_names_and_says_its_plan_first(scanned, tmp_path, ca
     assert re.fullmatch(
         r"render estimate: about \d+ s left \(the first units task: 1 units in [\d.]+ s\)", messages[estimates[0]]
     ), messages[estimates[0]]
-    assert main(["render", run, "--classes", "3", "--steps", "8", "--size", "32", "-q"]) == 0
+    assert render_fast(run, "--classes", "3") == 0
     rows = index_rows(run)
     assert {(r["layer"], r["unit"]) for r in rows if r["kind"] == "classvis"} == {("head.2", 3)}
     assert {(r["layer"], r["unit"]) for r in rows if r["kind"] != "classvis"} == {("down", 0), ("down", 1)}
