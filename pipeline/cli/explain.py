@@ -6,7 +6,7 @@ import argparse
 
 from pipeline.cli.options import add_decode_options, add_model_options, add_quiet_option, add_ray_options, model_config
 from pipeline.explain.deepdream import DREAM_OPTIONS
-from pipeline.explain.settings import EXPLAIN_OPTIONS
+from pipeline.explain.settings import EXPLAIN_BATCH_SIZE, EXPLAIN_OPTIONS
 from pipeline.options import add_arguments, option_values
 
 
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--box",
         help="x0,y0,x1,y1 ground-truth box in ORIGINAL image pixels (one image): reports the saliency box's IoU",
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    EXPLAIN_BATCH_SIZE.add_argument(parser)
     add_ray_options(
         parser,
         address="Ray cluster address for --data (default: a local Ray)",

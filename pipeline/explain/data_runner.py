@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.data import DataError, count_images, resolve_source, source_id
 from pipeline.explain.explainer import ExplainConfig, Explainer
 from pipeline.store import EXPLAIN_IMAGES
+from pipeline.explain.settings import EXPLAIN_BATCH_SIZE
 from pipeline.explain.outputs import EXPLAIN, ExplainWriter, explained_image, image_dir, summary_row
 from pipeline.image_stream import DECODE_CPUS, decoded_dataset, plan_actors
 from pipeline.ray_session import ray_session
@@ -106,7 +107,7 @@ def run_explain_data(
     config: ExplainConfig,
     data: str,
     root: str,
-    batch_size: int = 8,
+    batch_size: int = EXPLAIN_BATCH_SIZE.default,
     address: str | None = None,
     actors: int | None = None,
     threads: int | None = None,

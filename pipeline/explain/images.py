@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline.data import DataError
 from pipeline.fileio import atomic_write
 from pipeline.explain.explainer import METHODS, ExplainConfig, Explainer
+from pipeline.explain.settings import EXPLAIN_BATCH_SIZE
 from pipeline.explain.outputs import ExplainWriter, explained_image
 from pipeline.models import ModelConfig, load_model
 from pipeline.preprocess import Preprocess, decode_image
@@ -46,7 +47,7 @@ def explain_images(
     paths: list[str],
     out: str,
     boxes: list[tuple[int, int, int, int] | None] | None = None,
-    batch_size: int = 8,
+    batch_size: int = EXPLAIN_BATCH_SIZE.default,
     keys: list[str] | None = None,
 ) -> list[dict]:
     """Explain image files; write OUT/explain/ (layout in outputs.py); return the per-image summaries.
@@ -97,7 +98,9 @@ def explain_run_images(
     if not found:
         raise DataError(f"none of the requested images could be read back from {manifest['config']['data']}")
     decoded = [decode_image(blobs[key], explainer.preprocess) for key in found]
-    return _explain_decoded(explainer, found, decoded, run, None, 8, [{"image_key": key} for key in found])
+    return _explain_decoded(
+        explainer, found, decoded, run, None, EXPLAIN_BATCH_SIZE.default, [{"image_key": key} for key in found]
+    )
 
 
 def _explain_decoded(

@@ -44,6 +44,9 @@ EXPLAIN_OPTIONS: tuple[Option, ...] = (
     Option("metric_steps", int, 50, "deletion/insertion steps from none to all pixels (default {default})"),
 )
 EXPLAIN_OPTION = {option.name: option for option in EXPLAIN_OPTIONS}
+# Images per forward pass: not an ExplainConfig field (the runners take it), so declared beside the others; the
+# flag and the runners' defaults come from here.
+EXPLAIN_BATCH_SIZE = Option("batch_size", int, 8, "images per forward pass (default {default})")
 
 
 def comma_list(text: str | None) -> tuple[str, ...]:
