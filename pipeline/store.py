@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.fileio import atomic_write, atomic_write_json
@@ -516,67 +515,22 @@ def view_statements(root: str, base: str, views: dict[str, ViewSource] | None = 
 # A reader of this process (`atlas query`, the notebook API, the site, `atlas compare`) opens every file of every
 # view ONCE, between two looks at the manifest: a scan's swap moves the manifest away first and puts the new one
 # in last, so the same manifest (inode and change time) before and after means every file opened belongs to that
-# run. DuckDB then reads the open files (pyarrow datasets over the descriptors, registered on the connection), so
-# a swap afterwards changes nothing for this reader: it sees the whole old run until it reconnects. No path is
-# ever handed to DuckDB, so no path is read as a pattern, and the connection needs no file access at all.
+# run. DuckDB then reads the open files (pyarrow datasets over them, registered on the connection), so a swap
+# afterwards changes nothing for this reader: it sees the whole old run until it reconnects. No path is ever handed
+# to DuckDB, so no path is read as a pattern, and the connection needs no file access at all.
+#
+# Each file is a pyarrow OSFile (C++; reopened through /proc/self/fd where there is one, so it is the very file the
+# check opened), held by its dataset fragment, so it lives exactly as long as the view (a cursor or an Arrow reader
+# that outlives the connection object still reads it) and is closed with it. No Python runs when Arrow reads: an
+# earlier version read through a Python pyarrow.fs.PyFileSystem handler, which Arrow's I/O threads had to call back
+# under the GIL while DuckDB's threads streamed the dataset, and that deadlocked (the README tour's `atlas query`
+# hung once). DuckDB's own read_parquet over /proc/self/fd paths was not used: a contained connection
+# (enable_external_access = false, pipeline.query.contain) checks each open against allowed_paths by the path's
+# canonical form, which is the file's name at SET time and "/proc/<pid>/fd/N" once a swap deleted the name, so a
+# contained query would fail after a swap instead of reading the old run; the views' lifetime would also have been
+# the connection object's, not the views'.
 SNAPSHOT_TRIES = 200  # x SNAPSHOT_WAIT: how long a reader waits for a swap in progress to finish
 SNAPSHOT_WAIT = 0.02
-
-
-class _OpenFiles(pafs.FileSystemHandler):
-    """A read-only pyarrow filesystem handler over files opened once (name -> descriptor); closed with it."""
-
-    def __init__(self, files: dict[str, int], root: str):
-        self.files = files
-        self.root = root
-        # Linux reopens a descriptor's own file through /proc, even after a swap removed its name; elsewhere the
-        # name is read again (no whole-run guarantee there: docs/run-directory.md).
-        self.by_descriptor = os.path.isdir("/proc/self/fd")
-
-    def __del__(self) -> None:
-        for fd in self.files.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def _source(self, path: str) -> str:
-        rel = path.lstrip("/")
-        if self.by_descriptor:
-            return f"/proc/self/fd/{self.files[rel]}"
-        return os.path.join(self.root, *rel.split("/"))
-
-    # pyarrow.fs.FileSystemHandler
-    def get_type_name(self) -> str:
-        return "atlas-open-files"
-
-    def normalize_path(self, path: str) -> str:
-        return path
-
-    def equals(self, other) -> bool:
-        return other is self
-
-    def get_file_info(self, paths):
-        infos = []
-        for path in paths:
-            fd = self.files.get(path.lstrip("/"))
-            if fd is None:
-                infos.append(pafs.FileInfo(path, pafs.FileType.NotFound))
-            else:
-                infos.append(pafs.FileInfo(path, pafs.FileType.File, size=os.fstat(fd).st_size))
-        return infos
-
-    def open_input_file(self, path: str):
-        return pa.OSFile(self._source(path))
-
-    def open_input_stream(self, path: str):
-        return pa.OSFile(self._source(path))
-
-    def _read_only(self, *args, **kwargs):
-        raise OSError("a run snapshot is read-only")
-
-    get_file_info_selector = create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _read_only
-    delete_file = move = copy_file = open_output_stream = open_append_stream = _read_only
 
 
 def _manifest_identity(root: str) -> tuple[int, int, int] | None:
@@ -587,22 +541,41 @@ def _manifest_identity(root: str) -> tuple[int, int, int] | None:
     return (info.st_ino, info.st_ctime_ns, info.st_mtime_ns)
 
 
-def _open_view_files(root: str, views: dict[str, ViewSource]) -> dict[str, list[str]] | None:
+def _open_file(path: str) -> pa.NativeFile | None:
+    """`path` opened once (no symlink followed) as a pyarrow file; None if it is gone or changed while opened."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        # Linux reopens the descriptor's own file through /proc; elsewhere the name is opened again and must still
+        # be the same file as the descriptor (a swap between the two opens is retried like any other).
+        by_descriptor = f"/proc/self/fd/{fd}"
+        native = pa.OSFile(by_descriptor if os.path.exists(by_descriptor) else path)
+        opened, checked = os.fstat(native.fileno()), os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+            native.close()
+            return None
+        return native
+    finally:
+        os.close(fd)
+
+
+def _open_view_files(root: str, views: dict[str, ViewSource]) -> dict[str, Any] | None:
     """Open every file of `views` under `root`; None if the run changed meanwhile (the caller retries)."""
     listed: dict[str, list[str]] = {}
-    opened: dict[str, int] = {}
+    opened: dict[str, pa.NativeFile] = {}
     try:
         for name, source in views.items():
             listed[name] = view_files(root, source)
             for rel in listed[name]:
                 if rel not in opened:
-                    fd = os.open(os.path.join(root, *rel.split("/")), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-                    opened[rel] = fd
+                    native = _open_file(os.path.join(root, *rel.split("/")))
+                    if native is None:
+                        raise FileNotFoundError(rel)
+                    opened[rel] = native
     except FileNotFoundError:
-        for fd in opened.values():
-            os.close(fd)
+        for native in opened.values():
+            native.close()
         return None
-    return {"listed": listed, "opened": opened}  # type: ignore[return-value]
+    return {"listed": listed, "opened": opened}
 
 
 def snapshot_datasets(root: str, views: dict[str, ViewSource]) -> dict[str, Any]:
@@ -624,34 +597,33 @@ def snapshot_datasets(root: str, views: dict[str, ViewSource]) -> dict[str, Any]
         if found is not None and _manifest_identity(root) == before:
             break
         if found is not None:
-            for fd in found["opened"].values():
-                os.close(fd)
+            for native in found["opened"].values():
+                native.close()
         time.sleep(SNAPSHOT_WAIT)
     else:
         raise RunError(f"{root} kept changing while it was opened (a scan swapping it in?); try again")
-    handler = _OpenFiles(found["opened"], root)
-    filesystem = pafs.PyFileSystem(handler)
+    parquet = ds.ParquetFileFormat()
     datasets: dict[str, Any] = {}
     for name, files in found["listed"].items():
         if not files:
             datasets[name] = None
             continue
-        schemas = [pq.read_schema(handler.open_input_file(f)) for f in files]
-        datasets[name] = ds.dataset(files, schema=pa.unify_schemas(schemas), format="parquet", filesystem=filesystem)
+        # A fragment over an open file holds it (and closes it when the last dataset holding it goes).
+        fragments = [parquet.make_fragment(found["opened"][rel]) for rel in files]
+        schema = pa.unify_schemas([fragment.physical_schema for fragment in fragments])
+        datasets[name] = ds.FileSystemDataset(fragments, schema, parquet)
     return datasets
 
 
 def create_views(con, prefix: str, views: dict[str, ViewSource], root: str) -> None:
     """Create the views `<prefix><name>` over root's files in a DuckDB connection (a snapshot: see above). `atlas
-    compare`'s connection puts two runs and the comparison side by side with it (a_topk, b_topk, cmp_units, ...)."""
+    compare`'s connection puts two runs and the comparison side by side with it (a_topk, b_topk, cmp_units, ...).
+    Every view is lazy: DuckDB reads the open files when a query needs them (maxima can be every image x unit)."""
     for name, dataset in snapshot_datasets(root, views).items():
         if dataset is None:
             con.execute(f"CREATE OR REPLACE VIEW {prefix}{name} AS {_empty_view(views[name])}")
-        elif name == MAXIMA:  # every (image, unit) maximum: too large to hold, read lazily when queried
+        else:
             con.from_arrow(dataset).create_view(f"{prefix}{name}", replace=True)
-        else:  # read now, in this thread: DuckDB streaming a dataset over the Python file handler (which needs
-            # the GIL from Arrow's threads) was seen to deadlock; the tables other than maxima are small
-            con.from_arrow(dataset.to_table(use_threads=False)).create_view(f"{prefix}{name}", replace=True)
 
 
 def connect(run_dir: str):

@@ -78,11 +78,19 @@ class RunFiles:
             raise UnsafePathError(f"{path!r} is not a file of the run")
         parent, name = posixpath.split(path)
         listed = self._listing(parent)[name]
-        fd = os.open(self.absolute(path), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NOFOLLOW: a file swapped for a symlink fails here (ELOOP) instead of being followed; O_NONBLOCK: one
+        # swapped for a FIFO opens at once (and is refused below) instead of blocking the build forever. Every
+        # failure to open the listed name means it changed since the check: refused like a swap, not a crash.
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(self.absolute(path), flags)
+        except OSError as error:
+            raise UnsafePathError(f"{path!r} changed since it was checked ({error.strerror})") from error
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or (info.st_dev, info.st_ino) != listed[:2]:
             os.close(fd)
             raise UnsafePathError(f"{path!r} changed since it was checked (another file or a hard link now)")
+        os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
 
     def _listing(self, parent: str) -> dict[str, tuple[int, int, int]]:

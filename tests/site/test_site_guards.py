@@ -4,6 +4,7 @@ published, no page holds the run's absolute path, and the unit query runs in the
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -49,24 +50,67 @@ def test_a_hard_link_to_a_file_outside_the_run_is_not_published(small_run, tmp_p
     assert "files/atlas/layer=block0.conv/unit=0/overlay_000.png" in outside
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="failed once in the fresh-clone run after the merges of 2026-12-06 (RunFiles.exists of a featvis file); not yet diagnosed: see the closing note",
-)
-def test_a_file_swapped_after_the_check_is_not_copied(small_run, tmp_path):
+def _swap(run: str, path: str, secret: str, how: str) -> None:
+    """Replace the run's file `path` (atomically, by rename) with `how` the file `secret` outside the run."""
+    staged = os.path.join(run, path + ".new")
+    if how == "hard link":
+        os.link(secret, staged)
+    elif how == "symlink":
+        os.symlink(secret, staged)
+    elif how == "fifo":  # opening it for reading would block until a writer came
+        os.mkfifo(staged)
+    else:  # another single-link regular file with the secret's bytes: only its inode tells it apart
+        shutil.copyfile(secret, staged)
+    os.replace(staged, os.path.join(run, path))
+
+
+SWAPS = ("hard link", "symlink", "fifo", "other file")
+
+
+@pytest.mark.parametrize("how", SWAPS)
+def test_a_file_swapped_after_the_check_is_not_opened(small_run, tmp_path, how):
+    from pipeline.render.files import unit_file
     from pipeline.site.paths import RunFiles, UnsafePathError
 
     files = RunFiles(small_run)
-    path = "atlas/layer=block0.conv/unit=1/featvis_000.png"
+    # The name from its one home (render writes featvis.png; a literal featvis_000.png named no file).
+    path = unit_file("block0.conv", 1, "featvis")
     assert files.exists(path)
     with files.open(path) as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     secret = tmp_path / "secret.txt"
     secret.write_bytes(b"SECRET")
-    os.link(secret, os.path.join(small_run, path + ".new"))
-    os.replace(os.path.join(small_run, path + ".new"), os.path.join(small_run, path))
-    with pytest.raises(UnsafePathError):
+    _swap(small_run, path, str(secret), how)
+    with pytest.raises(UnsafePathError, match="changed since it was checked"):
         files.open(path)
+
+
+@pytest.mark.parametrize("how", SWAPS)
+def test_a_file_swapped_after_the_pages_is_not_copied(small_run, tmp_path, monkeypatch, caplog, how):
+    """End to end: the pages are made (every file checked), then a file is swapped before the images are
+    copied into a site outside the run; the build finishes, warns, and the site holds no byte of the secret."""
+    from pipeline.render.files import unit_file
+    from pipeline.site import build as site_build
+
+    path = unit_file("block0.conv", 1, "featvis")
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"SECRET-KEY-MATERIAL")
+    media = site_build._Pages.media
+
+    def swap_then_copy(pages) -> None:
+        assert path in pages.used_media  # the page links it: it would be copied but for the re-check
+        _swap(small_run, path, str(secret), how)
+        media(pages)
+
+    monkeypatch.setattr(site_build._Pages, "media", swap_then_copy)
+    with caplog.at_level("WARNING"):
+        site = os.path.dirname(site_build.build_site(small_run, out=str(tmp_path / "export"), progress=False).index)
+    assert "not copied" in caplog.text and path in caplog.text
+    files = _site_files(site)
+    assert not any(b"SECRET-KEY-MATERIAL" in data for data in files.values())
+    assert f"files/{path}" not in files
+    # Only the swapped file is left out: its neighbours are copied.
+    assert f"files/{unit_file('block0.conv', 1, 'crop', 0)}" in files
 
 
 def test_no_page_holds_the_runs_absolute_path(small_run, tmp_path):
