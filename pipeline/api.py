@@ -30,7 +30,7 @@ from markupsafe import Markup
 from pipeline.query import open_connection
 from pipeline.site.paths import RunFiles, UnsafePathError, check_relative_path, url_path
 from pipeline.site.svg import fmt, histogram_svg
-from pipeline.store import MANIFEST, RunError, read_manifest
+from pipeline.store import RunError, require_run
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ class Run:
         self.path = os.path.abspath(path)
         self.url = url
         self.images = images
-        self.manifest = read_manifest(self.path)
-        if self.manifest is None:
-            raise RunError(f"{url or path} is not a complete run (no {MANIFEST}); run `atlas scan` first")
+        self.manifest = require_run(self.path, shown=url or path)
         self._mirror = mirror
         self._files = RunFiles(self.path)
         self._con = open_connection(self.path)

@@ -339,6 +339,22 @@ def read_manifest(run_dir: str) -> dict | None:
         return json.load(handle)
 
 
+def require_run(
+    run_dir: str, *, shown: str | None = None, alternative: str | None = None, swapping: bool = False
+) -> dict | None:
+    """The manifest of the complete run at `run_dir`; the one refusal, in one wording, of a folder without one
+    (every stage, the notebook API and the views call it; a RunError is one line and status 2 at the CLI).
+    `shown`: the name the user gave, if not `run_dir` (the URL a local copy was made of). `alternative`: what
+    else the user could do, added to the hint. `swapping`: a folder whose manifest is gone only because a scan
+    is swapping a new run in (it keeps the old one in .previous/ meanwhile, and the new manifest comes last) is
+    not refused: returns None, and the caller waits (a reader of the views); otherwise never returns None."""
+    manifest = read_manifest(run_dir)
+    if manifest is None and not (swapping and os.path.isdir(os.path.join(run_dir, PREVIOUS))):
+        hint = "run `atlas scan` first" + (f", or {alternative}" if alternative else "")
+        raise RunError(f"{shown or run_dir} is not a complete run (no {MANIFEST}); {hint}")
+    return manifest
+
+
 PART = "part-0.parquet"  # the one file of a table written whole (units, images; each layer=<L>/ of topk)
 
 
@@ -589,8 +605,7 @@ def snapshot_datasets(root: str, views: dict[str, ViewSource]) -> dict[str, Any]
     for _ in range(SNAPSHOT_TRIES):
         before = _manifest_identity(root)
         if before is None:
-            if not os.path.isdir(os.path.join(root, PREVIOUS)):
-                raise RunError(f"{root} is not a complete run (no {MANIFEST}); run `atlas scan` first")
+            require_run(root, swapping=True)  # refuses a folder that is no run (and is not being swapped)
             time.sleep(SNAPSHOT_WAIT)  # a swap in progress: the new manifest comes last
             continue
         found = _open_view_files(root, views)
@@ -631,8 +646,7 @@ def connect(run_dir: str):
     dissect`'s labels, concepts, selectivity and thresholds, ...) over a complete run's Parquet, all of one run."""
     import duckdb
 
-    if read_manifest(run_dir) is None and not os.path.isdir(os.path.join(run_dir, PREVIOUS)):
-        raise RunError(f"{run_dir} is not a complete run (no {MANIFEST}); run `atlas scan` first")
+    require_run(run_dir, swapping=True)  # a swap in progress: create_views waits for the new manifest
     con = duckdb.connect()
     try:
         create_views(con, "", RUN_VIEWS, run_dir)

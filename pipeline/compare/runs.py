@@ -7,7 +7,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from pipeline.store import COMPARE_VIEWS, COMPARISON_KIND, MANIFEST, RUN_VIEWS, RunError, create_views, read_manifest
+from pipeline.store import (
+    COMPARE_VIEWS,
+    COMPARISON_KIND,
+    MANIFEST,
+    RUN_VIEWS,
+    RunError,
+    create_views,
+    read_manifest,
+    require_run,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +51,20 @@ class RunInfo:
 
 
 def load_run(path: str) -> RunInfo:
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise RunError(f"{path} is not a complete run (no {MANIFEST}); run `atlas scan` first")
+    manifest = require_run(path)
     if manifest.get("kind") == COMPARISON_KIND:
         raise RunError(f"{path} is a comparison, not a run; compare two scan runs")
     layers = {entry["name"]: int(entry["units"]) for entry in manifest.get("layers", [])}
     return RunInfo(os.path.abspath(path), manifest, layers)
+
+
+def require_comparison(cmp_dir: str) -> dict:
+    """The manifest of the complete comparison at `cmp_dir`; the one refusal of anything else (a folder without a
+    manifest, or a scan run's), for every reader of a comparison (its views, its site)."""
+    manifest = read_manifest(cmp_dir)
+    if manifest is None or manifest.get("kind") != COMPARISON_KIND:
+        raise RunError(f"{cmp_dir} is not a complete comparison (no comparison {MANIFEST}); run `atlas compare` first")
+    return manifest
 
 
 def connect_comparison(cmp_dir: str):
@@ -56,9 +72,7 @@ def connect_comparison(cmp_dir: str):
     a_maxima, b_topk, ... (a run that moved or was rescanned since is left out, with a warning)."""
     import duckdb
 
-    manifest = read_manifest(cmp_dir)
-    if manifest is None or manifest.get("kind") != COMPARISON_KIND:
-        raise RunError(f"{cmp_dir} is not a complete comparison (no comparison {MANIFEST}); run `atlas compare`")
+    manifest = require_comparison(cmp_dir)
     con = duckdb.connect()
     create_views(con, "", COMPARE_VIEWS, cmp_dir)
     for side in ("a", "b"):

@@ -16,7 +16,8 @@ import os
 import pyarrow.parquet as pq
 from jinja2 import Environment
 
-from pipeline.store import ATLAS_INDEX, COMPARISON_KIND, SITE, SITE_UNITS, RunError, connect, read_manifest
+from pipeline.compare.runs import require_comparison
+from pipeline.store import ATLAS_INDEX, SITE, SITE_UNITS, connect, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +209,7 @@ def _unit_links(run_path: str, site_dir: str, side: str, layer: str, unit: int |
 
 def build_comparison_site(cmp_dir: str, out: str | None = None) -> str:
     """Write the comparison's summary page; returns the path of its index.html."""
-    manifest = read_manifest(cmp_dir)
-    if manifest is None or manifest.get("kind") != COMPARISON_KIND:
-        raise RunError(f"{cmp_dir} is not a complete comparison; run `atlas compare` first")
+    manifest = require_comparison(cmp_dir)
     from pipeline.rundir import claim_folder
     from pipeline.site.writer import MARKER, SiteWriter
 

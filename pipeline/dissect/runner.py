@@ -42,6 +42,7 @@ from pipeline.store import (
     TOP_QUANTILE,
     RunError,
     read_manifest,
+    require_run,
     write_json,
     write_table,
     write_views,
@@ -94,8 +95,7 @@ def dissect_run(config: DissectConfig) -> dict:
     from pipeline.rundir import run_lock
 
     config.validate()
-    if read_manifest(config.run) is None:
-        raise RunError(f"{config.run} is not a complete scan (no manifest.json); run `atlas scan` first")
+    require_run(config.run)
     with run_lock(config.run):
         return _dissect(config)
 

@@ -92,11 +92,10 @@ class ExplainWorker:
 
 def explain_root(out: str | None, run: str | None) -> str:
     """Where explain/ goes: --run (which must be a complete scan run), else --out."""
-    from pipeline.store import read_manifest
+    from pipeline.store import require_run
 
     if run:
-        if read_manifest(run) is None:
-            raise DataError(f"{run} is not a complete scan run (no manifest.json); use --out for a plain directory")
+        require_run(run, alternative="use --out for a plain directory")
         return run
     if not out:
         raise ValueError("give --out DIR or --run RUN")

@@ -80,11 +80,9 @@ def explain_run_images(
     them with the run's tables). `settings`: other ExplainConfig fields (target, window, stride, ...)."""
     from pipeline.data import resolve_source
     from pipeline.render.fetch import fetch_images
-    from pipeline.store import RunError, connect, read_manifest
+    from pipeline.store import connect, require_run
 
-    manifest = read_manifest(run)
-    if manifest is None:
-        raise RunError(f"{run} is not a complete scan (no manifest.json); run `atlas scan` first")
+    manifest = require_run(run)
     model = ModelConfig.from_dict(manifest["config"]["model"])
     explainer = Explainer(ExplainConfig(model=model, methods=tuple(methods), **settings))
     query = "SELECT image_key, source FROM images WHERE status = 'ok'"

@@ -64,9 +64,9 @@ from pipeline.store import (
     BOTTOM_CROP,
     DATASET_KINDS,
     IMAGE_INDEPENDENT_SIMILARITY,
-    RunError,
     connect,
     read_manifest,
+    require_run,
     write_json,
     write_table,
     write_views,
@@ -99,16 +99,13 @@ def render_run(run_dir: str, options: RenderOptions | None = None) -> pa.Table:
     Holds the run's writer lock (a scan swapping the run in meanwhile would pull it from under the render)."""
     from pipeline.rundir import run_lock
 
-    if read_manifest(run_dir) is None:
-        raise RunError(f"{run_dir} is not a complete scan (no manifest.json); run `atlas scan` first")
+    require_run(run_dir)
     with run_lock(run_dir):
         return _render_run(run_dir, options or RenderOptions())
 
 
 def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
-    manifest = read_manifest(run_dir)
-    if manifest is None:
-        raise RunError(f"{run_dir} is not a complete scan (no manifest.json); run `atlas scan` first")
+    manifest = require_run(run_dir)  # again under the lock: a scan may have swapped it out meanwhile
     options.vis.validate()
     check_range("units_per_task", options.units_per_task)
     check_range("actors", options.actors)

@@ -41,7 +41,7 @@ from pipeline.store import (
     SCORES_SCHEMA,
     RunError,
     connect,
-    read_manifest,
+    require_run,
     write_json,
     write_table,
     write_views,
@@ -208,9 +208,7 @@ def score_run(config: ScoreConfig) -> dict:
     """Score the run (resuming a score interrupted with the same similarity model); return the record."""
     config.validate()
     run = os.path.abspath(config.run)
-    manifest = read_manifest(run)
-    if manifest is None:
-        raise RunError(f"{config.run} is not a complete run (no manifest.json); run `atlas scan` first")
+    manifest = require_run(run, shown=config.run)
     if not manifest.get("bottom_k"):
         raise RunError(
             f"{config.run} was scanned without --bottom-k: the score needs each unit's least activating images "

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipeline.site.paths import RunFiles, UnsafePathError, layer_slug
-from pipeline.store import BOTTOM_CROP, BOTTOMK, DATASET_KINDS, TOPK, RunError, connect, read_manifest
+from pipeline.store import BOTTOM_CROP, BOTTOMK, DATASET_KINDS, TOPK, connect, require_run
 from pipeline.store import ATLAS_DEPENDENCE, ATLAS_INDEX, EXPLAIN_INDEX, EXPLAIN_METRICS  # run file names
 
 logger = logging.getLogger(__name__)
@@ -166,9 +166,7 @@ class SiteData:
 
 def load_site_data(run_dir: str) -> SiteData:
     """Read manifest, units, top-k, the atlas index and (if present) the explanation index of a run."""
-    manifest = read_manifest(run_dir)
-    if manifest is None:
-        raise RunError(f"{run_dir} is not a complete run (no manifest.json); run `atlas scan` first")
+    manifest = require_run(run_dir)
     files = RunFiles(run_dir)
     checker = _PathChecker(files)
     con = connect(run_dir)
