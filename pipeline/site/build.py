@@ -26,7 +26,7 @@ from pipeline.site.data import LayerData, SiteData, UnitData, load_site_data
 from pipeline.site.paths import UnsafePathError, layer_slug, url_path
 from pipeline.site.svg import distribution_svg, fmt, fraction_svg, histogram_svg, stats_svg
 from pipeline.site.writer import MARKER, SiteWriter
-from pipeline.store import SITE, SITE_UNITS, RunError, sql_string
+from pipeline.store import SITE, SITE_UNITS, RunError, require_run, sql_string
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ def build_site(run_dir: str, out: str | None = None, progress: bool = True) -> S
 
     if not os.path.isdir(run_dir):
         raise RunError(f"{run_dir} does not exist")
+    # Before the lock and the claim of `out` write anything: a folder that is no run is refused untouched (one
+    # that a scan is swapping is let through: the check under the lock, in load_site_data, sees the new run).
+    require_run(run_dir, swapping=True)
     target = os.path.abspath(out or os.path.join(run_dir, SITE))
     if not inside_run(target, run_dir):
         return _build_site(run_dir, out, progress)

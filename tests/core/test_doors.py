@@ -513,3 +513,50 @@ def test_a_run_whose_own_folders_are_links_is_refused_by_every_writer(plain, tmp
     assert main(["site", run, "-q"]) == 2
     assert "symbolic link" in _one_line_error(capsys)
     assert os.listdir(elsewhere) == []
+
+
+# ------------------------------------------------------------- one refusal: a folder that holds no run (issue 28)
+
+NOT_A_RUN = "is not a complete run (no manifest.json); run `atlas scan` first"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["render", "{run}"],
+        ["site", "{run}"],
+        ["query", "{run}", "SELECT 1"],
+        ["compare", "{run}", "{other}", "--out", "{out}"],
+        ["explain", *MODEL, "{image}", "--run", "{run}", "--methods", "saliency"],
+        ["dissect", "{run}"],
+        ["score", "{run}"],
+    ],
+    ids=lambda command: command[0],
+)
+def test_every_stage_refuses_a_folder_without_a_manifest_in_one_line(plain, command, tmp_path, capsys):
+    """Every command that reads a run refuses a folder without manifest.json with the same line and status 2
+    (pipeline.store.require_run), before it writes anything there (no lock, no marker, no site)."""
+    folder = tmp_path / "not-a-run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    image = write_png(str(tmp_path / "photo.png"), np.zeros((16, 16, 3), dtype=np.uint8))
+    fields = {"run": str(folder), "other": plain["run"], "out": str(tmp_path / "cmp"), "image": image}
+    capsys.readouterr()
+    assert main([part.format(**fields) for part in command]) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith(f"atlas: error: {folder} {NOT_A_RUN}"), line
+    assert os.listdir(folder) == ["notes.txt"]
+    assert not os.path.exists(tmp_path / "cmp")
+
+
+def test_a_comparisons_readers_refuse_anything_else_in_one_wording(plain, tmp_path):
+    """A scan run or a bare folder where a comparison is read (its views, its page): one refusal
+    (pipeline.compare.runs.require_comparison)."""
+    from pipeline.compare.runs import connect_comparison
+    from pipeline.compare.site import build_comparison_site
+    from pipeline.store import RunError
+
+    for folder in (plain["run"], str(tmp_path)):
+        for reader in (connect_comparison, build_comparison_site):
+            with pytest.raises(RunError, match=r"is not a complete comparison .*; run `atlas compare` first"):
+                reader(folder)
