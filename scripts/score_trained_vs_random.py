@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--whole-size", type=int, default=96, help="the similarity model's input, whole images")
     parser.add_argument("--crop-size", type=int, default=64, help="the similarity model's input, crops")
     parser.add_argument("--crop-tasks", type=int, default=10, help="tasks per unit on crops")
+    parser.add_argument("--kinds", default="whole,crop", help="which scores to compute (default whole,crop)")
     args = parser.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
@@ -89,8 +90,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         torch.save(torchvision.models.mobilenet_v2().state_dict(), random_path)
     scan_layers = ",".join(dict.fromkeys(args.layers.split(",") + [x for x in args.crop_layers.split(",") if x]))
-    phases = [("whole", args.layers, dict(image_size=args.whole_size))]
-    if args.crop_layers:
+    kinds = set(args.kinds.split(","))
+    if not kinds or kinds - {"whole", "crop"}:
+        parser.error(f"--kinds takes whole and/or crop, got {args.kinds!r}")
+    phases = [("whole", args.layers, dict(image_size=args.whole_size))] if "whole" in kinds else []
+    if args.crop_layers and "crop" in kinds:
         phases.append(("crop", args.crop_layers, dict(image_size=args.crop_size, tasks=args.crop_tasks)))
 
     results: dict[tuple[str, str, str], tuple] = {}
