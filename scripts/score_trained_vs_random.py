@@ -2,14 +2,17 @@
 weights against a randomly initialised copy (torchvision's init, seed 0), on the SAME images, with the pooled
 MobileNetV2 similarity. Both networks are scanned (--k 29 --bottom-k 29: the default 9 references + 20 tasks) and
 scored; the script prints, per layer and kind (whole images, receptive-field crops), the median MIS with its
-quartiles and the median accuracy, trained and random side by side.
+quartiles and the median accuracy, trained and random side by side. The docs' Tiny-ImageNet table:
 
-    python scripts/score_trained_vs_random.py OUT_DIR --data DIR --images 2000 \\
-        --layers features.4,features.7,features.14 --crop-layers features.4,features.7
+    python scripts/score_trained_vs_random.py OUT_DIR --data DIR --images 2000 --scan-size 128 \\
+        --layers features.4,features.7,features.14 --crop-layers features.4,features.7 \\
+        --whole-size 128 --crop-size 64 --crop-tasks 20
 
 --data DIR: a folder of images (searched recursively); --images N of them are drawn (seed 0, sorted paths) and
-copied to OUT_DIR/images, so both networks see the same set. Without --data: the demo's crops of
-scikit-image's photos. OUT_DIR is reused: finished scans are skipped, an interrupted score resumes.
+copied to OUT_DIR/images, so both networks see the same set. Without --data (and with the other defaults): the
+earlier measurement on 200 of the demo's crops of scikit-image's photos. OUT_DIR is reused: a finished scan with
+the same layers (--layers and --crop-layers together) is skipped, so --kinds crop with other --crop-layers adds
+crop scores to the same scans.
 """
 
 from __future__ import annotations
