@@ -46,8 +46,12 @@ browser:
 promtool:
 	$(call apt_install,promtool,$(PROMTOOL_PACKAGES),the alert rules' tests)
 
+# Two processes (pytest-xdist), each taking whole modules, longest first (tests/conftest.py, LONGEST_FIRST): most
+# of the suite waits on processes it started (Ray workers, clusters, the CLI), so two share 2 cores well.
+# A module stays in one process, so its module-scoped fixtures (the multi-node cluster) are made once.
+TEST_PROCESSES ?= 2
 test: $(STAMP) browser promtool lint
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder --durations=15
 
 # ruff's checks and its formatter's verdict (pyproject.toml, [tool.ruff]); part of `make test`, so CI runs them.
 # `.venv/bin/ruff format pipeline tests scripts` formats.
