@@ -66,11 +66,12 @@ _DRIVER = textwrap.dedent(
                             flush_images=10**9)
     recorder = Recorder(config, {name: width for name in layers})
     forward = recorder._forward
-    spent = [0.0]
+    spent = [0.0, 0.0]  # the forward passes' wall and CPU seconds within the current batch
     def timed(pixels):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         out = forward(pixels)
-        spent[0] += time.perf_counter() - start
+        spent[0] += time.perf_counter() - wall
+        spent[1] += time.process_time() - cpu
         return out
     recorder._forward = timed
     rng = np.random.default_rng(0)
@@ -85,15 +86,25 @@ _DRIVER = textwrap.dedent(
     for i in range(2):
         recorder.record(batch(i))
     recorder.flush()  # one-time costs (pyarrow importing pandas, first serialisation) out of the timed flush
-    spent[0] = 0.0
-    start = time.perf_counter()
+    # Per batch: wall and CPU time of record() less its forward passes. The median over the batches is what
+    # counts: on a shared machine a batch's wall time includes the time other processes held the core, which
+    # the CPU time (one torch thread: the process's own) leaves out.
+    host, host_cpu, record, forward_ms = [], [], [], []
     for i in range(2, 2 + batches):
-        recorder.record(batch(i))
-    total = time.perf_counter() - start
+        item = batch(i)
+        spent[:] = [0.0, 0.0]
+        wall, cpu = time.perf_counter(), time.process_time()
+        recorder.record(item)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        record.append(1000 * wall)
+        forward_ms.append(1000 * spent[0])
+        host.append(1000 * (wall - spent[0]))
+        host_cpu.append(1000 * (cpu - spent[1]))
     flush_start = time.perf_counter()
     recorder.flush()
-    print(json.dumps({"record_ms": 1000 * total / batches, "forward_ms": 1000 * spent[0] / batches,
-                      "host_ms": 1000 * (total - spent[0]) / batches,
+    median = lambda values: float(np.median(values))
+    print(json.dumps({"record_ms": median(record), "forward_ms": median(forward_ms), "host_ms": median(host),
+                      "host_cpu_ms": median(host_cpu), "host_min_ms": min(host),
                       "flush_s": time.perf_counter() - flush_start}))
     """
 )
@@ -141,38 +152,54 @@ def _measure(package_root: str, work: str, args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# main when issue 25 was filed, before any of its work: the revision its "at least 4x lower than today's main"
+# is measured against (`git archive` of it, so the baseline is that code, not a copy kept here).
+ISSUE_25_MAIN = "f302966"
+
+
 def bench_host(
-    baseline: str = "main",
-    batches: int = 10,
+    baselines: tuple[str, ...] = (ISSUE_25_MAIN, "main"),
+    batches: int = 20,
     batch_size: int = 256,
     depth: int = 60,
     width: int = 256,
     k: int = 16,
     repeats: int = 2,
 ) -> dict:
-    """Host time per batch outside the forward pass: this checkout against `baseline`, alternating, best of
-    `repeats` each (one CPU thread each, so the two never share cores)."""
+    """Host time per batch outside the forward pass: this checkout against each of `baselines` (git revisions),
+    alternating, each in its own process with one CPU thread, `repeats` rounds; per side the round with the
+    lowest median counts. Ratios of wall time (median batch) and of CPU time (median batch: on a shared machine
+    what the process itself spent, robust to other processes holding the cores)."""
     args = [str(v) for v in (batches, batch_size, depth, width, k)]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="atlas-bench-host-") as work:
-        os.makedirs(os.path.join(work, "baseline"))
-        base_root = _export(baseline, os.path.join(work, "baseline"))
+        roots = {"this": _checkout_root()}
+        for i, revision in enumerate(baselines):
+            os.makedirs(os.path.join(work, f"baseline-{i}"))
+            roots[revision] = _export(revision, os.path.join(work, f"baseline-{i}"))
         _model_module(work, depth, width)
         with open(os.path.join(work, "driver.py"), "w") as handle:
             handle.write(_DRIVER)
-        runs: dict[str, list[dict]] = {"baseline": [], "this": []}
+        runs: dict[str, list[dict]] = {name: [] for name in roots}
         for _ in range(repeats):
-            runs["baseline"].append(_measure(base_root, work, args))
-            runs["this"].append(_measure(_checkout_root(), work, args))
+            for name, root in roots.items():
+                runs[name].append(_measure(root, work, args))
     best = {name: min(results, key=lambda r: r["host_ms"]) for name, results in runs.items()}
+    best_cpu = {name: min(results, key=lambda r: r["host_cpu_ms"]) for name, results in runs.items()}
     result = {
         "model": f"near_free_net: {depth} recorded layers x {width} units on 2x2 maps",
         "batch_size": batch_size,
         "batches": batches,
         "k": k,
-        "baseline": baseline,
-        "baseline_ms_per_batch": {key: round(v, 3) for key, v in best["baseline"].items()},
-        "this_ms_per_batch": {key: round(v, 3) for key, v in best["this"].items()},
-        "host_ratio_baseline_over_this": round(best["baseline"]["host_ms"] / best["this"]["host_ms"], 2),
+        "load_average_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
+        "ms_per_batch": {name: {key: round(v, 3) for key, v in r.items()} for name, r in best.items()},
+        "host_ratio": {
+            revision: {
+                "wall": round(best[revision]["host_ms"] / best["this"]["host_ms"], 2),
+                "cpu": round(best_cpu[revision]["host_cpu_ms"] / best_cpu["this"]["host_cpu_ms"], 2),
+            }
+            for revision in baselines
+        },
         "all_runs": runs,
     }
     print(json.dumps(result, indent=2))

@@ -36,8 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "host",
         help="the Recorder's host time per batch outside the forward pass, this checkout vs a git revision",
     )
-    host.add_argument("--baseline", default="main", help="git revision to compare against (default: %(default)s)")
-    host.add_argument("--batches", type=int, default=10)
+    host.add_argument(
+        "--baseline",
+        default=None,
+        help="git revisions to compare against, comma-separated (default: main when issue 25 was filed, and main)",
+    )
+    host.add_argument("--batches", type=int, default=20)
     host.add_argument("--batch-size", type=int, default=256)
     host.add_argument("--layers", type=int, default=60, help="recorded layers of the near-free model")
     host.add_argument("--units", type=int, default=16, help="units per layer")
@@ -133,10 +137,11 @@ def run_scan(args: argparse.Namespace) -> int:
 
 
 def run_host(args: argparse.Namespace) -> int:
-    from pipeline.bench.scale import bench_host
+    from pipeline.bench.scale import ISSUE_25_MAIN, bench_host
 
+    baselines = args.baseline.split(",") if args.baseline else [ISSUE_25_MAIN, "main"]
     bench_host(
-        baseline=args.baseline,
+        baselines=tuple(b.strip() for b in baselines if b.strip()),
         batches=args.batches,
         batch_size=args.batch_size,
         depth=args.layers,
