@@ -1,11 +1,7 @@
-"""`atlas bench host` and `atlas bench scale`: the Recorder's cost outside the forward pass, and a scan at scale.
+"""`atlas bench scale`: a scan at scale, and the near-free model it and `atlas bench host` (pipeline.bench.host)
+use (``near_free_net``: a 1x1 convolution to `width` channels on 2x2 maps, then ReLUs, every one recorded), so
+that what is measured is the scan's own work, not the network's.
 
-Both use a near-free model (``near_free_net``: a 1x1 convolution to `width` channels on 2x2 maps, then ReLUs,
-every one recorded), so what is measured is the scan's own work, not the network's:
-
-* ``host``: host time per batch outside the forward (Recorder.record minus its forward passes), for this
-  checkout and for a baseline git revision (default ``main``), each in its own process, alternating, on the
-  same batches; the ratio is printed (issue 25: at least 4x lower than main at batch 256 and 60 layers).
 * ``scale``: many small images through a scan (local executor, then a local Ray), printing every `every`
   images the peak worker and driver memory, the flushes committed and images/s: every curve should be flat.
 """
@@ -14,10 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
-import textwrap
 import time
 
 import torch
@@ -48,162 +40,6 @@ NEAR_FREE_SPEC = "module:pipeline.bench.scale:near_free_net"
 
 def near_free_layers(depth: int = 60) -> list[str]:
     return ["stem.1"] + [f"blocks.{i}" for i in range(depth - 1)]
-
-
-# The measurement, run in a fresh process for each revision (the same text for both): only Recorder,
-# RecorderConfig and ModelConfig, whose signatures main shares, and a model module of its own.
-_DRIVER = textwrap.dedent(
-    """
-    import json, sys, time
-    import numpy as np, torch
-    from pipeline.models import ModelConfig
-    from pipeline.scan.recorder import Recorder, RecorderConfig
-    batches, batch_size, depth, width, k = (int(v) for v in sys.argv[1:6])
-    torch.set_num_threads(1)
-    layers = ["stem.1"] + [f"blocks.{i}" for i in range(depth - 1)]
-    config = RecorderConfig(model=ModelConfig(spec="module:atlas_near_free:near_free_net", image_size=16),
-                            layers=tuple(layers), k=k, device="cpu", threads=1, batch_size=batch_size,
-                            flush_images=10**9)
-    recorder = Recorder(config, {name: width for name in layers})
-    forward = recorder._forward
-    spent = [0.0, 0.0]  # the forward passes' wall and CPU seconds within the current batch
-    def timed(pixels):
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = forward(pixels)
-        spent[0] += time.perf_counter() - wall
-        spent[1] += time.process_time() - cpu
-        return out
-    recorder._forward = timed
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (batch_size, 16, 16, 3), dtype=np.uint8)
-    def batch(i):
-        n = batch_size
-        return {"image_key": np.array([f"images/{i * n + j:09d}.jpg" for j in range(n)], dtype=object),
-                "source": np.array(["bench"] * n, dtype=object), "label": np.array([None] * n, dtype=object),
-                "width": np.full(n, 16, np.int32), "height": np.full(n, 16, np.int32),
-                "status": np.array(["ok"] * n, dtype=object), "error": np.array([None] * n, dtype=object),
-                "pixels": pixels}
-    for i in range(2):
-        recorder.record(batch(i))
-    recorder.flush()  # one-time costs (pyarrow importing pandas, first serialisation) out of the timed flush
-    # Per batch: wall and CPU time of record() less its forward passes. The median over the batches is what
-    # counts: on a shared machine a batch's wall time includes the time other processes held the core, which
-    # the CPU time (one torch thread: the process's own) leaves out.
-    host, host_cpu, record, forward_ms = [], [], [], []
-    for i in range(2, 2 + batches):
-        item = batch(i)
-        spent[:] = [0.0, 0.0]
-        wall, cpu = time.perf_counter(), time.process_time()
-        recorder.record(item)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        record.append(1000 * wall)
-        forward_ms.append(1000 * spent[0])
-        host.append(1000 * (wall - spent[0]))
-        host_cpu.append(1000 * (cpu - spent[1]))
-    flush_start = time.perf_counter()
-    recorder.flush()
-    median = lambda values: float(np.median(values))
-    print(json.dumps({"record_ms": median(record), "forward_ms": median(forward_ms), "host_ms": median(host),
-                      "host_cpu_ms": median(host_cpu), "host_min_ms": min(host),
-                      "flush_s": time.perf_counter() - flush_start}))
-    """
-)
-
-
-def _checkout_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _export(revision: str, into: str) -> str:
-    """The `pipeline` package of a git revision of this checkout, extracted under `into`; returns that path."""
-    root = _checkout_root()
-    archive = subprocess.run(
-        ["git", "-C", root, "archive", revision, "pipeline"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
-    return into
-
-
-def _model_module(into: str, depth: int, width: int) -> None:
-    """atlas_near_free.py beside the driver: the near-free model's source (the baseline may not have it)."""
-    import inspect
-
-    source = (
-        "import torch\nfrom torch import nn\n\n"
-        + inspect.getsource(NearFreeNet)
-        + f"\n\ndef near_free_net():\n    return NearFreeNet({depth}, {width})\n"
-    )
-    with open(os.path.join(into, "atlas_near_free.py"), "w") as handle:
-        handle.write(source)
-
-
-def _measure(package_root: str, work: str, args: list[str]) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, work]))
-    done = subprocess.run(
-        [sys.executable, os.path.join(work, "driver.py"), *args],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the measurement failed ({package_root}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-# main when issue 25 was filed, before any of its work: the revision its "at least 4x lower than today's main"
-# is measured against (`git archive` of it, so the baseline is that code, not a copy kept here).
-ISSUE_25_MAIN = "f302966"
-
-
-def bench_host(
-    baselines: tuple[str, ...] = (ISSUE_25_MAIN, "main"),
-    batches: int = 20,
-    batch_size: int = 256,
-    depth: int = 60,
-    width: int = 256,
-    k: int = 16,
-    repeats: int = 2,
-) -> dict:
-    """Host time per batch outside the forward pass: this checkout against each of `baselines` (git revisions),
-    alternating, each in its own process with one CPU thread, `repeats` rounds; per side the round with the
-    lowest median counts. Ratios of wall time (median batch) and of CPU time (median batch: on a shared machine
-    what the process itself spent, robust to other processes holding the cores)."""
-    args = [str(v) for v in (batches, batch_size, depth, width, k)]
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="atlas-bench-host-") as work:
-        roots = {"this": _checkout_root()}
-        for i, revision in enumerate(baselines):
-            os.makedirs(os.path.join(work, f"baseline-{i}"))
-            roots[revision] = _export(revision, os.path.join(work, f"baseline-{i}"))
-        _model_module(work, depth, width)
-        with open(os.path.join(work, "driver.py"), "w") as handle:
-            handle.write(_DRIVER)
-        runs: dict[str, list[dict]] = {name: [] for name in roots}
-        for _ in range(repeats):
-            for name, root in roots.items():
-                runs[name].append(_measure(root, work, args))
-    best = {name: min(results, key=lambda r: r["host_ms"]) for name, results in runs.items()}
-    best_cpu = {name: min(results, key=lambda r: r["host_cpu_ms"]) for name, results in runs.items()}
-    result = {
-        "model": f"near_free_net: {depth} recorded layers x {width} units on 2x2 maps",
-        "batch_size": batch_size,
-        "batches": batches,
-        "k": k,
-        "load_average_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
-        "ms_per_batch": {name: {key: round(v, 3) for key, v in r.items()} for name, r in best.items()},
-        "host_ratio": {
-            revision: {
-                "wall": round(best[revision]["host_ms"] / best["this"]["host_ms"], 2),
-                "cpu": round(best_cpu[revision]["host_cpu_ms"] / best_cpu["this"]["host_cpu_ms"], 2),
-            }
-            for revision in baselines
-        },
-        "all_runs": runs,
-    }
-    print(json.dumps(result, indent=2))
-    return result
 
 
 def scale_net() -> nn.Module:

@@ -46,6 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     host.add_argument("--layers", type=int, default=60, help="recorded layers of the near-free model")
     host.add_argument("--units", type=int, default=16, help="units per layer")
     host.add_argument("--repeats", type=int, default=2, help="runs of each, alternating; the best counts")
+    host.add_argument(
+        "--photos",
+        type=int,
+        default=200,
+        help="photo crops through MobileNetV2 at batch 1, 7 and 64 in each revision's Recorder: top-k, moments and "
+        "sketch must be identical (0: skip)",
+    )
     host.set_defaults(func=run_host)
 
     scale = bench_sub.add_parser(
@@ -137,7 +144,7 @@ def run_scan(args: argparse.Namespace) -> int:
 
 
 def run_host(args: argparse.Namespace) -> int:
-    from pipeline.bench.scale import ISSUE_25_MAIN, bench_host
+    from pipeline.bench.host import ISSUE_25_MAIN, bench_host
 
     baselines = args.baseline.split(",") if args.baseline else [ISSUE_25_MAIN, "main"]
     bench_host(
@@ -147,6 +154,7 @@ def run_host(args: argparse.Namespace) -> int:
         depth=args.layers,
         width=args.units,
         repeats=args.repeats,
+        photos=args.photos,
     )
     return 0
 
