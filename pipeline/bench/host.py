@@ -26,6 +26,7 @@ import textwrap
 
 import numpy as np
 
+from pipeline.bench import ISSUE_25_MAIN
 from pipeline.bench.scale import NearFreeNet
 
 # The measurement, run in a fresh process for each revision (the same text for both): only Recorder,
@@ -133,11 +134,6 @@ def _run(package_root: str, work: str, script: str, args: list[str]) -> str:
 
 def _measure(package_root: str, work: str, args: list[str]) -> dict:
     return json.loads(_run(package_root, work, "driver.py", args).strip().splitlines()[-1])
-
-
-# main when issue 25 was filed, before any of its work: the revision its "at least 4x lower than today's main"
-# is measured against (`git archive` of it, so the baseline is that code, not a copy kept here).
-ISSUE_25_MAIN = "f302966"
 
 
 def bench_host(

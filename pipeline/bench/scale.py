@@ -158,8 +158,8 @@ def bench_scale(
 ) -> dict:
     """The scale rehearsal (see the module doc): one scan per executor, its memory and rate every `every`
     images. Flushes come every `flush_images` (default: every/4) images, so each curve spans many of them."""
+    from pipeline.bench import bench_scan_run
     from pipeline.models import ModelConfig
-    from pipeline.scan.runner import ScanConfig, run_scan
 
     folder = small_image_folder(os.path.join(out, f"images-{images}"), images)
     flush_images = flush_images or max(every // 4, 1)
@@ -174,20 +174,10 @@ def bench_scale(
     }
     for executor in executors:
         run = os.path.join(out, f"run-{executor}")
-        config = ScanConfig(
-            model=model,
-            data=folder,
-            out=run,
-            layers=layers,
-            k=16,
-            batch_size=batch_size,
-            overwrite=True,
-            progress=False,
-            flush_images=flush_images,
-            executor=executor,
-        )
         with _Watch(run) as watch:
-            manifest = run_scan(config)
+            manifest = bench_scan_run(
+                model, folder, run, layers, batch_size, flush_images=flush_images, executor=executor
+            )
         curve = _curve(watch.samples, every)
         result[executor] = {
             "curve": curve,

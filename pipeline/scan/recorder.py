@@ -130,21 +130,16 @@ class ScanState:
             "units": np.array(list(self.layer_units.values()), dtype=np.int64),
         }
         for i, name in enumerate(self.layer_units):
-            topk = self.topk[name].state_dict()
-            arrays |= {
-                f"{i}/topk/values": topk["values"],
-                f"{i}/topk/key_index": topk["key_index"],
-                f"{i}/topk/key_table": np.asarray(topk["key_table"], dtype=str),
-            }
-            arrays |= {f"{i}/topk/payload/{p}": topk["payload"][p] for p in PAYLOAD}
-            if self.bottom_k:
-                bottom = self.bottomk[name].state_dict()
+            for table, k, source in (("topk", self.k, self.topk), ("bottomk", self.bottom_k, self.bottomk)):
+                if not k:
+                    continue
+                ranked = source[name].state_dict()
                 arrays |= {
-                    f"{i}/bottomk/values": bottom["values"],
-                    f"{i}/bottomk/key_index": bottom["key_index"],
-                    f"{i}/bottomk/key_table": np.asarray(bottom["key_table"], dtype=str),
+                    f"{i}/{table}/values": ranked["values"],
+                    f"{i}/{table}/key_index": ranked["key_index"],
+                    f"{i}/{table}/key_table": np.asarray(ranked["key_table"], dtype=str),
                 }
-                arrays |= {f"{i}/bottomk/payload/{p}": bottom["payload"][p] for p in PAYLOAD}
+                arrays |= {f"{i}/{table}/payload/{p}": ranked["payload"][p] for p in PAYLOAD}
             moments = self.moments[name].state_dict()
             arrays |= {
                 f"{i}/moments/{key}": np.asarray(moments[key])
