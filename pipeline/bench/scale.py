@@ -134,15 +134,18 @@ class _Watch:
 
 
 def _curve(samples: list[dict], every: int) -> list[dict]:
-    """One row per `every` images committed: memory so far, flushes, and the rate over that stretch."""
-    rows, last_images, last_seconds, mark = [], 0, 0.0, every
+    """One row per `every` images committed: memory so far, flushes, and the rate over that stretch. The first
+    stretch starts at the first committed flush (before it: start-up, actors importing torch, the first
+    `flush_images` images), whose time is in every row as `first_flush_seconds`."""
+    start = next((sample for sample in samples if sample["images"]), None)
+    if start is None:
+        return []
+    rows, last_images, last_seconds, mark = [], start["images"], start["seconds"], every
     for sample in samples:
         if sample["images"] >= mark:
             stretch = sample["seconds"] - last_seconds
-            rows.append(
-                sample
-                | {"images_per_second": round((sample["images"] - last_images) / stretch, 1) if stretch else None}
-            )
+            rate = round((sample["images"] - last_images) / stretch, 1) if stretch > 0 else None
+            rows.append(sample | {"images_per_second": rate, "first_flush_seconds": start["seconds"]})
             last_images, last_seconds = sample["images"], sample["seconds"]
             mark = (sample["images"] // every + 1) * every
     return rows
