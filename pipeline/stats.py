@@ -371,7 +371,7 @@ class QuantileSketch:
     def add(self, values: ArrayLike) -> None:
         """Add a batch: values (N, U) float tensor (any device; the state moves there) or array."""
         batch = torch.as_tensor(values)
-        if batch.dtype in (torch.float32, torch.float16, torch.bfloat16):  # exactly representable as float32
+        if batch.dtype in (torch.float32, torch.float16, torch.bfloat16) and self._table_applies():
             batch = _as_batch(batch, self.num_units, torch.float32)
             bucket = self._bucket_table(batch.device).bucket(batch)
         else:
@@ -392,6 +392,12 @@ class QuantileSketch:
         log_index = torch.ceil(values.abs().log() / self._log_gamma)
         offset = log_index.clamp(self._lowest, self._lowest + p - 1).long() - self._lowest
         return torch.where(values > 0, p + 1 + offset, torch.where(values < 0, p - 1 - offset, p))
+
+    def _table_applies(self) -> bool:
+        """The bucket table (float32 values; exactly representable: float16, bfloat16) is exact when a cell of
+        float32s sharing their top 16 bits (a factor of at most 1 + 2**-7) cannot hold two bucket boundaries, and
+        the clamped range starts among normal floats (the cells of subnormals span larger factors)."""
+        return self.gamma > 1 + 2**-6 and self.min_value >= 2**-126
 
     def _bucket_table(self, device: torch.device) -> _BucketTable:
         key = (self._params()[1:], str(device))

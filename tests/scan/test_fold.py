@@ -84,3 +84,15 @@ def test_moments_equal_their_float64_definition():
     assert np.array_equal(state["m2"], ((wide - mean) ** 2).sum(0).numpy())
     assert np.array_equal(state["min"], wide.amin(0).numpy()) and np.array_equal(state["max"], wide.amax(0).numpy())
     assert np.array_equal(state["n_active"], (values > 0).sum(0))
+
+
+def test_fine_sketches_keep_the_formula():
+    """Buckets narrower than a table cell: the table would be wrong, so the formula counts (and agrees with a
+    float64 sketch of the same values)."""
+    fine = QuantileSketch(3, relative_accuracy=0.001)
+    assert not fine._table_applies() and QuantileSketch(3)._table_applies()
+    values = np.random.default_rng(6).standard_normal((100, 3)).astype(np.float32)
+    wide = QuantileSketch(3, relative_accuracy=0.001)
+    fine.add(torch.from_numpy(values))
+    wide.add(values.astype(np.float64))
+    assert torch.equal(fine._counts, wide._counts)
