@@ -7,8 +7,9 @@ theirs.
   on the same batches; ratios of the median batch's wall and CPU time (issue 25: at least 4x lower than main at
   batch 256 and 60 layers);
 * ``--photos N``: the same N photo crops (decoded once, here) through MobileNetV2 with each revision's Recorder at
-  batch sizes 1, 7 and 64; every layer's top-k (values bit for bit, keys, positions), moments and sketch must be
-  identical to each baseline's.
+  batch sizes 1, 7 and 64; every layer's top-k (values bit for bit, keys, positions), sketch and moments compared
+  with each baseline's (top-k and sketch must be identical; the moments' float64 sums may differ in the last
+  bits where a revision blocks the sum differently, reported with their relative difference).
 
 Each baseline is that revision's own ``pipeline`` package (``git archive``), so what is compared is its code, not
 a copy kept here; the drivers use only what every revision since issue 18 has (Recorder, RecorderConfig,
