@@ -514,7 +514,8 @@ class _BucketTable:
     one bucket (gamma = 1.105 at 5% accuracy): so each such cell holds at most one bucket boundary. The table
     keeps, per cell, the column below and above its boundary and the boundary's low 16 bits, found by bisection
     with the formula itself. A batch then costs a few integer operations and two gathers instead of a float64
-    logarithm (tests/scan/test_fold.py checks every cell with a boundary exhaustively)."""
+    logarithm (tests/scan/test_fold.py checks every cell with a boundary exhaustively; once, at the default
+    parameters, all 2**32 float32 bit patterns were checked: no difference)."""
 
     def __init__(self, formula, num_positive: int, device: torch.device) -> None:
         cell = torch.arange(65536, dtype=torch.int64)
