@@ -97,9 +97,11 @@ def _checkout_root() -> str:
 def _export(revision: str, into: str) -> str:
     """The `pipeline` package of a git revision of this checkout, extracted under `into`; returns that path."""
     root = _checkout_root()
-    archive = subprocess.run(
-        ["git", "-C", root, "archive", revision, "pipeline"], check=True, capture_output=True
-    ).stdout
+    done = subprocess.run(["git", "-C", root, "archive", revision, "pipeline"], capture_output=True)
+    if done.returncode != 0:  # a revision this checkout does not have (a shallow clone lacks issue 25's main)
+        reason = done.stderr.decode(errors="replace").strip().splitlines()
+        raise ValueError(f"--baseline {revision}: git archive failed ({reason[-1] if reason else done.returncode})")
+    archive = done.stdout
     subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
     return into
 
