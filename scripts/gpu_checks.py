@@ -197,20 +197,6 @@ def _compare(a, b) -> dict:
     return out
 
 
-def _all_maxima(outputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, all units) maxima and flat argmax positions of every layer, side by side (as the Recorder folds)."""
-    values, index = [], []
-    for o in outputs.values():
-        if o.ndim == 2:
-            values.append(o.float())
-            index.append(torch.zeros(o.shape, dtype=torch.int64, device=o.device))
-        else:
-            v, i = o.reshape(o.shape[0], o.shape[1], -1).max(dim=2)
-            values.append(v.float())
-            index.append(i)
-    return torch.cat(values, dim=1), torch.cat(index, dim=1)
-
-
 def _folder(units: int, k: int, batch: int):
     """A callable folding (values, index) batches with fresh keys into one all-units running state, as the
     Recorder does between flushes; `.state_bytes()` serialises it (the hand-over)."""
@@ -271,7 +257,7 @@ def check_batch(device: str) -> dict:
 
 def check_timing(device: str, batches=(32, 256)) -> dict:
     from pipeline.models import ModelConfig, feature_extractor, load_model, resolve_layers
-    from pipeline.scan.recorder import layer_maxima
+    from pipeline.scan.recorder import all_maxima, layer_maxima
 
     _need_cuda(device)
     loaded = load_model(ModelConfig("torchvision:resnet50", image_size=224))
@@ -296,7 +282,7 @@ def check_timing(device: str, batches=(32, 256)) -> dict:
                 row["forward_bf16_ms"] = timed(lambda: cl(xc))
             extractor.to(memory_format=torch.contiguous_format)
             # The Recorder's fold: every layer's maxima side by side, one top-k, moments and sketch for all units.
-            values, index = _all_maxima(outputs)
+            values, index = all_maxima(list(outputs.values()))
             fold = _folder(values.shape[1], 32, size)
 
             def fold_batch():

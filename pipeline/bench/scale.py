@@ -1,11 +1,7 @@
-"""`atlas bench host` and `atlas bench scale`: the Recorder's cost outside the forward pass, and a scan at scale.
+"""`atlas bench scale`: a scan at scale, and the near-free model it and `atlas bench host` (pipeline.bench.host)
+use (``near_free_net``: a 1x1 convolution to `width` channels on 2x2 maps, then ReLUs, every one recorded), so
+that what is measured is the scan's own work, not the network's.
 
-Both use a near-free model (``near_free_net``: a 1x1 convolution to `width` channels on 2x2 maps, then ReLUs,
-every one recorded), so what is measured is the scan's own work, not the network's:
-
-* ``host``: host time per batch outside the forward (Recorder.record minus its forward passes), for this
-  checkout and for a baseline git revision (default ``main``), each in its own process, alternating, on the
-  same batches; the ratio is printed (issue 25: at least 4x lower than main at batch 256 and 60 layers).
 * ``scale``: many small images through a scan (local executor, then a local Ray), printing every `every`
   images the peak worker and driver memory, the flushes committed and images/s: every curve should be flat.
 """
@@ -14,10 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
-import textwrap
 import time
 
 import torch
@@ -48,135 +40,6 @@ NEAR_FREE_SPEC = "module:pipeline.bench.scale:near_free_net"
 
 def near_free_layers(depth: int = 60) -> list[str]:
     return ["stem.1"] + [f"blocks.{i}" for i in range(depth - 1)]
-
-
-# The measurement, run in a fresh process for each revision (the same text for both): only Recorder,
-# RecorderConfig and ModelConfig, whose signatures main shares, and a model module of its own.
-_DRIVER = textwrap.dedent(
-    """
-    import json, sys, time
-    import numpy as np, torch
-    from pipeline.models import ModelConfig
-    from pipeline.scan.recorder import Recorder, RecorderConfig
-    batches, batch_size, depth, width, k = (int(v) for v in sys.argv[1:6])
-    torch.set_num_threads(1)
-    layers = ["stem.1"] + [f"blocks.{i}" for i in range(depth - 1)]
-    config = RecorderConfig(model=ModelConfig(spec="module:atlas_near_free:near_free_net", image_size=16),
-                            layers=tuple(layers), k=k, device="cpu", threads=1, batch_size=batch_size,
-                            flush_images=10**9)
-    recorder = Recorder(config, {name: width for name in layers})
-    forward = recorder._forward
-    spent = [0.0]
-    def timed(pixels):
-        start = time.perf_counter()
-        out = forward(pixels)
-        spent[0] += time.perf_counter() - start
-        return out
-    recorder._forward = timed
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (batch_size, 16, 16, 3), dtype=np.uint8)
-    def batch(i):
-        n = batch_size
-        return {"image_key": np.array([f"images/{i * n + j:09d}.jpg" for j in range(n)], dtype=object),
-                "source": np.array(["bench"] * n, dtype=object), "label": np.array([None] * n, dtype=object),
-                "width": np.full(n, 16, np.int32), "height": np.full(n, 16, np.int32),
-                "status": np.array(["ok"] * n, dtype=object), "error": np.array([None] * n, dtype=object),
-                "pixels": pixels}
-    for i in range(2):
-        recorder.record(batch(i))
-    recorder.flush()  # one-time costs (pyarrow importing pandas, first serialisation) out of the timed flush
-    spent[0] = 0.0
-    start = time.perf_counter()
-    for i in range(2, 2 + batches):
-        recorder.record(batch(i))
-    total = time.perf_counter() - start
-    flush_start = time.perf_counter()
-    recorder.flush()
-    print(json.dumps({"record_ms": 1000 * total / batches, "forward_ms": 1000 * spent[0] / batches,
-                      "host_ms": 1000 * (total - spent[0]) / batches,
-                      "flush_s": time.perf_counter() - flush_start}))
-    """
-)
-
-
-def _checkout_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _export(revision: str, into: str) -> str:
-    """The `pipeline` package of a git revision of this checkout, extracted under `into`; returns that path."""
-    root = _checkout_root()
-    archive = subprocess.run(
-        ["git", "-C", root, "archive", revision, "pipeline"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
-    return into
-
-
-def _model_module(into: str, depth: int, width: int) -> None:
-    """atlas_near_free.py beside the driver: the near-free model's source (the baseline may not have it)."""
-    import inspect
-
-    source = (
-        "import torch\nfrom torch import nn\n\n"
-        + inspect.getsource(NearFreeNet)
-        + f"\n\ndef near_free_net():\n    return NearFreeNet({depth}, {width})\n"
-    )
-    with open(os.path.join(into, "atlas_near_free.py"), "w") as handle:
-        handle.write(source)
-
-
-def _measure(package_root: str, work: str, args: list[str]) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, work]))
-    done = subprocess.run(
-        [sys.executable, os.path.join(work, "driver.py"), *args],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the measurement failed ({package_root}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def bench_host(
-    baseline: str = "main",
-    batches: int = 10,
-    batch_size: int = 256,
-    depth: int = 60,
-    width: int = 256,
-    k: int = 16,
-    repeats: int = 2,
-) -> dict:
-    """Host time per batch outside the forward pass: this checkout against `baseline`, alternating, best of
-    `repeats` each (one CPU thread each, so the two never share cores)."""
-    args = [str(v) for v in (batches, batch_size, depth, width, k)]
-    with tempfile.TemporaryDirectory(prefix="atlas-bench-host-") as work:
-        os.makedirs(os.path.join(work, "baseline"))
-        base_root = _export(baseline, os.path.join(work, "baseline"))
-        _model_module(work, depth, width)
-        with open(os.path.join(work, "driver.py"), "w") as handle:
-            handle.write(_DRIVER)
-        runs: dict[str, list[dict]] = {"baseline": [], "this": []}
-        for _ in range(repeats):
-            runs["baseline"].append(_measure(base_root, work, args))
-            runs["this"].append(_measure(_checkout_root(), work, args))
-    best = {name: min(results, key=lambda r: r["host_ms"]) for name, results in runs.items()}
-    result = {
-        "model": f"near_free_net: {depth} recorded layers x {width} units on 2x2 maps",
-        "batch_size": batch_size,
-        "batches": batches,
-        "k": k,
-        "baseline": baseline,
-        "baseline_ms_per_batch": {key: round(v, 3) for key, v in best["baseline"].items()},
-        "this_ms_per_batch": {key: round(v, 3) for key, v in best["this"].items()},
-        "host_ratio_baseline_over_this": round(best["baseline"]["host_ms"] / best["this"]["host_ms"], 2),
-        "all_runs": runs,
-    }
-    print(json.dumps(result, indent=2))
-    return result
 
 
 def scale_net() -> nn.Module:
@@ -271,15 +134,18 @@ class _Watch:
 
 
 def _curve(samples: list[dict], every: int) -> list[dict]:
-    """One row per `every` images committed: memory so far, flushes, and the rate over that stretch."""
-    rows, last_images, last_seconds, mark = [], 0, 0.0, every
+    """One row per `every` images committed: memory so far, flushes, and the rate over that stretch. The first
+    stretch starts at the first committed flush (before it: start-up, actors importing torch, the first
+    `flush_images` images), whose time is in every row as `first_flush_seconds`."""
+    start = next((sample for sample in samples if sample["images"]), None)
+    if start is None:
+        return []
+    rows, last_images, last_seconds, mark = [], start["images"], start["seconds"], every
     for sample in samples:
         if sample["images"] >= mark:
             stretch = sample["seconds"] - last_seconds
-            rows.append(
-                sample
-                | {"images_per_second": round((sample["images"] - last_images) / stretch, 1) if stretch else None}
-            )
+            rate = round((sample["images"] - last_images) / stretch, 1) if stretch > 0 else None
+            rows.append(sample | {"images_per_second": rate, "first_flush_seconds": start["seconds"]})
             last_images, last_seconds = sample["images"], sample["seconds"]
             mark = (sample["images"] // every + 1) * every
     return rows
@@ -295,8 +161,8 @@ def bench_scale(
 ) -> dict:
     """The scale rehearsal (see the module doc): one scan per executor, its memory and rate every `every`
     images. Flushes come every `flush_images` (default: every/4) images, so each curve spans many of them."""
+    from pipeline.bench import bench_scan_run
     from pipeline.models import ModelConfig
-    from pipeline.scan.runner import ScanConfig, run_scan
 
     folder = small_image_folder(os.path.join(out, f"images-{images}"), images)
     flush_images = flush_images or max(every // 4, 1)
@@ -311,20 +177,10 @@ def bench_scale(
     }
     for executor in executors:
         run = os.path.join(out, f"run-{executor}")
-        config = ScanConfig(
-            model=model,
-            data=folder,
-            out=run,
-            layers=layers,
-            k=16,
-            batch_size=batch_size,
-            overwrite=True,
-            progress=False,
-            flush_images=flush_images,
-            executor=executor,
-        )
         with _Watch(run) as watch:
-            manifest = run_scan(config)
+            manifest = bench_scan_run(
+                model, folder, run, layers, batch_size, flush_images=flush_images, executor=executor
+            )
         curve = _curve(watch.samples, every)
         result[executor] = {
             "curve": curve,

@@ -32,13 +32,12 @@ import time
 import numpy as np
 import torch
 
-from pipeline.bench import BENCH_LAYERS
+from pipeline.bench import BENCH_LAYERS, bench_scan_run
 from pipeline.data import Decoder, resolve_source
 from pipeline.demo_data import make_photo_folder, mobilenet_v2_weights
 from pipeline.models import ModelConfig, feature_extractor, load_model
 from pipeline.ray_session import ray_session
 from pipeline.scan.recorder import Recorder, RecorderConfig
-from pipeline.scan.runner import ScanConfig, run_scan
 
 logger = logging.getLogger(__name__)
 
@@ -156,20 +155,8 @@ def bench_scan(
     }
 
     def scan(folder_: str, name: str) -> dict:
-        run = os.path.join(out, name)
-        return run_scan(
-            ScanConfig(
-                model=model_config,
-                data=folder_,
-                out=run,
-                layers=layers,
-                k=16,
-                batch_size=batch_size,
-                overwrite=True,
-                progress=False,
-                device=device,
-                executor=executor,
-            )
+        return bench_scan_run(
+            model_config, folder_, os.path.join(out, name), layers, batch_size, device=device, executor=executor
         )
 
     layer_names = [name.strip() for name in layers.split(",")]

@@ -5,8 +5,35 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipeline.bench import BENCH_LAYERS
+from pipeline.bench import BENCH_LAYERS, ISSUE_25_MAIN
 from pipeline.optvis.presets import PRESETS
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated option as a tuple of its non-empty parts."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _integers(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in _names(text))
+
+
+def _runs(target: str):
+    """The command of a benchmark, `module:function` (imported when it runs: torch only then), called with the
+    parsed options that are named like its parameters (each option's dest is its parameter's name)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+        import inspect
+
+        module, name = target.split(":")
+        function = getattr(importlib.import_module(module), name)
+        accepted = inspect.signature(function).parameters
+        function(**{key: value for key, value in vars(args).items() if key in accepted})
+        return 0
+
+    run.target = target  # tests/cli/test_bench_cli.py: every option reaches it
+    return run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,26 +50,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     scan.add_argument("--out", default="runs/bench")
     scan.add_argument("--layers", default=BENCH_LAYERS)
-    scan.add_argument("--no-memory", action="store_true", help="skip the 4N memory run")
+    scan.add_argument("--no-memory", dest="memory", action="store_false", help="skip the 4N memory run")
     scan.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
         help="where the forward pass, the Recorder and the scan's actors all run",
     )
-    scan.set_defaults(func=run_scan)
+    scan.set_defaults(func=_runs("pipeline.bench.scan:bench_scan"))
 
     host = bench_sub.add_parser(
         "host",
         help="the Recorder's host time per batch outside the forward pass, this checkout vs a git revision",
     )
-    host.add_argument("--baseline", default="main", help="git revision to compare against (default: %(default)s)")
-    host.add_argument("--batches", type=int, default=10)
+    host.add_argument(
+        "--baseline",
+        dest="baselines",
+        type=_names,
+        default=(ISSUE_25_MAIN, "main"),
+        help="git revisions to compare against, comma-separated (default: main when issue 25 was filed, and main)",
+    )
+    host.add_argument("--batches", type=int, default=20)
     host.add_argument("--batch-size", type=int, default=256)
-    host.add_argument("--layers", type=int, default=60, help="recorded layers of the near-free model")
-    host.add_argument("--units", type=int, default=16, help="units per layer")
+    host.add_argument("--layers", dest="depth", type=int, default=60, help="recorded layers of the near-free model")
+    host.add_argument("--units", dest="width", type=int, default=16, help="units per layer")
     host.add_argument("--repeats", type=int, default=2, help="runs of each, alternating; the best counts")
-    host.set_defaults(func=run_host)
+    host.add_argument(
+        "--photos",
+        type=int,
+        default=200,
+        help="photo crops through MobileNetV2 at batch 1, 7 and 64 in each revision's Recorder: top-k, moments and "
+        "sketch must be identical (0: skip)",
+    )
+    host.set_defaults(func=_runs("pipeline.bench.host:bench_host"))
 
     scale = bench_sub.add_parser(
         "scale",
@@ -51,9 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     scale.add_argument("--images", type=int, default=200_000)
     scale.add_argument("--every", type=int, default=20_000)
     scale.add_argument("--flush-images", type=int, help="default: --every / 4")
-    scale.add_argument("--executors", default="local,ray")
+    scale.add_argument("--executors", type=_names, default=("local", "ray"))
     scale.add_argument("--out", default="runs/bench-scale")
-    scale.set_defaults(func=run_scale)
+    scale.set_defaults(func=_runs("pipeline.bench.scale:bench_scale"))
 
     startup = bench_sub.add_parser(
         "startup",
@@ -72,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     startup.add_argument("--repeats", type=int, default=2, help="runs of each, alternating; the best counts")
     startup.add_argument("--data", help="image folder (default: crops of scikit-image's bundled photos)")
     startup.add_argument("--out", default="runs/bench-startup")
-    startup.set_defaults(func=run_startup)
+    startup.set_defaults(func=_runs("pipeline.bench.startup:bench_startup"))
 
     capacity = bench_sub.add_parser(
         "capacity",
@@ -81,16 +121,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     capacity.add_argument("--model", default="torchvision:resnet50")
     capacity.add_argument("--layers", default="all,fc")
     capacity.add_argument("--k", type=int, default=32)
-    capacity.add_argument("--batch-size", type=int, default=256)
+    capacity.add_argument("--batch-size", dest="batch", type=int, default=256)
     capacity.add_argument("--image-size", type=int, default=224)
     capacity.add_argument("--flush-images", type=int, default=50_000)
-    capacity.set_defaults(func=run_capacity)
+    capacity.set_defaults(func=_runs("pipeline.bench.capacity:bench_capacity"))
 
     site = bench_sub.add_parser(
         "site", help="site generation for a synthetic 10,000-unit run: first build and no-change rebuild (seconds)"
     )
     site.add_argument("--out", default="runs/bench-site", help="where the synthetic run is written")
-    site.set_defaults(func=run_site)
+    site.set_defaults(func=_runs("pipeline.bench.site:bench_site"))
 
     render = bench_sub.add_parser(
         "render", help="feature visualization units/s: batched, one at a time, and Lucent's render_vis, on MobileNetV2"
@@ -102,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     render.add_argument("--preset", default="lucid", choices=tuple(PRESETS))
     render.add_argument("--single-units", type=int, default=4, help="units rendered one at a time")
     render.add_argument("--lucent-units", type=int, default=2, help="units rendered by Lucent")
-    render.set_defaults(func=run_render)
+    render.set_defaults(func=_runs("pipeline.bench.render:bench_render"))
 
     explain = bench_sub.add_parser(
         "explain", help="occlusion images/s: batched occluded copies vs one forward pass per position (MobileNetV2)"
@@ -111,116 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     explain.add_argument("--image-size", type=int, default=224)
     explain.add_argument("--window", type=int, default=32)
     explain.add_argument("--stride", type=int, default=16)
-    explain.add_argument("--chunks", default="16,64", help="chunk sizes to measure (copies per forward pass)")
+    explain.add_argument(
+        "--chunks", type=_integers, default=(16, 64), help="chunk sizes to measure (copies per forward pass)"
+    )
     explain.add_argument("--threads", type=int, help="torch threads (default: all CPUs)")
-    explain.set_defaults(func=run_explain)
-
-
-def run_scan(args: argparse.Namespace) -> int:
-    from pipeline.bench.scan import bench_scan
-
-    bench_scan(
-        images=args.images,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        data=args.data,
-        out=args.out,
-        layers=args.layers,
-        memory=not args.no_memory,
-        device=args.device,
-    )
-    return 0
-
-
-def run_host(args: argparse.Namespace) -> int:
-    from pipeline.bench.scale import bench_host
-
-    bench_host(
-        baseline=args.baseline,
-        batches=args.batches,
-        batch_size=args.batch_size,
-        depth=args.layers,
-        width=args.units,
-        repeats=args.repeats,
-    )
-    return 0
-
-
-def run_scale(args: argparse.Namespace) -> int:
-    from pipeline.bench.scale import bench_scale
-
-    bench_scale(
-        images=args.images,
-        every=args.every,
-        flush_images=args.flush_images,
-        out=args.out,
-        executors=tuple(e.strip() for e in args.executors.split(",") if e.strip()),
-    )
-    return 0
-
-
-def run_startup(args: argparse.Namespace) -> int:
-    from pipeline.bench.startup import bench_startup
-
-    bench_startup(
-        args.handwritten,
-        images=args.images,
-        image_size=args.image_size,
-        layers=args.layers,
-        k=args.k,
-        repeats=args.repeats,
-        out=args.out,
-        data=args.data,
-    )
-    return 0
-
-
-def run_capacity(args: argparse.Namespace) -> int:
-    from pipeline.bench.capacity import bench_capacity
-
-    bench_capacity(
-        model=args.model,
-        layers=args.layers,
-        k=args.k,
-        batch=args.batch_size,
-        image_size=args.image_size,
-        flush_images=args.flush_images,
-    )
-    return 0
-
-
-def run_site(args: argparse.Namespace) -> int:
-    from pipeline.bench.site import bench_site
-
-    bench_site(out=args.out)
-    return 0
-
-
-def run_render(args: argparse.Namespace) -> int:
-    from pipeline.bench.render import bench_render
-
-    bench_render(
-        layer=args.layer,
-        units=args.units,
-        steps=args.steps,
-        size=args.size,
-        lucent_units=args.lucent_units,
-        single_units=args.single_units,
-        preset=args.preset,
-    )
-    return 0
-
-
-def run_explain(args: argparse.Namespace) -> int:
-    from pipeline.bench.explain import bench_occlusion
-
-    chunks = tuple(int(c) for c in args.chunks.split(","))
-    bench_occlusion(
-        images=args.images,
-        image_size=args.image_size,
-        window=args.window,
-        stride=args.stride,
-        chunks=chunks,
-        threads=args.threads,
-    )
-    return 0
+    explain.set_defaults(func=_runs("pipeline.bench.explain:bench_occlusion"))

@@ -74,6 +74,24 @@ def layer_maxima(activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return values, torch.div(index, width, rounding_mode="floor"), index % width
 
 
+def all_maxima(activations: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, all units) maxima over positions (float32) and the flat position of each (first on ties), the layers'
+    units side by side in the given order: one reduction per layer, then two concatenations. (N, C) outputs are
+    read as 1x1 maps."""
+    values, index = [], []
+    for activation in activations:
+        if activation.ndim == 2:
+            values.append(activation.float())
+            index.append(torch.zeros(activation.shape, dtype=torch.int64, device=activation.device))
+            continue
+        n, c = activation.shape[:2]
+        # max then cast: exact (the cast is monotone and injective), and no full-size float copy of the map
+        value, position = activation.reshape(n, c, -1).max(dim=2)
+        values.append(value.float())
+        index.append(position)
+    return torch.cat(values, dim=1), torch.cat(index, dim=1)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -130,21 +148,16 @@ class ScanState:
             "units": np.array(list(self.layer_units.values()), dtype=np.int64),
         }
         for i, name in enumerate(self.layer_units):
-            topk = self.topk[name].state_dict()
-            arrays |= {
-                f"{i}/topk/values": topk["values"],
-                f"{i}/topk/key_index": topk["key_index"],
-                f"{i}/topk/key_table": np.asarray(topk["key_table"], dtype=str),
-            }
-            arrays |= {f"{i}/topk/payload/{p}": topk["payload"][p] for p in PAYLOAD}
-            if self.bottom_k:
-                bottom = self.bottomk[name].state_dict()
+            for table, k, source in (("topk", self.k, self.topk), ("bottomk", self.bottom_k, self.bottomk)):
+                if not k:
+                    continue
+                ranked = source[name].state_dict()
                 arrays |= {
-                    f"{i}/bottomk/values": bottom["values"],
-                    f"{i}/bottomk/key_index": bottom["key_index"],
-                    f"{i}/bottomk/key_table": np.asarray(bottom["key_table"], dtype=str),
+                    f"{i}/{table}/values": ranked["values"],
+                    f"{i}/{table}/key_index": ranked["key_index"],
+                    f"{i}/{table}/key_table": np.asarray(ranked["key_table"], dtype=str),
                 }
-                arrays |= {f"{i}/bottomk/payload/{p}": bottom["payload"][p] for p in PAYLOAD}
+                arrays |= {f"{i}/{table}/payload/{p}": ranked["payload"][p] for p in PAYLOAD}
             moments = self.moments[name].state_dict()
             arrays |= {
                 f"{i}/moments/{key}": np.asarray(moments[key])
@@ -373,23 +386,9 @@ class Recorder:
         return n
 
     def _maxima(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, all units) maxima over positions and the flat position of each (first on ties), every recorded
-        layer's units side by side in layer order: one reduction per layer, then two concatenations."""
-        values, index = [], []
-        for layer in self.config.layers:
-            activation = outputs[layer]
-            if activation.ndim == 2:
-                values.append(activation.float())
-                index.append(torch.zeros(activation.shape, dtype=torch.int64, device=activation.device))
-                self.widths.setdefault(layer, 1)
-                continue
-            n, c = activation.shape[:2]
-            self.widths.setdefault(layer, activation.shape[-1])
-            # max then cast: exact (the cast is monotone and injective), and no full-size float copy of the map
-            value, position = activation.reshape(n, c, -1).max(dim=2)
-            values.append(value.float())
-            index.append(position)
-        return torch.cat(values, dim=1), torch.cat(index, dim=1)
+        for layer in self.config.layers:  # each recorded map's width (the argmax's row and column, at the flush)
+            self.widths.setdefault(layer, outputs[layer].shape[-1] if outputs[layer].ndim > 2 else 1)
+        return all_maxima([outputs[layer] for layer in self.config.layers])
 
     def _split_maxima(
         self, values: torch.Tensor, index: torch.Tensor

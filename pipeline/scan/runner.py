@@ -302,9 +302,8 @@ def run_scan(config: ScanConfig) -> dict:
                 decode=config.decode,
                 bottom_k=config.bottom_k,
             )
-            timing = (_execute_local if local else _execute)(
-                config, source, index, store, loaded.preprocess, recorder_config, layer_units, plan, attempts
-            )
+            job = _Job(config, source, index, store, loaded.preprocess, recorder_config, layer_units, plan, attempts)
+            timing = (_execute_local if local else _execute)(job)
             images_total, images_ok = store.counts()
             if images_ok == 0:
                 raise DataError(f"none of the {images_total} images in {config.data} could be decoded")
@@ -445,19 +444,26 @@ class _Progress:
         self.attempts.save()
 
 
-def _execute_local(
-    config: ScanConfig,
-    source: SourceSpec,
-    index: SourceIndex,
-    store: FlushStore,
-    preprocess: Preprocess,
-    recorder_config: RecorderConfig,
-    layer_units: dict[str, int],
-    plan: dict,
-    attempts: _Attempts,
-) -> dict:
+@dataclass(frozen=True)
+class _Job:
+    """What either executor needs to run a scan's passes."""
+
+    config: ScanConfig
+    source: SourceSpec
+    index: SourceIndex
+    store: FlushStore
+    preprocess: Preprocess
+    recorder_config: RecorderConfig
+    layer_units: dict[str, int]
+    plan: dict
+    attempts: _Attempts
+
+
+def _execute_local(job: _Job) -> dict:
     """One pass over what is uncovered, in this process (pipeline.scan.local); nothing is lost to a worker, so
     nothing needs a second pass."""
+    config, source, index, store, preprocess = job.config, job.source, job.index, job.store, job.preprocess
+    recorder_config, layer_units, plan, attempts = job.recorder_config, job.layer_units, job.plan, job.attempts
     recorder = Recorder(recorder_config, layer_units)
     progress = _Progress(config, index, store, attempts)
     try:
@@ -479,18 +485,10 @@ def _execute_local(
     return progress.timing
 
 
-def _execute(
-    config: ScanConfig,
-    source: SourceSpec,
-    index: SourceIndex,
-    store: FlushStore,
-    preprocess: Preprocess,
-    recorder_config: RecorderConfig,
-    layer_units: dict[str, int],
-    plan: dict,
-    attempts: _Attempts,
-) -> dict:
+def _execute(job: _Job) -> dict:
     """Passes over what is still uncovered until everything is, each streamed through the worker pool."""
+    config, source, index, store, preprocess = job.config, job.source, job.index, job.store, job.preprocess
+    recorder_config, layer_units, plan, attempts = job.recorder_config, job.layer_units, job.plan, job.attempts
     import ray
 
     remote_recorder = ray.remote(Recorder)
