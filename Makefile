@@ -59,9 +59,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests scripts
 	$(BIN)/ruff format --check pipeline tests scripts
 
-# The inner loop: everything but the real multi-node cluster, the browser and the README's tour run end to end.
+# The inner loop: everything but the real multi-node cluster, the browser, the README's tour run end to end and
+# the single tests marked slow (each still runs in `make test`), in two processes like `make test`.
 test-quick: $(STAMP) lint
-	$(BIN)/python -m pytest -m "not cluster and not browser and not tour" -x -q
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder \
+	  -m "not cluster and not browser and not tour and not slow" -x -q
 
 # The quickest loop: no Ray started by the session's fixture, no cluster, no browser.
 test-unit: $(STAMP) lint

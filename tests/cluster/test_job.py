@@ -185,6 +185,7 @@ def test_cli_reports_config_errors_with_status_2(tmp_path, capsys):
 # ----------------------------------------------------------------------------------- running stages
 
 
+@pytest.mark.slow
 def test_run_job_runs_every_stage_then_skips_them(tmp_path, resnet8_weights, photo_folder, ray_cluster):
     path = write_toml(tmp_path / "job.toml", job_dict(str(tmp_path / "run"), resnet8_weights, photo_folder))
     config = load_config(path)
@@ -217,6 +218,7 @@ def test_run_job_runs_every_stage_then_skips_them(tmp_path, resnet8_weights, pho
     assert "seed = 1" in (run / "job.toml").read_text()
 
 
+@pytest.mark.slow
 def test_a_stage_list_resumes_later_stages(tmp_path, resnet8_weights, photo_folder, ray_cluster):
     data = job_dict(str(tmp_path / "run"), resnet8_weights, photo_folder)
     first = run_job(prepare_job(parse_config(data, ['job.stages=["scan"]'])), progress=False)
@@ -232,6 +234,7 @@ def _files(root) -> list[str]:
     )
 
 
+@pytest.mark.slow
 def test_url_run_is_mirrored_to_its_prefix_resumed_elsewhere_and_published_last(
     tmp_path, resnet8_weights, photo_folder, ray_cluster, monkeypatch
 ):
@@ -310,6 +313,7 @@ def test_bench_capacity_reports_units_and_rows(capsys):
     assert json.loads(capsys.readouterr().out)["units"] == 138
 
 
+@pytest.mark.slow
 def test_job_over_webdataset_shards_given_as_urls(tmp_path, resnet8_weights, photo_folder, ray_cluster):
     """data.source as a URL brace pattern: the scan reads the shards through Ray Data's filesystems and the
     render reads the top-k images back from them for the crops."""
@@ -621,6 +625,7 @@ def test_scheduled_slot_names_the_run_and_a_stale_tick_is_skipped(tmp_path, resn
     assert "starting_deadline_seconds=7200" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_catch_up_burst_starts_one_run_per_output(tmp_path, resnet8_weights, photo_folder, ray_cluster, capsys):
     """Issue 24, What 2: several past ticks fired at once (KubeRay's RayCronJob creates one RayJob per missed tick,
     back to back). Stale ticks are skipped; of the recent ones the newest runs and publishes, and an older tick fired
@@ -678,6 +683,7 @@ def _check_published_s3(filesystem, root: str, latest: dict, seen: dict) -> str 
     return f"{run_id}: the atlas index names missing files {missing[:3]}" if missing else None
 
 
+@pytest.mark.slow
 def test_job_on_s3_publishes_whole_runs_that_every_reader_opens_by_url(
     tmp_path, resnet8_weights, photo_folder, ray_cluster, s3_server, capsys, monkeypatch
 ):

@@ -227,6 +227,7 @@ def test_runs_without_every_maximum_compare_top_k_only(runs, tmp_path, capsys):
     assert units[("relu1", 0)]["topk_jaccard"] == 1.0
 
 
+@pytest.mark.slow
 def test_sample_recomputes_the_maxima_a_run_did_not_record(runs, tmp_path, capsys):
     full = str(tmp_path / "full")
     assert main(["compare", runs["a"], runs["zeroed"], "--out", full]) == 0

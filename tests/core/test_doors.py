@@ -126,6 +126,7 @@ def test_views_sql_works_for_a_run_on_an_odd_path(odd):
     assert con.execute("SELECT max(rank) + 1 FROM topk").fetchone()[0] == 2
 
 
+@pytest.mark.slow
 def test_render_and_dissect_on_an_odd_path(odd, tmp_path, ray_cluster):
     """The two commands that run on Ray, on a copy of the odd run (a path with every odd character too)."""
     import pyarrow as pa

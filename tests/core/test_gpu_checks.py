@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from repo_paths import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -24,6 +26,7 @@ def gpu_checks(*args: str, timeout: float) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_gpu_checks_run_on_cpu_and_say_what_they_skipped(tmp_path):
     out = tmp_path / "report.json"
     only = "environment,layer_maxima,batch,decode,render,timing"
@@ -40,6 +43,7 @@ def test_gpu_checks_run_on_cpu_and_say_what_they_skipped(tmp_path):
     assert report["checks"]["decode"]["ok"] and report["checks"]["decode"]["max_level_diff"] <= 1
 
 
+@pytest.mark.slow
 def test_the_ratios_run_in_a_reduced_mode_on_cpu(tmp_path):
     """Issue 25's ratios (Recorder / bare forward, scan / its bottleneck) are measured on CPU too, at toy sizes:
     the measurement code runs before a GPU is there to run it (numbers reported, not judged)."""
@@ -54,7 +58,6 @@ def test_the_ratios_run_in_a_reduced_mode_on_cpu(tmp_path):
 
 
 def test_asking_for_cuda_without_a_gpu_is_one_line(tmp_path):
-    import pytest
     import torch
 
     if torch.cuda.is_available():

@@ -302,6 +302,7 @@ def test_resnet18_non_square():
     check_against_probe(model, layers, (96, 128))
 
 
+@pytest.mark.slow
 def test_mobilenet_v2():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2()
@@ -336,6 +337,7 @@ def test_googlenet():
     )
 
 
+@pytest.mark.slow
 def test_inception_v3_asymmetric_kernels(monkeypatch):
     torch.manual_seed(0)
     model = torchvision.models.inception_v3(aux_logits=False, init_weights=False)

@@ -200,6 +200,7 @@ def _flushes(run: str) -> int:
 
 
 @pytest.mark.ray  # each scan command below starts a local Ray of its own
+@pytest.mark.slow
 def test_killed_scan_is_locked_while_alive_then_resumes_exactly(photo_folder, tmp_path, capsys):
     """Issue 13: a scan killed (SIGKILL) midway resumes from its committed flushes and ends identical to an
     undisturbed run; a second scan refuses while the first lives (naming it), takes the lock once it is dead.

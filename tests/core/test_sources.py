@@ -121,6 +121,7 @@ def test_a_truncated_shard_beside_good_shards_is_refused_naming_it(tmp_path, mon
     assert "s1.tar" in line and "truncated" in line and "remove it" in line, line
 
 
+@pytest.mark.slow
 def test_after_the_broken_shard_is_moved_aside_the_rerun_completes(ray_cluster, tmp_path, capsys):
     from pipeline.cli import main
     from pipeline.store import read_manifest

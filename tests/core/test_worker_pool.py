@@ -109,6 +109,7 @@ def undisturbed(small_probe):
 
 
 @pytest.mark.parametrize("phase", ["thresholds", "iou"])
+@pytest.mark.slow
 def test_a_dissect_actor_killed_midway_changes_nothing(ray_cluster, small_probe, undisturbed, phase, monkeypatch):
     """A DissectWorker SIGKILLed in either pass: its counted batches are redone by the other worker, and the
     thresholds and IoU counts equal those of the undisturbed in-process dissection."""

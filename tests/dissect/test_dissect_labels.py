@@ -166,6 +166,7 @@ def test_precision_only_without_maxima(tmp_path):
 # ----------------------------------------------------------------------------------------------- on Ray
 
 
+@pytest.mark.slow
 def test_atlas_dissect_end_to_end_on_ray(ray_cluster, tmp_path):
     from pipeline.dissect.builtin import write_colors_textures
     from pipeline.dissect.probe import open_probe

@@ -546,6 +546,7 @@ def test_worker_without_ray_keeps_unreadable_rows(tmp_path):
     np.testing.assert_allclose(np.load(io.BytesIO(results[0]["files"]["gradcam.npy"])), expected.maps["gradcam"])
 
 
+@pytest.mark.slow
 def test_data_mode_on_ray_writes_the_run_index(ray_cluster, photo_folder, small_down_run, tmp_path):
     import os
 

@@ -151,6 +151,7 @@ def dataset_inputs(folder: str, preprocess) -> torch.Tensor:
     "preset,layer,steps,above",
     [("lucid", "features.7", 64, 11), ("yosinski", "features.7", 64, 11), ("lucid", "features.14", 128, 8)],
 )
+@pytest.mark.slow
 def test_trained_units_are_driven_above_their_best_photo(mobilenet, photo_folder, preset, layer, steps, above):
     """On real ImageNet weights, a unit's visualization (96 px) beats its top-1 activation over real photos by
     > 1.2x: for 11 of 12 mid-level units at 64 steps; deeper units (features.14) converge more slowly: at 64
@@ -172,6 +173,7 @@ def test_trained_units_are_driven_above_their_best_photo(mobilenet, photo_folder
     assert ratio.median() > 1.5, ratio
 
 
+@pytest.mark.slow
 def test_class_visualizations_are_recognised_as_their_class(mobilenet):
     """Class model visualization on the logits: the network classifies each rendered image as its class."""
     from pipeline.models import output_layer

@@ -124,6 +124,7 @@ def test_known_answers_hash_near_chance_and_colour_detector_on_its_crops(scanned
     assert red_crop[1] == 1.0 and red_crop[0] > 0.8  # every task right on its crops
 
 
+@pytest.mark.slow
 def test_independent_of_workers_and_batch_size(ray_cluster, scanned):
     _score(scanned, executor="ray", actors=2, threads=1, batch_size=8, items_per_task=7)
     two = _table(scanned)
@@ -138,6 +139,7 @@ def test_independent_of_workers_and_batch_size(ray_cluster, scanned):
     )
 
 
+@pytest.mark.slow
 def test_an_interrupted_score_resumes_from_its_committed_embeddings(scanned, monkeypatch):
     from pipeline.score import runner
 
