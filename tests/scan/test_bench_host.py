@@ -14,7 +14,7 @@ from pipeline.scan.recorder import ScanState
 def test_bench_host_measures_this_checkout_against_a_revision(capsys):
     import subprocess
 
-    from support.repo_paths import REPO_ROOT
+    from repo_paths import REPO_ROOT
 
     if subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
