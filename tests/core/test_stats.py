@@ -298,7 +298,7 @@ def test_ordinal_topk_equals_brute_force_with_ties_and_relabels(device, space, a
     label space forces the labels to be reassigned mid-way, which must not change the answer."""
     from pipeline.stats import KeyLabels, OrdinalTopK
 
-    from support.helpers import brute_force_topk
+    from helpers import brute_force_topk
 
     rng = np.random.default_rng(7)
     keys = random_keys(rng, 300)
