@@ -83,12 +83,14 @@ $(LUCENT_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet decorator ipython
 	touch $(LUCENT_STAMP)
 
+# `atlas bench host` compares against git revisions (issue 25's main and main): it needs the clone's history.
 bench: $(STAMP) $(LUCENT_STAMP)
 	$(BIN)/atlas bench scan
 	$(BIN)/atlas bench render
 	$(BIN)/atlas bench explain
 	$(BIN)/atlas bench site
 	$(BIN)/atlas bench capacity
+	$(BIN)/atlas bench host
 
 clean:
 	rm -rf runs
