@@ -12,6 +12,7 @@ import shlex
 
 import pytest
 
+from helpers import strip_shell_comment
 from repo_paths import REPO_ROOT
 from pipeline.cli import build_parser
 
@@ -49,20 +50,6 @@ def _code_lines(path: str) -> list[tuple[int, str]]:
     return found
 
 
-def _strip_comment(command: str) -> str:
-    # a comment starts at '#' after whitespace, outside quotes
-    out, quote = [], None
-    for i, char in enumerate(command):
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char == "#" and i and command[i - 1] == " ":
-            break
-        out.append(char)
-    return "".join(out).strip()
-
-
 _CHOICE = re.compile(r"(?<=\s)([\w,.-]+(?:\|[\w,.-]+)+)")  # a value written as all|none|0-9
 _GROUP = re.compile(r"\(([^()]*?\s\|\s[^()]*)\)")  # (--run RUN | --out DIR)
 _SUBCOMMANDS = re.compile(r"^(atlas \w+) (\w+(?: \| \w+)+)(.*)$")  # atlas bench scan | render
@@ -85,7 +72,7 @@ def _alternatives(command: str) -> list[str]:
 
 def _variants(command: str) -> list[str]:
     """The command with its [optional] parts left out and put in, and each alternative on its own."""
-    command = _strip_comment(command)
+    command = strip_shell_comment(command)
     without = re.sub(r"\s*\[[^\[\]]*\]", "", command)
     with_all = re.sub(r"\[([^\[\]]*)\]", r"\1", command)
     return sorted({alternative for variant in (without, with_all) for alternative in _alternatives(variant)})

@@ -19,6 +19,7 @@ import sys
 
 import pytest
 
+from helpers import strip_shell_comment
 from repo_paths import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -52,22 +53,8 @@ def tour_lines(path: str = README) -> list[tuple[int, str]]:
                 in_code = True
                 continue
             if in_code and line.strip():
-                lines.append((number, _strip_comment(line)))
+                lines.append((number, strip_shell_comment(line)))
     raise AssertionError(f"no code block under {TOUR_HEADING!r} in {path}")
-
-
-def _strip_comment(line: str) -> str:
-    """The line without its trailing `# ...` comment (a '#' after whitespace, outside quotes)."""
-    out, quote = [], None
-    for i, char in enumerate(line):
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char == "#" and i and line[i - 1] in " \t":
-            break
-        out.append(char)
-    return "".join(out).strip()
 
 
 def makefile_demo_command() -> list[str]:

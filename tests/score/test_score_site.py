@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from chromium import console_errors, open_page, page_url, start_chromium
+from chromium import console_errors, open_page, page_url, start_chromium, visible_units
 
 from pipeline.demo_data import mobilenet_v2_weights
 from pipeline.models import ModelConfig
@@ -70,22 +70,15 @@ def test_sorting_a_layer_by_score_orders_units_as_the_scores_view(browser, score
     assert len(units) == 24 and any(mis is not None for mis in scores.values())
     open_page(browser, page_url(os.path.join(site, "layers", f"{layer_slug(LAYER)}.html")))
 
-    def shown() -> list[int]:
-        return [
-            int(card.get_attribute("data-unit"))
-            for card in browser.find_elements("css selector", "#grid li")
-            if card.is_displayed()
-        ]
-
-    assert shown() == units  # unit id order before any click
+    assert visible_units(browser) == units  # unit id order before any click
     for kind in ("crop", "whole"):
         # Unscored (dead) units sort as -1: after every score; ties by unit id.
         order = {unit: -1.0 if scores[(unit, kind)] is None else scores[(unit, kind)] for unit in units}
         Select(browser.find_element("id", "sort")).select_by_value(f"mis-{kind}")
         assert browser.find_element("id", "descending").is_selected()
-        assert shown() == sorted(units, key=lambda u: (-order[u], u)), kind
+        assert visible_units(browser) == sorted(units, key=lambda u: (-order[u], u)), kind
         browser.find_element("id", "descending").click()
-        assert shown() == sorted(units, key=lambda u: (order[u], u)), kind
+        assert visible_units(browser) == sorted(units, key=lambda u: (order[u], u)), kind
     assert console_errors(browser) == [] and browser.execute_script("return window.__alerts") == []
 
 

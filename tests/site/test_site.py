@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 from repo_paths import REPO_ROOT
-from chromium import console_errors, load_all_images, open_page, page_url, start_chromium, wait
+from chromium import console_errors, load_all_images, open_page, page_url, start_chromium, visible_units, wait
 from site_net import DEAD_STEM_UNIT
 from site_run import (
     CLASS_NAMES,
@@ -393,14 +393,7 @@ def test_layer_grid_sorts_filters_and_greys_dead_units(browser, site):
 
     open_page(browser, page_url(os.path.join(site, "layers", f"{slug_dir('stem')}.html")))
 
-    def visible_units() -> list[int]:
-        return [
-            int(c.get_attribute("data-unit"))
-            for c in browser.find_elements("css selector", "#grid li")
-            if c.is_displayed()
-        ]
-
-    assert visible_units() == list(range(8))
+    assert visible_units(browser) == list(range(8))
     Select(browser.find_element("id", "sort")).select_by_value("top")
     assert browser.find_element("id", "descending").is_selected()  # highest first by default
     tops = [
@@ -419,9 +412,9 @@ def test_layer_grid_sorts_filters_and_greys_dead_units(browser, site):
     dead = browser.find_element("css selector", f'#grid li[data-unit="{DEAD_STEM_UNIT}"] .thumb')
     assert "grayscale" in dead.value_of_css_property("filter")
     browser.find_element("id", "hide-dead").click()
-    assert DEAD_STEM_UNIT not in visible_units() and len(visible_units()) == 7
+    assert DEAD_STEM_UNIT not in visible_units(browser) and len(visible_units(browser)) == 7
     browser.find_element("id", "filter").send_keys("3")
-    assert visible_units() == [3]
+    assert visible_units(browser) == [3]
 
 
 def test_layer_grid_filters_by_concept_category(browser, site_run, site):

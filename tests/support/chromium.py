@@ -88,3 +88,12 @@ def load_all_images(browser) -> list[dict]:
     return browser.execute_script(
         "return Array.prototype.map.call(document.images, function (i) { return {src: i.src, width: i.naturalWidth}; })"
     )
+
+
+def visible_units(browser) -> list[int]:
+    """The unit ids of a layer page's grid cards now shown (after sorting or filtering), in page order."""
+    return [
+        int(card.get_attribute("data-unit"))
+        for card in browser.find_elements("css selector", "#grid li")
+        if card.is_displayed()
+    ]

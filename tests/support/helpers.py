@@ -195,3 +195,18 @@ def interrupt_scan_at_commit(monkeypatch, n: int):
 
     monkeypatch.setattr(FlushStore, "commit", interrupted_commit)
     return lambda: monkeypatch.setattr(FlushStore, "commit", original)
+
+
+def strip_shell_comment(line: str) -> str:
+    """A documented command line without its trailing `# ...` comment (a '#' after a space or tab, outside
+    quotes, as the shell reads it), stripped."""
+    out, quote = [], None
+    for i, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and i and line[i - 1] in " \t":
+            break
+        out.append(char)
+    return "".join(out).strip()

@@ -16,9 +16,8 @@ from PIL import Image
 from pipeline.models import ModelConfig, load_model
 from pipeline.preprocess import decode_image
 from pipeline.render.runner import render_dataset_views
-from pipeline.store import ATLAS_INDEX_SCHEMA
 from pipeline.scan.runner import ScanConfig, run_scan
-from pipeline.store import EXPLAIN_METRICS_SCHEMA, connect, write_json
+from pipeline.store import ATLAS_INDEX_SCHEMA, EXPLAIN_INDEX_SCHEMA, EXPLAIN_METRICS_SCHEMA, connect, write_json
 
 SITE_NET = ModelConfig(spec="module:site_net:site_net", image_size=32)
 LAYERS = "stem,relu,down"
@@ -206,17 +205,9 @@ def _add_explanations(run: str, photos: str) -> None:
                     "score": float(logits[i, cls]),
                 }
             )
-    schema = pa.schema(
-        [
-            ("image_key", pa.string()),
-            ("method", pa.string()),
-            ("target", pa.int32()),
-            ("target_name", pa.string()),
-            ("path", pa.string()),
-            ("score", pa.float32()),
-        ]
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=EXPLAIN_INDEX_SCHEMA), os.path.join(run, "explain", "index.parquet")
     )
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), os.path.join(run, "explain", "index.parquet"))
     # Explanation-quality rows (as `atlas explain --metrics` writes them) for the top image of class 2, one
     # flagged by the randomization check; values are stand-ins (tests/explain/test_explain_metrics.py computes real ones).
     key = next(r["image_key"] for r in rows if r["target"] == 2)
