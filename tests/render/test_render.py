@@ -174,6 +174,7 @@ def test_bad_render_requests_fail_before_any_work(scanned, tmp_path):
     assert main(["render", scanned, "--units", "x-3"]) == 2
 
 
+@pytest.mark.slow
 def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, photo_folder, small_down_run, tmp_path):
     """Atlas images describe one scan: re-scanning with other settings must not leave them to be taken as done."""
     run = copy_run(small_down_run, tmp_path / "run")  # layer down, k=2 (tests/support/tiny_runs.py)
@@ -196,6 +197,7 @@ def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, phot
     assert sorted(index.column("rank").to_pylist()) == [0] * 6
 
 
+@pytest.mark.slow
 def test_a_render_actor_killed_midway_changes_nothing(scanned, tmp_path):
     """Issue 11 case 4 for render: a render actor's process SIGKILLed mid-render is dropped, its task goes to
     another actor (or a new one), and the atlas ends with the same files as an undisturbed render."""
@@ -257,6 +259,7 @@ def test_cli_renders_what_it_names_and_says_its_plan_first(scanned, tmp_path, ca
     assert {(r["layer"], r["unit"]) for r in rows if r["kind"] != "classvis"} == {("down", 0), ("down", 1)}
 
 
+@pytest.mark.slow
 def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
     """`atlas render RUN` naming nothing: the top crop and heat overlay of every live unit of every recorded
     layer, nothing costly; `--pictures 3` adds ranks 1-2 and leaves rank 0 alone. Crops are the originals cut at

@@ -102,6 +102,7 @@ def test_topk_equals_brute_force(ray_cluster, tie_folder, tmp_path, executor, ba
     assert [s[2] for s in stats] == (values["stem"] > 0).sum(axis=0).tolist()
 
 
+@pytest.mark.slow
 def test_webdataset_and_parquet_sources_match_the_folder(ray_cluster, photo_folder, tmp_path):
     import pyarrow as pa
     import webdataset as wds
