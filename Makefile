@@ -46,8 +46,8 @@ browser:
 promtool:
 	$(call apt_install,promtool,$(PROMTOOL_PACKAGES),the alert rules' tests)
 
-# Two processes (pytest-xdist), each taking whole modules, longest first (tests/conftest.py, LONGEST_FIRST): most
-# of the suite waits on processes it started (Ray workers, clusters, the CLI), so two share 2 cores well.
+# Two processes (pytest-xdist), each taking whole modules, longest first (tests/conftest.py, LONGEST_FIRST): part
+# of the suite waits on processes it started (Ray workers, clusters, the CLI), which the other fills (1.2x quiet).
 # A module stays in one process, so its module-scoped fixtures (the multi-node cluster) are made once.
 TEST_PROCESSES ?= 2
 test: $(STAMP) browser promtool lint
