@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import brute_force_topk, interrupt_scan_at_commit
+from helpers import brute_force_topk, scan_interrupted_at_commit
 from scan_reference import LAYERS, SMALL, reference_maxima
 from pipeline.scan.runner import ScanConfig, run_scan
 from pipeline.store import connect, read_manifest
@@ -113,11 +113,8 @@ def test_bottomk_enters_the_fingerprint_and_resumes_exactly(dark_ties, tmp_path,
         progress=False,
         executor="local",
     )
-    resume_commits = interrupt_scan_at_commit(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        run_scan(config)
+    scan_interrupted_at_commit(config, monkeypatch, 4)
     assert read_manifest(config.out) is None
-    resume_commits()
     resumed = run_scan(config)
     assert [a["images_committed"] for a in resumed["attempts"]][0] == 12
     check_against_brute_force(config.out, dark_ties, 5)

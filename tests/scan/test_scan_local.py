@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from helpers import interrupt_scan_at_commit
+from helpers import scan_interrupted_at_commit
 from repo_paths import SUPPORT_DIR
 from pipeline.data import SourceSpec
 from pipeline.models import ModelConfig
@@ -91,11 +91,8 @@ def test_an_interrupted_local_scan_resumes_on_ray_identically(ray_cluster, photo
         progress=False,
         executor="local",
     )
-    resume_commits = interrupt_scan_at_commit(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        run_scan(config)
+    scan_interrupted_at_commit(config, monkeypatch, 4)
     assert read_manifest(config.out) is None
-    resume_commits()
 
     resumed = run_scan(ScanConfig(**{**config.__dict__, "executor": "ray", "actors": 1}))
     committed = [a["images_committed"] for a in resumed["attempts"]]
@@ -133,10 +130,7 @@ def test_a_resumed_local_scan_is_bit_identical_to_an_undisturbed_one(photo_folde
         progress=False,
         executor="local",
     )
-    resume_commits = interrupt_scan_at_commit(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        run_scan(config)
-    resume_commits()
+    scan_interrupted_at_commit(config, monkeypatch, 4)
     # The resumed attempt's worker id is new and random: make it sort before the first attempt's, which
     # merged the flushes in another order than the undisturbed run's.
     monkeypatch.setattr("pipeline.scan.recorder.uuid.uuid4", lambda: type("U", (), {"hex": "0" * 32})())

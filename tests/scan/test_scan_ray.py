@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import brute_force_topk, interrupt_scan_at_commit, read_topk
+from helpers import brute_force_topk, scan_interrupted_at_commit, read_topk
 from scan_reference import LAYERS, SMALL, reference_maxima
 from pipeline.data import DataError
 from pipeline.models import ModelConfig, ModelError
@@ -246,11 +246,8 @@ def test_restart_after_interruption_and_skip_when_complete(ray_cluster, photo_fo
         actors=1,
         progress=False,
     )
-    resume_commits = interrupt_scan_at_commit(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        run_scan(config)
+    scan_interrupted_at_commit(config, monkeypatch, 3)
     assert read_manifest(run) is None and not os.path.isdir(os.path.join(run, "topk"))
-    resume_commits()
 
     first = run_scan(config)
     # The second attempt resumed from the two flushes the first one committed and processed only the rest.

@@ -197,6 +197,21 @@ def interrupt_scan_at_commit(monkeypatch, n: int):
     return lambda: monkeypatch.setattr(FlushStore, "commit", original)
 
 
+def scan_interrupted_at_commit(config, monkeypatch, n: int) -> None:
+    """Run the scan of `config` with Ctrl-C at its n-th flush commit (interrupt_scan_at_commit), asserting it was
+    interrupted; the real commit is back afterwards, so the next run_scan resumes."""
+    import pytest
+
+    from pipeline.scan.runner import run_scan
+
+    resume_commits = interrupt_scan_at_commit(monkeypatch, n)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_scan(config)
+    finally:
+        resume_commits()
+
+
 def strip_shell_comment(line: str) -> str:
     """A documented command line without its trailing `# ...` comment (a '#' after a space or tab, outside
     quotes, as the shell reads it), stripped."""
