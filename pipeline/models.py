@@ -458,15 +458,59 @@ class _HookExtractor(nn.Module):
         return captured
 
 
+class _LayerTracer(torch.fx.Tracer):
+    """torch.fx's tracer with the requested layers as leaves: each is one call_module node whose value is exactly
+    the module's output (what a forward hook sees), whatever the module does inside."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return qualified_name in self.leaves or super().is_leaf_module(module, qualified_name)
+
+
+def _traced_extractor(model: nn.Module, layers: list[str]) -> torch.fx.GraphModule | None:
+    """The model traced up to its last requested layer, returning {layer: output}; None where a requested layer
+    contains another (it cannot be a leaf then) or is not called in the forward."""
+    if any(inner.startswith(outer + ".") for outer in layers for inner in layers) or "" in layers:
+        return None
+    was_training = model.training
+    model.eval()  # the graph is for inference: control flow on `self.training` is traced in eval mode
+    try:
+        graph = _LayerTracer(set(layers)).trace(model)
+    finally:
+        model.train(was_training)
+    first_call: dict[str, torch.fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in layers:
+            first_call.setdefault(node.target, node)  # a module called twice: its first output, as the hooks keep
+    if len(first_call) != len(layers):
+        return None
+    output = next(node for node in graph.nodes if node.op == "output")
+    output.args = ({name: first_call[name] for name in layers},)
+    traced = torch.fx.GraphModule(model, graph)  # the model's own submodules, parameters shared
+    traced.graph.eliminate_dead_code()  # everything after the last requested layer
+    traced.delete_all_unused_submodules()
+    traced.recompile()
+    return traced
+
+
 def feature_extractor(model: nn.Module, layers: list[str]) -> nn.Module:
     """A module returning {layer: output} that stops after the deepest requested layer when it can.
 
-    torchvision's create_feature_extractor (torch.fx) prunes everything after the last requested node,
-    which is most of the network when only early layers are recorded.
+    The model is traced by torch.fx with the requested layers as leaves and everything after them pruned, which
+    is most of the network when only early layers are recorded. (torchvision's create_feature_extractor does the
+    same for this case and is used where a layer contains another; torch alone keeps torchvision, whose import
+    takes about 1.5 s more per process, out of the scan's model actors.) Models torch.fx cannot trace run whole,
+    with forward hooks. The outputs equal torchvision's extractor's bit for bit (tests/core/test_models.py).
     """
-    from torchvision.models.feature_extraction import create_feature_extractor
-
     try:
+        traced = _traced_extractor(model, layers)
+        if traced is not None:
+            return traced
+        from torchvision.models.feature_extraction import create_feature_extractor
+
         return create_feature_extractor(model, return_nodes={name: name for name in layers})
     except Exception as error:  # noqa: BLE001 - fx raises many types on dynamic control flow
         logger.warning("torch.fx cannot trace this model (%s); recording with hooks on the full model", error)

@@ -2,7 +2,7 @@
 
 ``FeatureVisualizer(model, layers, mean, std).render(objective, batch, preset, size, seed)`` returns the
 images (B, 3, size, size) in [0, 1]. The model is cut after the deepest layer the objective reads
-(torchvision's create_feature_extractor prunes the rest), so visualizing an early layer costs a fraction of
+(pipeline.models.feature_extractor prunes the rest), so visualizing an early layer costs a fraction of
 a full forward pass. Nothing is upsampled: the network sees the image at ``size`` (plus the transforms'
 padding). Deterministic for a given seed on a given device: the initial image and every transform draw
 come from seeded generators.

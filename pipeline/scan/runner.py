@@ -119,13 +119,14 @@ def _versions() -> dict:
     import duckdb
     import pyarrow
     import torch
-    import torchvision
 
     return {
         "neuron_atlas": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        # the installed release, without importing it (1.5 s; the scan needs it only for torchvision models); its
+        # build (CUDA) is torch's, recorded above
+        "torchvision": version("torchvision"),
         "ray": version("ray"),  # without importing it: a local scan never does
         "pyarrow": pyarrow.__version__,
         "duckdb": duckdb.__version__,
