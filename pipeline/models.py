@@ -496,6 +496,37 @@ def _traced_extractor(model: nn.Module, layers: list[str]) -> torch.fx.GraphModu
     return traced
 
 
+def traced_to(model: nn.Module, layer: str) -> torch.fx.GraphModule:
+    """The model traced through every module (torch.nn's own are the leaves) up to `layer`, returning
+    {"out": its output}; the graph shows each operation inside the layer (what the deconvnet rewrites).
+
+    The layer's output is the last node of its first call: a leaf's call_module node, or the last node traced
+    inside it (its module stack, `nn_module_stack`, names it), as torchvision's create_feature_extractor finds it.
+    ValueError where the layer is never called or computes nothing of its own."""
+    was_training = model.training
+    model.eval()
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    finally:
+        model.train(was_training)
+    found, inside = None, False
+    for node in graph.nodes:
+        scopes = {qualified for qualified, _ in node.meta.get("nn_module_stack", {}).values()}
+        if (node.op == "call_module" and node.target == layer) or layer in scopes:
+            found, inside = node, True
+        elif inside:
+            break  # the end of the layer's first call
+    if found is None:
+        raise ValueError(f"layer {layer!r} computes nothing in the traced forward")
+    output = next(node for node in graph.nodes if node.op == "output")
+    output.args = ({"out": found},)
+    traced = torch.fx.GraphModule(model, graph)
+    traced.graph.eliminate_dead_code()
+    traced.delete_all_unused_submodules()
+    traced.recompile()
+    return traced
+
+
 def feature_extractor(model: nn.Module, layers: list[str]) -> nn.Module:
     """A module returning {layer: output} that stops after the deepest requested layer when it can.
 

@@ -169,12 +169,12 @@ class Deconvnet:
     rule = "deconvnet"
 
     def __init__(self, model: nn.Module, layer: str):
-        from torchvision.models.feature_extraction import create_feature_extractor
+        from pipeline.models import traced_to
 
         self.layer = layer
-        # create_feature_extractor traces a copy that stops at `layer`; its modules are the model's own,
+        # traced_to traces a copy that stops at `layer`; its modules are the model's own,
         # so wrap them in place of the copy's graph attributes without touching the caller's model.
-        extractor = create_feature_extractor(model, return_nodes={layer: "out"})
+        extractor = traced_to(model, layer)
         # A copy of the module tree (sharing parameters) with every activation module wrapped, so the
         # caller's model is left untouched; functional activations are rewritten in the graph.
         root = nn.Module()

@@ -100,3 +100,28 @@ def test_a_layer_inside_another_requested_layer():
     with torch.no_grad():
         ours, hooks = feature_extractor(model, layers)(x), hooked(model, layers, x)
     assert all(torch.equal(ours[layer], hooks[layer]) for layer in layers)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "resnet18", "mobilenet_v2"])
+def test_the_graph_traced_to_a_layer_equals_torchvision_s(name):
+    """traced_to (the deconvnet's graph, traced through every block) stops where torchvision's extractor does:
+    the same output for every layer both can cut at."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from pipeline.models import traced_to
+
+    make, size = MODELS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 3, size, size)
+    compared = 0
+    for layer, _ in list(model.named_modules())[1::3]:
+        try:
+            reference = create_feature_extractor(model, {layer: "out"})
+        except ValueError:  # a layer inside one of torchvision's own blocks, which its tracer keeps whole
+            continue
+        model.eval(), reference.eval()  # its failures can leave the model in training mode
+        with torch.no_grad():
+            assert torch.equal(traced_to(model, layer)(x)["out"], reference(x)["out"]), layer
+        compared += 1
+    assert compared >= 5
