@@ -34,7 +34,6 @@ MODELS = {
     "resnet8": (resnet8, 32),
     "resnet18": (torchvision.models.resnet18, 64),
     "mobilenet_v2": (torchvision.models.mobilenet_v2, 64),
-    "vgg11": (torchvision.models.vgg11, 64),
 }
 
 
@@ -102,7 +101,7 @@ def test_a_layer_inside_another_requested_layer():
     assert all(torch.equal(ours[layer], hooks[layer]) for layer in layers)
 
 
-@pytest.mark.parametrize("name", ["resnet8", "resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["resnet8", "mobilenet_v2"])
 def test_the_graph_traced_to_a_layer_equals_torchvision_s(name):
     """traced_to (the deconvnet's graph, traced through every block) stops where torchvision's extractor does:
     the same output for every layer both can cut at."""
