@@ -458,6 +458,27 @@ class _HookExtractor(nn.Module):
         return captured
 
 
+def _trace_for_inference(model: nn.Module, tracer: torch.fx.Tracer) -> torch.fx.Graph:
+    """The model's graph traced in eval mode (control flow on `self.training` is baked in), its mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return tracer.trace(model)
+    finally:
+        model.train(was_training)
+
+
+def _returning(model: nn.Module, graph: torch.fx.Graph, outputs: dict[str, torch.fx.Node]) -> torch.fx.GraphModule:
+    """A module over the model's own submodules (parameters shared) that returns `outputs` and computes nothing
+    after them."""
+    next(node for node in graph.nodes if node.op == "output").args = (outputs,)
+    traced = torch.fx.GraphModule(model, graph)
+    traced.graph.eliminate_dead_code()
+    traced.delete_all_unused_submodules()
+    traced.recompile()
+    return traced
+
+
 class _LayerTracer(torch.fx.Tracer):
     """torch.fx's tracer with the requested layers as leaves: each is one call_module node whose value is exactly
     the module's output (what a forward hook sees), whatever the module does inside."""
@@ -475,25 +496,14 @@ def _traced_extractor(model: nn.Module, layers: list[str]) -> torch.fx.GraphModu
     contains another (it cannot be a leaf then) or is not called in the forward."""
     if any(inner.startswith(outer + ".") for outer in layers for inner in layers) or "" in layers:
         return None
-    was_training = model.training
-    model.eval()  # the graph is for inference: control flow on `self.training` is traced in eval mode
-    try:
-        graph = _LayerTracer(set(layers)).trace(model)
-    finally:
-        model.train(was_training)
+    graph = _trace_for_inference(model, _LayerTracer(set(layers)))
     first_call: dict[str, torch.fx.Node] = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in layers:
             first_call.setdefault(node.target, node)  # a module called twice: its first output, as the hooks keep
     if len(first_call) != len(layers):
         return None
-    output = next(node for node in graph.nodes if node.op == "output")
-    output.args = ({name: first_call[name] for name in layers},)
-    traced = torch.fx.GraphModule(model, graph)  # the model's own submodules, parameters shared
-    traced.graph.eliminate_dead_code()  # everything after the last requested layer
-    traced.delete_all_unused_submodules()
-    traced.recompile()
-    return traced
+    return _returning(model, graph, {name: first_call[name] for name in layers})
 
 
 def traced_to(model: nn.Module, layer: str) -> torch.fx.GraphModule:
@@ -503,12 +513,7 @@ def traced_to(model: nn.Module, layer: str) -> torch.fx.GraphModule:
     The layer's output is the last node of its first call: a leaf's call_module node, or the last node traced
     inside it (its module stack, `nn_module_stack`, names it), as torchvision's create_feature_extractor finds it.
     ValueError where the layer is never called or computes nothing of its own."""
-    was_training = model.training
-    model.eval()
-    try:
-        graph = torch.fx.Tracer().trace(model)
-    finally:
-        model.train(was_training)
+    graph = _trace_for_inference(model, torch.fx.Tracer())
     found, inside = None, False
     for node in graph.nodes:
         scopes = {qualified for qualified, _ in node.meta.get("nn_module_stack", {}).values()}
@@ -518,13 +523,7 @@ def traced_to(model: nn.Module, layer: str) -> torch.fx.GraphModule:
             break  # the end of the layer's first call
     if found is None:
         raise ValueError(f"layer {layer!r} computes nothing in the traced forward")
-    output = next(node for node in graph.nodes if node.op == "output")
-    output.args = ({"out": found},)
-    traced = torch.fx.GraphModule(model, graph)
-    traced.graph.eliminate_dead_code()
-    traced.delete_all_unused_submodules()
-    traced.recompile()
-    return traced
+    return _returning(model, graph, {"out": found})
 
 
 def feature_extractor(model: nn.Module, layers: list[str]) -> nn.Module:
