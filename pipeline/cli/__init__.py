@@ -11,7 +11,6 @@ import sys
 
 from pipeline.cli import bench, compare, demo, dissect, explain, jobs, layers, query, render, scan, score, site
 from pipeline.data import DataError
-from pipeline.models import ModelError
 from pipeline.store import RunError
 from pipeline.worker_pool import PoolStalled, WorkerStartFailed
 
@@ -35,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors that are the user's to fix (input, settings, a busy or foreign run directory, the cluster stalling): one
 # line and status 2. Anything else is a bug: its traceback is shown. --debug (or ATLAS_DEBUG=1) shows every one.
+# pipeline.models.ModelError is a ValueError (named here it would import torch into every command).
 USER_ERRORS = (
-    ModelError,
     DataError,
     RunError,
     ValueError,

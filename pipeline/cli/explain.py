@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.options import add_decode_options, add_model_options, add_quiet_option, add_ray_options, model_config
-from pipeline.explain.deepdream import DREAM_OPTIONS
-from pipeline.explain.settings import EXPLAIN_BATCH_SIZE, EXPLAIN_OPTIONS
+from pipeline.explain.settings import DREAM_OPTIONS, EXPLAIN_BATCH_SIZE, EXPLAIN_OPTIONS
 from pipeline.options import add_arguments, option_values
 
 
@@ -41,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     dream.add_argument("image")
     dream.add_argument("--layer", required=True, help="module name as `atlas layers` lists it")
     dream.add_argument("--out", required=True, help="PNG file to write")
-    add_arguments(dream, DREAM_OPTIONS)  # --octaves, --steps, ...: one declaration each (explain/deepdream.py)
+    add_arguments(dream, DREAM_OPTIONS)  # --octaves, --steps, ...: one declaration each (explain/settings.py)
     dream.set_defaults(func=run_dream)
 
 

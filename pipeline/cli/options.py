@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from pipeline.models import ModelConfig
+if TYPE_CHECKING:  # pipeline.models imports torch: only a command that loads a model pays for it
+    from pipeline.models import ModelConfig
 
 
 def _floats(text: str) -> tuple[float, float, float]:
@@ -60,6 +62,8 @@ def add_decode_options(parser: argparse.ArgumentParser) -> None:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The ModelConfig of add_model_options (+ add_decode_options, where the command has them)."""
+    from pipeline.models import ModelConfig
+
     return ModelConfig(
         spec=args.model,
         weights=args.weights,

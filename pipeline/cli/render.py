@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.options import add_quiet_option, add_ray_options
-from pipeline.optvis.objectives import UNIT_OBJECTIVES
 from pipeline.optvis.presets import PRESETS
+from pipeline.render.plan import OBJECTIVES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--objective",
-        choices=tuple(UNIT_OBJECTIVES),
+        choices=OBJECTIVES,
         default="channel",
         help="maximise the unit's mean over its map (default) or its centre neuron",
     )

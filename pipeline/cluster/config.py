@@ -168,14 +168,14 @@ class RenderSection:
     def check(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"render.device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        from pipeline.optvis.objectives import UNIT_OBJECTIVES
         from pipeline.optvis.presets import PRESETS
+        from pipeline.render.plan import OBJECTIVES
 
         if self.preset not in PRESETS:
             raise ConfigError(f"render.preset must be one of {', '.join(map(repr, PRESETS))}, got {self.preset!r}")
-        if self.objective not in UNIT_OBJECTIVES:
+        if self.objective not in OBJECTIVES:
             raise ConfigError(
-                f"render.objective must be one of {', '.join(map(repr, UNIT_OBJECTIVES))}, got {self.objective!r}"
+                f"render.objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {self.objective!r}"
             )
         _check_ranges(self, "render", ("size", "steps", "units_per_task", "actors", "pictures"))
 

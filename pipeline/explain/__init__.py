@@ -13,31 +13,41 @@ the base class `attribution.Attribution`; `METHODS` is the registry the explaine
     randomization            Adebayo et al. 2018                    cascading model-randomization check
 
 The file-writing side (`explainer`, `outputs`, `images`, `data_runner`) and the benchmark (`bench`) build on
-these. Importing this package imports torch but starts nothing.
+these. Importing this package imports nothing heavy: each name is loaded on first use (with torch).
 """
 
-from pipeline.explain.attribution import Attribution, SmoothGrad
-from pipeline.explain.cam import CAM, CAMError, find_gap_linear_head
-from pipeline.explain.causal import CausalMetric
-from pipeline.explain.deepdream import DeepDream
-from pipeline.explain.gradcam import GradCAM
-from pipeline.explain.occlusion import Occlusion, OcclusionResult
-from pipeline.explain.saliency import Saliency
+import importlib
 
-# The map methods by the name `--methods` and job files use, in the order they are computed and shown.
-METHODS: dict[str, type[Attribution]] = {"saliency": Saliency, "occlusion": Occlusion, "cam": CAM, "gradcam": GradCAM}
+# Each public name and the module that defines it. The package imports none of them until one is used (PEP 562),
+# so `pipeline.explain.settings` (the options, checked by the CLI and job files) loads without torch.
+_DEFINED_IN = {
+    "Attribution": "attribution",
+    "SmoothGrad": "attribution",
+    "CAM": "cam",
+    "CAMError": "cam",
+    "find_gap_linear_head": "cam",
+    "CausalMetric": "causal",
+    "DeepDream": "deepdream",
+    "GradCAM": "gradcam",
+    "Occlusion": "occlusion",
+    "OcclusionResult": "occlusion",
+    "Saliency": "saliency",
+}
+# The map methods by the name `--methods` and job files use (pipeline.explain.settings.METHODS, in its order).
+_METHOD_CLASSES = {"saliency": "Saliency", "occlusion": "Occlusion", "cam": "CAM", "gradcam": "GradCAM"}
 
-__all__ = [
-    "METHODS",
-    "Attribution",
-    "SmoothGrad",
-    "CAM",
-    "CAMError",
-    "CausalMetric",
-    "DeepDream",
-    "GradCAM",
-    "Occlusion",
-    "OcclusionResult",
-    "Saliency",
-    "find_gap_linear_head",
-]
+__all__ = ["METHODS", *_DEFINED_IN]
+
+
+def __getattr__(name: str):
+    if name == "METHODS":
+        from pipeline.explain.settings import METHODS as names
+
+        methods = {method: __getattr__(_METHOD_CLASSES[method]) for method in names}
+        globals()["METHODS"] = methods
+        return methods
+    if name in _DEFINED_IN:
+        value = getattr(importlib.import_module(f"pipeline.explain.{_DEFINED_IN[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pipeline.explain' has no attribute {name!r}")

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.explain.common import check_inputs
+from pipeline.explain.settings import CAUSAL_MODES
 
 logger = logging.getLogger(__name__)
 
-MODES = ("deletion", "insertion")
+MODES = CAUSAL_MODES  # declared with the options (pipeline.explain.settings)
 BLUR_SIZE, BLUR_SIGMA = 11, 5.0
 
 

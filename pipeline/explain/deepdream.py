@@ -19,20 +19,10 @@ from torch import nn
 
 from pipeline.explain.common import check_inputs, find_module
 from pipeline.models import feature_extractor
-from pipeline.options import Option
+from pipeline.explain.settings import DREAM_OPTIONS
 
 logger = logging.getLogger(__name__)
 
-# The dream's settings, declared once (pipeline.options): `atlas dream`'s flags, dream_file's keywords and the
-# defaults of DeepDream.attribute all come from here.
-DREAM_OPTIONS: tuple[Option, ...] = (
-    Option("octaves", int, 4, "octave pyramid levels, dreamed smallest first (default {default})"),
-    Option("octave_scale", float, 1.4, "size ratio between neighbouring octaves (default {default})"),
-    Option("steps", int, 10, "ascent steps per octave"),
-    Option("lr", float, 0.05, "step size (normalised units per mean |gradient|)"),
-    Option("jitter", int, 32, "random roll of up to this many pixels per step"),
-    Option("seed", int, 0, "seed of the jitter, the only randomness (default {default})"),
-)
 DREAM = {option.name: option for option in DREAM_OPTIONS}
 
 

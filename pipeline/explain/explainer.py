@@ -17,13 +17,13 @@ from pipeline.determinism import deterministic_on
 from pipeline.explain import METHODS as METHOD_REGISTRY
 from pipeline.explain.attribution import Attribution, SmoothGrad
 from pipeline.explain.cam import CAM, CAMError
-from pipeline.explain.causal import MODES as CAUSAL_MODES
 from pipeline.explain.causal import CausalMetric, auc, importance
 from pipeline.explain.common import capture_output, find_module, resolve_targets
 from pipeline.explain.gradcam import GradCAM
 from pipeline.explain.localize import saliency_box
-from pipeline.explain.occlusion import FILLS, Occlusion
+from pipeline.explain.occlusion import Occlusion
 from pipeline.explain.randomization import FLAG_SPEARMAN, cascading_randomization
+from pipeline.explain.settings import CAUSAL_MODES, EXPLAIN_OPTION, FILLS, METHODS, METRICS, comma_list
 from pipeline.models import (
     ModelConfig,
     ModelError,
@@ -34,8 +34,6 @@ from pipeline.models import (
 from pipeline.devices import choose_device
 
 logger = logging.getLogger(__name__)
-
-from pipeline.explain.settings import EXPLAIN_OPTION, METHODS, METRICS, comma_list  # noqa: E402  (after the registry)
 
 
 @dataclass(frozen=True)

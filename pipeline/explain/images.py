@@ -147,7 +147,7 @@ def _explain_decoded(
 def dream_file(model: ModelConfig, path: str, layer: str, out: str, **settings: Any) -> dict:
     """DeepDream an image file (the model's resize + centre crop) into the PNG `out`; report the objective
     0.5 ||activation||^2 of the layer before and after. `settings`: DeepDream.attribute's keywords (octaves,
-    octave_scale, steps, lr, jitter, seed; declared in deepdream.DREAM_OPTIONS)."""
+    octave_scale, steps, lr, jitter, seed; declared in settings.DREAM_OPTIONS)."""
     from pipeline.explain.deepdream import DeepDream
 
     loaded = load_model(model)

@@ -32,8 +32,7 @@ from torch import nn
 
 from pipeline.explain.attribution import Attribution
 from pipeline.explain.common import Target, check_inputs, resolve_targets
-
-FILLS = ("dataset_mean", "image_mean")
+from pipeline.explain.settings import FILLS
 
 
 @dataclass

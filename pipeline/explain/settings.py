@@ -4,12 +4,13 @@ command line and tuples in ExplainConfig; `--percentile` below 0 is None (no box
 
 from __future__ import annotations
 
-from pipeline.explain import METHODS as METHOD_REGISTRY
-from pipeline.explain.causal import MODES as CAUSAL_MODES
-from pipeline.explain.occlusion import FILLS
 from pipeline.options import Option
 
-METHODS = tuple(METHOD_REGISTRY)  # names, in the order they are computed and shown
+# The names the options accept, declared here so that the CLI and job-file checks need no torch; the algorithms
+# take theirs from here (pipeline.explain.METHODS maps each method's name to its class, in this order).
+METHODS = ("saliency", "occlusion", "cam", "gradcam")  # in the order they are computed and shown
+CAUSAL_MODES = ("deletion", "insertion")  # pipeline.explain.causal
+FILLS = ("dataset_mean", "image_mean")  # pipeline.explain.occlusion
 METRICS = (*CAUSAL_MODES, "randomization")
 
 EXPLAIN_OPTIONS: tuple[Option, ...] = (
@@ -47,6 +48,17 @@ EXPLAIN_OPTION = {option.name: option for option in EXPLAIN_OPTIONS}
 # Images per forward pass: not an ExplainConfig field (the runners take it), so declared beside the others; the
 # flag and the runners' defaults come from here.
 EXPLAIN_BATCH_SIZE = Option("batch_size", int, 8, "images per forward pass (default {default})")
+
+# The dream's settings (pipeline.explain.deepdream): `atlas dream`'s flags, dream_file's keywords and the defaults
+# of DeepDream.attribute all come from here.
+DREAM_OPTIONS: tuple[Option, ...] = (
+    Option("octaves", int, 4, "octave pyramid levels, dreamed smallest first (default {default})"),
+    Option("octave_scale", float, 1.4, "size ratio between neighbouring octaves (default {default})"),
+    Option("steps", int, 10, "ascent steps per octave"),
+    Option("lr", float, 0.05, "step size (normalised units per mean |gradient|)"),
+    Option("jitter", int, 32, "random roll of up to this many pixels per step"),
+    Option("seed", int, 0, "seed of the jitter, the only randomness (default {default})"),
+)
 
 
 def comma_list(text: str | None) -> tuple[str, ...]:

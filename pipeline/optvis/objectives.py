@@ -113,6 +113,6 @@ def l2(centre: float = 0.5) -> Objective:
     return Objective(lambda acts: (acts["input"] - centre).pow(2).flatten(1).sum(1), [], "l2")
 
 
-# The unit objectives `atlas render --objective` and job files name: the channel's maximum over positions, or
-# the unit at the centre position (Olah et al.'s "neuron").
+# The unit objectives `atlas render --objective` and job files name (pipeline.render.plan.OBJECTIVES, checked
+# there without torch): the channel's maximum over positions, or the unit at the centre position (Olah's "neuron").
 UNIT_OBJECTIVES: dict[str, Callable[..., Objective]] = {"channel": channel, "neuron": neuron}

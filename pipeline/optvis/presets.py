@@ -20,6 +20,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where a preset builds its parts: job-file checks need only the names
     import torch
 
+# The step rules a preset may name (pipeline.optvis.steps.STEP_RULES implements each), here
+# so that naming one is checked without importing torch.
+OPTIMIZERS = ("adam", "normalized_ascent")
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -37,10 +41,8 @@ class Preset:
     init_sd: float = 0.01
 
     def __post_init__(self) -> None:
-        from pipeline.optvis.steps import STEP_RULES
-
-        if self.optimizer not in STEP_RULES:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(STEP_RULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
 
     # The preset builds its parts; the render loop (pipeline.optvis.render) only calls them.
     def parameterization(

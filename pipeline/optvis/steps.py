@@ -52,4 +52,5 @@ class RegularizedAscent:
 
 
 # Preset.optimizer names -> step rules.
+# One per name of pipeline.optvis.presets.OPTIMIZERS (tests/optvis/test_optvis.py checks they agree).
 STEP_RULES = {"adam": AdamAscent, "normalized_ascent": RegularizedAscent}

@@ -26,6 +26,11 @@ ALL = "all"
 DEFAULT_PICTURES = 1
 
 
+# The unit objectives `--objective` and job files name (pipeline.optvis.objectives.UNIT_OBJECTIVES implements
+# each): the channel's maximum over positions, or the unit at the centre position (Olah et al.'s "neuron").
+OBJECTIVES = ("channel", "neuron")
+
+
 @dataclass(frozen=True)
 class VisSettings:
     """What determines a feature visualization; a finished PNG records these and is redone if they change."""
@@ -37,16 +42,13 @@ class VisSettings:
     objective: str = "channel"
 
     def validate(self) -> None:
-        # torch comes with these (the presets build their step rules): only when settings are checked, so the plan
-        # itself imports without it (tests/render/test_render_plan.py).
-        from pipeline.optvis.objectives import UNIT_OBJECTIVES
         from pipeline.optvis.presets import get_preset
 
         check_range("steps", self.steps)
         check_range("size", self.size, "feature-visualization size")
         get_preset(self.preset, self.steps)
-        if self.objective not in UNIT_OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(UNIT_OBJECTIVES)}, got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
     def resolved(self) -> dict:
         from pipeline.optvis.presets import get_preset

@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 # Reconstruction kinds and how they are computed; each also has a `<kind>_crop` cut at the receptive field.
 RECONSTRUCTIONS = {"deconv": Deconvnet, "guided": GuidedBackprop}
-OBJECTIVES = tuple(UNIT_OBJECTIVES)  # noqa: F401 - the names `--objective` accepts
 
 
 @dataclass(frozen=True)

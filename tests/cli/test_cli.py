@@ -21,3 +21,27 @@ def test_cli_layers_lists_shapes_and_receptive_fields(capsys):
     assert main(["layers", "--model", "torchvision:no_such_net"]) == 2
     assert "unknown torchvision model" in capsys.readouterr().err
     assert not os.path.exists("x")
+
+
+def test_commands_that_load_no_model_import_no_torch(small_down_run):
+    """Every command's parser, a query, a job file's shape checks and the render settings' checks need no torch
+    (importing it took ~2 s per command: `atlas query` was that much slower than DuckDB's own shell)."""
+    import subprocess
+    import sys
+
+    from repo_paths import REPO_ROOT
+
+    code = (
+        "import sys\n"
+        "from pipeline.cli import build_parser, main\n"
+        "from pipeline.cluster.config import load_config\n"
+        "from pipeline.render.plan import VisSettings\n"
+        "build_parser()\n"
+        f"assert main(['query', {small_down_run!r}, 'SELECT count(*) AS n FROM topk']) == 0\n"
+        f"load_config({os.path.join(REPO_ROOT, 'jobs', 'demo.toml')!r})  # every section's checks\n"
+        "VisSettings(preset='yosinski', objective='neuron').validate()\n"
+        "print('torch:', 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["n", "--", "24", "(1", "rows)", "torch:", "False"], done.stdout  # its top-k rows

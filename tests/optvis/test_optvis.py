@@ -124,6 +124,17 @@ def test_bad_settings_are_rejected():
     visualizer = FeatureVisualizer(EdgeNet().eval(), ["relu"], GREY, UNIT_STD)
     with pytest.raises(ValueError, match="does not compute"):
         visualizer.render(channel("conv", [0]), 1, get_preset("lucid", 1), size=16)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        get_preset("lucid").replace(optimizer="sgd")
+
+
+def test_every_optimizer_a_preset_may_name_has_its_step_rule():
+    """The names are checked without torch (pipeline.optvis.presets.OPTIMIZERS); each is implemented once."""
+    from pipeline.optvis.presets import OPTIMIZERS
+    from pipeline.optvis.steps import STEP_RULES
+
+    assert tuple(STEP_RULES) == OPTIMIZERS
+    assert {preset.optimizer for preset in PRESETS.values()} <= set(OPTIMIZERS)
 
 
 @pytest.fixture(scope="module")
