@@ -161,10 +161,8 @@ def _resolve_weights(weights: str | None) -> str | None:
 
 def _resolve_data(config: JobConfig, run_dir: str) -> str:
     source = config.data.source
-    if source == BUILTIN_PHOTOS:
-        from pipeline.demo_data import make_photo_folder
-
-        return make_photo_folder(os.path.join(os.path.dirname(run_dir), "demo-photos"), config.data.images)
+    if source == BUILTIN_PHOTOS:  # its folder is written by the scan stage (`atlas run --check` writes nothing)
+        return os.path.join(os.path.dirname(run_dir), "demo-photos")
     if source.startswith("builtin:"):
         raise ConfigError(f"data.source: unknown builtin {source!r} (known: {BUILTIN_PHOTOS})")
     try:
@@ -515,6 +513,10 @@ def _run_stages(job: PreparedJob, progress: bool, push: Callable[[], None]) -> d
         if "scan" in stages:
             before = read_manifest(job.run_dir)
             t0 = time.time()
+            if job.config.data.source == BUILTIN_PHOTOS:
+                from pipeline.demo_data import make_photo_folder
+
+                make_photo_folder(job.scan.data, job.config.data.images)
             manifest = run_scan(replace(job.scan, progress=progress))
             skipped = before is not None and before.get("created") == manifest.get("created")
             if not skipped:

@@ -144,7 +144,20 @@ def test_demo_job_passes_every_check(tmp_path):
     config = load_config(os.path.join(REPO, "jobs", "demo.toml"), [f"job.out={tmp_path / 'demo'}", "data.images=20"])
     job = prepare_job(config)
     assert job.scan.layers.split(",")[-1] == "classifier.1" and len(job.scan.layers.split(",")) == 20
-    assert len(glob.glob(os.path.join(job.scan.data, "*", "*.jpg"))) == 20
+    assert job.scan.data == str(tmp_path / "demo-photos")
+    assert os.listdir(tmp_path) == []  # checking writes nothing: the photos are the scan stage's to write
+
+
+def test_builtin_photos_are_written_by_the_scan_stage(tmp_path, resnet8_weights, ray_cluster):
+    data = job_dict(str(tmp_path / "run"), resnet8_weights, "builtin:photos")
+    data["data"]["images"] = 6
+    data["job"]["stages"] = ["scan"]
+    data["scan"]["layers"] = "layer1"
+    job = prepare_job(parse_config(data))
+    assert not os.path.exists(job.scan.data)
+    run_job(job, progress=False)
+    assert len(glob.glob(os.path.join(str(tmp_path / "demo-photos"), "*", "*.jpg"))) == 6
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["counts"]["images_ok"] == 6
 
 
 # ------------------------------------------------------------------------ checks needing files/model
