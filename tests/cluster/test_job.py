@@ -148,18 +148,6 @@ def test_demo_job_passes_every_check(tmp_path):
     assert os.listdir(tmp_path) == []  # checking writes nothing: the photos are the scan stage's to write
 
 
-def test_builtin_photos_are_written_by_the_scan_stage(tmp_path, resnet8_weights, ray_cluster):
-    data = job_dict(str(tmp_path / "run"), resnet8_weights, "builtin:photos")
-    data["data"]["images"] = 6
-    data["job"]["stages"] = ["scan"]
-    data["scan"]["layers"] = "layer1"
-    job = prepare_job(parse_config(data))
-    assert not os.path.exists(job.scan.data)
-    run_job(job, progress=False)
-    assert len(glob.glob(os.path.join(str(tmp_path / "demo-photos"), "*", "*.jpg"))) == 6
-    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["counts"]["images_ok"] == 6
-
-
 # ------------------------------------------------------------------------ checks needing files/model
 
 
@@ -199,10 +187,16 @@ def test_cli_reports_config_errors_with_status_2(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_run_job_runs_every_stage_then_skips_them(tmp_path, resnet8_weights, photo_folder, ray_cluster):
-    path = write_toml(tmp_path / "job.toml", job_dict(str(tmp_path / "run"), resnet8_weights, photo_folder))
+def test_run_job_runs_every_stage_then_skips_them(tmp_path, resnet8_weights, ray_cluster):
+    # the built-in photos (36 crops, as many as the session's photo folder), which the scan stage writes
+    data = job_dict(str(tmp_path / "run"), resnet8_weights, "builtin:photos")
+    data["data"]["images"] = 36
+    path = write_toml(tmp_path / "job.toml", data)
     config = load_config(path)
-    record = run_job(prepare_job(config, source=path), progress=False)
+    job = prepare_job(config, source=path)
+    assert not os.path.exists(job.scan.data)
+    record = run_job(job, progress=False)
+    assert len(glob.glob(str(tmp_path / "demo-photos" / "*" / "*.jpg"))) == 36
     run = tmp_path / "run"
     assert [record["stages"][s]["skipped"] for s in ("scan", "render", "site")] == [False, False, False]
     assert (run / "manifest.json").is_file() and (run / "atlas" / "index.parquet").is_file()
