@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pipeline.sketch_layout import SketchLayout
+
 ArrayLike = torch.Tensor | np.ndarray
 
 
@@ -352,20 +354,23 @@ class QuantileSketch:
     """
 
     def __init__(
-        self, num_units: int, relative_accuracy: float = 0.05, min_value: float = 1e-4, max_value: float = 1e4
+        self,
+        num_units: int,
+        relative_accuracy: float = SketchLayout.relative_accuracy,
+        min_value: float = SketchLayout.min_value,
+        max_value: float = SketchLayout.max_value,
     ) -> None:
-        if not 0 < relative_accuracy < 1 or not 0 < min_value < max_value:
-            raise ValueError("need 0 < relative_accuracy < 1 and 0 < min_value < max_value")
+        self.layout = SketchLayout(relative_accuracy, min_value, max_value)  # checks the parameters
         self.num_units = num_units
         self.relative_accuracy = relative_accuracy
         self.min_value = min_value
         self.max_value = max_value
-        self.gamma = (1 + relative_accuracy) / (1 - relative_accuracy)
+        self.gamma = self.layout.gamma
         self._log_gamma = math.log(self.gamma)
         # log-index of the lowest positive bucket, and number of positive buckets
-        self._lowest = math.ceil(math.log(min_value) / self._log_gamma)
-        self._num_positive = math.ceil(math.log(max_value) / self._log_gamma) - self._lowest + 1
-        self.num_buckets = 2 * self._num_positive + 1
+        self._lowest = self.layout.lowest
+        self._num_positive = self.layout.num_positive
+        self.num_buckets = self.layout.num_buckets
         self._counts = torch.zeros(num_units, self.num_buckets, dtype=torch.int64)
 
     def add(self, values: ArrayLike) -> None:
@@ -432,22 +437,12 @@ class QuantileSketch:
         return estimate.numpy() if np.ndim(q) else estimate[:, 0].numpy()
 
     def bucket_representatives(self) -> np.ndarray:
-        """(num_buckets,) float64 value reported for each bucket: +-2 gamma**i / (gamma + 1), or 0.0."""
-        log_index = np.arange(self._lowest, self._lowest + self._num_positive)
-        positive = 2 * self.gamma**log_index / (self.gamma + 1)
-        return np.concatenate([-positive[::-1], [0.0], positive])
+        """(num_buckets,) float64 value reported for each bucket (pipeline.sketch_layout)."""
+        return self.layout.representatives()
 
     def bucket_edges(self) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(lower, upper)``, each (num_buckets,) float64, the range of values in each bucket.
-
-        A positive bucket holds ``lower < v <= upper``, a negative one ``lower <= v < upper`` and the zero
-        bucket only 0.0 (``lower == upper == 0``). The end buckets include the clamped values: the
-        lowest positive bucket starts at 0 and the top one ends at inf (and mirrored for negatives).
-        """
-        upper = self.gamma ** np.arange(self._lowest, self._lowest + self._num_positive, dtype=np.float64)
-        lower = upper / self.gamma
-        lower[0], upper[-1] = 0.0, math.inf
-        return np.concatenate([-upper[::-1], [0.0], lower]), np.concatenate([-lower[::-1], [0.0], upper])
+        """``(lower, upper)``: the range of values in each bucket (pipeline.sketch_layout)."""
+        return self.layout.edges()
 
     def _sparse(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Non-zero counts as (unit, bucket, count) arrays, sorted by unit then bucket."""

@@ -11,10 +11,12 @@ from functools import lru_cache
 
 from markupsafe import Markup, escape
 
+from pipeline.sketch_layout import SketchLayout
+
 
 @dataclass(frozen=True)
 class Buckets:
-    """Value range and representative of each column of the scan's QuantileSketch (pipeline/stats.py)."""
+    """Value range and representative of each column of the scan's quantile sketch (pipeline/sketch_layout.py)."""
 
     lower: tuple[float, ...]
     upper: tuple[float, ...]
@@ -24,16 +26,14 @@ class Buckets:
 
 @lru_cache(maxsize=1)
 def sketch_buckets() -> Buckets:
-    # The scan stores sketches made with QuantileSketch's defaults; ask the class itself how its columns
-    # map to values rather than repeating the arithmetic here.
-    from pipeline.stats import QuantileSketch
-
-    sketch = QuantileSketch(1)
-    lower, upper = sketch.bucket_edges()
+    # The scan stores sketches of the default layout (QuantileSketch's defaults are SketchLayout's); the layout
+    # says how its columns map to values, so the arithmetic is not repeated here (and torch is not needed).
+    layout = SketchLayout()
+    lower, upper = layout.edges()
     return Buckets(
         tuple(lower.tolist()),
         tuple(upper.tolist()),
-        tuple(sketch.bucket_representatives().tolist()),
+        tuple(layout.representatives().tolist()),
         tuple(f"{fmt(lo)} to {fmt(hi)}" for lo, hi in zip(lower.tolist(), upper.tolist())),
     )
 

@@ -23,9 +23,9 @@ def test_cli_layers_lists_shapes_and_receptive_fields(capsys):
     assert not os.path.exists("x")
 
 
-def test_commands_that_load_no_model_import_no_torch(small_down_run):
-    """Every command's parser, a query, a job file's shape checks and the render settings' checks need no torch
-    (importing it took ~2 s per command: `atlas query` was that much slower than DuckDB's own shell)."""
+def test_commands_that_load_no_model_import_no_torch(small_down_run, tmp_path):
+    """Every command's parser, a query, a site, a job file's shape checks and the render settings' checks need no
+    torch (importing it took ~2 s per command: `atlas query` was that much slower than DuckDB's own shell)."""
     import subprocess
     import sys
 
@@ -38,10 +38,13 @@ def test_commands_that_load_no_model_import_no_torch(small_down_run):
         "from pipeline.render.plan import VisSettings\n"
         "build_parser()\n"
         f"assert main(['query', {small_down_run!r}, 'SELECT count(*) AS n FROM topk']) == 0\n"
+        f"assert main(['site', {small_down_run!r}, '--out', {str(tmp_path / 'site')!r}, '--quiet']) == 0\n"
         f"load_config({os.path.join(REPO_ROOT, 'jobs', 'demo.toml')!r})  # every section's checks\n"
         "VisSettings(preset='yosinski', objective='neuron').validate()\n"
         "print('torch:', 'torch' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["n", "--", "24", "(1", "rows)", "torch:", "False"], done.stdout  # its top-k rows
+    lines = done.stdout.splitlines()
+    assert lines[:3] == ["n", "--", "24"] and lines[-1] == "torch: False", done.stdout  # 24: its top-k rows
+    assert (tmp_path / "site" / "index.html").is_file()
