@@ -22,3 +22,10 @@ def choose_device(requested: str | None = None) -> "torch.device":
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("this worker was asked for CUDA but sees no GPU")
     return device
+
+
+def visible_gpus() -> int:
+    """How many GPUs this process sees (0 without CUDA): what a run in this process could use."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

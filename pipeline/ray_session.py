@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -21,6 +22,18 @@ class ClusterShape:
 # Every process of a local Ray that `atlas` starts inherits this variable, naming the starting process (pid and
 # start time, so a reused pid does not count). A command killed with SIGKILL cannot stop its Ray; its helpers
 # (agents, idle workers) then linger, and the next command that starts Ray ends exactly those processes.
+# Where a stage's work runs (`--executor`): in this process (local: no Ray), on Ray, or auto (each stage's rule
+# for when Ray's start is not worth it; scan/local.py, render/runner.py).
+EXECUTORS = ("auto", "local", "ray")
+
+
+def ray_in_use() -> bool:
+    """A Ray cluster named (RAY_ADDRESS) or already initialised in this process (a notebook, a Ray job, the
+    test session): then a stage joins it. Does not import Ray when nothing has."""
+    ray = sys.modules.get("ray")
+    return bool(os.environ.get("RAY_ADDRESS")) or (ray is not None and ray.is_initialized())
+
+
 OWNER_ENV = "NEURON_ATLAS_LOCAL_RAY"
 
 

@@ -6,6 +6,7 @@ import argparse
 
 from pipeline.cli.options import add_quiet_option, add_ray_options
 from pipeline.optvis.presets import PRESETS
+from pipeline.ray_session import EXECUTORS
 from pipeline.render.plan import OBJECTIVES
 
 
@@ -53,6 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ray_options(
         parser, actors="render actors (default: one per GPU, else one per 8 CPUs)", device="as atlas scan --device"
     )
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="auto",
+        help="where the render runs: local (this process, no Ray), ray, or auto (default: local when no Ray "
+        "cluster is named or running and Ray would run one render actor here: under 16 CPUs, or one GPU)",
+    )
     add_quiet_option(parser)
     parser.set_defaults(func=run)
 
@@ -82,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             address=args.address,
             actors=args.actors,
             device=args.device,
+            executor=args.executor,
             progress=not args.quiet,
         ),
     )

@@ -71,6 +71,9 @@ class RenderOptions:
     address: str | None = None
     actors: int | None = None
     device: str = "auto"  # as the scan's: 'auto' | 'cuda' (even before an autoscaler added GPUs) | 'cpu'
+    # 'local': in this process, no Ray; 'ray'; 'auto': local where Ray would run one actor on this machine anyway
+    # (no cluster named or running, under 16 CPUs or one GPU; pipeline.render.runner.choose_executor)
+    executor: str = "auto"
     progress: bool = True
 
     @classmethod
@@ -92,6 +95,7 @@ class RenderOptions:
         address: str | None = None,
         actors: int | None = None,
         device: str = "auto",
+        executor: str = "auto",
         progress: bool = True,
     ) -> RenderOptions:
         """The options from settings as users write them, the one place for the CLI's flags and a job file's
@@ -108,6 +112,7 @@ class RenderOptions:
             address=address,
             actors=actors,
             device=device,
+            executor=executor,
             progress=progress,
         )
 

@@ -1,4 +1,5 @@
-"""`atlas render`: atlas images from a complete scan, rendered on Ray, for what the options ask (render/plan.py).
+"""`atlas render`: atlas images from a complete scan, rendered on Ray or in this process, for what the options ask
+(render/plan.py).
 
 Pictures (``pictures``): the top-N crops and heat overlays of every live unit of every recorded layer, one
 forward pass per image (render/pictures.py). Per unit asked for: for each top-k image the crop at the recorded
@@ -9,8 +10,10 @@ units are listed in RUN/units, not rendered. The plan (units and classes per kin
 and an estimate of the time left after the first task of each kind.
 
 Work is split into picture tasks (chunks of images) and (layer, chunk of units) tasks over a pool of Ray actors
-(``UnitRenderer``; one GPU each where present); the images needed for crops are read in the driver (once per
-layer, or in chunks for pictures), in one pass over the shards that hold them. Workers return PNG bytes; the
+(``UnitRenderer``; one GPU each where present), or given to the same worker in this process where Ray would run
+one actor on this machine anyway (``choose_executor``: `--executor auto`, no cluster named or running); the
+images needed for crops are read in the driver (once per layer, or in chunks for pictures), in one pass over the
+shards that hold them. Workers return PNG bytes; the
 driver writes each file to a temporary name and renames it, so a file that exists is complete and a re-run
 renders only what is missing (a visualization whose recorded settings differ from the requested ones is
 redone). ``atlas/index.parquet`` is rebuilt from the files present at the end, and ``atlas/render.json``
@@ -19,20 +22,24 @@ records the resolved settings.
 
 from __future__ import annotations
 
-from collections import deque
 import json
 import logging
 import os
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
 from PIL import Image
 
 from pipeline.data import resolve_source
+from pipeline.devices import visible_gpus
 from pipeline.render.fetch import fetch_images
 from pipeline.models import ModelConfig, load_scanned_model, output_layer
 from pipeline.fileio import atomic_write
 from pipeline.ranges import check_range
+from pipeline.ray_session import EXECUTORS, ray_in_use
 from pipeline.render.pictures import PictureTask, PictureView, picture_tasks
 from pipeline.render.plan import (
     Estimate,
@@ -109,6 +116,7 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
     options.vis.validate()
     check_range("units_per_task", options.units_per_task)
     check_range("actors", options.actors)
+    choose_executor(options, os.cpu_count() or 1, visible_gpus())  # a bad --executor fails before any work
     recorded = [info["name"] for info in manifest["layers"]]
     # fails early (and on the driver) for a changed or missing model
     model_config, loaded = load_scanned_model(manifest, run_dir, "atlas render")
@@ -297,15 +305,111 @@ def plan_workers(options: RenderOptions, cpus: int, gpus: int) -> dict:
 FETCH_IMAGES = 1024
 
 
+def choose_executor(options: RenderOptions, cpus: int, gpus: int) -> str:
+    """'local' (this process, no Ray) or 'ray' for `options.executor`; ValueError where 'local' cannot be.
+
+    'auto' renders here when no Ray cluster is named or running and Ray would run one render actor on this machine
+    anyway (plan_workers: under 16 CPUs, or one GPU): the same work in one process, without Ray's start (its
+    processes, and an actor that imports torch and loads the model again)."""
+    if options.executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {options.executor!r}")
+    if options.executor == "ray":
+        return "ray"
+    reasons = []
+    if options.address:
+        reasons.append("--address names a Ray cluster")
+    if options.actors is not None and options.actors > 1:
+        reasons.append(f"--actors {options.actors} asks for several render actors")
+    if options.device == "cuda" and gpus == 0:
+        reasons.append("--device cuda, and this machine has no GPU")
+    if options.executor == "local":
+        if reasons:
+            raise ValueError(f"--executor local runs in this process: {'; '.join(reasons)}")
+        return "local"
+    if reasons or ray_in_use() or plan_workers(options, cpus, gpus)["actors"] != 1:
+        return "ray"
+    return "local"
+
+
 def _execute(
     run_dir: str, manifest: dict, model_config: ModelConfig, tasks: list[_Queued], options: RenderOptions
 ) -> None:
-    import ray
     from tqdm import tqdm
+
+    source = resolve_source(manifest["config"]["data"])
+    bar = tqdm(total=len(tasks), desc="render", unit="task", disable=not options.progress)
+    layer_images: tuple[str | None, dict[str, bytes]] = (None, {})
+    picture_images: dict[str, bytes] = {}
+    picture_keys: set[str] = set()  # asked for in the current read (a key that could not be read stays missing)
+    remaining: dict[str, int] = {}
+    for queued in tasks:
+        remaining[queued.kind] = remaining.get(queued.kind, 0) + queued.work
+    estimate = Estimate()
+    workers = [1]  # how many render the tasks now (the estimate divides by it)
+
+    def prepare(queued: _Queued, queue: deque) -> RenderTask | PictureTask:
+        """The task with the original images it needs, read ahead for the tasks queued after it."""
+        nonlocal layer_images, picture_images, picture_keys
+        task = queued.task
+        if isinstance(task, PictureTask) and not task.images:
+            if any(key not in picture_keys for key in task.image_keys):
+                picture_keys, picture_images = _fetch_pictures(run_dir, source, task, list(queue))
+            task.images = {k: picture_images[k] for k in task.image_keys if k in picture_images}
+        elif isinstance(task, RenderTask) and task.views and not task.images:
+            if layer_images[0] != task.layer:  # one pass over the data per layer
+                wanted = [task] + [
+                    q.task for q in queue if isinstance(q.task, RenderTask) and q.task.layer == task.layer
+                ]
+                layer_images = (
+                    task.layer,
+                    _fetch_for(run_dir, source, [v.image_key for t in wanted for v in t.views]),
+                )
+            task.images = {
+                v.image_key: layer_images[1][v.image_key] for v in task.views if v.image_key in layer_images[1]
+            }
+        return task
+
+    def finished(queued: _Queued, result: RenderResult, seconds: float) -> None:
+        for relative, data in result.files.items():
+            _save(os.path.join(run_dir, relative), data)
+        queued.task.images = {}  # sent and done: free the bytes
+        remaining[queued.kind] -= queued.work
+        if estimate.add(queued.kind, queued.work, seconds) and any(remaining.values()):
+            _log_estimate(estimate, remaining, workers[0], queued)
+        bar.update(1)
+
+    gpus = visible_gpus()
+    try:
+        if choose_executor(options, os.cpu_count() or 1, gpus) == "local":
+            cuda = options.device == "cuda" or (options.device == "auto" and gpus > 0)
+            device = "cuda" if cuda else "cpu"
+            logger.info("rendering %d tasks in this process (%s)", len(tasks), device)
+            renderer = UnitRenderer(RenderConfig(model=model_config, vis=options.vis, device=device))
+            queue = deque(tasks)
+            while queue:
+                queued = queue.popleft()
+                task = prepare(queued, queue)
+                started = time.perf_counter()
+                result = renderer(task)
+                finished(queued, result, time.perf_counter() - started)
+        else:
+            _execute_on_ray(model_config, tasks, options, prepare, finished, workers)
+    finally:
+        bar.close()
+
+
+def _execute_on_ray(
+    model_config: ModelConfig,
+    tasks: list[_Queued],
+    options: RenderOptions,
+    prepare: Callable[[_Queued, deque], RenderTask | PictureTask],
+    finished: Callable[[_Queued, RenderResult, float], None],
+    workers: list[int],
+) -> None:
+    import ray
 
     from pipeline.ray_session import ray_session
 
-    source = resolve_source(manifest["config"]["data"])
     with ray_session(options.address) as cluster:
         plan = plan_workers(options, cluster.cpus, cluster.gpus)
         config = RenderConfig(model=model_config, vis=options.vis, device=plan["device"], threads=plan["threads"])
@@ -317,50 +421,14 @@ def _execute(
             lambda _: actor_class.remote(config), plan["actors"], in_flight=1, stall_seconds=STALL_SECONDS
         )
         logger.info("rendering %d tasks on %d actor(s) (%s)", len(tasks), plan["actors"], plan["device"])
-        bar = tqdm(total=len(tasks), desc="render", unit="task", disable=not options.progress)
-        layer_images: tuple[str | None, dict[str, bytes]] = (None, {})
-        picture_images: dict[str, bytes] = {}
-        picture_keys: set[str] = set()  # asked for in the current read (a key that could not be read stays missing)
-        remaining: dict[str, int] = {}
-        for queued in tasks:
-            remaining[queued.kind] = remaining.get(queued.kind, 0) + queued.work
-        estimate = Estimate()
 
-        def prepare(queued: _Queued, queue: deque) -> RenderTask | PictureTask:
-            """The task with the original images it needs, read ahead for the tasks queued after it."""
-            nonlocal layer_images, picture_images, picture_keys
-            task = queued.task
-            if isinstance(task, PictureTask) and not task.images:
-                if any(key not in picture_keys for key in task.image_keys):
-                    picture_keys, picture_images = _fetch_pictures(run_dir, source, task, list(queue))
-                task.images = {k: picture_images[k] for k in task.image_keys if k in picture_images}
-            elif isinstance(task, RenderTask) and task.views and not task.images:
-                if layer_images[0] != task.layer:  # one pass over the data per layer
-                    wanted = [task] + [
-                        q.task for q in queue if isinstance(q.task, RenderTask) and q.task.layer == task.layer
-                    ]
-                    layer_images = (
-                        task.layer,
-                        _fetch_for(run_dir, source, [v.image_key for t in wanted for v in t.views]),
-                    )
-                task.images = {
-                    v.image_key: layer_images[1][v.image_key] for v in task.views if v.image_key in layer_images[1]
-                }
-            return task
-
-        def finished(queued: _Queued, result: RenderResult, seconds: float) -> None:
-            for relative, data in result.files.items():
-                _save(os.path.join(run_dir, relative), data)
-            queued.task.images = {}  # sent and done: free the bytes
-            remaining[queued.kind] -= queued.work
-            if estimate.add(queued.kind, queued.work, seconds) and any(remaining.values()):
-                _log_estimate(estimate, remaining, len(pool.actors), queued)
-            bar.update(1)
+        def counted(queued: _Queued, result: RenderResult, seconds: float) -> None:
+            workers[0] = len(pool.actors)
+            finished(queued, result, seconds)
 
         try:
-            pool.map(deque(tasks), "render", finished, prepare=prepare, what="render tasks")
+            pool.map(deque(tasks), "render", counted, prepare=prepare, what="render tasks")
         finally:
-            bar.close()
             pool.shutdown()
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,21 +27,13 @@ import numpy as np
 
 from pipeline.data import Decoder, SourceSpec
 from pipeline.preprocess import Preprocess
-from pipeline.ray_session import ClusterShape
+from pipeline.ray_session import EXECUTORS, ClusterShape, ray_in_use
 
 logger = logging.getLogger(__name__)
 
-EXECUTORS = ("auto", "local", "ray")
 # Above this many images a scan's start-up no longer dominates, and Ray's separate decode processes (no GIL
 # shared with the model) and its fault handling are worth their start.
 LOCAL_MAX_IMAGES = 20_000
-
-
-def _ray_in_use() -> bool:
-    """A Ray cluster named (RAY_ADDRESS) or already initialised in this process (a notebook, a Ray job, the
-    test session): then the scan joins it. Does not import Ray when nothing has."""
-    ray = sys.modules.get("ray")
-    return bool(os.environ.get("RAY_ADDRESS")) or (ray is not None and ray.is_initialized())
 
 
 def choose_executor(
@@ -66,7 +57,7 @@ def choose_executor(
         if reasons:
             raise ValueError(f"--executor local runs in this process: {'; '.join(reasons)}")
         return "local"
-    if reasons or _ray_in_use() or gpus > 1 or len(source.files) > LOCAL_MAX_IMAGES:
+    if reasons or ray_in_use() or gpus > 1 or len(source.files) > LOCAL_MAX_IMAGES:
         return "ray"
     return "local"
 

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline import __version__
+from pipeline.devices import visible_gpus
 from pipeline.data import DataError, SourceSpec, resolve_source
 from pipeline.fileio import atomic_write, atomic_write_json
 from pipeline.scan.flushes import FlushStore, PassPlan, SourceIndex, plan_pass
@@ -270,7 +271,7 @@ def run_scan(config: ScanConfig) -> dict:
         store.clear_uncommitted()
         store.drop_overlaps()
         attempts = _Attempts(run.staged(RunDirectory.STATE))
-        gpus = _visible_gpus()
+        gpus = visible_gpus()
         executor = choose_executor(config.executor, source, config.address, config.actors, config.device, gpus)
         local = executor == "local"
         session = contextlib.nullcontext() if local else ray_session(config.address, num_cpus=config.num_cpus)
@@ -401,12 +402,6 @@ def run_scan(config: ScanConfig) -> dict:
         run.commit(manifest)
     logger.info("scan complete: %s", run.path)
     return manifest
-
-
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 class _Progress:

@@ -9,7 +9,8 @@ from pipeline.device_decode import DECODES
 from pipeline.devices import DEVICES
 from pipeline.options import Option, check_options
 from pipeline.ranges import PRECISIONS
-from pipeline.scan.local import EXECUTORS, LOCAL_MAX_IMAGES
+from pipeline.ray_session import EXECUTORS
+from pipeline.scan.local import LOCAL_MAX_IMAGES
 
 SCAN_OPTIONS: tuple[Option, ...] = (
     Option("layers", str, "all", "comma-separated module names, or 'all' (conv-block outputs)"),

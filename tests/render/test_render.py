@@ -163,6 +163,46 @@ def test_the_worker_gives_the_same_images_without_ray(scanned):
         assert result.files[unit_file("down", 2, "featvis")] == handle.read()
 
 
+def test_the_local_executor_writes_the_files_ray_writes(scanned, tmp_path):
+    """`--executor local` (this process, no Ray) renders the same files, byte for byte, as Ray's actors: every
+    view of two units' top images and their feature visualizations, and the class visualizations."""
+    runs = {}
+    for executor in ("ray", "local"):
+        run = copy_run(scanned, tmp_path / executor)
+        options = RenderOptions.from_settings(
+            layers="down,head.2", units="1-2", classes="0", pictures=None, preset="lucid", steps=FAST.steps,
+            size=FAST.size, seed=0, objective="channel", executor=executor, progress=False,
+        )  # fmt: skip
+        render_run(run, options)
+        runs[executor] = {
+            os.path.relpath(os.path.join(folder, name), run): open(os.path.join(folder, name), "rb").read()
+            for folder, _, names in os.walk(os.path.join(run, "atlas"))
+            for name in names
+            if name.endswith(".png")
+        }
+    assert len(runs["ray"]) > 12 and any("featvis" in name for name in runs["ray"])
+    assert runs["local"] == runs["ray"]
+
+
+def test_auto_renders_in_this_process_only_where_ray_would_run_one_actor_here(monkeypatch):
+    from pipeline.render import runner
+
+    def choose(cpus: int = 2, gpus: int = 0, **settings) -> str:
+        return runner.choose_executor(RenderOptions(**settings), cpus, gpus)
+
+    assert choose() == "ray"  # this test session's Ray is running: a stage joins it
+    monkeypatch.setattr(runner, "ray_in_use", lambda: False)
+    assert choose() == choose(cpus=15) == choose(gpus=1) == choose(actors=1) == "local"
+    assert choose(cpus=16) == choose(gpus=2) == choose(actors=2) == choose(address="ray://head:10001") == "ray"
+    assert choose(executor="ray") == "ray" and choose(cpus=64, executor="local") == "local"
+    with pytest.raises(ValueError, match="runs in this process: --actors 2"):
+        choose(actors=2, executor="local")
+    with pytest.raises(ValueError, match="no GPU"):
+        choose(device="cuda", executor="local")
+    with pytest.raises(ValueError, match="executor must be one of"):
+        choose(executor="elsewhere")
+
+
 def test_bad_render_requests_fail_before_any_work(scanned, tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         render_run(scanned, RenderOptions(vis=VisSettings(preset="nope")))
