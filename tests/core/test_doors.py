@@ -467,13 +467,17 @@ def test_render_on_a_full_disk_and_on_a_read_only_run_is_one_line(plain, tmp_pat
         shutil.copytree(plain["run"], run)
         _fill(disk, 8 * 1024)
         capsys.readouterr()
-        code = main(["render", run, "--layers", "conv2", "--no-featvis", "--pictures", "1", "-q"])
+        code = main(
+            ["render", run, "--layers", "conv2", "--no-featvis", "--pictures", "1", "--executor", "local", "-q"]
+        )
         line = _one_line_error(capsys)
         assert code == 2 and "free space" in line, line
         os.unlink(os.path.join(disk, "filler"))
         _remount_read_only(disk)
         capsys.readouterr()
-        code = main(["render", run, "--layers", "conv2", "--no-featvis", "--pictures", "1", "-q"])
+        code = main(
+            ["render", run, "--layers", "conv2", "--no-featvis", "--pictures", "1", "--executor", "local", "-q"]
+        )
         line = _one_line_error(capsys)
         assert code == 2 and "read-only" in line, line
 

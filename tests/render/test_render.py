@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -42,8 +43,12 @@ def index_rows(run: str) -> list[dict]:
 
 
 def render_fast(run: str, *options: str) -> int:
-    """`atlas render RUN OPTIONS` with FAST's visualization settings (8 steps, 32 pixels), no progress bar."""
-    return main(["render", run, *options, "--steps", str(FAST.steps), "--size", str(FAST.size), "-q"])
+    """`atlas render RUN OPTIONS` with FAST's visualization settings (8 steps, 32 pixels), no progress bar, in this
+    process (what is drawn is the subject here; Ray's render is tested beside the local one and when an actor is
+    killed)."""
+    return main(
+        ["render", run, *options, "--steps", str(FAST.steps), "--size", str(FAST.size), "--executor", "local", "-q"]
+    )
 
 
 def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder):
@@ -96,7 +101,12 @@ def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder
     render_run(
         run,
         RenderOptions(
-            layers=("down",), units=frozenset({0, 1, 5}), classes=frozenset({0, 3}), vis=FAST, progress=False
+            layers=("down",),
+            units=frozenset({0, 1, 5}),
+            classes=frozenset({0, 3}),
+            vis=FAST,
+            executor="local",
+            progress=False,
         ),
     )
     assert all(os.path.getmtime(os.path.join(run, p)) == m for p, m in stamp.items())
@@ -108,6 +118,7 @@ def test_cli_renders_views_and_visualizations_then_resumes(scanned, photo_folder
             units=frozenset({0, 1, 5}),
             classes=frozenset(),
             vis=VisSettings(steps=9, size=32),
+            executor="local",
             progress=False,
         ),
     )
@@ -138,7 +149,7 @@ def test_dead_units_are_listed_not_rendered(scanned):
     con = connect(scanned)
     dead = {u for (u,) in con.execute("SELECT unit FROM units WHERE layer = 'head.2' AND dead").fetchall()}
     assert dead and len(dead) < 5
-    render_run(scanned, RenderOptions(layers=("head.2",), vis=FAST, progress=False))
+    render_run(scanned, RenderOptions(layers=("head.2",), vis=FAST, executor="local", progress=False))
     rows = [r for r in index_rows(scanned) if r["layer"] == "head.2"]
     assert {r["unit"] for r in rows if r["kind"] != "classvis"} == set(range(5)) - dead
     assert {r["unit"] for r in rows if r["kind"] == "classvis"} == set(range(5))
@@ -218,7 +229,9 @@ def test_bad_render_requests_fail_before_any_work(scanned, tmp_path):
 def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, photo_folder, small_down_run, tmp_path):
     """Atlas images describe one scan: re-scanning with other settings must not leave them to be taken as done."""
     run = copy_run(small_down_run, tmp_path / "run")  # layer down, k=2 (tests/support/tiny_runs.py)
-    render_run(run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, progress=False))
+    render_run(
+        run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, executor="local", progress=False)
+    )
     assert os.path.isfile(os.path.join(run, unit_file("down", 0, "crop", 1)))
     run_scan(
         ScanConfig(
@@ -233,7 +246,9 @@ def test_a_new_scan_removes_what_was_rendered_from_the_old_one(ray_cluster, phot
         )
     )
     assert not os.path.exists(os.path.join(run, "atlas"))
-    index = render_run(run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, progress=False))
+    index = render_run(
+        run, RenderOptions(units=frozenset({0}), classes=frozenset(), featvis=False, executor="local", progress=False)
+    )
     assert sorted(index.column("rank").to_pylist()) == [0] * 6
 
 
@@ -252,7 +267,7 @@ def test_a_render_actor_killed_midway_changes_nothing(scanned, tmp_path):
     options = RenderOptions(
         layers=("down",), units=frozenset(range(8)), classes=frozenset(), units_per_task=1, vis=FAST, progress=False
     )
-    render_run(runs["reference"], options)
+    render_run(runs["reference"], replace(options, executor="local"))  # the reference needs no actor
 
     def midway() -> bool:  # the first unit's files are written: the actors are at work, most tasks still queued
         atlas = os.path.join(runs["killed"], "atlas")
@@ -314,11 +329,11 @@ def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
     def drawn(kind: str) -> set[tuple[str, int, int]]:
         return {(r["layer"], r["unit"], r["rank"]) for r in index_rows(run) if r["kind"] == kind}
 
-    assert main(["render", run, "-q"]) == 0
+    assert main(["render", run, "--executor", "local", "-q"]) == 0
     assert {r["kind"] for r in index_rows(run)} == {"crop", "overlay"}
     assert drawn("crop") == {(layer, unit, rank) for layer, unit in live for rank in range(DEFAULT_PICTURES)}
     stamp = {r["path"]: os.path.getmtime(os.path.join(run, r["path"])) for r in index_rows(run)}
-    assert main(["render", run, "--pictures", "3", "-q"]) == 0
+    assert main(["render", run, "--pictures", "3", "--executor", "local", "-q"]) == 0
     assert all(os.path.getmtime(os.path.join(run, p)) == m for p, m in stamp.items())  # not drawn again
     crops = drawn("crop")
     assert crops == {(layer, unit, rank) for layer, unit in live for rank in range(3)}
@@ -332,7 +347,12 @@ def test_by_default_every_live_unit_gets_its_pictures(scanned, tmp_path):
             original[t["box_y0"] : t["box_y1"], t["box_x0"] : t["box_x1"]],
         )
     full = copy_run(scanned, tmp_path / "full")
-    render_run(full, RenderOptions(layers=("down", "relu"), units=frozenset({0, 3}), featvis=False, progress=False))
+    render_run(
+        full,
+        RenderOptions(
+            layers=("down", "relu"), units=frozenset({0, 3}), featvis=False, executor="local", progress=False
+        ),
+    )
     for layer in ("down", "relu"):
         for unit in (0, 3):
             for rank in range(3):
@@ -359,7 +379,7 @@ def test_a_picture_whose_photo_is_gone_is_skipped(scanned, tmp_path, caplog):
     gone = topk_by_unit_rank(run, "relu")[0, 0]["image_key"]
     os.remove(os.path.join(photos, gone))
     caplog.set_level(logging.WARNING, logger="pipeline")
-    render_run(run, RenderOptions(units=frozenset(), pictures=1, progress=False))
+    render_run(run, RenderOptions(units=frozenset(), pictures=1, executor="local", progress=False))
     wanted = (
         connect(run)
         .execute("SELECT layer, unit, image_key FROM topk JOIN units USING (layer, unit) WHERE rank = 0 AND NOT dead")

@@ -226,7 +226,7 @@ def test_the_site_and_the_notebook_api_show_the_scores(ray_cluster, scanned, tmp
     from pipeline.site.paths import layer_slug
 
     _score(scanned, batch_size=8)
-    render_run(scanned, RenderOptions(units=frozenset(), pictures=2, actors=1, progress=False))  # pictures only
+    render_run(scanned, RenderOptions(units=frozenset(), pictures=2, executor="local", progress=False))  # pictures
     drawn = (
         connect(scanned)
         .execute("SELECT layer, unit, rank, image_key FROM atlas WHERE kind = 'bottom_crop' ORDER BY ALL")

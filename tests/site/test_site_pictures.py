@@ -30,9 +30,26 @@ def pictures_site(ray_cluster, photo_folder, tmp_path_factory) -> str:
     run_scan(
         ScanConfig(model=SITE_NET, data=photo_folder, out=run, layers=LAYERS, k=4, progress=False, executor="local")
     )
-    assert main(["render", run, "-q"]) == 0  # the default: pictures of every unit
+    assert main(["render", run, "--executor", "local", "-q"]) == 0  # the default: pictures of every unit
     assert (
-        main(["render", run, "--layers", "down", "--units", "0-3", "--no-views", "--steps", "8", "--size", "32", "-q"])
+        main(
+            [
+                "render",
+                run,
+                "--layers",
+                "down",
+                "--units",
+                "0-3",
+                "--no-views",
+                "--steps",
+                "8",
+                "--size",
+                "32",
+                "--executor",
+                "local",
+                "-q",
+            ]
+        )
         == 0
     )
     build_site(run, progress=False)

@@ -53,6 +53,7 @@ def make_analyst_run(photos: str, run: str) -> str:
             units=RENDERED_UNITS,
             classes=frozenset(),
             vis=VisSettings(steps=8, size=32),
+            executor="local",
             progress=False,
         ),
     )
