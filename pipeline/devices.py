@@ -24,6 +24,12 @@ def choose_device(requested: str | None = None) -> "torch.device":
     return device
 
 
+def local_device(requested: str, gpus: int) -> str:
+    """'cuda' or 'cpu': the device of work run in this process (a local scan or render) for `--device requested`,
+    this process seeing `gpus` GPUs."""
+    return "cuda" if requested == "cuda" or (requested == "auto" and gpus > 0) else "cpu"
+
+
 def visible_gpus() -> int:
     """How many GPUs this process sees (0 without CUDA): what a run in this process could use."""
     import torch

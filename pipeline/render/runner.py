@@ -34,7 +34,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.data import resolve_source
-from pipeline.devices import visible_gpus
+from pipeline.devices import local_device, visible_gpus
 from pipeline.render.fetch import fetch_images
 from pipeline.models import ModelConfig, load_scanned_model, output_layer
 from pipeline.fileio import atomic_write
@@ -116,7 +116,8 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
     options.vis.validate()
     check_range("units_per_task", options.units_per_task)
     check_range("actors", options.actors)
-    choose_executor(options, os.cpu_count() or 1, visible_gpus())  # a bad --executor fails before any work
+    gpus = visible_gpus()
+    executor = choose_executor(options, os.cpu_count() or 1, gpus)  # a bad --executor fails before any work
     recorded = [info["name"] for info in manifest["layers"]]
     # fails early (and on the driver) for a changed or missing model
     model_config, loaded = load_scanned_model(manifest, run_dir, "atlas render")
@@ -149,7 +150,7 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
     for line in describe(plan, todo, present):
         logger.info("render plan: %s", line)
     if tasks:
-        _execute(run_dir, manifest, model_config, tasks, options)
+        _execute(run_dir, manifest, model_config, tasks, options, executor, gpus)
     index = build_index(run_dir)
     logger.info("atlas index: %d images", index.num_rows)
     return index
@@ -332,7 +333,13 @@ def choose_executor(options: RenderOptions, cpus: int, gpus: int) -> str:
 
 
 def _execute(
-    run_dir: str, manifest: dict, model_config: ModelConfig, tasks: list[_Queued], options: RenderOptions
+    run_dir: str,
+    manifest: dict,
+    model_config: ModelConfig,
+    tasks: list[_Queued],
+    options: RenderOptions,
+    executor: str,
+    gpus: int,
 ) -> None:
     from tqdm import tqdm
 
@@ -378,11 +385,9 @@ def _execute(
             _log_estimate(estimate, remaining, workers[0], queued)
         bar.update(1)
 
-    gpus = visible_gpus()
     try:
-        if choose_executor(options, os.cpu_count() or 1, gpus) == "local":
-            cuda = options.device == "cuda" or (options.device == "auto" and gpus > 0)
-            device = "cuda" if cuda else "cpu"
+        if executor == "local":
+            device = local_device(options.device, gpus)
             logger.info("rendering %d tasks in this process (%s)", len(tasks), device)
             renderer = UnitRenderer(RenderConfig(model=model_config, vis=options.vis, device=device))
             queue = deque(tasks)

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from pipeline.data import Decoder, SourceSpec
+from pipeline.devices import local_device
 from pipeline.preprocess import Preprocess
 from pipeline.ray_session import EXECUTORS, ClusterShape, ray_in_use
 
@@ -65,7 +66,7 @@ def choose_executor(
 def local_plan(device: str, threads: int | None, gpus: int) -> tuple[dict, ClusterShape]:
     """The execution plan of a local scan (the manifest's `execution`) and this machine's shape."""
     cpus = os.cpu_count() or 1
-    cuda = device == "cuda" or (device == "auto" and gpus > 0)
+    cuda = local_device(device, gpus) == "cuda"
     plan = {
         "executor": "local",
         "actors": 1,

@@ -137,6 +137,14 @@ def test_every_optimizer_a_preset_may_name_has_its_step_rule():
     assert {preset.optimizer for preset in PRESETS.values()} <= set(OPTIMIZERS)
 
 
+def test_every_objective_the_render_settings_accept_is_implemented():
+    """`--objective` is checked against pipeline.render.plan.OBJECTIVES without torch; each is built here."""
+    from pipeline.optvis.objectives import UNIT_OBJECTIVES
+    from pipeline.render.plan import OBJECTIVES
+
+    assert tuple(UNIT_OBJECTIVES) == OBJECTIVES
+
+
 @pytest.fixture(scope="module")
 def mobilenet():
     from pipeline.demo_data import mobilenet_v2_weights
