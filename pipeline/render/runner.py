@@ -36,7 +36,7 @@ from PIL import Image
 from pipeline.data import resolve_source
 from pipeline.devices import local_device, visible_gpus
 from pipeline.render.fetch import fetch_images
-from pipeline.models import ModelConfig, load_scanned_model, output_layer
+from pipeline.models import LoadedModel, ModelConfig, load_scanned_model, output_layer
 from pipeline.fileio import atomic_write
 from pipeline.ranges import check_range
 from pipeline.ray_session import EXECUTORS, ray_in_use
@@ -150,7 +150,7 @@ def _render_run(run_dir: str, options: RenderOptions) -> pa.Table:
     for line in describe(plan, todo, present):
         logger.info("render plan: %s", line)
     if tasks:
-        _execute(run_dir, manifest, model_config, tasks, options, executor, gpus)
+        _execute(run_dir, manifest, model_config, loaded, tasks, options, executor, gpus)
     index = build_index(run_dir)
     logger.info("atlas index: %d images", index.num_rows)
     return index
@@ -336,6 +336,7 @@ def _execute(
     run_dir: str,
     manifest: dict,
     model_config: ModelConfig,
+    loaded: LoadedModel,
     tasks: list[_Queued],
     options: RenderOptions,
     executor: str,
@@ -389,7 +390,8 @@ def _execute(
         if executor == "local":
             device = local_device(options.device, gpus)
             logger.info("rendering %d tasks in this process (%s)", len(tasks), device)
-            renderer = UnitRenderer(RenderConfig(model=model_config, vis=options.vis, device=device))
+            # the driver's model (loaded above to check it), not loaded a second time
+            renderer = UnitRenderer(RenderConfig(model=model_config, vis=options.vis, device=device), loaded)
             queue = deque(tasks)
             while queue:
                 queued = queue.popleft()

@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.determinism import deterministic_on
 from pipeline.render.crops import crop_box, heat_in_box, open_rgb, overlay, reconstruction_image
 from pipeline.render.deconv import Deconvnet, GuidedBackprop
-from pipeline.models import ModelConfig, feature_extractor, load_model
+from pipeline.models import LoadedModel, ModelConfig, feature_extractor, load_model
 from pipeline.optvis.objectives import UNIT_OBJECTIVES
 from pipeline.optvis.presets import get_preset
 from pipeline.optvis.render import FeatureVisualizer, unit_max
@@ -88,11 +88,12 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 class UnitRenderer:
     """``UnitRenderer(config)(task) -> RenderResult``: dataset views and visualizations of one unit chunk."""
 
-    def __init__(self, config: RenderConfig):
+    def __init__(self, config: RenderConfig, loaded: LoadedModel | None = None):
+        """`loaded`: config.model already loaded in this process (the render's driver), not loaded again."""
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config
-        loaded = load_model(config.model)
+        loaded = loaded or load_model(config.model)
         self.model, self.preprocess = loaded.model, loaded.preprocess
         self.device = choose_device(config.device)
         deterministic_on(self.device)
