@@ -335,8 +335,11 @@ def read_manifest(run_dir: str) -> dict | None:
     path = os.path.join(run_dir, MANIFEST)
     if not os.path.isfile(path):
         return None
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:  # swapped away between the check and the open (a scan's commit): as if not yet there
+        return None
 
 
 def require_run(
