@@ -69,14 +69,19 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    python_path = os.pathsep.join([SUPPORT_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    ray.init(
-        num_cpus=2,
-        object_store_memory=200 * 1024 * 1024,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": python_path}},
-        logging_level="WARNING",
-    )
+    saved = os.environ.get("PYTHONPATH")
+    # The tests' modules reach Ray's workers through the environment the raylet is started with (its workers
+    # inherit it), set only while ray.init starts it. Not through a runtime_env: a worker of a job with a
+    # runtime_env is started by Ray's setup_worker.py, which then execs the real worker, and Ray Data's tasks
+    # reused fewer workers; measured on tests/scan/test_scan_ray.py, 20-30% of its CPU (docs/testing.md).
+    os.environ["PYTHONPATH"] = os.pathsep.join([SUPPORT_DIR] + [p for p in (saved or "").split(os.pathsep) if p])
+    try:
+        ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, logging_level="WARNING")
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     try:
         yield ray
     finally:
