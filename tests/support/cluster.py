@@ -284,6 +284,10 @@ def start_cluster(workers: int = 1, auth_token: str | None = None) -> LocalClust
         # noticed in about 15 s. 1 s apart here (each check still waits up to its default 10 s for an answer,
         # so a slow but live node on this busy machine is not declared dead): the node-loss test waits 5 s.
         RAY_health_check_period_ms="1000",
+        # Ray ends idle workers a second after its node has more than its soft limit, by default the node's CPU
+        # count: 1 here (a deployment's pods have many), so every burst of read tasks started new worker
+        # processes. Six, as the session's local Ray keeps (tests/conftest.py).
+        RAY_num_workers_soft_limit="6",
     )
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
