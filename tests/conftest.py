@@ -67,21 +67,21 @@ def pytest_collection_modifyitems(items):
 def ray_cluster():
     """A local Ray for the whole session; shut down at the end so no process is left behind."""
     import ray
+    from cluster import IDLE_WORKERS_KEPT
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    saved = os.environ.get("PYTHONPATH")
+    # Ray ends an idle worker after a second once it has more workers than its soft limit, by default its CPU
+    # count: 2 here, which the model actors alone reach, so every burst of read and decode tasks started new
+    # worker processes (2.5-3 CPU-seconds each) and no test reused the last one's. More are kept, and none is
+    # started before a task asks (the prestart at the first driver made workers no task used). Measured over six
+    # Ray modules in two processes: 9 fewer worker processes, about 5% less CPU (docs/testing.md).
+    workers = {"num_workers_soft_limit": IDLE_WORKERS_KEPT, "prestart_worker_first_driver": False}
     # The tests' modules reach Ray's workers through the environment the raylet is started with (its workers
     # inherit it), set only while ray.init starts it. Not through a runtime_env: a worker of a job with a
     # runtime_env is started by Ray's setup_worker.py, which then execs the real worker (the whole suite's CPU
     # 1,574 -> 1,386 core-seconds, docs/testing.md).
-    os.environ["PYTHONPATH"] = os.pathsep.join([SUPPORT_DIR] + [p for p in (saved or "").split(os.pathsep) if p])
-    # Ray ends an idle worker after a second once it has more workers than its soft limit, by default its CPU
-    # count: 2 here, which the model actors alone reach, so every burst of read and decode tasks started new
-    # worker processes (2.5-3 CPU-seconds each) and no test reused the last one's. Six are kept, and none is
-    # started before a task asks (the prestart at the first driver made workers no task used). Measured over six
-    # Ray modules in two processes: 9 fewer worker processes, about 5% less CPU (docs/testing.md).
-    workers = {"num_workers_soft_limit": 6, "prestart_worker_first_driver": False}
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", SUPPORT_DIR, prepend=os.pathsep)
         ray.init(
             num_cpus=2,
             object_store_memory=200 * 1024 * 1024,
@@ -89,11 +89,6 @@ def ray_cluster():
             logging_level="WARNING",
             _system_config=workers,
         )
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
     try:
         yield ray
     finally:

@@ -27,6 +27,11 @@ from dataclasses import dataclass, field
 
 _TAKEN: set[int] = set()
 
+# Idle workers a test Ray keeps (Ray's soft limit, num_workers_soft_limit): by default a node's CPU count, 1 or 2
+# here (a deployment's pods have many), so Ray ended each idle worker after a second and every burst of read tasks
+# started new worker processes. The session's local Ray (tests/conftest.py) and this cluster's nodes keep six.
+IDLE_WORKERS_KEPT = 6
+
 
 def free_port() -> int:
     """A port free now and not handed out before in this process (the OS may offer a just-closed one again)."""
@@ -284,10 +289,7 @@ def start_cluster(workers: int = 1, auth_token: str | None = None) -> LocalClust
         # noticed in about 15 s. 1 s apart here (each check still waits up to its default 10 s for an answer,
         # so a slow but live node on this busy machine is not declared dead): the node-loss test waits 5 s.
         RAY_health_check_period_ms="1000",
-        # Ray ends idle workers a second after its node has more than its soft limit, by default the node's CPU
-        # count: 1 here (a deployment's pods have many), so every burst of read tasks started new worker
-        # processes. Six, as the session's local Ray keeps (tests/conftest.py).
-        RAY_num_workers_soft_limit="6",
+        RAY_num_workers_soft_limit=str(IDLE_WORKERS_KEPT),
     )
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
